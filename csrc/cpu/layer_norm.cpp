@@ -145,18 +145,26 @@ void norm_fwd(const void* x, const void* residual, void* y, void* sum_out, const
     }
     return;
   }
-  // Missing affine parameters become ones / zeros so the row code has one shape.
-  std::vector<float> ones, zeros;
-  if (!gamma) { ones.assign(H, 1.0f); gamma = ones.data(); }
-  if (!beta) { zeros.assign(H, 0.0f); beta = zeros.data(); }
-  const int64_t esz = elem_size(dt);
-  FwdArgs a{x, residual, y, sum_out, gamma, beta, mean, rstd, H, eps, rms,
-            rows * H * esz >= kStreamBytes, dt};
   const bool avx2 = use_avx2();
+  // gamma / beta in the row code's column order, padded, with ones / zeros when absent.
+  const int64_t Hp = padded_h(H);
+  std::unique_ptr<float[]> params(new float[2 * Hp]());
+  float* gl = params.get();
+  float* bl = gl + Hp;
+  bool affine_finite = true;
+  for (int64_t h = 0; h < H; ++h) {
+    const int64_t k = layout_index(h, dt, avx2);
+    gl[k] = gamma ? gamma[h] : 1.0f;
+    bl[k] = beta ? beta[h] : 0.0f;
+    affine_finite = affine_finite && std::isfinite(gl[k]) && std::isfinite(bl[k]);
+  }
+  const int64_t esz = elem_size(dt);
+  FwdArgs a{x, residual, y, sum_out, gl, bl, mean, rstd, H, eps, rms, affine_finite,
+            rows * H * esz >= kStreamBytes, dt};
   const int64_t grain = std::max<int64_t>(1, kGrainElems / H);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::unique_ptr<char[]> scratch;
-    if (residual) scratch.reset(new char[H * esz + 64]);
+    if (residual) scratch.reset(new char[Hp * esz]);
     fwd_rows(a, r0, r1, scratch.get(), avx2);
   });
 }
@@ -171,46 +179,41 @@ void norm_bwd(const void* dy, const void* dsum, const void* xin, const float* ga
     if (dbeta) std::fill(dbeta, dbeta + H, 0.0f);
     return;
   }
-  std::vector<float> ones;
-  if (!gamma) { ones.assign(H, 1.0f); gamma = ones.data(); }
-  const int64_t esz = elem_size(dt);
-  BwdArgs a{dy, dsum, xin, gamma, mean, rstd, dx, H, rms, rows * H * esz >= kStreamBytes, dt};
   const bool avx2 = use_avx2();
+  const int64_t Hp = padded_h(H);
+  std::unique_ptr<float[]> gl(new float[Hp]());
+  for (int64_t h = 0; h < H; ++h) gl[layout_index(h, dt, avx2)] = gamma ? gamma[h] : 1.0f;
+  const int64_t esz = elem_size(dt);
+  BwdArgs a{dy, dsum, xin, gl.get(), mean, rstd, dx, H, rms,
+            rows * H * esz >= kStreamBytes, dt};
 
   // Fixed row blocks, one per thread: block c owns rows [c*rows/n, (c+1)*rows/n) and its own
-  // fp32 dgamma/dbeta partials, which are then summed in block order. The result depends only
-  // on n (the thread count and problem size), not on scheduling.
+  // fp32 dgamma/dbeta partials (layout order), which are then summed in block order. The
+  // result depends only on n (thread count and problem size), not on scheduling.
   const int64_t min_rows = std::max<int64_t>(1, kGrainElems / H);
   const int64_t n = std::max<int64_t>(
       1, std::min<int64_t>(at::get_num_threads(), (rows + min_rows - 1) / min_rows));
   const bool grads = dgamma || dbeta;
-  // With one block the partials are the outputs themselves.
-  // Layout: [block][dgamma | dbeta][H]; each block zeroes its own slices (first touch).
+  // Layout: [block][dgamma | dbeta][Hp]; each block zeroes its own slices (first touch).
   std::unique_ptr<float[]> part;
-  if (grads && n > 1) part.reset(new float[static_cast<size_t>(n) * 2 * H]);
-  auto block_dg = [&](int64_t c) -> float* {
-    if (!dgamma) return nullptr;
-    return n == 1 ? dgamma : part.get() + (2 * c) * H;
-  };
-  auto block_db = [&](int64_t c) -> float* {
-    if (!dbeta) return nullptr;
-    return n == 1 ? dbeta : part.get() + (2 * c + 1) * H;
-  };
+  if (grads) part.reset(new float[static_cast<size_t>(n) * 2 * Hp]);
+  auto slice = [&](int64_t c, int which) { return part.get() + (2 * c + which) * Hp; };
   at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      float* dg = block_dg(c);
-      float* db = block_db(c);
-      if (dg) std::fill(dg, dg + H, 0.0f);
-      if (db) std::fill(db, db + H, 0.0f);
+      float* dg = dgamma ? slice(c, 0) : nullptr;
+      float* db = dbeta ? slice(c, 1) : nullptr;
+      if (dg) std::fill(dg, dg + Hp, 0.0f);
+      if (db) std::fill(db, db + Hp, 0.0f);
       bwd_rows(a, c * rows / n, (c + 1) * rows / n, dg, db, avx2);
     }
   });
-  if (!grads || n == 1) return;
+  if (!grads) return;
   at::parallel_for(0, H, 4096, [&](int64_t h0, int64_t h1) {
     auto column_sum = [&](float* out, int which) {
       for (int64_t h = h0; h < h1; ++h) {
+        const int64_t k = layout_index(h, dt, avx2);
         float s = 0.0f;
-        for (int64_t c = 0; c < n; ++c) s += part[(2 * c + which) * H + h];
+        for (int64_t c = 0; c < n; ++c) s += slice(c, which)[k];
         out[h] = s;
       }
     };

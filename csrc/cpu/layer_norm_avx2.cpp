@@ -1,9 +1,10 @@
 // AVX2/FMA/F16C row functions for LayerNorm / RMSNorm (see kernels.h for the semantics).
 // Each row is read from memory once: the first pass pulls it into L1/L2 and the remaining
-// passes (variance, output) re-read it from cache. Outputs may be streamed (layer_norm_impl.h).
+// passes (variance, output) re-read it from cache. Rows are processed in blocks of 16
+// elements (see layer_norm_impl.h for the bf16 block order); the last H % 16 elements go
+// through the same block code via zero-padded copies.
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -17,290 +18,366 @@
 namespace megapre::cpu::norm_detail {
 namespace {
 
-// 8 lanes of dtype D <-> 8 fp32 lanes. pack/unpack convert between fp32 and the raw storage
-// vector (bit-exact with dtype.h: round to nearest even, NaN stays a quiet NaN).
-template <DType D> struct Vec;
+// ---- 16 fp32 values of a block -----------------------------------------------------------
+struct Pair {
+  __m256 a, b;
+};
+Pair zero_pair() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+Pair splat(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
+Pair operator+(Pair x, Pair y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
+Pair operator-(Pair x, Pair y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
+Pair operator*(Pair x, Pair y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
+Pair operator&(Pair x, Pair y) { return {_mm256_and_ps(x.a, y.a), _mm256_and_ps(x.b, y.b)}; }
+Pair fmadd(Pair x, Pair y, Pair z) {
+  return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
+}
+Pair loadf(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+void storef(float* p, Pair v) {
+  _mm256_storeu_ps(p, v.a);
+  _mm256_storeu_ps(p + 8, v.b);
+}
+float hsum(Pair v) {
+  __m256 s = _mm256_add_ps(v.a, v.b);
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+float reduce(const Pair acc[2]) { return hsum(acc[0] + acc[1]); }
+bool finite(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return (u & 0x7f800000u) != 0x7f800000u;
+}
+__m256 is_nan(__m256 v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
 
-template <> struct Vec<DType::F32> {
+// ---- Block load/store per dtype ----------------------------------------------------------
+// load: 16 elements -> Pair. store<kExact>: round to nearest even and store 16 elements;
+// kExact additionally gives NaNs the exact bits of dtype.h (the fast variant is used on rows
+// whose statistics prove the output has no NaN). round_store: store to a private buffer and
+// return the values as rounded.
+template <DType D> struct Blk;
+
+template <> struct Blk<DType::F32> {
   using T = float;
-  using Raw = __m256;
-  static constexpr int kAlign = 32;
-  static Raw load_raw(const T* p) { return _mm256_loadu_ps(p); }
-  static void store_raw(T* p, Raw v) { _mm256_storeu_ps(p, v); }
-  static void stream_raw(T* p, Raw v) { _mm256_stream_ps(p, v); }
-  static __m256 unpack(Raw v) { return v; }
-  static Raw pack(__m256 v) { return v; }
-};
-
-template <> struct Vec<DType::F16> {
-  using T = uint16_t;
-  using Raw = __m128i;
-  static constexpr int kAlign = 16;
-  static Raw load_raw(const T* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-  static void store_raw(T* p, Raw v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
-  static void stream_raw(T* p, Raw v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), v); }
-  static __m256 unpack(Raw v) { return _mm256_cvtph_ps(v); }
-  static Raw pack(__m256 v) {
-    __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    // The hardware keeps NaN payload bits; dtype.h returns the canonical sign|0x7e00.
-    __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    __m128i nan16 = _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1));
-    return _mm_andnot_si128(_mm_and_si128(nan16, _mm_set1_epi16(0x01ff)), h);
+  static Pair load(const T* p) { return loadf(p); }
+  template <bool kExact> static void store(T* p, Pair v, bool nt) {
+    if (nt) {
+      _mm256_stream_ps(p, v.a);
+      _mm256_stream_ps(p + 8, v.b);
+    } else {
+      storef(p, v);
+    }
+  }
+  template <bool kExact> static Pair round_store(T* p, Pair v) {
+    storef(p, v);
+    return v;
   }
 };
 
-template <> struct Vec<DType::BF16> {
+template <> struct Blk<DType::F16> {
   using T = uint16_t;
-  using Raw = __m128i;
-  static constexpr int kAlign = 16;
-  static Raw load_raw(const T* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
-  static void store_raw(T* p, Raw v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), v); }
-  static void stream_raw(T* p, Raw v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), v); }
-  static __m256 unpack(Raw v) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  static Pair load(const T* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
   }
-  static Raw pack(__m256 v) {
+  template <bool kExact> static __m256i pack(Pair v) {
+    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    __m256i h = _mm256_set_m128i(_mm256_cvtps_ph(v.b, kRne), _mm256_cvtps_ph(v.a, kRne));
+    if constexpr (kExact) {  // hardware keeps NaN payload bits; dtype.h gives sign|0x7e00
+      __m256i n = _mm256_packs_epi32(_mm256_castps_si256(is_nan(v.a)),
+                                     _mm256_castps_si256(is_nan(v.b)));
+      n = _mm256_permute4x64_epi64(n, 0xd8);
+      h = _mm256_andnot_si256(_mm256_and_si256(n, _mm256_set1_epi16(0x01ff)), h);
+    }
+    return h;
+  }
+  template <bool kExact> static void store(T* p, Pair v, bool nt) {
+    __m256i h = pack<kExact>(v);
+    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+  template <bool kExact> static Pair round_store(T* p, Pair v) {
+    __m256i h = pack<kExact>(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
+  }
+};
+
+// bf16 block order: Pair.a = elements 0,2,..,14 and Pair.b = elements 1,3,..,15, so loading
+// is a shift / mask of the 32-bit lanes and storing puts the rounded halves back in place.
+template <> struct Blk<DType::BF16> {
+  using T = uint16_t;
+  static __m256i hi_mask() { return _mm256_set1_epi32(static_cast<int>(0xffff0000u)); }
+  static Pair unpack(__m256i v) {
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask()))};
+  }
+  static Pair load(const T* p) {
+    return unpack(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  // Round to nearest even into the upper 16 bits of each lane (lower bits are garbage).
+  template <bool kExact> static __m256i rne(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
-    const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-    r = _mm256_blendv_epi8(r, quiet_nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    r = _mm256_srli_epi32(r, 16);
-    // packus works per 128-bit lane: [a0..3 b0..3 | a4..7 b4..7] -> reorder the quads.
-    r = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    return _mm256_castsi256_si128(r);
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    if constexpr (kExact) {  // NaN: keep the upper half, set the quiet bit
+      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+      r = _mm256_blendv_epi8(r, q, _mm256_castps_si256(is_nan(v)));
+    }
+    return r;
+  }
+  template <bool kExact> static __m256i pack(Pair v) {
+    return _mm256_or_si256(_mm256_srli_epi32(rne<kExact>(v.a), 16),
+                           _mm256_and_si256(rne<kExact>(v.b), hi_mask()));
+  }
+  template <bool kExact> static void store(T* p, Pair v, bool nt) {
+    __m256i h = pack<kExact>(v);
+    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  }
+  template <bool kExact> static Pair round_store(T* p, Pair v) {
+    __m256i h = pack<kExact>(v);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    return unpack(h);
   }
 };
 
-template <DType D> __m256 load(const typename Vec<D>::T* p) {
-  return Vec<D>::unpack(Vec<D>::load_raw(p));
-}
-template <DType D> void store(typename Vec<D>::T* p, __m256 v, bool nt) {
-  if (nt) Vec<D>::stream_raw(p, Vec<D>::pack(v));
-  else Vec<D>::store_raw(p, Vec<D>::pack(v));
-}
-// Partial vectors for the last H % 8 elements: zero padded on load.
-template <class T> void load_partial(T* buf8, const T* p, int n) {
-  std::memset(buf8, 0, 8 * sizeof(T));
-  std::memcpy(buf8, p, n * sizeof(T));
-}
-template <DType D> __m256 load_n(const typename Vec<D>::T* p, int n) {
-  alignas(32) typename Vec<D>::T buf[8];
-  load_partial(buf, p, n);
-  return load<D>(buf);
-}
-template <DType D> void store_n(typename Vec<D>::T* p, int n, __m256 v) {
-  alignas(32) typename Vec<D>::T buf[8];
-  store<D>(buf, v, false);
-  std::memcpy(p, buf, n * sizeof(buf[0]));
-}
-__m256 lane_mask(int n) {  // first n lanes all-ones
-  return _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-template <class P> bool aligned(const P* p, int a) {
-  return (reinterpret_cast<uintptr_t>(p) & static_cast<uintptr_t>(a - 1)) == 0;
-}
-
-// Calls body(i, lane) for every full vector i, lane = i / 8 % 4 as a compile-time constant
-// (4 independent accumulators, so reductions over a cached row are not bound by FMA latency).
-// Returns where the remainder starts.
-template <int U> using Lane = std::integral_constant<int, U>;
-template <class Body> int64_t for_vectors(int64_t H, Body&& body) {
-  int64_t i = 0;
-  for (; i + 32 <= H; i += 32) {
-    body(i, Lane<0>{});
-    body(i + 8, Lane<1>{});
-    body(i + 16, Lane<2>{});
-    body(i + 24, Lane<3>{});
+// 16 raw elements (sum_out is a bit copy of the rounded sum).
+template <class T> void copy16(T* dst, const T* src, bool nt) {
+  for (size_t k = 0; k < sizeof(T) / 2; ++k) {
+    __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src) + k);
+    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(dst) + k, v);
+    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst) + k, v);
   }
-  for (; i + 8 <= H; i += 8) body(i, Lane<0>{});
-  return i;
 }
-float reduce(__m256 acc[4]) {
-  return hsum(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+
+// Zero-padded 16-element copy of a row's last n < 16 elements.
+template <class T> void pad16(T* buf, const T* p, int n) {
+  std::memset(buf, 0, 16 * sizeof(T));
+  std::memcpy(buf, p, n * sizeof(T));
 }
-void zero(__m256 acc[4]) {
-  for (int k = 0; k < 4; ++k) acc[k] = _mm256_setzero_ps();
+
+// All-ones lanes for the first n elements of a block, in block order.
+template <DType D> Pair tail_mask(int n) {
+  using T = typename Blk<D>::T;
+  const T one = D == DType::F32 ? T(1) : static_cast<T>(D == DType::F16 ? 0x3c00 : 0x3f80);
+  alignas(32) T buf[16] = {};
+  for (int j = 0; j < n; ++j) buf[j] = one;
+  Pair v = Blk<D>::load(buf);
+  const __m256 z = _mm256_setzero_ps();
+  return {_mm256_cmp_ps(v.a, z, _CMP_NEQ_UQ), _mm256_cmp_ps(v.b, z, _CMP_NEQ_UQ)};
+}
+
+template <bool B> using Bool = std::integral_constant<bool, B>;
+template <int U> using Lane = std::integral_constant<int, U>;
+
+// body(i, lane) for every full block; two blocks per step alternate between two accumulator
+// pairs, giving 4 independent FMA chains so reductions over a cached row are not
+// latency-bound. Hb is a multiple of 16.
+template <class Body> void for_blocks(int64_t Hb, Body&& body) {
+  int64_t i = 0;
+  for (; i + 32 <= Hb; i += 32) {
+    body(i, Lane<0>{});
+    body(i + 16, Lane<1>{});
+  }
+  if (i < Hb) body(i, Lane<0>{});
+}
+
+template <class P> bool aligned32(const P* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 31u) == 0;
 }
 
 template <DType D, bool kRms, bool kRes>
 void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
-  using T = typename Vec<D>::T;
+  using B = Blk<D>;
+  using T = typename B::T;
   const int64_t H = a.H;
-  const int64_t Hv = H & ~int64_t{7};
-  const int tail = static_cast<int>(H - Hv);
+  const int64_t Hb = H & ~int64_t{15};
+  const int tail = static_cast<int>(H - Hb);
   const float inv_h = 1.0f / static_cast<float>(H);
+  const float* gamma = a.gamma;
+  const float* beta = a.beta;
   T* sbuf = static_cast<T*>(scratch);
+  const Pair tmask = tail_mask<D>(tail);
+  alignas(32) T xt[16], rt[16], yt[16];
   bool any_nt = false;
   for (int64_t r = r0; r < r1; ++r) {
     const T* x = static_cast<const T*>(a.x) + r * H;
+    const T* res = kRes ? static_cast<const T*>(a.residual) + r * H : nullptr;
     T* y = static_cast<T*>(a.y) + r * H;
-    const T* src = x;  // the row being normalized (x, or the rounded sum in sbuf)
-    __m256 acc[4];
-    zero(acc);
-    // Pass 1: sum (LayerNorm) or sum of squares (RMSNorm); forms the rounded sum if fused.
-    auto accumulate = [](__m256 v, __m256& ac) {
-      ac = kRms ? _mm256_fmadd_ps(v, v, ac) : _mm256_add_ps(ac, v);
+    if (tail) {
+      pad16(xt, x + Hb, tail);
+      if constexpr (kRes) pad16(rt, res + Hb, tail);
+    }
+    // Pass 1: sum (LayerNorm) or sum of squares (RMSNorm). Padded lanes are zero.
+    Pair acc[2];
+    auto accumulate = [&](Pair v, auto u) {
+      acc[u] = kRms ? fmadd(v, v, acc[u]) : acc[u] + v;
     };
+    const T* src;       // full blocks of the row being normalized
+    const T* src_tail;  // its zero-padded last block
+    float total;
     if constexpr (kRes) {
-      const T* res = static_cast<const T*>(a.residual) + r * H;
-      for_vectors(H, [&](int64_t i, auto u) {
-        auto raw = Vec<D>::pack(_mm256_add_ps(load<D>(x + i), load<D>(res + i)));
-        Vec<D>::store_raw(sbuf + i, raw);
-        accumulate(Vec<D>::unpack(raw), acc[u]);
-      });
-      if (tail) {  // padding lanes are 0 + 0 and add nothing
-        __m256 s = _mm256_add_ps(load_n<D>(x + Hv, tail), load_n<D>(res + Hv, tail));
-        store_n<D>(sbuf + Hv, tail, s);
-        accumulate(load_n<D>(sbuf + Hv, tail), acc[1]);
-      }
+      // s = x + residual rounded to dt, kept in sbuf (cache) for the later passes.
+      auto pass1 = [&](auto exact) {
+        acc[0] = acc[1] = zero_pair();
+        auto body = [&](const T* xp, const T* rp, T* sp, auto u) {
+          Pair s = B::load(xp) + B::load(rp);
+          accumulate(B::template round_store<decltype(exact)::value>(sp, s), u);
+        };
+        for_blocks(Hb, [&](int64_t i, auto u) { body(x + i, res + i, sbuf + i, u); });
+        if (tail) body(xt, rt, sbuf + Hb, Lane<0>{});
+        return reduce(acc);
+      };
+      total = pass1(Bool<false>{});
+      // A NaN/inf sum may hold NaNs: redo with dtype.h's exact NaN rounding.
+      if (!finite(total)) total = pass1(Bool<true>{});
       src = sbuf;
+      src_tail = sbuf + Hb;
     } else {
-      for_vectors(H, [&](int64_t i, auto u) { accumulate(load<D>(x + i), acc[u]); });
-      if (tail) accumulate(load_n<D>(x + Hv, tail), acc[1]);
+      acc[0] = acc[1] = zero_pair();
+      for_blocks(Hb, [&](int64_t i, auto u) { accumulate(B::load(x + i), u); });
+      if (tail) accumulate(B::load(xt), Lane<0>{});
+      total = reduce(acc);
+      src = x;
+      src_tail = xt;
     }
     float mu = 0.0f, var;
     if constexpr (kRms) {
-      var = reduce(acc) * inv_h;
+      var = total * inv_h;
     } else {
-      // Pass 2 (from cache): centered sum of squares and sum of deviations.
-      mu = reduce(acc) * inv_h;
-      const __m256 vmu = _mm256_set1_ps(mu);
-      __m256 dev[4];
-      zero(acc);
-      zero(dev);
-      for_vectors(H, [&](int64_t i, auto u) {
-        __m256 d = _mm256_sub_ps(load<D>(src + i), vmu);
-        dev[u] = _mm256_add_ps(dev[u], d);
-        acc[u] = _mm256_fmadd_ps(d, d, acc[u]);
-      });
-      if (tail) {
-        __m256 d = _mm256_and_ps(_mm256_sub_ps(load_n<D>(src + Hv, tail), vmu), lane_mask(tail));
-        dev[1] = _mm256_add_ps(dev[1], d);
-        acc[1] = _mm256_fmadd_ps(d, d, acc[1]);
-      }
-      // The deviations' sum is small and accurate: it refines the mean (fp32 sums of large
-      // offsets lose digits) and corrects the variance to be taken around the refined mean.
+      // Pass 2 (from cache): centered sum of squares and sum of deviations. The deviations'
+      // sum is small and accurate: it refines the mean (fp32 sums of large offsets lose
+      // digits) and corrects the variance to be taken around the refined mean.
+      mu = total * inv_h;
+      const Pair vmu = splat(mu);
+      Pair dev[2] = {zero_pair(), zero_pair()}, sq[2] = {zero_pair(), zero_pair()};
+      auto body = [&](Pair d, auto u) {
+        dev[u] = dev[u] + d;
+        sq[u] = fmadd(d, d, sq[u]);
+      };
+      for_blocks(Hb, [&](int64_t i, auto u) { body(B::load(src + i) - vmu, u); });
+      if (tail) body((B::load(src_tail) - vmu) & tmask, Lane<0>{});
       const float sd = reduce(dev);
       mu += sd * inv_h;
-      var = (reduce(acc) - sd * sd * inv_h) * inv_h;
+      var = (reduce(sq) - sd * sd * inv_h) * inv_h;
       if (var < 0.0f) var = 0.0f;
     }
-    const float rs = 1.0f / std::sqrt(var + a.eps);
+    const float rs = 1.0f / __builtin_sqrtf(var + a.eps);
     if (a.mean) a.mean[r] = mu;
     if (a.rstd) a.rstd[r] = rs;
 
-    // Pass 3: y = (s - mean) * rstd * gamma + beta, and copy the sum out next to it.
+    // Pass 3: y = (s - mean) * rstd * gamma + beta, and the sum copied out next to it.
     T* so = kRes ? static_cast<T*>(a.sum_out) + r * H : nullptr;
-    const bool nt = a.stream && aligned(y, Vec<D>::kAlign) && (!kRes || aligned(so, Vec<D>::kAlign));
+    const bool nt = a.stream && aligned32(y) && (!kRes || aligned32(so));
     any_nt |= nt;
-    const __m256 vmu = _mm256_set1_ps(mu), vrs = _mm256_set1_ps(rs);
-    auto out = [&](__m256 v, int64_t i) {
-      __m256 t = kRms ? _mm256_mul_ps(v, vrs) : _mm256_mul_ps(_mm256_sub_ps(v, vmu), vrs);
-      return _mm256_fmadd_ps(t, _mm256_loadu_ps(a.gamma + i), _mm256_loadu_ps(a.beta + i));
-    };
-    for (int64_t i = 0; i < Hv; i += 8) {
-      auto raw = Vec<D>::load_raw(src + i);
-      store<D>(y + i, out(Vec<D>::unpack(raw), i), nt);
+    const Pair vmu = splat(mu), vrs = splat(rs);
+    auto pass3 = [&](auto exact) {
+      constexpr bool kExact = decltype(exact)::value;
+      auto out = [&](const T* sp, int64_t i) {
+        Pair t = kRms ? B::load(sp) * vrs : (B::load(sp) - vmu) * vrs;
+        return fmadd(t, loadf(gamma + i), loadf(beta + i));
+      };
+      for_blocks(Hb, [&](int64_t i, auto) { B::template store<kExact>(y + i, out(src + i, i), nt); });
+      // Separate loop: interleaving two half-line streamed outputs defeats write combining.
       if constexpr (kRes) {
-        if (nt) Vec<D>::stream_raw(so + i, raw);
-        else Vec<D>::store_raw(so + i, raw);
+        for (int64_t i = 0; i < Hb; i += 16) copy16(so + i, sbuf + i, nt);
       }
-    }
-    if (tail) {
-      alignas(32) float g[8] = {}, b[8] = {};
-      std::memcpy(g, a.gamma + Hv, tail * sizeof(float));
-      std::memcpy(b, a.beta + Hv, tail * sizeof(float));
-      __m256 t = load_n<D>(src + Hv, tail);
-      t = kRms ? _mm256_mul_ps(t, vrs) : _mm256_mul_ps(_mm256_sub_ps(t, vmu), vrs);
-      store_n<D>(y + Hv, tail, _mm256_fmadd_ps(t, _mm256_load_ps(g), _mm256_load_ps(b)));
-      if constexpr (kRes) std::memcpy(so + Hv, src + Hv, tail * sizeof(T));
-    }
+      if (tail) {
+        B::template store<kExact>(yt, out(src_tail, Hb), false);
+        std::memcpy(y + Hb, yt, tail * sizeof(T));
+        if constexpr (kRes) std::memcpy(so + Hb, sbuf + Hb, tail * sizeof(T));
+      }
+    };
+    // Finite statistics and affine parameters prove y has no NaN (inf at worst).
+    if (finite(mu) && finite(rs) && rs > 0.0f && a.affine_finite) pass3(Bool<false>{});
+    else pass3(Bool<true>{});
   }
   if (any_nt) _mm_sfence();  // make streamed stores visible before the threads join
 }
 
+// Backward, one row at a time: pass 1 accumulates the row sums and the block's dgamma/dbeta
+// partials, pass 2 writes dx from cache. (Pairing rows to halve the partials' read-modify-
+// write measured slower: it doubles the concurrent streams.)
 template <DType D, bool kRms, bool kDsum, bool kDg, bool kDb>
 void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
-  using T = typename Vec<D>::T;
+  using B = Blk<D>;
+  using T = typename B::T;
   const int64_t H = a.H;
-  const int64_t Hv = H & ~int64_t{7};
-  const int tail = static_cast<int>(H - Hv);
+  const int64_t Hb = H & ~int64_t{15};
+  const int tail = static_cast<int>(H - Hb);
   const float inv_h = 1.0f / static_cast<float>(H);
   const float* gamma = a.gamma;
-  // The tail is handled in 8-wide scratch copies so it shares the vector code exactly.
-  alignas(32) float gt[8] = {}, dgt[8] = {}, dbt[8] = {};
-  if (tail) std::memcpy(gt, gamma + Hv, tail * sizeof(float));
+  alignas(32) T dyt[16], xt[16], dst[16], dxt[16];
   bool any_nt = false;
   for (int64_t r = r0; r < r1; ++r) {
     const T* dy = static_cast<const T*>(a.dy) + r * H;
     const T* x = static_cast<const T*>(a.xin) + r * H;
-    T* dx = static_cast<T*>(a.dx) + r * H;
-    const __m256 vmu = _mm256_set1_ps(kRms ? 0.0f : a.mean[r]);
-    const __m256 vrs = _mm256_set1_ps(a.rstd[r]);
-    auto xhat = [&](__m256 xv) {
-      return kRms ? _mm256_mul_ps(xv, vrs) : _mm256_mul_ps(_mm256_sub_ps(xv, vmu), vrs);
-    };
-    // Pass 1: sum(g), sum(g * xhat) with g = dy * gamma; this block's dgamma/dbeta partials.
-    __m256 sg[4], sgx[4];
-    zero(sg);
-    zero(sgx);
-    auto pass1 = [&](__m256 dyv, __m256 xh, const float* gp, float* dgp, float* dbp, auto u) {
-      __m256 g = _mm256_mul_ps(dyv, _mm256_loadu_ps(gp));
-      if constexpr (!kRms) sg[u] = _mm256_add_ps(sg[u], g);
-      sgx[u] = _mm256_fmadd_ps(g, xh, sgx[u]);
-      if constexpr (kDg) _mm256_storeu_ps(dgp, _mm256_fmadd_ps(dyv, xh, _mm256_loadu_ps(dgp)));
-      if constexpr (kDb) _mm256_storeu_ps(dbp, _mm256_add_ps(dyv, _mm256_loadu_ps(dbp)));
-    };
-    for_vectors(H, [&](int64_t i, auto u) {
-      pass1(load<D>(dy + i), xhat(load<D>(x + i)), gamma + i, dg + i, db + i, u);
-    });
-    if (tail) {  // padded dy lanes are 0, so they add nothing
-      if constexpr (kDg) std::memcpy(dgt, dg + Hv, tail * sizeof(float));
-      if constexpr (kDb) std::memcpy(dbt, db + Hv, tail * sizeof(float));
-      pass1(load_n<D>(dy + Hv, tail), xhat(load_n<D>(x + Hv, tail)), gt, dgt, dbt, Lane<1>{});
-      if constexpr (kDg) std::memcpy(dg + Hv, dgt, tail * sizeof(float));
-      if constexpr (kDb) std::memcpy(db + Hv, dbt, tail * sizeof(float));
-    }
-    const float rs = a.rstd[r];
-    const float mg = kRms ? 0.0f : reduce(sg) * inv_h;
-    const float mgx = reduce(sgx) * inv_h;
-    // Pass 2 (from cache): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ dsum].
-    const __m256 cx = _mm256_set1_ps(-rs * mgx), c0 = _mm256_set1_ps(-rs * mg);
     const T* ds = kDsum ? static_cast<const T*>(a.dsum) + r * H : nullptr;
-    auto dxv = [&](__m256 dyv, __m256 xv, __m256 gv) {
-      __m256 g = _mm256_mul_ps(dyv, gv);
-      return _mm256_fmadd_ps(g, vrs, _mm256_fmadd_ps(xhat(xv), cx, c0));
+    T* dx = static_cast<T*>(a.dx) + r * H;
+    if (tail) {  // padded dy lanes are 0, so they add nothing in pass 1
+      pad16(dyt, dy + Hb, tail);
+      pad16(xt, x + Hb, tail);
+      if constexpr (kDsum) pad16(dst, ds + Hb, tail);
+    }
+    const float mu = (kRms || !a.mean) ? 0.0f : a.mean[r];
+    const float rs = a.rstd[r];
+    const Pair vmu = splat(mu), vrs = splat(rs);
+    auto xhat = [&](const T* xp) { return kRms ? B::load(xp) * vrs : (B::load(xp) - vmu) * vrs; };
+
+    // Pass 1: sum(g), sum(g * xhat) with g = dy * gamma; dgamma/dbeta partials; sum(dsum)
+    // (only to prove the output NaN-free; it also pulls dsum into cache for pass 2).
+    Pair sg[2] = {zero_pair(), zero_pair()}, sgx[2] = {zero_pair(), zero_pair()};
+    Pair sds[2] = {zero_pair(), zero_pair()};
+    auto body1 = [&](const T* dyp, const T* xp, const T* dsp, int64_t i, auto u) {
+      const Pair d = B::load(dyp), xh = xhat(xp);
+      const Pair g = d * loadf(gamma + i);
+      if constexpr (!kRms) sg[u] = sg[u] + g;
+      sgx[u] = fmadd(g, xh, sgx[u]);
+      if constexpr (kDg) storef(dg + i, fmadd(d, xh, loadf(dg + i)));
+      if constexpr (kDb) storef(db + i, d + loadf(db + i));
+      if constexpr (kDsum) sds[u] = sds[u] + B::load(dsp);
     };
-    const bool nt = a.stream && aligned(dx, Vec<D>::kAlign);
+    for_blocks(Hb, [&](int64_t i, auto u) { body1(dy + i, x + i, kDsum ? ds + i : ds, i, u); });
+    if (tail) body1(dyt, xt, dst, Hb, Lane<0>{});
+    const float tg = reduce(sg), tgx = reduce(sgx);
+
+    // Pass 2 (from cache): dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) [+ dsum].
+    const float cx = -rs * (tgx * inv_h), c0 = -rs * (tg * inv_h);
+    const Pair vcx = splat(cx), vc0 = splat(c0);
+    const bool nt = a.stream && aligned32(dx);
     any_nt |= nt;
-    for (int64_t i = 0; i < Hv; i += 8) {
-      __m256 d = dxv(load<D>(dy + i), load<D>(x + i), _mm256_loadu_ps(gamma + i));
-      if constexpr (kDsum) d = _mm256_add_ps(d, load<D>(ds + i));
-      store<D>(dx + i, d, nt);
-    }
-    if (tail) {
-      __m256 d = dxv(load_n<D>(dy + Hv, tail), load_n<D>(x + Hv, tail), _mm256_load_ps(gt));
-      if constexpr (kDsum) d = _mm256_add_ps(d, load_n<D>(ds + Hv, tail));
-      store_n<D>(dx + Hv, tail, d);
-    }
+    auto pass2 = [&](auto exact) {
+      constexpr bool kExact = decltype(exact)::value;
+      auto dxb = [&](const T* dyp, const T* xp, const T* dsp, int64_t i) {
+        const Pair g = B::load(dyp) * loadf(gamma + i);
+        Pair v = fmadd(g, vrs, fmadd(xhat(xp), vcx, vc0));
+        if constexpr (kDsum) v = v + B::load(dsp);
+        return v;
+      };
+      for_blocks(Hb, [&](int64_t i, auto) {
+        B::template store<kExact>(dx + i, dxb(dy + i, x + i, kDsum ? ds + i : ds, i), nt);
+      });
+      if (tail) {
+        B::template store<kExact>(dxt, dxb(dyt, xt, dst, Hb), false);
+        std::memcpy(dx + Hb, dxt, tail * sizeof(T));
+      }
+    };
+    // Finite sums prove every g, g * xhat and dsum element finite, so dx has no NaN.
+    const bool clean = finite(tg) && finite(tgx) && finite(mu) && finite(rs) && finite(cx) &&
+                       finite(c0) && (!kDsum || finite(reduce(sds)));
+    if (clean) pass2(Bool<false>{});
+    else pass2(Bool<true>{});
   }
   if (any_nt) _mm_sfence();
 }
 
 // Runtime bools -> template arguments.
 template <class F> void with_bool(bool b, F&& f) {
-  if (b) f(std::true_type{});
-  else f(std::false_type{});
+  if (b) f(Bool<true>{});
+  else f(Bool<false>{});
 }
 
 template <DType D> void fwd_dt(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
