@@ -106,11 +106,16 @@ def extensions(with_cuda: bool) -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # at::parallel_for is an inline template: without -fopenmp it compiles to a serial loop
+    # in our code (ATen/ParallelOpenMP.h only defines the parallel version under _OPENMP).
+    # libgomp.so.1 resolves to the copy torch has already loaded, so one thread pool is shared.
+    omp = ["-fopenmp"]
     exts = [
         CppExtension(
             "megapre._C",
             sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/data/*.cpp"),
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx + omp},
+            extra_link_args=omp,
         )
     ]
     if with_cuda:

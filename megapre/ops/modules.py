@@ -43,8 +43,9 @@ class LayerNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Drop-in for torch.nn.RMSNorm (last dim); eps=None uses torch's default
-    (finfo(x.dtype).eps), as torch.nn.RMSNorm does."""
+    """Drop-in for torch.nn.RMSNorm (last dim); eps=None uses torch's default, the machine
+    epsilon of the compute dtype: float32's for float16/bfloat16 inputs (torch.nn.RMSNorm takes
+    it from the op-math type, not finfo(x.dtype), which would be 65536x larger for bf16)."""
 
     def __init__(self, normalized_shape, eps: float | None = 1e-6, elementwise_affine: bool = True,
                  device=None, dtype=None):
@@ -56,7 +57,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(h, device=device, dtype=dtype)) if elementwise_affine else None
 
     def forward(self, x, residual=None):
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        eps = self.eps
+        if eps is None:
+            eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         return rms_norm(x, self.weight, eps, residual)
 
     def extra_repr(self) -> str:
