@@ -171,6 +171,14 @@ def test_only_sum_output_used(isa):
     assert torch.equal(w.grad, torch.zeros(32))
 
 
+def test_only_sum_output_used_bias_without_weight(isa):
+    x = torch.randn(4, 8, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    _, s = ops.layer_norm(x, None, b, residual=torch.randn(4, 8))
+    s.sum().backward()
+    assert torch.equal(x.grad, torch.ones(4, 8)) and torch.equal(b.grad, torch.zeros(8))
+
+
 def test_nan_row_stays_local(isa):
     for dtype in DTYPES:
         x = torch.randn(3, 40).to(dtype)

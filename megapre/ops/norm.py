@@ -29,7 +29,7 @@ def _backward(ctx, dy, dsum, _dmean, _drstd):
     if dy is None:  # only the sum output was used: it passes its gradient straight through
         dx = dsum
         dw = torch.zeros_like(weight) if need_w else None
-        db = torch.zeros(weight.shape, dtype=ctx.bias_dtype, device=xin.device) if need_b else None
+        db = torch.zeros(xin.shape[-1], dtype=ctx.bias_dtype, device=xin.device) if need_b else None
     else:
         dsum = dsum if ctx.has_residual else None
         dx, dw, db = torch.ops.megapre.norm_bwd(
