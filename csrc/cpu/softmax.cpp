@@ -1,0 +1,191 @@
+// Fused scale + mask + softmax over the last dim of [b, h, sq, sk] (CPU): threading, mask/causal
+// row set-up, dispatch between the portable scalar rows below and the AVX2 rows in
+// softmax_avx2.cpp. Semantics: csrc/cpu/kernels.h.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "dtype.h"
+#include "kernels.h"
+#include "softmax_impl.h"
+
+namespace megapre::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Elements one parallel task should cover at least, so a thread hand-off is worth it.
+constexpr int64_t kGrainElems = 32768;
+
+size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// ---- portable rows: same three passes as the AVX2 version (see softmax_impl.h) ---------------
+template <DType D>
+void fwd_row_scalar(const typename Elem<D>::T* x, const uint8_t* m, typename Elem<D>::T* y,
+                    int64_t n, int64_t sk, float scale, float* work) {
+  float row_max = kNegInf;
+  for (int64_t j = 0; j < n; ++j) {
+    float v = (m != nullptr && m[j] != 0) ? kNegInf : Elem<D>::load(x, j) * scale;
+    work[j] = v;
+    row_max = v > row_max ? v : row_max;
+  }
+  if (!(row_max > kNegInf)) {  // every key masked or -inf: zeros, not 0/0
+    std::memset(y, 0, static_cast<size_t>(sk) * sizeof(y[0]));
+    return;
+  }
+  float sum = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    work[j] = std::exp(work[j] - row_max);
+    sum += work[j];
+  }
+  const float inv = 1.0f / sum;
+  for (int64_t j = 0; j < n; ++j) Elem<D>::store(y, j, work[j] * inv);
+  if (n < sk) std::memset(y + n, 0, static_cast<size_t>(sk - n) * sizeof(y[0]));
+}
+
+template <DType D>
+void bwd_row_scalar(const typename Elem<D>::T* dy, const typename Elem<D>::T* p,
+                    typename Elem<D>::T* dx, int64_t n, int64_t sk, float scale) {
+  float dot = 0.f;
+  for (int64_t j = 0; j < n; ++j) dot += Elem<D>::load(dy, j) * Elem<D>::load(p, j);
+  for (int64_t j = 0; j < n; ++j)
+    Elem<D>::store(dx, j, Elem<D>::load(p, j) * scale * (Elem<D>::load(dy, j) - dot));
+  if (n < sk) std::memset(dx + n, 0, static_cast<size_t>(sk - n) * sizeof(dx[0]));
+}
+
+void fwd_row(bool avx2, const void* x, const uint8_t* m, void* y, int64_t n, int64_t sk,
+             float scale, DType dt, float* work) {
+  if (avx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work);
+  using H = uint16_t;
+  switch (dt) {
+    case DType::F32:
+      return fwd_row_scalar<DType::F32>(static_cast<const float*>(x), m, static_cast<float*>(y),
+                                        n, sk, scale, work);
+    case DType::F16:
+      return fwd_row_scalar<DType::F16>(static_cast<const H*>(x), m, static_cast<H*>(y), n, sk,
+                                        scale, work);
+    case DType::BF16:
+      return fwd_row_scalar<DType::BF16>(static_cast<const H*>(x), m, static_cast<H*>(y), n,
+                                         sk, scale, work);
+  }
+}
+
+void bwd_row(bool avx2, const void* dy, const void* p, void* dx, int64_t n, int64_t sk,
+             float scale, DType dt) {
+  if (avx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt);
+  using H = uint16_t;
+  switch (dt) {
+    case DType::F32:
+      return bwd_row_scalar<DType::F32>(static_cast<const float*>(dy),
+                                        static_cast<const float*>(p), static_cast<float*>(dx),
+                                        n, sk, scale);
+    case DType::F16:
+      return bwd_row_scalar<DType::F16>(static_cast<const H*>(dy), static_cast<const H*>(p),
+                                        static_cast<H*>(dx), n, sk, scale);
+    case DType::BF16:
+      return bwd_row_scalar<DType::BF16>(static_cast<const H*>(dy), static_cast<const H*>(p),
+                                         static_cast<H*>(dx), n, sk, scale);
+  }
+}
+
+// ---- scheduling ------------------------------------------------------------------------------
+// Parallel tasks over the b*h*sq rows. Causal rows cost O(q), so a causal task pairs query q
+// with query sq-1-q of the same head: every task then costs about the same and a contiguous
+// split of the tasks stays balanced across threads even for a single head.
+int64_t task_count(int64_t bh, int64_t sq, bool causal) {
+  return bh * (causal ? (sq + 1) / 2 : sq);
+}
+
+template <class Fn>
+void rows_of_task(int64_t t, int64_t sq, bool causal, const Fn& fn) {
+  if (!causal) {
+    fn(t / sq, t % sq);
+    return;
+  }
+  const int64_t half = (sq + 1) / 2;
+  const int64_t bh = t / half, q = t % half;
+  fn(bh, q);
+  if (sq - 1 - q != q) fn(bh, sq - 1 - q);
+}
+
+template <class Fn>
+void parallel_tasks(int64_t bh, int64_t sq, int64_t sk, bool causal, const Fn& chunk_fn) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / sk);
+  at::parallel_for(0, task_count(bh, sq, causal), grain, chunk_fn);
+}
+
+// Keys of query q that survive the causal cut: j <= q + (sk - sq).
+int64_t valid_keys(int64_t q, int64_t sq, int64_t sk, bool causal) {
+  if (!causal) return sk;
+  return std::clamp<int64_t>(q + sk - sq + 1, 0, sk);
+}
+
+}  // namespace
+
+void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strides, void* probs,
+                 int64_t b, int64_t h, int64_t sq, int64_t sk, float scale, bool causal,
+                 DType dt) {
+  if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
+  const bool avx2 = use_avx2();
+  const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
+  const auto* x = static_cast<const char*>(scores);
+  auto* y = static_cast<char*>(probs);
+  const auto* mk = reinterpret_cast<const uint8_t*>(mask);  // bytes: nonzero = True
+  int64_t ms[4] = {h * sq * sk, sq * sk, sk, 1};  // no strides given: a full contiguous mask
+  if (mask_strides != nullptr) std::copy(mask_strides, mask_strides + 4, ms);
+  const bool gather = mk != nullptr && ms[3] != 0 && ms[3] != 1;
+
+  parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
+    std::vector<float> work(static_cast<size_t>(softmax_impl::work_floats(sk)));
+    std::vector<uint8_t> mrow_buf(gather ? static_cast<size_t>(sk) : 0);
+    auto one_row = [&](int64_t bh, int64_t q) {
+      const int64_t row = bh * sq + q;
+      const void* xr = x + static_cast<size_t>(row) * row_bytes;
+      void* yr = y + static_cast<size_t>(row) * row_bytes;
+      int64_t n = valid_keys(q, sq, sk, causal);
+      const uint8_t* mrow = nullptr;
+      if (mk != nullptr && n > 0) {
+        const uint8_t* base = mk + (bh / h) * ms[0] + (bh % h) * ms[1] + q * ms[2];
+        if (ms[3] == 1) {
+          mrow = base;  // the usual case: the mask row is contiguous along sk
+        } else if (ms[3] == 0) {
+          if (base[0] != 0) n = 0;  // one flag for the whole row
+        } else {
+          for (int64_t j = 0; j < n; ++j) mrow_buf[j] = base[j * ms[3]];
+          mrow = mrow_buf.data();
+        }
+      }
+      if (n == 0) {
+        std::memset(yr, 0, row_bytes);
+        return;
+      }
+      fwd_row(avx2, xr, mrow, yr, n, sk, scale, dt, work.data());
+    };
+    for (int64_t t = t0; t < t1; ++t) rows_of_task(t, sq, causal, one_row);
+  });
+}
+
+void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b, int64_t h,
+                 int64_t sq, int64_t sk, float scale, bool causal, DType dt) {
+  if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
+  const bool avx2 = use_avx2();
+  const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
+  const auto* dy = static_cast<const char*>(dprobs);
+  const auto* p = static_cast<const char*>(probs);
+  auto* dx = static_cast<char*>(dscores);
+
+  parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
+    auto one_row = [&](int64_t bh, int64_t q) {
+      const size_t off = static_cast<size_t>(bh * sq + q) * row_bytes;
+      bwd_row(avx2, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk, scale, dt);
+    };
+    for (int64_t t = t0; t < t1; ++t) rows_of_task(t, sq, causal, one_row);
+  });
+}
+
+}  // namespace megapre::cpu
