@@ -106,11 +106,15 @@ def extensions(with_cuda: bool) -> list:
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cxx = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # The CPU kernels thread with at::parallel_for, whose OpenMP body is inline in ATen's
+    # headers: without -fopenmp it silently compiles to a serial loop.
+    openmp = ["-fopenmp"]
     exts = [
         CppExtension(
             "megapre._C",
             sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp") + sources("csrc/data/*.cpp"),
-            extra_compile_args={"cxx": cxx},
+            extra_compile_args={"cxx": cxx + openmp},
+            extra_link_args=openmp,
         )
     ]
     if with_cuda:
