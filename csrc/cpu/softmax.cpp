@@ -22,6 +22,10 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Elements one parallel task should cover at least, so a thread hand-off is worth it.
 constexpr int64_t kGrainElems = 32768;
 
+// Outputs at least this large cannot stay cached for their consumer anyway, so the AVX2 rows
+// write them with non-temporal stores, which skip reading each destination line first.
+constexpr int64_t kStreamBytes = 16 << 20;
+
 size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
 // ---- portable rows: same three passes as the AVX2 version (see softmax_impl.h) ---------------
@@ -34,7 +38,7 @@ void fwd_row_scalar(const typename Elem<D>::T* x, const uint8_t* m, typename Ele
     work[j] = v;
     row_max = v > row_max ? v : row_max;
   }
-  if (!(row_max > kNegInf)) {  // every key masked or -inf: zeros, not 0/0
+  if (row_max == kNegInf) {  // every key masked or -inf: zeros, not 0/0
     std::memset(y, 0, static_cast<size_t>(sk) * sizeof(y[0]));
     return;
   }
@@ -58,9 +62,9 @@ void bwd_row_scalar(const typename Elem<D>::T* dy, const typename Elem<D>::T* p,
   if (n < sk) std::memset(dx + n, 0, static_cast<size_t>(sk - n) * sizeof(dx[0]));
 }
 
-void fwd_row(bool avx2, const void* x, const uint8_t* m, void* y, int64_t n, int64_t sk,
-             float scale, DType dt, float* work) {
-  if (avx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work);
+void fwd_row(bool avx2, bool stream, const void* x, const uint8_t* m, void* y, int64_t n,
+             int64_t sk, float scale, DType dt, float* work) {
+  if (avx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work, stream);
   using H = uint16_t;
   switch (dt) {
     case DType::F32:
@@ -75,9 +79,9 @@ void fwd_row(bool avx2, const void* x, const uint8_t* m, void* y, int64_t n, int
   }
 }
 
-void bwd_row(bool avx2, const void* dy, const void* p, void* dx, int64_t n, int64_t sk,
-             float scale, DType dt) {
-  if (avx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt);
+void bwd_row(bool avx2, bool stream, const void* dy, const void* p, void* dx, int64_t n,
+             int64_t sk, float scale, DType dt) {
+  if (avx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt, stream);
   using H = uint16_t;
   switch (dt) {
     case DType::F32:
@@ -113,10 +117,39 @@ void rows_of_task(int64_t t, int64_t sq, bool causal, const Fn& fn) {
   if (sq - 1 - q != q) fn(bh, sq - 1 - q);
 }
 
+// Visits the rows of tasks [t0, t1) in order as fn(bh, q, next_bh, next_q), where (next_bh,
+// next_q) is the row visited after this one (next_bh = -1 at the end), so fn can prefetch it.
+template <class Fn>
+void visit_rows(int64_t t0, int64_t t1, int64_t sq, bool causal, const Fn& fn) {
+  int64_t bh0 = -1, q0 = -1;
+  for (int64_t t = t0; t < t1; ++t) {
+    rows_of_task(t, sq, causal, [&](int64_t bh, int64_t q) {
+      if (bh0 >= 0) fn(bh0, q0, bh, q);
+      bh0 = bh;
+      q0 = q;
+    });
+  }
+  if (bh0 >= 0) fn(bh0, q0, int64_t{-1}, int64_t{-1});
+}
+
+// Requests the start of a row that is read next. Causal rows read only a prefix of each row,
+// a broken stream that the hardware prefetchers pick up late, so without this every row start
+// waits on memory. Longer rows are left to the hardware once it has caught on.
+void prefetch_prefix(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  bytes = std::min<size_t>(bytes, 4096);
+  for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+}
+
 template <class Fn>
 void parallel_tasks(int64_t bh, int64_t sq, int64_t sk, bool causal, const Fn& chunk_fn) {
   const int64_t grain = std::max<int64_t>(1, kGrainElems / sk);
   at::parallel_for(0, task_count(bh, sq, causal), grain, chunk_fn);
+}
+
+// Non-temporal output stores (AVX2 path only) for outputs too big to stay cached.
+bool use_stream(bool avx2, int64_t b, int64_t h, int64_t sq, int64_t sk, DType dt) {
+  return avx2 && b * h * sq * sk * static_cast<int64_t>(elem_size(dt)) >= kStreamBytes;
 }
 
 // Keys of query q that survive the causal cut: j <= q + (sk - sq).
@@ -132,6 +165,7 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
                  DType dt) {
   if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
   const bool avx2 = use_avx2();
+  const bool stream = use_stream(avx2, b, h, sq, sk, dt);
   const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
   const auto* x = static_cast<const char*>(scores);
   auto* y = static_cast<char*>(probs);
@@ -143,14 +177,23 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
   parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
     std::vector<float> work(static_cast<size_t>(softmax_impl::work_floats(sk)));
     std::vector<uint8_t> mrow_buf(gather ? static_cast<size_t>(sk) : 0);
-    auto one_row = [&](int64_t bh, int64_t q) {
+    auto mask_base = [&](int64_t bh, int64_t q) {
+      return mk + (bh / h) * ms[0] + (bh % h) * ms[1] + q * ms[2];
+    };
+    auto one_row = [&](int64_t bh, int64_t q, int64_t next_bh, int64_t next_q) {
+      if (next_bh >= 0) {
+        const int64_t next_n = valid_keys(next_q, sq, sk, causal);
+        prefetch_prefix(x + static_cast<size_t>(next_bh * sq + next_q) * row_bytes,
+                        static_cast<size_t>(next_n) * elem_size(dt));
+        if (mk != nullptr && ms[3] == 1) prefetch_prefix(mask_base(next_bh, next_q), next_n);
+      }
       const int64_t row = bh * sq + q;
       const void* xr = x + static_cast<size_t>(row) * row_bytes;
       void* yr = y + static_cast<size_t>(row) * row_bytes;
       int64_t n = valid_keys(q, sq, sk, causal);
       const uint8_t* mrow = nullptr;
       if (mk != nullptr && n > 0) {
-        const uint8_t* base = mk + (bh / h) * ms[0] + (bh % h) * ms[1] + q * ms[2];
+        const uint8_t* base = mask_base(bh, q);
         if (ms[3] == 1) {
           mrow = base;  // the usual case: the mask row is contiguous along sk
         } else if (ms[3] == 0) {
@@ -160,13 +203,10 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
           mrow = mrow_buf.data();
         }
       }
-      if (n == 0) {
-        std::memset(yr, 0, row_bytes);
-        return;
-      }
-      fwd_row(avx2, xr, mrow, yr, n, sk, scale, dt, work.data());
+      fwd_row(avx2, stream, xr, mrow, yr, n, sk, scale, dt, work.data());
     };
-    for (int64_t t = t0; t < t1; ++t) rows_of_task(t, sq, causal, one_row);
+    visit_rows(t0, t1, sq, causal, one_row);
+    if (stream) softmax_impl::stream_fence();
   });
 }
 
@@ -174,17 +214,26 @@ void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b
                  int64_t sq, int64_t sk, float scale, bool causal, DType dt) {
   if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
   const bool avx2 = use_avx2();
+  const bool stream = use_stream(avx2, b, h, sq, sk, dt);
   const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
   const auto* dy = static_cast<const char*>(dprobs);
   const auto* p = static_cast<const char*>(probs);
   auto* dx = static_cast<char*>(dscores);
 
   parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
-    auto one_row = [&](int64_t bh, int64_t q) {
+    auto one_row = [&](int64_t bh, int64_t q, int64_t next_bh, int64_t next_q) {
+      if (next_bh >= 0) {
+        const size_t next_off = static_cast<size_t>(next_bh * sq + next_q) * row_bytes;
+        const size_t next_bytes = valid_keys(next_q, sq, sk, causal) * elem_size(dt);
+        prefetch_prefix(dy + next_off, next_bytes);
+        prefetch_prefix(p + next_off, next_bytes);
+      }
       const size_t off = static_cast<size_t>(bh * sq + q) * row_bytes;
-      bwd_row(avx2, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk, scale, dt);
+      bwd_row(avx2, stream, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk,
+              scale, dt);
     };
-    for (int64_t t = t0; t < t1; ++t) rows_of_task(t, sq, causal, one_row);
+    visit_rows(t0, t1, sq, causal, one_row);
+    if (stream) softmax_impl::stream_fence();
   });
 }
 

@@ -3,6 +3,7 @@
 // in softmax_impl.h are visible outside this file.
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -22,6 +23,7 @@ template <> struct Vec<DType::F32> {
   using T = float;
   static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
   static void store(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
+  static void stream(T* p, __m256 v) { _mm256_stream_ps(p, v); }
 };
 
 template <> struct Vec<DType::BF16> {
@@ -32,7 +34,7 @@ template <> struct Vec<DType::BF16> {
   }
   // Round to nearest even exactly like f32_to_bf16: add 0x7fff plus the lsb of the kept half,
   // and NaN keeps its top bits with the quiet bit set.
-  static void store(T* p, __m256 v) {
+  static __m128i pack(__m256 v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i hi = _mm256_srli_epi32(u, 16);
     const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
@@ -42,9 +44,10 @@ template <> struct Vec<DType::BF16> {
     const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, qnan, is_nan);
     // Every lane is <= 0xffff, so the unsigned-saturating pack is a plain narrowing.
-    __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   }
+  static void store(T* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static void stream(T* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
 };
 
 template <> struct Vec<DType::F16> {
@@ -52,10 +55,11 @@ template <> struct Vec<DType::F16> {
   static __m256 load(const T* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static void store(T* p, __m256 v) {
-    __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+  static __m128i pack(__m256 v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
+  static void store(T* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
+  static void stream(T* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
 };
 
 // Tails of fewer than 8 elements go through a small stack buffer so the same vector math (and
@@ -76,6 +80,43 @@ template <DType D> void store_part(typename Vec<D>::T* p, __m256 v, int64_t k) {
 inline __m256 first_lanes(int64_t k) {
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), iota));
+}
+
+constexpr uintptr_t kLineBytes = 64;
+
+// Elements before p reaches a cache-line boundary (buffers are at least element-aligned).
+template <class T> int64_t to_line_boundary(const T* p) {
+  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % kLineBytes;
+  return off == 0 ? 0 : static_cast<int64_t>((kLineBytes - off) / sizeof(T));
+}
+
+// Writes one output row: y[j] = value(j..) for j < n and zeros for [n, sk). value(j, k) gives
+// the 8 lanes starting at j, of which only the first k (< 8 near the end of the valid part) may
+// be read from the inputs. With stream, whole cache lines go out with non-temporal stores: the
+// row is written to memory without first being read into the cache (no read-for-ownership),
+// which pays off when the output is larger than the cache. Lines are written either entirely
+// streamed or entirely cached (ragged row ends use plain stores), because mixing both kinds in
+// one line flushes a partial write-combining buffer.
+template <DType D, class Value>
+void write_row(typename Vec<D>::T* y, int64_t n, int64_t sk, bool stream, const Value& value) {
+  auto lanes = [&](int64_t j, int64_t k) {  // elements [j, j + k) of the row, zeros from n on
+    if (j >= n) return _mm256_setzero_ps();
+    if (j + k <= n) return value(j, k);
+    return _mm256_and_ps(value(j, n - j), first_lanes(n - j));
+  };
+  auto plain = [&](int64_t j, int64_t end) {
+    for (; j + 8 <= end; j += 8) Vec<D>::store(y + j, lanes(j, 8));
+    if (j < end) store_part<D>(y + j, lanes(j, end - j), end - j);
+  };
+  if (!stream) return plain(0, sk);
+  constexpr int64_t kLine = static_cast<int64_t>(kLineBytes / sizeof(y[0]));
+  const int64_t head = std::min(sk, to_line_boundary(y));
+  plain(0, head);
+  int64_t j = head;
+  for (; j + kLine <= sk; j += kLine) {
+    for (int64_t v = j; v < j + kLine; v += 8) Vec<D>::stream(y + v, lanes(v, 8));
+  }
+  plain(j, sk);
 }
 
 // All-ones lanes where the 8 mask bytes at m are nonzero (True = masked).
@@ -128,7 +169,7 @@ inline __m256 exp256(__m256 x) {
 // once and the output written once; the repeated passes touch only the cached work row.
 template <DType D>
 void fwd_row(const typename Vec<D>::T* x, const uint8_t* m, typename Vec<D>::T* y, int64_t n,
-             int64_t sk, float scale, float* work) {
+             int64_t sk, float scale, float* work, bool stream) {
   const __m256 vscale = _mm256_set1_ps(scale);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 mx0 = ninf, mx1 = ninf;
@@ -159,9 +200,10 @@ void fwd_row(const typename Vec<D>::T* x, const uint8_t* m, typename Vec<D>::T* 
     mx0 = _mm256_max_ps(mx0, a);
   }
   const float row_max = hmax(_mm256_max_ps(mx0, mx1));
-  if (!(row_max > -std::numeric_limits<float>::infinity())) {
-    // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN.
-    std::memset(y, 0, static_cast<size_t>(sk) * sizeof(y[0]));
+  if (row_max == -std::numeric_limits<float>::infinity()) {
+    // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN. (A NaN
+    // score may leave row_max NaN: the row then comes out NaN, as in torch.)
+    write_row<D>(y, 0, sk, stream, [](int64_t, int64_t) { return _mm256_setzero_ps(); });
     return;
   }
 
@@ -184,16 +226,16 @@ void fwd_row(const typename Vec<D>::T* x, const uint8_t* m, typename Vec<D>::T* 
   }
 
   const __m256 inv = _mm256_set1_ps(1.0f / hsum(_mm256_add_ps(s0, s1)));
-  j = 0;
-  for (; j + 8 <= n; j += 8) Vec<D>::store(y + j, _mm256_mul_ps(_mm256_loadu_ps(work + j), inv));
-  if (j < n) store_part<D>(y + j, _mm256_mul_ps(_mm256_loadu_ps(work + j), inv), n - j);
-  if (n < sk) std::memset(y + n, 0, static_cast<size_t>(sk - n) * sizeof(y[0]));
+  // work has 8 floats of slack past n, so a full-vector read at any j < n stays inside it
+  write_row<D>(y, n, sk, stream, [&](int64_t i, int64_t) {
+    return _mm256_mul_ps(_mm256_loadu_ps(work + i), inv);
+  });
 }
 
 // ---- backward --------------------------------------------------------------------------------
 template <DType D>
 void bwd_row(const typename Vec<D>::T* dy, const typename Vec<D>::T* p, typename Vec<D>::T* dx,
-             int64_t n, int64_t sk, float scale) {
+             int64_t n, int64_t sk, float scale, bool stream) {
   __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
@@ -208,17 +250,11 @@ void bwd_row(const typename Vec<D>::T* dy, const typename Vec<D>::T* p, typename
   }
   const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d0, d1)));
   const __m256 vscale = _mm256_set1_ps(scale);
-  j = 0;
-  for (; j + 8 <= n; j += 8) {
-    __m256 g = _mm256_sub_ps(Vec<D>::load(dy + j), dot);
-    Vec<D>::store(dx + j, _mm256_mul_ps(_mm256_mul_ps(Vec<D>::load(p + j), vscale), g));
-  }
-  if (j < n) {
-    const int64_t k = n - j;
-    __m256 g = _mm256_sub_ps(load_part<D>(dy + j, k), dot);
-    store_part<D>(dx + j, _mm256_mul_ps(_mm256_mul_ps(load_part<D>(p + j, k), vscale), g), k);
-  }
-  if (n < sk) std::memset(dx + n, 0, static_cast<size_t>(sk - n) * sizeof(dx[0]));
+  write_row<D>(dx, n, sk, stream, [&](int64_t i, int64_t k) {
+    const __m256 g = _mm256_sub_ps(k == 8 ? Vec<D>::load(dy + i) : load_part<D>(dy + i, k), dot);
+    const __m256 pv = k == 8 ? Vec<D>::load(p + i) : load_part<D>(p + i, k);
+    return _mm256_mul_ps(_mm256_mul_ps(pv, vscale), g);
+  });
 }
 
 template <DType D> using Ptr = typename Vec<D>::T*;
@@ -226,36 +262,38 @@ template <DType D> using CPtr = const typename Vec<D>::T*;
 
 }  // namespace
 
+void stream_fence() { _mm_sfence(); }
+
 void fwd_row_avx2(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
-                  float scale, DType dt, float* work) {
+                  float scale, DType dt, float* work, bool stream) {
   switch (dt) {
     case DType::F32:
       return fwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(x), mrow,
-                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work);
+                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work, stream);
     case DType::F16:
       return fwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(x), mrow,
-                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work);
+                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work, stream);
     case DType::BF16:
       return fwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(x), mrow,
-                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work);
+                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work, stream);
   }
 }
 
 void bwd_row_avx2(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
-                  DType dt) {
+                  DType dt, bool stream) {
   switch (dt) {
     case DType::F32:
       return bwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(dy),
                                  static_cast<CPtr<DType::F32>>(p),
-                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale);
+                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale, stream);
     case DType::F16:
       return bwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(dy),
                                  static_cast<CPtr<DType::F16>>(p),
-                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale);
+                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale, stream);
     case DType::BF16:
       return bwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(dy),
                                   static_cast<CPtr<DType::BF16>>(p),
-                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale);
+                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale, stream);
   }
 }
 
