@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -141,10 +142,33 @@ void prefetch_prefix(const void* p, size_t bytes) {
   for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
-template <class Fn>
-void parallel_tasks(int64_t bh, int64_t sq, int64_t sk, bool causal, const Fn& chunk_fn) {
+// Hands out chunks of tasks to whichever thread asks next. Unlike a static split, a thread that
+// is slow or descheduled (the machine is shared) does not leave its half waiting: the other
+// threads finish it.
+class TaskQueue {
+ public:
+  TaskQueue(int64_t tasks, int64_t grain) : tasks_(tasks), grain_(grain) {}
+  bool next(int64_t& t0, int64_t& t1) {
+    t0 = next_.fetch_add(grain_, std::memory_order_relaxed);
+    if (t0 >= tasks_) return false;
+    t1 = std::min(tasks_, t0 + grain_);
+    return true;
+  }
+
+ private:
+  std::atomic<int64_t> next_{0};
+  const int64_t tasks_, grain_;
+};
+
+// Runs worker(queue) on up to at::get_num_threads() threads (inline when that is one, or when
+// called from inside a parallel region) until the queue of row tasks is drained.
+template <class Worker>
+void parallel_tasks(int64_t bh, int64_t sq, int64_t sk, bool causal, const Worker& worker) {
+  const int64_t tasks = task_count(bh, sq, causal);
   const int64_t grain = std::max<int64_t>(1, kGrainElems / sk);
-  at::parallel_for(0, task_count(bh, sq, causal), grain, chunk_fn);
+  TaskQueue queue(tasks, grain);
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (tasks + grain - 1) / grain);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
 }
 
 // Non-temporal output stores (AVX2 path only) for outputs too big to stay cached.
@@ -174,7 +198,7 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
   if (mask_strides != nullptr) std::copy(mask_strides, mask_strides + 4, ms);
   const bool gather = mk != nullptr && ms[3] != 0 && ms[3] != 1;
 
-  parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(b * h, sq, sk, causal, [&](TaskQueue& queue) {
     std::vector<float> work(static_cast<size_t>(softmax_impl::work_floats(sk)));
     std::vector<uint8_t> mrow_buf(gather ? static_cast<size_t>(sk) : 0);
     auto mask_base = [&](int64_t bh, int64_t q) {
@@ -205,7 +229,7 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
       }
       fwd_row(avx2, stream, xr, mrow, yr, n, sk, scale, dt, work.data());
     };
-    visit_rows(t0, t1, sq, causal, one_row);
+    for (int64_t t0, t1; queue.next(t0, t1);) visit_rows(t0, t1, sq, causal, one_row);
     if (stream) softmax_impl::stream_fence();
   });
 }
@@ -220,7 +244,7 @@ void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b
   const auto* p = static_cast<const char*>(probs);
   auto* dx = static_cast<char*>(dscores);
 
-  parallel_tasks(b * h, sq, sk, causal, [&](int64_t t0, int64_t t1) {
+  parallel_tasks(b * h, sq, sk, causal, [&](TaskQueue& queue) {
     auto one_row = [&](int64_t bh, int64_t q, int64_t next_bh, int64_t next_q) {
       if (next_bh >= 0) {
         const size_t next_off = static_cast<size_t>(next_bh * sq + next_q) * row_bytes;
@@ -232,7 +256,7 @@ void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b
       bwd_row(avx2, stream, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk,
               scale, dt);
     };
-    visit_rows(t0, t1, sq, causal, one_row);
+    for (int64_t t0, t1; queue.next(t0, t1);) visit_rows(t0, t1, sq, causal, one_row);
     if (stream) softmax_impl::stream_fence();
   });
 }
