@@ -100,8 +100,8 @@ void bwd_row(bool avx2, bool stream, const void* dy, const void* p, void* dx, in
 
 // ---- scheduling ------------------------------------------------------------------------------
 // Parallel tasks over the b*h*sq rows. Causal rows cost O(q), so a causal task pairs query q
-// with query sq-1-q of the same head: every task then costs about the same and a contiguous
-// split of the tasks stays balanced across threads even for a single head.
+// with query sq-1-q of the same head: every task then costs about the same, chunks of tasks do
+// too, and the threads finish together even for a single head.
 int64_t task_count(int64_t bh, int64_t sq, bool causal) {
   return bh * (causal ? (sq + 1) / 2 : sq);
 }
