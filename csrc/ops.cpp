@@ -1,0 +1,51 @@
+// Op schemas (torch.ops.megapre.*) and the megapre._C Python module.
+// CPU impls are registered in csrc/cpu/ops_cpu.cpp, CUDA impls in csrc/cuda/ops_cuda.cpp
+// (megapre._C_cuda), autograd and fake impls from Python (megapre/ops/).
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu/kernels.h"
+
+TORCH_LIBRARY(megapre, m) {
+  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
+        " -> (Tensor y, Tensor sum, Tensor mean, Tensor rstd)");
+  m.def("norm_bwd(Tensor dy, Tensor? dsum, Tensor xin, Tensor? weight, Tensor mean, Tensor rstd,"
+        " bool rms, bool weight_grad, bool bias_grad) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def("scale_mask_softmax_fwd(Tensor scores, Tensor? mask, float scale, bool causal) -> Tensor");
+  m.def("scale_mask_softmax_bwd(Tensor grad, Tensor probs, float scale, bool causal) -> Tensor");
+  m.def("quantize_rowwise(Tensor x) -> (Tensor q, Tensor scale)");
+  m.def("int8_gemm(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,"
+        " ScalarType out_dtype) -> Tensor");
+  m.def("weight_only_int8_gemm(Tensor x, Tensor w, Tensor w_scale, Tensor? bias) -> Tensor");
+}
+
+namespace {
+
+using megapre::cpu::Isa;
+
+void set_cpu_isa(const std::string& name) {
+  if (name == "auto") {
+    megapre::cpu::set_isa(Isa::kAuto);
+  } else if (name == "scalar") {
+    megapre::cpu::set_isa(Isa::kScalar);
+  } else if (name == "avx2") {
+    if (!megapre::cpu::cpu_has_avx2())
+      throw std::invalid_argument("set_cpu_isa('avx2'): this CPU lacks AVX2/FMA/F16C");
+    megapre::cpu::set_isa(Isa::kAvx2);
+  } else {
+    throw std::invalid_argument("set_cpu_isa: expected 'auto', 'scalar' or 'avx2', got '" + name + "'");
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "megapre CPU kernels; importing registers torch.ops.megapre.*";
+  m.def("cpu_has_avx2", &megapre::cpu::cpu_has_avx2, "CPU has AVX2, FMA and F16C");
+  m.def("cpu_isa", [] { return std::string(megapre::cpu::use_avx2() ? "avx2" : "scalar"); },
+        "vector ISA the CPU kernels use now");
+  m.def("set_cpu_isa", &set_cpu_isa, "force 'scalar' or 'avx2', or 'auto'");
+}
