@@ -2,13 +2,13 @@
 // This file holds the dispatch, cache blocking and threading, plus the portable scalar paths;
 // the AVX2 microkernels are in quant_gemm_avx2.cpp (interface in quant_gemm_impl.h).
 //
-// W8A8 (AVX2), GotoBLAS style: the output is cut into tasks of MBt rows x kNC columns that
+// W8A8 (AVX2), GotoBLAS style: the output is cut into tasks of `rows` x kNC columns that
 // threads take independently. A task walks K in blocks of kKC: it packs its kNC x kKC block of
-// w into kNR-column micro-panels (checking for -128 on the way), then, per kMC rows, packs x
-// into kMR-row micro-panels with |x| alongside, and runs the 4x16 microkernel with the w
+// w into kNR-column int16 micro-panels (checking for -128 on the way), then, per kMC rows,
+// packs x into kMR-row int16 micro-panels and runs the 6x16 vpmaddwd microkernel with the w
 // micro-panel (16 KiB) in L1 and the x block in L2. Int32 partial sums of the task live in a
-// thread-local scratch until the epilogue scales them. For M <= kGemvRows the packing would
-// cost as much as the math, so a kernel reads w in place instead.
+// thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
+// cost as much as the math, so a maddubs kernel reads w in place instead.
 //
 // Weight-only: M <= 16 streams each weight row once against all rows of x (the memory-bound
 // generation case); larger M dequantizes w blocks to fp32 panels and runs a 6x16 FMA kernel
@@ -229,20 +229,28 @@ template <DType D>
 void weight_only_scalar(const void* xv, const int8_t* w, const float* ws, const float* bias,
                         void* out, int64_t M, int64_t N, int64_t K) {
   using T = typename Elem<D>::T;
-  std::vector<float> xf(M * K);
-  const T* x = static_cast<const T*>(xv);
-  for (int64_t i = 0; i < M * K; ++i) xf[i] = Elem<D>::load(x, i);
-  constexpr int64_t kRows = 16;
+  // fp16/bf16 x is converted once up front; fp32 x is read in place.
+  std::vector<float> xbuf;
+  const float* xf = reinterpret_cast<const float*>(xv);
+  if constexpr (D != DType::F32) {
+    xbuf.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xbuf[i] = Elem<D>::load(static_cast<const T*>(xv), i);
+    xf = xbuf.data();
+  }
+  constexpr int64_t kRows = 16;  // w rows per task: stay in cache while every x row passes
   run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    for (int64_t n = b * kRows; n < std::min(N, e * kRows); ++n) {
-      const int8_t* wr = w + n * K;
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
       for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xf.data() + m * K;
-        float acc = 0.f;
-        for (int64_t k = 0; k < K; ++k) acc += xr[k] * static_cast<float>(wr[k]);
-        float v = acc * ws[n];
-        if (bias) v = v + bias[n];
-        Elem<D>::store(static_cast<T*>(out), m * N + n, v);
+        const float* xr = xf + m * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* wr = w + n * K;
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += xr[k] * static_cast<float>(wr[k]);
+          float v = acc * ws[n];
+          if (bias) v = v + bias[n];
+          Elem<D>::store(static_cast<T*>(out), m * N + n, v);
+        }
       }
     }
   });
