@@ -2,11 +2,11 @@
 // This file holds the dispatch, cache blocking and threading, plus the portable scalar paths;
 // the AVX2 microkernels are in quant_gemm_avx2.cpp (interface in quant_gemm_impl.h).
 //
-// W8A8 (AVX2), GotoBLAS style: the output is cut into tasks of `rows` x kNC columns that
-// threads take independently. A task walks K in blocks of kKC: it packs its kNC x kKC block of
-// w into kNR-column int16 micro-panels (checking for -128 on the way), then, per kMC rows,
-// packs x into kMR-row int16 micro-panels and runs the 6x16 vpmaddwd microkernel with the w
-// micro-panel (16 KiB) in L1 and the x block in L2. Int32 partial sums of the task live in a
+// W8A8 (AVX2), GotoBLAS style: x is widened to int16 once; the output is cut into tasks of
+// `rows` x kNC columns that threads take independently. A task walks K in blocks of kKC: it
+// packs its kNC x kKC block of w into kNR-column int16 micro-panels (checking for -128 on the
+// way), then, per kMC rows, runs the 6x16 vpmaddwd microkernel with the w micro-panel
+// (16 KiB) in L1 and the kMC x kKC block of x in L2. Int32 partial sums of the task live in a
 // thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
 // cost as much as the math, so a maddubs kernel reads w in place instead.
 //
@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "dtype.h"
@@ -32,7 +33,7 @@ namespace {
 using namespace qgemm;
 
 constexpr int64_t kKC = 512;     // W8A8 K block; multiple of 16
-constexpr int64_t kMC = 96;      // W8A8 rows of x packed at once (multiple of kMR)
+constexpr int64_t kMC = 96;      // W8A8 rows of x kept in L2 per K block (multiple of kMR)
 constexpr int64_t kNC = 128;     // task width in output columns (multiple of kNR, kFNR)
 constexpr int64_t kMBmax = 512;  // most rows per task (bounds the accumulator scratch)
 constexpr int64_t kFKC = 256;    // weight-only fp32 K block
@@ -186,6 +187,14 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
                             DType dt) {
   const Tiling t(M, N, kMR);
   const int64_t esz = elem_size(dt);
+  // x widened to int16 once (rows padded to whole micro-panels): the microkernel broadcasts
+  // from it directly, so no column block of w has to repack x.
+  const int64_t ldx = round_up(std::max<int64_t>(K, 1), 16), Mp = round_up(M, kMR);
+  std::unique_ptr<int16_t[]> x16(new int16_t[Mp * ldx]);
+  run_tasks(ceil_div(M, 64), 64 * K / 16, [&](int64_t b, int64_t e) {
+    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16.get(), ldx);
+  });
+  std::fill(x16.get() + M * ldx, x16.get() + Mp * ldx, int16_t{0});
   std::atomic<bool> bad{false};
   run_tasks(t.nb * t.mb, t.rows * kNC * K, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e && !bad; ++task) {
@@ -205,16 +214,14 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
           bad = true;
           return;
         }
+        // Rows in chunks of kMC: their x block stays in L2 while every w micro-panel (L1)
+        // passes over it.
         for (int64_t ic = m0; ic < m1; ic += kMC) {
-          const int64_t mc = std::min(kMC, m1 - ic), ipan = ceil_div(mc, kMR);
-          int16_t* A = tl_a.get<int16_t>(ipan * kp * kAPairElems);
-          for (int64_t i = 0; i < ipan; ++i)
-            pack_a_avx2(x, K, ic + i * kMR, std::min<int64_t>(kMR, m1 - ic - i * kMR), pc, kc,
-                        A + i * kp * kAPairElems);
+          const int64_t ipan = ceil_div(std::min(kMC, m1 - ic), kMR);
           for (int64_t j = 0; j < npan; ++j)
             for (int64_t i = 0; i < ipan; ++i)
-              micro_int8_avx2(A + i * kp * kAPairElems, B + j * kp * kBPairElems, kp,
-                              C + (ic - m0 + i * kMR) * ldc + j * kNR, ldc, pc > 0);
+              micro_int8_avx2(x16.get() + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
+                              kp, C + (ic - m0 + i * kMR) * ldc + j * kNR, ldc, pc > 0);
         }
       }
       epilogue_int8_avx2(C, ldc, xs + m0, ws + n0, bias ? bias + n0 : nullptr,

@@ -195,30 +195,6 @@ void pack_b_block16(const int8_t* w, int64_t K, int16_t* dst, __m128i& bad) {
   }
 }
 
-// 16 k of the kMR = 6 rows of x, widened to int16: per k-pair the dword of each row.
-void pack_a_block16(const int8_t* x, int64_t K, int16_t* dst) {
-  __m256i r[6], t[4];
-  for (int i = 0; i < 6; ++i)
-    r[i] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i * K)));
-  transpose4x8(r, t);  // rows 0-3: t[g] = pair g | pair g + 4
-  for (int g = 0; g < 4; ++g) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + g * kAPairElems), _mm256_castsi256_si128(t[g]));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + (g + 4) * kAPairElems),
-                     _mm256_extracti128_si256(t[g], 1));
-  }
-  // Rows 4-5: each 64-bit half of these holds one pair; u[0] = pairs 0,1 | 4,5,
-  // u[1] = pairs 2,3 | 6,7.
-  const __m256i u[2] = {_mm256_unpacklo_epi32(r[4], r[5]), _mm256_unpackhi_epi32(r[4], r[5])};
-  for (int i = 0; i < 2; ++i) {
-    for (int lane = 0; lane < 2; ++lane) {
-      const __m128i v = lane ? _mm256_extracti128_si256(u[i], 1) : _mm256_castsi256_si128(u[i]);
-      const int p = 2 * i + 4 * lane;
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + p * kAPairElems + 8), v);
-      _mm_storeh_pd(reinterpret_cast<double*>(dst + (p + 1) * kAPairElems + 8), _mm_castsi128_pd(v));
-    }
-  }
-}
-
 // ---- W8A8 microkernel ------------------------------------------------------------------------
 // acc += sum over the 4 bytes of each dword of a * b, with ua = |a| and the sign of a moved
 // onto b (exact: b != -128, pair sums < 2^15). Used by the small-M kernel.
@@ -230,31 +206,34 @@ inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
 }
 
-// 6 x 16 int32 tile: per k-pair, 2 loads of B, 6 broadcasts of A, 12 vpmaddwd + 12 vpaddd.
-// Named accumulators (not an array) so that GCC keeps all 16 ymm registers without spilling.
-void micro_int8(const int16_t* a, const int16_t* b, int64_t kp, int32_t* c, int64_t ldc,
-                bool accumulate) {
+// 6 x 16 int32 tile: per k-pair, 2 loads of B, 6 broadcasts of A (a dword = 2 int16 of one
+// row of the widened x), 12 vpmaddwd + 12 vpaddd. Named accumulators (not an array) so that
+// GCC keeps all 16 ymm registers without spilling.
+void micro_int8(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
+                int64_t ldc, bool accumulate) {
   __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  for (int64_t p = 0; p < kp; ++p, a += kAPairElems, b += kBPairElems) {
+  const int16_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
+                *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < 2 * kp; k += 2, b += kBPairElems) {
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i av = bcast32(a);
+    __m256i av = bcast32(a0 + k);
     c00 = madd_acc(c00, av, b0);
     c01 = madd_acc(c01, av, b1);
-    av = bcast32(a + 2);
+    av = bcast32(a1 + k);
     c10 = madd_acc(c10, av, b0);
     c11 = madd_acc(c11, av, b1);
-    av = bcast32(a + 4);
+    av = bcast32(a2 + k);
     c20 = madd_acc(c20, av, b0);
     c21 = madd_acc(c21, av, b1);
-    av = bcast32(a + 6);
+    av = bcast32(a3 + k);
     c30 = madd_acc(c30, av, b0);
     c31 = madd_acc(c31, av, b1);
-    av = bcast32(a + 8);
+    av = bcast32(a4 + k);
     c40 = madd_acc(c40, av, b0);
     c41 = madd_acc(c41, av, b1);
-    av = bcast32(a + 10);
+    av = bcast32(a5 + k);
     c50 = madd_acc(c50, av, b0);
     c51 = madd_acc(c51, av, b1);
   }
@@ -483,25 +462,23 @@ bool pack_b_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0,
   return ok;
 }
 
-void pack_a_avx2(const int8_t* x, int64_t K, int64_t m0, int64_t mr, int64_t k0, int64_t kc,
-                 int16_t* dst) {
-  const int64_t P = ceil_div(kc, 2);
-  int64_t p = 0;
-  if (mr == kMR)
-    for (; (p + 8) * 2 <= kc; p += 8) pack_a_block16(x + m0 * K + k0 + p * 2, K, dst + p * kAPairElems);
-  for (; p < P; ++p) {
-    for (int64_t r = 0; r < kMR; ++r) {
-      for (int64_t e = 0; e < 2; ++e) {
-        const int64_t k = p * 2 + e;
-        dst[p * kAPairElems + r * 2 + e] = r < mr && k < kc ? x[(m0 + r) * K + k0 + k] : 0;
-      }
-    }
+void widen_rows_avx2(const int8_t* x, int64_t K, int64_t r0, int64_t r1, int16_t* dst,
+                     int64_t ldd) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* src = x + r * K;
+    int16_t* d = dst + r * ldd;
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + k),
+                          _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+    for (; k < K; ++k) d[k] = src[k];
+    for (; k < ldd; ++k) d[k] = 0;
   }
 }
 
-void micro_int8_avx2(const int16_t* a, const int16_t* b, int64_t kp, int32_t* c, int64_t ldc,
-                     bool accumulate) {
-  micro_int8(a, b, kp, c, ldc, accumulate);
+void micro_int8_avx2(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
+                     int64_t ldc, bool accumulate) {
+  micro_int8(a, lda, b, kp, c, ldc, accumulate);
 }
 
 void epilogue_int8_avx2(const int32_t* acc, int64_t ldacc, const float* xs, const float* ws,

@@ -17,12 +17,12 @@ inline int64_t ceil_div(int64_t v, int64_t m) { return (v + m - 1) / m; }
 // VNNI this needs 2 multiply-port uops per 32 products, the same as the u8 x s8 maddubs route,
 // but without maddubs's sign fix-up (a third multiply-port uop) or its int16 saturation.
 // K is walked in pairs, zero padded at the end; a pair of int16 is one dword.
-// A micro-panel (kMR rows of x): per k-pair the dword of each row: kMR dwords.
+// A: x widened once per call to row-major int16 (rows padded to a multiple of kMR, columns to
+//   an even count, padding zero); the microkernel broadcasts one dword per row and k-pair.
 // B micro-panel (kNR rows of w = output columns): per k-pair the dword of each column.
 constexpr int kMR = 6;
 constexpr int kNR = 16;
-constexpr int64_t kAPairElems = 2 * kMR;  // int16 per k-pair
-constexpr int64_t kBPairElems = 2 * kNR;
+constexpr int64_t kBPairElems = 2 * kNR;  // int16 per k-pair
 
 // ---- AVX2 entry points (defined in quant_gemm_avx2.cpp) ----------------------------------
 // Rows [r0, r1) of quantize_rowwise.
@@ -33,12 +33,13 @@ void quantize_rows_avx2(const void* x, int8_t* q, float* scale, int64_t r0, int6
 // micro-panel of ceil(kc / 2) k-pairs. Returns false if a -128 is seen.
 bool pack_b_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
                  int16_t* dst);
-// Same for an A micro-panel of x [M, K]: rows [m0, m0 + mr), mr <= kMR.
-void pack_a_avx2(const int8_t* x, int64_t K, int64_t m0, int64_t mr, int64_t k0, int64_t kc,
-                 int16_t* dst);
-// c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + A * B^T over kp k-pairs.
-void micro_int8_avx2(const int16_t* a, const int16_t* b, int64_t kp, int32_t* c, int64_t ldc,
-                     bool accumulate);
+// dst[r, :] = x[r, :] widened to int16 and zero padded to ldd columns, for r in [r0, r1).
+void widen_rows_avx2(const int8_t* x, int64_t K, int64_t r0, int64_t r1, int16_t* dst,
+                     int64_t ldd);
+// c[kMR x kNR] (row stride ldc) = (accumulate ? c : 0) + A * B^T over kp k-pairs; A: kMR rows
+// of the widened x with row stride lda, already offset to the block's first column.
+void micro_int8_avx2(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
+                     int64_t ldc, bool accumulate);
 // out[m, n] = float(acc[m, n]) * xs[m] * ws[n] + bias[n] (bias may be null) for m < mr,
 // n < nr; pointers already at the tile origin, acc/out row strides ldacc/ldo elements.
 void epilogue_int8_avx2(const int32_t* acc, int64_t ldacc, const float* xs, const float* ws,
