@@ -4,6 +4,8 @@ Forward only: these serve inference, quantization-aware evaluation and distillat
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _checks, reference
@@ -29,7 +31,8 @@ if STATE.cpu:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    # An explicit row count: reshape(-1, 0) is ambiguous and raises for K == 0.
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def quantize_per_token(x):

@@ -72,7 +72,9 @@ def quantize_rowwise(x):
     scale = amax / 127 (float32, shape x.shape[:-1]); an all-zero row gets scale 0, q 0."""
     xf = x.float()
     amax = xf.abs().amax(-1) if x.shape[-1] > 0 else xf.new_zeros(x.shape[:-1])
-    inv = torch.where(amax > 0, INT8_MAX / amax, torch.zeros_like(amax))
+    # A true fp32 division: `INT8_MAX / amax` would be reciprocal(amax) * 127 in torch (two
+    # roundings), 1 ulp off the kernels' 127 / amax in some rows.
+    inv = torch.where(amax > 0, torch.full_like(amax, INT8_MAX) / amax, torch.zeros_like(amax))
     q = torch.round(xf * inv.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, amax / INT8_MAX
 

@@ -1,0 +1,397 @@
+// Int8 CPU kernels: quantize_rowwise, the W8A8 GEMM and the weight-only GEMM (see kernels.h).
+// This file holds the dispatch, cache blocking and threading, plus the portable scalar paths;
+// the AVX2 microkernels are in quant_gemm_avx2.cpp (interface in quant_gemm_impl.h).
+//
+// W8A8 (AVX2), GotoBLAS style: x is widened to int16 once; the output is cut into tasks of
+// `rows` x kNC columns that threads take independently. A task walks K in blocks of kKC: it
+// packs its kNC x kKC block of w into kNR-column int16 micro-panels (checking for -128 on the
+// way), then, per kMC rows, runs the 6x16 vpmaddwd microkernel with the w micro-panel
+// (16 KiB) in L1 and the kMC x kKC block of x in L2. Int32 partial sums of the task live in a
+// thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
+// cost as much as the math, so a maddubs kernel reads w in place instead.
+//
+// Weight-only: M <= 16 streams each weight row once against all rows of x (the memory-bound
+// generation case); larger M dequantizes w blocks to fp32 panels and runs a 6x16 FMA kernel
+// with the same task/blocking scheme.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "dtype.h"
+#include "kernels.h"
+#include "quant_gemm_impl.h"
+
+namespace megapre::cpu {
+namespace {
+
+using namespace qgemm;
+
+constexpr int64_t kKC = 512;     // W8A8 K block; multiple of 16
+constexpr int64_t kMC = 96;      // W8A8 rows of x kept in L2 per K block (multiple of kMR)
+constexpr int64_t kNC = 128;     // task width in output columns (multiple of kNR, kFNR)
+constexpr int64_t kMBmax = 512;  // most rows per task (bounds the accumulator scratch)
+constexpr int64_t kFKC = 256;    // weight-only fp32 K block
+constexpr int64_t kFMC = 96;     // weight-only rows of x converted at once (multiple of kFMR)
+constexpr int64_t kGemvRows = 4; // W8A8: M up to this reads w in place
+constexpr int64_t kWoGemvRows = 16;
+
+static_assert(kKC % 16 == 0 && kMC % kMR == 0 && kNC % kNR == 0 && kNC % kFNR == 0 &&
+                  kFMC % kFMR == 0,
+              "blocking constants must be multiples of the microkernel tile");
+
+int64_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// Per-thread growable buffer, 64-byte aligned, kept across calls (at::parallel_for reuses
+// its worker threads, so steady-state calls allocate nothing).
+struct Scratch {
+  std::vector<unsigned char> raw;
+  template <typename T> T* get(int64_t n) {
+    const size_t bytes = static_cast<size_t>(n) * sizeof(T) + 64;
+    if (raw.size() < bytes) raw.resize(bytes);
+    auto p = (reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63};
+    return reinterpret_cast<T*>(p);
+  }
+};
+thread_local Scratch tl_a, tl_b, tl_c;
+
+// Run f(begin, end) over [0, n) on the intra-op pool, inline when the work is tiny.
+template <typename F> void run_tasks(int64_t n, int64_t work_per_task, const F& f) {
+  if (n <= 0) return;
+  if (n == 1 || n * work_per_task < (int64_t{1} << 16)) {
+    f(0, n);
+    return;
+  }
+  at::parallel_for(0, n, 1, f);
+}
+
+// Output tiling shared by the blocked paths: tasks of rows x kNC columns, enough of them
+// to keep every thread busy, rows a multiple of `mr`.
+struct Tiling {
+  int64_t rows, nb, mb;  // rows per task, column blocks, row blocks
+  Tiling(int64_t M, int64_t N, int64_t mr) {
+    nb = ceil_div(N, kNC);
+    const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+    int64_t m_blocks = std::max<int64_t>(ceil_div(want, nb), ceil_div(M, kMBmax));
+    m_blocks = std::min(m_blocks, ceil_div(M, mr));
+    rows = round_up(ceil_div(M, m_blocks), mr);
+    mb = ceil_div(M, rows);
+  }
+};
+
+// ---- quantize_rowwise, scalar -------------------------------------------------------------
+// Round half to even for |v| <= 127 without a libm call: adding and subtracting 1.5 * 2^23
+// leaves the nearest integer (ties to even) in the default rounding mode.
+inline float round_small(float v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+template <DType D>
+void quantize_rows_scalar(const void* xv, int8_t* q, float* scale, int64_t r0, int64_t r1,
+                          int64_t K) {
+  using T = typename Elem<D>::T;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = static_cast<const T*>(xv) + r * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(Elem<D>::load(row, k)));
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    scale[r] = amax / 127.f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float v = std::min(127.f, std::max(-127.f, Elem<D>::load(row, k) * inv));
+      q[r * K + k] = static_cast<int8_t>(round_small(v));
+    }
+  }
+}
+
+// ---- W8A8, scalar ------------------------------------------------------------------------
+bool has_minus128(const int8_t* w, int64_t n) {
+  std::atomic<bool> bad{false};
+  run_tasks(ceil_div(n, 1 << 16), 1 << 16, [&](int64_t b, int64_t e) {
+    const int64_t lo = b << 16, hi = std::min(n, e << 16);
+    bool found = false;
+    for (int64_t i = lo; i < hi; ++i) found |= w[i] == -128;
+    if (found) bad = true;
+  });
+  return bad;
+}
+
+template <DType D>
+void epilogue_int8_scalar(int32_t acc, float xs, float ws, const float* bias, int64_t n,
+                          void* out, int64_t idx) {
+  float v = static_cast<float>(acc) * xs * ws;
+  if (bias) v = v + bias[n];
+  Elem<D>::store(static_cast<typename Elem<D>::T*>(out), idx, v);
+}
+
+template <DType D>
+void int8_gemm_scalar(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+                      const float* bias, void* out, int64_t M, int64_t N, int64_t K) {
+  constexpr int64_t kRows = 32;  // w rows per task, reused from cache for every row of x
+  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* xr = x + m * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* wr = w + n * K;
+          int32_t acc = 0;
+          for (int64_t k = 0; k < K; ++k) acc += static_cast<int32_t>(xr[k]) * wr[k];
+          epilogue_int8_scalar<D>(acc, xs[m], ws[n], bias, n, out, m * N + n);
+        }
+      }
+    }
+  });
+}
+
+// ---- W8A8, AVX2 --------------------------------------------------------------------------
+bool int8_gemv_avx2(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+                    const float* bias, void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+  // Zero-padded copies of x and |x| so the kernel reads whole 32-byte chunks.
+  const int64_t ldx = round_up(std::max<int64_t>(K, 1), 32);
+  std::vector<int8_t> xp(M * ldx, 0);
+  std::vector<uint8_t> uxp(M * ldx, 0);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int v = x[m * K + k];
+      xp[m * ldx + k] = static_cast<int8_t>(v);
+      uxp[m * ldx + k] = static_cast<uint8_t>(v < 0 ? -v : v);
+    }
+  }
+  constexpr int64_t kRows = 64;
+  const int64_t esz = elem_size(dt);
+  std::atomic<bool> bad{false};
+  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
+    int32_t* acc = tl_c.get<int32_t>(M * kRows);
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
+      if (!gemv_int8_avx2(xp.data(), reinterpret_cast<const int8_t*>(uxp.data()), ldx, M, w, K,
+                          n0, n1, acc)) {
+        bad = true;
+        return;
+      }
+      epilogue_int8_avx2(acc, n1 - n0, xs, ws + n0, bias ? bias + n0 : nullptr,
+                         static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
+    }
+  });
+  return !bad;
+}
+
+bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+                            const float* bias, void* out, int64_t M, int64_t N, int64_t K,
+                            DType dt) {
+  const Tiling t(M, N, kMR);
+  const int64_t esz = elem_size(dt);
+  // x widened to int16 once (rows padded to whole micro-panels): the microkernel broadcasts
+  // from it directly, so no column block of w has to repack x.
+  const int64_t ldx = round_up(std::max<int64_t>(K, 1), 16), Mp = round_up(M, kMR);
+  std::unique_ptr<int16_t[]> x16(new int16_t[Mp * ldx]);
+  run_tasks(ceil_div(M, 64), 64 * K / 16, [&](int64_t b, int64_t e) {
+    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16.get(), ldx);
+  });
+  std::fill(x16.get() + M * ldx, x16.get() + Mp * ldx, int16_t{0});
+  std::atomic<bool> bad{false};
+  run_tasks(t.nb * t.mb, t.rows * kNC * K, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e && !bad; ++task) {
+      const int64_t m0 = (task % t.mb) * t.rows, m1 = std::min(M, m0 + t.rows);
+      const int64_t n0 = (task / t.mb) * kNC, n1 = std::min(N, n0 + kNC);
+      const int64_t npan = ceil_div(n1 - n0, kNR), ldc = npan * kNR;
+      int32_t* C = tl_c.get<int32_t>(round_up(m1 - m0, kMR) * ldc);
+      // At least one K block, so that K == 0 still zeroes the accumulators.
+      for (int64_t pc = 0; pc == 0 || pc < K; pc += kKC) {
+        const int64_t kc = std::min(kKC, K - pc), kp = ceil_div(kc, 2);
+        int16_t* B = tl_b.get<int16_t>(npan * kp * kBPairElems);
+        bool ok = true;
+        for (int64_t j = 0; j < npan; ++j)
+          ok &= pack_b_avx2(w, K, n0 + j * kNR, std::min<int64_t>(kNR, n1 - n0 - j * kNR), pc, kc,
+                            B + j * kp * kBPairElems);
+        if (!ok) {
+          bad = true;
+          return;
+        }
+        // Rows in chunks of kMC: their x block stays in L2 while every w micro-panel (L1)
+        // passes over it.
+        for (int64_t ic = m0; ic < m1; ic += kMC) {
+          const int64_t ipan = ceil_div(std::min(kMC, m1 - ic), kMR);
+          for (int64_t j = 0; j < npan; ++j)
+            for (int64_t i = 0; i < ipan; ++i)
+              micro_int8_avx2(x16.get() + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
+                              kp, C + (ic - m0 + i * kMR) * ldc + j * kNR, ldc, pc > 0);
+        }
+      }
+      epilogue_int8_avx2(C, ldc, xs + m0, ws + n0, bias ? bias + n0 : nullptr,
+                         static_cast<char*>(out) + (m0 * N + n0) * esz, N, m1 - m0, n1 - n0, dt);
+    }
+  });
+  return !bad;
+}
+
+// ---- weight-only, scalar -----------------------------------------------------------------
+template <DType D>
+void weight_only_scalar(const void* xv, const int8_t* w, const float* ws, const float* bias,
+                        void* out, int64_t M, int64_t N, int64_t K) {
+  using T = typename Elem<D>::T;
+  // fp16/bf16 x is converted once up front; fp32 x is read in place.
+  std::vector<float> xbuf;
+  const float* xf = reinterpret_cast<const float*>(xv);
+  if constexpr (D != DType::F32) {
+    xbuf.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) xbuf[i] = Elem<D>::load(static_cast<const T*>(xv), i);
+    xf = xbuf.data();
+  }
+  constexpr int64_t kRows = 16;  // w rows per task: stay in cache while every x row passes
+  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xf + m * K;
+        for (int64_t n = n0; n < n1; ++n) {
+          const int8_t* wr = w + n * K;
+          float acc = 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += xr[k] * static_cast<float>(wr[k]);
+          float v = acc * ws[n];
+          if (bias) v = v + bias[n];
+          Elem<D>::store(static_cast<T*>(out), m * N + n, v);
+        }
+      }
+    }
+  });
+}
+
+// ---- weight-only, AVX2 -------------------------------------------------------------------
+void weight_only_gemv_avx2(const void* x, const int8_t* w, const float* ws, const float* bias,
+                           void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+  std::vector<float> xbuf;
+  const float* xf = static_cast<const float*>(x);
+  if (dt != DType::F32) {
+    xbuf.resize(M * K);
+    to_f32_avx2(x, M * K, xbuf.data(), dt);
+    xf = xbuf.data();
+  }
+  constexpr int64_t kRows = 64;
+  const int64_t esz = elem_size(dt);
+  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
+    float* acc = tl_c.get<float>(M * kRows);
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
+      wo_gemv_avx2(xf, K, M, w, K, n0, n1, acc);
+      epilogue_f32_avx2(acc, n1 - n0, ws + n0, bias ? bias + n0 : nullptr,
+                        static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
+    }
+  });
+}
+
+void weight_only_blocked_avx2(const void* x, const int8_t* w, const float* ws, const float* bias,
+                              void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+  const Tiling t(M, N, kFMR);
+  const int64_t esz = elem_size(dt);
+  run_tasks(t.nb * t.mb, t.rows * kNC * K, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t m0 = (task % t.mb) * t.rows, m1 = std::min(M, m0 + t.rows);
+      const int64_t n0 = (task / t.mb) * kNC, n1 = std::min(N, n0 + kNC);
+      const int64_t npan = ceil_div(n1 - n0, kFNR), ldc = npan * kFNR;
+      float* C = tl_c.get<float>(round_up(m1 - m0, kFMR) * ldc);
+      for (int64_t pc = 0; pc == 0 || pc < K; pc += kFKC) {
+        const int64_t kc = std::min(kFKC, K - pc);
+        float* B = tl_b.get<float>(npan * kc * kFNR);
+        for (int64_t j = 0; j < npan; ++j)
+          pack_fb_avx2(w, K, n0 + j * kFNR, std::min<int64_t>(kFNR, n1 - n0 - j * kFNR), pc, kc,
+                       B + j * kc * kFNR);
+        for (int64_t ic = m0; ic < m1; ic += kFMC) {
+          const int64_t mc = std::min(kFMC, m1 - ic);
+          int64_t mfull = mc / kFMR * kFMR;
+          // fp32 x is read in place except for a partial last panel; fp16/bf16 rows are
+          // converted once per block. Copies are zero padded to whole kFMR-row panels.
+          const float* A;
+          int64_t lda;
+          float* tail = nullptr;
+          if (dt == DType::F32) {
+            A = static_cast<const float*>(x) + ic * K + pc;
+            lda = K;
+            if (mfull < mc) tail = tl_a.get<float>(kFMR * kc);
+          } else {
+            float* Ab = tl_a.get<float>(round_up(mc, kFMR) * kc);
+            A = Ab;
+            lda = kc;
+            mfull = round_up(mc, kFMR);
+            for (int64_t r = 0; r < mfull; ++r) {
+              if (r < mc)
+                to_f32_avx2(static_cast<const char*>(x) + ((ic + r) * K + pc) * esz, kc,
+                            Ab + r * kc, dt);
+              else
+                std::fill(Ab + r * kc, Ab + (r + 1) * kc, 0.f);
+            }
+          }
+          if (tail) {
+            std::fill(tail, tail + kFMR * kc, 0.f);
+            for (int64_t r = mfull; r < mc; ++r)
+              std::copy(A + r * lda, A + r * lda + kc, tail + (r - mfull) * kc);
+          }
+          for (int64_t j = 0; j < npan; ++j) {
+            const float* Bj = B + j * kc * kFNR;
+            float* Cj = C + (ic - m0) * ldc + j * kFNR;
+            for (int64_t i = 0; i < mfull; i += kFMR)
+              micro_f32_avx2(A + i * lda, lda, Bj, kc, Cj + i * ldc, ldc, pc > 0);
+            if (tail) micro_f32_avx2(tail, kc, Bj, kc, Cj + mfull * ldc, ldc, pc > 0);
+          }
+        }
+      }
+      epilogue_f32_avx2(C, ldc, ws + n0, bias ? bias + n0 : nullptr,
+                        static_cast<char*>(out) + (m0 * N + n0) * esz, N, m1 - m0, n1 - n0, dt);
+    }
+  });
+}
+
+}  // namespace
+
+// ---- public entry points -----------------------------------------------------------------
+void quantize_rowwise(const void* x, int8_t* q, float* scale, int64_t rows, int64_t K,
+                      DType dt) {
+  const bool avx2 = use_avx2();
+  run_tasks(rows, K, [&](int64_t r0, int64_t r1) {
+    if (avx2) return qgemm::quantize_rows_avx2(x, q, scale, r0, r1, K, dt);
+    switch (dt) {
+      case DType::F32: return quantize_rows_scalar<DType::F32>(x, q, scale, r0, r1, K);
+      case DType::F16: return quantize_rows_scalar<DType::F16>(x, q, scale, r0, r1, K);
+      case DType::BF16: return quantize_rows_scalar<DType::BF16>(x, q, scale, r0, r1, K);
+    }
+  });
+}
+
+bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+               const float* bias, void* out, int64_t M, int64_t N, int64_t K, DType out_dt) {
+  if (N == 0) return true;
+  if (M == 0) return !has_minus128(w, N * K);  // nothing to compute; still validate w
+  if (use_avx2()) {
+    return M <= kGemvRows ? int8_gemv_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt)
+                          : int8_gemm_blocked_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt);
+  }
+  if (has_minus128(w, N * K)) return false;
+  switch (out_dt) {
+    case DType::F32: int8_gemm_scalar<DType::F32>(x, xs, w, ws, bias, out, M, N, K); break;
+    case DType::F16: int8_gemm_scalar<DType::F16>(x, xs, w, ws, bias, out, M, N, K); break;
+    case DType::BF16: int8_gemm_scalar<DType::BF16>(x, xs, w, ws, bias, out, M, N, K); break;
+  }
+  return true;
+}
+
+void weight_only_int8_gemm(const void* x, const int8_t* w, const float* ws, const float* bias,
+                           void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+  if (M == 0 || N == 0) return;
+  if (use_avx2()) {
+    if (M <= kWoGemvRows) return weight_only_gemv_avx2(x, w, ws, bias, out, M, N, K, dt);
+    return weight_only_blocked_avx2(x, w, ws, bias, out, M, N, K, dt);
+  }
+  switch (dt) {
+    case DType::F32: return weight_only_scalar<DType::F32>(x, w, ws, bias, out, M, N, K);
+    case DType::F16: return weight_only_scalar<DType::F16>(x, w, ws, bias, out, M, N, K);
+    case DType::BF16: return weight_only_scalar<DType::BF16>(x, w, ws, bias, out, M, N, K);
+  }
+}
+
+}  // namespace megapre::cpu
