@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "data/registry.h"
 
 TORCH_LIBRARY(megapre, m) {
   m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms)"
@@ -48,4 +49,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(megapre::cpu::use_avx2() ? "avx2" : "scalar"); },
         "vector ISA the CPU kernels use now");
   m.def("set_cpu_isa", &set_cpu_isa, "force 'scalar' or 'avx2', or 'auto'");
+  auto data = m.def_submodule("data", "dataset index builders (csrc/data/)");
+  for (auto bind : megapre::data::binders()) bind(data);
 }
