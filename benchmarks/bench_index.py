@@ -1,12 +1,12 @@
 """Index-building benchmark: GPT document/sample/shuffle indices for a synthetic 1e9-token dataset.
 
 Only the sequence lengths matter to the indices, so the dataset is a sizes array (log-normal
-document lengths, mean ~600 tokens) and no .bin is written. Times each phase of
+document lengths, mean 600 tokens by default) and no .bin is written. Times each phase of
 megapre.data.gpt_dataset.build_gpt_indices (the function GPTDataset runs on a cache miss), writing
 the cache entry, and megatron-core's build_sample_idx on the same document index for comparison.
 Target (issue 3): all three indices in < 30 s.
 
-    python benchmarks/bench_index.py [--tokens 1e9] [--seq-length 2048] [--epochs 1.0]
+    python benchmarks/bench_index.py [--tokens 1e9] [--seq-length 2048] [--epochs 1.0] [--mean-doc-tokens 600]
 """
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ from megapre.data.gpt_dataset import (  # noqa: E402
 from megapre.data.index_cache import IndexCache  # noqa: E402
 
 
-def synthetic_sizes(tokens: int, seed: int = 0) -> np.ndarray:
+def synthetic_sizes(tokens: int, mean_doc_tokens: float, seed: int = 0) -> np.ndarray:
+    """Log-normal document lengths (sigma 1) with the given mean, summing to ~tokens."""
     rng = np.random.default_rng(seed)
-    sizes = np.clip(rng.lognormal(6.0, 1.0, size=int(tokens / 600 * 1.1)), 1, 100_000).astype(np.int32)
+    mu = np.log(mean_doc_tokens) - 0.5
+    sizes = np.clip(rng.lognormal(mu, 1.0, size=int(tokens / mean_doc_tokens * 1.1)), 1, 1_000_000).astype(np.int32)
     cut = int(np.searchsorted(np.cumsum(sizes, dtype=np.int64), tokens))
     return np.ascontiguousarray(sizes[: cut + 1])
 
@@ -61,12 +63,13 @@ def main() -> None:
     p.add_argument("--tokens", type=float, default=1e9)
     p.add_argument("--seq-length", type=int, default=2048)
     p.add_argument("--epochs", type=float, default=1.0, help="samples requested, in epochs (>1: multi-epoch)")
+    p.add_argument("--mean-doc-tokens", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args()
     if gpt_helpers.compiled() is None:
         sys.exit("megapre._C.data is not built; run `python setup.py build_ext --inplace` first")
 
-    sizes = synthetic_sizes(int(args.tokens))
+    sizes = synthetic_sizes(int(args.tokens), args.mean_doc_tokens)
     units = np.arange(len(sizes), dtype=np.int64)
     tokens = int(sizes.sum(dtype=np.int64))
     per_epoch = (tokens - 1) // args.seq_length

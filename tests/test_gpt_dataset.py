@@ -316,6 +316,11 @@ WORKER = textwrap.dedent("""
     ds = GPTDataset(corpus, "train", (0, 100), 500, cfg)
     np.save(os.environ["OUT"] + f"/rank{rank}.npy", np.asarray(ds.shuffle_index))
     print(f"rank{rank}", ds.cache_status, flush=True)
+    # node-local caches: each "node" (LOCAL_RANK 0 in both processes) builds into its own directory
+    os.environ["LOCAL_RANK"] = "0"
+    local = GPTDataset(corpus, "train", (0, 100), 500, GPTDatasetConfig(
+        seq_length=16, cache=CacheConfig(cache_dir=os.environ["CACHE"] + f"-node{rank}", node_local=True)))
+    print(f"rank{rank} node-local", local.cache_status, flush=True)
     if rank == 0:  # a failing build must raise on every rank, not hang the others
         gpt_dataset.build_gpt_indices = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
     try:
@@ -337,6 +342,22 @@ def test_rank0_builds_and_rank1_waits(tmp_path, corpus):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert "rank0 built" in outs[0] and "rank1 loaded" in outs[1], outs
+    assert "rank0 node-local built" in outs[0] and "rank1 node-local built" in outs[1], outs
     assert "rank0 error disk full" in outs[0], outs
     assert "rank1 error rank 0 failed to build the GPTDataset indices: OSError: disk full" in outs[1], outs
     np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), np.load(tmp_path / "rank1.npy"))
+
+
+def test_data_loader_workers_read_the_cached_indices(tmp_path, corpus):
+    from megapre.data.sampler import build_data_loader
+
+    ds = GPTDataset(corpus, "train", (0, 100), 64, config(tmp_path))
+    loader = build_data_loader(ds, consumed_samples=16, micro_batch_size=4, global_batch_size=8,
+                               data_parallel_rank=1, data_parallel_size=2, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == (len(ds) // 8 * 8 - 16) // 8
+    for step, batch in enumerate(batches):
+        first = 16 + step * 8 + 4  # rank 1 takes the second half of each micro step
+        expect = np.stack([ds[i]["tokens"] for i in range(first, first + 4)])
+        np.testing.assert_array_equal(batch["tokens"].numpy(), expect)
+        assert batch["loss_mask"].dtype.is_floating_point and batch["position_ids"].shape == (4, 16)
