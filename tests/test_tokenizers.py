@@ -284,3 +284,117 @@ def test_mismatched_merge_file(tmp_path):
     merges.write_text("#version: 0.2\nĠ t x\n", encoding="utf-8")
     with pytest.raises(TokenizerError, match=r"merges.txt:2: expected two space-separated tokens"):
         build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(merges)))
+
+
+# ---------------------------------------------------------------------------------- SentencePiece
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    need(SHAKESPEARE)
+    spm = pytest.importorskip("sentencepiece")
+    lines = [l for l in SHAKESPEARE.read_text(encoding="utf-8").split("\n") if l.strip()][:4000]
+    path = tmp_path_factory.mktemp("spm") / "shakespeare.model"
+    with open(path, "wb") as f:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=f, vocab_size=400,
+                                       minloglevel=2, num_threads=1)
+    return path
+
+
+def test_sentencepiece_megatron_flavour(sp_model):
+    import sentencepiece as spm
+
+    proc = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tok = build_tokenizer(TokenizerConfig("SentencePieceTokenizer", tokenizer_model=str(sp_model)))
+    n = proc.get_piece_size()
+    # As Megatron: <CLS> <SEP> <EOD> <MASK> appended, then <PAD> (the model has no pad piece).
+    assert (tok.cls, tok.sep, tok.eod, tok.mask, tok.pad) == (n, n + 1, n + 2, n + 3, n + 4)
+    assert tok.vocab_size == n + 5 and tok.bos == proc.bos_id() and tok.eos == proc.eos_id()
+    text = "First Citizen: Before we proceed any further, hear me speak."
+    assert tok.encode(text) == proc.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode("hear me<SEP>speak<EOD>")
+    assert ids == proc.encode("hear me") + [tok.sep] + proc.encode("speak") + [tok.eod]
+    assert tok.decode(ids) == "hear me <SEP> speak <EOD> "
+    texts = [text, "no specials", "a<MASK>b", ""]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert not tok.continuation_mask().any()
+    assert pickle.loads(pickle.dumps(tok)).encode(texts[2]) == tok.encode(texts[2])
+
+
+def test_gpt_sentencepiece_uses_model_eos(sp_model):
+    import sentencepiece as spm
+
+    proc = spm.SentencePieceProcessor(model_file=str(sp_model))
+    tok = build_tokenizer(TokenizerConfig("GPTSentencePieceTokenizer", tokenizer_model=str(sp_model)))
+    assert tok.vocab_size == proc.get_piece_size()
+    assert (tok.eod, tok.bos, tok.pad) == (proc.eos_id(), proc.bos_id(), None)
+    lines = [l for l in SHAKESPEARE.read_text(encoding="utf-8").split("\n") if l.strip()][:200]
+    assert tok.encode_batch(lines) == [proc.encode(l) for l in lines]
+    batch = tok.encode_batch(lines)
+    assert [tok.decode(ids) for ids in batch] == [proc.decode(ids) for ids in batch]
+    kept = [l for l, ids in zip(lines, batch) if proc.unk_id() not in ids]  # rare letters fall out of a small model
+    assert len(kept) > 150 and all(tok.decode(tok.encode(l)) == l for l in kept)
+
+
+# ------------------------------------------------------------------------------------ byte-level
+def test_byte_level():
+    tok = build_tokenizer(TokenizerConfig("ByteLevelTokenizer"))
+    assert (tok.vocab_size, tok.eod, tok.pad) == (258, 256, 257)
+    for text in TRICKY:
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+    assert tok.decode([104, 105, 256]) == "hi<|endoftext|>"
+    assert tok.decode([0xE6, 0x97]) == "\ufffd"  # a cut multi-byte character
+    assert tok.encode_batch(TRICKY) == [tok.encode(t) for t in TRICKY]
+    with pytest.raises(ValueError, match="not encodable as UTF-8"):
+        tok.encode("lone \ud800 surrogate")
+    with pytest.raises(TokenizerError, match="does not use --vocab-file"):
+        build_tokenizer(TokenizerConfig("ByteLevelTokenizer", vocab_file="x"))
+    assert pickle.loads(pickle.dumps(tok)).encode("abc") == [97, 98, 99]
+
+
+# ------------------------------------------------------------------------------------ characters
+def test_character_tinyshakespeare(tmp_path):
+    """nanoGPT's shakespeare-char setting: 65 characters, 1,003,854 train tokens in the 90% split."""
+    need(SHAKESPEARE)
+    from megapre.data.tokenizers import write_char_vocab
+
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    vocab = write_char_vocab(tmp_path / "chars.json", text)
+    tok = build_tokenizer(TokenizerConfig("CharacterTokenizer", vocab_file=str(vocab)))
+    assert tok.vocab_size == 65 and tok.eod is None
+    ids = tok.encode(text)
+    assert len(ids[: int(0.9 * len(ids))]) == 1_003_854
+    assert ids[:3] == [sorted(set(text)).index(c) for c in "Fir"]
+    assert tok.decode(ids) == text
+    with pytest.raises(ValueError, match=r"character 'é' \(U\+00E9, offset 2\) is not in the vocabulary"):
+        tok.encode("caé")
+    clone = pickle.loads(pickle.dumps(tok))
+    assert clone.encode("Hello") == tok.encode("Hello")
+
+
+def test_character_specials(tmp_path):
+    from megapre.data.tokenizers import write_char_vocab
+
+    vocab = write_char_vocab(tmp_path / "chars.json", "abc", specials=("eod", "unk"))
+    tok = build_tokenizer(TokenizerConfig("CharacterTokenizer", vocab_file=str(vocab)))
+    assert (tok.vocab_size, tok.eod, tok.unk, tok.pad) == (5, 3, 4, None)
+    assert tok.encode("abzc") == [0, 1, 4, 2]
+    assert tok.decode([0, 3]) == "a<|endoftext|>"
+    with pytest.raises(ValueError, match="unknown special tokens"):
+        write_char_vocab(tmp_path / "x.json", "abc", specials=("bos",))
+
+
+# ------------------------------------------------------------------------------------------ null
+def test_null_tokenizer_as_megatron():
+    tok = build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=1000))
+    assert (tok.vocab_size, tok.eod) == (1001, 1000)  # Megatron: eod = --vocab-size, vocab + 1
+    assert tok.encode("5 17\n999  0") == [5, 17, 999, 0]
+    assert tok.encode_batch(["1 2", ""]) == [[1, 2], []]
+    assert tok.decode([5, 17, 1000]) == "5 17 1000"
+    with pytest.raises(ValueError, match="'x7' is not an integer"):
+        tok.encode("1 x7 3")
+    with pytest.raises(ValueError, match="id 1001 is outside"):
+        tok.encode("1 1001")
+    with pytest.raises(TokenizerError, match="--vocab-size N > 0"):
+        build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=0))
+    assert pickle.loads(pickle.dumps(tok)).eod == 1000
