@@ -192,7 +192,7 @@ class GPTDataset:
         return units
 
     def _build(self) -> dict[str, np.ndarray]:
-        sizes = np.ascontiguousarray(self.indexed.sequence_lengths, dtype=np.int32)
+        sizes = np.require(self.indexed.sequence_lengths, np.int32, ["C_CONTIGUOUS", "ALIGNED"])
         return build_gpt_indices(sizes, self.units, self.num_samples, self.config.seq_length,
                                  self.config.seed, self.config.separate_last_epoch_threshold)
 
