@@ -2,6 +2,7 @@
 one sample at every prefix), blended train/valid/test datasets, caching, tools/build_index.py."""
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,9 @@ def test_blended_train_valid_test(tmp_path, corpora):
     # the splits are disjoint document ranges of each corpus (round(0.9 * 150) = 135, ...)
     assert train.datasets[0].document_range == (0, 135) and valid.datasets[0].document_range == (135, 147)
     assert train.cache_status == "built"
+    clone = pickle.loads(pickle.dumps(train))  # DataLoader workers: indices re-mapped, not copied
+    assert isinstance(clone.dataset_index, np.memmap) and isinstance(clone.datasets[0].sample_index, np.memmap)
+    np.testing.assert_array_equal(clone[1234]["labels"], train[1234]["labels"])
     again = build_gpt_datasets(blend, gpt_config(tmp_path), (3000, 200, 0), open_dataset=open_indexed)
     assert again["train"].cache_status == "loaded" and all(d.cache_status == "loaded" for d in again["train"].datasets)
     np.testing.assert_array_equal(again["train"].dataset_index, train.dataset_index)

@@ -88,9 +88,24 @@ class BlendedDataset:
         t0 = time.perf_counter()
         arrays, self.cache_status = build_or_load(entry, self._build, cache, group)
         self.build_seconds = time.perf_counter() - t0
+        self.cache_paths = {n: str(entry.path(n)) for n in BLEND_NAMES} if self.cache_status != "memory" else None
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         self._check_sizes()
+
+    # Pickle cached (memory-mapped) indices by path so DataLoader workers re-map them.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.cache_paths is not None:
+            for n in BLEND_NAMES:
+                state.pop(n)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.cache_paths is not None:
+            for n, path in self.cache_paths.items():
+                setattr(self, n, np.load(path, mmap_mode="r"))
 
     def _build(self) -> dict[str, np.ndarray]:
         di, dsi = build_blending_indices(np.asarray(self.weights), self.size, self.megatron_compatible)
