@@ -1,4 +1,4 @@
-"""`tools/build_index.py`: build (or check) the GPT sample/shuffle/blend indices of a run offline.
+"""`tools/build_index.py`: build the GPT sample/shuffle/blend indices of a run ahead of training.
 
 Takes the training run's data flags, so the cache it fills is exactly the one the run will hit:
 
