@@ -369,7 +369,7 @@ class IndexedDatasetBuilder:
 
     Tokens go straight to a temporary ``.bin`` (``P.bin.tmp-<pid>-<random>``, a name no reader takes
     for a dataset); only the int32 sequence lengths and int64 document boundaries stay in memory
-    (12 bytes per sequence). ``finalize`` writes the index, syncs both files and renames them over
+    (4 bytes per sequence + 8 per document; offsets are derived at finalize). ``finalize`` writes the index, syncs both files and renames them over
     any previous dataset, index last, so at every instant P.idx is either absent, the old complete
     index, or the new complete one. Used as a context manager, an exception aborts (temporaries
     removed, an existing dataset left untouched) and a clean exit finalizes.
