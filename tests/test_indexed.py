@@ -310,6 +310,8 @@ def test_writer_misuse(tmp_path):
         IndexedDatasetBuilder(tmp_path / "d", np.uint32)
     with pytest.raises(IndexedDatasetError, match="does not exist"):
         IndexedDatasetBuilder(tmp_path / "no" / "d", np.uint16)
+    with pytest.raises(IndexedDatasetError, match="is a directory"):
+        IndexedDatasetBuilder(tmp_path, np.uint16)
     b = IndexedDatasetBuilder(tmp_path / "d", np.uint16)
     with pytest.raises(ValueError, match="sum to 3 but the document has 2 tokens"):
         b.add_document([1, 2], [1, 2])

@@ -77,6 +77,8 @@ def test_refuses_to_overwrite_inputs_and_outputs(shards, tmp_path, capsys):
     assert main(["--input", str(d / "s_0"), "--output-prefix", str(d / "z_all")]) == EXIT_ERROR
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["--input", str(d / "s_0"), "--output-prefix", str(d / "z_all"), "--overwrite"]) == EXIT_OK
+    assert main(["--input", str(d / "s_0"), "--output-prefix", str(tmp_path / "x.bin")]) == EXIT_ERROR
+    assert "give the prefix without the extension" in capsys.readouterr().err
     assert IndexedDataset(d / "z_all").num_documents == 5
     assert ((d / "s_0.bin").read_bytes(), (d / "s_0.idx").read_bytes()) == before
 

@@ -379,6 +379,10 @@ class IndexedDatasetBuilder:
         self.path_prefix = os.fspath(path_prefix)
         self.dtype = _token_dtype(dtype)
         directory = os.path.dirname(os.path.abspath(self.path_prefix))
+        if os.path.isdir(self.path_prefix) or self.path_prefix.endswith(os.sep):
+            raise IndexedDatasetError(
+                f"{self.path_prefix}: is a directory; give a path prefix such as {os.path.join(self.path_prefix, 'name')}"
+            )
         if not os.path.isdir(directory):
             raise IndexedDatasetError(
                 f"{self.path_prefix}: output directory {directory} does not exist; create it first"
