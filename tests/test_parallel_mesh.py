@@ -33,6 +33,8 @@ def _describe_mesh(rank: int, world: int) -> dict:
                 emb_ranks=mesh.embedding_ranks,
                 emb_members=_members(mesh.embedding_group) if mesh.embedding_group else None,
                 coord=tuple(mesh.device_mesh.get_coordinate()),
+                dm_tp=_members(mesh.device_mesh["tp"].get_group()),
+                dm_dp=_members(mesh.device_mesh.get_group("dp")),
                 timeouts=[_timeout_s(g) for g in (mesh.tp_group, mesh.dp_group, mesh.pp_group,
                                                  mesh.embedding_group)])
     return info
@@ -45,6 +47,7 @@ def test_rank_layout_tp2_pp2_dp2_matches_megatron():
         tp, dp, pp = r % 2, (r // 2) % 2, r // 4
         assert (info["tp"], info["dp"], info["pp"]) == (tp, dp, pp), (r, info)
         assert info["coord"] == (pp, dp, tp)
+        assert info["dm_tp"] == info["tp_members"] and info["dm_dp"] == info["dp_members"]
         assert info["sizes"] == (2, 2, 2)
         expect_tp = [pp * 4 + dp * 2 + t for t in range(2)]
         expect_dp = [pp * 4 + d * 2 + tp for d in range(2)]
