@@ -61,6 +61,29 @@ def test_rank_layout_tp2_pp2_dp2_matches_megatron():
         assert info["timeouts"] == [60.0] * 4  # ParallelConfig.timeout_s reached every group
 
 
+def _init_like_torchrun(rank: int, world: int) -> tuple:
+    assert not dist.is_initialized()
+    try:
+        ParallelMesh.init(ParallelConfig(tensor_parallel=4, timeout_s=45))
+    except ValueError as e:
+        bad = str(e)
+    else:
+        raise AssertionError("TP 4 on 2 processes was accepted")
+    mesh = ParallelMesh.init(ParallelConfig(tensor_parallel=2, timeout_s=45))
+    default = dist.distributed_c10d._get_default_group()
+    return (bad, dist.get_backend(), _timeout_s(default), mesh.tp_rank, mesh.tp_ranks)
+
+
+@pytest.mark.slow
+def test_init_from_torchrun_environment():
+    """ParallelMesh.init starts torch.distributed itself (gloo on CPU) from torchrun's env vars."""
+    res = run_distributed(_init_like_torchrun, 2, backend=None)
+    for rank, (bad, backend, timeout, tp_rank, tp_ranks) in enumerate(res):
+        assert "world size 2 is not divisible by --tensor-model-parallel-size 4" in bad
+        assert backend == "gloo" and timeout == 45.0
+        assert tp_rank == rank and tp_ranks == [0, 1]
+
+
 def test_rank_grid_formula():
     grid = rank_grid(16, tensor_parallel=2, pipeline_parallel=4)
     for r in range(16):
