@@ -311,6 +311,25 @@ def test_pickle_round_trip_and_file_change_detected(tmp_path, gpt2):
         pickle.loads(blob)
 
 
+def test_pickle_from_relative_paths_in_another_directory(tmp_path, monkeypatch):
+    need(BERT / "vocab.txt")
+    shutil.copy(BERT / "vocab.txt", tmp_path / "vocab.txt")
+    monkeypatch.chdir(tmp_path)
+    tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file="vocab.txt"))
+    blob = pickle.dumps(tok)
+    monkeypatch.chdir(tmp_path.parent)
+    assert pickle.loads(blob).encode("hello world") == tok.encode("hello world")
+
+
+def test_fingerprint_ignores_location(tmp_path, gpt2):
+    shutil.copy(GPT2 / "vocab.json", tmp_path / "vocab.json")
+    shutil.copy(GPT2 / "merges.txt", tmp_path / "merges.txt")
+    moved = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert moved.fingerprint() == gpt2.fingerprint() == gpt2.describe()["fingerprint"]
+    other = build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=50256))
+    assert other.fingerprint() != build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=50257)).fingerprint()
+
+
 def test_describe_has_file_hashes(gpt2):
     import hashlib
 
