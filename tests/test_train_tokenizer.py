@@ -101,6 +101,21 @@ def test_byte_bpe_kind_loads_both_ways(tmp_path, capsys):
         assert gpt2_style.decode(ids) == text  # byte-level: every text round-trips
 
 
+@pytest.mark.parametrize("cased", [False, True])
+def test_wordpiece_kind_gives_a_bert_vocab(tmp_path, capsys, wiki_jsonl, cased):
+    argv = ["--kind", "wordpiece", "--input", str(wiki_jsonl), "--output-dir", str(tmp_path),
+            "--vocab-size", "1200", "--max-documents", "800"] + (["--cased"] if cased else [])
+    assert main(argv) == 0
+    (config,) = printed_flags(capsys.readouterr().out)
+    assert config.tokenizer_type == ("BertWordPieceCase" if cased else "BertWordPieceLowerCase")
+    tok = build_tokenizer(config)
+    assert (tok.pad, tok.unk, tok.cls, tok.sep, tok.mask) == (0, 1, 2, 3, 4)
+    assert (tok.bos, tok.eod) == (1200, 1201) and tok.vocab_size == 1202  # Megatron's [BOS]/[EOS]
+    ids = tok.encode("The Lobster species")
+    assert tok.unk not in ids and tok.continuation_mask().any()
+    assert tok.decode(ids) == ("The Lobster species" if cased else "the lobster species")
+
+
 def test_bad_records_are_counted_or_fatal(tmp_path, capsys):
     corpus = tmp_path / "bad.jsonl"
     corpus.write_bytes(

@@ -1,5 +1,5 @@
 """Train a tokenizer on a corpus: SentencePiece (unigram/BPE), byte-level BPE (GPT-2 style, HF
-`tokenizers`), or a character vocabulary. Reads what preprocessing reads, streams it, and writes the
+`tokenizers`), BERT WordPiece, or a character vocabulary. Reads what preprocessing reads, streams it, and writes the
 files atomically so they load with `build_tokenizer` (the flags to use are printed at the end).
 
     python tools/train_tokenizer.py --kind sentencepiece --input corpus/*.jsonl.gz --vocab-size 32000 \
@@ -27,7 +27,7 @@ from megapre.data.tokenizer.corpus import (
 )
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer, write_char_vocab
 
-KINDS = ("sentencepiece", "byte-bpe", "char")
+KINDS = ("sentencepiece", "byte-bpe", "wordpiece", "char")
 CHECK_DOCS = 1000  # documents kept aside to measure the trained tokenizer (bytes per token, round trip)
 
 
@@ -40,7 +40,12 @@ class Output:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="train_tokenizer.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="train_tokenizer.py", description=__doc__.split("\n\n")[0],
+        epilog="Outputs go to OUTPUT_DIR/OUTPUT_PREFIX.* (plus OUTPUT_PREFIX.train.json, the run's summary); "
+               "the flags that load them are printed. Exit codes: 0 trained, 1 bad input or failed "
+               "training (message on stderr), 2 bad flags.",
+    )
     p.add_argument("--kind", choices=KINDS, required=True, help="what to train")
     p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (JSONL, text, Parquet; .gz/.zst)")
     p.add_argument("--output-dir", required=True)
@@ -54,13 +59,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     g.add_argument("--sample-bytes", type=_size, help="read at most this much text, e.g. 2G (spread over the files)")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="bad records: count and skip, or stop")
     g = p.add_argument_group("model")
-    g.add_argument("--vocab-size", type=int, help="sentencepiece / byte-bpe: vocabulary size (default 32000)")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size (default 32000; wordpiece 30522)")
     g.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram", help="sentencepiece algorithm")
     g.add_argument("--character-coverage", type=float, default=0.9995, help="sentencepiece: share of characters kept (1.0 for small alphabets)")
     g.add_argument("--byte-fallback", action="store_true", help="sentencepiece: unknown characters become UTF-8 byte pieces")
     g.add_argument("--max-sentences", type=int, default=5_000_000, help="sentencepiece: sentences sampled into memory")
     g.add_argument("--max-sentence-length", type=int, default=4192, help="sentencepiece: longer lines are cut at spaces")
     g.add_argument("--min-frequency", type=int, default=2, help="byte-bpe: minimum pair count for a merge")
+    g.add_argument("--cased", action="store_true", help="wordpiece: keep case and accents (BertWordPieceCase)")
     g.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens (byte-bpe: added after <|endoftext|>; sentencepiece: user-defined symbols)")
     g.add_argument("--char-specials", nargs="*", default=[], choices=("eod", "pad", "unk"), help="char: special tokens after the characters")
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -68,6 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.vocab_size is not None and args.kind == "char":
         p.error("--vocab-size does not apply to --kind char (the vocabulary is the corpus's characters)")
+    if args.cased and args.kind != "wordpiece":
+        p.error("--cased applies to --kind wordpiece only")
     for name in ("max_documents", "sample_bytes", "vocab_size", "max_sentences", "threads"):
         value = getattr(args, name)
         if value is not None and value <= 0:
@@ -161,6 +169,31 @@ def train_byte_bpe(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.N
     )
 
 
+def train_wordpiece(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
+    """A BERT vocab.txt: the normalizer and pre-tokenizer match what BertWordPiece{LowerCase,Case}
+    applies when loading it, so the vocabulary is learnt on the same words it will be used on."""
+    import tokenizers as hf
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    specials += [t for t in args.special_tokens if t not in specials]
+    tok = hf.Tokenizer(hf.models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = hf.normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=not args.cased, lowercase=not args.cased
+    )
+    tok.pre_tokenizer = hf.pre_tokenizers.BertPreTokenizer()
+    trainer = hf.trainers.WordPieceTrainer(
+        vocab_size=args.vocab_size or 30522, min_frequency=args.min_frequency, special_tokens=specials,
+        continuing_subword_prefix="##", show_progress=args.verbose,
+    )
+    tok.train_from_iterator(docs, trainer=trainer)
+    tok.model.save(str(tmp), prefix)  # {prefix}-vocab.txt, one token per line, id = line number
+    kind = "BertWordPieceCase" if args.cased else "BertWordPieceLowerCase"
+    return Output(
+        files=[f"{prefix}-vocab.txt"],
+        configs=[TokenizerConfig(kind, vocab_file=str(Path(args.output_dir) / f"{prefix}-vocab.txt"))],
+    )
+
+
 def train_char(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
     chars: set[str] = set()
     for doc in docs:
@@ -175,11 +208,13 @@ def train_char(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Names
 TRAINERS: dict[str, Callable[[Iterable[str], Path, str, argparse.Namespace], Output]] = {
     "sentencepiece": train_sentencepiece,
     "byte-bpe": train_byte_bpe,
+    "wordpiece": train_wordpiece,
     "char": train_char,
 }
 PLANNED = {
     "sentencepiece": lambda p: [f"{p}.model", f"{p}.vocab"],
     "byte-bpe": lambda p: [f"{p}-vocab.json", f"{p}-merges.txt", f"{p}.json"],
+    "wordpiece": lambda p: [f"{p}-vocab.txt"],
     "char": lambda p: [f"{p}.json"],
 }
 
