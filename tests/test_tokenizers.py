@@ -502,3 +502,18 @@ def test_null_tokenizer_as_megatron():
     with pytest.raises(TokenizerError, match="--vocab-size N > 0"):
         build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=0))
     assert pickle.loads(pickle.dumps(tok)).eod == 1000
+
+
+def test_megatron_flags_round_trip_through_argparse():
+    import argparse
+
+    from megapre.data.tokenizers import add_tokenizer_args, tokenizer_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_tokenizer_args(parser)
+    args = parser.parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "128"])
+    config = tokenizer_config_from_args(args)
+    assert config == TokenizerConfig("NullTokenizer", vocab_size=128)
+    assert build_tokenizer(config).eod == 128
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--vocab-size", "5"])  # --tokenizer-type is required
