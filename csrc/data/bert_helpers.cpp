@@ -13,12 +13,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <memory>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <utility>
-#include <vector>
 
 #include "registry.h"
 
@@ -51,39 +49,79 @@ bool has_long_sentence(const int32_t* lengths, int64_t first, int64_t last, int6
   return false;
 }
 
-// Walks the documents once (one epoch), appending rows to `rows`.
-void pack_epoch(const int64_t* docs, int64_t num_docs, const int32_t* lengths, int64_t max_length,
-                int64_t ratio, int64_t min_sentences, int64_t long_len, std::mt19937& gen,
-                std::vector<int64_t>& rows, MappingStats* stats) {
-  for (int64_t d = 0; d < num_docs; ++d) {
-    const int64_t first = docs[d], last = docs[d + 1];
+struct Params {
+  const int64_t* docs;
+  int64_t num_docs;
+  const int32_t* lengths;
+  int64_t num_epochs;
+  uint64_t max_num_samples;
+  int64_t max_length;
+  int64_t ratio;  // short targets come 1 in `ratio` draws; 0 = never
+  uint32_t seed;
+  int64_t min_sentences;
+  int64_t long_len;
+};
+
+// Walks one epoch over the documents; writes rows to `out` (when not null) from row `n` on and
+// returns the new row count.
+int64_t pack_epoch(const Params& p, std::mt19937& gen, int64_t n, int64_t* out, MappingStats* stats) {
+  for (int64_t d = 0; d < p.num_docs; ++d) {
+    const int64_t first = p.docs[d], last = p.docs[d + 1];
     int64_t remaining = last - first;
-    const bool long_sentence = has_long_sentence(lengths, first, last, long_len);
+    const bool long_sentence = has_long_sentence(p.lengths, first, last, p.long_len);
     if (stats) {
       if (remaining == 0) ++stats->empty_documents;
-      else if (remaining < min_sentences) ++stats->short_documents;
+      else if (remaining < p.min_sentences) ++stats->short_documents;
       else if (long_sentence) ++stats->long_sentence_documents;
     }
-    if (remaining < min_sentences || long_sentence) continue;
+    if (remaining < p.min_sentences || long_sentence) continue;
     int64_t start = first, tokens = 0, sentences = 0;
-    int64_t target = next_target_length(ratio, max_length, gen);
+    int64_t target = next_target_length(p.ratio, p.max_length, gen);
     for (int64_t s = first; s < last; ++s) {
-      tokens += lengths[s];
+      tokens += p.lengths[s];
       ++sentences;
       --remaining;
       // Close the sample at the target length unless that would leave a single sentence behind
       // (it could not form a pair on its own); always close at the end of the document.
-      const bool full = tokens >= target && remaining > 1 && sentences >= min_sentences;
+      const bool full = tokens >= target && remaining > 1 && sentences >= p.min_sentences;
       if (full || remaining == 0) {
-        rows.push_back(start);
-        rows.push_back(s + 1);
-        rows.push_back(target);
+        if (out) {
+          out[3 * n] = start;
+          out[3 * n + 1] = s + 1;
+          out[3 * n + 2] = target;
+        }
+        ++n;
         start = s + 1;
         tokens = 0;
         sentences = 0;
-        target = next_target_length(ratio, max_length, gen);
+        target = next_target_length(p.ratio, p.max_length, gen);
       }
     }
+  }
+  return n;
+}
+
+// All epochs: counts rows (out == null), or fills `out` with exactly the rows counted before
+// (same seed, same draws).
+int64_t pack(const Params& p, int64_t* out, MappingStats* stats) {
+  std::mt19937 gen(p.seed);
+  int64_t n = 0;
+  for (int64_t epoch = 0; epoch < p.num_epochs; ++epoch) {
+    if (static_cast<uint64_t>(n) >= p.max_num_samples) break;
+    const int64_t before = n;
+    n = pack_epoch(p, gen, n, out, epoch == 0 ? stats : nullptr);
+    if (stats) ++stats->epochs;
+    if (n == before) break;  // nothing usable: more epochs would never add a sample
+  }
+  return n;
+}
+
+// Fisher-Yates from the last row down, with Megatron's 64-bit stream.
+void shuffle_rows(int64_t* rows, int64_t n, uint32_t seed) {
+  std::mt19937_64 gen(static_cast<uint64_t>(seed) + 1);
+  for (int64_t i = n - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(gen() % static_cast<uint64_t>(i + 1));
+    for (int k = 0; k < 3; ++k) std::swap(rows[3 * i + k], rows[3 * j + k]);
   }
 }
 
@@ -120,37 +158,21 @@ py::tuple build_bert_mapping(const py::array_t<int64_t, py::array::c_style | py:
   check_inputs(docs, lengths, num_epochs, max_length, short_seq_prob, min_sentences, long_sentence_len);
   // Probability p becomes "1 in round(1/p)" (Megatron's integer test on a 32-bit draw).
   const int64_t ratio = short_seq_prob > 0 ? static_cast<int64_t>(std::round(1.0 / short_seq_prob)) : 0;
-  const int64_t* dp = docs.data();
-  const int64_t num_docs = docs.shape(0) - 1;
-  const int32_t* lp = lengths.data();
-
-  auto rows = std::make_unique<std::vector<int64_t>>();
+  const Params p{docs.data(), docs.shape(0) - 1, lengths.data(), num_epochs, max_num_samples, max_length,
+                 ratio, seed, min_sentences, long_sentence_len};
   MappingStats stats;
+  int64_t n;
   {
     py::gil_scoped_release nogil;
-    std::mt19937 gen(seed);
-    for (int64_t epoch = 0; epoch < num_epochs; ++epoch) {
-      if (rows->size() / 3 >= max_num_samples) break;
-      const size_t before = rows->size();
-      pack_epoch(dp, num_docs, lp, max_length, ratio, min_sentences, long_sentence_len, gen, *rows,
-                 epoch == 0 ? &stats : nullptr);
-      ++stats.epochs;
-      if (rows->size() == before) break;  // nothing usable: more epochs would never add a sample
-    }
-    const int64_t n = static_cast<int64_t>(rows->size() / 3);
-    std::mt19937_64 shuffle_gen(static_cast<uint64_t>(seed) + 1);
-    int64_t* r = rows->data();
-    for (int64_t i = n - 1; i > 0; --i) {
-      const int64_t j = static_cast<int64_t>(shuffle_gen() % static_cast<uint64_t>(i + 1));
-      for (int k = 0; k < 3; ++k) std::swap(r[3 * i + k], r[3 * j + k]);
-    }
+    n = pack(p, nullptr, &stats);  // first pass counts, so the result is allocated once, exactly
   }
-  const py::ssize_t n = static_cast<py::ssize_t>(rows->size() / 3);
-  int64_t* data = rows->data();
-  py::capsule owner(rows.get(), [](void* p) { delete static_cast<std::vector<int64_t>*>(p); });
-  rows.release();  // the capsule owns it now
-  py::array_t<int64_t> mapping({n, py::ssize_t{3}}, {py::ssize_t{3 * sizeof(int64_t)}, py::ssize_t{sizeof(int64_t)}},
-                               data, owner);
+  py::array_t<int64_t> mapping({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  int64_t* rows = mapping.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    pack(p, rows, nullptr);
+    shuffle_rows(rows, n, seed);
+  }
   py::dict info;
   info["empty_documents"] = stats.empty_documents;
   info["short_documents"] = stats.short_documents;

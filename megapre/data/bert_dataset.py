@@ -91,6 +91,8 @@ def build_mapping(
     (Megatron's rule: such "sentences" are usually unsplit junk such as tables).
     """
     try:
+        import torch  # noqa: F401  (loads the libtorch libraries megapre._C links against)
+
         import megapre._C as C
     except ImportError as e:
         raise ImportError(
