@@ -338,33 +338,44 @@ def test_samples_are_well_formed_pairs():
     cfg = BertDatasetConfig(seq_length=64, short_seq_prob=0.1, seed=5)
     ds = BertDataset(corpus, FakeTokenizer(), cfg)
     assert len(ds) > 50
-    full = np.concatenate(corpus._sentences).astype(np.int64)
     swaps = truncations = 0
     for idx in range(len(ds)):
         s = ds[idx]
-        first, end, target = ds.mapping[idx]
+        target = int(ds.mapping[idx][2])
         assert all(v.dtype == np.int64 for v in s.values())
         n = int(s["padding_mask"].sum())
         assert (s["padding_mask"][:n] == 1).all() and n <= 64
         text = unmask(s)
         assert (text[n:] == PAD).all() and (s["labels"][n:] == -1).all() and (s["loss_mask"][n:] == 0).all()
-        seps = np.flatnonzero(text[:n] == SEP)
-        assert text[0] == CLS and seps.size == 2 and seps[1] == n - 1
-        a, b = text[1:seps[0]], text[seps[0] + 1:n - 1]
-        assert (s["types"][:seps[0] + 1] == 0).all() and (s["types"][seps[0] + 1:n] == 1).all()
-        assert a.size + b.size <= target and a.size and b.size
-        first_seg, second_seg = (b, a) if s["is_random"] else (a, b)
-        source = full[corpus.sequence_lengths[:first].sum():corpus.sequence_lengths[:end].sum()]
-        if not s["truncated"]:
-            np.testing.assert_array_equal(np.concatenate((first_seg, second_seg)), source)
-        else:
-            assert _contains(source, first_seg) and _contains(source, second_seg)
+        seps = check_pair(s, text, source_tokens(corpus, ds.mapping[idx]), target, CLS, SEP)
         assert (s["labels"][s["loss_mask"] == 0] == -1).all()
         assert s["loss_mask"].sum() >= 1 and s["loss_mask"][[0, *seps]].sum() == 0
         swaps += int(s["is_random"])
         truncations += int(s["truncated"])
     assert abs(swaps / len(ds) - 0.5) < 0.12
     assert truncations > 0
+
+
+def source_tokens(indexed, row) -> np.ndarray:
+    return np.concatenate([np.asarray(indexed[i], dtype=np.int64) for i in range(row[0], row[1])])
+
+
+def check_pair(s: dict, text: np.ndarray, source: np.ndarray, target: int, cls: int, sep: int) -> np.ndarray:
+    """[CLS] A [SEP] B [SEP] with types 0/1; A and B (in sentence order) are the source's tokens,
+    whole or, when truncated, each one contiguous piece. Returns the [SEP] positions."""
+    n = int(s["padding_mask"].sum())
+    seps = np.flatnonzero(text[:n] == sep)
+    assert text[0] == cls and seps.size == 2 and seps[1] == n - 1
+    a, b = text[1:seps[0]], text[seps[0] + 1:n - 1]
+    assert (s["types"][:seps[0] + 1] == 0).all() and (s["types"][seps[0] + 1:n] == 1).all()
+    assert a.size + b.size <= target and a.size and b.size
+    first_seg, second_seg = (b, a) if s["is_random"] else (a, b)
+    if not s["truncated"]:
+        np.testing.assert_array_equal(np.concatenate((first_seg, second_seg)), source)
+    else:
+        assert a.size + b.size < source.size
+        assert _contains(source, first_seg) and _contains(source, second_seg)
+    return seps
 
 
 def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
@@ -504,14 +515,13 @@ def test_end_to_end_on_wikitext(tmp_path):
     cfg = BertDatasetConfig(seq_length=128, max_ngrams=3, seed=7)
     ds = BertDataset(indexed, tok, cfg, cache_dir=tmp_path / "cache")
     assert len(ds) >= 40
-    predicted = ordinary = 0
+    predicted = ordinary = swaps = 0
     for idx in range(len(ds)):
         s = ds[idx]
         text = unmask(s)
         n = int(s["padding_mask"].sum())
-        assert text[0] == tok.cls and text[n - 1] == tok.sep and n <= 128
-        words = tok.decode(text[1:n - 1].tolist())
-        assert len(words) > 20
+        check_pair(s, text, source_tokens(indexed, ds.mapping[idx]), int(ds.mapping[idx][2]), tok.cls, tok.sep)
+        swaps += int(s["is_random"])
         # Whole words: a predicted "##" piece always follows a predicted piece.
         cont = tok.continuation_mask()[text[:n]]
         pred = s["loss_mask"][:n] == 1
@@ -520,3 +530,8 @@ def test_end_to_end_on_wikitext(tmp_path):
         predicted += pred.sum()
         ordinary += n - 3
     assert 0.12 < predicted / ordinary < 0.16
+    assert 0.25 < swaps / len(ds) < 0.75
+    # Real text back: the unmasked first sample decodes to words of the source paragraphs.
+    words = tok.decode(unmask(ds[0])[1:int(ds[0]["padding_mask"].sum()) - 1].tolist()).split()
+    corpus_text = " ".join(paragraphs).lower()
+    assert sum(w in corpus_text for w in words) >= 0.9 * len(words) and len(words) >= 5
