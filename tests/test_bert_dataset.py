@@ -20,6 +20,8 @@ from megapre.data.bert_dataset import (
     split_pair,
     truncate_pair,
 )
+from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
@@ -288,22 +290,13 @@ def test_split_pair_sentence_order_labels():
 # --- the dataset on a fake corpus -----------------------------------------------------------------
 
 
-class FakeIndexed:
-    """The IndexedDataset contract (documents of sentences), in memory."""
-
-    def __init__(self, documents: list[list[np.ndarray]], path_prefix: str = "fake") -> None:
-        sentences = [s for d in documents for s in d]
-        self._sentences = sentences
-        self.sequence_lengths = np.array([len(s) for s in sentences], dtype=np.int32)
-        self.document_indices = np.concatenate(([0], np.cumsum([len(d) for d in documents]))).astype(np.int64)
-        self.path_prefix = path_prefix
-        self.num_tokens = int(self.sequence_lengths.sum())
-
-    def __len__(self) -> int:
-        return len(self._sentences)
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self._sentences[i]
+def write_corpus(prefix: Path, documents: list[list[np.ndarray]]) -> IndexedDataset:
+    """An indexed dataset with one sequence per sentence, as preprocess --split-sentences writes."""
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for doc in documents:
+            builder.add_document(np.concatenate(doc) if doc else np.zeros(0, np.uint16), [len(x) for x in doc])
+        builder.finalize()
+    return IndexedDataset(prefix)
 
 
 class FakeTokenizer:
@@ -317,13 +310,19 @@ class FakeTokenizer:
         return m
 
 
-def fake_corpus(seed: int = 0, num_docs: int = 120) -> FakeIndexed:
+def fake_corpus(tmp_path: Path, seed: int = 0, num_docs: int = 120) -> IndexedDataset:
     rng = np.random.default_rng(seed)
     docs = []
     for _ in range(num_docs):
         n = int(rng.integers(1, 8))
         docs.append([rng.integers(4, VOCAB, int(rng.integers(3, 40))).astype(np.uint16) for _ in range(n)])
-    return FakeIndexed(docs)
+    return write_corpus(tmp_path / f"corpus{seed}_text_sentence", docs)
+
+
+def bert(corpus, cfg: BertDatasetConfig, tokenizer=None, split: str = "train", document_range=None,
+         num_samples=None, cache_dir=None) -> BertDataset:
+    return BertDataset(corpus, tokenizer or FakeTokenizer(), split, document_range, num_samples, cfg,
+                       cache_dir=cache_dir)
 
 
 def unmask(sample: dict) -> np.ndarray:
@@ -333,10 +332,10 @@ def unmask(sample: dict) -> np.ndarray:
     return text
 
 
-def test_samples_are_well_formed_pairs():
-    corpus = fake_corpus()
+def test_samples_are_well_formed_pairs(tmp_path):
+    corpus = fake_corpus(tmp_path)
     cfg = BertDatasetConfig(seq_length=64, short_seq_prob=0.1, seed=5)
-    ds = BertDataset(corpus, FakeTokenizer(), cfg)
+    ds = bert(corpus, cfg)
     assert len(ds) > 50
     swaps = truncations = 0
     for idx in range(len(ds)):
@@ -383,37 +382,39 @@ def _contains(haystack: np.ndarray, needle: np.ndarray) -> bool:
     return any(h[i:i + len(n)] == n for i in range(0, len(h) - len(n) + 1, haystack.itemsize))
 
 
-def test_without_binary_head_single_sentence_documents_count():
+def test_without_binary_head_single_sentence_documents_count(tmp_path):
     docs = [[np.arange(4, 20, dtype=np.uint16)] for _ in range(30)]
-    ds = BertDataset(FakeIndexed(docs), FakeTokenizer(), BertDatasetConfig(seq_length=32, binary_head=False))
+    corpus = write_corpus(tmp_path / "one_sentence", docs)
+    ds = bert(corpus, BertDatasetConfig(seq_length=32, binary_head=False))
     assert len(ds) == 30
     s = ds[0]
     assert s["is_random"] == 0 and (s["types"] == 0).all()
     n = int(s["padding_mask"].sum())
     assert n == 18 and unmask(s)[[0, n - 1]].tolist() == [CLS, SEP]
-    with pytest.raises(ValueError, match="no usable document.*30 too short.*--split-sentences"):
-        BertDataset(FakeIndexed(docs), FakeTokenizer(), BertDatasetConfig(seq_length=32))
+    with pytest.raises(ValueError, match="valid split .*one_sentence.*no usable document.*30 too short.*--split-sentences"):
+        bert(corpus, BertDatasetConfig(seq_length=32), split="valid")
 
 
-def test_num_samples_walks_epochs_and_document_range_limits():
-    corpus = fake_corpus(1)
-    one = BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64))
-    many = BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, num_samples=5 * len(one)))
+def test_num_samples_walks_epochs_and_document_range_limits(tmp_path):
+    corpus = fake_corpus(tmp_path, 1)
+    cfg = BertDatasetConfig(seq_length=64)
+    one = bert(corpus, cfg)
+    many = bert(corpus, cfg, num_samples=5 * len(one))
     assert len(many) >= 5 * len(one) and many.mapping_info["epochs"] >= 5
-    part = BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, document_range=(10, 40)))
+    part = bert(corpus, cfg, document_range=(10, 40))
     lo, hi = corpus.document_indices[10], corpus.document_indices[40]
     assert (part.mapping[:, 0] >= lo).all() and (part.mapping[:, 1] <= hi).all()
 
 
-def test_same_index_same_sample():
-    corpus = fake_corpus(2)
+def test_same_index_same_sample(tmp_path):
+    corpus = fake_corpus(tmp_path, 2)
     cfg = BertDatasetConfig(seq_length=48, max_ngrams=3, seed=9)
-    ds1, ds2 = BertDataset(corpus, FakeTokenizer(), cfg), BertDataset(corpus, FakeTokenizer(), cfg)
+    ds1, ds2 = bert(corpus, cfg), bert(IndexedDataset(corpus.path_prefix), cfg)
     for idx in (0, 7, len(ds1) - 1):
         _assert_same(ds1[idx], ds2[idx])
         _assert_same(ds1[idx], ds1[idx])
     assert any(not np.array_equal(ds1[0]["text"], ds1[i]["text"]) for i in range(1, 5))
-    other = BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=48, max_ngrams=3, seed=10))
+    other = bert(corpus, BertDatasetConfig(seq_length=48, max_ngrams=3, seed=10))
     assert not all(np.array_equal(ds1[i]["text"], other[i]["text"]) for i in range(5))
     _assert_same(ds1[-1], ds1[len(ds1) - 1])
     with pytest.raises(IndexError, match="out of range"):
@@ -432,7 +433,7 @@ def _worker_samples(dataset: BertDataset, indices: list[int]) -> list[dict]:
 
 @pytest.mark.slow
 def test_worker_processes_build_the_same_samples(tmp_path):
-    ds = BertDataset(fake_corpus(3), FakeTokenizer(), BertDatasetConfig(seq_length=48, seed=4), cache_dir=tmp_path)
+    ds = bert(fake_corpus(tmp_path, 3), BertDatasetConfig(seq_length=48, seed=4), cache_dir=tmp_path / "cache")
     indices = [5, 0, 17, 3]
     with mp.get_context("spawn").Pool(2) as pool:
         got = pool.starmap(_worker_samples, [(ds, indices), (ds, indices[::-1])])
@@ -442,35 +443,40 @@ def test_worker_processes_build_the_same_samples(tmp_path):
 
 
 def test_mapping_cache_is_keyed_by_its_definition(tmp_path):
-    corpus = fake_corpus(4)
+    corpus = fake_corpus(tmp_path, 4)
+    cache = tmp_path / "cache"
     cfg = BertDatasetConfig(seq_length=64, seed=1)
-    first = BertDataset(corpus, FakeTokenizer(), cfg, cache_dir=tmp_path)
-    files = sorted(p.name for p in tmp_path.iterdir())
+    first = bert(corpus, cfg, cache_dir=cache)
+    files = sorted(p.name for p in cache.iterdir())
     assert len(files) == 2 and all(re.fullmatch(r"bert_mapping-[0-9a-f]{32}\.(npy|json)", f) for f in files)
-    again = BertDataset(corpus, FakeTokenizer(), cfg, cache_dir=tmp_path)
+    again = bert(corpus, cfg, cache_dir=cache)
     assert isinstance(again.mapping, np.memmap)
     np.testing.assert_array_equal(first.mapping, again.mapping)
     assert again.mapping_info == first.mapping_info
-    # Masking settings do not change the mapping; the seed and the split do.
-    BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, seed=1, max_ngrams=3), cache_dir=tmp_path)
-    assert len(list(tmp_path.iterdir())) == 2
-    BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, seed=2), cache_dir=tmp_path)
-    BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, seed=1, document_range=(0, 50)),
-                cache_dir=tmp_path)
-    assert len(list(tmp_path.iterdir())) == 6
-    assert not list(tmp_path.glob(".*tmp"))
+    # Masking settings do not change the mapping; the seed, the split and num_samples do.
+    bert(corpus, BertDatasetConfig(seq_length=64, seed=1, max_ngrams=3), cache_dir=cache)
+    assert len(list(cache.iterdir())) == 2
+    bert(corpus, BertDatasetConfig(seq_length=64, seed=2), cache_dir=cache)
+    bert(corpus, cfg, document_range=(0, 50), cache_dir=cache)
+    bert(corpus, cfg, num_samples=1000, cache_dir=cache)
+    assert len(list(cache.iterdir())) == 8
+    assert not list(cache.glob(".*tmp"))
 
 
-def test_bad_input_is_named():
-    corpus = fake_corpus(5)
+def test_bad_input_is_named(tmp_path):
+    corpus = fake_corpus(tmp_path, 5)
 
     class NoMask(FakeTokenizer):
         mask = None
 
     with pytest.raises(ValueError, match=r"tokenizer fake-wordpiece has none for \['mask'\]"):
-        BertDataset(corpus, NoMask(), BertDatasetConfig(seq_length=64))
-    with pytest.raises(ValueError, match=r"document_range=\(50, 500\)"):
-        BertDataset(corpus, FakeTokenizer(), BertDatasetConfig(seq_length=64, document_range=(50, 500)))
+        bert(corpus, BertDatasetConfig(seq_length=64), NoMask())
+    with pytest.raises(ValueError, match=r"test split of .*corpus5_text_sentence: document range \[50, 500\) is outside"):
+        bert(corpus, BertDatasetConfig(seq_length=64), split="test", document_range=(50, 500))
+    with pytest.raises(ValueError, match=r"valid split .* is empty: documents \[7, 7\)"):
+        bert(corpus, BertDatasetConfig(seq_length=64), split="valid", document_range=(7, 7))
+    with pytest.raises(ValueError, match="num_samples=0"):
+        bert(corpus, BertDatasetConfig(seq_length=64), num_samples=0)
     with pytest.raises(ValueError, match="seq_length=4"):
         BertDatasetConfig(seq_length=4)
     with pytest.raises(ValueError, match="masked_lm_prob"):
@@ -482,7 +488,7 @@ def test_bad_input_is_named():
         def continuation_mask(self):
             return np.zeros(100, dtype=bool)
 
-    ds = BertDataset(corpus, SmallVocab(), BertDatasetConfig(seq_length=64))
+    ds = bert(corpus, BertDatasetConfig(seq_length=64), SmallVocab())
     with pytest.raises(ValueError, match="different vocabulary"):
         ds[0]
 
@@ -498,11 +504,6 @@ def test_end_to_end_on_wikitext(tmp_path):
     vocab, wiki = DATA / "bert" / "vocab.txt", DATA / "wikitext-2" / "valid.txt"
     if not (vocab.exists() and wiki.exists()):
         pytest.skip(f"needs {vocab} and {wiki} (the shared data folder)")
-    try:
-        from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
-        from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
-    except ImportError as e:
-        pytest.skip(f"megapre.data.indexed / megapre.data.tokenizers not merged yet ({e})")
     tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(vocab)))
     paragraphs = [p for p in wiki.read_text(encoding="utf-8").split("\n") if len(p) > 300][:40]
     prefix = tmp_path / "wiki_text_sentence"
@@ -513,7 +514,7 @@ def test_end_to_end_on_wikitext(tmp_path):
         builder.finalize()
     indexed = IndexedDataset(prefix)
     cfg = BertDatasetConfig(seq_length=128, max_ngrams=3, seed=7)
-    ds = BertDataset(indexed, tok, cfg, cache_dir=tmp_path / "cache")
+    ds = BertDataset(indexed, tok, "train", None, None, cfg, cache_dir=tmp_path / "cache")
     assert len(ds) >= 40
     predicted = ordinary = swaps = 0
     for idx in range(len(ds)):

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,8 +46,6 @@ class BertDatasetConfig:
     max_ngrams: int = 1
     ngram_distribution: str = "harmonic"
     seed: int = 1234
-    num_samples: int | None = None       # None: one pass over the documents; else epochs until reached
-    document_range: tuple[int, int] | None = None  # [begin, end) documents of this split; None: all
     long_sentence_len: int = 512         # documents with a longer sentence are skipped (see build_mapping)
 
     def __post_init__(self) -> None:
@@ -57,8 +55,6 @@ class BertDatasetConfig:
             raise ValueError(f"short_seq_prob={self.short_seq_prob}: must be in [0, 1]")
         if not 0 <= self.seed < 2**32 - 1:
             raise ValueError(f"seed={self.seed}: must be in [0, 2**32 - 1)")
-        if self.num_samples is not None and self.num_samples < 1:
-            raise ValueError(f"num_samples={self.num_samples}: must be >= 1 (or None for one epoch)")
         if self.long_sentence_len < 1:
             raise ValueError(f"long_sentence_len={self.long_sentence_len}: must be >= 1")
         self.masking()  # validates the masking fields
@@ -152,18 +148,31 @@ def _cut(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 class BertDataset:
-    """Map-style dataset of BERT samples (dicts of numpy arrays, see __getitem__)."""
+    """Map-style dataset of BERT samples (dicts of numpy arrays, see __getitem__) over documents
+    `document_range` ([begin, end), None = all) of one indexed dataset: the `split` named in errors.
+
+    num_samples None walks the documents once; otherwise epochs are walked until the mapping holds
+    at least num_samples rows (as Megatron, len() may exceed num_samples by part of an epoch).
+    Constructed like GPTDataset, so the same blending and split code can build either.
+    """
 
     def __init__(
         self,
         indexed_dataset: Any,
         tokenizer: Any,
+        split: str,
+        document_range: tuple[int, int] | None,
+        num_samples: int | None,
         config: BertDatasetConfig,
         cache_dir: str | os.PathLike | None = None,
     ) -> None:
         self.indexed = indexed_dataset
         self.tokenizer = tokenizer
+        self.split = split
         self.config = config
+        if num_samples is not None and num_samples < 1:
+            raise ValueError(f"the {split} split: num_samples={num_samples} must be >= 1 (or None for one epoch)")
+        self.num_samples = num_samples
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._ids = _special_ids(tokenizer)
         self.masker = Masker(
@@ -173,7 +182,7 @@ class BertDataset:
             self._ids.values(),
             tokenizer.continuation_mask() if config.whole_word else None,
         )
-        self.document_range = _check_range(config.document_range, indexed_dataset)
+        self.document_range = _check_range(document_range, indexed_dataset, split)
         self._mapping_path: Path | None = None  # set when the mapping is memory-mapped from the cache
         self.mapping, self.mapping_info = self._load_or_build_mapping()
 
@@ -257,7 +266,7 @@ class BertDataset:
             "short_seq_prob": c.short_seq_prob,
             "seed": c.seed,
             "binary_head": c.binary_head,
-            "num_samples": c.num_samples,
+            "num_samples": self.num_samples,
             "long_sentence_len": c.long_sentence_len,
         }
 
@@ -271,14 +280,14 @@ class BertDataset:
             short_seq_prob=c.short_seq_prob,
             seed=c.seed,
             binary_head=c.binary_head,
-            num_samples=c.num_samples,
+            num_samples=self.num_samples,
             long_sentence_len=c.long_sentence_len,
         )
         if mapping.shape[0] == 0:
             need = "2 sentences (binary_head on)" if c.binary_head else "1 sentence"
             raise ValueError(
-                f"BertDataset over {getattr(self.indexed, 'path_prefix', 'the dataset')}, documents "
-                f"[{begin}, {end}): no usable document (each needs at least {need} and, with more than "
+                f"the {self.split} split of {getattr(self.indexed, 'path_prefix', 'the dataset')}, "
+                f"documents [{begin}, {end}): no usable document (each needs at least {need} and, with more than "
                 f"one sentence, none longer than long_sentence_len={c.long_sentence_len} tokens). "
                 f"Skipped: {info['empty_documents']} empty, {info['short_documents']} too short, "
                 f"{info['long_sentence_documents']} with a long sentence. Was the corpus preprocessed "
@@ -329,14 +338,15 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
     return {k: int(v) for k, v in ids.items()}
 
 
-def _check_range(document_range: tuple[int, int] | None, indexed: Any) -> tuple[int, int]:
+def _check_range(document_range: tuple[int, int] | None, indexed: Any, split: str) -> tuple[int, int]:
     num_docs = len(indexed.document_indices) - 1
-    if document_range is None:
-        return 0, num_docs
-    begin, end = (int(x) for x in document_range)
-    if not 0 <= begin < end <= num_docs:
+    begin, end = (0, num_docs) if document_range is None else (int(x) for x in document_range)
+    where = f"the {split} split of {getattr(indexed, 'path_prefix', 'the dataset')}"
+    if not 0 <= begin <= end <= num_docs:
+        raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's {num_docs} documents")
+    if begin == end:
         raise ValueError(
-            f"document_range=({begin}, {end}) is not a non-empty range within the dataset's "
-            f"{num_docs} documents [0, {num_docs}]"
+            f"{where} is empty: documents [{begin}, {end}) of {num_docs}. Give this split a larger share "
+            "in --split, use more data, or set its share (or sample count) to 0"
         )
     return begin, end
