@@ -42,8 +42,8 @@ class BertDatasetConfig:
     masked_lm_prob: float = 0.15
     short_seq_prob: float = 0.1          # chance of a shorter random target length (1 in round(1/p))
     binary_head: bool = True             # sentence-order prediction; needs >= 2 sentences per sample
-    whole_word: bool = True
-    max_ngrams: int = 1
+    whole_word: bool = True              # whole_word, max_ngrams 3, harmonic: Megatron's pretrain_bert
+    max_ngrams: int = 3
     ngram_distribution: str = "harmonic"
     seed: int = 1234
     long_sentence_len: int = 512         # documents with a longer sentence are skipped (see build_mapping)

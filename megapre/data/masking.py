@@ -32,7 +32,7 @@ class MaskingConfig:
     mask_token_prob: float = 0.8     # of the predicted: replaced by [MASK]
     random_token_prob: float = 0.1   # of the predicted: replaced by a random token (rest: unchanged)
     whole_word: bool = True          # never split a WordPiece word
-    max_ngrams: int = 1              # 1 = single words/tokens; >1 = n-gram masking
+    max_ngrams: int = 3              # 1 = single words/tokens; 3 (with harmonic) = Megatron's pretrain_bert
     ngram_distribution: str = "harmonic"
     geometric_p: float = 0.2
 
