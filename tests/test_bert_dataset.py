@@ -536,3 +536,14 @@ def test_end_to_end_on_wikitext(tmp_path):
     words = tok.decode(unmask(ds[0])[1:int(ds[0]["padding_mask"].sum()) - 1].tolist()).split()
     corpus_text = " ".join(paragraphs).lower()
     assert sum(w in corpus_text for w in words) >= 0.9 * len(words) and len(words) >= 5
+
+
+def test_dataloader_collates_batches(tmp_path):
+    import torch
+
+    ds = bert(fake_corpus(tmp_path, 6), BertDatasetConfig(seq_length=40))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert set(batch) == {"text", "types", "labels", "is_random", "loss_mask", "padding_mask", "truncated"}
+    assert batch["text"].shape == (4, 40) and batch["text"].dtype == torch.int64
+    assert batch["is_random"].shape == (4,) and batch["truncated"].shape == (4,)
+    np.testing.assert_array_equal(batch["labels"][2].numpy(), ds[2]["labels"])
