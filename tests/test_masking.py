@@ -155,6 +155,7 @@ def test_edge_cases():
     rng = np.random.default_rng(5)
     empty = m(np.array([CLS, SEP, SEP], dtype=np.int64), rng)
     assert empty.loss_mask.sum() == 0 and (empty.labels == -1).all()
+    assert m(np.zeros(0, dtype=np.int64), rng).tokens.size == 0
     one = m(np.array([CLS, 17, SEP], dtype=np.int64), rng)
     assert one.loss_mask.tolist() == [0, 1, 0]  # at least one prediction per sample
     with pytest.raises(ValueError, match="outside the tokenizer's vocabulary"):

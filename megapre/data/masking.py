@@ -123,7 +123,8 @@ class Masker:
                 "was tokenized with a different vocabulary than the tokenizer given"
             )
         cand = ~self._special[tokens]
-        prev_cand = np.concatenate(([False], cand[:-1]))
+        prev_cand = np.zeros_like(cand)
+        prev_cand[1:] = cand[:-1]
         is_start = cand & ~(self._continuation[tokens] & prev_cand)
         start = np.flatnonzero(is_start)
         boundary = np.concatenate((np.flatnonzero(is_start | ~cand), [tokens.size]))
