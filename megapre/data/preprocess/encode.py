@@ -1,0 +1,133 @@
+"""Worker-side work: one raw batch -> parsed records -> one encode_batch call per key -> flat numpy
+token arrays + lengths. Returning a few arrays per batch (instead of a list of ints per document)
+is what keeps inter-process traffic cheap."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from megapre.data.preprocess.readers import RawBatch, parse_batch
+from megapre.data.preprocess.sentences import split_sentences
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    keys: tuple[str, ...]
+    append_eod: bool
+    split_sentences: bool
+    keep_newlines: bool
+    dtype: str                 # numpy dtype name of the output tokens
+
+
+@dataclass
+class EncodedBatch:
+    """Documents of one raw batch that survived, per key: all tokens concatenated, the length of
+    each sequence, and the number of sequences of each document (None: one sequence each)."""
+
+    file_id: int
+    num_docs: int
+    tokens: list[np.ndarray]
+    seq_lengths: list[np.ndarray]
+    doc_seqs: list[np.ndarray | None]
+    skips: list[tuple[int, str, str]]       # (line, reason, detail), in line order
+    nbytes: int
+    file_skip: Any = None                   # a file-level Skip passed through (kind "skip")
+
+
+class Encoder:
+    """Callable turning a RawBatch into an EncodedBatch with `tokenizer` (the Tokenizer interface:
+    encode_batch, eod)."""
+
+    def __init__(self, tokenizer: Any, config: EncodeConfig) -> None:
+        if config.append_eod and tokenizer.eod is None:
+            raise ValueError(f"--append-eod: tokenizer {tokenizer.name} has no end-of-document token")
+        self.tokenizer = tokenizer
+        self.config = config
+        self.dtype = np.dtype(config.dtype)
+
+    def __call__(self, batch: RawBatch) -> EncodedBatch:
+        if batch.kind == "skip":
+            return EncodedBatch(batch.file_id, 0, *self._empty(), [], 0, file_skip=batch.payload)
+        records = parse_batch(batch, self.config.keys)
+        per_key = [self._encode_key([t[k] for t in records.texts])
+                   for k in range(len(self.config.keys))]
+        keep = np.ones(len(records.texts), dtype=bool)
+        for seqs in per_key:
+            keep &= np.fromiter(map(bool, seqs), dtype=bool, count=len(seqs))
+        skips = list(records.skips)
+        if not keep.all():
+            for i in np.flatnonzero(~keep):
+                skips.append((records.lines[i], "empty_document", "no tokens after tokenization"))
+            skips.sort(key=lambda s: s[0])
+        tokens, lengths, doc_seqs = [], [], []
+        for seqs in per_key:
+            kept = list(itertools.compress(seqs, keep.tolist())) if not keep.all() else seqs
+            t, l, d = self._pack(kept)
+            tokens.append(t)
+            lengths.append(l)
+            doc_seqs.append(d)
+        return EncodedBatch(batch.file_id, int(keep.sum()), tokens, lengths, doc_seqs, skips,
+                            batch.nbytes)
+
+    def _encode_key(self, texts: list[str]) -> list[list[list[int]]]:
+        """Per document, its sequences' token ids (empty sequences dropped; EOD appended to the
+        document's last sequence). A document with no tokens is an empty list."""
+        tok, cfg = self.tokenizer, self.config
+        if not cfg.split_sentences:
+            ids = tok.encode_batch(texts) if texts else []
+            docs = [[x] if x else [] for x in ids]
+        else:
+            sents = [split_sentences(t, cfg.keep_newlines) for t in texts]
+            flat = list(itertools.chain.from_iterable(sents))
+            ids = iter(tok.encode_batch(flat) if flat else [])
+            docs = [[x for x in itertools.islice(ids, len(s)) if x] for s in sents]
+        if cfg.append_eod:
+            eod = tok.eod
+            for d in docs:
+                if d:
+                    d[-1] = [*d[-1], eod]
+        return docs
+
+    def _pack(self, docs: Sequence[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        seqs = list(itertools.chain.from_iterable(docs))
+        lengths = np.fromiter(map(len, seqs), dtype=np.int32, count=len(seqs))
+        total = int(lengths.sum(dtype=np.int64))
+        try:
+            tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=self.dtype, count=total)
+        except OverflowError as e:
+            raise ValueError(f"token id does not fit the output dtype {self.dtype} "
+                             f"(tokenizer vocab_size {self.tokenizer.vocab_size})") from e
+        doc_seqs = None
+        if self.config.split_sentences:
+            doc_seqs = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        return tokens, lengths, doc_seqs
+
+    def _empty(self) -> tuple[list, list, list]:
+        n = len(self.config.keys)
+        return ([np.zeros(0, self.dtype)] * n, [np.zeros(0, np.int32)] * n,
+                [np.zeros(0, np.int64) if self.config.split_sentences else None] * n)
+
+
+# ----------------------------------------------------------------------------- worker process
+
+_WORKER_ENCODER: Encoder | None = None
+
+
+def init_worker(tokenizer_factory: Callable[[Any], Any], tokenizer_config: Any,
+                config: EncodeConfig) -> None:
+    """Pool initializer: build the tokenizer once per worker (single-threaded: parallelism comes
+    from the worker processes, not from threads inside each)."""
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = Encoder(tokenizer_factory(tokenizer_config), config)
+
+
+def encode_in_worker(batch: RawBatch) -> EncodedBatch:
+    assert _WORKER_ENCODER is not None, "init_worker did not run"
+    return _WORKER_ENCODER(batch)
