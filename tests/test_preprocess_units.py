@@ -20,7 +20,8 @@ from megapre.data.preprocess.sentences import split_sentences
 
 def test_expand_inputs_dir_glob_file_dedupe(tmp_path):
     (tmp_path / "b").mkdir()
-    for name in ["b/2.jsonl.gz", "a.jsonl", "b/1.txt", "c.parquet", "skip.csv", ".hidden.jsonl"]:
+    for name in ["b/2.jsonl.gz", "a.jsonl", "b/1.txt", "c.parquet", "skip.csv", ".hidden.jsonl",
+                 "p.stats.json", "p.errors.jsonl"]:
         (tmp_path / name).write_bytes(b"")
     files = rd.expand_inputs([str(tmp_path)])
     names = [f.path[len(str(tmp_path)) + 1:] for f in files]

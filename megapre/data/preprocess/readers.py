@@ -29,6 +29,7 @@ TEXT_MODES = ("line", "blank-line")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _TEXT_SUFFIXES = (".txt", ".text")
 _COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+_OWN_OUTPUTS = (".stats.json", ".errors.jsonl")   # run artifacts: not corpus in a dir/glob match
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,8 @@ def _matches(pattern: str, input_format: str) -> list[str]:
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in names:
                 path = os.path.join(root, name)
-                if not name.startswith(".") and detect_format(path, input_format) is not None:
+                if (not name.startswith(".") and not name.endswith(_OWN_OUTPUTS)
+                        and detect_format(path, input_format) is not None):
                     found.append(path)
         if not found:
             raise ValueError(f"--input {pattern}: directory holds no .jsonl/.json/.ndjson/.txt/"
@@ -115,7 +117,8 @@ def _matches(pattern: str, input_format: str) -> list[str]:
     if os.path.isfile(pattern):
         return [pattern]
     if glob.has_magic(pattern):
-        found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        found = sorted(p for p in glob.glob(pattern, recursive=True)
+                       if os.path.isfile(p) and not p.endswith(_OWN_OUTPUTS))
         if not found:
             raise ValueError(f"--input {pattern}: the pattern matches no files")
         return found
