@@ -144,7 +144,7 @@ def test_reader_runs_at_most_max_inflight_batches_ahead(tmp_path):
             yield RawBatch(0, 1, "text-line", f"doc {i}\n".encode(), 6)
 
     cfg = EncodeConfig(("text",), False, False, False, "uint16")
-    for k, enc in enumerate(ordered_map(batches(), 2, 4, (build_tokenizer, TokenizerConfig("ByteLevelTokenizer"), cfg))):
+    for k, enc in enumerate(ordered_map(batches(), 2, 4, (byte_tok(), cfg))):
         assert len(pulled) <= k + 4
         assert bytes(enc.tokens[0].tolist()).decode() == f"doc {k}"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -116,16 +116,16 @@ class Encoder:
 _WORKER_ENCODER: Encoder | None = None
 
 
-def init_worker(tokenizer_factory: Callable[[Any], Any], tokenizer_config: Any,
-                config: EncodeConfig) -> None:
-    """Pool initializer: build the tokenizer once per worker (single-threaded: parallelism comes
-    from the worker processes, not from threads inside each)."""
+def init_worker(tokenizer: Any, config: EncodeConfig) -> None:
+    """Pool initializer. Under fork the tokenizer arrives as the parent's object (no pickling, no
+    rebuild: building GPT-2 BPE takes a second or more); under spawn it is pickled, which rebuilds it
+    from its config. Single-threaded: parallelism comes from the worker processes."""
     import os
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     global _WORKER_ENCODER
-    _WORKER_ENCODER = Encoder(tokenizer_factory(tokenizer_config), config)
+    _WORKER_ENCODER = Encoder(tokenizer, config)
 
 
 def encode_in_worker(batch: RawBatch) -> EncodedBatch:

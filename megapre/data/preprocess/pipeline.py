@@ -72,8 +72,8 @@ def ordered_map(items: Iterable[RawBatch], workers: int, max_inflight: int,
     """Encode items in `workers` processes (0: in this process), yielding results in input
     order with at most `max_inflight` items submitted and not yet yielded."""
     if workers == 0:
-        init_worker(*initargs)
-        yield from map(encode_in_worker, items)
+        encoder = Encoder(*initargs)
+        yield from map(encoder, items)
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
@@ -212,7 +212,7 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
                            cfg.keep_newlines, dtype.name)
     try:
         batches = _batches(mine, cfg, readers, counters)
-        initargs = (factory, cfg.tokenizer, enc_cfg)
+        initargs = (tokenizer, enc_cfg)
         for enc in ordered_map(batches, cfg.workers, 2 * cfg.workers + 2, initargs):
             _record_skips(errors, enc, mine)
             writer.write(enc, counters)
