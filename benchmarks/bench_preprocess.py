@@ -22,7 +22,6 @@ import filecmp
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -223,11 +222,12 @@ def megatron_baseline(corpus: str, prefix: str, workers: int) -> None:
 
 # ----------------------------------------------------------------------------- report
 
-def row(name: str, workers: int, r: dict, ref: dict | None) -> str:
+def row(name: str, workers: int, r: dict, ref: dict | None, blank: str = "1.00x") -> str:
+    """A table row; ratios are against `ref` (None: the reference itself, shown as `blank`)."""
     tps = r["tokens"] / r["wall_s"]
     loop_tps = r["tokens"] / r["loop_s"]
-    ratio = f"{tps / (ref['tokens'] / ref['wall_s']):.2f}x" if ref else "1.00x"
-    loop_ratio = f"{loop_tps / (ref['tokens'] / ref['loop_s']):.2f}x" if ref else "1.00x"
+    ratio = f"{tps / (ref['tokens'] / ref['wall_s']):.2f}x" if ref else blank
+    loop_ratio = f"{loop_tps / (ref['tokens'] / ref['loop_s']):.2f}x" if ref else blank
     return (f"| {name} | {workers} | {r['wall_s']:.1f} | {r['docs'] / r['wall_s']:,.0f} | "
             f"{r['bytes'] / 1e6 / r['wall_s']:.2f} | {tps / 1e3:,.0f}k | {ratio} | "
             f"{r['loop_s']:.1f} | {loop_tps / 1e3:,.0f}k | {loop_ratio} | "
@@ -235,8 +235,10 @@ def row(name: str, workers: int, r: dict, ref: dict | None) -> str:
             f"{r['load_before']:.2f} |")
 
 
-def _no_logs(obj):
-    return str(obj)
+def _without_logs(obj):
+    if isinstance(obj, dict):
+        return {k: _without_logs(v) for k, v in obj.items() if k not in ("stdout", "stderr")}
+    return obj
 
 
 HEADER = ("| pipeline | workers | wall s | docs/s | MB/s | tokens/s | vs Megatron | loop s | "
@@ -280,18 +282,22 @@ def main() -> None:
         w = max(args.workers)
         r = run_megapre(corpus4, work / "megapre_x4", w)
         results["x4"] = r
-        lines.append(row("megapre, 4x input", w, r, None).replace("| 1.00x |", "| - |"))
+        lines.append(row("megapre, 4x input", w, r, None, blank="-"))
         corpus4.unlink()
+        one = results[w]["megapre"]
+        print(f"peak memory, megapre {w} worker(s): 1x input {one['peak_pss_mb']:.0f} MB PSS / "
+              f"{one['peak_rss_mb']:.0f} MB RSS (tree); 4x input {r['peak_pss_mb']:.0f} MB PSS / "
+              f"{r['peak_rss_mb']:.0f} MB RSS", flush=True)
     print()
     print(HEADER)
     print("\n".join(lines))
-    print(f"\nANCHORS.md, Megatron-LM itself on this corpus (2-core machine): "
+    print("\nANCHORS.md, Megatron-LM itself on this corpus (2-core machine): "
           + ", ".join(f"{w} worker(s) {t / 1e3:.0f}k tokens/s" for w, t in ANCHOR.items()))
     for w in args.workers:
         print(f"workers {w}: outputs of both pipelines byte-identical (.bin and .idx): "
               f"{results[w]['identical_output']}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=_no_logs))
+        Path(args.json).write_text(json.dumps(_without_logs(results), indent=2))
     for p in work.glob("*_text_document.*"):
         p.unlink()
 

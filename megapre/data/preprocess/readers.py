@@ -14,7 +14,6 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from megapre.data.preprocess.errors import Skip
@@ -150,8 +149,8 @@ class HashingReader:
 
     def finish(self) -> str:
         """Hash whatever the decompressor did not consume (trailing bytes) and return the digest."""
-        while chunk := self.read(1 << 20):
-            del chunk
+        while self.read(1 << 20):
+            pass
         return self.sha256.hexdigest()
 
 
