@@ -53,9 +53,9 @@ def cut_documents(text: str, min_chars: int = MIN_CHARS) -> list[str]:
     return docs
 
 
-def write_corpus(workdir: Path, copies: int) -> tuple[Path, int]:
-    docs = cut_documents(CORPUS.read_text(encoding="utf-8"))
-    path = workdir / f"gutenberg_docs_x{copies}.jsonl"
+def write_corpus(workdir: Path, copies: int, max_docs: int | None = None) -> tuple[Path, int]:
+    docs = cut_documents(CORPUS.read_text(encoding="utf-8"))[:max_docs]
+    path = workdir / f"gutenberg_docs_{len(docs)}_x{copies}.jsonl"
     lines = "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs).encode()
     if not path.exists() or path.stat().st_size != len(lines) * copies:
         tmp = path.with_suffix(".tmp")
@@ -103,10 +103,10 @@ class TreeMemory(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_rss = self.peak_pss = self.peak_one = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             tree, frontier = [], [self.pid]
             while frontier:
                 p = frontier.pop()
@@ -116,10 +116,10 @@ class TreeMemory(threading.Thread):
             self.peak_rss = max(self.peak_rss, sum(m[0] for m in mems))
             self.peak_pss = max(self.peak_pss, sum(m[1] for m in mems))
             self.peak_one = max([self.peak_one] + [m[0] for m in mems])
-            self._stop.wait(self.interval)
+            self._halt.wait(self.interval)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -255,13 +255,14 @@ def main() -> None:
     ap.add_argument("--no-4x", action="store_true", help="skip the 4x-input memory run")
     ap.add_argument("--workdir", default="/tmp/megapre_bench_preprocess")
     ap.add_argument("--json", default=None, help="write the raw results here")
+    ap.add_argument("--max-docs", type=int, default=None, help="first N documents only (smoke test)")
     args = ap.parse_args()
     for need in (CORPUS, GPT2 / "vocab.json", GPT2 / "merges.txt"):
         if not need.exists():
             raise SystemExit(f"missing {need}: the benchmark needs ../shared/data beside the repo")
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    corpus, ndocs = write_corpus(work, 1)
+    corpus, ndocs = write_corpus(work, 1, args.max_docs)
     print(f"corpus: {corpus} ({corpus.stat().st_size / 1e6:.1f} MB, {ndocs:,} documents of >= "
           f"{MIN_CHARS} chars); {os.cpu_count()} CPUs; load avg {os.getloadavg()}", flush=True)
     results, lines = {}, []
@@ -278,7 +279,7 @@ def main() -> None:
               f"Megatron {meg['tokens'] / meg['wall_s'] / 1e3:,.0f}k; outputs byte-identical: {same}",
               flush=True)
     if not args.no_4x:
-        corpus4, _ = write_corpus(work, 4)
+        corpus4, _ = write_corpus(work, 4, args.max_docs)
         w = max(args.workers)
         r = run_megapre(corpus4, work / "megapre_x4", w)
         results["x4"] = r

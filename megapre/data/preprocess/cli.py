@@ -70,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output-prefix", required=True, help="path prefix of the outputs")
     o.add_argument("--workers", type=int, default=1,
                    help="tokenizer worker processes (default 1; 0 = in this process)")
-    o.add_argument("--batch-bytes", type=int, default=1 << 20,
-                   help="input bytes per batch sent to a worker (default 1 MiB)")
+    o.add_argument("--batch-bytes", type=int, default=1 << 18,
+                   help="input bytes per batch sent to a worker (default 256 KiB)")
     o.add_argument("--on-error", default="skip", choices=["skip", "fail"],
                    help="bad records: skip and count them (default), or stop at the first")
     o.add_argument("--shard-index", type=int, default=None,

@@ -41,7 +41,7 @@ class PreprocessConfig:
     split_sentences: bool = False
     keep_newlines: bool = False
     workers: int = 1
-    batch_bytes: int = 1 << 20
+    batch_bytes: int = 1 << 18
     on_error: str = "skip"                          # "skip" | "fail"
     shard_index: int | None = None
     num_shards: int | None = None
@@ -125,6 +125,7 @@ class DatasetWriter:
                     seq, start = seq + n, end
             counters.add(key, int(tokens.size), int(lengths.size))
         counters.documents += batch.num_docs
+        counters.bytes += batch.nbytes
 
     def finalize(self) -> None:
         for builder in self.builders.values():
@@ -211,7 +212,7 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
     enc_cfg = EncodeConfig(tuple(cfg.json_keys), cfg.append_eod, cfg.split_sentences,
                            cfg.keep_newlines, dtype.name)
     try:
-        batches = _batches(mine, cfg, readers, counters)
+        batches = _batches(mine, cfg, readers)
         initargs = (tokenizer, enc_cfg)
         for enc in ordered_map(batches, cfg.workers, 2 * cfg.workers + 2, initargs):
             _record_skips(errors, enc, mine)
@@ -251,14 +252,12 @@ def _validate(cfg: PreprocessConfig) -> None:
         _log("warning: --keep-newlines has no effect without --split-sentences")
 
 
-def _batches(files: Sequence[InputFile], cfg: PreprocessConfig, readers: list[FileReader],
-             counters: Counters) -> Iterator[RawBatch]:
+def _batches(files: Sequence[InputFile], cfg: PreprocessConfig,
+             readers: list[FileReader]) -> Iterator[RawBatch]:
     for file_id, f in enumerate(files):
         reader = FileReader(f, file_id, cfg.batch_bytes, cfg.text_mode, cfg.json_keys)
         readers.append(reader)
-        for batch in reader:
-            counters.bytes += batch.nbytes
-            yield batch
+        yield from reader
 
 
 def _record_skips(errors: ErrorLog, enc: EncodedBatch, files: Sequence[InputFile]) -> None:
