@@ -289,3 +289,30 @@ def test_command_line_tool_with_workers(tmp_path):
     help_text = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--help"],
                                capture_output=True, text=True, timeout=60).stdout
     assert "exit codes" in help_text and "--on-error" in help_text
+
+
+class _Fragile:
+    """ByteLevel tokenizer that raises on any text containing BOOM (a tokenizer bug stand-in)."""
+
+    def __init__(self):
+        self.inner = byte_tok()
+        self.eod, self.name, self.vocab_size = self.inner.eod, "fragile", self.inner.vocab_size
+
+    def encode_batch(self, texts):
+        if any("BOOM" in t for t in texts):
+            raise RuntimeError("cannot encode BOOM")
+        return self.inner.encode_batch(texts)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_text_the_tokenizer_rejects_is_skipped_not_fatal(split):
+    from megapre.data.preprocess.encode import EncodeConfig, Encoder
+    from megapre.data.preprocess.readers import RawBatch
+
+    payload = "".join(json.dumps({"text": t}) + "\n" for t in ["Ok one. Two.", "A. BOOM here.", "Fine."])
+    enc = Encoder(_Fragile(), EncodeConfig(("text",), True, split, False, "uint16"))(
+        RawBatch(0, 10, "jsonl", payload.encode(), len(payload)))
+    assert enc.num_docs == 2 and enc.skips == [(11, "tokenizer_error", "RuntimeError: cannot encode BOOM")]
+    tok = byte_tok()
+    assert enc.tokens[0].tolist() == (tok.encode("Ok one.") + tok.encode("Two.") if split else
+                                      tok.encode("Ok one. Two.")) + [tok.eod] + tok.encode("Fine.") + [tok.eod]

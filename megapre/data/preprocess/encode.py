@@ -52,44 +52,77 @@ class Encoder:
         if batch.kind == "skip":
             return EncodedBatch(batch.file_id, 0, *self._empty(), [], 0, file_skip=batch.payload)
         records = parse_batch(batch, self.config.keys)
-        per_key = [self._encode_key([t[k] for t in records.texts])
-                   for k in range(len(self.config.keys))]
-        keep = np.ones(len(records.texts), dtype=bool)
-        for seqs in per_key:
-            keep &= np.fromiter(map(bool, seqs), dtype=bool, count=len(seqs))
+        n = len(records.texts)
+        keep = np.ones(n, dtype=bool)
+        failures: dict[int, str] = {}
+        per_key = []
+        for k in range(len(self.config.keys)):
+            docs, failed = self._encode_key([t[k] for t in records.texts])
+            per_key.append(docs)
+            failures.update((i, msg) for i, msg in failed.items() if i not in failures)
+            keep &= np.fromiter(map(bool, docs), dtype=bool, count=n)
         skips = list(records.skips)
         if not keep.all():
-            for i in np.flatnonzero(~keep):
-                skips.append((records.lines[i], "empty_document", "no tokens after tokenization"))
+            for i in np.flatnonzero(~keep).tolist():
+                if i in failures:
+                    skips.append((records.lines[i], "tokenizer_error", failures[i]))
+                else:
+                    skips.append((records.lines[i], "empty_document", "no tokens after tokenization"))
             skips.sort(key=lambda s: s[0])
         tokens, lengths, doc_seqs = [], [], []
-        for seqs in per_key:
-            kept = list(itertools.compress(seqs, keep.tolist())) if not keep.all() else seqs
-            t, l, d = self._pack(kept)
+        mask = keep.tolist()
+        for docs in per_key:
+            t, l, d = self._pack(docs if all(mask) else list(itertools.compress(docs, mask)))
             tokens.append(t)
             lengths.append(l)
             doc_seqs.append(d)
         return EncodedBatch(batch.file_id, int(keep.sum()), tokens, lengths, doc_seqs, skips,
                             batch.nbytes)
 
-    def _encode_key(self, texts: list[str]) -> list[list[list[int]]]:
+    def _encode_texts(self, texts: list[str]) -> tuple[list[list[int]], dict[int, str]]:
+        """encode_batch, or, if the tokenizer raises, one text at a time so that only the texts
+        it cannot encode are lost (returned as index -> message, their ids empty)."""
+        if not texts:
+            return [], {}
+        try:
+            return self.tokenizer.encode_batch(texts), {}
+        except Exception:  # noqa: BLE001 - isolate the offending text below
+            pass
+        ids, failed = [], {}
+        for i, text in enumerate(texts):
+            try:
+                ids.append(self.tokenizer.encode_batch([text])[0])
+            except Exception as e:  # noqa: BLE001 - reported per record as tokenizer_error
+                ids.append([])
+                failed[i] = f"{type(e).__name__}: {e}"[:200]
+        return ids, failed
+
+    def _encode_key(self, texts: list[str]) -> tuple[list[list[list[int]]], dict[int, str]]:
         """Per document, its sequences' token ids (empty sequences dropped; EOD appended to the
-        document's last sequence). A document with no tokens is an empty list."""
-        tok, cfg = self.tokenizer, self.config
+        document's last sequence; a document with no tokens is an empty list), and the documents
+        the tokenizer failed on (index -> message)."""
+        cfg = self.config
         if not cfg.split_sentences:
-            ids = tok.encode_batch(texts) if texts else []
+            ids, failed = self._encode_texts(texts)
             docs = [[x] if x else [] for x in ids]
         else:
             sents = [split_sentences(t, cfg.keep_newlines) for t in texts]
-            flat = list(itertools.chain.from_iterable(sents))
-            ids = iter(tok.encode_batch(flat) if flat else [])
-            docs = [[x for x in itertools.islice(ids, len(s)) if x] for s in sents]
+            flat_ids, flat_failed = self._encode_texts(list(itertools.chain.from_iterable(sents)))
+            docs, failed, pos = [], {}, 0
+            for i, s in enumerate(sents):
+                bad = [flat_failed[j] for j in range(pos, pos + len(s)) if j in flat_failed]
+                if bad:
+                    failed[i] = bad[0]
+                docs.append([] if bad else [x for x in flat_ids[pos:pos + len(s)] if x])
+                pos += len(s)
+        for i in failed:
+            docs[i] = []
         if cfg.append_eod:
-            eod = tok.eod
+            eod = self.tokenizer.eod
             for d in docs:
                 if d:
                     d[-1] = [*d[-1], eod]
-        return docs
+        return docs, failed
 
     def _pack(self, docs: Sequence[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         seqs = list(itertools.chain.from_iterable(docs))
@@ -122,6 +155,9 @@ def init_worker(tokenizer: Any, config: EncodeConfig) -> None:
     from its config. Single-threaded: parallelism comes from the worker processes."""
     import os
 
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("RAYON_NUM_THREADS", "1")
     global _WORKER_ENCODER

@@ -25,6 +25,7 @@ SKIP_REASONS = (
     "non_string_value",   # the key's value is not a string (number, null, list, ...)
     "invalid_utf8",       # the bytes are not UTF-8
     "empty_document",     # the text is empty / whitespace only / tokenizes to nothing
+    "tokenizer_error",    # the tokenizer raised on this text (the message is kept)
     "blank_line",         # an empty line in a JSONL file (no record at all)
 )
 

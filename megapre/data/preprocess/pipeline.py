@@ -8,11 +8,13 @@ the corpus size.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import sys
 import time
 from collections import deque
+from contextlib import closing
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -214,10 +216,11 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
     try:
         batches = _batches(mine, cfg, readers)
         initargs = (tokenizer, enc_cfg)
-        for enc in ordered_map(batches, cfg.workers, 2 * cfg.workers + 2, initargs):
-            _record_skips(errors, enc, mine)
-            writer.write(enc, counters)
-            progress.update(errors.total)
+        with closing(ordered_map(batches, cfg.workers, 2 * cfg.workers + 2, initargs)) as results:
+            for enc in results:
+                _record_skips(errors, enc, mine)
+                writer.write(enc, counters)
+                progress.update(errors.total)
         writer.finalize()
         errors.close()
     except BaseException:
@@ -290,6 +293,7 @@ def _finished(prefix: str, fingerprint: dict, outputs: dict[str, str], overwrite
     old = sh.load_stats(prefix)
     if old is None or overwrite:
         return None
+    fingerprint = json.loads(json.dumps(fingerprint))      # compare as stored (lists, not tuples)
     if not all(dataset_cls.exists(p) for p in outputs.values()):
         _log(f"{sh.stats_path(prefix)} says finished but outputs are missing; redoing the run")
         return None
