@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -230,9 +231,8 @@ def _read_holder(path: Path) -> str:
 
 def _dist_info(group: Any) -> tuple[bool, int, int]:
     """(initialized, rank, local rank) from torch.distributed and torchrun's LOCAL_RANK."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    dist = sys.modules.get("torch.distributed")  # never imported -> never initialized (skip torch's import)
+    if dist is None:
         return False, 0, 0
     if not (dist.is_available() and dist.is_initialized()):
         return False, 0, 0
