@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from megapre.data import gpt_helpers
-from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig, build_gpt_indices, causal_lm_sample
+from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig, causal_lm_sample
 from megapre.data.index_cache import CacheConfig, FileLock, IndexCache
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 

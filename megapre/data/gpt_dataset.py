@@ -16,7 +16,6 @@ They are cached on disk under a hash of everything that defines them (index_cach
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
