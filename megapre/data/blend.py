@@ -183,13 +183,12 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
     opened: dict[str, Any] = {}
     result: dict[str, GPTDataset | BlendedDataset | None] = {n: None for n in SPLIT_NAMES}
     for name, (prefixes, weights, cut, flag) in _fed_splits(blend, num_samples):
-        want = num_samples[SPLIT_NAMES.index(name)]
-        datasets = [opened.setdefault(p, _open(p, flag, open_dataset)) for p in prefixes]
-        ranges = []
-        for d in datasets:
-            r = split_ranges(fractions, len(d.document_indices) - 1)[SPLIT_NAMES.index(name)] if cut \
-                else (0, len(d.document_indices) - 1)
-            ranges.append(r)
+        which = SPLIT_NAMES.index(name)
+        want = num_samples[which]
+        datasets = [opened[p] if p in opened else opened.setdefault(p, _open(p, flag, open_dataset))
+                    for p in prefixes]
+        num_docs = [len(d.document_indices) - 1 for d in datasets]
+        ranges = [split_ranges(fractions, n)[which] if cut else (0, n) for n in num_docs]
         if any(r is None for r in ranges):
             continue  # --split gives this split no share
         if weights is None and len(datasets) == 1:
