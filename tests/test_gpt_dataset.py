@@ -361,3 +361,38 @@ def test_split_of_sentence_split_data_keeps_documents_whole(tmp_path):
     stream = stream_of(corpus, ds.document_index)
     k = int(ds.shuffle_index[2])
     np.testing.assert_array_equal(ds[2]["tokens"], stream[4 * k: 4 * k + 4])
+
+
+def _build_in_child(prefix: str, cache_dir: str, queue) -> None:
+    import time
+
+    from megapre.data import gpt_dataset
+
+    real = gpt_dataset.build_gpt_indices
+
+    def slow(*args, **kwargs):  # hold the lock long enough for the other process to queue on it
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    gpt_dataset.build_gpt_indices = slow
+    ds = GPTDataset(open_indexed(prefix), "train", (0, 100), 200, GPTDatasetConfig(
+        seq_length=16, cache=CacheConfig(cache_dir=cache_dir)))
+    queue.put((ds.cache_status, np.asarray(ds.shuffle_index).tolist()))
+
+
+def test_independent_processes_build_once(tmp_path, corpus):
+    """Without torch.distributed, the file lock lets one process build while the other waits."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(corpus.path_prefix, str(tmp_path / "cache"), queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(status for status, _ in results) == ["built", "loaded"]
+    assert results[0][1] == results[1][1]
