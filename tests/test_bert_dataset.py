@@ -479,8 +479,8 @@ def test_bad_input_is_named(tmp_path):
         bert(corpus, BertDatasetConfig(seq_length=64), num_samples=0)
     with pytest.raises(ValueError, match="seq_length=4"):
         BertDatasetConfig(seq_length=4)
-    with pytest.raises(ValueError, match="masked_lm_prob"):
-        BertDatasetConfig(masked_lm_prob=0.0)
+    with pytest.raises(ValueError, match="mask_prob"):
+        BertDatasetConfig(mask_prob=0.0)
 
     class SmallVocab(FakeTokenizer):
         vocab_size = 100

@@ -39,7 +39,7 @@ _UNLIMITED = 2**63 - 1
 @dataclass(frozen=True)
 class BertDatasetConfig:
     seq_length: int = 512                # tokens per sample, [CLS] and [SEP]s included
-    masked_lm_prob: float = 0.15
+    mask_prob: float = 0.15
     short_seq_prob: float = 0.1          # chance of a shorter random target length (1 in round(1/p))
     binary_head: bool = True             # sentence-order prediction; needs >= 2 sentences per sample
     whole_word: bool = True              # whole_word, max_ngrams 3, harmonic: Megatron's pretrain_bert
@@ -61,7 +61,7 @@ class BertDatasetConfig:
 
     def masking(self) -> MaskingConfig:
         return MaskingConfig(
-            masked_lm_prob=self.masked_lm_prob,
+            mask_prob=self.mask_prob,
             whole_word=self.whole_word,
             max_ngrams=self.max_ngrams,
             ngram_distribution=self.ngram_distribution,
