@@ -3,6 +3,7 @@ sample structure, truncation, sentence-order labels, determinism across processe
 input, and an end-to-end sample on real text."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.machinery
 import importlib.util
@@ -20,6 +21,7 @@ from megapre.data.bert_dataset import (
     split_pair,
     truncate_pair,
 )
+from megapre.data.index_cache import CacheConfig
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
@@ -321,8 +323,10 @@ def fake_corpus(tmp_path: Path, seed: int = 0, num_docs: int = 120) -> IndexedDa
 
 def bert(corpus, cfg: BertDatasetConfig, tokenizer=None, split: str = "train", document_range=None,
          num_samples=None, cache_dir=None) -> BertDataset:
-    return BertDataset(corpus, tokenizer or FakeTokenizer(), split, document_range, num_samples, cfg,
-                       cache_dir=cache_dir)
+    """A BertDataset; its mapping cached in `cache_dir`, else in memory only."""
+    cache = CacheConfig(cache_dir=str(cache_dir)) if cache_dir else CacheConfig(enabled=False)
+    return BertDataset(corpus, tokenizer or FakeTokenizer(), split, document_range, num_samples,
+                       dataclasses.replace(cfg, cache=cache))
 
 
 def unmask(sample: dict) -> np.ndarray:
@@ -447,20 +451,26 @@ def test_mapping_cache_is_keyed_by_its_definition(tmp_path):
     cache = tmp_path / "cache"
     cfg = BertDatasetConfig(seq_length=64, seed=1)
     first = bert(corpus, cfg, cache_dir=cache)
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 2 and all(re.fullmatch(r"bert_mapping-[0-9a-f]{32}\.(npy|json)", f) for f in files)
+    assert first.cache_status == "built"
+    names = sorted(p.name.split("-", 1)[1] for p in cache.glob("*.*") if not p.name.endswith(".lock"))
+    assert names == ["BertDataset-description.json", "BertDataset-document_counts.npy", "BertDataset-mapping.npy"]
     again = bert(corpus, cfg, cache_dir=cache)
-    assert isinstance(again.mapping, np.memmap)
+    assert again.cache_status == "loaded" and isinstance(again.mapping, np.memmap)
     np.testing.assert_array_equal(first.mapping, again.mapping)
-    assert again.mapping_info == first.mapping_info
+    assert again.mapping_info == first.mapping_info and first.mapping_info["epochs"] == 1
     # Masking settings do not change the mapping; the seed, the split and num_samples do.
-    bert(corpus, BertDatasetConfig(seq_length=64, seed=1, max_ngrams=3), cache_dir=cache)
-    assert len(list(cache.iterdir())) == 2
-    bert(corpus, BertDatasetConfig(seq_length=64, seed=2), cache_dir=cache)
-    bert(corpus, cfg, document_range=(0, 50), cache_dir=cache)
-    bert(corpus, cfg, num_samples=1000, cache_dir=cache)
-    assert len(list(cache.iterdir())) == 8
-    assert not list(cache.glob(".*tmp"))
+    assert bert(corpus, BertDatasetConfig(seq_length=64, seed=1, max_ngrams=1), cache_dir=cache).cache_status == "loaded"
+    keys = {first.cache_key}
+    for other in (bert(corpus, BertDatasetConfig(seq_length=64, seed=2), cache_dir=cache),
+                  bert(corpus, BertDatasetConfig(seq_length=80, seed=1), cache_dir=cache),
+                  bert(corpus, cfg, document_range=(0, 50), cache_dir=cache),
+                  bert(corpus, cfg, num_samples=1000, cache_dir=cache)):
+        assert other.cache_status == "built"
+        keys.add(other.cache_key)
+    assert len(keys) == 5
+    # The default cache directory is index-cache/ beside the data.
+    default = BertDataset(corpus, FakeTokenizer(), "train", None, None, cfg)
+    assert default.cache_status == "built" and Path(default.cache_paths["mapping"]).parent == tmp_path / "index-cache"
 
 
 def test_bad_input_is_named(tmp_path):
@@ -514,7 +524,7 @@ def test_end_to_end_on_wikitext(tmp_path):
         builder.finalize()
     indexed = IndexedDataset(prefix)
     cfg = BertDatasetConfig(seq_length=128, max_ngrams=3, seed=7)
-    ds = BertDataset(indexed, tok, "train", None, None, cfg, cache_dir=tmp_path / "cache")
+    ds = BertDataset(indexed, tok, "train", None, None, cfg)  # mapping cached in tmp_path/index-cache
     assert len(ds) >= 40
     predicted = ordinary = swaps = 0
     for idx in range(len(ds)):
