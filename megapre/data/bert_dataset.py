@@ -37,6 +37,12 @@ _UNLIMITED = 2**63 - 1
 
 @dataclass(frozen=True)
 class BertDatasetConfig:
+    """Options of the BERT sample dataset. Megatron equivalents: seq_length --seq-length,
+    mask_prob --mask-prob, short_seq_prob --short-seq-prob, binary_head --bert-binary-head
+    (--bert-no-binary-head), seed --seed, cache --data-cache-path; whole_word / max_ngrams /
+    ngram_distribution are megatron-core's masking_do_full_word / masking_max_ngram /
+    masking_use_geometric_distribution (True = "geometric")."""
+
     seq_length: int = 512                # tokens per sample, [CLS] and [SEP]s included
     mask_prob: float = 0.15
     short_seq_prob: float = 0.1          # chance of a shorter random target length (1 in round(1/p))
