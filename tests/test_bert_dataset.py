@@ -20,6 +20,7 @@ from megapre.data.bert_dataset import (
     BertDataset,
     BertDatasetConfig,
     build_mapping,
+    main as bert_main,
     split_pair,
     truncate_pair,
 )
@@ -508,7 +509,7 @@ def test_bad_input_is_named(tmp_path):
 # --- end to end on real text --------------------------------------------------------------------
 
 
-def test_end_to_end_on_wikitext(tmp_path):
+def test_end_to_end_on_wikitext(tmp_path, capsys):
     vocab, wiki = DATA / "bert" / "vocab.txt", DATA / "wikitext-2" / "valid.txt"
     if not (vocab.exists() and wiki.exists()):
         pytest.skip(f"needs {vocab} and {wiki} (the shared data folder)")
@@ -549,6 +550,18 @@ def test_end_to_end_on_wikitext(tmp_path):
     decoded = [tok.decode(source_tokens(indexed, row).tolist()) for row in ds.mapping]
     assert all(_normalized(d) in corpus_text for d in decoded if "[UNK]" not in d)
     assert sum("[UNK]" not in d for d in decoded) > 0.8 * len(decoded)
+    # The command line over the same files: the valid split's mapping, statistics, decoded samples.
+    rc = bert_main(["--data-path", str(tmp_path / "wiki_text_sentence"), "--vocab-file", str(vocab),
+                    "--seq-length", "64", "--split", "80,20", "--split-name", "valid", "--show", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"valid split of .*wiki_text_sentence: documents \[32, 40\), \d+ samples in 1 epoch", out)
+    assert "of ordinary tokens predicted" in out and "sample 0 (sentences" in out and "[CLS]" in out
+    rc = bert_main(["--data-path", str(tmp_path / "wiki_text_sentence"), "--vocab-file", str(vocab),
+                    "--split", "100,0", "--split-name", "valid"])
+    assert rc == 2 and "gives the valid split no share" in capsys.readouterr().err
+    rc = bert_main(["--data-path", str(tmp_path / "missing"), "--vocab-file", str(vocab)])
+    assert rc == 2 and "missing.idx" in capsys.readouterr().err
 
 
 def _normalized(text: str) -> str:
