@@ -578,3 +578,18 @@ def test_dataloader_collates_batches(tmp_path):
     assert batch["text"].shape == (4, 40) and batch["text"].dtype == torch.int64
     assert batch["is_random"].shape == (4,) and batch["truncated"].shape == (4,)
     np.testing.assert_array_equal(batch["labels"][2].numpy(), ds[2]["labels"])
+
+
+def test_blends_like_gpt_datasets(tmp_path):
+    from megapre.data.blend import BlendedDataset, samples_per_dataset
+
+    cfg = BertDatasetConfig(seq_length=48, cache=CacheConfig(cache_dir=str(tmp_path / "cache")))
+    corpora = [fake_corpus(tmp_path, 7), fake_corpus(tmp_path, 8)]
+    weights, size = [0.25, 0.75], 400
+    parts = [BertDataset(c, FakeTokenizer(), "train", None, n, cfg)
+             for c, n in zip(corpora, samples_per_dataset(size, weights))]
+    blend = BlendedDataset(parts, weights, size, cfg.cache, "train")
+    assert len(blend) == size and blend.cache_status == "built"
+    np.testing.assert_array_equal(np.bincount(blend.dataset_index), [100, 300])
+    i = int(np.flatnonzero(np.asarray(blend.dataset_index) == 1)[0])
+    _assert_same(blend[i], parts[1][int(blend.dataset_sample_index[i])])
