@@ -141,24 +141,24 @@ class Masker:
         if num_words == 0:
             return []
         budget = min(words.num_candidates, max(1, int(np.floor(self.config.mask_prob * words.num_candidates + 0.5))))
-        order = rng.permutation(num_words)
-        ngram = self._draw_ngram_sizes(words, rng)
-        taken = np.zeros(tokens.size, dtype=bool)
+        order = rng.permutation(num_words).tolist()
+        ngram = self._draw_ngram_sizes(words, rng).tolist()
+        start, end = words.start.tolist(), words.end.tolist()  # plain lists: this loop is per token
+        taken = bytearray(tokens.size)
         spans: list[tuple[int, int]] = []
         count = 0
         for w in order:
             if count >= budget:
                 break
-            n = int(ngram[w])
-            a = int(words.start[w])
-            while n > 0 and count + int(words.end[w + n - 1]) - a > budget:
+            n, a = ngram[w], start[w]
+            while n > 0 and count + end[w + n - 1] - a > budget:
                 n -= 1  # shrink an n-gram that would overshoot the budget
             if n == 0:
                 continue
-            b = int(words.end[w + n - 1])
-            if taken[a:b].any():
+            b = end[w + n - 1]
+            if taken.find(1, a, b) != -1:
                 continue
-            taken[a:b] = True
+            taken[a:b] = b"\x01" * (b - a)
             spans.append((a, b))
             count += b - a
         return spans
