@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import importlib.machinery
 import importlib.util
+import json
 import multiprocessing as mp
 import re
 import unicodedata
