@@ -274,12 +274,17 @@ def test_cross_entropy_argument_errors():
         ce(logits, target, None, vocab_size=8, padded_vocab_size=8, label_smoothing=1.0)
     with pytest.raises(ValueError, match="target shape"):
         ce(logits, target[:3], None, vocab_size=8, padded_vocab_size=8)
-    # single process equals torch
-    x = torch.randn(5, 7, 8) * 30
+    # single process equals torch, even with large logits
+    x = torch.randn(5, 7, 8) * 300
     t = torch.randint(0, 8, (5, 7))
     assert_close(ce(x, t, None, vocab_size=8, padded_vocab_size=8, label_smoothing=0.2),
                  F.cross_entropy(x.transpose(1, 2), t, label_smoothing=0.2, reduction="none"),
                  **TOL)
+    xg = x.clone().requires_grad_()
+    loss = ce(xg, t, None, vocab_size=8, padded_vocab_size=8).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        loss.backward()
 
 
 class _FakeTP2(ParallelMesh):
