@@ -379,6 +379,21 @@ def test_missing_flags_and_files_name_the_fix(tmp_path):
             build_tokenizer(config)
 
 
+def test_binary_or_empty_vocab_files(tmp_path):
+    binary = tmp_path / "vocab.txt"
+    binary.write_bytes(b"\xff\xfe\x00[CLS]\x00")
+    with pytest.raises(TokenizerError, match="vocab.txt: not UTF-8 text"):
+        build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(binary)))
+    empty = tmp_path / "vocab.json"
+    empty.write_text("{}")
+    with pytest.raises(TokenizerError, match="vocabulary is empty"):
+        build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(empty), str(empty)))
+    no_eod = tmp_path / "small.json"
+    no_eod.write_text('{"a": 0, "b": 1}')
+    with pytest.raises(TokenizerError, match="no <\\|endoftext\\|> token"):
+        build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(no_eod), str(empty)))
+
+
 def test_mismatched_merge_file(tmp_path):
     need(GPT2 / "vocab.json")
     merges = tmp_path / "merges.txt"
