@@ -47,10 +47,23 @@ def wiki_lines(n: int) -> list[str]:
     return lines[:n]
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def build_gpt2(engine: str = "default"):
+    """GPT-2 on a chosen engine: "tokenizers" hides tiktoken, as on a machine without it."""
     need(GPT2 / "vocab.json", GPT2 / "merges.txt")
-    return build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt")))
+    config = TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt"))
+    if engine == "tiktoken":
+        pytest.importorskip("tiktoken", reason="tiktoken is not installed (the tokenizers engine is tested)")
+    with pytest.MonkeyPatch.context() as mp:
+        if engine == "tokenizers":
+            mp.setattr("megapre.data.tokenizer.gpt2.tiktoken", None)
+        tok = build_tokenizer(config)
+    assert engine == "default" or tok.engine == engine
+    return tok
+
+
+@pytest.fixture(scope="module", params=["tiktoken", "tokenizers"])
+def gpt2(request):
+    return build_gpt2(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +150,24 @@ def test_gpt2_matches_reference_on_random_unicode(gpt2):
     ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(1000)]
     assert gpt2.encode_batch(texts) == [ref.encode(t) for t in texts]
+
+
+def test_gpt2_engines_agree_on_a_book():
+    need(DATA / "gutenberg" / "gutenberg_en_24MiB.txt")
+    with open(DATA / "gutenberg" / "gutenberg_en_24MiB.txt", encoding="utf-8") as f:
+        text = f.read(400_000)
+    docs = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    fast, general = build_gpt2("tiktoken"), build_gpt2("tokenizers")
+    assert fast.encode_batch(docs) == general.encode_batch(docs)
+    assert fast.describe()["engine"] == "tiktoken" and fast.fingerprint() == general.fingerprint()
+
+
+def test_gpt2_other_vocabularies_use_the_merge_list_engine(tmp_path):
+    pytest.importorskip("tiktoken")
+    lines = (GPT2 / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:-2]) + "\n", encoding="utf-8")  # one merge fewer
+    tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert tok.engine == "tokenizers"
 
 
 def test_gpt2_decodes_split_utf8_with_replacement(gpt2):
@@ -300,7 +331,7 @@ def test_huggingface_tokenizer_errors(tmp_path):
 def test_pickle_round_trip_and_file_change_detected(tmp_path, gpt2):
     clone = pickle.loads(pickle.dumps(gpt2))
     assert clone.encode_batch(TRICKY) == gpt2.encode_batch(TRICKY)
-    assert clone.describe() == gpt2.describe()
+    assert clone.fingerprint() == gpt2.fingerprint() and clone.describe()["files"] == gpt2.describe()["files"]
     vocab = tmp_path / "vocab.json"
     shutil.copy(GPT2 / "vocab.json", vocab)
     tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(vocab), str(GPT2 / "merges.txt")))
