@@ -169,6 +169,26 @@ def test_pickle_reopens(tmp_path):
     np.testing.assert_array_equal(back.document_indices, ds.document_indices)
 
 
+def test_unpickle_skips_the_scan_only_for_unchanged_files(tmp_path, monkeypatch):
+    import megapre.data.indexed as indexed
+
+    _write(tmp_path / "d", np.uint16, [[np.arange(5)], [np.arange(3)]])
+    blob = pickle.dumps(IndexedDataset(tmp_path / "d"))
+    scans = []
+    real = indexed._check_sequences
+    monkeypatch.setattr(indexed, "_check_sequences", lambda *a: scans.append(1) or real(*a))
+    assert pickle.loads(blob).num_tokens == 8 and scans == []
+    # Rewritten in place with the same sizes (a corrupt length): the worker must scan again and fail.
+    raw = bytearray((tmp_path / "d.idx").read_bytes())
+    raw[34:38] = struct.pack("<i", 9)
+    mtime = (tmp_path / "d.idx").stat().st_mtime_ns
+    (tmp_path / "d.idx").write_bytes(bytes(raw))
+    os.utime(tmp_path / "d.idx", ns=(mtime + 10**9, mtime + 10**9))  # whatever the fs timestamp granularity
+    with pytest.raises(IndexedDatasetError, match="sequence 0 ends at byte 18"):
+        pickle.loads(blob)
+    assert scans == [1]
+
+
 def test_optimal_dtype_and_exists(tmp_path):
     assert optimal_dtype(50257) == np.uint16 and optimal_dtype(65499) == np.uint16
     assert optimal_dtype(65500) == np.int32 and optimal_dtype(128256) == np.int32
@@ -290,6 +310,8 @@ def test_writer_misuse(tmp_path):
         IndexedDatasetBuilder(tmp_path / "d", np.uint32)
     with pytest.raises(IndexedDatasetError, match="does not exist"):
         IndexedDatasetBuilder(tmp_path / "no" / "d", np.uint16)
+    with pytest.raises(IndexedDatasetError, match="is a directory"):
+        IndexedDatasetBuilder(tmp_path, np.uint16)
     b = IndexedDatasetBuilder(tmp_path / "d", np.uint16)
     with pytest.raises(ValueError, match="sum to 3 but the document has 2 tokens"):
         b.add_document([1, 2], [1, 2])
@@ -318,6 +340,33 @@ def test_exception_inside_builder_leaves_nothing(tmp_path):
     b = IndexedDatasetBuilder(tmp_path / "d", np.uint16)
     b.add_document([1])
     b.abort()
+    assert _outputs(tmp_path) == []
+
+
+def test_write_failure_aborts(tmp_path):
+    class DiskFull:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    b = IndexedDatasetBuilder(tmp_path / "d", np.uint16)
+    b.add_document([1, 2])
+    b._bin.close()
+    b._bin = DiskFull()
+    with pytest.raises(OSError, match="No space left"):
+        b.add_document([3])
+    assert _outputs(tmp_path) == []
+    with pytest.raises(RuntimeError, match="already finalized or aborted"):
+        b.add_document([4])
+
+
+def test_dropped_builder_removes_its_temporaries(tmp_path):
+    b = IndexedDatasetBuilder(tmp_path / "d", np.uint16)
+    b.add_document([1, 2])
+    assert len(_outputs(tmp_path)) == 1
+    del b
     assert _outputs(tmp_path) == []
 
 
@@ -402,6 +451,16 @@ def test_merge_shifts_document_index(tmp_path):
     _write(tmp_path / "direct", np.uint16, all_docs)
     assert (tmp_path / "m.idx").read_bytes() == (tmp_path / "direct.idx").read_bytes()
     assert (tmp_path / "m.bin").read_bytes() == (tmp_path / "direct.bin").read_bytes()
+
+
+def test_merge_copies_in_chunks(tmp_path, monkeypatch):
+    import megapre.data.indexed as indexed
+
+    monkeypatch.setattr(indexed, "_COPY_CHUNK", 7)  # odd size: chunk edges fall inside tokens
+    docs = _docs(np.random.default_rng(3), 20, 0, 2**31 - 1)
+    _write(tmp_path / "a", np.int32, docs)
+    merge_datasets([tmp_path / "a", tmp_path / "a"], tmp_path / "m")
+    _assert_holds(IndexedDataset(tmp_path / "m"), docs + docs)
 
 
 def test_merge_mixed_with_new_documents_and_unpacked_source(tmp_path):
@@ -531,3 +590,21 @@ def test_megatron_empty_dataset_reads_here(tmp_path, mcore):
     assert len(ds) == 0 and ds.num_documents == 0
     IndexedDatasetBuilder(tmp_path / "o", np.uint16).finalize()
     assert (tmp_path / "o.idx").read_bytes() == (tmp_path / "e.idx").read_bytes()
+
+
+@pytest.mark.slow
+def test_dataloader_spawn_worker_reads_through_pickle(tmp_path):
+    import torch
+
+    docs = _docs(np.random.default_rng(5), 40, 0, 60000)
+    _write(tmp_path / "d", np.uint16, docs)
+    ds = IndexedDataset(tmp_path / "d")
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=1, multiprocessing_context="spawn",
+        collate_fn=np.copy,  # leave the arrays numpy (the default collate would make tensors)
+    )
+    flat = [s for seqs in docs for s in seqs]
+    got = list(loader)
+    assert len(got) == len(flat)
+    for a, b in zip(got, flat):
+        np.testing.assert_array_equal(a, b)

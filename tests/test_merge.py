@@ -13,6 +13,7 @@ from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megapre.data.merge import EXIT_ERROR, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def _shard(prefix: Path, first_token: int, n_docs: int, dtype=np.uint16) -> list[list[int]]:
@@ -76,6 +77,8 @@ def test_refuses_to_overwrite_inputs_and_outputs(shards, tmp_path, capsys):
     assert main(["--input", str(d / "s_0"), "--output-prefix", str(d / "z_all")]) == EXIT_ERROR
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     assert main(["--input", str(d / "s_0"), "--output-prefix", str(d / "z_all"), "--overwrite"]) == EXIT_OK
+    assert main(["--input", str(d / "s_0"), "--output-prefix", str(tmp_path / "x.bin")]) == EXIT_ERROR
+    assert "give the prefix without the extension" in capsys.readouterr().err
     assert IndexedDataset(d / "z_all").num_documents == 5
     assert ((d / "s_0.bin").read_bytes(), (d / "s_0.idx").read_bytes()) == before
 
@@ -129,3 +132,29 @@ def test_cli_script(shards, tmp_path):
         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120,
     )
     assert bad.returncode == 1 and "missing.idx: file not found" in bad.stderr
+
+
+def test_sharded_real_text_merges_to_the_unsharded_dataset(tmp_path):
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"{SHAKESPEARE} not present (the shared data directory is not beside the repo)")
+    # Paragraphs as documents, lines as sequences (the BERT sentence layout), bytes as tokens.
+    paragraphs = [p for p in SHAKESPEARE.read_bytes().split(b"\n\n") if p.strip()]
+    docs = [[np.frombuffer(line, np.uint8) for line in p.split(b"\n")] for p in paragraphs]
+
+    def write(prefix: Path, part: list) -> None:
+        with IndexedDatasetBuilder(prefix, np.uint8) as b:
+            for seqs in part:
+                b.add_document(np.concatenate(seqs), [len(s) for s in seqs])
+
+    cut = [0, len(docs) // 3, len(docs) // 2, len(docs)]
+    (tmp_path / "shards").mkdir()
+    for k in range(3):
+        write(tmp_path / "shards" / f"part_{k:05d}", docs[cut[k] : cut[k + 1]])
+    write(tmp_path / "whole", docs)
+    assert main(["--input-dir", str(tmp_path / "shards"), "--output-prefix", str(tmp_path / "merged")]) == EXIT_OK
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"whole{ext}").read_bytes()
+    merged = IndexedDataset(tmp_path / "merged")
+    assert merged.num_documents == len(paragraphs)
+    first, last = merged.document(len(paragraphs) - 1)
+    assert b"\n".join(merged[i].tobytes() for i in range(first, last)) == paragraphs[-1]

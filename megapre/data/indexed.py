@@ -118,6 +118,12 @@ def _missing_file_error(path: str, prefix: str) -> IndexedDatasetError:
     return IndexedDatasetError(f"{path}: file not found; {hint}")
 
 
+def _file_identity(path: str) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime): changes whenever the file is replaced or rewritten."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _read_header(path: str) -> tuple[np.dtype, int, int]:
     """Parse and check the 34-byte header and the .idx size it implies; returns (dtype, S, D)."""
     size = os.path.getsize(path)
@@ -161,31 +167,34 @@ def _read_header(path: str) -> tuple[np.dtype, int, int]:
 
 
 def _check_sequences(path: str, bpath: str, lengths, pointers, itemsize: int, bin_size: int) -> int:
-    """Check every sequence lies inside the .bin file; returns the total number of tokens."""
-    tokens = 0
-    extent = 0
+    """Check every sequence lies inside the .bin file; returns the total number of tokens.
+
+    Runs once per open over the whole index, so the common (valid) case is a few vectorised
+    reductions per chunk; the offending entry is located only when a chunk fails."""
+    tokens = extent = 0
     for lo in range(0, len(lengths), _CHECK_CHUNK):
-        ln = np.asarray(lengths[lo : lo + _CHECK_CHUNK], dtype=np.int64)
-        pt = np.asarray(pointers[lo : lo + _CHECK_CHUNK], dtype=np.int64)
-        bad = np.flatnonzero((ln < 0) | (pt < 0) | (pt % itemsize != 0))
-        if bad.size:
-            i = int(bad[0])
+        ln = np.array(lengths[lo : lo + _CHECK_CHUNK])  # aligned copies: faster than unaligned views
+        pt = np.array(pointers[lo : lo + _CHECK_CHUNK])
+        if ln.min() < 0 or pt.min() < 0 or (itemsize > 1 and (pt & (itemsize - 1)).any()):
+            i = int(np.flatnonzero((ln < 0) | (pt < 0) | (pt % itemsize != 0))[0])
             raise IndexedDatasetError(
                 f"{path}: sequence {lo + i} has length {int(ln[i])} and byte offset {int(pt[i])} "
                 f"(lengths must be >= 0, offsets >= 0 and multiples of the {itemsize}-byte token size); "
                 "the index is corrupt: rebuild it"
             )
-        ends = pt + ln * itemsize
-        over = np.flatnonzero(ends > bin_size)
-        if over.size:
-            i = int(over[0])
+        ends = ln.astype(np.int64)
+        ends *= itemsize
+        ends += pt
+        last = int(ends.max())
+        if last > bin_size:
+            i = int(np.flatnonzero(ends > bin_size)[0])
             raise IndexedDatasetError(
                 f"{bpath}: too short for its index {path}: sequence {lo + i} ends at byte {int(ends[i])} "
                 f"but the .bin file has {bin_size} bytes; the .bin was truncated or belongs to another "
                 "index: rebuild the dataset"
             )
-        tokens += int(ln.sum())
-        extent = max(extent, int(ends.max()) if ends.size else 0)
+        tokens += int(ln.sum(dtype=np.int64))
+        extent = max(extent, last)
     if extent != bin_size:
         raise IndexedDatasetError(
             f"{bpath}: has {bin_size} bytes but its index {path} describes only {extent}; the two files "
@@ -201,10 +210,9 @@ def _check_document_index(path: str, doc_idx, n_seq: int) -> None:
             f"but runs from {int(doc_idx[0])} to {int(doc_idx[-1])}; the index is corrupt: rebuild it"
         )
     for lo in range(0, len(doc_idx) - 1, _CHECK_CHUNK):
-        chunk = np.asarray(doc_idx[lo : lo + _CHECK_CHUNK + 1], dtype=np.int64)
-        down = np.flatnonzero(np.diff(chunk) < 0)
-        if down.size:
-            i = lo + int(down[0])
+        chunk = np.array(doc_idx[lo : lo + _CHECK_CHUNK + 1])
+        if (chunk[1:] < chunk[:-1]).any():
+            i = lo + int(np.flatnonzero(chunk[1:] < chunk[:-1])[0])
             raise IndexedDatasetError(
                 f"{path}: the document index decreases at entry {i + 1} "
                 f"({int(chunk[i - lo])} -> {int(chunk[i - lo + 1])}); the index is corrupt: rebuild it"
@@ -224,11 +232,15 @@ class IndexedDataset:
     def __init__(self, path_prefix: str | os.PathLike) -> None:
         self._open(os.fspath(path_prefix))
 
-    def _open(self, prefix: str) -> None:
+    def _open(self, prefix: str, validated: dict | None = None) -> None:
+        """Map the files after checking them. ``validated`` (from a pickle) carries the identity
+        of files this object already scanned in the parent process: if both files are unchanged,
+        the O(S) scans are skipped, so DataLoader workers reopen in O(1)."""
         ipath, bpath = idx_path(prefix), bin_path(prefix)
         for p in (ipath, bpath):
             if not os.path.isfile(p):
                 raise _missing_file_error(p, prefix)
+        identity = (_file_identity(ipath), _file_identity(bpath))
         dtype, n_seq, n_doc_idx = _read_header(ipath)
         # An .idx is never empty (header), so it can always be mapped.
         idx_map = np.memmap(ipath, dtype=np.uint8, mode="r")
@@ -238,9 +250,12 @@ class IndexedDataset:
         pointers = np.frombuffer(idx_map, dtype="<i8", count=n_seq, offset=off)
         off += 8 * n_seq
         doc_idx = np.frombuffer(idx_map, dtype="<i8", count=n_doc_idx, offset=off)
-        bin_size = os.path.getsize(bpath)
-        num_tokens = _check_sequences(ipath, bpath, lengths, pointers, dtype.itemsize, bin_size)
-        _check_document_index(ipath, doc_idx, n_seq)
+        bin_size = identity[1][2]
+        if validated is not None and validated["identity"] == identity:
+            num_tokens = validated["num_tokens"]
+        else:
+            num_tokens = _check_sequences(ipath, bpath, lengths, pointers, dtype.itemsize, bin_size)
+            _check_document_index(ipath, doc_idx, n_seq)
 
         self.path_prefix: str = prefix
         self.dtype: np.dtype = dtype
@@ -250,6 +265,7 @@ class IndexedDataset:
         self.num_documents: int = n_doc_idx - 1
         self.num_tokens: int = num_tokens
         self._idx_map = idx_map
+        self._identity = identity
         # numpy cannot map an empty file; an empty dataset reads from an empty buffer instead.
         self._bin = np.memmap(bpath, dtype=np.uint8, mode="r") if bin_size else np.empty(0, np.uint8)
 
@@ -303,10 +319,11 @@ class IndexedDataset:
         return int(self.document_indices[doc]), int(self.document_indices[doc + 1])
 
     def __getstate__(self) -> dict:
-        return {"path_prefix": self.path_prefix}
+        return {"path_prefix": self.path_prefix,
+                "validated": {"identity": self._identity, "num_tokens": self.num_tokens}}
 
     def __setstate__(self, state: dict) -> None:
-        self._open(state["path_prefix"])
+        self._open(state["path_prefix"], state.get("validated"))
 
     def __repr__(self) -> str:
         return (
@@ -352,7 +369,7 @@ class IndexedDatasetBuilder:
 
     Tokens go straight to a temporary ``.bin`` (``P.bin.tmp-<pid>-<random>``, a name no reader takes
     for a dataset); only the int32 sequence lengths and int64 document boundaries stay in memory
-    (12 bytes per sequence). ``finalize`` writes the index, syncs both files and renames them over
+    (4 bytes per sequence + 8 per document; offsets are derived at finalize). ``finalize`` writes the index, syncs both files and renames them over
     any previous dataset, index last, so at every instant P.idx is either absent, the old complete
     index, or the new complete one. Used as a context manager, an exception aborts (temporaries
     removed, an existing dataset left untouched) and a clean exit finalizes.
@@ -362,6 +379,10 @@ class IndexedDatasetBuilder:
         self.path_prefix = os.fspath(path_prefix)
         self.dtype = _token_dtype(dtype)
         directory = os.path.dirname(os.path.abspath(self.path_prefix))
+        if os.path.isdir(self.path_prefix) or self.path_prefix.endswith(os.sep):
+            raise IndexedDatasetError(
+                f"{self.path_prefix}: is a directory; give a path prefix such as {os.path.join(self.path_prefix, 'name')}"
+            )
         if not os.path.isdir(directory):
             raise IndexedDatasetError(
                 f"{self.path_prefix}: output directory {directory} does not exist; create it first"
@@ -385,7 +406,7 @@ class IndexedDatasetBuilder:
         arr = _as_tokens(tokens, self.dtype)
         if arr.size > _MAX_SEQUENCE_LENGTH:
             raise ValueError(f"sequence of {arr.size} tokens exceeds the format's int32 length limit")
-        self._bin.write(memoryview(arr).cast("B"))
+        self._write(memoryview(arr).cast("B"))
         self._lengths.append(arr.size)
 
     def end_document(self) -> None:
@@ -410,7 +431,7 @@ class IndexedDatasetBuilder:
                 raise ValueError(
                     f"sequence_lengths sum to {int(sl.sum())} but the document has {arr.size} tokens"
                 )
-        self._bin.write(memoryview(arr).cast("B"))
+        self._write(memoryview(arr).cast("B"))
         if sequence_lengths is None:
             self._lengths.append(arr.size)
         else:
@@ -433,25 +454,43 @@ class IndexedDatasetBuilder:
                 f"{self.dtype.name}; datasets can only be merged when their dtypes match "
                 "(re-preprocess with the same tokenizer / dtype)"
             )
-        shift = len(self._lengths)
-        for lo in range(0, len(other), _CHECK_CHUNK):
-            self._lengths.frombytes(np.asarray(other.sequence_lengths[lo : lo + _CHECK_CHUNK], np.int32).tobytes())
-        for lo in range(1, len(other.document_indices), _CHECK_CHUNK):
-            chunk = np.asarray(other.document_indices[lo : lo + _CHECK_CHUNK], np.int64) + shift
-            self._doc_idx.frombytes(chunk.tobytes())
-        self._copy_tokens(other)
+        try:
+            self._copy_tokens(other)
+            shift = len(self._lengths)
+            for lo in range(0, len(other), _CHECK_CHUNK):
+                chunk = np.asarray(other.sequence_lengths[lo : lo + _CHECK_CHUNK], np.int32)
+                self._lengths.frombytes(chunk.tobytes())
+            for lo in range(1, len(other.document_indices), _CHECK_CHUNK):
+                chunk = np.asarray(other.document_indices[lo : lo + _CHECK_CHUNK], np.int64) + shift
+                self._doc_idx.frombytes(chunk.tobytes())
+        except BaseException:
+            self.abort()  # a partial append cannot be undone in the stream
+            raise
+
+    def _write(self, data: memoryview) -> None:
+        try:
+            self._bin.write(data)
+        except OSError:
+            self.abort()  # e.g. disk full: the stream is now incomplete, so nothing of it may survive
+            raise
 
     def _copy_tokens(self, other: IndexedDataset) -> None:
-        self._bin.flush()
-        if _is_packed(other):
-            # The common case (every Megatron/megapre writer): the .bin is the sequences in order.
-            with open(bin_path(other.path_prefix), "rb") as src:
-                while chunk := src.read(_COPY_CHUNK):
-                    self._bin.write(chunk)
+        if not _is_packed(other):
+            # Sequences stored out of order or with gaps: copy each one, in order, from the map.
+            for i in range(len(other)):
+                self._bin.write(memoryview(other[i]).cast("B"))
             return
-        # Sequences stored out of order or with gaps: copy each one, in order, from the map.
-        for i in range(len(other)):
-            self._bin.write(memoryview(other[i]).cast("B"))
+        # The common case (every Megatron/megapre writer): the .bin is the sequences in order, so
+        # copy exactly the bytes that were validated, in large chunks, never the whole file at once.
+        path, remaining = bin_path(other.path_prefix), other.num_tokens * other.dtype.itemsize
+        buf = memoryview(bytearray(min(_COPY_CHUNK, max(remaining, 1))))
+        with open(path, "rb", buffering=0) as src:
+            while remaining:
+                n = src.readinto(buf[: min(len(buf), remaining)])
+                if not n:
+                    raise IndexedDatasetError(f"{path}: shrank while being copied; was it rewritten during the merge?")
+                self._bin.write(buf[:n])
+                remaining -= n
 
     # -- finishing --------------------------------------------------------------------------------
 

@@ -75,6 +75,11 @@ def check_output(inputs: Sequence[str], output_prefix: str, overwrite: bool) -> 
             raise IndexedDatasetError(
                 f"{prefix}: is an input and also the --output-prefix; write the merge to another prefix"
             )
+    if output_prefix.endswith((".bin", ".idx")):
+        raise IndexedDatasetError(
+            f"--output-prefix {output_prefix}: give the prefix without the extension "
+            f"({output_prefix[:-4]}), the tool writes both .bin and .idx"
+        )
     existing = [output_prefix + ext for ext in (".bin", ".idx") if os.path.exists(output_prefix + ext)]
     if existing and not overwrite:
         raise IndexedDatasetError(

@@ -22,11 +22,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Rotate the first angles.shape[-1] channels of x [s, b, heads, head_dim] by angles [s, rot];
+    """Rotate the first angles.shape[-1] channels of x [s, b, heads, head_dim] by angles [s, rot]
+    (shared positions) or [s, b, rot] (per-sample positions, e.g. reset at document boundaries);
     the rest pass through (rotary_percent < 1). Math in float32, result in x.dtype."""
     rot = angles.shape[-1]
-    cos = angles.cos()[:, None, None, :]
-    sin = angles.sin()[:, None, None, :]
+    angles = angles[:, None, None, :] if angles.dim() == 2 else angles[:, :, None, :]
+    cos, sin = angles.cos(), angles.sin()
     xr = x[..., :rot].float()
     out = (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
     if rot == x.shape[-1]:
