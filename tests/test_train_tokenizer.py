@@ -136,6 +136,10 @@ def test_bad_records_are_counted_or_fatal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{corpus}:2: malformed JSON" in err
     assert not any(p.name != "." for p in (tmp_path / "o2").iterdir())  # nothing written, no temp left
+    assert main(["--kind", "sentencepiece", "--input", str(corpus), "--output-dir", str(tmp_path / "o3"),
+                 "--on-error", "fail"]) == 1
+    err = capsys.readouterr().err  # the reader's message, not the trainer's wrapping of it
+    assert err.startswith(f"train_tokenizer: error: {corpus}:2: malformed JSON") and "INTERNAL" not in err
 
 
 def test_errors_and_existing_output_is_kept(tmp_path, capsys, wiki_jsonl):
