@@ -27,19 +27,27 @@ except ImportError:  # optional: the merge-list engine covers every vocabulary
 GPT2_EOD = "<|endoftext|>"
 # GPT-2's pre-tokenization split, as published with the model.
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# sha256 of (sorted vocab items, merges) of GPT-2's vocab.json + merges.txt: formatting-independent.
+# GPT-2's released files, by sha256 of their bytes (the common copies: Hugging Face, Megatron's).
+GPT2_FILE_SHA256 = {
+    "vocab_file": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "merge_file": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+# sha256 of (sorted vocab items, merges) of the same: recognises re-formatted copies too.
 GPT2_CONTENT_SHA256 = "158b3bd6e05497a606672c2df858875b2e03284dab725d3a08732715c71f014b"
 
 
-def load_bpe_vocab(path: Path, flag: str = "--vocab-file") -> dict[str, int]:
+def _is_token_map(vocab: Any) -> bool:
+    return isinstance(vocab, dict) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in vocab.items()
+    )
+
+
+def load_bpe_vocab(path: Path, flag: str = "--vocab-file", validate: bool = True) -> dict[str, int]:
     try:
         vocab = json.loads(read_text(path, flag))
     except json.JSONDecodeError as e:
         raise TokenizerError(f"{flag} {path}: not valid JSON ({e}); expected GPT-2's vocab.json") from e
-    if not isinstance(vocab, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in vocab.items()
-    ):
+    if validate and not _is_token_map(vocab):
         raise TokenizerError(f"{flag} {path}: expected a JSON object mapping tokens to ids (GPT-2 vocab.json)")
     if not vocab:
         raise TokenizerError(f"{flag} {path}: the vocabulary is empty")
@@ -73,17 +81,17 @@ def content_sha256(vocab: dict[str, int], merges: list[tuple[str, str]]) -> str:
     return digest.hexdigest()
 
 
-def _byte_of_char() -> dict[str, int]:
+def _char_to_byte_table() -> dict[int, int]:
     """GPT-2 spells each byte as a printable character: printable bytes as themselves, the others
-    as the characters from U+0100 upward, in byte order."""
+    as the characters from U+0100 upward, in byte order. (A str.translate table: char -> byte.)"""
     printable = [b for b in range(256) if 33 <= b <= 126 or 161 <= b <= 172 or 174 <= b <= 255]
     shifted = iter(range(256, 512))
-    return {chr(b if b in printable else next(shifted)): b for b in range(256)}
+    return {(b if b in printable else next(shifted)): b for b in range(256)}
 
 
 def _tiktoken_encoding(vocab: dict[str, int], eod: int) -> Any:
-    to_byte = _byte_of_char()
-    ranks = {bytes(to_byte[c] for c in token): idx for token, idx in vocab.items() if token != GPT2_EOD}
+    table = _char_to_byte_table()
+    ranks = {token.translate(table).encode("latin-1"): idx for token, idx in vocab.items() if token != GPT2_EOD}
     return tiktoken.Encoding("megapre-gpt2", pat_str=GPT2_SPLIT, mergeable_ranks=ranks,
                              special_tokens={GPT2_EOD: eod})
 
@@ -97,25 +105,29 @@ class GPT2BPETokenizer(HFBackedTokenizer):
         vocab_path = require_file(config, "vocab_file", "GPT-2's vocab.json")
         merge_path = require_file(config, "merge_file", "GPT-2's merges.txt (the BPE merge rules)")
         super().__init__(config, {"vocab_file": vocab_path, "merge_file": merge_path})
-        vocab = load_bpe_vocab(vocab_path)
+        known = self.file_digests() == GPT2_FILE_SHA256  # the released files: nothing to validate
+        vocab = load_bpe_vocab(vocab_path, validate=not known)
         if GPT2_EOD not in vocab:
             raise TokenizerError(
                 f"--vocab-file {vocab_path}: no {GPT2_EOD} token, so there is no end-of-document id; "
                 "use GPT-2's vocab.json or a BPE vocabulary trained with that special token"
             )
-        merges = load_bpe_merges(merge_path, vocab)
+        self.vocab_size = max(vocab.values()) + 1
+        self.eod = vocab[GPT2_EOD]
+        merges = [] if known else load_bpe_merges(merge_path, vocab)
+        self._tiktoken = None
+        if tiktoken is not None and (known or content_sha256(vocab, merges) == GPT2_CONTENT_SHA256):
+            self._tiktoken = _tiktoken_encoding(vocab, self.eod)
+            return
         try:
-            tok = hf.Tokenizer(hf.models.BPE(vocab=vocab, merges=merges))
+            model = (hf.models.BPE.from_file(str(vocab_path), str(merge_path)) if known
+                     else hf.models.BPE(vocab=vocab, merges=merges))
         except Exception as e:  # the library raises a bare Exception on inconsistent files
             raise TokenizerError(f"--vocab-file {vocab_path} / --merge-file {merge_path}: {e}") from e
+        tok = hf.Tokenizer(model)
         tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = hf.decoders.ByteLevel()
         self._set_backend(tok)
-        self.vocab_size = max(vocab.values()) + 1
-        self.eod = vocab[GPT2_EOD]
-        self._tiktoken = None
-        if tiktoken is not None and content_sha256(vocab, merges) == GPT2_CONTENT_SHA256:
-            self._tiktoken = _tiktoken_encoding(vocab, self.eod)
 
     @property
     def engine(self) -> str:

@@ -53,12 +53,6 @@ class HFBackedTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
 
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str | None:
-        return self._tok.id_to_token(idx)
-
 
 # ------------------------------------------------------------------------------------ BERT WordPiece
 BERT_SPECIALS = {"cls": "[CLS]", "sep": "[SEP]", "pad": "[PAD]", "mask": "[MASK]", "unk": "[UNK]"}
