@@ -168,6 +168,12 @@ def test_gpt2_other_vocabularies_use_the_merge_list_engine(tmp_path):
     (tmp_path / "merges.txt").write_text("\n".join(lines[:-2]) + "\n", encoding="utf-8")  # one merge fewer
     tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(tmp_path / "merges.txt")))
     assert tok.engine == "tokenizers"
+    # A re-formatted copy of GPT-2's own files is recognised by content and keeps the fast engine.
+    vocab = json.loads((GPT2 / "vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:]), encoding="utf-8")  # no #version line
+    copy = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert copy.engine == "tiktoken" and copy.encode("Hello world") == [15496, 995]
 
 
 def test_gpt2_decodes_split_utf8_with_replacement(gpt2):
