@@ -194,7 +194,7 @@ class HuggingFaceTokenizer(HFBackedTokenizer):
         self._set_backend(tok)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         for name, spellings in _USUAL.items():
-            choices = (named[name],) if name in named else spellings
+            choices = ((named[name],) if name in named else ()) + spellings  # named first
             setattr(self, name, next((tok.token_to_id(s) for s in choices if tok.token_to_id(s) is not None), None))
         model = tok.model
         prefix = getattr(model, "continuing_subword_prefix", None) if type(model).__name__ == "WordPiece" else None
