@@ -569,3 +569,18 @@ def test_megatron_flags_round_trip_through_argparse():
     assert build_tokenizer(config).eod == 128
     with pytest.raises(SystemExit):
         parser.parse_args(["--vocab-size", "5"])  # --tokenizer-type is required
+
+
+@pytest.mark.slow
+def test_tokenizers_work_in_spawned_workers(bert_lower):
+    """What preprocessing does: ship tokenizers to fresh processes, encode there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    gpt2 = build_gpt2()
+
+    texts = TRICKY + wiki_lines(50)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        remote = [pool.submit(tok.encode_batch, texts) for tok in (gpt2, bert_lower)]
+        assert remote[0].result(timeout=120) == gpt2.encode_batch(texts)
+        assert remote[1].result(timeout=120) == bert_lower.encode_batch(texts)
