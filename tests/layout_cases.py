@@ -12,6 +12,17 @@ from megapre.train.parallel_model import ParallelModel
 from megapre.train.step import StepConfig, TrainStep
 
 VOCAB, SEQ = 61, 8
+WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.distributed.pipelining",
+                  "megapre.train.step"]
+
+
+def preload_worker_modules() -> None:
+    """Import DDP's and the pipeline schedules' heavy dependencies (torch._dynamo: seconds per
+    process) once in the fork server instead of in every rank of every layout. Takes effect
+    when called before the fork server starts (the first run_distributed of the session)."""
+    from megapre.parallel import testing
+
+    testing._context().set_forkserver_preload(WORKER_PRELOAD)
 
 
 @dataclass(frozen=True)

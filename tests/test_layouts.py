@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layout_cases import Layout, layout_worker, train
+from layout_cases import Layout, layout_worker, preload_worker_modules, train
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
 
@@ -33,6 +33,7 @@ LAYOUTS = [
 
 @pytest.fixture(scope="module")
 def reference():
+    preload_worker_modules()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
