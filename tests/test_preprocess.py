@@ -198,6 +198,23 @@ def test_on_error_fail_stops_at_the_first_bad_record(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]     # nothing published
 
 
+def test_truncated_file_skips_its_rest_and_the_run_goes_on(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    blob = gzip.compress("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5000)).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
+    args = ["--input", tmp_path, "--output-prefix", tmp_path / "out" / "p", "--workers", "0",
+            "--batch-bytes", "2048", *BYTE]
+    assert run(*args) == EXIT_SKIPPED
+    docs = read_docs(tmp_path / "out" / "p_text_document")
+    kept = len(docs) - len(DOCS) - 3
+    assert 0 < kept < 5000 and docs[-3:] == expected(DOCS[:3], eod=False)
+    (row,) = [json.loads(l) for l in (tmp_path / "out" / "p.errors.jsonl").read_text().splitlines()]
+    assert row["reason"] == "unreadable_file" and row["line"] == kept + 1
+    assert run(*args, "--on-error", "fail", "--overwrite") == EXIT_FAILURE
+    assert f"b.jsonl.gz:{kept + 1}: unreadable_file" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- shards, resume, stats
 
 def test_shards_resume_and_merge(tmp_path, capsys, monkeypatch):

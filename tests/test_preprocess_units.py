@@ -88,13 +88,16 @@ def test_file_reader_gzip_zstd_checksum_and_line_numbers(tmp_path):
         assert reader.sha256 == rd.sha256_file(f.path) and reader.nbytes == len(raw)
 
 
-def test_truncated_gzip_is_a_clear_error(tmp_path):
-    blob = gzip.compress(b'{"text": "a"}\n' * 1000)
+def test_truncated_gzip_keeps_what_was_read_and_reports_the_rest(tmp_path):
+    blob = gzip.compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(20000)))
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(blob[: len(blob) // 2])
-    reader = rd.FileReader(rd.expand_inputs([str(path)])[0], 0, 1 << 20, "line", ["text"])
-    with pytest.raises(RuntimeError, match="cut.jsonl.gz"):
-        list(reader)
+    reader = rd.FileReader(rd.expand_inputs([str(path)])[0], 0, 4096, "line", ["text"])
+    *batches, last = list(reader)
+    lines = sum(b.payload.count(b"\n") for b in batches)
+    assert last.kind == "skip" and last.payload.reason == "unreadable_file"
+    assert last.payload.line == lines + 1 and f"from line {lines + 1}" in last.payload.detail
+    assert 0 < lines < 20000 and reader.sha256 == rd.sha256_file(str(path))
 
 
 # ----------------------------------------------------------------------------- validation

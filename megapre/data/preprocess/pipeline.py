@@ -25,7 +25,8 @@ from megapre.data.preprocess import shards as sh
 from megapre.data.preprocess.encode import (EncodeConfig, EncodedBatch, Encoder, encode_in_worker,
                                             init_worker)
 from megapre.data.preprocess.errors import EXIT_OK, EXIT_SKIPPED, ErrorLog, Skip
-from megapre.data.preprocess.readers import (FileReader, InputFile, RawBatch, expand_inputs)
+from megapre.data.preprocess.readers import (FileReader, InputFile, RawBatch, check_dependencies,
+                                             expand_inputs)
 from megapre.data.preprocess.stats import Counters, Progress, peak_rss_mb, write_json_atomic
 
 
@@ -207,6 +208,7 @@ def _plan(cfg: PreprocessConfig, factory: Callable[[Any], Any]) -> _Plan:
 
     _validate(cfg)
     files = _setup_error(lambda: expand_inputs(cfg.inputs, cfg.input_format))
+    _setup_error(lambda: check_dependencies(files))
     if any(f.format == "text" for f in files) and len(cfg.json_keys) != 1:
         raise UsageError(f"--json-keys {' '.join(cfg.json_keys)}: plain-text inputs hold one "
                          "field per document; give a single key (it only names the output)")

@@ -158,11 +158,8 @@ def _decompressed(hashing: HashingReader, compression: str) -> IO[bytes]:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=hashing, mode="rb")  # type: ignore[arg-type]
     if compression == "zstd":
-        try:
-            import zstandard
-        except ImportError as e:
-            raise RuntimeError("reading .zst inputs needs the zstandard package: "
-                               "pip install zstandard") from e
+        import zstandard
+
         return zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True)
     return hashing  # type: ignore[return-value]
 
@@ -215,9 +212,24 @@ def iter_raw_chunks(stream: IO[bytes], batch_bytes: int,
         yield line, bytes(buf)
 
 
+def check_dependencies(files: Sequence[InputFile]) -> None:
+    """Fail before any work when an input needs an optional package that is not installed."""
+    needs = {"zstandard": any(f.compression == "zstd" for f in files),
+             "pyarrow": any(f.format == "parquet" for f in files)}
+    for package, needed in needs.items():
+        if needed:
+            try:
+                __import__(package)
+            except ImportError as e:
+                kind = ".zst" if package == "zstandard" else "Parquet"
+                raise ValueError(f"{kind} inputs need the {package} package: pip install {package}") from e
+
+
 class FileReader:
     """Streams one input file as RawBatches; after exhaustion `sha256` holds the file's checksum
-    (of the bytes on disk) and `nbytes` the (decompressed) bytes read."""
+    (of the bytes on disk) and `nbytes` the (decompressed) bytes read. A file that cannot be read
+    on (truncated gzip, corrupt zstd/Parquet, permission denied) ends with a "skip" batch naming
+    the line where reading stopped: the records before it are kept, the run goes on."""
 
     def __init__(self, file: InputFile, file_id: int, batch_bytes: int, text_mode: str,
                  keys: Sequence[str]) -> None:
@@ -225,30 +237,41 @@ class FileReader:
         self.batch_bytes, self.text_mode, self.keys = batch_bytes, text_mode, list(keys)
         self.sha256: str | None = None
         self.nbytes = 0
+        self._next_line = 1
 
     def __iter__(self) -> Iterator[RawBatch]:
-        if self.file.format == "parquet":
-            yield from self._parquet()
-            return
+        try:
+            if self.file.format == "parquet":
+                yield from self._parquet()
+            else:
+                yield from self._lines()
+        except Exception as e:  # noqa: BLE001 - any read/decode failure of this file's bytes
+            try:
+                self.sha256 = sha256_file(self.file.path)
+            except OSError:
+                self.sha256 = None
+            unit = "row" if self.file.format == "parquet" else "line"
+            detail = (f"cannot read from {unit} {self._next_line} on ({type(e).__name__}: {e}); "
+                      "the rest of the file is skipped")
+            yield RawBatch(self.file_id, 0, "skip",
+                           Skip(self.file.path, self._next_line, "unreadable_file", detail), 0)
+
+    def _lines(self) -> Iterator[RawBatch]:
         kind = "jsonl" if self.file.format == "jsonl" else (
             "text-line" if self.text_mode == "line" else "text-block")
         boundary = _block_boundary if kind == "text-block" else _line_boundary
         with open(self.file.path, "rb") as raw:
             hashing = HashingReader(raw)
             stream = _decompressed(hashing, self.file.compression)
-            try:
-                for first_line, chunk in iter_raw_chunks(stream, self.batch_bytes, boundary):
-                    self.nbytes += len(chunk)
-                    yield RawBatch(self.file_id, first_line, kind, chunk, len(chunk))
-            except (OSError, EOFError) as e:  # truncated/corrupt gzip or zstd stream
-                raise RuntimeError(f"{self.file.path}: cannot read ({self.file.compression}): {e}") from e
+            for first_line, chunk in iter_raw_chunks(stream, self.batch_bytes, boundary):
+                self.nbytes += len(chunk)
+                self._next_line = first_line + chunk.count(b"\n")
+                yield RawBatch(self.file_id, first_line, kind, chunk, len(chunk))
             self.sha256 = hashing.finish()
 
     def _parquet(self) -> Iterator[RawBatch]:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise RuntimeError("reading Parquet inputs needs pyarrow: pip install pyarrow") from e
+        import pyarrow.parquet as pq
+
         pf = pq.ParquetFile(self.file.path)
         names = pf.schema_arrow.names
         missing = [k for k in self.keys if k not in names]
@@ -265,13 +288,13 @@ class FileReader:
     def _parquet_batches(self, pf: Any, rows: int) -> Iterator[RawBatch]:
         row_bytes = max(1, self.file.size // max(rows, 1))
         batch_rows = max(1, self.batch_bytes // row_bytes)
-        first = 1
         for record_batch in pf.iter_batches(batch_size=batch_rows, columns=self.keys):
             payload = {k: record_batch.column(k).to_pylist() for k in self.keys}
             nbytes = int(record_batch.nbytes)
             self.nbytes += nbytes
+            first = self._next_line
+            self._next_line += record_batch.num_rows
             yield RawBatch(self.file_id, first, "parquet", payload, nbytes)
-            first += record_batch.num_rows
 
 
 def sha256_file(path: str) -> str:
