@@ -333,3 +333,22 @@ def test_a_text_the_tokenizer_rejects_is_skipped_not_fatal(split):
     tok = byte_tok()
     assert enc.tokens[0].tolist() == (tok.encode("Ok one.") + tok.encode("Two.") if split else
                                       tok.encode("Ok one. Two.")) + [tok.eod] + tok.encode("Fine.") + [tok.eod]
+
+
+def test_bert_wordpiece_sentences_with_kept_newlines(tmp_path):
+    vocab = DATA / "bert" / "vocab.txt"
+    if not vocab.exists():
+        pytest.skip(f"needs {vocab} (shared data beside the repo)")
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    docs = [p for p in text.split("\n\n") if p.strip()]
+    write_jsonl(tmp_path / "b.jsonl", docs)
+    assert run("--input", tmp_path / "b.jsonl", "--output-prefix", tmp_path / "bert", "--split-sentences",
+               "--keep-newlines", "--workers", "0", "--tokenizer-type", "BertWordPieceLowerCase",
+               "--vocab-file", vocab) == EXIT_OK
+    tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(vocab)))
+    ds = IndexedDataset(tmp_path / "bert_text_sentence")
+    di = ds.document_indices
+    assert ds.num_documents == len(docs) and len(ds) > len(docs)      # several sentences per doc
+    for i, d in enumerate(docs):
+        want = [ids for ids in (tok.encode(s) for s in split_sentences(d, keep_newlines=True)) if ids]
+        assert [ds[j].tolist() for j in range(di[i], di[i + 1])] == want
