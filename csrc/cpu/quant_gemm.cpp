@@ -5,11 +5,13 @@
 //
 // W8A8 (AVX-512 VNNI): vpdpbusd multiplies u8 by s8, so w is packed as w + 128 (unsigned)
 // and x is read in place (signed); the epilogue subtracts 128 * rowsum(x). Tasks are column
-// blocks of up to kVNCmax outputs (split over rows too when there are few): a task packs its
-// columns of w once, for all of K (the block stays in L2), then walks its rows in chunks of
-// kVMC and K in blocks of kVKC: the 6x64 microkernel keeps a 64-column x kVKC slice of the
-// packed w in L1 while every 6-row panel of the chunk passes over it. Int32 partial sums of a
-// chunk live in a thread-local scratch until the fused dequant + bias epilogue.
+// blocks of up to kVNCmax outputs (split over rows too when there are few). x is packed once
+// into contiguous 6-row panels (row sums on the way); a task packs its columns of w once, for
+// all of K (the block stays in L2), then walks its rows in chunks of kVMC and K in blocks of
+// kVKC: the 6x64 microkernel keeps a 64-column x kVKC slice of the packed w in L1 while
+// every 6-row panel of the chunk passes over it. Int32 partial sums of a chunk live in a
+// thread-local scratch; in the last K block each finished 6x64 tile goes straight through the
+// fused dequant + bias epilogue.
 //
 // W8A8 (AVX2), GotoBLAS style: x is widened to int16 once; the output is cut into tasks of
 // `rows` x kNC columns that threads take independently. A task walks K in blocks of kKC: it
@@ -49,7 +51,7 @@ constexpr int64_t kFKC = 256;    // weight-only fp32 K block
 constexpr int64_t kFMC = 96;     // weight-only rows of x converted at once (multiple of kFMR)
 constexpr int64_t kGemvRows = 4; // W8A8: M up to this reads w in place
 constexpr int64_t kWoGemvRows = 16;
-constexpr int64_t kVKC = 256;      // VNNI K block (bytes of x per row; multiple of 4)
+constexpr int64_t kVKC = 512;      // VNNI K block (bytes of x per row; multiple of 4)
 constexpr int64_t kVMC = 48;       // VNNI rows per chunk (multiple of kVMR)
 constexpr int64_t kVNCmax = 256;   // VNNI most columns per task (multiple of kVNR)
 constexpr int64_t kVBBytes = int64_t{1} << 20;  // VNNI packed w block budget per task (L2)
@@ -299,19 +301,15 @@ struct VTiling {
 bool int8_gemm_blocked_vnni(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
                             const float* bias, void* out, int64_t M, int64_t N, int64_t K,
                             DType dt) {
-  // The microkernel reads x in dwords (4 k at a time): in place when rows are whole dwords,
-  // else from a copy with rows zero padded to a multiple of 4.
-  const int8_t* xa = x;
-  int64_t ldx = K;
-  std::vector<int8_t> xpad;
-  if (K % 4 != 0) {
-    ldx = round_up(K, 4);
-    xpad.assign(M * ldx, 0);
-    for (int64_t m = 0; m < M; ++m) std::memcpy(xpad.data() + m * ldx, x + m * K, K);
-    xa = xpad.data();
-  }
-  const std::vector<int32_t> rs = rowsums(xa, ldx, M, K);
-  const int64_t Kq = ceil_div(K, 4), panel = Kq * kVQuadBytes;
+  const int64_t Kq = ceil_div(K, 4), apanel = Kq * 4 * kVMR, bpanel = Kq * kVQuadBytes;
+  // x packed once into 6-row panels (shared by every task), row sums on the way. The buffer
+  // is the calling thread's scratch: kept across calls, so steady state does not page-fault.
+  const int64_t Mp = round_up(M, kVMR);
+  int8_t* A = tl_a.get<int8_t>(Mp / kVMR * apanel);
+  std::vector<int32_t> rs(Mp, 0);
+  run_tasks(ceil_div(M, 8 * kVMR), 8 * kVMR * K / 4, [&](int64_t b, int64_t e) {
+    pack_a_vnni(x, K, b * 8 * kVMR, std::min(M, e * 8 * kVMR), A, rs.data());
+  });
   const VTiling t(M, N, Kq);
   const int64_t esz = elem_size(dt);
   std::atomic<bool> bad{false};
@@ -320,34 +318,44 @@ bool int8_gemm_blocked_vnni(const int8_t* x, const float* xs, const int8_t* w, c
       const int64_t m0 = (task % t.mb) * t.rows, m1 = std::min(M, m0 + t.rows);
       const int64_t n0 = (task / t.mb) * t.nc, n1 = std::min(N, n0 + t.nc);
       const int64_t npan = ceil_div(n1 - n0, kVNR), ldc = npan * kVNR;
-      uint8_t* B = tl_b.get<uint8_t>(npan * panel);
+      uint8_t* B = tl_b.get<uint8_t>(npan * bpanel);
       bool ok = true;
       for (int64_t j = 0; j < npan; ++j)
         ok &= pack_b_vnni(w, K, n0 + j * kVNR, std::min<int64_t>(kVNR, n1 - n0 - j * kVNR),
-                          B + j * panel);
+                          B + j * bpanel);
       if (!ok) {
         bad = true;
         return;
       }
       int32_t* C = tl_c.get<int32_t>(kVMC * ldc);
+      char* o = static_cast<char*>(out);
       for (int64_t ic = m0; ic < m1; ic += kVMC) {
         const int64_t mc = std::min(kVMC, m1 - ic), ipan = ceil_div(mc, kVMR);
-        if (Kq == 0) std::fill(C, C + kVMC * ldc, 0);
+        const int8_t* Ai = A + (ic / kVMR) * apanel;
+        if (Kq == 0) {  // no products: the output is the (scaled zero plus) bias
+          std::fill(C, C + kVMC * ldc, 0);
+          epilogue_vnni(C, ldc, rs.data() + ic, xs + ic, ws + n0, bias ? bias + n0 : nullptr,
+                        o + (ic * N + n0) * esz, N, mc, n1 - n0, dt);
+        }
         for (int64_t pc = 0; pc < Kq; pc += kVKC / 4) {
           const int64_t kq = std::min(kVKC / 4, Kq - pc);
+          const bool last = pc + kq == Kq;
           for (int64_t j = 0; j < npan; ++j) {
-            const uint8_t* Bj = B + j * panel + pc * kVQuadBytes;
+            const uint8_t* Bj = B + j * bpanel + pc * kVQuadBytes;
+            const int64_t c0 = n0 + j * kVNR, nr = std::min<int64_t>(kVNR, n1 - c0);
             for (int64_t i = 0; i < ipan; ++i) {
-              // Rows past the chunk repeat its last row; their sums are never stored.
-              const int8_t* a[kVMR];
-              for (int r = 0; r < kVMR; ++r)
-                a[r] = xa + std::min(ic + i * kVMR + r, m1 - 1) * ldx + pc * 4;
-              micro_vnni(a, Bj, kq, C + i * kVMR * ldc + j * kVNR, ldc, pc > 0);
+              int32_t* Ct = C + i * kVMR * ldc + j * kVNR;
+              micro_vnni(Ai + i * apanel + pc * 4 * kVMR, Bj, kq, Ct, ldc, pc > 0);
+              // The tile's last K block: dequantize it now, while it is in L1, so the output
+              // stores overlap the next tiles' arithmetic.
+              if (last) {
+                const int64_t r0 = ic + i * kVMR, mr = std::min<int64_t>(kVMR, m1 - r0);
+                epilogue_vnni(Ct, ldc, rs.data() + r0, xs + r0, ws + c0,
+                              bias ? bias + c0 : nullptr, o + (r0 * N + c0) * esz, N, mr, nr, dt);
+              }
             }
           }
         }
-        epilogue_vnni(C, ldc, rs.data() + ic, xs + ic, ws + n0, bias ? bias + n0 : nullptr,
-                      static_cast<char*>(out) + (ic * N + n0) * esz, N, mc, n1 - n0, dt);
       }
     }
   });

@@ -199,27 +199,79 @@ inline void pack_group(const int8_t* w, int64_t K, int64_t nr, int64_t kb, uint8
     _mm512_storeu_si512(dst + q * kVQuadBytes, r[q]);
 }
 
+// ---- W8A8 x packing ----------------------------------------------------------------------------
+// Panel layout: per k-quad q, the dword x[m0 + r, 4q .. 4q + 3] of rows r = 0..5 in order
+// (24 bytes), zero past K and past the valid rows. Contiguous, so the microkernel's
+// broadcasts walk one stream; rows of x 4 KiB apart would otherwise share L1 sets.
+// S = the panel's dword sequence, S[s] = row s % 6, dword s / 6. Output zmm j holds
+// S[16j .. 16j + 15]; vpermt2d picks from a pair of rows, so j is assembled from the pairs
+// (0,1), (2,3), (4,5) with masked blends.
+struct APackPlan {
+  __m512i idx[kVMR];
+  __mmask16 pair[kVMR][3];
+  APackPlan() {
+    for (int j = 0; j < kVMR; ++j) {
+      alignas(64) int32_t v[16];
+      __mmask16 m[3] = {0, 0, 0};
+      for (int l = 0; l < 16; ++l) {
+        const int s = 16 * j + l, r = s % kVMR, d = s / kVMR;
+        v[l] = d + (r % 2) * 16;
+        m[r / 2] = static_cast<__mmask16>(m[r / 2] | (1u << l));
+      }
+      idx[j] = _mm512_load_si512(v);
+      for (int p = 0; p < 3; ++p) pair[j][p] = m[p];
+    }
+  }
+};
+
+// Rows [0, mr) of x (row stride K) into one panel of ceil(K / 4) quads; rowsum[r] for r < mr.
+void pack_a(const int8_t* x, int64_t K, int64_t mr, int8_t* dst, int32_t* rowsum,
+            const APackPlan& plan) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  __m512i sum[kVMR];
+  for (int r = 0; r < kVMR; ++r) sum[r] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 km = mask64(K - k);
+    __m512i row[kVMR];
+    for (int r = 0; r < kVMR; ++r) {
+      row[r] = r < mr ? _mm512_maskz_loadu_epi8(km, x + r * K + k) : _mm512_setzero_si512();
+      sum[r] = _mm512_dpbusd_epi32(sum[r], ones, row[r]);
+    }
+    // Quads [k / 4, k / 4 + nq) of the panel: 24 * nq bytes.
+    const int64_t nq = (imin(64, K - k) + 3) / 4, bytes = 24 * nq;
+    int8_t* d = dst + (k / 4) * 24;
+    for (int j = 0; j < kVMR && 64 * j < bytes; ++j) {
+      const __m512i p01 = _mm512_permutex2var_epi32(row[0], plan.idx[j], row[1]);
+      const __m512i p23 = _mm512_permutex2var_epi32(row[2], plan.idx[j], row[3]);
+      const __m512i p45 = _mm512_permutex2var_epi32(row[4], plan.idx[j], row[5]);
+      __m512i o = _mm512_mask_blend_epi32(plan.pair[j][1], p01, p23);
+      o = _mm512_mask_blend_epi32(plan.pair[j][2], o, p45);
+      _mm512_mask_storeu_epi8(d + 64 * j, mask64(bytes - 64 * j), o);
+    }
+  }
+  for (int r = 0; r < mr; ++r) rowsum[r] = hsum(sum[r]);
+}
+
 // ---- W8A8 microkernel -------------------------------------------------------------------------
 // 6 x 64 int32 tile: per k-quad, 4 loads of B (u8, 16 columns x 4 k each), 6 broadcasts of
-// a dword of x (s8), 24 vpdpbusd. Named accumulators so that GCC keeps all of them in zmm
-// registers (24 + 4 B + 1 broadcast of the 32).
+// a dword of packed x (s8), 24 vpdpbusd. Named accumulators so that GCC keeps all of them in
+// zmm registers (24 + 4 B + 1 broadcast of the 32).
 #define MEGAPRE_ROW(r)                                   \
   do {                                                   \
-    const __m512i av = bcast32(a##r + 4 * q);            \
+    const __m512i av = bcast32(a + 4 * r);               \
     c##r##0 = _mm512_dpbusd_epi32(c##r##0, b0, av);     \
     c##r##1 = _mm512_dpbusd_epi32(c##r##1, b1, av);     \
     c##r##2 = _mm512_dpbusd_epi32(c##r##2, b2, av);     \
     c##r##3 = _mm512_dpbusd_epi32(c##r##3, b3, av);     \
   } while (0)
 
-void micro(const int8_t* const* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
+void micro(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
            bool accumulate) {
   const __m512i z = _mm512_setzero_si512();
   __m512i c00 = z, c01 = z, c02 = z, c03 = z, c10 = z, c11 = z, c12 = z, c13 = z;
   __m512i c20 = z, c21 = z, c22 = z, c23 = z, c30 = z, c31 = z, c32 = z, c33 = z;
   __m512i c40 = z, c41 = z, c42 = z, c43 = z, c50 = z, c51 = z, c52 = z, c53 = z;
-  const int8_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
-  for (int64_t q = 0; q < kq; ++q, b += kVQuadBytes) {
+  for (int64_t q = 0; q < kq; ++q, b += kVQuadBytes, a += 4 * kVMR) {
     const __m512i b0 = _mm512_loadu_si512(b), b1 = _mm512_loadu_si512(b + 64);
     const __m512i b2 = _mm512_loadu_si512(b + 128), b3 = _mm512_loadu_si512(b + 192);
     MEGAPRE_ROW(0);
@@ -386,7 +438,15 @@ bool pack_b_vnni(const int8_t* w, int64_t K, int64_t n0, int64_t nr, uint8_t* ds
   return _mm512_test_epi8_mask(low, low) == ~__mmask64{0};
 }
 
-void micro_vnni(const int8_t* const* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
+void pack_a_vnni(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int8_t* dst,
+                 int32_t* rowsum) {
+  static const APackPlan plan;
+  const int64_t panel = (K + 3) / 4 * 4 * kVMR;
+  for (int64_t m = m0; m < m1; m += kVMR)
+    pack_a(x + m * K, K, imin(kVMR, m1 - m), dst + (m / kVMR) * panel, rowsum + m, plan);
+}
+
+void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
                 bool accumulate) {
   micro(a, b, kq, c, ldc, accumulate);
 }

@@ -96,9 +96,14 @@ void rowsum_avx512(const int8_t* x, int64_t ldx, int64_t K, int64_t r0, int64_t 
 // Pack rows [n0, n0 + nr) (nr <= kVNR) of w [N, K], all of K, into one B micro-panel of
 // ceil(K / 4) quads. Returns false if a -128 is seen.
 bool pack_b_vnni(const int8_t* w, int64_t K, int64_t n0, int64_t nr, uint8_t* dst);
+// A panels: kVMR rows of x per panel, per k-quad the 4 bytes of each row in order (24 bytes),
+// zero past K and past M. Packs rows [m0, m1) (m0 a multiple of kVMR) of x [M, K] into the
+// panels m0 / kVMR .. of dst (each ceil(K / 4) * 24 bytes) and sets rowsum[m0 .. m1).
+void pack_a_vnni(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int8_t* dst,
+                 int32_t* rowsum);
 // c[kVMR x kVNR] (row stride ldc) = (accumulate ? c : 0) + sum over kq quads of u * x;
-// a[r]: row r of x at the block's first k, 4 * kq bytes readable; b: the panel's first quad.
-void micro_vnni(const int8_t* const* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
+// a: an A panel at the block's first quad; b: the B micro-panel at the same quad.
+void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
                 bool accumulate);
 // out[m, n] = float(acc[m, n] - 128 * rowsum[m]) * xs[m] * ws[n] + bias[n] for m < mr,
 // n < nr (pointers at the tile origin; rowsum and xs indexed by tile row).
