@@ -356,20 +356,25 @@ inline __m512 load_w16(const int8_t* p, __mmask16 m) {
 }
 
 // acc[m * ldacc + r] = dot(x row m, w row r) for MB x R (fp32 accumulation, 16 lanes each).
-// `next` is where the following block of R rows starts: its lines are prefetched into L2
-// while this block computes, so the DRAM stream never waits on a cold start.
+// Each of the R rows is its own DRAM stream; a software prefetch runs kPrefetch bytes ahead
+// in every row and, near a row's end, wraps onto the same row of the next block (`next`, or
+// null for none), so the next block's streams are already in flight when it starts.
+constexpr int64_t kPrefetch = 512;
+
 template <int MB, int R>
 void wo_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, float* acc, int64_t ldacc,
               const int8_t* next) {
   __m512 c[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) c[m][r] = _mm512_setzero_ps();
-  const int64_t pf_bytes = R * K;  // the next block, walked at R times this block's pace
-  int64_t pf = 0;
   for (int64_t k = 0; k < K; k += 16) {
     const __mmask16 km = mask16(K - k);
-    if (next != nullptr && (k & 63) == 0) {
-      for (int i = 0; i < R && pf < pf_bytes; ++i, pf += 64) _mm_prefetch(reinterpret_cast<const char*>(next + pf), _MM_HINT_T1);
+    if ((k & 63) == 0) {
+      const int64_t pk = k + kPrefetch;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* p = pk < K ? w + r * K + pk : (next ? next + r * K + (pk - K) : nullptr);
+        if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+      }
     }
     for (int r = 0; r < R; ++r) {
       const __m512 wv = load_w16(w + r * K + k, km);
@@ -483,7 +488,7 @@ void wo_gemv_avx512(const float* x, int64_t ldx, int64_t M, const int8_t* w, int
   int64_t m = 0;
   for (; m + 4 <= M; m += 4) wo_rows<4, 4>(x + m * ldx, ldx, w, K, n0, n1, acc + m * ld, ld);
   switch (M - m) {
-    case 1: wo_rows<1, 8>(x + m * ldx, ldx, w, K, n0, n1, acc + m * ld, ld); break;
+    case 1: wo_rows<1, 16>(x + m * ldx, ldx, w, K, n0, n1, acc + m * ld, ld); break;
     case 2: wo_rows<2, 6>(x + m * ldx, ldx, w, K, n0, n1, acc + m * ld, ld); break;
     case 3: wo_rows<3, 4>(x + m * ldx, ldx, w, K, n0, n1, acc + m * ld, ld); break;
     default: break;
