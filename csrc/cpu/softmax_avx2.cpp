@@ -9,10 +9,8 @@
 // chunk's load and its store is elementwise or a reduction, so the order never shows.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 #include "softmax_impl.h"
 
@@ -24,6 +22,11 @@ namespace {
 
 constexpr int64_t kChunk = 16;
 constexpr uintptr_t kLineBytes = 64;
+
+// Not std::min: a standard-library template instantiated under the target pragma may be the
+// copy the linker keeps for the portable translation units too.
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr float kInf = __builtin_inff();
 
 struct Pair {
   __m256 a, b;
@@ -217,7 +220,7 @@ template <class T> int64_t grid_head(const T* y) {
 // `head` elements (so that later chunks start on the grid), then full chunks, then the rest.
 // Two calls with the same head agree on every chunk start below the shorter len.
 template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = std::min(head, len);
+  int64_t j = min64(head, len);
   if (j > 0) fn(int64_t{0}, j);
   for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
   if (j < len) fn(j, len - j);
@@ -307,7 +310,7 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
   const int64_t head = grid_head(y);
   if (m != nullptr) n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
   const __m256 vc = _mm256_set1_ps(static_cast<float>(scale * 1.4426950408889634));
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 ninf = _mm256_set1_ps(-kInf);
   Pair mx = {ninf, ninf};
   float* w = work;
   for_chunks(head, n, [&](int64_t j, int64_t k) {
@@ -330,7 +333,7 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
     mx.b = _mm256_max_ps(mx.b, v.b);
   });
   const float row_max = hmax(_mm256_max_ps(mx.a, mx.b));
-  if (row_max == -std::numeric_limits<float>::infinity()) {
+  if (row_max == -kInf) {
     // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN. (A NaN
     // score may leave row_max NaN: the row then comes out NaN, as in torch.)
     write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return zeros(); });
@@ -374,7 +377,7 @@ void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t s
   const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d.a, d.b)) * scale);
   write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
     if (j >= n) return zeros();
-    const int64_t kin = std::min(k, n - j);  // lanes past n load as p = 0, so give 0
+    const int64_t kin = min64(k, n - j);  // lanes past n load as p = 0, so give 0
     const Pair g = load_any<D>(dy + j, kin), pv = load_any<D>(p + j, kin);
     return Pair{_mm256_mul_ps(pv.a, _mm256_fmsub_ps(g.a, vscale, dot)),
                 _mm256_mul_ps(pv.b, _mm256_fmsub_ps(g.b, vscale, dot))};
