@@ -299,6 +299,23 @@ inline int64_t live_prefix(const uint8_t* m, int64_t n) {
   return n;
 }
 
+// Whether any of the n mask bytes at m is nonzero. A padding mask leaves none in the live
+// prefix, and pass 1 then skips the mask entirely.
+inline bool any_masked(const uint8_t* m, int64_t n) {
+  if (n < 32) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (m[j] != 0) return true;
+    }
+    return false;
+  }
+  for (int64_t j = 0; j + 32 < n; j += 32) {
+    const __m256i v = loadu256(m + j);
+    if (!_mm256_testz_si256(v, v)) return true;
+  }
+  const __m256i v = loadu256(m + n - 32);  // the last 32, overlapping the loop's
+  return !_mm256_testz_si256(v, v);
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 // Pass 1 converts, scales (by scale*log2 e), masks (-inf) and stores the row into work in
 // chunk order while tracking the max; pass 2 replaces work by 2^(work - max) and sums it;
@@ -308,7 +325,10 @@ template <DType D>
 void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk, float scale,
              float* work, bool stream) {
   const int64_t head = grid_head(y);
-  if (m != nullptr) n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
+  if (m != nullptr) {
+    n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
+    if (!any_masked(m, n)) m = nullptr;
+  }
   const __m256 vc = _mm256_set1_ps(static_cast<float>(scale * 1.4426950408889634));
   const __m256 ninf = _mm256_set1_ps(-kInf);
   Pair mx = {ninf, ninf};

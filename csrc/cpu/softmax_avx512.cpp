@@ -144,12 +144,25 @@ inline int64_t live_prefix(const uint8_t* m, int64_t n) {
   return n;
 }
 
+// Whether any of the n mask bytes at m is nonzero (padding masks leave none in the live prefix).
+inline bool any_masked(const uint8_t* m, int64_t n) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    if (_mm512_test_epi8_mask(_mm512_loadu_si512(m + j), _mm512_set1_epi8(-1)) != 0) return true;
+  }
+  const __mmask64 rest = n - j == 0 ? 0 : ~__mmask64{0} >> (64 - (n - j));
+  return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(rest, m + j), _mm512_set1_epi8(-1)) != 0;
+}
+
 // ---- rows: the passes of softmax_avx2.cpp ------------------------------------------------------
 template <DType D>
 void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk, float scale,
              float* work, bool stream) {
   const int64_t head = grid_head(y);
-  if (m != nullptr) n = live_prefix(m, n);
+  if (m != nullptr) {
+    n = live_prefix(m, n);
+    if (!any_masked(m, n)) m = nullptr;
+  }
   const __m512 vc = _mm512_set1_ps(static_cast<float>(scale * 1.4426950408889634));
   const __m512 ninf = _mm512_set1_ps(-kInf);
   __m512 mx = ninf;
