@@ -204,12 +204,14 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
   const int64_t esz = elem_size(dt);
   // x widened to int16 once (rows padded to whole micro-panels): the microkernel broadcasts
   // from it directly, so no column block of w has to repack x.
+  // The buffer is the calling thread's scratch, kept across calls: a fresh allocation this
+  // size is a fresh mmap, and its page faults cost about as much as widening itself.
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), 16), Mp = round_up(M, kMR);
-  std::unique_ptr<int16_t[]> x16(new int16_t[Mp * ldx]);
+  int16_t* x16 = tl_a.get<int16_t>(Mp * ldx);
   run_tasks(ceil_div(M, 64), 64 * K / 16, [&](int64_t b, int64_t e) {
-    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16.get(), ldx);
+    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16, ldx);
   });
-  std::fill(x16.get() + M * ldx, x16.get() + Mp * ldx, int16_t{0});
+  std::fill(x16 + M * ldx, x16 + Mp * ldx, int16_t{0});
   std::atomic<bool> bad{false};
   run_tasks(t.nb * t.mb, t.rows * kNC * K, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e && !bad; ++task) {
@@ -235,7 +237,7 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
           const int64_t ipan = ceil_div(std::min(kMC, m1 - ic), kMR);
           for (int64_t j = 0; j < npan; ++j)
             for (int64_t i = 0; i < ipan; ++i)
-              micro_int8_avx2(x16.get() + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
+              micro_int8_avx2(x16 + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
                               kp, C + (ic - m0 + i * kMR) * ldc + j * kNR, ldc, pc > 0);
         }
       }
