@@ -18,8 +18,9 @@
 // packs its kNC x kKC block of w into kNR-column int16 micro-panels (checking for -128 on the
 // way), then, per kMC rows, runs the 6x16 vpmaddwd microkernel with the w micro-panel
 // (16 KiB) in L1 and the kMC x kKC block of x in L2. Int32 partial sums of the task live in a
-// thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
-// cost as much as the math, so a maddubs (AVX2) or vpdpbusd (VNNI) kernel reads w in place.
+// thread-local scratch until the epilogue scales them. For M <= kGemvRows (AVX2) or
+// kVGemvRows (VNNI) packing w would cost as much as the math, so a maddubs (AVX2) or
+// vpdpbusd (VNNI) kernel reads w in place.
 //
 // Weight-only: M <= 16 streams each weight row once against all rows of x (the memory-bound
 // generation case); larger M dequantizes w blocks to fp32 panels and runs a 6x16 FMA kernel
@@ -49,7 +50,8 @@ constexpr int64_t kNC = 128;     // task width in output columns (multiple of kN
 constexpr int64_t kMBmax = 512;  // most rows per task (bounds the accumulator scratch)
 constexpr int64_t kFKC = 256;    // weight-only fp32 K block
 constexpr int64_t kFMC = 96;     // weight-only rows of x converted at once (multiple of kFMR)
-constexpr int64_t kGemvRows = 4; // W8A8: M up to this reads w in place
+constexpr int64_t kGemvRows = 4; // W8A8 (AVX2): M up to this reads w in place
+constexpr int64_t kVGemvRows = 8; // W8A8 (VNNI): M up to this reads w in place
 constexpr int64_t kWoGemvRows = 16;
 constexpr int64_t kVKC = 512;      // VNNI K block (bytes of x per row; multiple of 4)
 constexpr int64_t kVMC = 48;       // VNNI rows per chunk (multiple of kVMR)
@@ -509,7 +511,7 @@ bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* w
   if (N == 0) return true;
   if (M == 0) return !has_minus128(w, N * K);  // nothing to compute; still validate w
   if (use_avx512vnni()) {
-    return M <= kGemvRows ? int8_gemv_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt)
+    return M <= kVGemvRows ? int8_gemv_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt)
                           : int8_gemm_blocked_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt);
   }
   if (use_avx2()) {
