@@ -92,31 +92,32 @@ class LossParts:
 
 
 class GPTLoss:
-    """loss_fn(per_token_loss, loss_mask, *, tokens) -> share of the global-batch mean."""
+    """loss_fn(per_token_loss, loss_mask) -> share of the global-batch mean. The global counts
+    are set per batch (`counts`) rather than passed per call, so the forward-only schedule,
+    which forwards no extra loss arguments, computes the same loss."""
 
     def __init__(self) -> None:
         self.log = LossParts()
+        self.counts = {"tokens": 1.0, "samples": 1.0}
 
-    def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor, *,
-                 tokens: float) -> torch.Tensor:
-        loss = (out.float() * loss_mask.float()).sum() / tokens
+    def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        loss = (out.float() * loss_mask.float()).sum() / self.counts["tokens"]
         self.log.add("lm loss", loss)
         return loss
 
 
-class BertLoss:
-    """loss_fn((lm_loss, binary), (loss_mask, is_random), *, tokens, samples)."""
+class BertLoss(GPTLoss):
+    """loss_fn((lm_loss, binary), (loss_mask, is_random)): masked-LM mean over the predicted
+    tokens + sentence-order cross entropy mean over the samples."""
 
-    def __init__(self) -> None:
-        self.log = LossParts()
-
-    def __call__(self, out, target, *, tokens: float, samples: float) -> torch.Tensor:
+    def __call__(self, out, target) -> torch.Tensor:
         loss_mask, is_random = target
         lm, binary = out if isinstance(out, tuple) else (out, None)
-        loss = (lm.float() * loss_mask.float()).sum() / max(tokens, 1.0)
+        loss = (lm.float() * loss_mask.float()).sum() / max(self.counts["tokens"], 1.0)
         self.log.add("lm loss", loss)
         if binary is not None:
-            sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum") / samples
+            sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum")
+            sop = sop / self.counts["samples"]
             self.log.add("sop loss", sop)
             loss = loss + sop
         return loss
@@ -187,15 +188,14 @@ class ModelAdapter:
     def _loss_mask(self, mb: MicroBatch) -> torch.Tensor:
         return mb.target if self.kind == "gpt" else mb.target[0]
 
-    def loss_kwargs(self, counts: torch.Tensor) -> dict[str, float]:
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """Global [loss tokens, samples] of the batch about to run: the loss normalizers."""
         tokens, samples = float(counts[0]), float(counts[1])
-        if self.kind == "gpt":
-            if tokens <= 0:
-                raise ValueError("the global batch has no token with a non-zero loss_mask; "
-                                 "check the dataset's loss mask (e.g. --eod-mask-loss on data "
-                                 "made only of end-of-document tokens)")
-            return {"tokens": tokens}
-        return {"tokens": tokens, "samples": samples}
+        if self.kind == "gpt" and tokens <= 0:
+            raise ValueError("the global batch has no token with a non-zero loss_mask; check "
+                             "the dataset's loss mask (e.g. --eod-mask-loss on data made only "
+                             "of end-of-document tokens)")
+        self.loss_fn.counts = {"tokens": tokens, "samples": samples}
 
     # -- pipeline shapes -------------------------------------------------------------------
     def examples(self, micro_batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
