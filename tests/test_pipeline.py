@@ -139,6 +139,9 @@ def _run_variant(mesh: ParallelMesh, name: str, steps: int = 3):
             mbs = [_documents(m) for m in mbs]
         r = step(iter(mbs))
         out.append((r.loss, r.grad_norm, sorted(r.parts)))
+        if it == 0:  # evaluation between training steps leaves the schedule ready to train
+            ev = step.evaluate(iter(mbs))
+            out.append((ev["loss"], 0.0, sorted(k for k in ev if k != "loss")))
     ends = [m for spec, m in zip(model.specs, model.models) if spec.is_first or spec.is_last]
     tied = ends[0].shared_embedding_weight()  # first stage's table or last stage's copy
     return out, None if tied is None else tied.detach().clone()

@@ -190,7 +190,7 @@ class ModelAdapter:
 
     def set_counts(self, counts: torch.Tensor) -> None:
         """Global [loss tokens, samples] of the batch about to run: the loss normalizers."""
-        tokens, samples = float(counts[0]), float(counts[1])
+        tokens, samples = (float(c) for c in counts.cpu())
         if self.kind == "gpt" and tokens <= 0:
             raise ValueError("the global batch has no token with a non-zero loss_mask; check "
                              "the dataset's loss mask (e.g. --eod-mask-loss on data made only "

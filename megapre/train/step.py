@@ -137,7 +137,7 @@ class TrainStep:
         """Take this step's micro-batches, set the loss normalizers from the global batch, and
         put the chunks in train or eval mode."""
         mbs = self._take(batch_iter)
-        counts = self.adapter.local_counts(mbs)
+        counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
         if group_size(self.mesh.dp_group) > 1:
             dist.all_reduce(counts, group=self.mesh.dp_group)
         self.adapter.set_counts(counts)
