@@ -111,9 +111,11 @@ def _check_mlp(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None:
 def _check_embedding(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None:
     padded = padded_vocab_size(VOCAB, 4, mesh.tp_size)
     ref = nn.Embedding(padded, H)
-    emb = VocabParallelEmbedding(padded, H, mesh, init_method=_init(13), sequence_parallel=sp)
+    emb = VocabParallelEmbedding(padded, H, mesh, init_method=_init(13), sequence_parallel=sp,
+                                 vocab_size=VOCAB)
     with torch.no_grad():
-        _init(13)(ref.weight)
+        ref.weight.zero_()
+        _init(13)(ref.weight[:VOCAB])
     assert_close(gather_full_param(emb.weight, mesh), ref.weight.detach(), rtol=0, atol=0)
     ids = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(14))
     ids[0, 0], ids[1, 0] = 0, VOCAB - 1  # both ends of the vocab
@@ -128,32 +130,42 @@ def _check_embedding(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None
         try:
             emb(torch.tensor([[bad]]))
         except ValueError as e:
-            assert f"[0, {padded})" in str(e), e
+            assert f"[0, {VOCAB})" in str(e), e
         else:
             raise AssertionError(f"id {bad} was accepted")
 
 
 def _check_cross_entropy(mesh: ParallelMesh, single: ParallelMesh) -> None:
-    padded = padded_vocab_size(VOCAB, 4, mesh.tp_size)
+    # (vocab, padded): the usual case, and a tiny vocab where whole TP shards are padding
+    for vocab, padded in ((VOCAB, padded_vocab_size(VOCAB, 4, mesh.tp_size)), (5, 16)):
+        _check_ce_values(mesh, vocab, padded)
+    _check_ce_options(mesh, padded_vocab_size(VOCAB, 4, mesh.tp_size))
+
+
+def _check_ce_values(mesh: ParallelMesh, vocab: int, padded: int) -> None:
     logits = _data(S, B, padded, seed=16) * 4
-    logits[..., VOCAB:] = 1e4  # padding columns must never win, however large
-    target = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(17))
-    target[0, 0] = VOCAB - 1
+    logits[..., vocab:] = 1e4  # padding columns must never win, however large
+    target = torch.randint(0, vocab, (S, B), generator=torch.Generator().manual_seed(17))
+    target[0, 0] = vocab - 1
     for smoothing in (0.0, 0.1):
-        ref_in = logits[..., :VOCAB].clone().requires_grad_()
-        ref = F.cross_entropy(ref_in.reshape(-1, VOCAB), target.reshape(-1),
+        ref_in = logits[..., :vocab].clone().requires_grad_()
+        ref = F.cross_entropy(ref_in.reshape(-1, vocab), target.reshape(-1),
                               label_smoothing=smoothing, reduction="none").view(S, B)
         up = _data(S, B, seed=18)
         (ref * up).sum().backward()
         local = _chunk(logits, mesh, -1).clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(local, target, mesh.tp_group, vocab_size=VOCAB,
+        loss = vocab_parallel_cross_entropy(local, target, mesh.tp_group, vocab_size=vocab,
                                             padded_vocab_size=padded, label_smoothing=smoothing)
         assert loss.dtype == torch.float32
         assert_close(loss, ref, **TOL)
         (loss * up).sum().backward()
-        full_grad = torch.cat([ref_in.grad, torch.zeros(S, B, padded - VOCAB)], -1)
+        full_grad = torch.cat([ref_in.grad, torch.zeros(S, B, padded - vocab)], -1)
         assert_close(local.grad, _chunk(full_grad, mesh, -1), **TOL)
 
+
+def _check_ce_options(mesh: ParallelMesh, padded: int) -> None:
+    logits = _data(S, B, padded, seed=16) * 4
+    target = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(17))
     # ignore_index: zero loss and zero gradient at ignored tokens, the rest unchanged.
     t = target.clone()
     t[:, 0] = -100
@@ -216,6 +228,25 @@ def test_padded_vocab_size():
         padded_vocab_size(100, 0, 1)
 
 
+def test_padded_init_does_not_depend_on_tp():
+    """Padded vocab sizes differ per TP; the real rows and the RNG state after init must not."""
+    single = ParallelMesh.single()
+    weights, after = [], []
+    for tp in (1, 2, 8):
+        padded = padded_vocab_size(VOCAB, 4, tp)
+        torch.manual_seed(0)
+        emb = VocabParallelEmbedding(padded, H, single, vocab_size=VOCAB)
+        out = ColumnParallelLinear(H, padded, single, init_out_features=VOCAB)
+        weights.append((emb.weight[:VOCAB].detach(), out.weight[:VOCAB].detach()))
+        after.append(torch.rand(3))
+        assert emb.weight[VOCAB:].abs().sum() == 0 and out.weight[VOCAB:].abs().sum() == 0
+    for w, a in zip(weights[1:], after[1:]):
+        assert torch.equal(w[0], weights[0][0]) and torch.equal(w[1], weights[0][1])
+        assert torch.equal(a, after[0])
+    with pytest.raises(ValueError, match="true vocabulary size 60"):
+        VocabParallelEmbedding(56, H, single, vocab_size=60)
+
+
 def test_layer_shape_errors():
     mesh = ParallelMesh.single()
     with pytest.raises(ValueError, match="gather_output=True cannot be combined"):
@@ -243,12 +274,17 @@ def test_cross_entropy_argument_errors():
         ce(logits, target, None, vocab_size=8, padded_vocab_size=8, label_smoothing=1.0)
     with pytest.raises(ValueError, match="target shape"):
         ce(logits, target[:3], None, vocab_size=8, padded_vocab_size=8)
-    # single process equals torch
-    x = torch.randn(5, 7, 8) * 30
+    # single process equals torch, even with large logits
+    x = torch.randn(5, 7, 8) * 300
     t = torch.randint(0, 8, (5, 7))
     assert_close(ce(x, t, None, vocab_size=8, padded_vocab_size=8, label_smoothing=0.2),
                  F.cross_entropy(x.transpose(1, 2), t, label_smoothing=0.2, reduction="none"),
                  **TOL)
+    xg = x.clone().requires_grad_()
+    loss = ce(xg, t, None, vocab_size=8, padded_vocab_size=8).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        loss.backward()
 
 
 class _FakeTP2(ParallelMesh):
