@@ -93,15 +93,17 @@ class LossParts:
 
 class GPTLoss:
     """loss_fn(per_token_loss, loss_mask) -> share of the global-batch mean. The global counts
-    are set per batch (`counts`) rather than passed per call, so the forward-only schedule,
-    which forwards no extra loss arguments, computes the same loss."""
+    are set per batch (`counts`, so the forward-only schedule, which forwards no extra loss
+    arguments, computes the same loss) or passed per call (`tokens=`, `samples=`)."""
 
     def __init__(self) -> None:
         self.log = LossParts()
         self.counts = {"tokens": 1.0, "samples": 1.0}
 
-    def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-        loss = (out.float() * loss_mask.float()).sum() / self.counts["tokens"]
+    def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor, *,
+                 tokens: float | None = None, samples: float | None = None) -> torch.Tensor:
+        tokens = self.counts["tokens"] if tokens is None else tokens
+        loss = (out.float() * loss_mask.float()).sum() / tokens
         self.log.add("lm loss", loss)
         return loss
 
@@ -110,14 +112,16 @@ class BertLoss(GPTLoss):
     """loss_fn((lm_loss, binary), (loss_mask, is_random)): masked-LM mean over the predicted
     tokens + sentence-order cross entropy mean over the samples."""
 
-    def __call__(self, out, target) -> torch.Tensor:
+    def __call__(self, out, target, *, tokens: float | None = None,
+                 samples: float | None = None) -> torch.Tensor:
         loss_mask, is_random = target
+        tokens = self.counts["tokens"] if tokens is None else tokens
+        samples = self.counts["samples"] if samples is None else samples
         lm, binary = out if isinstance(out, tuple) else (out, None)
-        loss = (lm.float() * loss_mask.float()).sum() / max(self.counts["tokens"], 1.0)
+        loss = (lm.float() * loss_mask.float()).sum() / max(tokens, 1.0)
         self.log.add("lm loss", loss)
         if binary is not None:
-            sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum")
-            sop = sop / self.counts["samples"]
+            sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum") / samples
             self.log.add("sop loss", sop)
             loss = loss + sop
         return loss
@@ -196,6 +200,11 @@ class ModelAdapter:
                              "the dataset's loss mask (e.g. --eod-mask-loss on data made only "
                              "of end-of-document tokens)")
         self.loss_fn.counts = {"tokens": tokens, "samples": samples}
+
+    def loss_kwargs(self, counts: torch.Tensor) -> dict[str, float]:
+        """`set_counts`, returning the normalizers as keywords for a per-call loss_fn."""
+        self.set_counts(counts)
+        return dict(self.loss_fn.counts)
 
     # -- pipeline shapes -------------------------------------------------------------------
     def examples(self, micro_batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
