@@ -37,9 +37,13 @@ from megapre.parallel.random import RNGTracker
 MODEL_KINDS = ("gpt", "bert")
 
 
+PIPE_DTYPE = torch.float32  # hidden states between stages (the fp32 residual stream)
+
+
 class GPTChunk(nn.Module):
     """One pipeline chunk of GPT: token ids or hidden states in; hidden states or per-token
-    loss [b, s] out."""
+    loss [b, s] out. Hidden states leave in PIPE_DTYPE whatever autocast did inside, because
+    the receiving stage's buffer was sized for it."""
 
     def __init__(self, model: GPTModel) -> None:
         super().__init__()
@@ -50,9 +54,10 @@ class GPTChunk(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         first = self.model.stage.pre_process
         labels = labels if self.model.stage.post_process else None
-        return self.model(input_ids=x if first else None, position_ids=position_ids,
-                          labels=labels, attention_mask=attention_mask,
-                          hidden_states=None if first else x)
+        out = self.model(input_ids=x if first else None, position_ids=position_ids,
+                         labels=labels, attention_mask=attention_mask,
+                         hidden_states=None if first else x)
+        return out if self.model.stage.post_process else out.to(PIPE_DTYPE)
 
 
 class BertChunk(nn.Module):
@@ -71,7 +76,7 @@ class BertChunk(nn.Module):
                          padding_mask=pad, lm_labels=labels.clamp(min=0) if last else None,
                          hidden_states=None if first else x)
         if not last:
-            return out
+            return out.to(PIPE_DTYPE)
         lm, binary = out
         return lm if binary is None else (lm, binary)
 
@@ -216,7 +221,7 @@ class ModelAdapter:
         s_local = s // mesh.tp_size if mesh.sequence_parallel else s
         meta = torch.device("meta")
         ids = torch.empty(b, s, dtype=torch.long, device=meta)
-        hidden = torch.empty(s_local, b, cfg.hidden_size, dtype=torch.float32, device=meta,
+        hidden = torch.empty(s_local, b, cfg.hidden_size, dtype=PIPE_DTYPE, device=meta,
                              requires_grad=True)  # receivers send its gradient back
         lm = torch.empty(b, s, dtype=torch.float32, device=meta, requires_grad=True)
         last: tuple[torch.Tensor, ...] = (lm,)
