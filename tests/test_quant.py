@@ -174,13 +174,13 @@ def test_int8_gemm_int32_wraparound_exact(isa):
     # int32 here (-32640 * K < -2^31) while the dot product itself still fits: the kernel's
     # wrapping arithmetic must give the exact dot back.
     K = 66000
-    x = torch.full((7, K), -128, dtype=torch.int8)
+    x = torch.full((13, K), -128, dtype=torch.int8)
     w = torch.full((3, K), 127, dtype=torch.int8)
     w[1] = -127
     w[2, ::2] = -127
     expect = exact_gemm(x, w)
     assert int(expect.abs().max()) < 2**31
-    for M in (1, 7):  # small-M and blocked paths
+    for M in (1, 7, 13):  # small-M paths (AVX2 up to 4 rows, VNNI up to 8) and blocked
         out = ops.int8_gemm(x[:M], torch.ones(M), w, torch.ones(3))
         assert torch.equal(out, expect[:M].float())
 
