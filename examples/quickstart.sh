@@ -23,7 +23,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-$(command -v python || command -v python3 || echo python)}"
 WORK="${1:-${QUICKSTART_DIR:-$PWD/quickstart_run}}"
 TINY="${QUICKSTART_TINY:-0}"
 TP="${QUICKSTART_TP:-2}"
@@ -62,10 +62,12 @@ EOF
 if [ "${QUICKSTART_SKIP_INSTALL:-0}" = 1 ]; then
   echo "skipped (QUICKSTART_SKIP_INSTALL=1)"
 else
+  echo "pip install -r requirements-dev.txt (quick when already satisfied; minutes on a fresh machine)"
   "$PY" -m pip install -q -r "$REPO/requirements-dev.txt"
   if megapre_from_repo; then
     echo "megapre is already installed from $REPO with its compiled kernels: not rebuilding"
   else
+    echo "pip install --no-build-isolation -e $REPO (compiles the C++ kernels: a few minutes)"
     "$PY" -m pip install -q --no-build-isolation -e "$REPO"
   fi
 fi

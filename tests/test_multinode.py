@@ -29,7 +29,7 @@ FAKE_SRUN = """#!/usr/bin/env bash
 while [[ "$1" == --* ]]; do shift; done
 pids=()
 for ((i = 0; i < SLURM_NNODES; i++)); do
-  echo "node $i: $*" >> "$FAKE_SLURM_LOG"
+  cmd="$*"; echo "node $i: ${cmd//$'\n'/ }" >> "$FAKE_SLURM_LOG"
   SLURM_NODEID=$i "$@" & pids+=($!)
 done
 rc=0
