@@ -14,7 +14,7 @@
 #
 # Environment overrides:
 #   QUICKSTART_DIR=DIR        work directory (same as the first argument)
-#   QUICKSTART_STEPS=N        training steps (default 300; 20 with QUICKSTART_TINY=1)
+#   QUICKSTART_STEPS=N        training steps (default 500; 20 with QUICKSTART_TINY=1)
 #   QUICKSTART_TINY=1         a seconds-scale smoke run: small corpus, vocabulary and model
 #   QUICKSTART_TP=N           tensor-parallel size (default 2)
 #   QUICKSTART_SKIP_INSTALL=1 use the megapre that python already imports; install nothing
@@ -34,7 +34,7 @@ if [ "$TINY" = 1 ]; then
   CORPUS_MB=0.5 VOCAB=1000 LAYERS=2 HIDDEN=64 HEADS=4 SEQ=64 MBS=4 GBS=8
   EVAL_INTERVAL=$(( STEPS > 10 ? STEPS / 2 : STEPS )) EVAL_ITERS=2 LOG_INTERVAL=5 GEN_TOKENS=16
 else
-  STEPS="${QUICKSTART_STEPS:-300}"
+  STEPS="${QUICKSTART_STEPS:-500}"
   CORPUS_MB=4 VOCAB=8000 LAYERS=4 HIDDEN=128 HEADS=4 SEQ=128 MBS=8 GBS=16
   EVAL_INTERVAL=100 EVAL_ITERS=5 LOG_INTERVAL=10 GEN_TOKENS=48
 fi
@@ -54,9 +54,10 @@ step 1/7 "install (requirements-dev.txt, then megapre from $REPO)"
 megapre_from_repo() {
   "$PY" - "$REPO" <<'EOF' 2>/dev/null
 import os, sys
-import megapre, megapre._C  # noqa: F401  (the compiled kernels must load too)
+import megapre, megapre.ops
 here = os.path.realpath(os.path.dirname(megapre.__file__))
-sys.exit(0 if here == os.path.realpath(os.path.join(sys.argv[1], "megapre")) else 1)
+ours = here == os.path.realpath(os.path.join(sys.argv[1], "megapre"))
+sys.exit(0 if ours and megapre.ops.backend() != "reference" else 1)  # kernels compiled and loaded
 EOF
 }
 if [ "${QUICKSTART_SKIP_INSTALL:-0}" = 1 ]; then
