@@ -178,8 +178,9 @@ class TrainStep:
         """Sum this rank's loss shares over DP, then hand the last stage's value to every
         pipeline rank (others contribute zeros)."""
         names = sorted(self._expected_parts())  # same list on every rank
-        vec = torch.stack([parts[n].double() if n in parts else torch.zeros((), dtype=torch.float64)
-                           for n in names]).to(self.mesh.device)
+        dev = self.mesh.device
+        vec = torch.stack([parts[n].to(dev, torch.float64) if n in parts
+                           else torch.zeros((), dtype=torch.float64, device=dev) for n in names])
         if self.mesh.is_last_stage and group_size(self.mesh.dp_group) > 1:
             dist.all_reduce(vec, group=self.mesh.dp_group)
         if group_size(self.mesh.pp_group) > 1:
