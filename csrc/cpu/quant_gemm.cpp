@@ -250,7 +250,6 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
   return !bad;
 }
 
-
 // ---- W8A8, AVX-512 VNNI ------------------------------------------------------------------
 // Row sums of x (rows of stride ldx), in parallel.
 std::vector<int32_t> rowsums(const int8_t* x, int64_t ldx, int64_t M, int64_t K) {
