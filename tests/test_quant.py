@@ -13,7 +13,9 @@ from megapre.ops import reference as ref
 
 FLOATS = [torch.float32, torch.float16, torch.bfloat16]
 # Output rounding of each dtype (relative) and the smallest magnitudes it resolves.
-REL = {torch.float32: 0.0, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# Output rounding relative to the result: fp32 takes two roundings in the epilogue (acc * scale,
+# then + bias), so 2 ulp; the half types take one rounding of their own (plus the fp32 ones).
+REL = {torch.float32: 2.0**-22, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 ABS = {torch.float32: 1e-30, torch.float16: 1e-7, torch.bfloat16: 1e-30}
 
 GEMM_SHAPES = [  # (M, N, K)
@@ -301,7 +303,7 @@ def test_weight_only_gemv_shapes(isa, M, N, K):
     # blocks, masked K tails, whole-range passes (M <= 3) and 4-row chunks of x
     x = gen(M, K, seed=K)
     wq = int8s(N, K, lo=-128, seed=N)
-    ws = torch.rand(N) / 100
+    ws = torch.rand(N, generator=torch.Generator().manual_seed(5)) / 100  # once failed at 0 ulp slack
     bias = gen(N, seed=1)
     out = ops.weight_only_int8_linear(x, wq, ws, bias)
     exact = (x.double() @ wq.double().t()) * ws.double() + bias.double()

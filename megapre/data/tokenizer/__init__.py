@@ -1,0 +1,1 @@
+"""Tokenizer backends; import the public API from `megapre.data.tokenizers`."""

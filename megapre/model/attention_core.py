@@ -1,0 +1,73 @@
+"""Core attention on the local heads: softmax(q k^T / sqrt(d) + mask) v.
+
+Two interchangeable backends, chosen by ``TransformerConfig.attention_backend``:
+``fused`` materializes the scores and runs megapre's fused scale-mask-softmax kernel (exact,
+any length, fully masked rows give zeros); ``sdpa`` calls torch's
+``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs). Tensors are
+[s, b, heads, head_dim] as in Megatron; grouped-query attention repeats each key/value head
+for its group of query heads.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megapre import ops
+
+
+class CoreAttention(nn.Module):
+    def __init__(self, head_dim: int, attention_dropout: float, backend: str = "fused",
+                 dropout_rng: Callable[[], ContextManager] | None = None) -> None:
+        super().__init__()
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.dropout_p = attention_dropout
+        self.backend = backend
+        # Attention-probability dropout runs on TP-sharded heads: the caller passes the RNG
+        # tracker's fork so each TP rank draws its own mask (identical masks would correlate).
+        self.dropout_rng = dropout_rng or contextlib.nullcontext
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """q [sq, b, nh, d]; k, v [sk, b, ng, d]; mask bool [b or 1, 1, sq, sk], True = masked.
+        Returns [sq, b, nh * d]."""
+        sq, b, nh, d = q.shape
+        if k.shape[2] != nh:
+            k = k.repeat_interleave(nh // k.shape[2], dim=2)
+            v = v.repeat_interleave(nh // v.shape[2], dim=2)
+        qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        if self.backend == "sdpa":
+            ctx = self._sdpa(qb, kb, vb, mask, causal)
+        else:
+            ctx = self._fused(qb, kb, vb, mask, causal)
+        return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * d)
+
+    def _fused(self, q, k, v, mask, causal):
+        scores = torch.matmul(q, k.transpose(-1, -2))
+        probs = ops.scale_mask_softmax(scores, mask, scale=self.scale, causal=causal)
+        if self.training and self.dropout_p > 0:
+            with self.dropout_rng():
+                probs = F.dropout(probs, self.dropout_p)
+        return torch.matmul(probs, v)
+
+    def _sdpa(self, q, k, v, mask, causal):
+        sq, sk = q.shape[-2], k.shape[-2]
+        if causal and (mask is not None or sq != sk):
+            # torch aligns is_causal top-left when sq != sk; ours is bottom-right: spell it out
+            tri = ops.reference.causal_mask(sq, sk, device=q.device)
+            mask = tri if mask is None else (mask | tri)
+            causal = False
+        keep = None if mask is None else ~mask
+        dropout = self.dropout_p if self.training else 0.0
+        with self.dropout_rng() if dropout > 0 else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout,
+                                                 is_causal=causal,
+                                                 scale=self.scale)
+        if keep is not None:
+            # torch gives NaN for a query whose keys are all masked; the fused path gives zeros.
+            out = out.masked_fill(~keep.any(-1, keepdim=True), 0.0)
+        return out

@@ -1,0 +1,118 @@
+"""BERT: a bidirectional encoder with a masked-LM head (tied to the word table) and an optional
+sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final norm).
+
+    input_ids, tokentype_ids [b, s], padding_mask [b, s] (True = pad)
+      -> embedding (+ token types) -> layers -> final norm
+      -> LM head: dense + GELU + LayerNorm -> logits vs word table + bias -> masked-LM loss [b, s]
+      -> binary head: tanh(dense(h[CLS])) -> 2 logits
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megapre import ops
+from megapre.parallel.comm import gather_from_sp
+from megapre.parallel.mesh import ParallelMesh
+from megapre.parallel.random import RNGTracker
+
+from . import init
+from .config import TransformerConfig
+from .embedding import Embedding, word_embedding
+from .gpt import StageLayout
+from .lm_head import parallel_logits, token_loss
+from .transformer import TransformerStack, make_norm
+
+
+def _replicated_linear(h_in: int, h_out: int, mesh: ParallelMesh, seed: int, name: str,
+                       std: float) -> nn.Linear:
+    lin = nn.Linear(h_in, h_out, device=mesh.device)
+    init.fill_normal_(lin.weight, seed, f"{name}.weight", std)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+class BertHeads(nn.Module):
+    """Masked-LM head and the binary (sentence-order) head of the last stage."""
+
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, seed: int,
+                 add_binary_head: bool) -> None:
+        super().__init__()
+        std = cfg.init_method_std
+        self.mesh = mesh
+        self.dense = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
+                                        "lm_head.dense", std)
+        self.norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
+        for p in (*self.dense.parameters(), *self.norm.parameters()):
+            p.sequence_parallel = mesh.sequence_parallel  # they see this rank's tokens only
+        vocab_local = cfg.padded_vocab_size(mesh.tp_size) // mesh.tp_size
+        self.bias = nn.Parameter(torch.zeros(vocab_local, device=mesh.device))
+        self.bias.tensor_parallel_dim = 0
+        self.pooler = self.binary = None
+        if add_binary_head:
+            self.pooler = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
+                                             "pooler.dense", std)
+            self.binary = _replicated_linear(cfg.hidden_size, 2, mesh, seed, "binary_head", std)
+
+    def forward(self, h: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [s(/tp), b, hidden] after the final norm -> (sharded LM logits, binary logits [b, 2])."""
+        binary = None
+        if self.binary is not None:
+            full = h
+            if self.mesh.sequence_parallel:  # [CLS] lives on TP rank 0's chunk; gather it
+                full = gather_from_sp(h, self.mesh.tp_group, 0, grad_is_partial=False)
+            binary = self.binary(torch.tanh(self.pooler(full[0])))
+        t = self.norm(F.gelu(self.dense(h)))
+        return parallel_logits(t, word, self.mesh, self.bias), binary
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
+                 tracker: RNGTracker | None = None, stage: StageLayout | None = None,
+                 add_binary_head: bool = True, recompute_granularity: str | None = None) -> None:
+        super().__init__()
+        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        if cfg.untie_embeddings_and_output_weights:
+            raise ValueError("BERT ties its masked-LM output to the word embeddings; drop "
+                             "--untie-embeddings-and-output-weights")
+        self.cfg, self.mesh = cfg, mesh
+        self.stage = stage or StageLayout.whole(cfg)
+        self.embedding = (Embedding(cfg, mesh, seed, tracker, num_tokentypes=2)
+                          if self.stage.pre_process else None)
+        self.encoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
+                                        seed, tracker, recompute_granularity)
+        self.final_norm = self.heads = self.output_word = None
+        if self.stage.post_process:
+            self.final_norm = make_norm(cfg, mesh)
+            self.heads = BertHeads(cfg, mesh, seed, add_binary_head)
+            if not self.stage.pre_process:
+                self.output_word = word_embedding(cfg, mesh, seed)
+
+    def shared_embedding_weight(self) -> torch.Tensor | None:
+        if self.embedding is not None:
+            return self.embedding.word.weight
+        return self.output_word.weight if self.output_word is not None else None
+
+    def forward(self, input_ids: torch.Tensor | None = None,
+                tokentype_ids: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None):
+        """padding_mask [b, s] bool, True = padding (never attended to). Not last stage: hidden
+        states. Last stage: (per-token LM loss [b, s] if lm_labels else sharded logits,
+        binary logits [b, 2] or None). Labels of unmasked positions are ignored by the caller's
+        loss mask; pass any valid id there."""
+        mask = None if padding_mask is None else padding_mask[:, None, None, :]
+        if self.embedding is not None:
+            x = self.embedding(input_ids, None, tokentype_ids)
+        else:
+            if hidden_states is None:
+                raise ValueError("this pipeline stage has no embedding: pass hidden_states")
+            x = hidden_states
+        x = self.encoder(x, mask, False, None)
+        if not self.stage.post_process:
+            return x
+        logits, binary = self.heads(self.final_norm(x), self.shared_embedding_weight())
+        if lm_labels is None:
+            return logits, binary
+        return token_loss(logits, lm_labels, self.mesh, self.cfg.vocab_size), binary

@@ -1,0 +1,117 @@
+"""GPT: a causal language model. One class serves every pipeline stage: the first stage owns the
+embedding, the last the final norm, output layer and loss, and each stage its layer range.
+
+    input_ids [b, s] -> embedding -> layers[first:last] -> final norm -> logits [s, b, vocab/tp]
+                                                                      -> loss per token [b, s]
+
+With tied embeddings (the default) the output layer multiplies by the word table; a last stage
+that is not also the first keeps its own copy of the table (built from the same generator) whose
+gradient the pipeline sums with the first stage's (`shared_embedding_weight`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from megapre.parallel.layers import ColumnParallelLinear
+from megapre.parallel.mesh import ParallelMesh
+from megapre.parallel.random import RNGTracker
+
+from . import init
+from .config import TransformerConfig
+from .embedding import Embedding, word_embedding
+from .lm_head import full_logits, parallel_logits, token_loss
+from .rope import rope_frequencies
+from .transformer import TransformerStack, make_norm
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """Which part of the model this module holds: layers [first_layer, last_layer), and whether
+    it is the first (embedding) and/or last (head + loss) piece."""
+
+    first_layer: int
+    last_layer: int
+    pre_process: bool = True
+    post_process: bool = True
+
+    @classmethod
+    def whole(cls, cfg: TransformerConfig) -> "StageLayout":
+        return cls(0, cfg.num_layers, True, True)
+
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
+                 tracker: RNGTracker | None = None, stage: StageLayout | None = None,
+                 recompute_granularity: str | None = None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        self.cfg, self.mesh = cfg, mesh
+        self.stage = stage or StageLayout.whole(cfg)
+        self.label_smoothing = label_smoothing
+        self.embedding = Embedding(cfg, mesh, seed, tracker) if self.stage.pre_process else None
+        self.decoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
+                                        seed, tracker, recompute_granularity)
+        self.final_norm = self.output_layer = self.output_word = None
+        if self.stage.post_process:
+            self.final_norm = make_norm(cfg, mesh)
+            if cfg.untie_embeddings_and_output_weights:
+                self.output_layer = ColumnParallelLinear(
+                    cfg.hidden_size, cfg.padded_vocab_size(mesh.tp_size), mesh, bias=False,
+                    init_method=init.normal(seed, "output_layer.weight", cfg.init_method_std))
+            elif not self.stage.pre_process:
+                self.output_word = word_embedding(cfg, mesh, seed)
+        self.rope_dim = None
+        if cfg.position_embedding_type == "rope":
+            self.rope_dim = int(cfg.head_dim * cfg.rotary_percent) // 2 * 2
+
+    def shared_embedding_weight(self) -> torch.Tensor | None:
+        """The word table used by the output layer when embeddings are tied (None when untied
+        or when this stage has neither end)."""
+        if self.cfg.untie_embeddings_and_output_weights:
+            return None
+        if self.embedding is not None:
+            return self.embedding.word.weight
+        return self.output_word.weight if self.output_word is not None else None
+
+    def _rope(self, s: int, position_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+        if self.rope_dim is None:
+            return None
+        if position_ids is None:
+            return rope_frequencies(torch.arange(s, device=device), self.rope_dim,
+                                    self.cfg.rotary_base)
+        pos = position_ids.t()  # [s, b]
+        ang = rope_frequencies(pos.reshape(-1), self.rope_dim, self.cfg.rotary_base)
+        return ang.view(*pos.shape, -1)
+
+    def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """First stage: input_ids [b, s]; later stages: hidden_states [s(/tp), b, h] from the
+        previous stage. attention_mask (optional, bool, True = masked) [b or 1, 1, s, s] adds to
+        the causal mask (e.g. document boundaries). Returns the hidden states (not last stage),
+        the per-token loss [b, s] when labels are given, else sharded logits [s, b, vocab/tp]."""
+        if self.embedding is not None:
+            x = self.embedding(input_ids, position_ids)
+            s = input_ids.shape[1]
+        else:
+            if hidden_states is None:
+                raise ValueError("this pipeline stage has no embedding: pass hidden_states")
+            x = hidden_states
+            s = x.shape[0] * (self.mesh.tp_size if self.mesh.sequence_parallel else 1)
+        x = self.decoder(x, attention_mask, True, self._rope(s, position_ids, x.device))
+        if not self.stage.post_process:
+            return x
+        x = self.final_norm(x)
+        weight = (self.output_layer.weight if self.output_layer is not None
+                  else self.shared_embedding_weight())
+        logits = parallel_logits(x, weight, self.mesh)
+        if labels is None:
+            return logits
+        return token_loss(logits, labels, self.mesh, self.cfg.vocab_size, self.label_smoothing)
+
+    def gathered_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """[b, s, vocab] logits without the padded columns (generation, evaluation)."""
+        return full_logits(logits, self.mesh, self.cfg.vocab_size)

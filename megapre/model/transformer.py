@@ -1,0 +1,174 @@
+"""The pre-LN transformer block on tensor-parallel layers, shared by GPT and BERT.
+
+    h   = x + dropout(attention(norm1(x)))
+    out = h + dropout(mlp(norm2(h)))
+
+Activations are [s, b, hidden] (Megatron's layout); under sequence parallelism the norms and
+dropouts see this rank's [s/tp, b, hidden] slice and the column/row-parallel layers gather and
+reduce-scatter the sequence. The second residual add and norm2 are one fused kernel
+(megapre.ops norm with `residual=`).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megapre import ops
+from megapre.parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megapre.parallel.mesh import ParallelMesh
+from megapre.parallel.random import RNGTracker, recompute
+
+from . import init
+from .attention_core import CoreAttention
+from .config import TransformerConfig
+from .rope import apply_rope
+
+
+def make_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
+    """LayerNorm or RMSNorm (fused kernels). Under sequence parallelism each TP rank sees a
+    different slice of the sequence, so the weight grads are partial and are summed over TP."""
+    if cfg.normalization == "RMSNorm":
+        norm = ops.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
+    else:
+        norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
+    for p in norm.parameters():
+        p.sequence_parallel = mesh.sequence_parallel
+    return norm
+
+
+class Dropout(nn.Module):
+    """Dropout on the residual stream. When the stream is sequence-sharded the ranks hold
+    different tokens, so the mask comes from the tracker's per-TP-rank stream (as Megatron)."""
+
+    def __init__(self, p: float, mesh: ParallelMesh, tracker: RNGTracker | None) -> None:
+        super().__init__()
+        self.p = p
+        self.fork = tracker.fork if (tracker is not None and mesh.sequence_parallel) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        with self.fork() if self.fork else contextlib.nullcontext():
+            return F.dropout(x, self.p, training=True)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head / grouped-query self-attention with this TP rank's heads.
+
+    The fused QKV weight is laid out per key/value group, [q heads of group, k, v] for group 0,
+    then group 1, ..., so splitting its rows over TP gives every rank whole groups.
+    """
+
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, name: str, seed: int,
+                 tracker: RNGTracker | None) -> None:
+        super().__init__()
+        tp = mesh.tp_size
+        self.head_dim = cfg.head_dim
+        self.groups = cfg.num_query_groups // tp
+        self.q_per_group = cfg.num_attention_heads // cfg.num_query_groups
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_query_groups) * cfg.head_dim
+        std = cfg.init_method_std
+        self.qkv = ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, mesh, bias=cfg.add_qkv_bias,
+            init_method=init.normal(seed, f"{name}.qkv.weight", std))
+        self.core = CoreAttention(cfg.head_dim, cfg.attention_dropout, cfg.attention_backend,
+                                  dropout_rng=tracker.fork if tracker is not None else None)
+        self.proj = RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, mesh,
+            bias=cfg.add_bias_linear,
+            init_method=init.normal(seed, f"{name}.proj.weight",
+                                    init.scaled_std(std, cfg.num_layers)))
+        self.recompute_core = False
+        self.tracker = tracker
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+                rope: torch.Tensor | None) -> torch.Tensor:
+        qkv = self.qkv(x)
+        s, b = qkv.shape[:2]
+        qkv = qkv.view(s, b, self.groups, self.q_per_group + 2, self.head_dim)
+        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, self.groups * self.q_per_group,
+                                                      self.head_dim)
+        k, v = qkv[:, :, :, self.q_per_group], qkv[:, :, :, self.q_per_group + 1]
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if self.recompute_core:  # selective recompute: the s^2 activations are cheap to redo
+            ctx = recompute(self.core, q, k, v, mask, causal, tracker=self.tracker)
+        else:
+            ctx = self.core(q, k, v, mask, causal)
+        return self.proj(ctx)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))); SwiGLU adds a gate projection: fc2(silu(gate(x)) * fc1(x)). Gate and
+    fc1 are separate column-parallel layers so each TP rank's slices of both line up for any TP."""
+
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, name: str, seed: int) -> None:
+        super().__init__()
+        std = cfg.init_method_std
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.swiglu = cfg.activation == "swiglu"
+        self.fc1 = ColumnParallelLinear(h, f, mesh, bias=cfg.add_bias_linear,
+                                        init_method=init.normal(seed, f"{name}.fc1.weight", std))
+        self.gate = ColumnParallelLinear(
+            h, f, mesh, bias=cfg.add_bias_linear,
+            init_method=init.normal(seed, f"{name}.gate.weight", std)) if self.swiglu else None
+        self.fc2 = RowParallelLinear(
+            f, h, mesh, bias=cfg.add_bias_linear,
+            init_method=init.normal(seed, f"{name}.fc2.weight",
+                                    init.scaled_std(std, cfg.num_layers)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, layer_number: int, seed: int,
+                 tracker: RNGTracker | None) -> None:
+        super().__init__()
+        name = f"layers.{layer_number}"
+        self.layer_number = layer_number  # global index: names and init do not depend on PP
+        self.norm1 = make_norm(cfg, mesh)
+        self.attention = SelfAttention(cfg, mesh, f"{name}.attention", seed, tracker)
+        self.norm2 = make_norm(cfg, mesh)
+        self.mlp = MLP(cfg, mesh, f"{name}.mlp", seed)
+        self.dropout1 = Dropout(cfg.hidden_dropout, mesh, tracker)
+        self.dropout2 = Dropout(cfg.hidden_dropout, mesh, tracker)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.dropout1(self.attention(self.norm1(x), mask, causal, rope))
+        normed, h = self.norm2(a, residual=x)
+        return h + self.dropout2(self.mlp(normed))
+
+
+class TransformerStack(nn.Module):
+    """Layers [first, last) of the model (a pipeline stage's share), with optional activation
+    recomputation: 'full' reruns each layer in backward, 'selective' only the attention core."""
+
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, first: int, last: int,
+                 seed: int, tracker: RNGTracker | None, recompute_granularity: str | None = None
+                 ) -> None:
+        super().__init__()
+        if recompute_granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity={recompute_granularity!r} must be 'full' "
+                             "or 'selective' (or unset)")
+        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, i, seed, tracker)
+                                    for i in range(first, last))
+        self.full_recompute = recompute_granularity == "full"
+        self.tracker = tracker
+        for layer in self.layers:
+            layer.attention.recompute_core = recompute_granularity == "selective"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layers:
+            if self.full_recompute and self.training:
+                x = recompute(layer, x, mask, causal, rope, tracker=self.tracker)
+            else:
+                x = layer(x, mask, causal, rope)
+        return x

@@ -1,0 +1,258 @@
+"""The (pp, dp, tp) process mesh: which ranks talk to which, in Megatron's default rank order.
+
+Rank r of a TP x PP x DP job sits at tp = r % TP, dp = (r // TP) % DP, pp = r // (TP * DP): tensor
+parallel is innermost so a TP group shares a node (the chattiest collectives stay on NVLink), and a
+job laid out by Megatron-LM keeps the same rank -> shard assignment here.
+
+Every process group is created once, here, and handed out by one `ParallelMesh` object; nothing
+below this module looks up global state. A single process without torch.distributed gets a mesh
+whose sizes are all 1 and whose groups are None (the collectives in comm.py treat that as "no
+communication"), so the same model code runs unchanged in a notebook.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+from torch.distributed.device_mesh import DeviceMesh
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How a job is split. Data parallelism takes whatever of the world size is left over."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over TP
+    timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
+
+    def __post_init__(self) -> None:
+        _check_positive("--tensor-model-parallel-size", self.tensor_parallel)
+        _check_positive("--pipeline-model-parallel-size", self.pipeline_parallel)
+        if self.virtual_pipeline is not None:
+            _check_positive("--virtual-pipeline-model-parallel-size", self.virtual_pipeline)
+            if self.pipeline_parallel < 2:
+                raise ValueError(
+                    f"--virtual-pipeline-model-parallel-size {self.virtual_pipeline} needs "
+                    f"--pipeline-model-parallel-size >= 2 (got {self.pipeline_parallel}); "
+                    "drop the virtual pipeline option or use more pipeline stages")
+        if not self.timeout_s > 0:
+            raise ValueError(f"process-group timeout must be > 0 seconds, got {self.timeout_s}")
+
+
+def _check_positive(flag: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def data_parallel_size(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> int:
+    """World size / (TP x PP), with an error that names the flags when it does not divide."""
+    model_parallel = tensor_parallel * pipeline_parallel
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+            f"{tensor_parallel} x --pipeline-model-parallel-size {pipeline_parallel} = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes or change TP/PP")
+    return world_size // model_parallel
+
+
+def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> torch.Tensor:
+    """Global ranks arranged as a [pp, dp, tp] tensor (row-major, so TP is innermost)."""
+    dp = data_parallel_size(world_size, tensor_parallel, pipeline_parallel)
+    return torch.arange(world_size).reshape(pipeline_parallel, dp, tensor_parallel)
+
+
+def validate_model_layout(*, num_layers: int, num_attention_heads: int,
+                          num_query_groups: int | None = None, tensor_parallel: int = 1,
+                          pipeline_parallel: int = 1, virtual_pipeline: int | None = None) -> None:
+    """Refuse model shapes that cannot be split evenly, naming the flag to change.
+
+    Uneven splits would silently give ranks different amounts of work (or wrong attention heads),
+    so they are errors, as in Megatron-LM.
+    """
+    if num_attention_heads % tensor_parallel:
+        raise ValueError(
+            f"--num-attention-heads {num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tensor_parallel}: each TP rank must own whole heads")
+    if num_query_groups is not None:
+        if num_attention_heads % num_query_groups:
+            raise ValueError(
+                f"--num-attention-heads {num_attention_heads} is not divisible by "
+                f"--num-query-groups {num_query_groups}")
+        if num_query_groups % tensor_parallel:
+            raise ValueError(
+                f"--num-query-groups {num_query_groups} is not divisible by "
+                f"--tensor-model-parallel-size {tensor_parallel}: each TP rank must own whole "
+                "key/value groups")
+    chunks = pipeline_parallel * (virtual_pipeline or 1)
+    if num_layers % chunks:
+        what = (f"--pipeline-model-parallel-size {pipeline_parallel} x "
+                f"--virtual-pipeline-model-parallel-size {virtual_pipeline} = {chunks}"
+                if virtual_pipeline else f"--pipeline-model-parallel-size {pipeline_parallel}")
+        raise ValueError(f"--num-layers {num_layers} is not divisible by {what}: every pipeline "
+                         "chunk must hold the same number of layers")
+
+
+def default_device() -> torch.device:
+    """The device this process should compute on: its local GPU under CUDA, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+class ParallelMesh:
+    """Process groups and coordinates of this rank in the (pp, dp, tp) mesh.
+
+    Build it with `ParallelMesh.init(config)` (joins or starts torch.distributed when launched by
+    torchrun) or `ParallelMesh.single()` for one process. Groups of size-1 dimensions still exist
+    under torch.distributed; only the no-distributed case has None groups.
+    """
+
+    def __init__(self, config: ParallelConfig, device: torch.device, rank: int, world_size: int,
+                 groups: dict[str, ProcessGroup | None], embedding_group: ProcessGroup | None,
+                 device_mesh: DeviceMesh | None) -> None:
+        self.config = config
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.dp_size = data_parallel_size(world_size, config.tensor_parallel,
+                                          config.pipeline_parallel)
+        self._grid = rank_grid(world_size, config.tensor_parallel, config.pipeline_parallel)
+        pp, dp, tp = (int(c) for c in (self._grid == rank).nonzero()[0])
+        self.pp_rank, self.dp_rank, self.tp_rank = pp, dp, tp
+        self.tp_group = groups["tp"]
+        self.pp_group = groups["pp"]
+        self.dp_group = groups["dp"]
+        self.embedding_group = embedding_group
+        self.device_mesh = device_mesh
+
+    # -- construction --------------------------------------------------------------------------
+    @classmethod
+    def single(cls, config: ParallelConfig | None = None,
+               device: torch.device | str | None = None) -> "ParallelMesh":
+        """A one-process mesh (all sizes 1, no groups); TP/PP in `config` must be 1."""
+        config = config or ParallelConfig()
+        data_parallel_size(1, config.tensor_parallel, config.pipeline_parallel)
+        dev = torch.device(device) if device is not None else default_device()
+        return cls(config, dev, 0, 1, {"pp": None, "dp": None, "tp": None}, None, None)
+
+    @classmethod
+    def init(cls, config: ParallelConfig, device: torch.device | str | None = None) -> "ParallelMesh":
+        """Create every group of the mesh. Collective: all ranks must call it in the same order.
+
+        Joins an existing default process group, or starts one from torchrun's environment
+        (backend nccl on CUDA, gloo on CPU, timeout from `config.timeout_s`). Without either,
+        returns the single-process mesh.
+        """
+        dev = torch.device(device) if device is not None else default_device()
+        if not dist.is_initialized():
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and "MASTER_ADDR" not in os.environ:
+                return cls.single(config, dev)
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group(backend_for(dev), timeout=timedelta(seconds=config.timeout_s))
+            # We started it, so we tear it down: a process that exits with live gloo/nccl threads
+            # can abort ("terminate called without an active exception").
+            atexit.register(_destroy_process_group)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel)
+        timeout = timedelta(seconds=config.timeout_s)
+        groups = {name: _subgroups(grid, dim, timeout, name)
+                  for dim, name in enumerate(MESH_DIMS)}
+        embedding = _embedding_group(grid, timeout)
+        device_mesh = DeviceMesh.from_group([groups[n] for n in MESH_DIMS], dev.type,
+                                            mesh=grid, mesh_dim_names=MESH_DIMS)
+        return cls(config, dev, rank, world, groups, embedding, device_mesh)
+
+    def destroy(self) -> None:
+        """Tear down torch.distributed (all groups); the mesh is unusable afterwards."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- sizes and coordinates -----------------------------------------------------------------
+    @property
+    def tp_size(self) -> int:
+        return self.config.tensor_parallel
+
+    @property
+    def pp_size(self) -> int:
+        return self.config.pipeline_parallel
+
+    @property
+    def virtual_pipeline(self) -> int | None:
+        return self.config.virtual_pipeline
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Sequence parallelism is on only when there is more than one TP rank to shard over."""
+        return self.config.sequence_parallel and self.tp_size > 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def rank_of(self, pp: int, dp: int, tp: int) -> int:
+        """Global rank at mesh coordinate (pp, dp, tp)."""
+        return int(self._grid[pp, dp, tp])
+
+    @property
+    def tp_ranks(self) -> list[int]:
+        return self._grid[self.pp_rank, self.dp_rank, :].tolist()
+
+    @property
+    def dp_ranks(self) -> list[int]:
+        return self._grid[self.pp_rank, :, self.tp_rank].tolist()
+
+    @property
+    def pp_ranks(self) -> list[int]:
+        return self._grid[:, self.dp_rank, self.tp_rank].tolist()
+
+    @property
+    def embedding_ranks(self) -> list[int]:
+        """First and last pipeline stage of this (dp, tp) column: they share tied embeddings."""
+        return sorted({self.pp_ranks[0], self.pp_ranks[-1]})
+
+    @property
+    def in_embedding_group(self) -> bool:
+        return self.is_first_stage or self.is_last_stage
+
+    def __repr__(self) -> str:
+        return (f"ParallelMesh(rank={self.rank}/{self.world_size}, pp={self.pp_rank}/{self.pp_size},"
+                f" dp={self.dp_rank}/{self.dp_size}, tp={self.tp_rank}/{self.tp_size},"
+                f" device={self.device})")
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _subgroups(grid: torch.Tensor, dim: int, timeout: timedelta, name: str) -> ProcessGroup:
+    """This rank's group along mesh dimension `dim` (every rank creates every group, in order)."""
+    lines = grid.movedim(dim, -1).reshape(-1, grid.shape[dim]).tolist()
+    group, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, group_desc=f"mesh_{name}")
+    return group
+
+
+def _embedding_group(grid: torch.Tensor, timeout: timedelta) -> ProcessGroup | None:
+    """Group of first + last pipeline stage per (dp, tp); None on middle stages."""
+    pairs = [sorted({int(grid[0, d, t]), int(grid[-1, d, t])})
+             for d in range(grid.shape[1]) for t in range(grid.shape[2])]
+    group, _ = dist.new_subgroups_by_enumeration(pairs, timeout=timeout, group_desc="embedding")
+    return group

@@ -1,0 +1,2 @@
+"""Training: the parallel model (pipeline chunks + data parallel), the step API and, on top, the
+training program."""

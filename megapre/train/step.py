@@ -1,0 +1,191 @@
+"""One optimizer step over a global batch, in any (TP, PP, DP) layout:
+
+    num_microbatches = global_batch / (micro_batch x DP) micro-batches per DP rank
+    -> forward + backward of each (pipeline schedule when PP > 1, else gradient accumulation with
+       DDP's all-reduce held back until the last micro-batch)
+    -> sequence-parallel grad sync (TP) -> tied-embedding grad sync (first + last stage)
+    -> global grad norm, clipping -> optimizer step (skipped when the norm is not finite)
+
+Each micro-batch's loss is its share of the global-batch mean (normalized by the loss-mask count
+of the whole batch over all DP ranks), so the gradients and the returned loss are exactly those of
+one process running the whole batch, whatever the layout.
+
+    step = TrainStep(model, torch.optim.AdamW(model.parameters()), StepConfig(4, 64))
+    loss, grad_norm = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterator, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from megapre.parallel.comm import group_size
+from megapre.parallel.data_parallel import maybe_no_sync
+from megapre.parallel.grads import clip_grad_norm_
+from megapre.parallel.layers import sync_sequence_parallel_grads
+from megapre.parallel.pipeline import PipelineRunner, default_schedule, sync_tied_embedding_grads
+
+from .parallel_model import ParallelModel
+from .stages import MicroBatch
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    micro_batch_size: int
+    global_batch_size: int
+    clip_grad: float = 1.0  # 0 = no clipping (the norm is still computed and returned)
+    pipeline_schedule: str | None = None  # gpipe | 1f1b | interleaved-1f1b; None = by layout
+
+    def num_microbatches(self, dp_size: int) -> int:
+        for flag, v in (("--micro-batch-size", self.micro_batch_size),
+                        ("--global-batch-size", self.global_batch_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {v!r}")
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {self.global_batch_size} is not divisible by "
+                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp_size} = "
+                f"{per_step}")
+        return self.global_batch_size // per_step
+
+
+class StepResult(NamedTuple):
+    loss: float  # global-batch mean loss (BERT: masked-LM + sentence-order)
+    grad_norm: float  # global L2 norm before clipping
+    parts: dict[str, float]  # loss components (GPT: 'lm loss'; BERT: + 'sop loss')
+    skipped: bool  # optimizer step skipped (non-finite grad norm)
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    skipped: int = 0
+    samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class TrainStep:
+    """Callable: `step(batch_iter) -> StepResult` (unpacks as loss, grad_norm, ...); the same
+    values on every rank."""
+
+    def __init__(self, model: ParallelModel, optimizer: torch.optim.Optimizer,
+                 config: StepConfig) -> None:
+        self.model, self.optimizer, self.config = model, optimizer, config
+        self.mesh = mesh = model.mesh
+        self.adapter = model.adapter
+        self.num_microbatches = config.num_microbatches(mesh.dp_size)
+        self.stats = StepStats()
+        self.pipeline: PipelineRunner | None = None
+        schedule = config.pipeline_schedule or default_schedule(mesh)
+        if mesh.pp_size > 1:
+            first, hidden, last = self.adapter.examples(config.micro_batch_size)
+            self.pipeline = PipelineRunner(list(model.chunks), model.specs, mesh, schedule,
+                                           self.num_microbatches, self.adapter.loss_fn,
+                                           first, hidden, last)
+        elif config.pipeline_schedule not in (None, "1f1b", "gpipe"):
+            raise ValueError(f"--pipeline-schedule {config.pipeline_schedule} needs "
+                             "--pipeline-model-parallel-size > 1")
+
+    # -- the step ---------------------------------------------------------------------------
+    def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
+        mbs = self._prepare(batch_iter, train=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.pipeline is not None:
+            self.pipeline.run([m.first_args for m in mbs], [m.kwargs for m in mbs],
+                              [m.target for m in mbs])
+        else:
+            self._accumulate(mbs)
+        parts = self.adapter.loss_fn.log.take()
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for model in self.model.models:
+            sync_sequence_parallel_grads(model, self.mesh)
+        sync_tied_embedding_grads(self.model.tied_embedding_weight(), self.mesh)
+        grad_norm = clip_grad_norm_(params, self.config.clip_grad, self.mesh,
+                                    exclude=self.model.tied_copies())
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        self.stats.steps += 1
+        self.stats.skipped += int(skipped)
+        self.stats.samples += self.config.global_batch_size
+        loss, named = self._reduce_loss(parts)
+        return StepResult(loss, grad_norm, named, skipped)
+
+    @torch.no_grad()
+    def evaluate(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward-only loss of one global batch (same micro-batching, same normalization as
+        training; dropout off). Returns {'loss': ..., 'lm loss': ..., ['sop loss': ...]} on every
+        rank."""
+        mbs = self._prepare(batch_iter, train=False)
+        if self.pipeline is not None:
+            self.pipeline.evaluate([m.first_args for m in mbs], [m.kwargs for m in mbs],
+                                   [m.target for m in mbs])
+        else:
+            for mb in mbs:
+                self.adapter.loss_fn(self.model.chunks[0](*mb.first_args, **mb.kwargs),
+                                     mb.target)
+        loss, named = self._reduce_loss(self.adapter.loss_fn.log.take())
+        return {"loss": loss, **named}
+
+    def _prepare(self, batch_iter: Iterator[dict[str, torch.Tensor]], train: bool
+                 ) -> list[MicroBatch]:
+        """Take this step's micro-batches, set the loss normalizers from the global batch, and
+        put the chunks in train or eval mode."""
+        mbs = self._take(batch_iter)
+        counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
+        if group_size(self.mesh.dp_group) > 1:
+            dist.all_reduce(counts, group=self.mesh.dp_group)
+        self.adapter.set_counts(counts)
+        for chunk in self.model.chunks:
+            chunk.train(train)
+        return mbs
+
+    def _take(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> list[MicroBatch]:
+        mbs = []
+        for i in range(self.num_microbatches):
+            try:
+                mb = next(batch_iter)
+            except StopIteration:
+                raise RuntimeError(
+                    f"the batch iterator ran out after {i} of {self.num_microbatches} "
+                    "micro-batches of this step (train samples exhausted: lower --train-iters "
+                    "or add data)") from None
+            split = self.adapter.split(mb)
+            b = split.first_args[0].shape[0]
+            if b != self.config.micro_batch_size:
+                raise ValueError(f"micro-batch {i} has {b} samples, expected "
+                                 f"--micro-batch-size {self.config.micro_batch_size}")
+            mbs.append(split)
+        return mbs
+
+    def _accumulate(self, mbs: list[MicroBatch]) -> None:
+        """Gradient accumulation without a pipeline: DDP reduces only on the last backward."""
+        chunk = self.model.chunks[0]
+        for i, mb in enumerate(mbs):
+            with maybe_no_sync(self.model.chunks, skip_sync=i < len(mbs) - 1):
+                out = chunk(*mb.first_args, **mb.kwargs)
+                loss = self.adapter.loss_fn(out, mb.target)
+                loss.backward()
+
+    def _reduce_loss(self, parts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+        """Sum this rank's loss shares over DP, then hand the last stage's value to every
+        pipeline rank (others contribute zeros)."""
+        names = sorted(self._expected_parts())  # same list on every rank
+        vec = torch.stack([parts[n].double() if n in parts else torch.zeros((), dtype=torch.float64)
+                           for n in names]).to(self.mesh.device)
+        if self.mesh.is_last_stage and group_size(self.mesh.dp_group) > 1:
+            dist.all_reduce(vec, group=self.mesh.dp_group)
+        if group_size(self.mesh.pp_group) > 1:
+            if not self.mesh.is_last_stage:
+                vec.zero_()
+            dist.all_reduce(vec, group=self.mesh.pp_group)
+        named = {n: float(v) for n, v in zip(names, vec.cpu())}
+        return sum(named.values()), named
+
+    def _expected_parts(self) -> set[str]:
+        return {"lm loss", "sop loss"} if self.adapter.add_binary_head else {"lm loss"}

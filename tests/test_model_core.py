@@ -1,0 +1,124 @@
+"""Model building blocks that do not need a process group: config validation, the two core
+attention backends (they must agree), rotary embeddings."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megapre.model.attention_core import CoreAttention
+from megapre.model.config import ConfigError, TransformerConfig
+from megapre.model.rope import apply_rope, rope_frequencies
+
+
+def naive_attention(q, k, v, mask, causal):
+    """Plain math on [s, b, heads, d] with GQA by explicit repetition."""
+    nh = q.shape[2]
+    k = k.repeat_interleave(nh // k.shape[2], dim=2)
+    v = v.repeat_interleave(nh // v.shape[2], dim=2)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    sq, sk = q.shape[0], k.shape[0]
+    hide = torch.zeros(1, 1, sq, sk, dtype=torch.bool)
+    if causal:
+        hide = hide | (torch.arange(sk)[None, :] > torch.arange(sq)[:, None] + (sk - sq))
+    if mask is not None:
+        hide = hide | mask
+    probs = scores.masked_fill(hide, float("-inf")).softmax(-1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,kbhd->qbhd", probs, v)
+    return out.reshape(sq, q.shape[1], -1)
+
+
+@pytest.mark.parametrize("backend", ["fused", "sdpa"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk,groups", [(5, 5, 4), (3, 7, 2), (17, 17, 1), (1, 9, 2)])
+def test_core_attention_matches_math(backend, causal, sq, sk, groups):
+    torch.manual_seed(sq * 31 + sk)
+    q = torch.randn(sq, 2, 4, 8, requires_grad=True)
+    k = torch.randn(sk, 2, groups, 8, requires_grad=True)
+    v = torch.randn(sk, 2, groups, 8, requires_grad=True)
+    mask = torch.rand(2, 1, sq, sk) < 0.3
+    mask[1, 0, 0] = True  # a fully masked query row: zeros, never NaN
+    attn = CoreAttention(8, 0.0, backend)
+    out = attn(q, k, v, mask, causal)
+    ref = naive_attention(q, k, v, mask, causal)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(out[0, 1] == 0)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+def test_core_attention_dropout_uses_given_rng_context():
+    entered = []
+
+    class Ctx:
+        def __enter__(self):
+            entered.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    attn = CoreAttention(8, 0.5, "fused", dropout_rng=Ctx).train()
+    q = torch.randn(4, 1, 2, 8)
+    attn(q, q, q, None, True)
+    assert entered == [True]
+    attn.eval()
+    out = attn(q, q, q, None, True)
+    torch.testing.assert_close(out, naive_attention(q, q, q, None, True), rtol=1e-5, atol=1e-5)
+    assert entered == [True]  # no dropout (and no RNG fork) in eval mode
+
+
+def test_rope_preserves_norm_and_depends_on_relative_position():
+    torch.manual_seed(0)
+    d = 16
+    q = torch.randn(1, 1, 1, d).expand(12, 1, 1, d)
+    k = torch.randn(1, 1, 1, d).expand(12, 1, 1, d)
+    ang = rope_frequencies(torch.arange(12), d)
+    qr, kr = apply_rope(q, ang), apply_rope(k, ang)
+    torch.testing.assert_close(qr.norm(dim=-1), q.norm(dim=-1))
+    dots = torch.einsum("ibhd,jbhd->ij", qr, kr)
+    # <R_i q, R_j k> is a function of i - j only
+    torch.testing.assert_close(dots[3, 1], dots[9, 7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dots[0, 5], dots[6, 11], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dots[3, 1], dots[3, 2])
+
+
+def test_rope_partial_rotation_passes_the_rest_through():
+    x = torch.randn(5, 2, 3, 16)
+    y = apply_rope(x, rope_frequencies(torch.arange(5), 8))
+    assert torch.equal(y[..., 8:], x[..., 8:])
+    assert not torch.allclose(y[1:, ..., :8], x[1:, ..., :8])
+
+
+def test_config_defaults_and_padding():
+    cfg = TransformerConfig(hidden_size=256, num_attention_heads=8, vocab_size=50257)
+    assert cfg.ffn_hidden_size == 1024 and cfg.num_query_groups == 8 and cfg.head_dim == 32
+    assert cfg.padded_vocab_size(1) == 50304 and cfg.padded_vocab_size(4) == 50688
+    swiglu = TransformerConfig(hidden_size=4096, num_attention_heads=32, activation="swiglu")
+    assert swiglu.ffn_hidden_size == 11008
+    cfg.validate(tensor_parallel=4, pipeline_parallel=3)
+
+
+@pytest.mark.parametrize("kwargs,layout,flag", [
+    (dict(num_attention_heads=6, hidden_size=96), dict(tensor_parallel=4), "--num-attention-heads=6"),
+    (dict(num_attention_heads=3, hidden_size=32), {}, "--hidden-size=32"),
+    (dict(num_attention_heads=8, num_query_groups=2), dict(tensor_parallel=4), "--num-query-groups=2"),
+    (dict(num_attention_heads=8, num_query_groups=3), {}, "--num-query-groups=3"),
+    (dict(num_layers=6), dict(pipeline_parallel=4), "--num-layers=6"),
+    (dict(num_layers=8), dict(pipeline_parallel=2, virtual_stages=3), "virtual stages"),
+    (dict(seq_length=2048), {}, "--max-position-embeddings"),
+    (dict(seq_length=30), dict(tensor_parallel=4, sequence_parallel=True), "--sequence-parallel"),
+    (dict(normalization="BatchNorm"), {}, "--normalization"),
+    (dict(hidden_dropout=1.5), {}, "--hidden-dropout"),
+    (dict(hidden_size=0), {}, "--hidden-size"),
+])
+def test_config_errors_name_the_flag(kwargs, layout, flag):
+    base = dict(num_layers=12, hidden_size=128, num_attention_heads=8, seq_length=128,
+                max_position_embeddings=1024)
+    base.update(kwargs)
+    with pytest.raises(ConfigError, match=flag.replace("-", r"\-").replace("=", "=")):
+        TransformerConfig(**base).validate(**layout)
