@@ -433,10 +433,10 @@ void weight_only_gemv_vec(const void* x, const int8_t* w, const float* ws, const
   constexpr int64_t kRows = 64;
   const int64_t esz = elem_size(dt);
   run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    // Up to 3 rows of x make one pass over w, so the AVX-512 kernel takes the thread's whole
-    // range at once (its prefetch then runs across block boundaries). From 4 rows on, x comes
-    // in chunks that reread w, so blocks of kRows rows keep w in L2 between chunks.
-    const int64_t step = avx512 && M <= 3 ? (e - b) * kRows : kRows;
+    // Up to 3 rows of x make one pass over w, so the kernel takes the thread's whole range at
+    // once (its prefetch then runs across block boundaries). From 4 rows on, x comes in
+    // chunks that reread w, so blocks of kRows rows keep w in L2 between chunks.
+    const int64_t step = M <= 3 ? (e - b) * kRows : kRows;
     float* acc = tl_c.get<float>(M * step);
     for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += step) {
       const int64_t n1 = std::min(N, n0 + step);
