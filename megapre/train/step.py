@@ -166,10 +166,15 @@ class TrainStep:
                     "micro-batches of this step (train samples exhausted: lower --train-iters "
                     "or add data)") from None
             split = self.adapter.split(mb)
-            b = split.first_args[0].shape[0]
+            b, s = split.first_args[0].shape[:2]
             if b != self.config.micro_batch_size:
                 raise ValueError(f"micro-batch {i} has {b} samples, expected "
                                  f"--micro-batch-size {self.config.micro_batch_size}")
+            if self.pipeline is not None and s != self.adapter.cfg.seq_length:
+                # the stages' receive buffers are sized for [seq_length, micro-batch, hidden]
+                raise ValueError(f"micro-batch {i} has sequences of {s} tokens; with pipeline "
+                                 f"parallelism every sample must have --seq-length "
+                                 f"{self.adapter.cfg.seq_length} tokens (pad them)")
             mbs.append(split)
         return mbs
 
