@@ -111,9 +111,11 @@ def _check_mlp(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None:
 def _check_embedding(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None:
     padded = padded_vocab_size(VOCAB, 4, mesh.tp_size)
     ref = nn.Embedding(padded, H)
-    emb = VocabParallelEmbedding(padded, H, mesh, init_method=_init(13), sequence_parallel=sp)
+    emb = VocabParallelEmbedding(padded, H, mesh, init_method=_init(13), sequence_parallel=sp,
+                                 vocab_size=VOCAB)
     with torch.no_grad():
-        _init(13)(ref.weight)
+        ref.weight.zero_()
+        _init(13)(ref.weight[:VOCAB])
     assert_close(gather_full_param(emb.weight, mesh), ref.weight.detach(), rtol=0, atol=0)
     ids = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(14))
     ids[0, 0], ids[1, 0] = 0, VOCAB - 1  # both ends of the vocab
@@ -128,7 +130,7 @@ def _check_embedding(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None
         try:
             emb(torch.tensor([[bad]]))
         except ValueError as e:
-            assert f"[0, {padded})" in str(e), e
+            assert f"[0, {VOCAB})" in str(e), e
         else:
             raise AssertionError(f"id {bad} was accepted")
 
@@ -214,6 +216,25 @@ def test_padded_vocab_size():
     assert padded_vocab_size(256, 128, 2) == 256
     with pytest.raises(ValueError, match="--make-vocab-size-divisible-by"):
         padded_vocab_size(100, 0, 1)
+
+
+def test_padded_init_does_not_depend_on_tp():
+    """Padded vocab sizes differ per TP; the real rows and the RNG state after init must not."""
+    single = ParallelMesh.single()
+    weights, after = [], []
+    for tp in (1, 2, 8):
+        padded = padded_vocab_size(VOCAB, 4, tp)
+        torch.manual_seed(0)
+        emb = VocabParallelEmbedding(padded, H, single, vocab_size=VOCAB)
+        out = ColumnParallelLinear(H, padded, single, init_out_features=VOCAB)
+        weights.append((emb.weight[:VOCAB].detach(), out.weight[:VOCAB].detach()))
+        after.append(torch.rand(3))
+        assert emb.weight[VOCAB:].abs().sum() == 0 and out.weight[VOCAB:].abs().sum() == 0
+    for w, a in zip(weights[1:], after[1:]):
+        assert torch.equal(w[0], weights[0][0]) and torch.equal(w[1], weights[0][1])
+        assert torch.equal(a, after[0])
+    with pytest.raises(ValueError, match="true vocabulary size 60"):
+        VocabParallelEmbedding(56, H, single, vocab_size=60)
 
 
 def test_layer_shape_errors():

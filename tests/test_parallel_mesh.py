@@ -33,6 +33,8 @@ def _describe_mesh(rank: int, world: int) -> dict:
                 emb_ranks=mesh.embedding_ranks,
                 emb_members=_members(mesh.embedding_group) if mesh.embedding_group else None,
                 coord=tuple(mesh.device_mesh.get_coordinate()),
+                dm_tp=_members(mesh.device_mesh["tp"].get_group()),
+                dm_dp=_members(mesh.device_mesh.get_group("dp")),
                 timeouts=[_timeout_s(g) for g in (mesh.tp_group, mesh.dp_group, mesh.pp_group,
                                                  mesh.embedding_group)])
     return info
@@ -45,6 +47,7 @@ def test_rank_layout_tp2_pp2_dp2_matches_megatron():
         tp, dp, pp = r % 2, (r // 2) % 2, r // 4
         assert (info["tp"], info["dp"], info["pp"]) == (tp, dp, pp), (r, info)
         assert info["coord"] == (pp, dp, tp)
+        assert info["dm_tp"] == info["tp_members"] and info["dm_dp"] == info["dp_members"]
         assert info["sizes"] == (2, 2, 2)
         expect_tp = [pp * 4 + dp * 2 + t for t in range(2)]
         expect_dp = [pp * 4 + d * 2 + tp for d in range(2)]
@@ -56,6 +59,29 @@ def test_rank_layout_tp2_pp2_dp2_matches_megatron():
         # With two stages every rank is first or last: its embedding group is its pp column.
         assert info["emb_members"] == info["emb_ranks"] == expect_pp
         assert info["timeouts"] == [60.0] * 4  # ParallelConfig.timeout_s reached every group
+
+
+def _init_like_torchrun(rank: int, world: int) -> tuple:
+    assert not dist.is_initialized()
+    try:
+        ParallelMesh.init(ParallelConfig(tensor_parallel=4, timeout_s=45))
+    except ValueError as e:
+        bad = str(e)
+    else:
+        raise AssertionError("TP 4 on 2 processes was accepted")
+    mesh = ParallelMesh.init(ParallelConfig(tensor_parallel=2, timeout_s=45))
+    default = dist.distributed_c10d._get_default_group()
+    return (bad, dist.get_backend(), _timeout_s(default), mesh.tp_rank, mesh.tp_ranks)
+
+
+@pytest.mark.slow
+def test_init_from_torchrun_environment():
+    """ParallelMesh.init starts torch.distributed itself (gloo on CPU) from torchrun's env vars."""
+    res = run_distributed(_init_like_torchrun, 2, backend=None)
+    for rank, (bad, backend, timeout, tp_rank, tp_ranks) in enumerate(res):
+        assert "world size 2 is not divisible by --tensor-model-parallel-size 4" in bad
+        assert backend == "gloo" and timeout == 45.0
+        assert tp_rank == rank and tp_ranks == [0, 1]
 
 
 def test_rank_grid_formula():

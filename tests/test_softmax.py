@@ -44,6 +44,9 @@ def make_mask(kind: str, b: int, sq: int, sk: int, gen: torch.Generator):
         m = torch.rand(b, 1, sq, sk, generator=gen) < 0.3
         m[:, :, ::3] = True
         return m
+    if kind == "tails":  # key padding of lengths around the kernels' 16/32-key steps
+        lengths = torch.tensor([0, 1, 15, 16, 31, 32, 33, 64, sk - 1, sk])[:b].clamp(max=sk)
+        return (torch.arange(sk)[None, :] >= lengths[:, None])[:, None, None, :]
     if kind == "strided":  # not contiguous along sk (a transposed mask)
         return (torch.rand(b, 1, sk, sq, generator=gen) < 0.3).transpose(2, 3)
     raise AssertionError(kind)
@@ -123,6 +126,27 @@ def test_large_output_streaming_path(isa, dtype, shape):
     if isa != "avx2":
         pytest.skip("only the AVX2 rows stream")
     check_against_reference(shape, dtype, "b1", True, scale=0.125)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_key_padding_tails(isa, dtype, causal):
+    """The masked tail of a padded row is skipped and written as zeros: lengths 0, 1, around
+    16 and 32, and sk - 1, sk, with an sk that leaves rows unaligned."""
+    check_against_reference((10, 2, 3, 100), dtype, "tails", causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_row_stays_nan(isa, dtype):
+    """A NaN score makes its row's visible probabilities NaN (as in torch) and no other row's."""
+    scores = torch.randn(1, 2, 4, 40).to(dtype)
+    scores[0, 1, 2, 5] = math.nan
+    mask = torch.zeros(1, 1, 4, 40, dtype=torch.bool)
+    mask[..., 30:] = True
+    p = ops.scale_mask_softmax(scores, mask, 0.5)
+    assert torch.isnan(p[0, 1, 2, :30]).all()
+    p[0, 1, 2] = 0
+    assert torch.isfinite(p).all()
 
 
 @pytest.mark.parametrize("scale", [1.0, -0.7, 20.0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import unicodedata
 import shutil
 from pathlib import Path
 
@@ -123,6 +124,21 @@ def test_gpt2_matches_independent_reference(gpt2):
     assert 50256 not in gpt2.encode("<|endoftext|>")
 
 
+def test_gpt2_matches_reference_on_random_unicode(gpt2):
+    """Seeded random strings over the characters where regex engines disagree most (unicode
+    spaces, separators, combining marks, contractions)."""
+    import random
+
+    ref = ReferenceGPT2(GPT2 / "vocab.json", GPT2 / "merges.txt")
+    rng = random.Random(1234)
+    alphabet = list("abcXYZ019 '’.,!?-_\t\n\r") + [
+        "'s", "'ll", " 's", "\u00a0", "\u3000", "\u2028", "\x0b", "\x0c", "\x1c", "\x1f", "\x85",
+        "é", "e\u0301", "日", "👍", "\u200b", "٣", "²", "ⅷ", "\ufeff", "\x00",
+    ]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(1000)]
+    assert gpt2.encode_batch(texts) == [ref.encode(t) for t in texts]
+
+
 def test_gpt2_decodes_split_utf8_with_replacement(gpt2):
     ids = gpt2.encode("日本")
     assert len(ids) > 1
@@ -130,6 +146,77 @@ def test_gpt2_decodes_split_utf8_with_replacement(gpt2):
 
 
 # ----------------------------------------------------------------------------------------- BERT
+class ReferenceBert:
+    """BERT's published tokenization, written from scratch: clean, space out CJK, split on whitespace,
+    (lower-case and strip accents), split off punctuation, then greedy longest-match WordPiece."""
+
+    CJK = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+           (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)]
+
+    def __init__(self, vocab_path: Path, lower: bool):
+        lines = vocab_path.read_text(encoding="utf-8").split("\n")
+        self.vocab = {t.strip(): i for i, t in enumerate(lines[:-1] if lines[-1] == "" else lines)}
+        self.lower = lower
+
+    @staticmethod
+    def punct(ch: str) -> bool:
+        cp = ord(ch)
+        return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or \
+            unicodedata.category(ch).startswith("P")
+
+    def words(self, text: str) -> list[str]:
+        out = []
+        for ch in text:
+            cp, cat = ord(ch), unicodedata.category(ch)
+            if cp in (0, 0xFFFD) or (ch not in "\t\n\r" and cat.startswith("C")):
+                continue
+            if ch in " \t\n\r" or cat == "Zs":
+                out.append(" ")
+            elif any(lo <= cp <= hi for lo, hi in self.CJK):
+                out.append(f" {ch} ")
+            else:
+                out.append(ch)
+        words = []
+        for word in "".join(out).split():
+            if self.lower:
+                word = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
+            current = ""
+            for ch in word:
+                if self.punct(ch):
+                    words += [current, ch] if current else [ch]
+                    current = ""
+                else:
+                    current += ch
+            if current:
+                words.append(current)
+        return words
+
+    def wordpiece(self, word: str) -> list[int]:
+        if len(word) > 100:
+            return [self.vocab["[UNK]"]]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = ("##" if start else "") + word[start:end]
+                if piece in self.vocab:
+                    ids.append(self.vocab[piece])
+                    start = end
+                    break
+            else:
+                return [self.vocab["[UNK]"]]
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        return [i for w in self.words(text) for i in self.wordpiece(w)]
+
+
+def test_bert_lower_matches_independent_reference(bert_lower):
+    ref = ReferenceBert(BERT / "vocab.txt", lower=True)
+    texts = TRICKY + wiki_lines(300) + ["Ａｃｃｅｎｔｓ àéîõü ÀÉÎÕÜ\u0000ctrl\u200bzw ﬁ ǅ", "x" * 101 + " ok"]
+    for text, ids in zip(texts, bert_lower.encode_batch(texts)):
+        assert ids == ref.encode(text), text[:80]
+
+
 def test_bert_lower_matches_tokenizer_json(bert_lower):
     need(BERT / "tokenizer.json")
     from tokenizers import Tokenizer
@@ -174,11 +261,9 @@ def test_bert_continuation_mask_and_decode(bert_lower):
 def test_bert_cased_keeps_case():
     need(BERT / "vocab.txt")
     cased = build_tokenizer(TokenizerConfig("BertWordPieceCase", vocab_file=str(BERT / "vocab.txt")))
-    from tokenizers import BertWordPieceTokenizer
-
-    ref = BertWordPieceTokenizer(str(BERT / "vocab.txt"), lowercase=False, strip_accents=False)
-    for text in ["Hello World", "naïve Café"] + wiki_lines(50):
-        assert cased.encode(text) == ref.encode(text, add_special_tokens=False).ids
+    ref = ReferenceBert(BERT / "vocab.txt", lower=False)
+    texts = ["Hello World", "naïve Café"] + TRICKY + wiki_lines(100)
+    assert cased.encode_batch(texts) == [ref.encode(t) for t in texts]
     # The vocabulary is uncased: "Hello" is not a whole word in it, "hello" is.
     assert cased.encode("Hello") != cased.encode("hello")
 
@@ -224,6 +309,25 @@ def test_pickle_round_trip_and_file_change_detected(tmp_path, gpt2):
         f.write("\n")  # same vocabulary, different bytes: still refused
     with pytest.raises(TokenizerError, match="changed since"):
         pickle.loads(blob)
+
+
+def test_pickle_from_relative_paths_in_another_directory(tmp_path, monkeypatch):
+    need(BERT / "vocab.txt")
+    shutil.copy(BERT / "vocab.txt", tmp_path / "vocab.txt")
+    monkeypatch.chdir(tmp_path)
+    tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file="vocab.txt"))
+    blob = pickle.dumps(tok)
+    monkeypatch.chdir(tmp_path.parent)
+    assert pickle.loads(blob).encode("hello world") == tok.encode("hello world")
+
+
+def test_fingerprint_ignores_location(tmp_path, gpt2):
+    shutil.copy(GPT2 / "vocab.json", tmp_path / "vocab.json")
+    shutil.copy(GPT2 / "merges.txt", tmp_path / "merges.txt")
+    moved = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert moved.fingerprint() == gpt2.fingerprint() == gpt2.describe()["fingerprint"]
+    other = build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=50256))
+    assert other.fingerprint() != build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=50257)).fingerprint()
 
 
 def test_describe_has_file_hashes(gpt2):
@@ -398,3 +502,18 @@ def test_null_tokenizer_as_megatron():
     with pytest.raises(TokenizerError, match="--vocab-size N > 0"):
         build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=0))
     assert pickle.loads(pickle.dumps(tok)).eod == 1000
+
+
+def test_megatron_flags_round_trip_through_argparse():
+    import argparse
+
+    from megapre.data.tokenizers import add_tokenizer_args, tokenizer_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_tokenizer_args(parser)
+    args = parser.parse_args(["--tokenizer-type", "NullTokenizer", "--vocab-size", "128"])
+    config = tokenizer_config_from_args(args)
+    assert config == TokenizerConfig("NullTokenizer", vocab_size=128)
+    assert build_tokenizer(config).eod == 128
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--vocab-size", "5"])  # --tokenizer-type is required

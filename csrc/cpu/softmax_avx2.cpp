@@ -1,6 +1,12 @@
 // AVX2/FMA/F16C row kernels for the fused scale + mask + softmax (see softmax_impl.h).
-// Everything after the target pragma is compiled for AVX2; only the two entry points declared
-// in softmax_impl.h are visible outside this file.
+// Everything after the target pragma is compiled for AVX2; only the entry points declared in
+// softmax_impl.h are visible outside this file.
+//
+// Rows are processed in chunks of 16 elements held as two fp32 vectors. Chunks sit on a grid
+// aligned to the output row (a short head chunk first), so full chunks are aligned loads and
+// stores and whole cache lines can be streamed. Within a chunk the lanes follow the element
+// type's cheapest conversion order (bf16: even elements, then odd ones); everything between a
+// chunk's load and its store is elementwise or a reduction, so the order never shows.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -16,113 +22,154 @@
 namespace megapre::cpu::softmax_impl {
 namespace {
 
-// ---- 8-lane loads/stores with fp32 in registers -------------------------------------------
-template <DType D> struct Vec;
-
-template <> struct Vec<DType::F32> {
-  using T = float;
-  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
-  static void store(T* p, __m256 v) { _mm256_storeu_ps(p, v); }
-  static void stream(T* p, __m256 v) { _mm256_stream_ps(p, v); }
-};
-
-template <> struct Vec<DType::BF16> {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  }
-  // Round to nearest even exactly like f32_to_bf16: add 0x7fff plus the lsb of the kept half,
-  // and NaN keeps its top bits with the quiet bit set.
-  static __m128i pack(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i hi = _mm256_srli_epi32(u, 16);
-    const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-    r = _mm256_srli_epi32(r, 16);
-    const __m256i qnan = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-    const __m256i is_nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, qnan, is_nan);
-    // Every lane is <= 0xffff, so the unsigned-saturating pack is a plain narrowing.
-    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-  }
-  static void store(T* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
-  static void stream(T* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
-};
-
-template <> struct Vec<DType::F16> {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static __m128i pack(__m256 v) {
-    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static void store(T* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
-  static void stream(T* p, __m256 v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), pack(v)); }
-};
-
-// Tails of fewer than 8 elements go through a small stack buffer so the same vector math (and
-// therefore the same rounding) applies to every element of a row.
-template <DType D> __m256 load_part(const typename Vec<D>::T* p, int64_t k) {
-  typename Vec<D>::T buf[8] = {};
-  std::memcpy(buf, p, static_cast<size_t>(k) * sizeof(buf[0]));
-  return Vec<D>::load(buf);
-}
-
-template <DType D> void store_part(typename Vec<D>::T* p, __m256 v, int64_t k) {
-  typename Vec<D>::T buf[8];
-  Vec<D>::store(buf, v);
-  std::memcpy(p, buf, static_cast<size_t>(k) * sizeof(buf[0]));
-}
-
-// All-ones lanes for lanes [0, k).
-inline __m256 first_lanes(int64_t k) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), iota));
-}
-
+constexpr int64_t kChunk = 16;
 constexpr uintptr_t kLineBytes = 64;
 
-// Elements before p reaches a cache-line boundary (buffers are at least element-aligned).
-template <class T> int64_t to_line_boundary(const T* p) {
-  const uintptr_t off = reinterpret_cast<uintptr_t>(p) % kLineBytes;
-  return off == 0 ? 0 : static_cast<int64_t>((kLineBytes - off) / sizeof(T));
-}
+struct Pair {
+  __m256 a, b;
+};
 
-// Writes one output row: y[j] = value(j..) for j < n and zeros for [n, sk). value(j, k) gives
-// the 8 lanes starting at j, of which only the first k (< 8 near the end of the valid part) may
-// be read from the inputs. With stream, whole cache lines go out with non-temporal stores: the
-// row is written to memory without first being read into the cache (no read-for-ownership),
-// which pays off when the output is larger than the cache. Lines are written either entirely
-// streamed or entirely cached (ragged row ends use plain stores), because mixing both kinds in
-// one line flushes a partial write-combining buffer.
-template <DType D, class Value>
-void write_row(typename Vec<D>::T* y, int64_t n, int64_t sk, bool stream, const Value& value) {
-  auto lanes = [&](int64_t j, int64_t k) {  // elements [j, j + k) of the row, zeros from n on
-    if (j >= n) return _mm256_setzero_ps();
-    if (j + k <= n) return value(j, k);
-    return _mm256_and_ps(value(j, n - j), first_lanes(n - j));
-  };
-  auto plain = [&](int64_t j, int64_t end) {
-    for (; j + 8 <= end; j += 8) Vec<D>::store(y + j, lanes(j, 8));
-    if (j < end) store_part<D>(y + j, lanes(j, end - j), end - j);
-  };
-  if (!stream) return plain(0, sk);
-  constexpr int64_t kLine = static_cast<int64_t>(kLineBytes / sizeof(y[0]));
-  const int64_t head = std::min(sk, to_line_boundary(y));
-  plain(0, head);
-  int64_t j = head;
-  for (; j + kLine <= sk; j += kLine) {
-    for (int64_t v = j; v < j + kLine; v += 8) Vec<D>::stream(y + v, lanes(v, 8));
-  }
-  plain(j, sk);
+inline Pair zeros() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+
+inline __m256i loadu256(const void* p) {
+  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
+}
+inline __m128i loadu128(const void* p) {
+  return _mm_loadu_si128(static_cast<const __m128i*>(p));
 }
 
 // All-ones lanes where the 8 mask bytes at m are nonzero (True = masked).
-inline __m256 masked_lanes(const uint8_t* m) {
-  __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m)));
+inline __m256 mask8(const uint8_t* m) {
+  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(
+      static_cast<const void*>(m))));
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+
+// ---- 16-element chunks <-> two fp32 vectors ----------------------------------------------
+// load/store/stream move a whole chunk (stream: non-temporal, chunk-aligned address only);
+// masked(m) gives the lanes (in the same order as load) whose mask byte is nonzero.
+template <DType D> struct Chunk;
+
+template <> struct Chunk<DType::F32> {
+  using T = float;
+  static Pair load(const T* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+  static void store(T* p, Pair v) {
+    _mm256_storeu_ps(p, v.a);
+    _mm256_storeu_ps(p + 8, v.b);
+  }
+  static void stream(T* p, Pair v) {
+    _mm256_stream_ps(p, v.a);
+    _mm256_stream_ps(p + 8, v.b);
+  }
+  static Pair masked(const uint8_t* m) { return {mask8(m), mask8(m + 8)}; }
+};
+
+template <> struct Chunk<DType::F16> {
+  using T = uint16_t;
+  static Pair load(const T* p) {
+    return {_mm256_cvtph_ps(loadu128(p)), _mm256_cvtph_ps(loadu128(p + 8))};
+  }
+  static __m256i pack(Pair v) {
+    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    return _mm256_set_m128i(_mm256_cvtps_ph(v.b, kRne), _mm256_cvtps_ph(v.a, kRne));
+  }
+  static void store(T* p, Pair v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
+  static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
+  static Pair masked(const uint8_t* m) { return {mask8(m), mask8(m + 8)}; }
+};
+
+// bf16 is the top half of an fp32, so one 256-bit load of 16 elements becomes the even
+// elements (shifted up) and the odd ones (low halves cleared) with two cheap ALU ops and no
+// shuffles; the store reverses it.
+template <> struct Chunk<DType::BF16> {
+  using T = uint16_t;
+  static Pair load(const T* p) {
+    const __m256i v = loadu256(p);
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
+            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)))};
+  }
+  // Round to nearest even: add 0x7fff plus the lsb of the kept half; the result is in the top
+  // half. No NaN fix-up is needed: every NaN here comes from bf16 data (or is the default NaN
+  // 0xffc00000), so its low half is 0, the add cannot carry and the NaN stays a NaN.
+  static __m256i round_top(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+  }
+  static __m256i pack(Pair v) {
+    return _mm256_or_si256(_mm256_srli_epi32(round_top(v.a), 16),
+                           _mm256_and_si256(round_top(v.b), _mm256_set1_epi32(-65536)));
+  }
+  static void store(T* p, Pair v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
+  static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
+  // Mask words in element order, as all-ones/zero; the odd element's word is already the top
+  // half of its lane, the even one's is shifted up there (blendv reads only the sign bit).
+  static Pair masked(const uint8_t* m) {
+    const __m256i w = _mm256_cmpgt_epi16(_mm256_cvtepu8_epi16(loadu128(m)),
+                                         _mm256_setzero_si256());
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(w)};
+  }
+};
+
+template <DType D> using Elt = typename Chunk<D>::T;
+
+// Partial chunks (k < 16 elements) go through a stack buffer, so they get the same math and
+// rounding as full ones. Lanes past k load as 0.
+template <DType D> Pair load_part(const Elt<D>* p, int64_t k) {
+  Elt<D> buf[kChunk] = {};
+  std::memcpy(buf, p, static_cast<size_t>(k) * sizeof(buf[0]));
+  return Chunk<D>::load(buf);
+}
+
+template <DType D> void store_part(Elt<D>* p, Pair v, int64_t k) {
+  Elt<D> buf[kChunk];
+  Chunk<D>::store(buf, v);
+  std::memcpy(p, buf, static_cast<size_t>(k) * sizeof(buf[0]));
+}
+
+template <DType D> Pair load_any(const Elt<D>* p, int64_t k) {
+  return k == kChunk ? Chunk<D>::load(p) : load_part<D>(p, k);
+}
+
+// Elements before y reaches a chunk boundary (kChunk elements' worth of bytes), in [0, 16).
+template <class T> int64_t grid_head(const T* y) {
+  constexpr uintptr_t bytes = kChunk * sizeof(T);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
+  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
+}
+
+// Calls fn(j, k) for consecutive chunks [j, j + k) covering [0, len): first a head chunk of
+// `head` elements (so that later chunks start on the grid), then full chunks, then the rest.
+// Two calls with the same head agree on every chunk start below the shorter len.
+template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
+  int64_t j = std::min(head, len);
+  if (j > 0) fn(int64_t{0}, j);
+  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
+  if (j < len) fn(j, len - j);
+}
+
+// Writes a row of sk outputs chunk by chunk (value(j, k) gives chunk [j, j + k)). With stream,
+// full chunks whose cache line lies entirely inside the row go out with non-temporal stores:
+// written to memory without first being read into the cache (no read-for-ownership), which
+// pays off when the output is larger than the cache. A line is written either entirely
+// streamed or entirely cached, because mixing both kinds in one line flushes a partial
+// write-combining buffer.
+template <DType D, class Value>
+void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
+  const auto base = reinterpret_cast<uintptr_t>(y);
+  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
+  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
+  stream = stream && base % sizeof(y[0]) == 0;  // chunks on the grid are then aligned
+  for_chunks(head, sk, [&](int64_t j, int64_t k) {
+    const Pair v = value(j, k);
+    if (k < kChunk) return store_part<D>(y + j, v, k);
+    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
+    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
+      Chunk<D>::stream(y + j, v);
+    } else {
+      Chunk<D>::store(y + j, v);
+    }
+  });
 }
 
 inline float hmax(__m256 v) {
@@ -139,126 +186,130 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// exp(x) in fp32 to about 1-2 ulp: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2 so
-// n*ln2_hi is exact), exp(r) = 1 + r + r^2*P(r) with P a degree-4 relative-error least-squares
-// fit on Chebyshev nodes (max relative error 4e-9), then scaled by 2^n built in the exponent
-// field. Inputs are clamped to [-88, 88]; for x <= -88 (including -inf) n is -127, whose
-// exponent field is 0, so the result is exactly 0 -- that flushes results below ~1e-38, which
-// a softmax cannot see next to the row maximum's exp(0) = 1. NaN propagates.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);  // this operand order keeps NaN: min/max
-  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);  // return their second operand on NaN
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.375140739e-03f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.368915878e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.166953266e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.666651815e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.999998808e-01f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+// 2^t for t <= 0 (or NaN), fp32, within 2e-7 relative. Scores are pre-multiplied by
+// scale*log2(e), so exp needs no range-reduction multiply: adding 1.5*2^23 + 127 rounds t to
+// an integer n and leaves n + 127 -- the biased exponent of 2^n -- in the low mantissa bits,
+// r = t - n lies in [-0.5, 0.5], and 2^r is a degree-5 minimax polynomial. t is clamped at
+// -127, where the exponent field is 0 and the result exactly 0: masked keys (t = -inf) come
+// out as exact zeros, and results below ~1e-38, invisible next to the row maximum's 2^0 = 1,
+// are flushed. NaN propagates (max returns its second operand on NaN).
+inline __m256 exp2_nonpos(__m256 t) {
+  t = _mm256_max_ps(_mm256_set1_ps(-127.0f), t);
+  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m256 big = _mm256_add_ps(t, magic);
+  const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(big, magic));
+  __m256 p = _mm256_set1_ps(1.326471916e-03f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.671513923e-03f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550733954e-02f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402224243e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931470037e-01f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(big), 23));
+  return _mm256_mul_ps(p, pow2n);
+}
+
+// Keys after the last unmasked one take no part in the row (padding masks hide a tail of
+// keys): returns the index of that key + 1, 0 when all n are masked.
+inline int64_t live_prefix(const uint8_t* m, int64_t n) {
+  for (; n >= 32; n -= 32) {
+    const __m256i v = loadu256(m + n - 32);
+    const auto live = static_cast<uint32_t>(
+        _mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+    if (live != 0) return n - 32 + (32 - __builtin_clz(live));
+  }
+  while (n > 0 && m[n - 1] != 0) --n;
+  return n;
 }
 
 // ---- forward ---------------------------------------------------------------------------------
-// Pass 1 scales, masks (-inf) and stores the row into work while tracking the max; pass 2
-// replaces work by exp(work - max) and sums it; pass 3 writes work / sum. The source row is read
-// once and the output written once; the repeated passes touch only the cached work row.
+// Pass 1 converts, scales (by scale*log2 e), masks (-inf) and stores the row into work in
+// chunk order while tracking the max; pass 2 replaces work by 2^(work - max) and sums it;
+// pass 3 writes work / sum and the zero tail. The source row is read once and the output
+// written once; the repeated passes touch only the cached fp32 work row.
 template <DType D>
-void fwd_row(const typename Vec<D>::T* x, const uint8_t* m, typename Vec<D>::T* y, int64_t n,
-             int64_t sk, float scale, float* work, bool stream) {
-  const __m256 vscale = _mm256_set1_ps(scale);
+void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk, float scale,
+             float* work, bool stream) {
+  const int64_t head = grid_head(y);
+  if (m != nullptr) n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
+  const __m256 vc = _mm256_set1_ps(static_cast<float>(scale * 1.4426950408889634));
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 mx0 = ninf, mx1 = ninf;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    __m256 a = _mm256_mul_ps(Vec<D>::load(x + j), vscale);
-    __m256 b = _mm256_mul_ps(Vec<D>::load(x + j + 8), vscale);
-    if (m) {
-      a = _mm256_blendv_ps(a, ninf, masked_lanes(m + j));
-      b = _mm256_blendv_ps(b, ninf, masked_lanes(m + j + 8));
+  Pair mx = {ninf, ninf};
+  float* w = work;
+  for_chunks(head, n, [&](int64_t j, int64_t k) {
+    Pair v = load_any<D>(x + j, k);
+    v.a = _mm256_mul_ps(v.a, vc);
+    v.b = _mm256_mul_ps(v.b, vc);
+    if (k < kChunk) {  // lanes past k are dead: -inf, like masked keys
+      uint8_t mb[kChunk];
+      for (int64_t i = 0; i < kChunk; ++i) mb[i] = i >= k || (m != nullptr && m[j + i] != 0);
+      const Pair dead = Chunk<D>::masked(mb);
+      v.a = _mm256_blendv_ps(v.a, ninf, dead.a);
+      v.b = _mm256_blendv_ps(v.b, ninf, dead.b);
+    } else if (m != nullptr) {
+      const Pair hid = Chunk<D>::masked(m + j);
+      v.a = _mm256_blendv_ps(v.a, ninf, hid.a);
+      v.b = _mm256_blendv_ps(v.b, ninf, hid.b);
     }
-    _mm256_storeu_ps(work + j, a);
-    _mm256_storeu_ps(work + j + 8, b);
-    mx0 = _mm256_max_ps(mx0, a);
-    mx1 = _mm256_max_ps(mx1, b);
-  }
-  for (; j < n; j += 8) {
-    const int64_t k = n - j < 8 ? n - j : 8;
-    __m256 a = _mm256_mul_ps(k == 8 ? Vec<D>::load(x + j) : load_part<D>(x + j, k), vscale);
-    __m256 dead = _mm256_andnot_ps(first_lanes(k), _mm256_castsi256_ps(_mm256_set1_epi32(-1)));
-    if (m) {
-      uint8_t mb[8] = {};
-      std::memcpy(mb, m + j, static_cast<size_t>(k));
-      dead = _mm256_or_ps(dead, masked_lanes(mb));
-    }
-    a = _mm256_blendv_ps(a, ninf, dead);
-    _mm256_storeu_ps(work + j, a);  // the padding lanes land in work's rounded-up tail
-    mx0 = _mm256_max_ps(mx0, a);
-  }
-  const float row_max = hmax(_mm256_max_ps(mx0, mx1));
+    _mm256_storeu_ps(w, v.a);
+    _mm256_storeu_ps(w + 8, v.b);
+    w += kChunk;
+    mx.a = _mm256_max_ps(mx.a, v.a);
+    mx.b = _mm256_max_ps(mx.b, v.b);
+  });
+  const float row_max = hmax(_mm256_max_ps(mx.a, mx.b));
   if (row_max == -std::numeric_limits<float>::infinity()) {
     // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN. (A NaN
     // score may leave row_max NaN: the row then comes out NaN, as in torch.)
-    write_row<D>(y, 0, sk, stream, [](int64_t, int64_t) { return _mm256_setzero_ps(); });
+    write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return zeros(); });
     return;
   }
 
-  const int64_t nv = (n + 7) / 8 * 8;
   const __m256 vmax = _mm256_set1_ps(row_max);
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-  j = 0;
-  for (; j + 16 <= nv; j += 16) {
-    __m256 a = exp256(_mm256_sub_ps(_mm256_loadu_ps(work + j), vmax));
-    __m256 b = exp256(_mm256_sub_ps(_mm256_loadu_ps(work + j + 8), vmax));
-    _mm256_storeu_ps(work + j, a);
-    _mm256_storeu_ps(work + j + 8, b);
-    s0 = _mm256_add_ps(s0, a);
-    s1 = _mm256_add_ps(s1, b);
-  }
-  if (j < nv) {
-    __m256 a = exp256(_mm256_sub_ps(_mm256_loadu_ps(work + j), vmax));
-    _mm256_storeu_ps(work + j, a);
-    s0 = _mm256_add_ps(s0, a);
+  Pair s = zeros();
+  for (float* p = work; p < w; p += kChunk) {
+    const __m256 a = exp2_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p), vmax));
+    const __m256 b = exp2_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p + 8), vmax));
+    _mm256_storeu_ps(p, a);
+    _mm256_storeu_ps(p + 8, b);
+    s.a = _mm256_add_ps(s.a, a);
+    s.b = _mm256_add_ps(s.b, b);
   }
 
-  const __m256 inv = _mm256_set1_ps(1.0f / hsum(_mm256_add_ps(s0, s1)));
-  // work has 8 floats of slack past n, so a full-vector read at any j < n stays inside it
-  write_row<D>(y, n, sk, stream, [&](int64_t i, int64_t) {
-    return _mm256_mul_ps(_mm256_loadu_ps(work + i), inv);
+  const __m256 inv = _mm256_set1_ps(1.0f / hsum(_mm256_add_ps(s.a, s.b)));
+  const float* p = work;
+  write_row<D>(y, sk, head, stream, [&](int64_t j, int64_t) {
+    if (j >= n) return zeros();
+    const Pair v = {_mm256_mul_ps(_mm256_loadu_ps(p), inv), _mm256_mul_ps(_mm256_loadu_ps(p + 8), inv)};
+    p += kChunk;
+    return v;
   });
 }
 
 // ---- backward --------------------------------------------------------------------------------
+// dx = p * (dy * scale - <dy, p> * scale): one pass for the dot product, one for the output.
 template <DType D>
-void bwd_row(const typename Vec<D>::T* dy, const typename Vec<D>::T* p, typename Vec<D>::T* dx,
-             int64_t n, int64_t sk, float scale, bool stream) {
-  __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    d0 = _mm256_fmadd_ps(Vec<D>::load(dy + j), Vec<D>::load(p + j), d0);
-    d1 = _mm256_fmadd_ps(Vec<D>::load(dy + j + 8), Vec<D>::load(p + j + 8), d1);
-  }
-  for (; j < n; j += 8) {
-    const int64_t k = n - j < 8 ? n - j : 8;
-    __m256 a = k == 8 ? Vec<D>::load(dy + j) : load_part<D>(dy + j, k);
-    __m256 b = k == 8 ? Vec<D>::load(p + j) : load_part<D>(p + j, k);
-    d0 = _mm256_fmadd_ps(a, b, d0);
-  }
-  const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d0, d1)));
+void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t sk, float scale,
+             bool stream) {
+  const int64_t head = grid_head(dx);
+  Pair d = zeros();
+  for_chunks(head, n, [&](int64_t j, int64_t k) {
+    const Pair g = load_any<D>(dy + j, k), pv = load_any<D>(p + j, k);
+    d.a = _mm256_fmadd_ps(g.a, pv.a, d.a);
+    d.b = _mm256_fmadd_ps(g.b, pv.b, d.b);
+  });
   const __m256 vscale = _mm256_set1_ps(scale);
-  write_row<D>(dx, n, sk, stream, [&](int64_t i, int64_t k) {
-    const __m256 g = _mm256_sub_ps(k == 8 ? Vec<D>::load(dy + i) : load_part<D>(dy + i, k), dot);
-    const __m256 pv = k == 8 ? Vec<D>::load(p + i) : load_part<D>(p + i, k);
-    return _mm256_mul_ps(_mm256_mul_ps(pv, vscale), g);
+  const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d.a, d.b)) * scale);
+  write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
+    if (j >= n) return zeros();
+    const int64_t kin = std::min(k, n - j);  // lanes past n load as p = 0, so give 0
+    const Pair g = load_any<D>(dy + j, kin), pv = load_any<D>(p + j, kin);
+    return Pair{_mm256_mul_ps(pv.a, _mm256_fmsub_ps(g.a, vscale, dot)),
+                _mm256_mul_ps(pv.b, _mm256_fmsub_ps(g.b, vscale, dot))};
   });
 }
 
-template <DType D> using Ptr = typename Vec<D>::T*;
-template <DType D> using CPtr = const typename Vec<D>::T*;
+template <DType D> using Ptr = Elt<D>*;
+template <DType D> using CPtr = const Elt<D>*;
 
 }  // namespace
 

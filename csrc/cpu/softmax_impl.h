@@ -8,15 +8,15 @@
 
 namespace megapre::cpu::softmax_impl {
 
-// Floats of per-thread scratch a forward row of length sk needs: the row rounded up to whole
-// 8-lane vectors (the padding holds -inf so vector passes never need a tail), plus one vector of
-// slack so a full-vector read starting at any element of the row stays inside the buffer.
-inline int64_t work_floats(int64_t sk) { return (sk + 7) / 8 * 8 + 8; }
+// Floats of per-thread scratch a forward row of length sk needs: the row as whole 16-element
+// chunks on the output's alignment grid (a partial head chunk, full chunks, a partial tail).
+inline int64_t work_floats(int64_t sk) { return (sk / 16 + 2) * 16; }
 
 // Forward for one row of sk elements of type dt. Only the first n (0 <= n <= sk) keys take part
 // (the causal prefix); probs[n..sk) are written as zeros. mrow: n mask bytes, nonzero = masked,
-// or nullptr for no mask. work: work_floats(sk) floats. A row with no finite-max candidate
-// (every key masked or -inf) is written as zeros. stream: write y with non-temporal stores
+// or nullptr for no mask; keys after the last unmasked one are skipped like causal ones.
+// work: work_floats(sk) floats. A row with no finite-max candidate (every key masked or -inf)
+// is written as zeros. stream: write y with non-temporal stores
 // (for outputs much larger than the cache); call stream_fence() before the data is handed on.
 void fwd_row_avx2(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
                   float scale, DType dt, float* work, bool stream);

@@ -22,6 +22,10 @@ from torch.distributed import ProcessGroup
 
 Group = ProcessGroup | None
 
+# torch >= 2.10 names the single-tensor collectives *_single; older releases *_tensor.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def group_size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -64,7 +68,7 @@ def _all_gather(x: torch.Tensor, dim: int, group: Group) -> torch.Tensor:
         return x
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((size * moved.size(0),) + moved.shape[1:], dtype=x.dtype, device=x.device)
-    dist.all_gather_single(out, moved, group=group)
+    _all_gather_single(out, moved, group=group)
     return out.movedim(0, dim)
 
 
@@ -75,7 +79,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group: Group, what: str) -> torch
     _check_divisible(x, dim, size, what)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.size(0) // size,) + moved.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, moved, group=group)
+    _reduce_scatter_single(out, moved, group=group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -52,9 +52,22 @@ def padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
 
 
 def _shard_of_master(shape: tuple[int, ...], dim: int, init_method: InitMethod, mesh: ParallelMesh,
-                     dtype: torch.dtype, device: torch.device) -> nn.Parameter:
-    master = torch.empty(shape, dtype=torch.float32)
-    init_method(master)
+                     dtype: torch.dtype, device: torch.device,
+                     init_rows: int | None = None) -> nn.Parameter:
+    """This rank's shard of a master weight built on the CPU in fp32.
+
+    With `init_rows`, only the first rows are drawn from `init_method` and the rest (vocabulary
+    padding) are zero, so neither the weights nor the RNG state after init depend on how much
+    padding the TP size required.
+    """
+    master = torch.zeros(shape, dtype=torch.float32)
+    if init_rows is None:
+        init_method(master)
+    else:
+        if not 0 < init_rows <= shape[0]:
+            raise ValueError(f"true vocabulary size {init_rows} must be in [1, {shape[0]}] "
+                             "(the padded size)")
+        init_method(master[:init_rows])
     shard = master.to(dtype).chunk(mesh.tp_size, dim)[mesh.tp_rank]
     param = nn.Parameter(shard.to(device).contiguous())
     param.tensor_parallel_dim = dim
@@ -72,14 +85,16 @@ class ColumnParallelLinear(nn.Module):
 
     Input is replicated over TP (or, under sequence parallelism, this rank's sequence chunk, which
     is all-gathered first). Output is this rank's slice of the features, or the full features
-    with `gather_output=True`.
+    with `gather_output=True`. As an output layer over a padded vocabulary, pass the true vocab
+    as `init_out_features` so the padding rows start at zero whatever the TP size.
     """
 
     def __init__(self, in_features: int, out_features: int, mesh: ParallelMesh, *,
                  bias: bool = True, gather_output: bool = False,
                  init_method: InitMethod | None = None, sequence_parallel: bool | None = None,
                  sequence_dim: int = 0, params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 init_out_features: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group = mesh.tp_group
@@ -93,7 +108,8 @@ class ColumnParallelLinear(nn.Module):
         _divide(out_features, mesh.tp_size, "ColumnParallelLinear output size")
         device = torch.device(device) if device is not None else mesh.device
         self.weight = _shard_of_master((out_features, in_features), 0,
-                                       init_method or normal_init(), mesh, params_dtype, device)
+                                       init_method or normal_init(), mesh, params_dtype, device,
+                                       init_out_features)
         self.bias = None
         if bias:
             self.bias = _shard_of_master((out_features,), 0, nn.init.zeros_, mesh, params_dtype,
@@ -167,14 +183,17 @@ class VocabParallelEmbedding(nn.Module):
     ids it owns, zeros the rest, and the partial results are summed over TP; with
     `sequence_parallel=True` they are reduce-scattered along `sequence_dim` of the output instead
     (pass ids as [s, b] to get Megatron's [s/tp, b, h]). Off by default because a model usually
-    adds position embeddings before the sequence is split.
+    adds position embeddings before the sequence is split. With `vocab_size` (the true vocab)
+    only real rows are drawn from `init_method` and padding rows are zero, so initial weights are
+    the same for every TP size (whose padded vocabularies differ).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, mesh: ParallelMesh, *,
                  init_method: InitMethod | None = None, sequence_parallel: bool = False,
                  sequence_dim: int = 0, check_ids: bool = True,
                  params_dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 vocab_size: int | None = None) -> None:
         super().__init__()
         if num_embeddings % mesh.tp_size:
             raise ValueError(
@@ -189,12 +208,14 @@ class VocabParallelEmbedding(nn.Module):
         self.sequence_dim = sequence_dim
         self.check_ids = check_ids
         device = torch.device(device) if device is not None else mesh.device
+        self.vocab_size = vocab_size
         self.weight = _shard_of_master((num_embeddings, embedding_dim), 0,
-                                       init_method or normal_init(), mesh, params_dtype, device)
+                                       init_method or normal_init(), mesh, params_dtype, device,
+                                       vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.check_ids:  # one host sync; out-of-range ids would otherwise just embed to 0
-            _check_ids(ids, self.num_embeddings)
+            _check_ids(ids, self.vocab_size or self.num_embeddings)
         if group_size(self.group) == 1:
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start

@@ -51,14 +51,15 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, backend: str,
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, backend: str | None,
             timeout_s: float, threads: int, args: tuple, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        if backend is not None:
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                    timeout=timedelta(seconds=timeout_s))
         queue.put((rank, True, _dumps(fn(rank, world_size, *args))))
     except BaseException:  # report everything, including SystemExit from a bad test
         queue.put((rank, False, traceback.format_exc()))
@@ -68,8 +69,12 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, port: int, backe
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
-                    backend: str = "gloo", threads_per_rank: int = 1) -> list[Any]:
-    """Call `fn(rank, world_size, *args)` on `world_size` processes; return results by rank."""
+                    backend: str | None = "gloo", threads_per_rank: int = 1) -> list[Any]:
+    """Call `fn(rank, world_size, *args)` on `world_size` processes; return results by rank.
+
+    With `backend=None` the default process group is left to `fn`; the environment is set as
+    torchrun sets it (MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+    """
     ctx = _context()
     queue = ctx.Queue()
     port = free_port()

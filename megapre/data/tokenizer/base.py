@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -127,10 +128,18 @@ class Tokenizer(abc.ABC):
     def file_digests(self) -> dict[str, str]:
         return {key: digest for key, (_, digest) in self._files.items()}
 
+    def fingerprint(self) -> str:
+        """sha256 over what determines the ids (type, sizes, special ids, file contents) and not
+        where the files are: the same tokenizer copied to another node has the same fingerprint."""
+        key = {"type": self.name, "vocab_size": self.vocab_size, "special_ids": self.special_ids(),
+               "files": self.file_digests(), "vocab_size_flag": self.config.vocab_size}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
     def describe(self) -> dict[str, Any]:
         """Everything that determines the ids: goes into dataset stats and cache keys."""
         return {
             "type": self.name,
+            "fingerprint": self.fingerprint(),
             "class": type(self).__name__,
             "vocab_size": self.vocab_size,
             "special_ids": self.special_ids(),
@@ -150,7 +159,13 @@ class Tokenizer(abc.ABC):
         return arr.tolist()
 
     def __reduce__(self):
-        return (_rebuild, (self.config, self.file_digests()))
+        # Absolute paths: a worker may run in another directory.
+        paths = {
+            field: os.path.abspath(os.path.expanduser(os.fspath(value)))
+            for field in ("vocab_file", "merge_file", "tokenizer_model")
+            if (value := getattr(self.config, field)) is not None
+        }
+        return (_rebuild, (replace(self.config, **paths), self.file_digests()))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(type={self.name!r}, vocab_size={self.vocab_size}, eod={self.eod})"

@@ -1,0 +1,55 @@
+"""Train/valid/test splits of one indexed dataset: `--split 969,30,1` -> document ranges.
+
+The boundaries follow megatron-core (cumulative fractions of the element count, each rounded), so
+the same --split selects the same documents as a Megatron run on the same files.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+SPLIT_NAMES: tuple[str, str, str] = ("train", "valid", "test")
+
+
+def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
+    """`"969,30,1"` (or `"98/2"`, a sequence of numbers) -> normalized (train, valid, test).
+
+    Missing trailing parts are 0 (`"99,1"` has no test split), as in Megatron.
+    """
+    if isinstance(split, str):
+        parts = [p for p in re.split(r"[,/\s]+", split.strip()) if p]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise ValueError(
+                f"--split {split!r}: expected up to three non-negative numbers such as 969,30,1"
+            ) from None
+    else:
+        values = [float(v) for v in split]
+    if not values or len(values) > 3:
+        raise ValueError(f"--split {split!r}: expected 1 to 3 numbers (train,valid,test), got {len(values)}")
+    if any(v < 0 or v != v for v in values):
+        raise ValueError(f"--split {split!r}: parts must be non-negative numbers")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"--split {split!r}: parts sum to 0; give at least one positive part")
+    values += [0.0] * (3 - len(values))
+    return (values[0] / total, values[1] / total, values[2] / total)
+
+
+def split_ranges(fractions: Sequence[float], num_elements: int) -> list[tuple[int, int] | None]:
+    """Element ranges [begin, end) per split; None where the split's fraction is 0 (not requested).
+
+    A requested split may still be empty when the dataset is small: callers turn that into an
+    error naming the split (see GPTDataset), never a silent empty dataset.
+    """
+    ranges: list[tuple[int, int] | None] = []
+    cum = 0.0
+    for frac in fractions:
+        lo, hi = cum, cum + frac
+        cum = hi
+        if frac <= 0:
+            ranges.append(None)
+            continue
+        ranges.append((int(round(lo * num_elements)), int(round(min(hi, 1.0) * num_elements))))
+    return ranges

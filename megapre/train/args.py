@@ -1,0 +1,362 @@
+"""One typed configuration for a pretraining run, filled from Megatron-named flags and/or a YAML
+file (flags win), and one validator whose errors name the flag and the fix.
+
+Each dataclass field is a flag: `lr_warmup_iters` is `--lr-warmup-iters`. Booleans that default to
+False are switches (`--bf16`); booleans that default to True are turned off with `--no-...`
+(`--no-async-tensor-model-parallel-allreduce` style, as in Megatron). The resolved config is a
+plain dict (`to_dict`) that is saved with every checkpoint and can be fed back with `--config`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megapre.model.config import ConfigError, TransformerConfig
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    meta = {"help": help, **kw}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArgs:
+    model: str = _f("gpt", "model family", choices=("gpt", "bert"))
+    num_layers: int = _f(12, "transformer layers")
+    hidden_size: int = _f(768, "hidden size")
+    num_attention_heads: int = _f(12, "attention heads")
+    num_query_groups: int | None = _f(None, "key/value heads for grouped-query attention (default: = heads)")
+    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default 4*hidden; 8/3*hidden for swiglu)")
+    kv_channels: int | None = _f(None, "per-head dim (default hidden / heads)")
+    seq_length: int = _f(1024, "tokens per sample")
+    max_position_embeddings: int | None = _f(None, "learned position table size (default: --seq-length)")
+    normalization: str = _f("LayerNorm", "norm layer", choices=("LayerNorm", "RMSNorm"))
+    norm_epsilon: float = _f(1e-5, "epsilon of the norm layers")
+    swiglu: bool = _f(False, "SwiGLU MLP instead of GELU")
+    position_embedding_type: str = _f("learned_absolute", "position encoding",
+                                      choices=("learned_absolute", "rope", "none"))
+    rotary_base: float = _f(10000.0, "RoPE base")
+    rotary_percent: float = _f(1.0, "fraction of each head's dims that RoPE rotates")
+    disable_bias_linear: bool = _f(False, "no biases in the linear layers")
+    untie_embeddings_and_output_weights: bool = _f(False, "separate output layer (GPT only)")
+    hidden_dropout: float = _f(0.1, "dropout on the residual stream")
+    attention_dropout: float = _f(0.1, "dropout on attention probabilities")
+    attention_backend: str = _f("fused", "core attention: megapre fused softmax or torch SDPA",
+                                choices=("fused", "sdpa"))
+    init_method_std: float = _f(0.02, "std of the normal weight init")
+    make_vocab_size_divisible_by: int = _f(128, "pad the vocabulary to a multiple of this x TP")
+    bert_binary_head: bool = _f(True, "BERT sentence-order head (--no-bert-binary-head to drop it)")
+
+
+@dataclass
+class ParallelArgs:
+    tensor_model_parallel_size: int = _f(1, "TP size")
+    pipeline_model_parallel_size: int = _f(1, "PP size")
+    num_layers_per_virtual_pipeline_stage: int | None = _f(None, "layers per virtual stage (interleaved 1F1B)")
+    sequence_parallel: bool = _f(False, "shard norms/dropout over the sequence within TP")
+    pipeline_schedule: str = _f("1f1b", "pipeline schedule", choices=("1f1b", "gpipe", "interleaved"))
+    distributed_timeout_minutes: float = _f(10.0, "process-group timeout")
+
+
+@dataclass
+class TrainArgs:
+    micro_batch_size: int = _f(4, "samples per micro-batch per DP rank")
+    global_batch_size: int | None = _f(None, "samples per optimizer step (default: micro * DP)")
+    train_iters: int = _f(1000, "optimizer steps")
+    seed: int = _f(1234, "random seed")
+    clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)")
+    bf16: bool = _f(False, "bf16 autocast, fp32 master weights")
+    fp16: bool = _f(False, "fp16 autocast with dynamic loss scaling")
+    initial_loss_scale: float = _f(2.0 ** 16, "fp16: starting loss scale")
+    loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
+    max_skipped_iters: int = _f(20, "stop after this many consecutive NaN/inf steps")
+    recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))
+    eval_interval: int = _f(1000, "validate every N steps")
+    eval_iters: int = _f(10, "validation micro-batches per evaluation")
+    exit_duration_in_mins: float | None = _f(None, "save and exit after this many minutes")
+    exit_interval: int | None = _f(None, "save and exit at an iteration multiple of this")
+    device: str = _f("auto", "cuda, cpu or auto")
+
+
+@dataclass
+class OptimArgs:
+    lr: float = _f(3e-4, "peak learning rate")
+    min_lr: float = _f(0.0, "final learning rate of the decay")
+    lr_decay_style: str = _f("cosine", "schedule after warmup",
+                             choices=("cosine", "linear", "constant", "WSD", "inverse-square-root"))
+    lr_warmup_iters: int = _f(0, "linear warmup steps")
+    lr_warmup_fraction: float | None = _f(None, "warmup as a fraction of --lr-decay-iters")
+    lr_decay_iters: int | None = _f(None, "steps over which the lr decays (default --train-iters)")
+    lr_wsd_decay_iters: int | None = _f(None, "WSD: steps of the final decay phase")
+    lr_wsd_decay_style: str = _f("linear", "WSD: shape of the final decay",
+                                 choices=("linear", "cosine", "exponential", "minus_sqrt"))
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and norms)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = _f([], "blend: 'W1 PREFIX1 W2 PREFIX2 ...' or prefixes weighted by size")
+    split: str = _f("969,30,1", "train,valid,test proportions of --data-path")
+    train_data_path: list[str] = _f([], "separate training blend")
+    valid_data_path: list[str] = _f([], "separate validation blend")
+    test_data_path: list[str] = _f([], "separate test blend")
+    data_cache_path: str | None = _f(None, "where index files are cached (default: beside the data)")
+    tokenizer_type: str | None = _f(None, "GPT2BPETokenizer, BertWordPieceLowerCase, SentencePieceTokenizer, ...")
+    vocab_file: str | None = _f(None, "tokenizer vocabulary file")
+    merge_file: str | None = _f(None, "BPE merges file")
+    tokenizer_model: str | None = _f(None, "SentencePiece .model or HF tokenizer.json")
+    vocab_size: int | None = _f(None, "NullTokenizer vocabulary size")
+    num_workers: int = _f(2, "DataLoader workers")
+    eod_mask_loss: bool = _f(False, "no loss on end-of-document tokens")
+    reset_position_ids: bool = _f(False, "positions restart after each end-of-document")
+    reset_attention_mask: bool = _f(False, "no attention across document boundaries")
+    mask_prob: float = _f(0.15, "BERT: fraction of tokens masked")
+    short_seq_prob: float = _f(0.1, "BERT: probability of a shorter sample")
+
+
+@dataclass
+class CheckpointArgs:
+    save: str | None = _f(None, "checkpoint directory to write")
+    load: str | None = _f(None, "checkpoint directory to resume from")
+    save_interval: int | None = _f(None, "save every N steps")
+    keep_last: int | None = _f(None, "keep only the last K checkpoints")
+    async_save: bool = _f(False, "write checkpoints in the background")
+    no_load_optim: bool = _f(False, "load weights only")
+    no_load_rng: bool = _f(False, "do not restore RNG states")
+    finetune: bool = _f(False, "load weights, reset iteration, optimizer and RNG")
+
+
+@dataclass
+class LogArgs:
+    log_interval: int = _f(100, "log every N steps")
+    tensorboard_dir: str | None = _f(None, "TensorBoard event directory")
+    metrics_path: str | None = _f(None, "JSONL metrics file (one object per logged step)")
+    wandb_project: str | None = _f(None, "log to Weights & Biases when installed")
+    wandb_exp_name: str | None = _f(None, "W&B run name")
+
+
+SECTIONS = {"model": ModelArgs, "parallel": ParallelArgs, "train": TrainArgs,
+            "optim": OptimArgs, "data": DataArgs, "checkpoint": CheckpointArgs, "log": LogArgs}
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelArgs = field(default_factory=ModelArgs)
+    parallel: ParallelArgs = field(default_factory=ParallelArgs)
+    train: TrainArgs = field(default_factory=TrainArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    data: DataArgs = field(default_factory=DataArgs)
+    checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
+    log: LogArgs = field(default_factory=LogArgs)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def transformer_config(self, vocab_size: int) -> TransformerConfig:
+        """The model description for megapre.model, with the tokenizer's vocabulary size."""
+        m = self.model
+        return TransformerConfig(
+            num_layers=m.num_layers, hidden_size=m.hidden_size,
+            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, vocab_size=vocab_size,
+            make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+            max_position_embeddings=m.max_position_embeddings or m.seq_length,
+            seq_length=m.seq_length, normalization=m.normalization,
+            layernorm_epsilon=m.norm_epsilon, activation="swiglu" if m.swiglu else "gelu",
+            position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
+            rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
+            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+            hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
+            attention_backend=m.attention_backend, init_method_std=m.init_method_std)
+
+
+# -- flags ---------------------------------------------------------------------------------------
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(element type, is_list) of an annotation like `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null") else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megapre.pretrain", usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
+        description="Pretrain a GPT or BERT model with tensor, pipeline and data parallelism. "
+                    "Flags follow Megatron-LM; --config reads a YAML/JSON file that flags override.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by section)")
+    hints = typing.get_type_hints
+    for section, cls in SECTIONS.items():
+        group = p.add_argument_group(section)
+        annotations = hints(cls)
+        for f in dataclasses.fields(cls):
+            kind, is_list = _base_type(annotations[f.name])
+            meta = dict(f.metadata)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                                  "help": f"{meta['help']} (default: {default})"}
+            if kind is bool:
+                if default:
+                    group.add_argument(flag("no_" + f.name), action="store_false", **kw)
+                else:
+                    group.add_argument(flag(f.name), action="store_true", **kw)
+                continue
+            if is_list:
+                kw["nargs"] = "+"
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+            kw["type"] = _none_or(kind) if kind is not str else str
+            if "choices" in meta and None in meta["choices"]:
+                kw["type"] = _none_or(str)
+            group.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+    return p
+
+
+def _load_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: file not found")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ConfigError(f"--config {path}: reading YAML needs PyYAML (pip install pyyaml), "
+                              "or give the file as JSON") from e
+        data = yaml.safe_load(text) or {}
+    else:
+        data = json.loads(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    return data
+
+
+def _apply_file(cfg: PretrainConfig, data: dict, path: Path) -> None:
+    """Accept sectioned ({'model': {...}}) or flat ({'num_layers': 2}) files; dashes allowed."""
+    owners = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            _apply_file(cfg, {k: v for k, v in value.items()}, path)
+            continue
+        if key not in owners:
+            raise ConfigError(f"--config {path}: unknown setting {key!r} (see --help for names)")
+        setattr(getattr(cfg, owners[key]), key, value)
+
+
+def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then --config file, then flags."""
+    args = build_parser().parse_args(argv)
+    cfg = PretrainConfig()
+    if getattr(args, "config", None) is not None:
+        _apply_file(cfg, _load_file(args.config), args.config)
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def from_dict(data: dict) -> PretrainConfig:
+    """Inverse of to_dict (a config saved with a checkpoint)."""
+    cfg = PretrainConfig()
+    _apply_file(cfg, data, Path("<saved config>"))
+    return cfg
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> int:
+    """Check everything that can be checked before any process group exists; return the DP size."""
+    p, t, o, d = cfg.parallel, cfg.train, cfg.optim, cfg.data
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                          f"{tp} x --pipeline-model-parallel-size {pp}; launch a multiple of "
+                          f"{tp * pp} processes")
+    dp = world_size // (tp * pp)
+    vp = _virtual_stages(cfg)
+    cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
+    if p.pipeline_schedule == "interleaved" and vp is None:
+        raise ConfigError("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
+    if t.micro_batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be >= 1, got {t.micro_batch_size}")
+    gbs = t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                          f"{t.micro_batch_size} x data-parallel size {dp}; use a multiple of "
+                          f"{t.micro_batch_size * dp}")
+    t.global_batch_size = gbs
+    if t.bf16 and t.fp16:
+        raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+    if t.train_iters < 1:
+        raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
+    for name in ("log_interval",):
+        if getattr(cfg.log, name) < 1:
+            raise ConfigError(f"{flag(name)} must be >= 1")
+    if t.eval_interval < 1 or t.eval_iters < 0:
+        raise ConfigError("--eval-interval must be >= 1 and --eval-iters >= 0")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
+    if o.lr_warmup_iters < 0:
+        raise ConfigError("--lr-warmup-iters must be >= 0")
+    if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the final decay)")
+    if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
+        raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
+    if not (d.data_path or d.train_data_path):
+        raise ConfigError("no data: give --data-path (blend) or --train-data-path; "
+                          "tools/preprocess_data.py makes the .bin/.idx files")
+    if d.data_path and d.train_data_path:
+        raise ConfigError("give either --data-path (split by --split) or --train/valid/test-data-path, not both")
+    c = cfg.checkpoint
+    if c.save_interval is not None and c.save is None:
+        raise ConfigError("--save-interval needs --save DIR")
+    if c.keep_last is not None and c.keep_last < 1:
+        raise ConfigError("--keep-last must be >= 1")
+    return dp
+
+
+def _virtual_stages(cfg: PretrainConfig) -> int | None:
+    per = cfg.parallel.num_layers_per_virtual_pipeline_stage
+    if per is None:
+        return None
+    pp = cfg.parallel.pipeline_model_parallel_size
+    if per < 1 or cfg.model.num_layers % (per * pp):
+        raise ConfigError(f"--num-layers {cfg.model.num_layers} is not divisible by "
+                          f"--num-layers-per-virtual-pipeline-stage {per} x "
+                          f"--pipeline-model-parallel-size {pp}")
+    return cfg.model.num_layers // (per * pp)
+
+
+if __name__ == "__main__":  # print the resolved config of a command line
+    print(json.dumps(parse_config(sys.argv[1:]).to_dict(), indent=2))

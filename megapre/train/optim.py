@@ -1,0 +1,101 @@
+"""AdamW with Megatron's decay groups, and the learning-rate schedules.
+
+Weight decay applies to matrices only: biases, norm weights (every 1-D parameter) and anything
+named like them are exempt, as in Megatron and nanoGPT. The schedule is a pure function of the
+iteration, so resuming at iteration k gives exactly the lr the uninterrupted run had.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        exempt = p.dim() < 2 or name.endswith(".bias") or "norm" in name.lower()
+        (no_decay if exempt else decay).append(p)
+    groups = []
+    if decay:
+        groups.append({"params": decay, "weight_decay": weight_decay})
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the decay / no-decay groups. foreach=False keeps the update order-stable
+    across layouts (equal math per parameter whatever else the rank holds)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
+                             foreach=False)
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """lr(iteration): linear warmup from 0 to `lr` over `warmup` steps, then `style` from `lr`
+    down to `min_lr` over the remaining `decay_iters - warmup` steps, then `min_lr`.
+
+    WSD (warmup-stable-decay): constant `lr` until the last `wsd_decay_iters` of `decay_iters`,
+    then `wsd_style` down to `min_lr`. inverse-square-root: lr * sqrt(warmup / step) after warmup.
+    """
+
+    lr: float
+    min_lr: float
+    warmup: int
+    decay_iters: int
+    style: str = "cosine"
+    wsd_decay_iters: int = 0
+    wsd_style: str = "linear"
+
+    def __call__(self, it: int) -> float:
+        if self.warmup > 0 and it < self.warmup:
+            return self.lr * (it + 1) / self.warmup
+        if self.style == "constant":
+            return self.lr
+        if self.style == "inverse-square-root":
+            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup, 1) / (it + 1)))
+        if it >= self.decay_iters:
+            return self.min_lr
+        if self.style == "WSD":
+            start = self.decay_iters - self.wsd_decay_iters
+            if it < start:
+                return self.lr
+            return self._decay((it - start) / max(self.wsd_decay_iters, 1), self.wsd_style)
+        frac = (it - self.warmup) / max(self.decay_iters - self.warmup, 1)
+        return self._decay(frac, self.style)
+
+    def _decay(self, frac: float, style: str) -> float:
+        frac = min(max(frac, 0.0), 1.0)
+        if style == "linear":
+            coeff = 1.0 - frac
+        elif style == "cosine":
+            coeff = 0.5 * (1.0 + math.cos(math.pi * frac))
+        elif style == "exponential":
+            coeff = (self.min_lr / self.lr) ** frac if self.min_lr > 0 else 1.0 - frac
+            return self.lr * coeff
+        elif style == "minus_sqrt":
+            coeff = 1.0 - math.sqrt(frac)
+        else:
+            raise ValueError(f"unknown lr decay style {style!r}")
+        return self.min_lr + (self.lr - self.min_lr) * coeff
+
+
+def schedule_from_args(optim, train_iters: int) -> LRSchedule:
+    """Build the schedule from OptimArgs (megapre.train.args)."""
+    decay_iters = optim.lr_decay_iters or train_iters
+    warmup = optim.lr_warmup_iters
+    if optim.lr_warmup_fraction is not None:
+        warmup = int(optim.lr_warmup_fraction * decay_iters)
+    return LRSchedule(optim.lr, optim.min_lr, warmup, decay_iters, optim.lr_decay_style,
+                      optim.lr_wsd_decay_iters or 0, optim.lr_wsd_decay_style)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,105 @@
+"""The pretraining config (Megatron flags, YAML/JSON file, validator) and the optimizer pieces."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megapre.model.config import ConfigError
+from megapre.model.gpt import GPTModel
+from megapre.parallel import ParallelMesh
+from megapre.train.args import from_dict, parse_config, validate
+from megapre.train.optim import LRSchedule, build_optimizer, param_groups
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "32", "--data-path", "A"]
+
+
+def test_flags_map_to_sections_and_round_trip():
+    cfg = parse_config(BASE + ["--bf16", "--data-path", "0.3", "A", "0.7", "B", "--lr", "1e-3",
+                               "--no-bert-binary-head", "--recompute-granularity", "selective",
+                               "--tensor-model-parallel-size", "2", "--swiglu"])
+    assert cfg.train.bf16 and cfg.optim.lr == 1e-3 and cfg.model.swiglu
+    assert cfg.data.data_path == ["0.3", "A", "0.7", "B"]
+    assert cfg.model.bert_binary_head is False
+    assert cfg.train.recompute_granularity == "selective"
+    again = from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    tc = cfg.transformer_config(vocab_size=1000)
+    assert tc.activation == "swiglu" and tc.max_position_embeddings == 32
+
+
+def test_config_file_then_flags_override(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"num-layers": 6, "hidden_size": 96}, "lr": 0.5,
+                                "micro_batch_size": 3}))
+    cfg = parse_config(["--config", str(path), "--lr", "0.25"] + BASE[4:])
+    assert cfg.model.num_layers == 6 and cfg.model.hidden_size == 96
+    assert cfg.optim.lr == 0.25 and cfg.train.micro_batch_size == 3
+    path.write_text(json.dumps({"num_layer": 3}))
+    with pytest.raises(ConfigError, match="unknown setting 'num_layer'"):
+        parse_config(["--config", str(path)])
+
+
+def test_bad_flag_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--normalization", "BatchNorm"])
+    assert "--normalization" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,world,match", [
+    (["--tensor-model-parallel-size", "3"], 6, "--num-attention-heads"),
+    (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6"),
+    (["--bf16", "--fp16"], 1, "exclusive"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers=4"),
+    (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
+    (["--lr-decay-style", "WSD"], 1, "--lr-wsd-decay-iters"),
+    (["--save-interval", "10"], 1, "--save DIR"),
+    (["--sequence-parallel", "--tensor-model-parallel-size", "4", "--seq-length", "30"], 4,
+     "--sequence-parallel"),
+])
+def test_validator_names_the_flag(extra, world, match):
+    cfg = parse_config(BASE + extra)
+    with pytest.raises(ConfigError, match=match.replace("-", r"\-")):
+        validate(cfg, world)
+
+
+def test_validator_fills_global_batch_and_returns_dp():
+    cfg = parse_config(BASE + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2"])
+    assert validate(cfg, 8) == 4
+    assert cfg.train.global_batch_size == 8
+
+
+def test_no_data_is_an_error():
+    cfg = parse_config(BASE[:-2])
+    with pytest.raises(ConfigError, match="--data-path"):
+        validate(cfg, 1)
+
+
+def test_schedules():
+    cos = LRSchedule(1.0, 0.1, warmup=10, decay_iters=110, style="cosine")
+    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == 0.1
+    lin = LRSchedule(1.0, 0.0, warmup=0, decay_iters=100, style="linear")
+    assert lin(25) == pytest.approx(0.75)
+    wsd = LRSchedule(1.0, 0.0, warmup=5, decay_iters=100, style="WSD", wsd_decay_iters=20)
+    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5)
+    assert LRSchedule(1.0, 0.0, 0, 10, "constant")(1000) == 1.0
+    isr = LRSchedule(1.0, 0.0, 4, 100, "inverse-square-root")
+    assert isr(15) == pytest.approx(math.sqrt(4 / 16))
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    from megapre.model.config import TransformerConfig
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=50,
+                            seq_length=8, max_position_embeddings=8)
+    model = GPTModel(cfg, ParallelMesh.single(device="cpu"))
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for p in groups[0]["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2 and "norm" not in name), name
+    opt = build_optimizer(model, 1e-3, 0.1)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
