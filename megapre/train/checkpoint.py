@@ -21,6 +21,7 @@ state_dict.py; the random streams in rng_state.py.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -83,6 +84,15 @@ def _is_writer() -> bool:
 def _barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes one process when torch.distributed is not up: that is the
+    intent here, so the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _shared_nonce(mesh: ParallelMesh) -> str:
@@ -220,6 +230,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     mesh = mesh or model.mesh
     models, cfg, kind = _models_and_cfg(model)
     tracker = tracker or find_tracker(model)
+    extra_tensors: dict[str, torch.Tensor] = {}
+    extra_json = _encode_extra(dict(extra or {}), "", extra_tensors)
     wait_for_pending_save()
 
     root = Path(save_dir)
@@ -232,8 +244,6 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     rng_state.save(tmp / RNG_DIR / rng_state.rng_file_name(mesh), rng_state.capture(mesh, tracker))
 
     state = save_state_dict(models, optimizer, mesh, cfg)
-    extra_tensors: dict[str, torch.Tensor] = {}
-    extra_json = _encode_extra(dict(extra or {}), "", extra_tensors)
     state.update(extra_tensors)
     if _is_writer():
         meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
@@ -246,7 +256,8 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
 
     writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
     if not async_save:
-        dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+        with _quiet_single_process():
+            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
         if _is_writer():
             _publish(root, tmp, final, iteration, keep_last, nonce)
         _barrier()
@@ -254,8 +265,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
 
     _PENDING.published.clear()
     _PENDING.error = None
-    future = dcp.async_save(state, storage_writer=writer, process_group=_async_group(),
-                            no_dist=not _distributed())
+    with _quiet_single_process():
+        future = dcp.async_save(state, storage_writer=writer, process_group=_async_group(),
+                                no_dist=not _distributed())
 
     def on_written(fut: Future) -> None:
         try:
@@ -480,7 +492,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     state = {t.key: t.value for t in targets}
     extra_tensors = _extra_targets(meta, metadata)
     state.update(extra_tensors)
-    dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+    with _quiet_single_process():
+        dcp.load(state, storage_reader=reader, no_dist=not _distributed())
     with torch.no_grad():
         for t in targets:
             t.finish()
