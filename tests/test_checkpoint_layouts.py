@@ -5,7 +5,7 @@
     of the saving layout's own continuation.
 (b) Exact resume: 20 steps in one run == 10 steps + save + fresh processes + load + 10 steps, bit
     for bit, under PP2 DP2 with dropout on and data order drawn from numpy/`random` (so every
-    random stream must come back).
+    random stream must come back). The save is asynchronous: it is written while training goes on.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from layout_cases import Layout, micro_batches, model_config, preload_worker_mod
 from megapre.parallel import ParallelConfig, ParallelMesh
 from megapre.parallel.random import set_random_seed
 from megapre.parallel.testing import run_distributed
-from megapre.train.checkpoint import load_checkpoint, save_checkpoint
+from megapre.train.checkpoint import load_checkpoint, save_checkpoint, wait_for_pending_save
 from megapre.train.parallel_model import ParallelModel
 from megapre.train.state_dict import full_state
 from megapre.train.step import StepConfig, TrainStep
@@ -147,8 +147,9 @@ def resume_first_worker(rank, world, layout, root):
         model, opt, step = _dropout_run(kind, mesh)
         first = _random_steps(kind, step, mesh, 10)
         save_checkpoint(f"{root}/{kind}", 10, model, opt, {"consumed_samples": 10 * GLOBAL},
-                        mesh)
+                        mesh, async_save=True)  # written while the next steps run
         out[kind] = (straight, first + _random_steps(kind, step, mesh, 10))
+    wait_for_pending_save(barrier=True)
     return out
 
 
