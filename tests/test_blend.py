@@ -2,6 +2,7 @@
 one sample at every prefix), blended train/valid/test datasets, caching, tools/build_index.py."""
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,9 @@ def test_blended_train_valid_test(tmp_path, corpora):
     # the splits are disjoint document ranges of each corpus (round(0.9 * 150) = 135, ...)
     assert train.datasets[0].document_range == (0, 135) and valid.datasets[0].document_range == (135, 147)
     assert train.cache_status == "built"
+    clone = pickle.loads(pickle.dumps(train))  # DataLoader workers: indices re-mapped, not copied
+    assert isinstance(clone.dataset_index, np.memmap) and isinstance(clone.datasets[0].sample_index, np.memmap)
+    np.testing.assert_array_equal(clone[1234]["labels"], train[1234]["labels"])
     again = build_gpt_datasets(blend, gpt_config(tmp_path), (3000, 200, 0), open_dataset=open_indexed)
     assert again["train"].cache_status == "loaded" and all(d.cache_status == "loaded" for d in again["train"].datasets)
     np.testing.assert_array_equal(again["train"].dataset_index, train.dataset_index)
@@ -147,10 +151,7 @@ def test_separate_split_paths_and_empty_split(tmp_path, corpora):
 
 # --- tools/build_index.py -----------------------------------------------------------------------
 
-def test_build_index_cli(tmp_path, corpora, monkeypatch, capsys):
-    import megapre.data.blend as blend_module
-
-    monkeypatch.setattr(blend_module, "_default_opener", open_indexed)
+def test_build_index_cli(tmp_path, corpora, capsys):
     a, b, _ = corpora
     argv = ["--data-path", "0.7", a, "0.3", b, "--split", "90,10,0", "--seq-length", "8",
             "--train-iters", "20", "--global-batch-size", "16", "--eval-iters", "2", "--eval-interval", "10",
@@ -172,3 +173,46 @@ def test_build_index_script_runs(tmp_path):
                         "--seq-length", "8", "--train-samples", "10", "--global-batch-size", "2"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "x.idx and" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_build_index_and_samples_on_real_text(tmp_path):
+    """tinyshakespeare, GPT-2 BPE, two corpora blended: the CLI builds the cache, the datasets of a
+    run hit it, and every EOD-free sample decodes to a passage of the text."""
+    data = REPO.parent / "shared" / "data"
+    if not (data / "tinyshakespeare.txt").is_file() or not (data / "gpt2" / "vocab.json").is_file():
+        pytest.skip(f"needs {data}/tinyshakespeare.txt and {data}/gpt2/ (shared test data)")
+    from megapre.data.indexed import IndexedDatasetBuilder
+    from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
+
+    tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", vocab_file=str(data / "gpt2" / "vocab.json"),
+                                          merge_file=str(data / "gpt2" / "merges.txt")))
+    text = (data / "tinyshakespeare.txt").read_text()[:100_000]
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    prefixes = []
+    for i, part in enumerate((paragraphs[: len(paragraphs) // 2], paragraphs[len(paragraphs) // 2:])):
+        prefixes.append(str(tmp_path / f"shakespeare{i}_text_document"))
+        with IndexedDatasetBuilder(prefixes[-1], np.uint16) as builder:
+            for ids in tok.encode_batch(part):
+                builder.add_document(ids + [tok.eod])
+            builder.finalize()
+    flags = ["--data-path", "0.6", prefixes[0], "0.4", prefixes[1], "--split", "95,5,0", "--seq-length", "64",
+             "--train-iters", "10", "--global-batch-size", "32", "--eval-iters", "2", "--eval-interval", "5",
+             "--data-cache-path", str(tmp_path / "cache")]
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_index.py"), *flags],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "train: 320 samples requested" in r.stdout and "built" in r.stdout
+    blend = BlendConfig(data_path=flags[1:5], split="95,5,0")
+    cfg = GPTDatasetConfig(seq_length=64, eod_token=tok.eod, eod_mask_loss=True,
+                           cache=CacheConfig(cache_dir=str(tmp_path / "cache")))
+    sets = build_gpt_datasets(blend, cfg, (320, 192, 0))  # valid: (10 // 5 + 1) * 2 * 32
+    assert sets["train"].cache_status == "loaded" and sets["valid"].cache_status == "loaded"
+    checked = 0
+    for i in range(0, 320, 2):
+        sample = sets["train"][i]
+        window = np.append(sample["tokens"], sample["labels"][-1])
+        if tok.eod not in window:
+            assert tok.decode(window.tolist()) in text
+            checked += 1
+        assert (sample["loss_mask"] == (sample["tokens"] != tok.eod)).all()
+    assert checked > 10

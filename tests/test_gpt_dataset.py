@@ -6,7 +6,6 @@ import glob
 import importlib.util
 import os
 import pickle
-import struct
 import subprocess
 import sys
 import textwrap
@@ -16,52 +15,26 @@ import numpy as np
 import pytest
 
 from megapre.data import gpt_helpers
-from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig, build_gpt_indices, causal_lm_sample
+from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig, causal_lm_sample
 from megapre.data.index_cache import CacheConfig, FileLock, IndexCache
+from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
 REPO = Path(__file__).resolve().parents[1]
 EOD = 0
 
 
-# --- a Megatron MMIDIDX writer/reader for the tests (the contract's IndexedDataset subset) -------
+# --- test corpora ------------------------------------------------------------------------------
 
 def write_indexed(prefix: Path, docs: list[np.ndarray]) -> str:
-    """Write P.bin/P.idx in Megatron's format (uint16 tokens, one sequence per document)."""
-    lengths = np.array([len(d) for d in docs], dtype=np.int32)
-    pointers = np.concatenate([[0], np.cumsum(lengths[:-1], dtype=np.int64) * 2]).astype(np.int64)
-    with open(f"{prefix}.bin", "wb") as f:
+    """Write P.bin/P.idx (uint16 tokens, one sequence per document) with megapre's writer."""
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
         for d in docs:
-            f.write(np.asarray(d, dtype=np.uint16).tobytes())
-    with open(f"{prefix}.idx", "wb") as f:
-        f.write(b"MMIDIDX\x00\x00" + struct.pack("<QBQQ", 1, 8, len(docs), len(docs) + 1))
-        f.write(lengths.tobytes() + pointers.tobytes() + np.arange(len(docs) + 1, dtype=np.int64).tobytes())
+            builder.add_document(d)
+        builder.finalize()
     return str(prefix)
 
 
-class TinyIndexed:
-    """Reads what write_indexed writes; stands in for megapre.data.indexed.IndexedDataset."""
-
-    def __init__(self, prefix: str) -> None:
-        self.path_prefix = str(prefix)
-        raw = open(f"{prefix}.idx", "rb").read()
-        _, _, s, d = struct.unpack("<QBQQ", raw[9:34])
-        self.sequence_lengths = np.frombuffer(raw, np.int32, s, 34)
-        self.sequence_pointers = np.frombuffer(raw, np.int64, s, 34 + 4 * s)
-        self.document_indices = np.frombuffer(raw, np.int64, d, 34 + 12 * s)
-        self.tokens = np.fromfile(f"{prefix}.bin", dtype=np.uint16)
-
-    def get(self, idx: int, offset: int = 0, length: int | None = None) -> np.ndarray:
-        start = self.sequence_pointers[idx] // 2 + offset
-        if length is None:
-            length = self.sequence_lengths[idx] - offset
-        return self.tokens[start:start + length]
-
-
-def open_indexed(prefix: str):
-    try:
-        from megapre.data.indexed import IndexedDataset
-    except ImportError:
-        return TinyIndexed(prefix)
+def open_indexed(prefix: str) -> IndexedDataset:
     return IndexedDataset(prefix)
 
 
@@ -139,6 +112,15 @@ def test_sample_idx_rejects_bad_input():
         gpt_helpers.build_sample_idx(sizes, np.array([0, 1], dtype=np.int32), 0)
     with pytest.raises(ValueError, match="int32 or int64"):
         gpt_helpers.compiled().build_sample_idx(sizes, np.array([0, 1], dtype=np.int16), 4)
+    # an .idx view is misaligned (arrays start at byte 34): the compiled builder refuses it and
+    # the Python face copies it first
+    raw = np.zeros(12, dtype=np.uint8)
+    raw[2:10] = np.frombuffer(sizes.tobytes(), dtype=np.uint8)
+    view = np.frombuffer(raw, dtype=np.int32, count=2, offset=2)
+    with pytest.raises(ValueError, match="aligned"):
+        gpt_helpers.compiled().build_sample_idx(view, np.array([0, 1], dtype=np.int32), 4)
+    np.testing.assert_array_equal(gpt_helpers.build_sample_idx(view, np.array([0, 1], dtype=np.int32), 4),
+                                  [[0, 0], [0, 4], [1, 3]])
 
 
 # --- full samples -------------------------------------------------------------------------------
@@ -361,3 +343,56 @@ def test_data_loader_workers_read_the_cached_indices(tmp_path, corpus):
         expect = np.stack([ds[i]["tokens"] for i in range(first, first + 4)])
         np.testing.assert_array_equal(batch["tokens"].numpy(), expect)
         assert batch["loss_mask"].dtype.is_floating_point and batch["position_ids"].shape == (4, 16)
+
+
+def test_split_of_sentence_split_data_keeps_documents_whole(tmp_path):
+    """With several sequences per document (--split-sentences data) a split takes whole documents;
+    the samples run over their sequences (Megatron's GPT unit)."""
+    rng = np.random.default_rng(3)
+    prefix = tmp_path / "sentences"
+    with IndexedDatasetBuilder(prefix, np.uint16) as builder:
+        for _ in range(20):
+            parts = rng.integers(1, 9, size=3)
+            builder.add_document(rng.integers(1, 999, size=int(parts.sum())), parts.tolist())
+        builder.finalize()
+    corpus = IndexedDataset(prefix)
+    ds = GPTDataset(corpus, "valid", (5, 12), None, config(tmp_path, seq_length=4))
+    assert set(np.asarray(ds.document_index).tolist()) == set(range(15, 36))
+    stream = stream_of(corpus, ds.document_index)
+    k = int(ds.shuffle_index[2])
+    np.testing.assert_array_equal(ds[2]["tokens"], stream[4 * k: 4 * k + 4])
+
+
+def _build_in_child(prefix: str, cache_dir: str, queue) -> None:
+    import time
+
+    from megapre.data import gpt_dataset
+
+    real = gpt_dataset.build_gpt_indices
+
+    def slow(*args, **kwargs):  # hold the lock long enough for the other process to queue on it
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    gpt_dataset.build_gpt_indices = slow
+    ds = GPTDataset(open_indexed(prefix), "train", (0, 100), 200, GPTDatasetConfig(
+        seq_length=16, cache=CacheConfig(cache_dir=cache_dir)))
+    queue.put((ds.cache_status, np.asarray(ds.shuffle_index).tolist()))
+
+
+def test_independent_processes_build_once(tmp_path, corpus):
+    """Without torch.distributed, the file lock lets one process build while the other waits."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(corpus.path_prefix, str(tmp_path / "cache"), queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(status for status, _ in results) == ["built", "loaded"]
+    assert results[0][1] == results[1][1]

@@ -165,8 +165,8 @@ def test_edge_cases():
 @pytest.mark.parametrize(
     "kw, field",
     [
-        ({"masked_lm_prob": 0.0}, "masked_lm_prob"),
-        ({"masked_lm_prob": 1.5}, "masked_lm_prob"),
+        ({"mask_prob": 0.0}, "mask_prob"),
+        ({"mask_prob": 1.5}, "mask_prob"),
         ({"mask_token_prob": 0.95, "random_token_prob": 0.1}, "mask_token_prob"),
         ({"max_ngrams": 0}, "max_ngrams"),
         ({"ngram_distribution": "uniform"}, "ngram_distribution"),

@@ -136,26 +136,36 @@ def _check_embedding(mesh: ParallelMesh, single: ParallelMesh, sp: bool) -> None
 
 
 def _check_cross_entropy(mesh: ParallelMesh, single: ParallelMesh) -> None:
-    padded = padded_vocab_size(VOCAB, 4, mesh.tp_size)
+    # (vocab, padded): the usual case, and a tiny vocab where whole TP shards are padding
+    for vocab, padded in ((VOCAB, padded_vocab_size(VOCAB, 4, mesh.tp_size)), (5, 16)):
+        _check_ce_values(mesh, vocab, padded)
+    _check_ce_options(mesh, padded_vocab_size(VOCAB, 4, mesh.tp_size))
+
+
+def _check_ce_values(mesh: ParallelMesh, vocab: int, padded: int) -> None:
     logits = _data(S, B, padded, seed=16) * 4
-    logits[..., VOCAB:] = 1e4  # padding columns must never win, however large
-    target = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(17))
-    target[0, 0] = VOCAB - 1
+    logits[..., vocab:] = 1e4  # padding columns must never win, however large
+    target = torch.randint(0, vocab, (S, B), generator=torch.Generator().manual_seed(17))
+    target[0, 0] = vocab - 1
     for smoothing in (0.0, 0.1):
-        ref_in = logits[..., :VOCAB].clone().requires_grad_()
-        ref = F.cross_entropy(ref_in.reshape(-1, VOCAB), target.reshape(-1),
+        ref_in = logits[..., :vocab].clone().requires_grad_()
+        ref = F.cross_entropy(ref_in.reshape(-1, vocab), target.reshape(-1),
                               label_smoothing=smoothing, reduction="none").view(S, B)
         up = _data(S, B, seed=18)
         (ref * up).sum().backward()
         local = _chunk(logits, mesh, -1).clone().requires_grad_()
-        loss = vocab_parallel_cross_entropy(local, target, mesh.tp_group, vocab_size=VOCAB,
+        loss = vocab_parallel_cross_entropy(local, target, mesh.tp_group, vocab_size=vocab,
                                             padded_vocab_size=padded, label_smoothing=smoothing)
         assert loss.dtype == torch.float32
         assert_close(loss, ref, **TOL)
         (loss * up).sum().backward()
-        full_grad = torch.cat([ref_in.grad, torch.zeros(S, B, padded - VOCAB)], -1)
+        full_grad = torch.cat([ref_in.grad, torch.zeros(S, B, padded - vocab)], -1)
         assert_close(local.grad, _chunk(full_grad, mesh, -1), **TOL)
 
+
+def _check_ce_options(mesh: ParallelMesh, padded: int) -> None:
+    logits = _data(S, B, padded, seed=16) * 4
+    target = torch.randint(0, VOCAB, (S, B), generator=torch.Generator().manual_seed(17))
     # ignore_index: zero loss and zero gradient at ignored tokens, the rest unchanged.
     t = target.clone()
     t[:, 0] = -100
@@ -264,12 +274,17 @@ def test_cross_entropy_argument_errors():
         ce(logits, target, None, vocab_size=8, padded_vocab_size=8, label_smoothing=1.0)
     with pytest.raises(ValueError, match="target shape"):
         ce(logits, target[:3], None, vocab_size=8, padded_vocab_size=8)
-    # single process equals torch
-    x = torch.randn(5, 7, 8) * 30
+    # single process equals torch, even with large logits
+    x = torch.randn(5, 7, 8) * 300
     t = torch.randint(0, 8, (5, 7))
     assert_close(ce(x, t, None, vocab_size=8, padded_vocab_size=8, label_smoothing=0.2),
                  F.cross_entropy(x.transpose(1, 2), t, label_smoothing=0.2, reduction="none"),
                  **TOL)
+    xg = x.clone().requires_grad_()
+    loss = ce(xg, t, None, vocab_size=8, padded_vocab_size=8).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="back-propagated twice"):
+        loss.backward()
 
 
 class _FakeTP2(ParallelMesh):

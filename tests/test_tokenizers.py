@@ -47,10 +47,23 @@ def wiki_lines(n: int) -> list[str]:
     return lines[:n]
 
 
-@pytest.fixture(scope="module")
-def gpt2():
+def build_gpt2(engine: str = "default"):
+    """GPT-2 on a chosen engine: "tokenizers" hides tiktoken, as on a machine without it."""
     need(GPT2 / "vocab.json", GPT2 / "merges.txt")
-    return build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt")))
+    config = TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(GPT2 / "merges.txt"))
+    if engine == "tiktoken":
+        pytest.importorskip("tiktoken", reason="tiktoken is not installed (the tokenizers engine is tested)")
+    with pytest.MonkeyPatch.context() as mp:
+        if engine == "tokenizers":
+            mp.setattr("megapre.data.tokenizer.gpt2.tiktoken", None)
+        tok = build_tokenizer(config)
+    assert engine == "default" or tok.engine == engine
+    return tok
+
+
+@pytest.fixture(scope="module", params=["tiktoken", "tokenizers"])
+def gpt2(request):
+    return build_gpt2(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +150,30 @@ def test_gpt2_matches_reference_on_random_unicode(gpt2):
     ]
     texts = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 30))) for _ in range(1000)]
     assert gpt2.encode_batch(texts) == [ref.encode(t) for t in texts]
+
+
+def test_gpt2_engines_agree_on_a_book():
+    need(DATA / "gutenberg" / "gutenberg_en_24MiB.txt")
+    with open(DATA / "gutenberg" / "gutenberg_en_24MiB.txt", encoding="utf-8") as f:
+        text = f.read(400_000)
+    docs = [text[i:i + 4000] for i in range(0, len(text), 4000)]
+    fast, general = build_gpt2("tiktoken"), build_gpt2("tokenizers")
+    assert fast.encode_batch(docs) == general.encode_batch(docs)
+    assert fast.describe()["engine"] == "tiktoken" and fast.fingerprint() == general.fingerprint()
+
+
+def test_gpt2_other_vocabularies_use_the_merge_list_engine(tmp_path):
+    pytest.importorskip("tiktoken")
+    lines = (GPT2 / "merges.txt").read_text(encoding="utf-8").split("\n")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[:-2]) + "\n", encoding="utf-8")  # one merge fewer
+    tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert tok.engine == "tokenizers"
+    # A re-formatted copy of GPT-2's own files is recognised by content and keeps the fast engine.
+    vocab = json.loads((GPT2 / "vocab.json").read_text(encoding="utf-8"))
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab, indent=1), encoding="utf-8")
+    (tmp_path / "merges.txt").write_text("\n".join(lines[1:]), encoding="utf-8")  # no #version line
+    copy = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    assert copy.engine == "tiktoken" and copy.encode("Hello world") == [15496, 995]
 
 
 def test_gpt2_decodes_split_utf8_with_replacement(gpt2):
@@ -300,7 +337,7 @@ def test_huggingface_tokenizer_errors(tmp_path):
 def test_pickle_round_trip_and_file_change_detected(tmp_path, gpt2):
     clone = pickle.loads(pickle.dumps(gpt2))
     assert clone.encode_batch(TRICKY) == gpt2.encode_batch(TRICKY)
-    assert clone.describe() == gpt2.describe()
+    assert clone.fingerprint() == gpt2.fingerprint() and clone.describe()["files"] == gpt2.describe()["files"]
     vocab = tmp_path / "vocab.json"
     shutil.copy(GPT2 / "vocab.json", vocab)
     tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(vocab), str(GPT2 / "merges.txt")))
@@ -377,6 +414,21 @@ def test_missing_flags_and_files_name_the_fix(tmp_path):
     for config, pattern in cases:
         with pytest.raises(TokenizerError, match=pattern):
             build_tokenizer(config)
+
+
+def test_binary_or_empty_vocab_files(tmp_path):
+    binary = tmp_path / "vocab.txt"
+    binary.write_bytes(b"\xff\xfe\x00[CLS]\x00")
+    with pytest.raises(TokenizerError, match="vocab.txt: not UTF-8 text"):
+        build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(binary)))
+    empty = tmp_path / "vocab.json"
+    empty.write_text("{}")
+    with pytest.raises(TokenizerError, match="vocabulary is empty"):
+        build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(empty), str(empty)))
+    no_eod = tmp_path / "small.json"
+    no_eod.write_text('{"a": 0, "b": 1}')
+    with pytest.raises(TokenizerError, match="no <\\|endoftext\\|> token"):
+        build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(no_eod), str(empty)))
 
 
 def test_mismatched_merge_file(tmp_path):
@@ -517,3 +569,18 @@ def test_megatron_flags_round_trip_through_argparse():
     assert build_tokenizer(config).eod == 128
     with pytest.raises(SystemExit):
         parser.parse_args(["--vocab-size", "5"])  # --tokenizer-type is required
+
+
+@pytest.mark.slow
+def test_tokenizers_work_in_spawned_workers(bert_lower):
+    """What preprocessing does: ship tokenizers to fresh processes, encode there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    gpt2 = build_gpt2()
+
+    texts = TRICKY + wiki_lines(50)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        remote = [pool.submit(tok.encode_batch, texts) for tok in (gpt2, bert_lower)]
+        assert remote[0].result(timeout=120) == gpt2.encode_batch(texts)
+        assert remote[1].result(timeout=120) == bert_lower.encode_batch(texts)

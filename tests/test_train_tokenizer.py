@@ -121,11 +121,12 @@ def test_bad_records_are_counted_or_fatal(tmp_path, capsys):
     corpus.write_bytes(
         b'{"text": "a good document about lobsters"}\n{broken json\n{"body": "no text key"}\n'
         b'{"text": 42}\n{"text": "caf\xe9 latin-1"}\n[1, 2]\n{"text": "   "}\n{"text": "another good one"}\n'
+        b'{"text": "lone \\ud800 surrogate"}\n'
     )
     out_dir = tmp_path / "out"
     assert main(["--kind", "char", "--input", str(corpus), "--output-dir", str(out_dir)]) == 0
     out = capsys.readouterr().out
-    for reason in ["1 malformed JSON", "1 missing key", "1 non-string value", "1 invalid UTF-8",
+    for reason in ["1 malformed JSON", "1 missing key", "1 non-string value", "2 invalid UTF-8", "lone surrogate U+D800",
                    "1 not a JSON object", "1 empty document", f"{corpus}:2: malformed JSON"]:
         assert reason in out
     summary = json.loads((out_dir / "tokenizer.train.json").read_text())
@@ -136,6 +137,10 @@ def test_bad_records_are_counted_or_fatal(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{corpus}:2: malformed JSON" in err
     assert not any(p.name != "." for p in (tmp_path / "o2").iterdir())  # nothing written, no temp left
+    assert main(["--kind", "sentencepiece", "--input", str(corpus), "--output-dir", str(tmp_path / "o3"),
+                 "--on-error", "fail"]) == 1
+    err = capsys.readouterr().err  # the reader's message, not the trainer's wrapping of it
+    assert err.startswith(f"train_tokenizer: error: {corpus}:2: malformed JSON") and "INTERNAL" not in err
 
 
 def test_errors_and_existing_output_is_kept(tmp_path, capsys, wiki_jsonl):

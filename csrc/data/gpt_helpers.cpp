@@ -36,6 +36,9 @@ void require_1d_contiguous(const py::array& a, const char* name) {
     throw std::invalid_argument(std::string(name) + " must be 1-D, got " + std::to_string(a.ndim()) + "-D");
   if (!(a.flags() & py::array::c_style))
     throw std::invalid_argument(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+  if (reinterpret_cast<std::uintptr_t>(a.data()) % static_cast<std::uintptr_t>(a.itemsize()) != 0)
+    throw std::invalid_argument(std::string(name) + " must be aligned to its item size (copy it, e.g. "
+                                "numpy.require(a, None, 'A'); IndexedDataset's .idx views are not)");
 }
 
 // Sample boundaries over the token stream formed by concatenating sizes[doc_idx[0]],

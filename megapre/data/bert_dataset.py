@@ -20,26 +20,34 @@ are then usable) and is_random is 0.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import argparse
+import sys
+import time
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from megapre.data.masking import MaskingConfig, Masker
+from megapre.data.index_cache import CacheConfig, IndexCache, build_or_load, indexed_fingerprint
+from megapre.data.masking import NGRAM_DISTRIBUTIONS, MaskingConfig, Masker
+from megapre.data.split import SPLIT_NAMES
 
-MAPPING_VERSION = 1  # bump when the mapping algorithm changes: old cache files stop matching
+MAPPING_VERSION = 1  # bump when the mapping algorithm changes: old cache entries stop matching
+INDEX_NAMES = ("mapping", "document_counts")
+COUNT_NAMES = ("empty_documents", "short_documents", "long_sentence_documents", "epochs")
 _UNLIMITED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class BertDatasetConfig:
+    """Options of the BERT sample dataset. Megatron equivalents: seq_length --seq-length,
+    mask_prob --mask-prob, short_seq_prob --short-seq-prob, binary_head --bert-binary-head
+    (--bert-no-binary-head), seed --seed, cache --data-cache-path; whole_word / max_ngrams /
+    ngram_distribution are megatron-core's masking_do_full_word / masking_max_ngram /
+    masking_use_geometric_distribution (True = "geometric")."""
+
     seq_length: int = 512                # tokens per sample, [CLS] and [SEP]s included
-    masked_lm_prob: float = 0.15
+    mask_prob: float = 0.15
     short_seq_prob: float = 0.1          # chance of a shorter random target length (1 in round(1/p))
     binary_head: bool = True             # sentence-order prediction; needs >= 2 sentences per sample
     whole_word: bool = True              # whole_word, max_ngrams 3, harmonic: Megatron's pretrain_bert
@@ -47,6 +55,7 @@ class BertDatasetConfig:
     ngram_distribution: str = "harmonic"
     seed: int = 1234
     long_sentence_len: int = 512         # documents with a longer sentence are skipped (see build_mapping)
+    cache: CacheConfig = field(default_factory=CacheConfig)  # where the mapping is cached, who builds it
 
     def __post_init__(self) -> None:
         if self.seq_length < 5:
@@ -59,9 +68,15 @@ class BertDatasetConfig:
             raise ValueError(f"long_sentence_len={self.long_sentence_len}: must be >= 1")
         self.masking()  # validates the masking fields
 
+    def index_description(self) -> dict[str, Any]:
+        """The options that change the mapping (masking options do not)."""
+        return {"mapping_version": MAPPING_VERSION, "max_length": self.seq_length - 3,
+                "short_seq_prob": self.short_seq_prob, "seed": self.seed, "binary_head": self.binary_head,
+                "long_sentence_len": self.long_sentence_len}
+
     def masking(self) -> MaskingConfig:
         return MaskingConfig(
-            masked_lm_prob=self.masked_lm_prob,
+            mask_prob=self.mask_prob,
             whole_word=self.whole_word,
             max_ngrams=self.max_ngrams,
             ngram_distribution=self.ngram_distribution,
@@ -164,7 +179,7 @@ class BertDataset:
         document_range: tuple[int, int] | None,
         num_samples: int | None,
         config: BertDatasetConfig,
-        cache_dir: str | os.PathLike | None = None,
+        group: Any = None,
     ) -> None:
         self.indexed = indexed_dataset
         self.tokenizer = tokenizer
@@ -173,7 +188,6 @@ class BertDataset:
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"the {split} split: num_samples={num_samples} must be >= 1 (or None for one epoch)")
         self.num_samples = num_samples
-        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._ids = _special_ids(tokenizer)
         self.masker = Masker(
             config.masking(),
@@ -183,20 +197,37 @@ class BertDataset:
             tokenizer.continuation_mask() if config.whole_word else None,
         )
         self.document_range = _check_range(document_range, indexed_dataset, split)
-        self._mapping_path: Path | None = None  # set when the mapping is memory-mapped from the cache
-        self.mapping, self.mapping_info = self._load_or_build_mapping()
+        self.description = {
+            "class": "BertDataset", "dataset": indexed_fingerprint(indexed_dataset.path_prefix), "split": split,
+            "document_range": list(self.document_range), "num_samples": num_samples,
+            **config.index_description(),
+        }
+        cache = None
+        if config.cache.enabled:
+            cache = IndexCache(config.cache.directory_for(indexed_dataset.path_prefix), "BertDataset",
+                               self.description, INDEX_NAMES)
+        t0 = time.perf_counter()
+        arrays, self.cache_status = build_or_load(cache, self._build, config.cache, group)
+        self.build_seconds = time.perf_counter() - t0
+        self.cache_paths = {n: str(cache.path(n)) for n in INDEX_NAMES} if cache else None
+        self.cache_key = cache.key if cache else None
+        self._set_indices(arrays)
 
+    def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:
+        self.mapping = arrays["mapping"]
+        self.mapping_info = dict(zip(COUNT_NAMES, (int(c) for c in arrays["document_counts"])))
+
+    # Pickle a cached (memory-mapped) mapping by path so DataLoader workers re-map it.
     def __getstate__(self) -> dict[str, Any]:
-        # Spawned workers reopen a cached mapping instead of receiving a pickled copy.
-        state = dict(self.__dict__)
-        if self._mapping_path is not None:
-            state["mapping"] = None
+        state = self.__dict__.copy()
+        if self.cache_paths is not None:
+            state.pop("mapping", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        if self.mapping is None:
-            self.mapping = np.load(self._mapping_path, mmap_mode="r")
+        if self.cache_paths is not None:
+            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self.cache_paths.items()})
 
     def __len__(self) -> int:
         return int(self.mapping.shape[0])
@@ -247,30 +278,7 @@ class BertDataset:
             "truncated": np.array(int(truncated), dtype=np.int64),
         }
 
-    # --- the mapping and its cache -------------------------------------------------------------
-
-    def mapping_description(self) -> dict[str, Any]:
-        """Everything that defines the mapping; its hash names the cache file."""
-        begin, end = self.document_range
-        docs = np.ascontiguousarray(self.indexed.document_indices[begin : end + 1], dtype=np.int64)
-        c = self.config
-        return {
-            "kind": "BertDataset.mapping",
-            "version": MAPPING_VERSION,
-            "dataset": os.path.basename(str(getattr(self.indexed, "path_prefix", ""))),
-            "num_sequences": int(len(self.indexed)),
-            "num_tokens": int(getattr(self.indexed, "num_tokens", int(np.sum(self.indexed.sequence_lengths)))),
-            "document_range": [begin, end],
-            "document_indices_sha256": hashlib.sha256(docs.tobytes()).hexdigest(),
-            "max_length": c.seq_length - 3,
-            "short_seq_prob": c.short_seq_prob,
-            "seed": c.seed,
-            "binary_head": c.binary_head,
-            "num_samples": self.num_samples,
-            "long_sentence_len": c.long_sentence_len,
-        }
-
-    def _build_mapping(self) -> tuple[np.ndarray, dict[str, int]]:
+    def _build(self) -> dict[str, np.ndarray]:
         begin, end = self.document_range
         c = self.config
         mapping, info = build_mapping(
@@ -286,44 +294,14 @@ class BertDataset:
         if mapping.shape[0] == 0:
             need = "2 sentences (binary_head on)" if c.binary_head else "1 sentence"
             raise ValueError(
-                f"the {self.split} split of {getattr(self.indexed, 'path_prefix', 'the dataset')}, "
+                f"the {self.split} split of {self.indexed.path_prefix}, "
                 f"documents [{begin}, {end}): no usable document (each needs at least {need} and, with more than "
                 f"one sentence, none longer than long_sentence_len={c.long_sentence_len} tokens). "
                 f"Skipped: {info['empty_documents']} empty, {info['short_documents']} too short, "
                 f"{info['long_sentence_documents']} with a long sentence. Was the corpus preprocessed "
                 "with --split-sentences?"
             )
-        return mapping, dict(info)
-
-    def _load_or_build_mapping(self) -> tuple[np.ndarray, dict[str, int]]:
-        if self.cache_dir is None:
-            return self._build_mapping()
-        description = json.dumps(self.mapping_description(), sort_keys=True)
-        key = hashlib.sha256(description.encode()).hexdigest()[:32]
-        path = self.cache_dir / f"bert_mapping-{key}.npy"
-        info_path = path.with_suffix(".json")
-        if not (path.exists() and info_path.exists()):
-            mapping, info = self._build_mapping()
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            record = {"description": json.loads(description), "info": info}
-            _atomic_write(info_path, lambda f: f.write(json.dumps(record, indent=1).encode()))
-            _atomic_write(path, lambda f: np.save(f, mapping))
-        self._mapping_path = path
-        return np.load(path, mmap_mode="r"), json.loads(info_path.read_text())["info"]
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return {"mapping": mapping, "document_counts": np.array([info[n] for n in COUNT_NAMES], dtype=np.int64)}
 
 
 def _special_ids(tokenizer: Any) -> dict[str, int]:
@@ -341,7 +319,7 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
 def _check_range(document_range: tuple[int, int] | None, indexed: Any, split: str) -> tuple[int, int]:
     num_docs = len(indexed.document_indices) - 1
     begin, end = (0, num_docs) if document_range is None else (int(x) for x in document_range)
-    where = f"the {split} split of {getattr(indexed, 'path_prefix', 'the dataset')}"
+    where = f"the {split} split of {indexed.path_prefix}"
     if not 0 <= begin <= end <= num_docs:
         raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's {num_docs} documents")
     if begin == end:
@@ -350,3 +328,97 @@ def _check_range(document_range: tuple[int, int] | None, indexed: Any, split: st
             "in --split, use more data, or set its share (or sample count) to 0"
         )
     return begin, end
+
+
+# --- command line: build a split's mapping offline and look at its samples ----------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m megapre.data.bert_dataset",
+        description="Build (or load from the cache) the BERT sentence-pair mapping of one split and "
+                    "print its statistics and a few decoded samples.")
+    p.add_argument("--data-path", required=True, help="prefix of a sentence-split dataset (PREFIX_text_sentence)")
+    p.add_argument("--split", default="969,30,1", help="train,valid,test shares of the documents")
+    p.add_argument("--split-name", default="train", choices=SPLIT_NAMES)
+    p.add_argument("--num-samples", type=int, default=None, help="samples wanted (default: one epoch)")
+    p.add_argument("--tokenizer-type", default="BertWordPieceLowerCase")
+    p.add_argument("--vocab-file", default=None)
+    p.add_argument("--tokenizer-model", default=None, help="HF tokenizer.json (HuggingFaceTokenizer)")
+    p.add_argument("--seq-length", type=int, default=512)
+    p.add_argument("--mask-prob", type=float, default=0.15)
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--bert-no-binary-head", action="store_true", help="no sentence pairs / SOP labels")
+    p.add_argument("--masking-max-ngram", type=int, default=3)
+    p.add_argument("--masking-ngram-distribution", default="harmonic", choices=NGRAM_DISTRIBUTIONS)
+    p.add_argument("--no-whole-word-masking", action="store_true")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--data-cache-path", default=None, help="index cache directory (default: beside the data)")
+    p.add_argument("--show", type=int, default=2, help="samples to print")
+    return p
+
+
+def _dataset_from_args(args: argparse.Namespace) -> BertDataset:
+    from megapre.data.indexed import IndexedDataset
+    from megapre.data.split import parse_split, split_ranges
+    from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
+
+    tokenizer = build_tokenizer(TokenizerConfig(args.tokenizer_type, vocab_file=args.vocab_file,
+                                                tokenizer_model=args.tokenizer_model))
+    indexed = IndexedDataset(args.data_path)
+    which = SPLIT_NAMES.index(args.split_name)
+    document_range = split_ranges(parse_split(args.split), indexed.num_documents)[which]
+    if document_range is None:
+        raise ValueError(f"--split {args.split} gives the {args.split_name} split no share")
+    config = BertDatasetConfig(
+        seq_length=args.seq_length, mask_prob=args.mask_prob, short_seq_prob=args.short_seq_prob,
+        binary_head=not args.bert_no_binary_head, whole_word=not args.no_whole_word_masking,
+        max_ngrams=args.masking_max_ngram, ngram_distribution=args.masking_ngram_distribution, seed=args.seed,
+        cache=CacheConfig(cache_dir=args.data_cache_path))
+    return BertDataset(indexed, tokenizer, args.split_name, document_range, args.num_samples, config)
+
+
+def _statistics(ds: BertDataset, limit: int = 1000) -> str:
+    n = min(len(ds), limit)
+    t0 = time.perf_counter()
+    samples = [ds[i] for i in range(n)]
+    rate = n / (time.perf_counter() - t0)
+    tokens = np.array([s["padding_mask"].sum() for s in samples])
+    predicted = sum(int(s["loss_mask"].sum()) for s in samples)
+    special = 3 if ds.config.binary_head else 2
+    return (f"first {n} samples: {tokens.mean():.1f} tokens of {ds.config.seq_length} on average, "
+            f"{predicted / max(1, int(tokens.sum()) - special * n):.3f} of ordinary tokens predicted, "
+            f"{np.mean([int(s['truncated']) for s in samples]):.2f} truncated, "
+            f"{np.mean([int(s['is_random']) for s in samples]):.2f} swapped (SOP label 1); {rate:,.0f} samples/s")
+
+
+def _render(ds: BertDataset, idx: int) -> str:
+    s, tok = ds[idx], ds.tokenizer
+    n = int(s["padding_mask"].sum())
+    targets = " ".join(f"{tok.decode([int(t)])}" for t in s["labels"][:n][s["loss_mask"][:n] == 1])
+    return (f"sample {idx} (sentences {ds.mapping[idx][0]}..{ds.mapping[idx][1] - 1}, target length "
+            f"{ds.mapping[idx][2]}, is_random {int(s['is_random'])}, truncated {int(s['truncated'])}):\n"
+            f"  input:   {tok.decode(s['text'][:n].tolist())}\n  targets: {targets}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        ds = _dataset_from_args(args)
+    except (ValueError, OSError, TimeoutError, ImportError) as e:
+        print(f"bert_dataset: error: {e}", file=sys.stderr)
+        return 2
+    info = ds.mapping_info
+    begin, end = ds.document_range
+    print(f"{args.split_name} split of {args.data_path}: documents [{begin}, {end}), {len(ds):,d} samples in "
+          f"{info['epochs']} epoch(s), mapping {ds.cache_status} in {ds.build_seconds:.2f} s; documents skipped: "
+          f"{info['empty_documents']} empty, {info['short_documents']} too short, "
+          f"{info['long_sentence_documents']} with a sentence over {ds.config.long_sentence_len} tokens")
+    print(_statistics(ds))
+    for idx in range(min(args.show, len(ds))):
+        print(_render(ds, idx))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

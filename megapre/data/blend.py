@@ -88,9 +88,24 @@ class BlendedDataset:
         t0 = time.perf_counter()
         arrays, self.cache_status = build_or_load(entry, self._build, cache, group)
         self.build_seconds = time.perf_counter() - t0
+        self.cache_paths = {n: str(entry.path(n)) for n in BLEND_NAMES} if self.cache_status != "memory" else None
         self.dataset_index = arrays["dataset_index"]
         self.dataset_sample_index = arrays["dataset_sample_index"]
         self._check_sizes()
+
+    # Pickle cached (memory-mapped) indices by path so DataLoader workers re-map them.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.cache_paths is not None:
+            for n in BLEND_NAMES:
+                state.pop(n)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.cache_paths is not None:
+            for n, path in self.cache_paths.items():
+                setattr(self, n, np.load(path, mmap_mode="r"))
 
     def _build(self) -> dict[str, np.ndarray]:
         di, dsi = build_blending_indices(np.asarray(self.weights), self.size, self.megatron_compatible)
@@ -168,13 +183,12 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
     opened: dict[str, Any] = {}
     result: dict[str, GPTDataset | BlendedDataset | None] = {n: None for n in SPLIT_NAMES}
     for name, (prefixes, weights, cut, flag) in _fed_splits(blend, num_samples):
-        want = num_samples[SPLIT_NAMES.index(name)]
-        datasets = [opened.setdefault(p, _open(p, flag, open_dataset)) for p in prefixes]
-        ranges = []
-        for d in datasets:
-            r = split_ranges(fractions, len(d.document_indices) - 1)[SPLIT_NAMES.index(name)] if cut \
-                else (0, len(d.document_indices) - 1)
-            ranges.append(r)
+        which = SPLIT_NAMES.index(name)
+        want = num_samples[which]
+        datasets = [opened[p] if p in opened else opened.setdefault(p, _open(p, flag, open_dataset))
+                    for p in prefixes]
+        num_docs = [len(d.document_indices) - 1 for d in datasets]
+        ranges = [split_ranges(fractions, n)[which] if cut else (0, n) for n in num_docs]
         if any(r is None for r in ranges):
             continue  # --split gives this split no share
         if weights is None and len(datasets) == 1:

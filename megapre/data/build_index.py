@@ -1,4 +1,4 @@
-"""`tools/build_index.py`: build (or check) the GPT sample/shuffle/blend indices of a run offline.
+"""`tools/build_index.py`: build the GPT sample/shuffle/blend indices of a run ahead of training.
 
 Takes the training run's data flags, so the cache it fills is exactly the one the run will hit:
 
@@ -83,7 +83,7 @@ def _describe(name: str, dataset) -> list[str]:
         for d, w in zip(parts, dataset.weights):
             lines += ["  " + s for s in _describe(f"{w:.3f}", d)]
         return lines
-    epochs = len(dataset.document_index) // max(1, len(dataset.units))
+    epochs = len(dataset.document_index) // max(1, dataset.num_sequences)
     lines.append(f"{name:5s} {dataset.indexed.path_prefix}: {len(dataset):,d} samples, {epochs} epoch(s), "
                  f"{dataset.cache_status} in {dataset.build_seconds:.2f} s"
                  + (f", key {dataset.cache_key[:16]}" if dataset.cache_key else ""))

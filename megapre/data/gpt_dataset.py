@@ -16,7 +16,6 @@ They are cached on disk under a hash of everything that defines them (index_cach
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -91,7 +90,7 @@ def num_epochs_needed(tokens_per_epoch: int, num_samples: int, seq_length: int) 
 def build_document_index(units: np.ndarray, num_epochs: int, rng: np.random.RandomState,
                          separate_last_epoch: bool) -> np.ndarray:
     """`units` repeated num_epochs times and shuffled (the last epoch alone when separate)."""
-    dtype = np.int32 if len(units) == 0 or units.max() <= np.iinfo(np.int32).max else np.int64
+    dtype = np.int32 if len(units) == 0 or int(units.max()) <= np.iinfo(np.int32).max else np.int64
     if separate_last_epoch and num_epochs > 1:
         first = build_document_index(units, num_epochs - 1, rng, False)
         last = build_document_index(units, 1, rng, False)
@@ -151,7 +150,7 @@ class GPTDataset:
         self.config = config
         self.document_range = (int(document_range[0]), int(document_range[1]))
         self.num_samples = num_samples
-        self.units = self._units()
+        self.sequence_range = self._sequence_range()
         self.description = {
             "class": "GPTDataset", "dataset": indexed_fingerprint(indexed.path_prefix), "split": split,
             "document_range": list(self.document_range), "num_samples": num_samples,
@@ -168,8 +167,12 @@ class GPTDataset:
         self.cache_key = cache.key if cache else None
         self._set_indices(arrays)
 
-    def _units(self) -> np.ndarray:
-        """Sequence ids of the split's documents; an empty split is an error naming it."""
+    @property
+    def num_sequences(self) -> int:
+        return self.sequence_range[1] - self.sequence_range[0]
+
+    def _sequence_range(self) -> tuple[int, int]:
+        """Sequences [first, last) of the split's documents; an empty split is an error naming it."""
         di = np.asarray(self.indexed.document_indices)
         lo, hi = self.document_range
         num_docs = len(di) - 1
@@ -181,19 +184,21 @@ class GPTDataset:
                 f"{where} is empty: documents [{lo}, {hi}) of {num_docs}. Give this split a larger "
                 "share in --split, use more data, or set its share (or sample count) to 0"
             )
-        units = np.arange(di[lo], di[hi], dtype=np.int64)
-        tokens = int(np.asarray(self.indexed.sequence_lengths)[units].sum(dtype=np.int64))
+        first, last = int(di[lo]), int(di[hi])
+        tokens = int(np.asarray(self.indexed.sequence_lengths)[first:last].sum(dtype=np.int64))
         min_tokens = self.config.seq_length + 1
         if tokens == 0 or (self.num_samples is None and tokens < min_tokens):
             raise ValueError(
                 f"{where} has {tokens} tokens in documents [{lo}, {hi}); one sample needs "
                 f"{min_tokens} (--seq-length + 1). Use a shorter --seq-length or a larger split"
             )
-        return units
+        return first, last
 
     def _build(self) -> dict[str, np.ndarray]:
-        sizes = np.ascontiguousarray(self.indexed.sequence_lengths, dtype=np.int32)
-        return build_gpt_indices(sizes, self.units, self.num_samples, self.config.seq_length,
+        sizes = np.require(self.indexed.sequence_lengths, np.int32, ["C_CONTIGUOUS", "ALIGNED"])
+        first, last = self.sequence_range
+        units = np.arange(first, last, dtype=np.int32 if last <= np.iinfo(np.int32).max else np.int64)
+        return build_gpt_indices(sizes, units, self.num_samples, self.config.seq_length,
                                  self.config.seed, self.config.separate_last_epoch_threshold)
 
     def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:

@@ -43,10 +43,12 @@ def compiled() -> ModuleType | None:
 def build_sample_idx(sizes: np.ndarray, doc_idx: np.ndarray, seq_length: int) -> np.ndarray:
     """int64 [num_samples + 1, 2]: row k = (position in doc_idx, offset) where sample k starts;
     sample k is the seq_length + 1 tokens from row k to row k+1's token inclusive."""
-    sizes = np.ascontiguousarray(sizes, dtype=np.int32)
+    # IndexedDataset's lengths sit at byte 34 of the .idx map, i.e. misaligned for int32: copy
+    # them to an aligned buffer (C++ may use aligned vector loads).
+    sizes = np.require(sizes, np.int32, ["C_CONTIGUOUS", "ALIGNED"])
     if doc_idx.dtype not in (np.int32, np.int64):
         doc_idx = doc_idx.astype(np.int64)
-    doc_idx = np.ascontiguousarray(doc_idx)
+    doc_idx = np.require(doc_idx, None, ["C_CONTIGUOUS", "ALIGNED"])
     module = compiled()
     if module is None:
         return sample_idx_reference(sizes, doc_idx, seq_length)

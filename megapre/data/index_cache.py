@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -145,14 +146,14 @@ class IndexCache:
         missing = set(self.names) - set(arrays)
         if missing:
             raise ValueError(f"IndexCache.save: arrays missing: {sorted(missing)}")
-        self._ensure_dir()
+        self.ensure_directory()
         for n in self.names:
             _atomic_write(self.path(n), lambda f, a=arrays[n]: np.save(f, np.ascontiguousarray(a),
                                                                         allow_pickle=False))
         text = json.dumps(self.description, indent=2, sort_keys=True) + "\n"
         _atomic_write(self.description_path, lambda f: f.write(text.encode("utf-8")))
 
-    def _ensure_dir(self) -> None:
+    def ensure_directory(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -230,9 +231,8 @@ def _read_holder(path: Path) -> str:
 
 def _dist_info(group: Any) -> tuple[bool, int, int]:
     """(initialized, rank, local rank) from torch.distributed and torchrun's LOCAL_RANK."""
-    try:
-        import torch.distributed as dist
-    except ImportError:
+    dist = sys.modules.get("torch.distributed")  # never imported -> never initialized (skip torch's import)
+    if dist is None:
         return False, 0, 0
     if not (dist.is_available() and dist.is_initialized()):
         return False, 0, 0
@@ -247,7 +247,7 @@ def _build_locked(cache: IndexCache, build: Callable[[], Mapping[str, np.ndarray
     Returns True when this process built it."""
     if cache.is_complete():
         return False
-    cache._ensure_dir()
+    cache.ensure_directory()
     with FileLock(cache.lock_path, config.wait_timeout_s, f"{cache.kind} indices {cache.key[:12]}"):
         if cache.is_complete():
             return False

@@ -1,6 +1,6 @@
 """Masked-LM corruption for BERT: which tokens the model must predict, and what it sees instead.
 
-About `masked_lm_prob` of a sample's ordinary tokens (everything but [CLS], [SEP], [PAD], [MASK])
+About `mask_prob` of a sample's ordinary tokens (everything but [CLS], [SEP], [PAD], [MASK])
 are chosen; each chosen token becomes [MASK] (80%), a random ordinary vocabulary token (10%) or
 stays itself (10%), so the model cannot learn that only [MASK] positions matter.
 
@@ -28,7 +28,7 @@ NGRAM_DISTRIBUTIONS = ("harmonic", "geometric")
 
 @dataclass(frozen=True)
 class MaskingConfig:
-    masked_lm_prob: float = 0.15     # share of ordinary tokens to predict
+    mask_prob: float = 0.15          # share of ordinary tokens to predict
     mask_token_prob: float = 0.8     # of the predicted: replaced by [MASK]
     random_token_prob: float = 0.1   # of the predicted: replaced by a random token (rest: unchanged)
     whole_word: bool = True          # never split a WordPiece word
@@ -37,8 +37,8 @@ class MaskingConfig:
     geometric_p: float = 0.2
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.masked_lm_prob < 1.0:
-            raise ValueError(f"masked_lm_prob={self.masked_lm_prob}: must be in (0, 1), e.g. 0.15")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob={self.mask_prob}: must be in (0, 1), e.g. 0.15")
         if self.mask_token_prob < 0 or self.random_token_prob < 0 or self.mask_token_prob + self.random_token_prob > 1:
             raise ValueError(
                 f"mask_token_prob={self.mask_token_prob}, random_token_prob={self.random_token_prob}: "
@@ -135,30 +135,30 @@ class Masker:
 
     def choose_spans(self, tokens: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int]]:
         """Token spans [a, b) to predict: word-aligned, disjoint, each at most max_ngrams words,
-        together round(masked_lm_prob * ordinary tokens) tokens at most (at least one)."""
+        together round(mask_prob * ordinary tokens) tokens at most (at least one)."""
         words = self.words(tokens)
         num_words = words.start.size
         if num_words == 0:
             return []
-        budget = min(words.num_candidates, max(1, int(np.floor(self.config.masked_lm_prob * words.num_candidates + 0.5))))
-        order = rng.permutation(num_words)
-        ngram = self._draw_ngram_sizes(words, rng)
-        taken = np.zeros(tokens.size, dtype=bool)
+        budget = min(words.num_candidates, max(1, int(np.floor(self.config.mask_prob * words.num_candidates + 0.5))))
+        order = rng.permutation(num_words).tolist()
+        ngram = self._draw_ngram_sizes(words, rng).tolist()
+        start, end = words.start.tolist(), words.end.tolist()  # plain lists: this loop is per token
+        taken = bytearray(tokens.size)
         spans: list[tuple[int, int]] = []
         count = 0
         for w in order:
             if count >= budget:
                 break
-            n = int(ngram[w])
-            a = int(words.start[w])
-            while n > 0 and count + int(words.end[w + n - 1]) - a > budget:
+            n, a = ngram[w], start[w]
+            while n > 0 and count + end[w + n - 1] - a > budget:
                 n -= 1  # shrink an n-gram that would overshoot the budget
             if n == 0:
                 continue
-            b = int(words.end[w + n - 1])
-            if taken[a:b].any():
+            b = end[w + n - 1]
+            if taken.find(1, a, b) != -1:
                 continue
-            taken[a:b] = True
+            taken[a:b] = b"\x01" * (b - a)
             spans.append((a, b))
             count += b - a
         return spans

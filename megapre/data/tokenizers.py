@@ -15,11 +15,8 @@ from functools import partial
 from typing import Callable
 
 from megapre.data.tokenizer.base import TokenizerConfig, TokenizerError, Tokenizer
-from megapre.data.tokenizer.hf import (
-    BertWordPieceTokenizer,
-    GPT2BPETokenizer,
-    HuggingFaceTokenizer,
-)
+from megapre.data.tokenizer.gpt2 import GPT2BPETokenizer
+from megapre.data.tokenizer.hf import BertWordPieceTokenizer, HuggingFaceTokenizer
 from megapre.data.tokenizer.simple import (
     ByteLevelTokenizer,
     CharacterTokenizer,

@@ -110,13 +110,29 @@ def _sentences(docs: Iterable[str], max_bytes: int) -> Iterator[str]:
                 yield line
 
 
+class _Remember:
+    """Iterates `items`, keeping the exception that stopped it: SentencePiece re-raises errors from
+    its sentence iterator as RuntimeError text, and the reader's own message is the useful one."""
+
+    def __init__(self, items: Iterator[str]) -> None:
+        self.items, self.error = items, None
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            yield from self.items
+        except Exception as e:
+            self.error = e
+            raise
+
+
 def train_sentencepiece(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
     import sentencepiece as spm
 
     vocab_size = args.vocab_size or 32000
+    reader = _Remember(_sentences(docs, args.max_sentence_length))
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_sentences(docs, args.max_sentence_length),
+            sentence_iterator=iter(reader),
             model_prefix=str(tmp / prefix),
             model_type=args.model_type,
             vocab_size=vocab_size,
@@ -130,6 +146,8 @@ def train_sentencepiece(docs: Iterable[str], tmp: Path, prefix: str, args: argpa
             minloglevel=0 if args.verbose else 2,
         )
     except RuntimeError as e:
+        if reader.error is not None:  # our reader failed inside the trainer: report it as itself
+            raise reader.error from None
         hint = " (lower --vocab-size or read more text)" if "ocab" in str(e) else ""
         raise ValueError(f"SentencePiece training failed: {e}{hint}") from e
     model = str(Path(args.output_dir) / f"{prefix}.model")

@@ -55,6 +55,7 @@ class TransformerConfig:
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
+        self._derived_kv_channels = self.kv_channels is None
         if self.kv_channels is None and self.num_attention_heads > 0:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if self.ffn_hidden_size is None:
@@ -86,6 +87,11 @@ class TransformerConfig:
         _positive(self, ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                          "ffn_hidden_size", "kv_channels", "vocab_size", "seq_length",
                          "max_position_embeddings", "make_vocab_size_divisible_by"))
+        if getattr(self, "_derived_kv_channels", False) and \
+                self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"--hidden-size={self.hidden_size} is not divisible by --num-attention-heads="
+                f"{self.num_attention_heads}; change one of them or give --kv-channels explicitly")
         _choice(self, "normalization", NORMS)
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "position_embedding_type", POSITIONS)

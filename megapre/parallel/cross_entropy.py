@@ -58,10 +58,15 @@ class _VocabParallelCE(torch.autograd.Function):
         ctx.save_for_backward(exp, idx, mine, real, ignored)
         ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
         ctx.logits_dtype = logits.dtype
+        ctx.consumed = False
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.consumed:  # the saved softmax became the gradient in place
+            raise RuntimeError("vocab_parallel_cross_entropy cannot be back-propagated twice "
+                               "(retain_graph=True); compute the loss again instead")
+        ctx.consumed = True
         softmax, idx, mine, real, ignored = ctx.saved_tensors
         e = ctx.label_smoothing
         grad = softmax

@@ -11,6 +11,7 @@ communication"), so the same model code runs unchanged in a notebook.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -162,6 +163,9 @@ class ParallelMesh:
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
             dist.init_process_group(backend_for(dev), timeout=timedelta(seconds=config.timeout_s))
+            # We started it, so we tear it down: a process that exits with live gloo/nccl threads
+            # can abort ("terminate called without an active exception").
+            atexit.register(_destroy_process_group)
         world, rank = dist.get_world_size(), dist.get_rank()
         grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel)
         timeout = timedelta(seconds=config.timeout_s)
@@ -232,6 +236,11 @@ class ParallelMesh:
         return (f"ParallelMesh(rank={self.rank}/{self.world_size}, pp={self.pp_rank}/{self.pp_size},"
                 f" dp={self.dp_rank}/{self.dp_size}, tp={self.tp_rank}/{self.tp_size},"
                 f" device={self.device})")
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _subgroups(grid: torch.Tensor, dim: int, timeout: timedelta, name: str) -> ProcessGroup:

@@ -7,7 +7,9 @@ Two streams per rank:
   * the tracker's `MODEL_PARALLEL_RNG` stream, seeded `seed + PP_SEED_STRIDE * pp_rank +
     TP_SEED_OFFSET + tp_rank`: used (`with tracker.fork():`) for dropout on TP-sharded
     activations (attention probabilities of this rank's heads), which must differ per shard or the
-    heads of different ranks would share masks.
+    heads of different ranks would share masks. Under sequence parallelism the residual-stream
+    dropout also acts on sharded activations (each rank holds a different sequence chunk), so it
+    belongs inside the fork too, as in Megatron-LM.
 The constants are Megatron-LM's (2718 and 100), so seeds line up with a Megatron run.
 
 `recompute(fn, *args, tracker=...)` is activation checkpointing that restores the default

@@ -150,7 +150,7 @@ def format_train_line(r: dict[str, Any]) -> str:
              f"lm loss {r['loss']:.6e}", f"lr {r['lr']:.4e}", f"grad norm {r['grad_norm']:.4f}",
              f"skipped {r.get('skipped_iters', 0)}",
              f"tokens/s {r['tokens_per_s']:.0f}",
-             f"TFLOP/s/dev {r['tflops_per_device']:.2f}", f"MFU {100 * r['mfu']:.1f}%"]
+             f"TFLOP/s/dev {r['tflops_per_device']:.3g}", f"MFU {100 * r['mfu']:.1f}%"]
     if "loss_scale" in r:
         parts.append(f"loss scale {r['loss_scale']:.1f}")
     return " | ".join(parts)

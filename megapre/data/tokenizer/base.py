@@ -104,7 +104,7 @@ class Tokenizer(abc.ABC):
         self.config = config
         self.name = config.tokenizer_type
         # Hashed once, when loaded: describe() and the pickle check then refer to what was read.
-        self._files = {key: (Path(p).resolve(), file_sha256(p)) for key, p in files.items()}
+        self._files = {key: (Path(p).resolve(), file_sha256(p), os.path.getsize(p)) for key, p in files.items()}
 
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
@@ -126,7 +126,7 @@ class Tokenizer(abc.ABC):
         return {name: getattr(self, name) for name in SPECIAL_NAMES}
 
     def file_digests(self) -> dict[str, str]:
-        return {key: digest for key, (_, digest) in self._files.items()}
+        return {key: digest for key, (_, digest, _) in self._files.items()}
 
     def fingerprint(self) -> str:
         """sha256 over what determines the ids (type, sizes, special ids, file contents) and not
@@ -144,8 +144,8 @@ class Tokenizer(abc.ABC):
             "vocab_size": self.vocab_size,
             "special_ids": self.special_ids(),
             "files": {
-                key: {"path": str(path), "sha256": digest, "bytes": path.stat().st_size}
-                for key, (path, digest) in self._files.items()
+                key: {"path": str(path), "sha256": digest, "bytes": size}
+                for key, (path, digest, size) in self._files.items()
             },
             "config": asdict(self.config),
         }

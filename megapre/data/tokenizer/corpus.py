@@ -122,6 +122,16 @@ def _utf8(raw: bytes, where: str, stats: CorpusStats, on_error: str) -> str | No
         return None
 
 
+def _encodable(text: str, where: str, stats: CorpusStats, on_error: str) -> bool:
+    """JSON may escape lone surrogates (\\ud800), which are not text in any encoding."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError as e:
+        stats.skip(where, f"invalid UTF-8: lone surrogate U+{ord(text[e.start]):04X} at character {e.start}", on_error)
+        return False
+
+
 def _jsonl_docs(path: str, opts: CorpusOptions, stats: CorpusStats) -> Iterator[str]:
     with _open(path) as f:
         for lineno, raw in enumerate(f, 1):
@@ -145,7 +155,7 @@ def _jsonl_docs(path: str, opts: CorpusOptions, stats: CorpusStats) -> Iterator[
                     stats.skip(where, f"missing key: {key!r} (see --json-keys)", opts.on_error)
                 elif not isinstance(value, str):
                     stats.skip(where, f"non-string value: key {key!r} holds {type(value).__name__}", opts.on_error)
-                else:
+                elif _encodable(value, where, stats, opts.on_error):
                     yield value
 
 

@@ -1,9 +1,9 @@
-"""Tokenizers run by the Hugging Face `tokenizers` library (Rust, batched): GPT-2 byte-level BPE from
-vocab.json + merges.txt, BERT WordPiece from vocab.txt, and any tokenizer.json.
+"""Tokenizers run by the Hugging Face `tokenizers` library (Rust, batched): BERT WordPiece from
+vocab.txt, any tokenizer.json, and the shared base that GPT-2's BPE (gpt2.py) also uses.
 
-GPT-2 and BERT are assembled here from their raw files (not through the library's convenience classes)
-so that nothing is registered as an "added token": text containing "<|endoftext|>" or "[SEP]" is
-tokenized as ordinary text, as the original GPT-2 and BERT tokenizers (and Megatron) do.
+BERT is assembled here from its raw vocabulary (not through the library's convenience class) so that
+nothing is registered as an "added token": text containing "[SEP]" is tokenized as ordinary text, as
+the original BERT tokenizer (and Megatron) does.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only where the dependency is
     hf = None
 
 
-def _require_hf(kind: str) -> None:
+def require_hf(kind: str) -> None:
     if hf is None:
         raise TokenizerError(f"{kind} needs the Hugging Face `tokenizers` package: pip install tokenizers")
 
@@ -52,79 +52,6 @@ class HFBackedTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(self._check_ids(ids), skip_special_tokens=False)
-
-    def token_to_id(self, token: str) -> int | None:
-        return self._tok.token_to_id(token)
-
-    def id_to_token(self, idx: int) -> str | None:
-        return self._tok.id_to_token(idx)
-
-
-# ---------------------------------------------------------------------------------------- GPT-2 BPE
-GPT2_EOD = "<|endoftext|>"
-
-
-def load_bpe_vocab(path: Path, flag: str = "--vocab-file") -> dict[str, int]:
-    try:
-        vocab = json.loads(read_text(path, flag))
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{flag} {path}: not valid JSON ({e}); expected GPT-2's vocab.json") from e
-    if not isinstance(vocab, dict) or not all(
-        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in vocab.items()
-    ):
-        raise TokenizerError(f"{flag} {path}: expected a JSON object mapping tokens to ids (GPT-2 vocab.json)")
-    if not vocab:
-        raise TokenizerError(f"{flag} {path}: the vocabulary is empty")
-    return vocab
-
-
-def load_bpe_merges(path: Path, vocab: dict[str, int], flag: str = "--merge-file") -> list[tuple[str, str]]:
-    merges = []
-    for lineno, line in enumerate(read_text(path, flag).split("\n"), 1):
-        if (lineno == 1 and line.startswith("#version")) or not line.strip():
-            continue
-        parts = line.split(" ")
-        if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise TokenizerError(
-                f"{flag} {path}:{lineno}: expected two space-separated tokens per line, got {line[:80]!r}"
-                " (is this GPT-2's merges.txt?)"
-            )
-        for part in (parts[0], parts[1], parts[0] + parts[1]):
-            if part not in vocab:
-                raise TokenizerError(
-                    f"{flag} {path}:{lineno}: merge token {part!r} is not in the vocabulary; "
-                    "the vocab and merge files do not belong together"
-                )
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-class GPT2BPETokenizer(HFBackedTokenizer):
-    """GPT-2's byte-level BPE: exactly the original ids; eod is <|endoftext|> (50256 for GPT-2)."""
-
-    def __init__(self, config: TokenizerConfig) -> None:
-        _require_hf(config.tokenizer_type)
-        reject_unused(config, ("vocab_file", "merge_file"))
-        vocab_path = require_file(config, "vocab_file", "GPT-2's vocab.json")
-        merge_path = require_file(config, "merge_file", "GPT-2's merges.txt (the BPE merge rules)")
-        super().__init__(config, {"vocab_file": vocab_path, "merge_file": merge_path})
-        vocab = load_bpe_vocab(vocab_path)
-        if GPT2_EOD not in vocab:
-            raise TokenizerError(
-                f"--vocab-file {vocab_path}: no {GPT2_EOD} token, so there is no end-of-document id; "
-                "use GPT-2's vocab.json or a BPE vocabulary trained with that special token"
-            )
-        merges = load_bpe_merges(merge_path, vocab)
-        try:
-            tok = hf.Tokenizer(hf.models.BPE(vocab=vocab, merges=merges))
-        except Exception as e:  # the library raises a bare Exception on inconsistent files
-            raise TokenizerError(f"--vocab-file {vocab_path} / --merge-file {merge_path}: {e}") from e
-        tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = hf.decoders.ByteLevel()
-        self._set_backend(tok)
-        self.vocab_size = max(vocab.values()) + 1
-        self.eod = vocab[GPT2_EOD]
 
 
 # ------------------------------------------------------------------------------------ BERT WordPiece
@@ -157,7 +84,7 @@ class BertWordPieceTokenizer(HFBackedTokenizer):
     """
 
     def __init__(self, config: TokenizerConfig, lower_case: bool) -> None:
-        _require_hf(config.tokenizer_type)
+        require_hf(config.tokenizer_type)
         reject_unused(config, ("vocab_file",))
         path = require_file(config, "vocab_file", "BERT's vocab.txt")
         super().__init__(config, {"vocab_file": path})
@@ -254,7 +181,7 @@ class HuggingFaceTokenizer(HFBackedTokenizer):
     """Any local tokenizer.json; special ids from tokenizer_config.json beside it, else usual spellings."""
 
     def __init__(self, config: TokenizerConfig) -> None:
-        _require_hf(config.tokenizer_type)
+        require_hf(config.tokenizer_type)
         reject_unused(config, ("tokenizer_model",))
         path = _resolve_tokenizer_json(config)
         named, extra = _special_token_config(path.parent)
@@ -267,7 +194,7 @@ class HuggingFaceTokenizer(HFBackedTokenizer):
         self._set_backend(tok)
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         for name, spellings in _USUAL.items():
-            choices = (named[name],) if name in named else spellings
+            choices = ((named[name],) if name in named else ()) + spellings  # named first
             setattr(self, name, next((tok.token_to_id(s) for s in choices if tok.token_to_id(s) is not None), None))
         model = tok.model
         prefix = getattr(model, "continuing_subword_prefix", None) if type(model).__name__ == "WordPiece" else None

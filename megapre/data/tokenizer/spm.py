@@ -49,7 +49,7 @@ class GPTSentencePieceTokenizer(Tokenizer):
         return self._sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self._sp.encode(list(texts), out_type=int)
+        return self._sp.encode(list(texts), out_type=int, num_threads=1)  # workers are the parallelism
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode(self._check_ids(ids))
@@ -102,7 +102,7 @@ class SentencePieceTokenizer(Tokenizer):
         texts = list(texts)
         plain = [i for i, t in enumerate(texts) if self._special_re.search(t) is None]
         out: list[list[int]] = [[] for _ in texts]
-        for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain], out_type=int)):
+        for i, ids in zip(plain, self._sp.encode([texts[i] for i in plain], out_type=int, num_threads=1)):
             out[i] = ids
         done = set(plain)
         for i, t in enumerate(texts):

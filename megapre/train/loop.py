@@ -1,0 +1,314 @@
+"""The pretraining loop: set-up from one PretrainConfig, then steps, logging, evaluation,
+checkpoints and a clean exit on SIGTERM or a time limit.
+
+    run = Trainer(cfg)            # tokenizer, mesh, model, optimizer, data, resume
+    summary = run.train()         # -> {"iteration", "train_loss", "valid_loss", "test_loss", ...}
+
+Decisions that must be the same on every rank (stop because of a signal or the clock, too many
+skipped steps) are all-reduced, so no rank leaves a collective behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
+from megapre.model.config import ConfigError
+from megapre.parallel import ParallelConfig, ParallelMesh, set_random_seed
+
+from .args import PretrainConfig, validate
+from .data import batches, build_splits
+from .evaluate import EvalStep
+from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
+                      memory_stats, throughput)
+from .optim import build_optimizer, schedule_from_args, set_lr
+from .parallel_model import ParallelModel
+from .step import StepConfig, TrainStep
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_total: int = 0
+    skipped_in_a_row: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but torch sees no GPU; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if name != "cpu":
+        raise ConfigError(f"--device {name!r} must be cuda, cpu or auto")
+    return torch.device("cpu")
+
+
+def tokenizer_config(cfg: PretrainConfig) -> TokenizerConfig:
+    d = cfg.data
+    if d.tokenizer_type is None:
+        raise ConfigError("--tokenizer-type is required (e.g. GPT2BPETokenizer with --vocab-file "
+                          "and --merge-file, or the tokenizer the data was preprocessed with)")
+    return TokenizerConfig(tokenizer_type=d.tokenizer_type, vocab_file=d.vocab_file,
+                           merge_file=d.merge_file, tokenizer_model=d.tokenizer_model,
+                           vocab_size=d.vocab_size)
+
+
+class _StopFlag:
+    """SIGTERM (the scheduler's warning) asks for a checkpoint and a clean exit."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous = None
+
+    def install(self) -> None:
+        with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.raised = True
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.cfg = cfg
+        self.start_time = time.time()
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.tokenizer = build_tokenizer(tokenizer_config(cfg))
+        self.dp_size = validate(cfg, world, self.tokenizer.vocab_size)
+        p = cfg.parallel
+        vp = (cfg.model.num_layers // (p.num_layers_per_virtual_pipeline_stage *
+                                       p.pipeline_model_parallel_size)
+              if p.num_layers_per_virtual_pipeline_stage else None)
+        self.device = resolve_device(cfg.train.device)
+        self.mesh = ParallelMesh.init(ParallelConfig(
+            tensor_parallel=p.tensor_model_parallel_size,
+            pipeline_parallel=p.pipeline_model_parallel_size, virtual_pipeline=vp,
+            sequence_parallel=p.sequence_parallel,
+            timeout_s=p.distributed_timeout_minutes * 60), self.device)
+        self.tracker = set_random_seed(cfg.train.seed, self.mesh)
+        self.model_cfg = cfg.transformer_config(self.tokenizer.vocab_size)
+        self.model = ParallelModel.build(
+            cfg.model.model, self.model_cfg, self.mesh, seed=cfg.train.seed, tracker=self.tracker,
+            recompute_granularity=cfg.train.recompute_granularity,
+            add_binary_head=cfg.model.bert_binary_head)
+        o = cfg.optim
+        self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
+                                         (o.adam_beta1, o.adam_beta2), o.adam_eps)
+        self.schedule = schedule_from_args(o, cfg.train.train_iters)
+        schedule = {"interleaved": "interleaved-1f1b"}.get(p.pipeline_schedule, p.pipeline_schedule)
+        step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
+                              cfg.train.clip_grad,
+                              schedule if p.pipeline_model_parallel_size > 1 else None)
+        self.step = TrainStep(self.model, self.optimizer, step_cfg)
+        self.evaluator = EvalStep(self.model, step_cfg)
+        self.state = TrainState()
+        self._maybe_load()
+        self.splits = build_splits(cfg, self.tokenizer, group=None)
+        owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+        self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
+                                    cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
+        self.peak, self.peak_source = device_peak_tflops(self.device)
+        self.flops_token = flops_per_token(self.model_cfg, cfg.model.seq_length)
+        self.stop = _StopFlag()
+        self.stop.install()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _maybe_load(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.load:
+            return
+        from .checkpoint import find_latest, load_checkpoint
+
+        if find_latest(c.load) is None:
+            self._print(f"no checkpoint in {c.load}; starting from scratch")
+            return
+        info = load_checkpoint(c.load, self.model, None if c.no_load_optim or c.finetune
+                               else self.optimizer, self.mesh,
+                               load_rng=not (c.no_load_rng or c.finetune), tracker=self.tracker)
+        if not c.finetune:
+            self.state.iteration = int(info["iteration"])
+            self.state.consumed_samples = int(info["consumed_samples"])
+            self.state.skipped_total = int(info.get("extra", {}).get("skipped_total", 0))
+        self._print(f"loaded checkpoint {c.load} at iteration {info['iteration']}")
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(c.save, self.state.iteration, self.model, self.optimizer, self.mesh,
+                        consumed_samples=self.state.consumed_samples,
+                        config=self.cfg.to_dict(), tracker=self.tracker,
+                        extra={"skipped_total": self.state.skipped_total},
+                        async_save=c.async_save, keep_last=c.keep_last)
+        self._print(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
+
+    # -- the loop ---------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        t = cfg.train
+        data = self._batches(self.splits.train, st.consumed_samples)
+        summary: dict[str, Any] = {"start_iteration": st.iteration}
+        window = _Window()
+        exit_reason = "finished"
+        while st.iteration < t.train_iters:
+            lr = self.schedule(st.iteration)
+            set_lr(self.optimizer, lr)
+            t0 = time.perf_counter()
+            with self._autocast():
+                result = self.step(data)
+            st.iteration += 1
+            st.consumed_samples += t.global_batch_size
+            self._account_skip(result.skipped)
+            window.add(result, time.perf_counter() - t0, t.global_batch_size * cfg.model.seq_length)
+            summary["train_loss"] = result.loss
+            if st.iteration % cfg.log.log_interval == 0 or st.iteration == t.train_iters:
+                self._log_train(window.take(), lr)
+            if self.splits.valid is not None and t.eval_iters > 0 and \
+                    st.iteration % t.eval_interval == 0:
+                summary["valid_loss"] = self._evaluate("valid")
+            if cfg.checkpoint.save_interval and st.iteration % cfg.checkpoint.save_interval == 0:
+                self.save()
+            reason = self._should_exit()
+            if reason:
+                exit_reason = reason
+                break
+        if exit_reason == "finished":
+            if self.splits.valid is not None and t.eval_iters > 0 and \
+                    st.iteration % t.eval_interval != 0:
+                summary["valid_loss"] = self._evaluate("valid")
+            if self.splits.test is not None and t.eval_iters > 0:
+                summary["test_loss"] = self._evaluate("test")
+        if cfg.checkpoint.save and (exit_reason != "finished" or
+                                    not cfg.checkpoint.save_interval or
+                                    st.iteration % cfg.checkpoint.save_interval):
+            self.save()
+        summary.update(iteration=st.iteration, consumed_samples=st.consumed_samples,
+                       skipped_iters=st.skipped_total, exit_reason=exit_reason,
+                       elapsed_s=time.time() - self.start_time)
+        self.logger.close()
+        return summary
+
+    def _batches(self, dataset, consumed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return batches(dataset, consumed, self.cfg, self.mesh.dp_rank, self.mesh.dp_size,
+                       self.device)
+
+    def _autocast(self):
+        if self.cfg.train.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _account_skip(self, skipped: bool) -> None:
+        st = self.state
+        if skipped:
+            st.skipped_total += 1
+            st.skipped_in_a_row += 1
+            self._print(f"iteration {st.iteration}: loss or gradients not finite; step skipped "
+                        f"({st.skipped_in_a_row} in a row)")
+            if st.skipped_in_a_row > self.cfg.train.max_skipped_iters:
+                raise RuntimeError(
+                    f"{st.skipped_in_a_row} consecutive steps had NaN/inf loss or gradients "
+                    f"(--max-skipped-iters {self.cfg.train.max_skipped_iters}); the run diverged: "
+                    "lower --lr, raise --lr-warmup-iters, or check the data")
+        else:
+            st.skipped_in_a_row = 0
+
+    def _evaluate(self, split: str) -> float:
+        dataset = getattr(self.splits, split)
+        t = self.cfg.train
+        # Each evaluation reads its own fresh window of the split: evaluation k at iteration i
+        # starts where the previous ones stopped, as Megatron's validation iterator does.
+        start = 0 if split == "test" else \
+            (self.state.iteration // t.eval_interval - 1) * t.eval_iters * t.global_batch_size
+        start = max(start, 0) % max(len(dataset) - t.eval_iters * t.global_batch_size + 1, 1)
+        data = batches(dataset, start, self.cfg, self.mesh.dp_rank, self.mesh.dp_size,
+                       self.device, num_workers=0)
+        total, parts_sum = 0.0, {}
+        with self._autocast():
+            for _ in range(t.eval_iters):
+                loss, parts = self.evaluator(data)
+                total += loss
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
+        loss = total / t.eval_iters
+        record = {"iteration": self.state.iteration, "split": split, "loss": loss,
+                  "ppl": math.exp(min(loss, 50.0)),
+                  **{k.replace(" ", "_"): v / t.eval_iters for k, v in parts_sum.items()}}
+        self.logger.log(record, console=f"{split} at iteration {self.state.iteration} | "
+                                        f"loss {loss:.6e} | ppl {record['ppl']:.3f}")
+        return loss
+
+    def _log_train(self, w: dict, lr: float) -> None:
+        tp = throughput(w["tokens"], w["seconds"], self.flops_token, self.mesh.world_size, self.peak)
+        record = {"iteration": self.state.iteration, "train_iters": self.cfg.train.train_iters,
+                  "consumed_samples": self.state.consumed_samples, "loss": w["loss"], "lr": lr,
+                  "grad_norm": w["grad_norm"], "skipped_iters": self.state.skipped_total,
+                  "tokens_per_s": tp.tokens_per_s, "tflops_per_device": tp.tflops_per_device,
+                  "mfu": tp.mfu, "step_time_s": w["seconds"] / max(w["steps"], 1),
+                  **{k.replace(" ", "_"): v for k, v in w["parts"].items()},
+                  **memory_stats(self.device)}
+        self.logger.log(record, console=format_train_line(record))
+
+    def _should_exit(self) -> str | None:
+        t = self.cfg.train
+        flags = [float(self.stop.raised)]
+        flags.append(float(t.exit_duration_in_mins is not None and
+                           time.time() - self.start_time > 60 * t.exit_duration_in_mins))
+        flags.append(float(t.exit_interval is not None and self.state.iteration % t.exit_interval == 0))
+        vec = torch.tensor(flags, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+        for name, v in zip(("SIGTERM", "exit-duration-in-mins", "exit-interval"), vec.tolist()):
+            if v > 0:
+                self._print(f"stopping at iteration {self.state.iteration}: {name}")
+                return name
+        return None
+
+    def _print(self, text: str) -> None:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[megapre] {text}", flush=True)
+
+    def close(self) -> None:
+        self.mesh.destroy()
+
+
+class _Window:
+    """Sums between two log lines."""
+
+    def __init__(self) -> None:
+        self.take()
+
+    def add(self, result, seconds: float, tokens: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.tokens += tokens
+        if not result.skipped:
+            self.loss_sum += result.loss
+            self.counted += 1
+            for k, v in result.parts.items():
+                self.parts[k] = self.parts.get(k, 0.0) + v
+        self.grad_norm = result.grad_norm
+
+    def take(self) -> dict:
+        out = {}
+        if getattr(self, "steps", 0):
+            n = max(self.counted, 1)
+            out = {"steps": self.steps, "seconds": self.seconds, "tokens": self.tokens,
+                   "loss": self.loss_sum / n if self.counted else float("nan"),
+                   "grad_norm": self.grad_norm, "parts": {k: v / n for k, v in self.parts.items()}}
+        self.steps, self.seconds, self.tokens, self.loss_sum, self.counted = 0, 0.0, 0, 0.0, 0
+        self.parts, self.grad_norm = {}, float("nan")
+        return out
