@@ -66,15 +66,17 @@ def _iters(root):
 
 def test_round_trip_with_extra_and_config(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
-    extra = {"consumed_samples": 4, "skipped_iterations": 0,
-             "loss_scaler": {"scale": torch.tensor(65536.0), "growth_tracker": 3},
-             "config": {"train": {"seed": 11}, "model": {"num_layers": 2}}}
-    path = save_checkpoint(tmp_path, 1, model, opt, extra, mesh)
+    extra = {"skipped_total": 0,
+             "loss_scaler": {"scale": torch.tensor(65536.0), "growth_tracker": 3}}
+    config = {"train": {"seed": 11}, "model": {"num_layers": 2}}
+    path = save_checkpoint(tmp_path, 1, model, opt, mesh, consumed_samples=4, config=config,
+                           extra=extra)
     assert (tmp_path / ckpt.LATEST_FILE).read_text().strip() == "1"
-    assert json.loads((path / ckpt.CONFIG_FILE).read_text()) == extra["config"]
+    assert json.loads((path / ckpt.CONFIG_FILE).read_text()) == config
+    assert ckpt.find_latest(tmp_path) == path
     fresh, fresh_opt, _ = _trained("gpt", mesh, steps=0, seed=9)
     info = load_checkpoint(tmp_path, fresh, fresh_opt, mesh)
-    assert info["iteration"] == 1 and info["consumed_samples"] == 4
+    assert info["iteration"] == 1 and info["consumed_samples"] == 4 and info["config"] == config
     assert torch.equal(info["extra"]["loss_scaler"]["scale"], torch.tensor(65536.0))
     assert info["extra"]["loss_scaler"]["growth_tracker"] == 3
     _assert_same(_state(fresh, fresh_opt, mesh), _state(model, opt, mesh))
@@ -82,7 +84,7 @@ def test_round_trip_with_extra_and_config(tmp_path, mesh):
 
 def test_weights_only_load_needs_no_optimizer(tmp_path, mesh):
     model, opt, _ = _trained("bert", mesh)
-    save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    save_checkpoint(tmp_path, 1, model, opt, mesh)
     fresh, _, _ = _trained("bert", mesh, steps=0, seed=9)
     load_checkpoint(tmp_path, fresh, None, mesh)
     _assert_same(_state(fresh, None, mesh), _state(model, None, mesh))
@@ -104,7 +106,7 @@ def test_exact_resume_single_process(tmp_path, mesh):
             batch = int(np.random.randint(100)) + random.randrange(100)
             losses.append(step(iter(micro_batches("gpt", batch, GLOBAL, MICRO, 0, 1))).loss)
             if it + 1 == save_at:
-                save_checkpoint(tmp_path, it + 1, model, opt, None, mesh)
+                save_checkpoint(tmp_path, it + 1, model, opt, mesh)
         return losses
 
     straight = run(6, save_at=3)
@@ -113,7 +115,7 @@ def test_exact_resume_single_process(tmp_path, mesh):
 
 def test_killed_save_leaves_previous_checkpoint(tmp_path, mesh, monkeypatch):
     model, opt, step = _trained("gpt", mesh)
-    save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    save_checkpoint(tmp_path, 1, model, opt, mesh)
     saved = _state(model, opt, mesh)
     step(iter(micro_batches("gpt", 1, GLOBAL, MICRO, 0, 1)))
 
@@ -123,36 +125,36 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, mesh, monkeypatch):
 
     monkeypatch.setattr(dcp.FileSystemWriter, "write_data", die)
     with pytest.raises(BaseException, match="killed while writing"):
-        save_checkpoint(tmp_path, 2, model, opt, None, mesh)
+        save_checkpoint(tmp_path, 2, model, opt, mesh)
     monkeypatch.undo()
     assert ckpt.latest_iteration(tmp_path) == 1
     assert not (tmp_path / "iter_0000002").exists()
     fresh, fresh_opt, _ = _trained("gpt", mesh, steps=0, seed=9)
     assert load_checkpoint(tmp_path, fresh, fresh_opt, mesh)["iteration"] == 1
     _assert_same(_state(fresh, fresh_opt, mesh), saved)
-    save_checkpoint(tmp_path, 3, model, opt, None, mesh)  # a later save clears the leftover
+    save_checkpoint(tmp_path, 3, model, opt, mesh)  # a later save clears the leftover
     assert _iters(tmp_path) == ["iter_0000001", "iter_0000003", ckpt.LATEST_FILE]
 
 
 def test_keep_last_and_resave(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
     for it in (1, 2, 3, 4):
-        save_checkpoint(tmp_path, it, model, opt, None, mesh, keep_last=2)
+        save_checkpoint(tmp_path, it, model, opt, mesh, keep_last=2)
     assert _iters(tmp_path) == ["iter_0000003", "iter_0000004", ckpt.LATEST_FILE]
     # A run resumed from an older checkpoint: the newest K by iteration stay, and so does latest.
-    save_checkpoint(tmp_path, 2, model, opt, None, mesh, keep_last=2)
+    save_checkpoint(tmp_path, 2, model, opt, mesh, keep_last=2)
     assert ckpt.latest_iteration(tmp_path) == 2
     assert _iters(tmp_path) == ["iter_0000002", "iter_0000003", "iter_0000004", ckpt.LATEST_FILE]
-    save_checkpoint(tmp_path, 2, model, opt, None, mesh, keep_last=1)  # same iteration again
+    save_checkpoint(tmp_path, 2, model, opt, mesh, keep_last=1)  # same iteration again
     assert _iters(tmp_path) == ["iter_0000002", "iter_0000004", ckpt.LATEST_FILE]
     with pytest.raises(ValueError, match="--keep-last"):
-        save_checkpoint(tmp_path, 5, model, opt, None, mesh, keep_last=0)
+        save_checkpoint(tmp_path, 5, model, opt, mesh, keep_last=0)
 
 
 def test_async_save_snapshots_state(tmp_path, mesh):
     model, opt, step = _trained("gpt", mesh)
     saved = _state(model, opt, mesh)
-    save_checkpoint(tmp_path, 1, model, opt, None, mesh, async_save=True)
+    save_checkpoint(tmp_path, 1, model, opt, mesh, async_save=True)
     step(iter(micro_batches("gpt", 1, GLOBAL, MICRO, 0, 1)))  # training goes on meanwhile
     ckpt.wait_for_pending_save()
     assert ckpt.latest_iteration(tmp_path) == 1
@@ -163,7 +165,7 @@ def test_async_save_snapshots_state(tmp_path, mesh):
 
 def test_pickled_object_in_rng_file_is_refused(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
-    path = save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    path = save_checkpoint(tmp_path, 1, model, opt, mesh)
     rng_file = path / ckpt.RNG_DIR / "rank_0_0_0.pt"
     states = torch.load(rng_file, weights_only=True)
     marker = tmp_path / "executed"
@@ -178,7 +180,7 @@ def test_pickled_object_in_rng_file_is_refused(tmp_path, mesh):
 
 def test_pickled_object_in_dcp_metadata_is_refused(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
-    path = save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    path = save_checkpoint(tmp_path, 1, model, opt, mesh)
     marker = tmp_path / "executed"
     with open(path / ckpt.DCP_METADATA, "wb") as f:
         pickle.dump(_Evil(str(marker)), f)
@@ -200,6 +202,7 @@ class _Evil:
 def test_no_checkpoint_error_names_dir_and_contents(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh, steps=0)
     (tmp_path / "notes.txt").write_text("x")
+    assert ckpt.find_latest(tmp_path) is None and ckpt.find_latest(tmp_path / "absent") is None
     with pytest.raises(CheckpointNotFoundError, match=r"no checkpoint found in .*notes\.txt"):
         load_checkpoint(tmp_path, model, opt, mesh)
     with pytest.raises(CheckpointNotFoundError, match="no such directory"):
@@ -208,10 +211,12 @@ def test_no_checkpoint_error_names_dir_and_contents(tmp_path, mesh):
 
 def test_partial_checkpoint_is_reported(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
-    path = save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    path = save_checkpoint(tmp_path, 1, model, opt, mesh)
     (path / ckpt.DCP_METADATA).unlink()
     with pytest.raises(CorruptCheckpointError, match=r"incomplete: \.metadata missing"):
         load_checkpoint(tmp_path, model, opt, mesh)
+    with pytest.raises(CorruptCheckpointError, match="incomplete"):
+        ckpt.find_latest(tmp_path)  # never a silent fresh start
     (tmp_path / ckpt.LATEST_FILE).write_text("soon\n")
     with pytest.raises(CorruptCheckpointError, match="iteration number"):
         load_checkpoint(tmp_path, model, opt, mesh)
@@ -219,7 +224,7 @@ def test_partial_checkpoint_is_reported(tmp_path, mesh):
 
 def test_shape_mismatch_names_param_shapes_and_flags(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh)
-    save_checkpoint(tmp_path, 1, model, opt, None, mesh)
+    save_checkpoint(tmp_path, 1, model, opt, mesh)
     other = model_config(num_layers=2, hidden=48)
     fresh = ParallelModel.build("gpt", other, mesh, seed=1)
     with pytest.raises(CheckpointMismatchError) as e:
@@ -238,7 +243,7 @@ def test_shape_mismatch_names_param_shapes_and_flags(tmp_path, mesh):
 
 def test_layout_change_reseeds_with_warning(tmp_path, mesh, monkeypatch):
     model, opt, _ = _trained("gpt", mesh)
-    path = save_checkpoint(tmp_path, 1, model, opt, {"config": {"train": {"seed": 21}}}, mesh)
+    path = save_checkpoint(tmp_path, 1, model, opt, mesh, config={"train": {"seed": 21}})
     meta = json.loads((path / ckpt.META_FILE).read_text())
     meta["layout"]["tp"] = 2  # as if saved under TP2
     (path / ckpt.META_FILE).write_text(json.dumps(meta))
@@ -253,5 +258,5 @@ def test_layout_change_reseeds_with_warning(tmp_path, mesh, monkeypatch):
 def test_bad_extra_is_refused_before_writing(tmp_path, mesh):
     model, opt, _ = _trained("gpt", mesh, steps=0)
     with pytest.raises(TypeError, match="extra state 'scaler'"):
-        save_checkpoint(tmp_path, 1, model, opt, {"scaler": object()}, mesh)
+        save_checkpoint(tmp_path, 1, model, opt, mesh, extra={"scaler": object()})
     assert os.listdir(tmp_path) == []

@@ -62,7 +62,7 @@ def save_worker(rank, world, layout, root):
     for kind in KINDS:
         model, opt, step = _build(kind, mesh, seed=5)
         _steps(kind, step, mesh, 0, 3)
-        save_checkpoint(f"{root}/{kind}", 3, model, opt, {"consumed_samples": 3 * GLOBAL}, mesh)
+        save_checkpoint(f"{root}/{kind}", 3, model, opt, mesh, consumed_samples=3 * GLOBAL)
         out[kind] = (_full(model, opt, mesh), _steps(kind, step, mesh, 3, 2))
     return out
 
@@ -146,8 +146,8 @@ def resume_first_worker(rank, world, layout, root):
         straight = _random_steps(kind, step, mesh, 20)
         model, opt, step = _dropout_run(kind, mesh)
         first = _random_steps(kind, step, mesh, 10)
-        save_checkpoint(f"{root}/{kind}", 10, model, opt, {"consumed_samples": 10 * GLOBAL},
-                        mesh, async_save=True)  # written while the next steps run
+        save_checkpoint(f"{root}/{kind}", 10, model, opt, mesh, consumed_samples=10 * GLOBAL,
+                        async_save=True)  # written while the next steps run
         out[kind] = (straight, first + _random_steps(kind, step, mesh, 10))
     wait_for_pending_save(barrier=True)
     return out

@@ -214,12 +214,15 @@ def _layout(mesh: ParallelMesh) -> dict[str, Any]:
 
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimizer=None,
-                    extra: dict | None = None, mesh: ParallelMesh | None = None, *,
-                    async_save: bool = False, keep_last: int | None = None,
-                    tracker: RNGTracker | None = None) -> Path:
-    """Save model, optimizer, per-rank RNG states and `extra` (JSON values and tensors, e.g.
-    consumed_samples, the loss-scaler state, skip counters; `extra["config"]`, the resolved
-    PretrainConfig dict, is also written as config.json). Collective: every rank calls it.
+                    mesh: ParallelMesh | None = None, *, consumed_samples: int = 0,
+                    config: dict | None = None, extra: dict | None = None,
+                    tracker: RNGTracker | None = None, async_save: bool = False,
+                    keep_last: int | None = None) -> Path:
+    """Save model, optimizer (None: weights only), per-rank RNG states (of the default
+    generators, `tracker` (found in the model when not given), numpy and `random`), the
+    consumed-samples count, `config` (the resolved PretrainConfig dict, written as config.json)
+    and `extra` (JSON values and tensors: loss-scaler state, skip counters, ...).
+    Collective: every rank calls it.
 
     Returns the final directory (complete once this returns, or, with `async_save`, once the
     next save or `wait_for_pending_save()` returns)."""
@@ -232,6 +235,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     tracker = tracker or find_tracker(model)
     extra_tensors: dict[str, torch.Tensor] = {}
     extra_json = _encode_extra(dict(extra or {}), "", extra_tensors)
+    config_json = json.dumps(config, indent=1) if config is not None else None
     wait_for_pending_save()
 
     root = Path(save_dir)
@@ -248,11 +252,11 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     if _is_writer():
         meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
                 "model_config": dataclasses.asdict(cfg), "layout": _layout(mesh),
-                "has_optimizer": optimizer is not None, "extra": extra_json,
-                "torch_version": torch.__version__}
+                "has_optimizer": optimizer is not None, "consumed_samples": int(consumed_samples),
+                "extra": extra_json, "torch_version": torch.__version__}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if isinstance(extra_json.get("config"), dict):
-            (tmp / CONFIG_FILE).write_text(json.dumps(extra_json["config"], indent=1))
+        if config_json is not None:
+            (tmp / CONFIG_FILE).write_text(config_json)
 
     writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
     if not async_save:
@@ -423,6 +427,30 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
+def read_config(path: Path) -> dict | None:
+    """The run's config.json saved with a checkpoint (None when it was saved without one)."""
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def find_latest(load_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `load_checkpoint(load_dir, ...)` would load, or None when `load_dir` holds
+    no checkpoint at all (missing or empty: start from scratch). A `latest` file that names a
+    missing or partial checkpoint is an error, never a silent fresh start."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        return None
+    if not _complete(root) and latest_iteration(root) is None and not any(
+            _ITER_DIR.match(p.name) and _complete(p) for p in root.iterdir()):
+        return None
+    return resolve_checkpoint(root)
+
+
 # -- loading -----------------------------------------------------------------------------------
 def _config_diff(saved: dict, current: TransformerConfig) -> list[str]:
     now = dataclasses.asdict(current)
@@ -470,7 +498,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
 
     RNG states are restored when the layout is the one that saved; otherwise (or with
     load_rng=False) the streams are reseeded from seed + iteration (`seed` defaults to the saved
-    config's train.seed). Returns {"iteration", "consumed_samples", "extra", "path"}."""
+    config's train.seed). Returns {"iteration", "consumed_samples", "extra", "config" (the saved
+    config.json, or None), "path"}."""
     mesh = mesh or model.mesh
     models, cfg, kind = _models_and_cfg(model)
     tracker = tracker or find_tracker(model)
@@ -499,21 +528,22 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
             t.finish()
 
     it = int(meta["iteration"])
+    config = read_config(path)
+    if seed is None:
+        seed = (config or {}).get("train", {}).get("seed", 1234)
     _restore_rng(path, meta, mesh, tracker, load_rng, it, seed)
-    extra = _decode_extra(meta.get("extra", {}), extra_tensors)
-    return {"iteration": it, "consumed_samples": extra.get("consumed_samples", 0),
-            "extra": extra, "path": path}
+    return {"iteration": it, "consumed_samples": int(meta.get("consumed_samples", 0)),
+            "extra": _decode_extra(meta.get("extra", {}), extra_tensors), "config": config,
+            "path": path}
 
 
 def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker | None,
-                 load_rng: bool, iteration: int, seed: int | None) -> None:
+                 load_rng: bool, iteration: int, seed: int) -> None:
     rng_file = path / RNG_DIR / rng_state.rng_file_name(mesh)
     same_layout = meta.get("layout") == _layout(mesh)
     if load_rng and same_layout and rng_file.is_file():
         rng_state.restore(rng_state.load(rng_file), mesh, tracker)
         return
-    if seed is None:
-        seed = meta.get("extra", {}).get("config", {}).get("train", {}).get("seed", 1234)
     if load_rng:
         why = (f"the layout differs (saved {meta.get('layout')}, now {_layout(mesh)})"
                if not same_layout else f"{rng_file} is missing")
