@@ -1,7 +1,7 @@
 """Checkpoints across layouts and across processes (gloo on CPU, tiny GPT and BERT).
 
-(a) Reshard: save under TP2 PP2 DP2, load under TP1 PP1 DP1 and TP2 PP1 DP2: every parameter and
-    AdamW state (gathered to full tensors) equals the saved one, and two more steps give the losses
+(a) Reshard: save under TP2 PP2 DP2, load under TP1 PP1 DP1, TP2 PP1 DP2 and PP2 with two
+    virtual stages per rank (interleaved 1F1B): every parameter and AdamW state (gathered to full tensors) equals the saved one, and two more steps give the losses
     of the saving layout's own continuation.
 (b) Exact resume: 20 steps in one run == 10 steps + save + fresh processes + load + 10 steps, bit
     for bit, under PP2 DP2 with dropout on and data order drawn from numpy/`random` (so every
@@ -29,7 +29,7 @@ KINDS = ("gpt", "bert")
 MICRO, GLOBAL = 2, 8
 RTOL = 1e-5
 SAVE_LAYOUT = Layout(tp=2, pp=2, dp=2)
-LOAD_LAYOUTS = [Layout(), Layout(tp=2, dp=2)]
+LOAD_LAYOUTS = [Layout(), Layout(tp=2, dp=2), Layout(pp=2, vp=2)]  # vp: 2 chunks per rank
 
 
 def _mesh(layout: Layout) -> ParallelMesh:
