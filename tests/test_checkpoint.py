@@ -260,3 +260,16 @@ def test_bad_extra_is_refused_before_writing(tmp_path, mesh):
     with pytest.raises(TypeError, match="extra state 'scaler'"):
         save_checkpoint(tmp_path, 1, model, opt, mesh, extra={"scaler": object()})
     assert os.listdir(tmp_path) == []
+
+
+def test_describe_cli(tmp_path, mesh, capsys):
+    model, opt, _ = _trained("gpt", mesh)
+    save_checkpoint(tmp_path, 1, model, opt, mesh, consumed_samples=4)
+    assert ckpt.main([str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n_params = sum(p.numel() for p in model.parameters()) - 3 * 32  # vocab padding 64 -> 61
+    assert info["iteration"] == 1 and info["checkpoints"] == ["iter_0000001"]
+    assert info["parameters"] == n_params and info["has_optimizer_state"]
+    assert info["saved_layout"] == {"tp": 1, "pp": 1, "dp": 1, "vp": None, "world": 1}
+    assert ckpt.main([str(tmp_path / "absent")]) == 2
+    assert "no such directory" in capsys.readouterr().err

@@ -24,11 +24,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import pickle
 import re
 import secrets
 import shutil
+import sys
 import threading
 import warnings
 from concurrent.futures import Future
@@ -552,3 +554,48 @@ def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker
                           f"seed {seed} + iteration {iteration} (dropout masks will differ from "
                           "an uninterrupted run)")
     rng_state.reseed(seed + iteration, mesh, tracker)
+
+
+# -- inspection CLI ----------------------------------------------------------------------------
+def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None) -> dict:
+    """What a checkpoint holds, without loading a tensor: iteration, layout that wrote it, model,
+    tensor count and bytes, and the checkpoints beside it."""
+    path = resolve_checkpoint(load_dir, iteration)
+    meta = read_meta(path)
+    metadata = SafeFileSystemReader(path).read_metadata()
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata)}
+    nbytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in tensors.values())
+    root = path.parent if _ITER_DIR.match(path.name) else path
+    return {"path": str(path), "iteration": meta["iteration"], "model": meta["model_kind"],
+            "saved_layout": meta["layout"], "consumed_samples": meta.get("consumed_samples", 0),
+            "parameters": sum(math.prod(v.size) for k, v in tensors.items()
+                              if k.startswith(MODEL_PREFIX)),
+            "tensors": len(tensors), "bytes": nbytes,
+            "has_optimizer_state": any(not k.startswith((MODEL_PREFIX, EXTRA_PREFIX))
+                                       for k in tensors),
+            "checkpoints": sorted(p.name for p in root.iterdir() if _ITER_DIR.match(p.name)),
+            "model_config": meta["model_config"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m megapre.train.checkpoint",
+        description="Describe a megapre checkpoint (the --save/--load directory or one iter_* "
+                    "directory) without loading it.")
+    parser.add_argument("path")
+    parser.add_argument("--iteration", type=int, default=None)
+    args = parser.parse_args(argv)
+    try:
+        info = describe_checkpoint(args.path, args.iteration)
+    except (CheckpointNotFoundError, CorruptCheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
