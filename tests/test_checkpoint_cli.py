@@ -133,7 +133,8 @@ def test_killed_torchrun_job_resumes_from_last_checkpoint(corpus, reference, tmp
     """A worker of a DP2 job is SIGKILLed once a checkpoint exists (the job dies, as under a
     preempting scheduler); launching the same command again resumes and finishes. torchrun's own
     --max-restarts is not used: with torch 2.9 + gloo the restarted workers cannot re-form the
-    process group (connectFullMesh: connection refused, also without megapre; cf. pytorch#167288)."""
+    process group (connectFullMesh: connection refused, also without megapre; cf.
+    pytorch#167288)."""
     save = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-port", str(free_port()), "-m", "megapre.pretrain",

@@ -1,8 +1,9 @@
 """Checkpoints across layouts and across processes (gloo on CPU, tiny GPT and BERT).
 
 (a) Reshard: save under TP2 PP2 DP2, load under TP1 PP1 DP1, TP2 PP1 DP2 and PP2 with two
-    virtual stages per rank (interleaved 1F1B): every parameter and AdamW state (gathered to full tensors) equals the saved one, and two more steps give the losses
-    of the saving layout's own continuation.
+    virtual stages per rank (interleaved 1F1B): every parameter and AdamW state (gathered to
+    full tensors) equals the saved one, and two more steps give the losses of the saving
+    layout's own continuation.
 (b) Exact resume: 20 steps in one run == 10 steps + save + fresh processes + load + 10 steps, bit
     for bit, under PP2 DP2 with dropout on and data order drawn from numpy/`random` (so every
     random stream must come back). The save is asynchronous: it is written while training goes on.

@@ -230,7 +230,8 @@ def full_state(models: list[nn.Module], optimizer: torch.optim.Optimizer | None,
         if slot.tied_copy:
             continue
         items = [(MODEL_PREFIX + slot.key, slot.param)]
-        items += [(f"{OPTIM_PREFIX}{slot.key}.{n}", s) for n, s in optimizer_states(optimizer, slot)]
+        items += [(f"{OPTIM_PREFIX}{slot.key}.{n}", s)
+                  for n, s in optimizer_states(optimizer, slot)]
         for key, t in items:
             t = t.detach()
             if slot.vocab and t.dim() > 0:
