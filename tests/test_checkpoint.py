@@ -88,6 +88,13 @@ def test_weights_only_load_needs_no_optimizer(tmp_path, mesh):
     fresh, _, _ = _trained("bert", mesh, steps=0, seed=9)
     load_checkpoint(tmp_path, fresh, None, mesh)
     _assert_same(_state(fresh, None, mesh), _state(model, None, mesh))
+    save_checkpoint(tmp_path, 2, model, None, mesh)  # weights only
+    _, fresh_opt, _ = _trained("bert", mesh, steps=0, seed=9)
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        load_checkpoint(tmp_path, fresh, fresh_opt, mesh)  # a fresh optimizer stays fresh
+    assert not any(fresh_opt.state.values())
+    with pytest.raises(CheckpointMismatchError, match="--no-load-optim"):
+        load_checkpoint(tmp_path, model, opt, mesh)  # this optimizer has state to restore
 
 
 def test_exact_resume_single_process(tmp_path, mesh):
@@ -217,6 +224,14 @@ def test_partial_checkpoint_is_reported(tmp_path, mesh):
         load_checkpoint(tmp_path, model, opt, mesh)
     with pytest.raises(CorruptCheckpointError, match="incomplete"):
         ckpt.find_latest(tmp_path)  # never a silent fresh start
+    (tmp_path / ckpt.LATEST_FILE).write_text("soon\n")
+    with pytest.raises(CorruptCheckpointError, match="iteration number"):
+        load_checkpoint(tmp_path, model, opt, mesh)
+    path = save_checkpoint(tmp_path, 2, model, opt, mesh)
+    for f in path.glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated copy
+    with pytest.raises(CorruptCheckpointError, match="reading the tensors of checkpoint"):
+        load_checkpoint(tmp_path, model, opt, mesh)
     (tmp_path / ckpt.LATEST_FILE).write_text("soon\n")
     with pytest.raises(CorruptCheckpointError, match="iteration number"):
         load_checkpoint(tmp_path, model, opt, mesh)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from megapre.model.config import TransformerConfig
@@ -47,7 +48,7 @@ from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.random import RNGTracker
 
 from . import rng_state
-from .state_dict import (MODEL_PREFIX, LoadTarget, load_targets, optimizer_state_names,
+from .state_dict import (MODEL_PREFIX, OPTIM_PREFIX, LoadTarget, load_targets, optimizer_state_names,
                          save_state_dict)
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
@@ -475,6 +476,13 @@ def _check_against(targets: list[LoadTarget], metadata: Metadata, path: Path, me
                             f"{tuple(t.shape)} in this model")
     if not problems:
         return
+    optim_only = all(t.key.startswith(OPTIM_PREFIX) for t in targets
+                     if t.key not in saved)
+    if optim_only and not any(k.startswith(OPTIM_PREFIX) for k in saved):
+        raise CheckpointMismatchError(
+            f"checkpoint {path} has no optimizer state (saved without an optimizer), but this "
+            "optimizer has state to restore; load the weights only (--no-load-optim, or "
+            "optimizer=None)")
     diff = _config_diff(meta.get("model_config", {}), cfg)
     shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)"
                                         if len(problems) > 8 else "")
@@ -523,8 +531,12 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     state = {t.key: t.value for t in targets}
     extra_tensors = _extra_targets(meta, metadata)
     state.update(extra_tensors)
-    with _quiet_single_process():
-        dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=reader, no_dist=not _distributed())
+    except (CheckpointException, OSError, RuntimeError, ValueError) as e:
+        raise CorruptCheckpointError(f"reading the tensors of checkpoint {path} failed (a "
+                                     f"damaged or partly copied directory?): {e}") from e
     with torch.no_grad():
         for t in targets:
             t.finish()
