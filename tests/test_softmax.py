@@ -1,5 +1,5 @@
-"""Fused scale + mask + softmax: megapre.ops.scale_mask_softmax (compiled CPU kernels, scalar
-and AVX2 paths via the `isa` fixture) against megapre.ops.reference, forward and backward, over
+"""Fused scale + mask + softmax: megapre.ops.scale_mask_softmax (compiled CPU kernels, scalar,
+AVX2 and AVX-512 paths via the `isa` fixture) against megapre.ops.reference, forward and backward, over
 shapes (odd, sq != sk, huge sk), dtypes, mask layouts, causal, fully masked rows, zero-size
 inputs and bad arguments."""
 from __future__ import annotations
@@ -47,6 +47,12 @@ def make_mask(kind: str, b: int, sq: int, sk: int, gen: torch.Generator):
     if kind == "tails":  # key padding of lengths around the kernels' 16/32-key steps
         lengths = torch.tensor([0, 1, 15, 16, 31, 32, 33, 64, sk - 1, sk])[:b].clamp(max=sk)
         return (torch.arange(sk)[None, :] >= lengths[:, None])[:, None, None, :]
+    if kind == "sparse":  # one hidden key per query, at each of the kernels' step edges,
+        m = torch.zeros(b, 1, sq, sk, dtype=torch.bool)  # and batch 1 also padded
+        for q, pos in enumerate([0, 15, 16, 31, 32, 33, 63, 64, 70, sk - 12][:sq]):
+            m[:, :, q, min(pos, sk - 1)] = True
+        m[1:, :, :, sk - 11:] = True
+        return m
     if kind == "strided":  # not contiguous along sk (a transposed mask)
         return (torch.rand(b, 1, sk, sq, generator=gen) < 0.3).transpose(2, 3)
     raise AssertionError(kind)
@@ -123,8 +129,8 @@ def test_large_sk(isa, dtype):
 def test_large_output_streaming_path(isa, dtype, shape):
     """Outputs of 16 MiB and more take the non-temporal-store path; odd sk leaves rows
     misaligned with cache lines, so ragged row ends and causal zero tails are exercised."""
-    if isa != "avx2":
-        pytest.skip("only the AVX2 rows stream")
+    if isa in ("scalar", "reference"):
+        pytest.skip("only the vector (AVX2, AVX-512) rows stream")
     check_against_reference(shape, dtype, "b1", True, scale=0.125)
 
 
@@ -134,6 +140,13 @@ def test_key_padding_tails(isa, dtype, causal):
     """The masked tail of a padded row is skipped and written as zeros: lengths 0, 1, around
     16 and 32, and sk - 1, sk, with an sk that leaves rows unaligned."""
     check_against_reference((10, 2, 3, 100), dtype, "tails", causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_mask_in_live_prefix(isa, dtype):
+    """A single hidden key anywhere before a row's padded tail is still seen (rows whose live
+    prefix has no hidden key skip the mask)."""
+    check_against_reference((2, 2, 10, 100), dtype, "sparse", False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -112,7 +112,7 @@ class Trainer:
                               cfg.train.clip_grad,
                               schedule if p.pipeline_model_parallel_size > 1 else None)
         self.step = TrainStep(self.model, self.optimizer, step_cfg)
-        self.evaluator = EvalStep(self.model, step_cfg)
+        self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
         self._maybe_load()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
