@@ -11,12 +11,13 @@ of the whole batch over all DP ranks), so the gradients and the returned loss ar
 one process running the whole batch, whatever the layout.
 
     step = TrainStep(model, torch.optim.AdamW(model.parameters()), StepConfig(4, 64))
-    loss, grad_norm = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
+    result = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
+    result.loss, result.grad_norm, result.parts, result.skipped   # loss, grad_norm = result[:2]
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import torch
@@ -62,14 +63,15 @@ class StepResult(NamedTuple):
 
 @dataclass
 class StepStats:
+    """Counters over the life of a TrainStep."""
+
     steps: int = 0
-    skipped: int = 0
+    skipped: int = 0  # optimizer steps skipped for a non-finite grad norm
     samples: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class TrainStep:
-    """Callable: `step(batch_iter) -> StepResult` (unpacks as loss, grad_norm, ...); the same
+    """Callable: `step(batch_iter) -> StepResult` (loss, grad_norm, parts, skipped); the same
     values on every rank."""
 
     def __init__(self, model: ParallelModel, optimizer: torch.optim.Optimizer,
