@@ -120,12 +120,13 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(corpus, reference, tmp_pat
     assert _latest(save) == ITERS
 
 
-def _children(pid: int) -> list[int]:
+def _workers(agent: int) -> list[int]:
+    """The training processes torchrun started (its children running megapre.pretrain)."""
     kids = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        kids += [int(k) for k in text]
-    return kids
+    for task in Path(f"/proc/{agent}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return [k for k in kids
+            if b"megapre.pretrain" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
 @pytest.mark.slow
@@ -143,7 +144,7 @@ def test_killed_torchrun_job_resumes_from_last_checkpoint(corpus, reference, tmp
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: _latest(save) >= 3, proc, "the first checkpoint")
-    workers = _children(proc.pid)
+    workers = _workers(proc.pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     proc.communicate(timeout=300)
