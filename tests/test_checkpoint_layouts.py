@@ -5,8 +5,9 @@
     full tensors) equals the saved one, and two more steps give the losses of the saving
     layout's own continuation.
 (b) Exact resume: 20 steps in one run == 10 steps + save + fresh processes + load + 10 steps, bit
-    for bit, under PP2 DP2 with dropout on and data order drawn from numpy/`random` (so every
-    random stream must come back). The save is asynchronous: it is written while training goes on.
+    for bit, under TP2 PP2 DP2 with sequence parallelism and dropout on (per-TP-rank tracker
+    streams) and data order drawn from numpy/`random` (so every random stream must come back).
+    The save is asynchronous (DTensor shards staged to CPU): written while training goes on.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ LOAD_LAYOUTS = [Layout(), Layout(tp=2, dp=2), Layout(pp=2, vp=2)]  # vp: 2 chunk
 def _mesh(layout: Layout) -> ParallelMesh:
     return ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp,
                                             pipeline_parallel=layout.pp,
-                                            virtual_pipeline=layout.vp), device="cpu")
+                                            virtual_pipeline=layout.vp,
+                                            sequence_parallel=layout.sp), device="cpu")
 
 
 def _build(kind: str, mesh: ParallelMesh, seed: int, cfg=None, tracker=None):
@@ -115,7 +117,7 @@ def test_load_under_another_layout(layout, saved):
 
 
 # -- (b) exact resume ----------------------------------------------------------------------------
-RESUME_LAYOUT = Layout(pp=2, dp=2)
+RESUME_LAYOUT = Layout(tp=2, pp=2, dp=2, sp=True)
 SEED = 7
 
 

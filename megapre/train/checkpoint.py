@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
 from megapre.model.config import TransformerConfig
@@ -184,6 +185,31 @@ def wait_for_pending_save(barrier: bool = False) -> None:
         _barrier()
 
 
+class _SnapshotStager:
+    """DCP async stager: a CPU copy of every tensor (DTensors keep their mesh and placements),
+    taken before `async_save` returns so training may change the live tensors. DCP's default
+    stager deep-copies CPU DTensors, which fails for views of parameters."""
+
+    should_synchronize_after_execute = False
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return {k: _snapshot(v) for k, v in state_dict.items()}
+
+    def synchronize_staging(self) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def _snapshot(value: torch.Tensor) -> torch.Tensor:
+    if isinstance(value, DTensor):
+        local = value.to_local().detach().to("cpu", copy=True)
+        return DTensor.from_local(local, value.device_mesh, value.placements, run_check=False,
+                                  shape=value.shape, stride=value.stride())
+    return value.detach().to("cpu", copy=True)
+
+
 def _async_group() -> dist.ProcessGroup | None:
     """A dedicated gloo group: the background writer's collectives must not interleave with the
     training step's on the default group (and async DCP needs a CPU backend)."""
@@ -274,7 +300,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     _PENDING.error = None
     with _quiet_single_process():
         future = dcp.async_save(state, storage_writer=writer, process_group=_async_group(),
-                                no_dist=not _distributed())
+                                async_stager=_SnapshotStager(), no_dist=not _distributed())
 
     def on_written(fut: Future) -> None:
         try:
