@@ -141,6 +141,10 @@ def test_killed_save_leaves_previous_checkpoint(tmp_path, mesh, monkeypatch):
     _assert_same(_state(fresh, fresh_opt, mesh), saved)
     save_checkpoint(tmp_path, 3, model, opt, mesh)  # a later save clears the leftover
     assert _iters(tmp_path) == ["iter_0000001", "iter_0000003", ckpt.LATEST_FILE]
+    # killed while re-saving iteration 3, between moving the old copy aside and the new one in
+    (tmp_path / "iter_0000003").rename(tmp_path / "iter_0000003.old-00ff")
+    with pytest.warns(UserWarning, match="moved aside"):
+        assert load_checkpoint(tmp_path, fresh, fresh_opt, mesh)["iteration"] == 3
 
 
 def test_keep_last_and_resave(tmp_path, mesh):

@@ -398,7 +398,14 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None
                       f"iteration {iteration}")
     path = checkpoint_dir(root, iteration)
     if not path.is_dir():
-        raise CheckpointNotFoundError(f"checkpoint {path} does not exist ({_describe(root)})")
+        # A re-save of this iteration was killed between moving the old copy aside and moving
+        # the new one in: the old copy is complete.
+        aside = [p for p in root.glob(f"{path.name}.old-*") if _complete(p)]
+        if not aside:
+            raise CheckpointNotFoundError(f"checkpoint {path} does not exist ({_describe(root)})")
+        warnings.warn(f"{path} is missing; loading {aside[0].name}, the copy a re-save of the "
+                      "same iteration had moved aside before it was interrupted")
+        path = aside[0]
     missing = [n for n in (DCP_METADATA, META_FILE) if not (path / n).is_file()]
     if missing:
         raise CorruptCheckpointError(
