@@ -2,9 +2,10 @@
 
 * SIGTERM mid-run: the program saves, exits 0, and `--load` continues with exactly the losses of an
   uninterrupted run.
-* torchrun (DP2): one worker is SIGKILLed after a checkpoint exists; the relaunched job resumes
-  from the latest checkpoint and finishes with the losses of the uninterrupted single-process run
-  (1e-5 relative: the layouts' contract).
+* Two torchrun agents as two "nodes" (--nnodes 2, c10d rendezvous; TP2 inside a node, DP2
+  across): one worker is SIGKILLed after a checkpoint exists; the relaunched job resumes from the
+  latest checkpoint and finishes with the losses of the uninterrupted single-process run (1e-5
+  relative: the layouts' contract).
 
 Dropout is off here: the Trainer draws from the global torch generator after loading (CPU peak
 measurement, DataLoader iterator seeds), which an RNG restore cannot undo; the layout tests
@@ -129,34 +130,46 @@ def _workers(agent: int) -> list[int]:
             if b"megapre.pretrain" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
+def _two_nodes(corpus: str, out: Path, *extra: str) -> list[subprocess.Popen]:
+    """Two torchrun agents on this host acting as two nodes (the Slurm example's launch line):
+    2 processes each, TP2 inside a node, DP2 across the nodes."""
+    port = free_port()
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+               str(node), "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+               f"127.0.0.1:{port}", "--rdzv-id", f"job{port}", "-m", "megapre.pretrain",
+               *_args(corpus, out, "--tensor-model-parallel-size", "2", *extra)]
+        procs.append(subprocess.Popen(cmd, cwd=out, env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    return procs
+
+
 @pytest.mark.slow
-def test_killed_torchrun_job_resumes_from_last_checkpoint(corpus, reference, tmp_path):
-    """A worker of a DP2 job is SIGKILLed once a checkpoint exists (the job dies, as under a
-    preempting scheduler); launching the same command again resumes and finishes. torchrun's own
-    --max-restarts is not used: with torch 2.9 + gloo the restarted workers cannot re-form the
-    process group (connectFullMesh: connection refused, also without megapre; cf.
-    pytorch#167288)."""
+def test_two_node_job_killed_and_relaunched_resumes(corpus, reference, tmp_path):
+    """A worker of the second node is SIGKILLed once a checkpoint exists (the job dies, as under a
+    preempting scheduler); launching the same two agents again resumes from the latest
+    checkpoint and finishes with the single process's losses. torchrun's own --max-restarts is
+    not used: with torch 2.9 + gloo restarted workers cannot re-form the process group
+    (connectFullMesh: connection refused, also without megapre; cf. pytorch#167288)."""
     save = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", str(free_port()), "-m", "megapre.pretrain",
-           *_args(corpus, tmp_path, "--save", str(save), "--load", str(save),
-                  "--save-interval", "3", "--keep-last", "2")]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: _latest(save) >= 3, proc, "the first checkpoint")
-    workers = _workers(proc.pid)
+    flags = ("--save", str(save), "--load", str(save), "--save-interval", "3", "--keep-last", "2")
+    first = _two_nodes(corpus, tmp_path, *flags)
+    _wait_for(lambda: _latest(save) >= 3, first[1], "the first checkpoint")
+    workers = _workers(first[1].pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    for proc in first:
+        proc.communicate(timeout=300)
+    assert first[1].returncode != 0
     resumed_from = _latest(save)
     assert 3 <= resumed_from < ITERS
 
-    cmd[cmd.index("--master-port") + 1] = str(free_port())
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"at iteration {resumed_from}" in proc.stdout, proc.stdout[-3000:]
+    second = _two_nodes(corpus, tmp_path, *flags)
+    outs = [proc.communicate(timeout=600) for proc in second]
+    for proc, (out, err) in zip(second, outs):
+        assert proc.returncode == 0, err[-4000:]
+    assert f"at iteration {resumed_from}" in outs[0][0], outs[0][0][-3000:]
     losses = _losses(tmp_path)
     assert sorted(losses) == list(range(1, ITERS + 1))
     for it, ref in reference.items():
