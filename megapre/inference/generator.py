@@ -1,0 +1,140 @@
+"""Autoregressive text generation from a GPT in any tensor/pipeline layout.
+
+Each new token recomputes the whole prefix (no KV cache): simple and exact, and fine for the
+model sizes this runs on a CPU; cost grows with length^2 per token.
+
+A batch of prompts of different lengths shares one token buffer. Generation starts at the
+shortest prompt; at position t a sample still inside its prompt keeps its prompt token, the others
+take the sampled one (causal attention makes the right padding invisible to earlier positions).
+
+Layouts: under TP the last stage's logits are all-gathered over TP (padded vocabulary columns
+dropped); under PP the prefix walks the stages in order, sending hidden states point to point, and
+the last stage samples. The sampled tokens are then broadcast from one last-stage rank to every
+rank, so all ranks extend the same sequences (every TP rank also samples with the same seeded
+generator, so the broadcast only guards against non-deterministic kernels). Data-parallel
+replicas compute the same batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megapre.train.evaluate import _recv, _send
+from megapre.train.parallel_model import ParallelModel
+
+from .sampling import SamplingConfig, sample_next
+
+STOP_EOD, STOP_LENGTH, STOP_POSITIONS = "eod", "max_new_tokens", "max_position_embeddings"
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    ids: list[int] = field(default_factory=list)  # generated tokens, without the EOD that ended them
+    stop_reason: str = STOP_LENGTH
+
+
+class PromptTooLongError(ValueError):
+    """A prompt leaves no room for a new token within the model's positions."""
+
+
+class TextGenerator:
+    def __init__(self, model: ParallelModel, vocab_size: int, eod: int | None,
+                 max_positions: int | None) -> None:
+        if model.adapter.kind != "gpt":
+            raise ValueError(f"generation needs a GPT checkpoint; this one is --model "
+                             f"{model.adapter.kind}")
+        self.model, self.mesh = model, model.mesh
+        self.vocab_size, self.eod, self.max_positions = vocab_size, eod, max_positions
+        self._by_stage = {spec.stage_index: m for spec, m in zip(model.specs, model.models)}
+        self._num_stages = self.mesh.pp_size * (self.mesh.virtual_pipeline or 1)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
+                 seed: int, stop_at_eod: bool = True) -> list[Generation]:
+        """Continue each prompt (token ids) by up to max_new_tokens tokens."""
+        if max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 1")
+        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        out = [Generation(list(p)) for p in prompts]
+        lengths = torch.tensor([len(p) for p in prompts])
+        total = int(lengths.max()) + max_new_tokens
+        if self.max_positions is not None:
+            total = min(total, self.max_positions)
+        tokens = torch.zeros(len(prompts), total, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        done = torch.zeros(len(prompts), dtype=torch.bool)
+        generator = torch.Generator().manual_seed(seed)
+        for chunk in self.model.chunks:
+            chunk.eval()
+        for t in range(int(lengths.min()), total):
+            logits = self._last_logits(tokens[:, :t])
+            if logits is not None:
+                nxt = sample_next(logits, sampling, self.vocab_size, generator)
+            else:
+                nxt = torch.zeros(len(prompts), dtype=torch.long)
+            nxt = self._broadcast(nxt)
+            in_prompt = lengths > t
+            tokens[:, t] = torch.where(in_prompt, tokens[:, t], nxt)
+            for i in torch.nonzero(~in_prompt & ~done).flatten().tolist():
+                tok = int(nxt[i])
+                if stop_at_eod and tok == self.eod:
+                    out[i].stop_reason, done[i] = STOP_EOD, True
+                    continue
+                out[i].ids.append(tok)
+                if len(out[i].ids) >= max_new_tokens:
+                    done[i] = True
+            if bool(done.all()):
+                break
+        for g in out:
+            if g.stop_reason != STOP_EOD and len(g.ids) < max_new_tokens:
+                g.stop_reason = STOP_POSITIONS
+        return out
+
+    def _check_prompt(self, i: int, ids: list[int]) -> list[int]:
+        if not ids:
+            if self.eod is None:
+                raise ValueError(f"prompt {i} is empty and the tokenizer has no end-of-document "
+                                 "token to start an unconditional sample from; give some text")
+            return [self.eod]  # unconditional: continue from a document boundary
+        bad = [x for x in ids if not 0 <= x < self.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
+                             f"[0, {self.vocab_size})")
+        if self.max_positions is not None and len(ids) >= self.max_positions:
+            raise PromptTooLongError(
+                f"prompt {i} has {len(ids)} tokens but the model has only {self.max_positions} "
+                "positions (--max-position-embeddings), leaving no room to generate; shorten the "
+                "prompt")
+        return ids
+
+    def _last_logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Logits [b, vocab] at the last position of `tokens` [b, t] on the last pipeline
+        stage; None on the other stages."""
+        mesh, dev = self.mesh, self.mesh.device
+        pp, ranks = mesh.pp_size, mesh.pp_ranks
+        x = None
+        for s in range(self._num_stages):
+            if s % pp != mesh.pp_rank:
+                continue
+            m = self._by_stage[s]
+            if s == 0:
+                x = m(input_ids=tokens.to(dev))
+            else:
+                x = m(hidden_states=_recv(ranks[(s - 1) % pp], dev))
+            if s == self._num_stages - 1:
+                return m.gathered_logits(x[-1:])[:, 0]
+            _send(x, ranks[(s + 1) % pp])
+        return None
+
+    def _broadcast(self, nxt: torch.Tensor) -> torch.Tensor:
+        """Every rank takes the tokens of the last stage's first (dp, tp) rank."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return nxt
+        src = self.mesh.rank_of(self.mesh.pp_size - 1, 0, 0)
+        buf = nxt.to(self.mesh.device)
+        dist.broadcast(buf, src)
+        return buf.cpu()
