@@ -164,7 +164,7 @@ def bench_softmax(b: Bench, quick: bool) -> None:
     dev = b.device
     bs, heads, sq = 4, 16, 512
     scale = 0.125
-    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16)
+    dtypes = (torch.float32,) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for dtype in dtypes:
         es = torch.tensor([], dtype=dtype).element_size()
         s = torch.randn(bs, heads, sq, sq, device=dev, dtype=dtype, requires_grad=True)

@@ -36,8 +36,15 @@ void set_cpu_isa(const std::string& name) {
     if (!megapre::cpu::cpu_has_avx2())
       throw std::invalid_argument("set_cpu_isa('avx2'): this CPU lacks AVX2/FMA/F16C");
     megapre::cpu::set_isa(Isa::kAvx2);
+  } else if (name == "avx512vnni") {
+    if (!megapre::cpu::cpu_has_avx512vnni())
+      throw std::invalid_argument(
+          "set_cpu_isa('avx512vnni'): this CPU (or OS) lacks AVX-512 F/BW/VL/VNNI with zmm "
+          "state enabled; use 'avx2', 'scalar' or 'auto'");
+    megapre::cpu::set_isa(Isa::kAvx512Vnni);
   } else {
-    throw std::invalid_argument("set_cpu_isa: expected 'auto', 'scalar' or 'avx2', got '" + name + "'");
+    throw std::invalid_argument(
+        "set_cpu_isa: expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got '" + name + "'");
   }
 }
 
@@ -46,9 +53,11 @@ void set_cpu_isa(const std::string& name) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "megapre CPU kernels; importing registers torch.ops.megapre.*";
   m.def("cpu_has_avx2", &megapre::cpu::cpu_has_avx2, "CPU has AVX2, FMA and F16C");
-  m.def("cpu_isa", [] { return std::string(megapre::cpu::use_avx2() ? "avx2" : "scalar"); },
+  m.def("cpu_has_avx512vnni", &megapre::cpu::cpu_has_avx512vnni,
+        "CPU has AVX-512 F/BW/VL/VNNI (and the OS saves zmm state)");
+  m.def("cpu_isa", [] { return std::string(megapre::cpu::isa_name()); },
         "vector ISA the CPU kernels use now");
-  m.def("set_cpu_isa", &set_cpu_isa, "force 'scalar' or 'avx2', or 'auto'");
+  m.def("set_cpu_isa", &set_cpu_isa, "force 'scalar', 'avx2' or 'avx512vnni', or 'auto'");
   auto data = m.def_submodule("data", "dataset index builders (csrc/data/)");
   for (auto bind : megapre::data::binders()) bind(data);
 }

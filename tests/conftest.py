@@ -23,7 +23,12 @@ def _isas() -> list[str]:
         return ["reference"]
     import megapre._C as C
 
-    return ["scalar", "avx2"] if C.cpu_has_avx2() else ["scalar"]
+    isas = ["scalar"]
+    if C.cpu_has_avx2():
+        isas.append("avx2")
+    if getattr(C, "cpu_has_avx512vnni", lambda: False)():
+        isas.append("avx512vnni")
+    return isas
 
 
 @pytest.fixture(params=_isas())

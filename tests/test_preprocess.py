@@ -198,6 +198,23 @@ def test_on_error_fail_stops_at_the_first_bad_record(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]     # nothing published
 
 
+def test_truncated_file_skips_its_rest_and_the_run_goes_on(tmp_path, capsys):
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    blob = gzip.compress("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(5000)).encode())
+    (tmp_path / "b.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    write_jsonl(tmp_path / "c.jsonl", DOCS[:3])
+    args = ["--input", tmp_path, "--output-prefix", tmp_path / "out" / "p", "--workers", "0",
+            "--batch-bytes", "2048", *BYTE]
+    assert run(*args) == EXIT_SKIPPED
+    docs = read_docs(tmp_path / "out" / "p_text_document")
+    kept = len(docs) - len(DOCS) - 3
+    assert 0 < kept < 5000 and docs[-3:] == expected(DOCS[:3], eod=False)
+    (row,) = [json.loads(l) for l in (tmp_path / "out" / "p.errors.jsonl").read_text().splitlines()]
+    assert row["reason"] == "unreadable_file" and row["line"] == kept + 1
+    assert run(*args, "--on-error", "fail", "--overwrite") == EXIT_FAILURE
+    assert f"b.jsonl.gz:{kept + 1}: unreadable_file" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- shards, resume, stats
 
 def test_shards_resume_and_merge(tmp_path, capsys, monkeypatch):
@@ -316,3 +333,22 @@ def test_a_text_the_tokenizer_rejects_is_skipped_not_fatal(split):
     tok = byte_tok()
     assert enc.tokens[0].tolist() == (tok.encode("Ok one.") + tok.encode("Two.") if split else
                                       tok.encode("Ok one. Two.")) + [tok.eod] + tok.encode("Fine.") + [tok.eod]
+
+
+def test_bert_wordpiece_sentences_with_kept_newlines(tmp_path):
+    vocab = DATA / "bert" / "vocab.txt"
+    if not vocab.exists():
+        pytest.skip(f"needs {vocab} (shared data beside the repo)")
+    text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
+    docs = [p for p in text.split("\n\n") if p.strip()]
+    write_jsonl(tmp_path / "b.jsonl", docs)
+    assert run("--input", tmp_path / "b.jsonl", "--output-prefix", tmp_path / "bert", "--split-sentences",
+               "--keep-newlines", "--workers", "0", "--tokenizer-type", "BertWordPieceLowerCase",
+               "--vocab-file", vocab) == EXIT_OK
+    tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(vocab)))
+    ds = IndexedDataset(tmp_path / "bert_text_sentence")
+    di = ds.document_indices
+    assert ds.num_documents == len(docs) and len(ds) > len(docs)      # several sentences per doc
+    for i, d in enumerate(docs):
+        want = [ids for ids in (tok.encode(s) for s in split_sentences(d, keep_newlines=True)) if ids]
+        assert [ds[j].tolist() for j in range(di[i], di[i + 1])] == want

@@ -11,6 +11,7 @@ import random
 import pytest
 
 from megapre.data.preprocess import readers as rd
+from megapre.data.preprocess import records as rc
 from megapre.data.preprocess import shards as sh
 from megapre.data.preprocess.errors import ErrorLog, InputError, Skip
 from megapre.data.preprocess.sentences import split_sentences
@@ -49,7 +50,7 @@ def _reassemble(data: bytes, batch_bytes: int, kind: str) -> list[tuple[str, int
     assert b"".join(c for _, c in chunks) == data
     out = []
     for first, chunk in chunks:
-        recs = rd.parse_batch(rd.RawBatch(0, first, kind, chunk, len(chunk)), ["text"])
+        recs = rc.parse_batch(rd.RawBatch(0, first, kind, chunk, len(chunk)), ["text"])
         out += [(t[0], line) for t, line in zip(recs.texts, recs.lines)]
     return out
 
@@ -82,19 +83,22 @@ def test_file_reader_gzip_zstd_checksum_and_line_numbers(tmp_path):
         reader = rd.FileReader(f, 0, 300, "line", ["text"])
         got = []
         for batch in reader:
-            recs = rd.parse_batch(batch, ["text"])
+            recs = rc.parse_batch(batch, ["text"])
             got += [(t[0], line) for t, line in zip(recs.texts, recs.lines)]
         assert got == [(f"doc {i}", i + 1) for i in range(500)], f.path
         assert reader.sha256 == rd.sha256_file(f.path) and reader.nbytes == len(raw)
 
 
-def test_truncated_gzip_is_a_clear_error(tmp_path):
-    blob = gzip.compress(b'{"text": "a"}\n' * 1000)
+def test_truncated_gzip_keeps_what_was_read_and_reports_the_rest(tmp_path):
+    blob = gzip.compress(b"".join(b'{"text": "doc %d"}\n' % i for i in range(20000)))
     path = tmp_path / "cut.jsonl.gz"
     path.write_bytes(blob[: len(blob) // 2])
-    reader = rd.FileReader(rd.expand_inputs([str(path)])[0], 0, 1 << 20, "line", ["text"])
-    with pytest.raises(RuntimeError, match="cut.jsonl.gz"):
-        list(reader)
+    reader = rd.FileReader(rd.expand_inputs([str(path)])[0], 0, 4096, "line", ["text"])
+    *batches, last = list(reader)
+    lines = sum(b.payload.count(b"\n") for b in batches)
+    assert last.kind == "skip" and last.payload.reason == "unreadable_file"
+    assert last.payload.line == lines + 1 and f"from line {lines + 1}" in last.payload.detail
+    assert 0 < lines < 20000 and reader.sha256 == rd.sha256_file(str(path))
 
 
 # ----------------------------------------------------------------------------- validation
@@ -111,7 +115,7 @@ def test_jsonl_every_bad_kind_is_reported_with_its_line():
                b'{"text": "\\ud800", "m": "x"}\n'
                b'{"text": "fine", "m": null}\n'
                b'{"text": "last", "m": "y"}')
-    recs = rd.parse_batch(rd.RawBatch(0, 101, "jsonl", payload, len(payload)), ["text", "m"])
+    recs = rc.parse_batch(rd.RawBatch(0, 101, "jsonl", payload, len(payload)), ["text", "m"])
     assert recs.texts == [("ok", "x"), ("last", "y")] and recs.lines == [101, 111]
     assert [(line, reason) for line, reason, _ in recs.skips] == [
         (102, "blank_line"), (103, "non_string_value"), (104, "missing_key"),
@@ -122,10 +126,10 @@ def test_jsonl_every_bad_kind_is_reported_with_its_line():
 
 def test_text_modes_report_bad_utf8_and_empty_lines():
     payload = b"one\r\n\ntw\xc3o\nthree\n"
-    lines = rd.parse_batch(rd.RawBatch(0, 1, "text-line", payload, 0), ["text"])
+    lines = rc.parse_batch(rd.RawBatch(0, 1, "text-line", payload, 0), ["text"])
     assert lines.texts == [("one",), ("three",)] and lines.lines == [1, 4]
     assert [(l, r) for l, r, _ in lines.skips] == [(2, "empty_document"), (3, "invalid_utf8")]
-    blocks = rd.parse_batch(rd.RawBatch(0, 1, "text-block", b"a\nb\n\nc\n\xff\n\n\nd", 0), ["text"])
+    blocks = rc.parse_batch(rd.RawBatch(0, 1, "text-block", b"a\nb\n\nc\n\xff\n\n\nd", 0), ["text"])
     assert blocks.texts == [("a\nb",), ("d",)] and blocks.lines == [1, 8]
     assert [(l, r) for l, r, _ in blocks.skips] == [(4, "invalid_utf8")]
 
@@ -139,7 +143,7 @@ def test_parquet_rows_nulls_and_missing_column(tmp_path):
     f = rd.expand_inputs([str(path)])[0]
     texts, skips = [], []
     for batch in rd.FileReader(f, 0, 100, "line", ["text"]):
-        recs = rd.parse_batch(batch, ["text"])
+        recs = rc.parse_batch(batch, ["text"])
         texts += list(zip(recs.texts, recs.lines))
         skips += recs.skips
     assert texts[:2] == [(("a",), 1), (("d",), 4)] and len(texts) == 100

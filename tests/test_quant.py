@@ -1,7 +1,8 @@
 """Int8 family: quantize_per_token / quantize_per_channel, int8_gemm (W8A8), int8_linear,
 weight_only_int8_linear and Int8Linear, against megapre.ops.reference and exact float64 math,
-on both CPU kernel paths (the `isa` fixture), over shapes that hit every tail of the kernels'
-tiling (M % 6, N % 16, K % 2 / 16 / 32, K blocks, small-M paths)."""
+on every CPU kernel path the machine has (the `isa` fixture: scalar, AVX2, AVX-512 VNNI), over
+shapes that hit every tail of the kernels' tiling (M % 6, N % 16 / 64, K % 2 / 4 / 16 / 32 / 64,
+K blocks, row chunks, column tasks, small-M paths)."""
 from __future__ import annotations
 
 import pytest
@@ -140,6 +141,84 @@ def test_int8_gemm_rejects_minus_128(isa):
             ops.int8_linear(gen(M, K), w, torch.ones(N))
 
 
+# Shapes aimed at the AVX-512 VNNI kernels' edges (they run on every ISA): K % 4 (dword
+# broadcasts) and K % 64 (masked tails), K blocks of 512, M % 6 (row panels), the 48-row
+# chunk, N % 64 (column micro-panels), the 256-column task width, few column blocks (split
+# over rows), and the small-M path (M <= 4) that reads w in place.
+VNNI_EDGE_SHAPES = [  # (M, N, K)
+    (1, 67, 1), (2, 65, 2), (3, 64, 3), (4, 63, 5), (5, 1, 67), (6, 2, 64), (7, 3, 65),
+    (11, 66, 511), (13, 129, 513), (47, 7, 1023), (48, 64, 1024), (49, 65, 1027),
+    (67, 257, 130), (97, 300, 4097), (200, 5, 260), (1, 600, 4097),
+]
+
+
+@pytest.mark.parametrize("M,N,K", VNNI_EDGE_SHAPES)
+def test_int8_gemm_exact_edge_shapes(isa, M, N, K):
+    x = int8s(M, K, lo=-128, seed=M)
+    w = int8s(N, K, seed=N)
+    xs = torch.rand(M, generator=torch.Generator().manual_seed(K)) + 0.01
+    ws = torch.rand(N, generator=torch.Generator().manual_seed(K + 1)) + 0.01
+    # float32 out, no bias: exactly float(int64 dot) * xs * ws
+    assert torch.equal(ops.int8_gemm(x, xs, w, ws), exact_gemm(x, w).float() * xs[:, None] * ws)
+    bias = gen(N, seed=3)
+    for out_dtype in FLOATS:
+        out = ops.int8_gemm(x, xs, w, ws, bias, out_dtype=out_dtype)
+        assert out.dtype == out_dtype
+        assert torch.equal(out, ref.int8_gemm(x, xs, w, ws, bias, out_dtype=out_dtype)), out_dtype
+
+
+def test_int8_gemm_int32_wraparound_exact(isa):
+    # u = w + 128 makes the VNNI accumulator sum_k u * x = dot + 128 * sum_k x, which leaves
+    # int32 here (-32640 * K < -2^31) while the dot product itself still fits: the kernel's
+    # wrapping arithmetic must give the exact dot back.
+    K = 66000
+    x = torch.full((7, K), -128, dtype=torch.int8)
+    w = torch.full((3, K), 127, dtype=torch.int8)
+    w[1] = -127
+    w[2, ::2] = -127
+    expect = exact_gemm(x, w)
+    assert int(expect.abs().max()) < 2**31
+    for M in (1, 7):  # small-M and blocked paths
+        out = ops.int8_gemm(x[:M], torch.ones(M), w, torch.ones(3))
+        assert torch.equal(out, expect[:M].float())
+
+
+@pytest.mark.parametrize("M,N,K", [(2, 65, 7), (13, 65, 7), (9, 300, 515), (3, 17, 4097)])
+def test_int8_gemm_rejects_minus_128_in_tails(isa, M, N, K):
+    # the last weight of the last row: inside the K tail and the last column micro-panel
+    w = int8s(N, K)
+    w[-1, -1] = -128
+    with pytest.raises(ValueError, match="-128"):
+        ops.int8_gemm(int8s(M, K), torch.ones(M), w, torch.ones(N))
+    w[-1, -1] = 0
+    w[0, 0] = -128
+    with pytest.raises(ValueError, match="-128"):
+        ops.int8_gemm(int8s(M, K), torch.ones(M), w, torch.ones(N))
+
+
+def test_cpu_isa_selection():
+    if ops.backend_info()["cpu"] != "compiled":
+        pytest.skip("compiled CPU kernels not built")
+    import megapre._C as C
+
+    best = "avx512vnni" if C.cpu_has_avx512vnni() else ("avx2" if C.cpu_has_avx2() else "scalar")
+    ops.set_cpu_isa("auto")
+    assert ops.cpu_isa() == best and ops.backend_info()["cpu_isa"] == best
+    with pytest.raises(ValueError, match="expected 'auto'"):
+        ops.set_cpu_isa("avx1024")
+    try:
+        for name, has in [("avx2", C.cpu_has_avx2()), ("avx512vnni", C.cpu_has_avx512vnni())]:
+            if has:
+                ops.set_cpu_isa(name)
+                assert ops.cpu_isa() == name
+            else:  # a CPU without it gets a clear error, not SIGILL later
+                with pytest.raises(ValueError, match="lacks"):
+                    ops.set_cpu_isa(name)
+    finally:
+        ops.set_cpu_isa("auto")
+
+
+
 def test_int8_gemm_bad_inputs():
     x, w = int8s(4, 8), int8s(3, 8)
     xs, ws = torch.ones(4), torch.ones(3)
@@ -213,6 +292,21 @@ def test_weight_only_shapes(isa, M, N, K):
         err = (out.double() - exact).abs()
         bound = wo_bound(x, wq, ws, exact, dtype)
         assert bool((err <= bound).all()), (dtype, float((err / bound).max()))
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 4099, 67), (1, 37, 4099), (2, 531, 300), (3, 77, 1030),
+                                   (8, 300, 515)])
+def test_weight_only_gemv_shapes(isa, M, N, K):
+    # the small-M streaming kernels: 16-row blocks and their remainder, prefetch across
+    # blocks, masked K tails, whole-range passes (M <= 3) and 4-row chunks of x
+    x = gen(M, K, seed=K)
+    wq = int8s(N, K, lo=-128, seed=N)
+    ws = torch.rand(N) / 100
+    bias = gen(N, seed=1)
+    out = ops.weight_only_int8_linear(x, wq, ws, bias)
+    exact = (x.double() @ wq.double().t()) * ws.double() + bias.double()
+    bound = wo_bound(x, wq, ws, exact, torch.float32)
+    assert bool(((out.double() - exact).abs() <= bound).all())
 
 
 def test_linears_zero_size(isa):

@@ -47,6 +47,12 @@ def make_mask(kind: str, b: int, sq: int, sk: int, gen: torch.Generator):
     if kind == "tails":  # key padding of lengths around the kernels' 16/32-key steps
         lengths = torch.tensor([0, 1, 15, 16, 31, 32, 33, 64, sk - 1, sk])[:b].clamp(max=sk)
         return (torch.arange(sk)[None, :] >= lengths[:, None])[:, None, None, :]
+    if kind == "sparse":  # one hidden key per query, at each of the kernels' step edges,
+        m = torch.zeros(b, 1, sq, sk, dtype=torch.bool)  # and batch 1 also padded
+        for q, pos in enumerate([0, 15, 16, 31, 32, 33, 63, 64, 70, sk - 12][:sq]):
+            m[:, :, q, min(pos, sk - 1)] = True
+        m[1:, :, :, sk - 11:] = True
+        return m
     if kind == "strided":  # not contiguous along sk (a transposed mask)
         return (torch.rand(b, 1, sk, sq, generator=gen) < 0.3).transpose(2, 3)
     raise AssertionError(kind)
@@ -134,6 +140,13 @@ def test_key_padding_tails(isa, dtype, causal):
     """The masked tail of a padded row is skipped and written as zeros: lengths 0, 1, around
     16 and 32, and sk - 1, sk, with an sk that leaves rows unaligned."""
     check_against_reference((10, 2, 3, 100), dtype, "tails", causal)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparse_mask_in_live_prefix(isa, dtype):
+    """A single hidden key anywhere before a row's padded tail is still seen (rows whose live
+    prefix has no hidden key skip the mask)."""
+    check_against_reference((2, 2, 10, 100), dtype, "sparse", False)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

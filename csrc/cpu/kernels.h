@@ -12,11 +12,16 @@ enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 namespace cpu {
 
-// Which vector ISA the CPU kernels use. kAuto picks AVX2+FMA+F16C when the CPU has all three.
-enum class Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2 };
-void set_isa(Isa isa);      // tests force kScalar to cover the portable path
-bool use_avx2();            // resolved choice for the current setting
-bool cpu_has_avx2();        // hardware capability (AVX2 && FMA && F16C)
+// Which vector ISA the CPU kernels use. kAuto picks the best the CPU has: AVX-512 VNNI
+// (int8 kernels; the other families run their AVX2 code under it), else AVX2+FMA+F16C, else
+// the portable scalar code.
+enum class Isa : int { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512Vnni = 3 };
+void set_isa(Isa isa);        // tests force each ISA in turn to cover every path
+bool use_avx2();              // resolved choice: AVX2 (or better) code runs
+bool use_avx512vnni();        // resolved choice: the AVX-512 VNNI int8 code runs
+const char* isa_name();       // "avx512vnni", "avx2" or "scalar": what runs now
+bool cpu_has_avx2();          // hardware capability (AVX2 && FMA && F16C)
+bool cpu_has_avx512vnni();    // AVX-512 F/BW/VL/VNNI, zmm state enabled by the OS, and AVX2
 
 // ---- LayerNorm / RMSNorm over rows of length H --------------------------------------------
 // x, residual, y, sum_out: [rows, H] of dtype dt. residual == nullptr: no fused add, sum_out

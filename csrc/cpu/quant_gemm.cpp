@@ -1,6 +1,17 @@
 // Int8 CPU kernels: quantize_rowwise, the W8A8 GEMM and the weight-only GEMM (see kernels.h).
 // This file holds the dispatch, cache blocking and threading, plus the portable scalar paths;
-// the AVX2 microkernels are in quant_gemm_avx2.cpp (interface in quant_gemm_impl.h).
+// the microkernels are in quant_gemm_avx2.cpp and quant_gemm_avx512.cpp (interface in
+// quant_gemm_impl.h).
+//
+// W8A8 (AVX-512 VNNI): vpdpbusd multiplies u8 by s8, so w is packed as w + 128 (unsigned)
+// and x is read in place (signed); the epilogue subtracts 128 * rowsum(x). Tasks are column
+// blocks of up to kVNCmax outputs (split over rows too when there are few). x is packed once
+// into contiguous 6-row panels (row sums on the way); a task packs its columns of w once, for
+// all of K (the block stays in L2), then walks its rows in chunks of kVMC and K in blocks of
+// kVKC: the 6x64 microkernel keeps a 64-column x kVKC slice of the packed w in L1 while
+// every 6-row panel of the chunk passes over it. Int32 partial sums of a chunk live in a
+// thread-local scratch; in the last K block each finished 6x64 tile goes straight through the
+// fused dequant + bias epilogue.
 //
 // W8A8 (AVX2), GotoBLAS style: x is widened to int16 once; the output is cut into tasks of
 // `rows` x kNC columns that threads take independently. A task walks K in blocks of kKC: it
@@ -8,7 +19,7 @@
 // way), then, per kMC rows, runs the 6x16 vpmaddwd microkernel with the w micro-panel
 // (16 KiB) in L1 and the kMC x kKC block of x in L2. Int32 partial sums of the task live in a
 // thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
-// cost as much as the math, so a maddubs kernel reads w in place instead.
+// cost as much as the math, so a maddubs (AVX2) or vpdpbusd (VNNI) kernel reads w in place.
 //
 // Weight-only: M <= 16 streams each weight row once against all rows of x (the memory-bound
 // generation case); larger M dequantizes w blocks to fp32 panels and runs a 6x16 FMA kernel
@@ -40,9 +51,13 @@ constexpr int64_t kFKC = 256;    // weight-only fp32 K block
 constexpr int64_t kFMC = 96;     // weight-only rows of x converted at once (multiple of kFMR)
 constexpr int64_t kGemvRows = 4; // W8A8: M up to this reads w in place
 constexpr int64_t kWoGemvRows = 16;
+constexpr int64_t kVKC = 512;      // VNNI K block (bytes of x per row; multiple of 4)
+constexpr int64_t kVMC = 48;       // VNNI rows per chunk (multiple of kVMR)
+constexpr int64_t kVNCmax = 256;   // VNNI most columns per task (multiple of kVNR)
+constexpr int64_t kVBBytes = int64_t{1} << 20;  // VNNI packed w block budget per task (L2)
 
 static_assert(kKC % 16 == 0 && kMC % kMR == 0 && kNC % kNR == 0 && kNC % kFNR == 0 &&
-                  kFMC % kFMR == 0,
+                  kFMC % kFMR == 0 && kVKC % 4 == 0 && kVMC % kVMR == 0 && kVNCmax % kVNR == 0,
               "blocking constants must be multiples of the microkernel tile");
 
 int64_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
@@ -231,6 +246,122 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
   return !bad;
 }
 
+
+// ---- W8A8, AVX-512 VNNI ------------------------------------------------------------------
+// Row sums of x (rows of stride ldx), in parallel.
+std::vector<int32_t> rowsums(const int8_t* x, int64_t ldx, int64_t M, int64_t K) {
+  std::vector<int32_t> rs(M);
+  run_tasks(ceil_div(M, 64), 64 * K / 8, [&](int64_t b, int64_t e) {
+    rowsum_avx512(x, ldx, K, b * 64, std::min(M, e * 64), rs.data());
+  });
+  return rs;
+}
+
+bool int8_gemv_vnni(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+                    const float* bias, void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+  // x zero padded to whole 64-byte chunks: past K the kernel multiplies w + 128 by 0.
+  const int64_t ldx = round_up(std::max<int64_t>(K, 1), 64);
+  std::vector<int8_t> xp(M * ldx, 0);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ldx, x + m * K, K);
+  const std::vector<int32_t> rs = rowsums(xp.data(), ldx, M, K);
+  constexpr int64_t kRows = 64;
+  const int64_t esz = elem_size(dt);
+  std::atomic<bool> bad{false};
+  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
+    int32_t* acc = tl_c.get<int32_t>(M * kRows);
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
+      const int64_t n1 = std::min(N, n0 + kRows);
+      if (!gemv_vnni(xp.data(), ldx, M, rs.data(), w, K, n0, n1, acc)) {
+        bad = true;
+        return;
+      }
+      epilogue_int8_avx2(acc, n1 - n0, xs, ws + n0, bias ? bias + n0 : nullptr,
+                         static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
+    }
+  });
+  return !bad;
+}
+
+// Tasks of the VNNI blocked GEMM: column blocks of nc, split over rows only when there are
+// too few of them to keep every thread busy (each row split repacks its columns of w).
+struct VTiling {
+  int64_t nc, nb, rows, mb;
+  VTiling(int64_t M, int64_t N, int64_t Kq) {
+    const int64_t fit = kVBBytes / (std::max<int64_t>(Kq, 1) * 4) / kVNR * kVNR;
+    nc = std::min(kVNCmax, std::max<int64_t>(kVNR, fit));
+    nb = ceil_div(N, nc);
+    const int64_t threads = at::get_num_threads();
+    int64_t m_blocks = nb < 2 * threads ? ceil_div(2 * threads, nb) : 1;
+    m_blocks = std::min(m_blocks, ceil_div(M, kVMR));
+    rows = round_up(ceil_div(M, m_blocks), kVMR);
+    mb = ceil_div(M, rows);
+  }
+};
+
+bool int8_gemm_blocked_vnni(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
+                            const float* bias, void* out, int64_t M, int64_t N, int64_t K,
+                            DType dt) {
+  const int64_t Kq = ceil_div(K, 4), apanel = Kq * 4 * kVMR, bpanel = Kq * kVQuadBytes;
+  // x packed once into 6-row panels (shared by every task), row sums on the way. The buffer
+  // is the calling thread's scratch: kept across calls, so steady state does not page-fault.
+  const int64_t Mp = round_up(M, kVMR);
+  int8_t* A = tl_a.get<int8_t>(Mp / kVMR * apanel);
+  std::vector<int32_t> rs(Mp, 0);
+  run_tasks(ceil_div(M, 8 * kVMR), 8 * kVMR * K / 4, [&](int64_t b, int64_t e) {
+    pack_a_vnni(x, K, b * 8 * kVMR, std::min(M, e * 8 * kVMR), A, rs.data());
+  });
+  const VTiling t(M, N, Kq);
+  const int64_t esz = elem_size(dt);
+  std::atomic<bool> bad{false};
+  run_tasks(t.nb * t.mb, t.rows * t.nc * K, [&](int64_t b, int64_t e) {
+    for (int64_t task = b; task < e && !bad; ++task) {
+      const int64_t m0 = (task % t.mb) * t.rows, m1 = std::min(M, m0 + t.rows);
+      const int64_t n0 = (task / t.mb) * t.nc, n1 = std::min(N, n0 + t.nc);
+      const int64_t npan = ceil_div(n1 - n0, kVNR), ldc = npan * kVNR;
+      uint8_t* B = tl_b.get<uint8_t>(npan * bpanel);
+      bool ok = true;
+      for (int64_t j = 0; j < npan; ++j)
+        ok &= pack_b_vnni(w, K, n0 + j * kVNR, std::min<int64_t>(kVNR, n1 - n0 - j * kVNR),
+                          B + j * bpanel);
+      if (!ok) {
+        bad = true;
+        return;
+      }
+      int32_t* C = tl_c.get<int32_t>(kVMC * ldc);
+      char* o = static_cast<char*>(out);
+      for (int64_t ic = m0; ic < m1; ic += kVMC) {
+        const int64_t mc = std::min(kVMC, m1 - ic), ipan = ceil_div(mc, kVMR);
+        const int8_t* Ai = A + (ic / kVMR) * apanel;
+        if (Kq == 0) {  // no products: the output is the (scaled zero plus) bias
+          std::fill(C, C + kVMC * ldc, 0);
+          epilogue_vnni(C, ldc, rs.data() + ic, xs + ic, ws + n0, bias ? bias + n0 : nullptr,
+                        o + (ic * N + n0) * esz, N, mc, n1 - n0, dt);
+        }
+        for (int64_t pc = 0; pc < Kq; pc += kVKC / 4) {
+          const int64_t kq = std::min(kVKC / 4, Kq - pc);
+          const bool last = pc + kq == Kq;
+          for (int64_t j = 0; j < npan; ++j) {
+            const uint8_t* Bj = B + j * bpanel + pc * kVQuadBytes;
+            const int64_t c0 = n0 + j * kVNR, nr = std::min<int64_t>(kVNR, n1 - c0);
+            for (int64_t i = 0; i < ipan; ++i) {
+              int32_t* Ct = C + i * kVMR * ldc + j * kVNR;
+              micro_vnni(Ai + i * apanel + pc * 4 * kVMR, Bj, kq, Ct, ldc, pc > 0);
+              // The tile's last K block: dequantize it now, while it is in L1, so the output
+              // stores overlap the next tiles' arithmetic.
+              if (last) {
+                const int64_t r0 = ic + i * kVMR, mr = std::min<int64_t>(kVMR, m1 - r0);
+                epilogue_vnni(Ct, ldc, rs.data() + r0, xs + r0, ws + c0,
+                              bias ? bias + c0 : nullptr, o + (r0 * N + c0) * esz, N, mr, nr, dt);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  return !bad;
+}
+
 // ---- weight-only, scalar -----------------------------------------------------------------
 template <DType D>
 void weight_only_scalar(const void* xv, const int8_t* w, const float* ws, const float* bias,
@@ -263,9 +394,9 @@ void weight_only_scalar(const void* xv, const int8_t* w, const float* ws, const 
   });
 }
 
-// ---- weight-only, AVX2 -------------------------------------------------------------------
-void weight_only_gemv_avx2(const void* x, const int8_t* w, const float* ws, const float* bias,
-                           void* out, int64_t M, int64_t N, int64_t K, DType dt) {
+// ---- weight-only, AVX2 / AVX-512 ---------------------------------------------------------
+void weight_only_gemv_vec(const void* x, const int8_t* w, const float* ws, const float* bias,
+                           void* out, int64_t M, int64_t N, int64_t K, DType dt, bool avx512) {
   std::vector<float> xbuf;
   const float* xf = static_cast<const float*>(x);
   if (dt != DType::F32) {
@@ -276,10 +407,17 @@ void weight_only_gemv_avx2(const void* x, const int8_t* w, const float* ws, cons
   constexpr int64_t kRows = 64;
   const int64_t esz = elem_size(dt);
   run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    float* acc = tl_c.get<float>(M * kRows);
-    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
-      const int64_t n1 = std::min(N, n0 + kRows);
-      wo_gemv_avx2(xf, K, M, w, K, n0, n1, acc);
+    // Up to 3 rows of x make one pass over w, so the AVX-512 kernel takes the thread's whole
+    // range at once (its prefetch then runs across block boundaries). From 4 rows on, x comes
+    // in chunks that reread w, so blocks of kRows rows keep w in L2 between chunks.
+    const int64_t step = avx512 && M <= 3 ? (e - b) * kRows : kRows;
+    float* acc = tl_c.get<float>(M * step);
+    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += step) {
+      const int64_t n1 = std::min(N, n0 + step);
+      if (avx512)
+        wo_gemv_avx512(xf, K, M, w, K, n0, n1, acc);
+      else
+        wo_gemv_avx2(xf, K, M, w, K, n0, n1, acc);
       epilogue_f32_avx2(acc, n1 - n0, ws + n0, bias ? bias + n0 : nullptr,
                         static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
     }
@@ -352,8 +490,9 @@ void weight_only_blocked_avx2(const void* x, const int8_t* w, const float* ws, c
 // ---- public entry points -----------------------------------------------------------------
 void quantize_rowwise(const void* x, int8_t* q, float* scale, int64_t rows, int64_t K,
                       DType dt) {
-  const bool avx2 = use_avx2();
+  const bool avx512 = use_avx512vnni(), avx2 = use_avx2();
   run_tasks(rows, K, [&](int64_t r0, int64_t r1) {
+    if (avx512) return qgemm::quantize_rows_avx512(x, q, scale, r0, r1, K, dt);
     if (avx2) return qgemm::quantize_rows_avx2(x, q, scale, r0, r1, K, dt);
     switch (dt) {
       case DType::F32: return quantize_rows_scalar<DType::F32>(x, q, scale, r0, r1, K);
@@ -367,6 +506,10 @@ bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* w
                const float* bias, void* out, int64_t M, int64_t N, int64_t K, DType out_dt) {
   if (N == 0) return true;
   if (M == 0) return !has_minus128(w, N * K);  // nothing to compute; still validate w
+  if (use_avx512vnni()) {
+    return M <= kGemvRows ? int8_gemv_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt)
+                          : int8_gemm_blocked_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt);
+  }
   if (use_avx2()) {
     return M <= kGemvRows ? int8_gemv_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt)
                           : int8_gemm_blocked_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt);
@@ -384,7 +527,8 @@ void weight_only_int8_gemm(const void* x, const int8_t* w, const float* ws, cons
                            void* out, int64_t M, int64_t N, int64_t K, DType dt) {
   if (M == 0 || N == 0) return;
   if (use_avx2()) {
-    if (M <= kWoGemvRows) return weight_only_gemv_avx2(x, w, ws, bias, out, M, N, K, dt);
+    if (M <= kWoGemvRows)
+      return weight_only_gemv_vec(x, w, ws, bias, out, M, N, K, dt, use_avx512vnni());
     return weight_only_blocked_avx2(x, w, ws, bias, out, M, N, K, dt);
   }
   switch (dt) {

@@ -74,4 +74,50 @@ void micro_f32_avx2(const float* a, int64_t lda, const float* b, int64_t kc, flo
 void epilogue_f32_avx2(const float* acc, int64_t ldacc, const float* ws, const float* bias,
                        void* out, int64_t ldo, int64_t mr, int64_t nr, DType dt);
 
+// ---- AVX-512 VNNI entry points (defined in quant_gemm_avx512.cpp) -------------------------
+// vpdpbusd multiplies unsigned by signed bytes and adds each group of 4 products into an
+// int32 lane, without saturation. The unsigned operand is u = w + 128 (in [1, 255] for valid
+// weights; packing stores it), the signed one is x read in place, so
+//   sum_k u[n,k] * x[m,k] = sum_k w[n,k] * x[m,k] + 128 * rowsum[m],  rowsum[m] = sum_k x[m,k],
+// and the epilogue subtracts 128 * rowsum[m]. All sums wrap modulo 2^32, so the result is the
+// exact int32 dot product whenever that fits in int32 (the kernel's contract).
+// B micro-panel: kVNR rows of w (output columns), per k-quad q the 4 bytes u[n, 4q..4q+3]
+// of each column n in order (kVNR dwords = 4 zmm); zero bytes beyond N and K, so padding
+// contributes nothing whatever x holds there.
+constexpr int kVMR = 6;
+constexpr int kVNR = 64;
+constexpr int64_t kVQuadBytes = 4 * kVNR;  // bytes per k-quad of a B micro-panel
+
+void quantize_rows_avx512(const void* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
+                          int64_t K, DType dt);
+// sum[r] = sum_k x[r, k] for r in [r0, r1) (x rows of stride ldx, K valid bytes each).
+void rowsum_avx512(const int8_t* x, int64_t ldx, int64_t K, int64_t r0, int64_t r1,
+                   int32_t* sum);
+// Pack rows [n0, n0 + nr) (nr <= kVNR) of w [N, K], all of K, into one B micro-panel of
+// ceil(K / 4) quads. Returns false if a -128 is seen.
+bool pack_b_vnni(const int8_t* w, int64_t K, int64_t n0, int64_t nr, uint8_t* dst);
+// A panels: kVMR rows of x per panel, per k-quad the 4 bytes of each row in order (24 bytes),
+// zero past K and past M. Packs rows [m0, m1) (m0 a multiple of kVMR) of x [M, K] into the
+// panels m0 / kVMR .. of dst (each ceil(K / 4) * 24 bytes) and sets rowsum[m0 .. m1).
+void pack_a_vnni(const int8_t* x, int64_t K, int64_t m0, int64_t m1, int8_t* dst,
+                 int32_t* rowsum);
+// c[kVMR x kVNR] (row stride ldc) = (accumulate ? c : 0) + sum over kq quads of u * x;
+// a: an A panel at the block's first quad; b: the B micro-panel at the same quad.
+void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64_t ldc,
+                bool accumulate);
+// out[m, n] = float(acc[m, n] - 128 * rowsum[m]) * xs[m] * ws[n] + bias[n] for m < mr,
+// n < nr (pointers at the tile origin; rowsum and xs indexed by tile row).
+void epilogue_vnni(const int32_t* acc, int64_t ldacc, const int32_t* rowsum, const float* xs,
+                   const float* ws, const float* bias, void* out, int64_t ldo, int64_t mr,
+                   int64_t nr, DType dt);
+// Small-M W8A8 straight from row-major w: acc[m, n - n0] = sum_k x[m, k] * w[n, k] (exact,
+// correction applied) for m < M <= 4, n in [n0, n1). xp: M rows of stride ldx (a multiple
+// of 64), zero padded; rowsum: their row sums. Returns false if w[n0:n1] holds a -128.
+bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,
+               const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* acc);
+// Weight-only small M: as wo_gemv_avx2 (acc[m, n - n0] = sum_k x[m, k] * float(w[n, k])),
+// 16 lanes wide, with software prefetch of the weight rows that follow.
+void wo_gemv_avx512(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
+                    int64_t n0, int64_t n1, float* acc);
+
 }  // namespace megapre::cpu::qgemm

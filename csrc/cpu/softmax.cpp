@@ -1,6 +1,6 @@
 // Fused scale + mask + softmax over the last dim of [b, h, sq, sk] (CPU): threading, mask/causal
-// row set-up, dispatch between the portable scalar rows below and the AVX2 rows in
-// softmax_avx2.cpp. Semantics: csrc/cpu/kernels.h.
+// row set-up, dispatch between the portable scalar rows below and the vector rows in
+// softmax_avx2.cpp / softmax_avx512.cpp. Semantics: csrc/cpu/kernels.h.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -28,6 +28,13 @@ constexpr int64_t kGrainElems = 32768;
 constexpr int64_t kStreamBytes = 16 << 20;
 
 size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+// Which row kernels run: the portable ones below, softmax_avx2.cpp's or softmax_avx512.cpp's.
+// The AVX-512 rows need AVX-512 F/BW/VL; they are chosen here once the ISA setting of
+// kernels.h has an AVX-512 level (the int8 VNNI work adds it), so tests can force each path.
+enum class Rows { kScalar, kAvx2, kAvx512 };
+
+Rows pick_rows() { return use_avx2() ? Rows::kAvx2 : Rows::kScalar; }
 
 // ---- portable rows: same three passes as the AVX2 version (see softmax_impl.h) ---------------
 template <DType D>
@@ -63,9 +70,11 @@ void bwd_row_scalar(const typename Elem<D>::T* dy, const typename Elem<D>::T* p,
   if (n < sk) std::memset(dx + n, 0, static_cast<size_t>(sk - n) * sizeof(dx[0]));
 }
 
-void fwd_row(bool avx2, bool stream, const void* x, const uint8_t* m, void* y, int64_t n,
+void fwd_row(Rows rows, bool stream, const void* x, const uint8_t* m, void* y, int64_t n,
              int64_t sk, float scale, DType dt, float* work) {
-  if (avx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work, stream);
+  if (rows == Rows::kAvx512)
+    return softmax_impl::fwd_row_avx512(x, m, y, n, sk, scale, dt, work, stream);
+  if (rows == Rows::kAvx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work, stream);
   using H = uint16_t;
   switch (dt) {
     case DType::F32:
@@ -80,9 +89,10 @@ void fwd_row(bool avx2, bool stream, const void* x, const uint8_t* m, void* y, i
   }
 }
 
-void bwd_row(bool avx2, bool stream, const void* dy, const void* p, void* dx, int64_t n,
+void bwd_row(Rows rows, bool stream, const void* dy, const void* p, void* dx, int64_t n,
              int64_t sk, float scale, DType dt) {
-  if (avx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt, stream);
+  if (rows == Rows::kAvx512) return softmax_impl::bwd_row_avx512(dy, p, dx, n, sk, scale, dt, stream);
+  if (rows == Rows::kAvx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt, stream);
   using H = uint16_t;
   switch (dt) {
     case DType::F32:
@@ -171,9 +181,9 @@ void parallel_tasks(int64_t bh, int64_t sq, int64_t sk, bool causal, const Worke
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { worker(queue); });
 }
 
-// Non-temporal output stores (AVX2 path only) for outputs too big to stay cached.
-bool use_stream(bool avx2, int64_t b, int64_t h, int64_t sq, int64_t sk, DType dt) {
-  return avx2 && b * h * sq * sk * static_cast<int64_t>(elem_size(dt)) >= kStreamBytes;
+// Non-temporal output stores (vector rows only) for outputs too big to stay cached.
+bool use_stream(Rows rows, int64_t b, int64_t h, int64_t sq, int64_t sk, DType dt) {
+  return rows != Rows::kScalar && b * h * sq * sk * static_cast<int64_t>(elem_size(dt)) >= kStreamBytes;
 }
 
 // Keys of query q that survive the causal cut: j <= q + (sk - sq).
@@ -188,8 +198,8 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
                  int64_t b, int64_t h, int64_t sq, int64_t sk, float scale, bool causal,
                  DType dt) {
   if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
-  const bool avx2 = use_avx2();
-  const bool stream = use_stream(avx2, b, h, sq, sk, dt);
+  const Rows rows = pick_rows();
+  const bool stream = use_stream(rows, b, h, sq, sk, dt);
   const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
   const auto* x = static_cast<const char*>(scores);
   auto* y = static_cast<char*>(probs);
@@ -227,7 +237,7 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
           mrow = mrow_buf.data();
         }
       }
-      fwd_row(avx2, stream, xr, mrow, yr, n, sk, scale, dt, work.data());
+      fwd_row(rows, stream, xr, mrow, yr, n, sk, scale, dt, work.data());
     };
     for (int64_t t0, t1; queue.next(t0, t1);) visit_rows(t0, t1, sq, causal, one_row);
     if (stream) softmax_impl::stream_fence();
@@ -237,8 +247,8 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
 void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b, int64_t h,
                  int64_t sq, int64_t sk, float scale, bool causal, DType dt) {
   if (b <= 0 || h <= 0 || sq <= 0 || sk <= 0) return;
-  const bool avx2 = use_avx2();
-  const bool stream = use_stream(avx2, b, h, sq, sk, dt);
+  const Rows rows = pick_rows();
+  const bool stream = use_stream(rows, b, h, sq, sk, dt);
   const size_t row_bytes = static_cast<size_t>(sk) * elem_size(dt);
   const auto* dy = static_cast<const char*>(dprobs);
   const auto* p = static_cast<const char*>(probs);
@@ -253,7 +263,7 @@ void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b
         prefetch_prefix(p + next_off, next_bytes);
       }
       const size_t off = static_cast<size_t>(bh * sq + q) * row_bytes;
-      bwd_row(avx2, stream, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk,
+      bwd_row(rows, stream, dy + off, p + off, dx + off, valid_keys(q, sq, sk, causal), sk,
               scale, dt);
     };
     for (int64_t t0, t1; queue.next(t0, t1);) visit_rows(t0, t1, sq, causal, one_row);

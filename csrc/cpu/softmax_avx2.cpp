@@ -9,10 +9,8 @@
 // chunk's load and its store is elementwise or a reduction, so the order never shows.
 #include <immintrin.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 
 #include "softmax_impl.h"
 
@@ -24,6 +22,11 @@ namespace {
 
 constexpr int64_t kChunk = 16;
 constexpr uintptr_t kLineBytes = 64;
+
+// Not std::min: a standard-library template instantiated under the target pragma may be the
+// copy the linker keeps for the portable translation units too.
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr float kInf = __builtin_inff();
 
 struct Pair {
   __m256 a, b;
@@ -38,16 +41,20 @@ inline __m128i loadu128(const void* p) {
   return _mm_loadu_si128(static_cast<const __m128i*>(p));
 }
 
-// All-ones lanes where the 8 mask bytes at m are nonzero (True = masked).
-inline __m256 mask8(const uint8_t* m) {
-  const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(static_cast<const __m128i*>(
-      static_cast<const void*>(m))));
+// All-ones lanes where the low 8 of the mask bytes are nonzero (True = masked).
+inline __m256 mask8(__m128i bytes) {
+  const __m256i w = _mm256_cvtepu8_epi32(bytes);
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
+}
+
+// Elementwise lanes: {first 8, last 8} of 16 mask bytes.
+inline Pair mask16_natural(__m128i bytes) {
+  return {mask8(bytes), mask8(_mm_srli_si128(bytes, 8))};
 }
 
 // ---- 16-element chunks <-> two fp32 vectors ----------------------------------------------
 // load/store/stream move a whole chunk (stream: non-temporal, chunk-aligned address only);
-// masked(m) gives the lanes (in the same order as load) whose mask byte is nonzero.
+// masked(bytes) gives the lanes (in the same order as load) whose mask byte is nonzero.
 template <DType D> struct Chunk;
 
 template <> struct Chunk<DType::F32> {
@@ -61,11 +68,14 @@ template <> struct Chunk<DType::F32> {
     _mm256_stream_ps(p, v.a);
     _mm256_stream_ps(p + 8, v.b);
   }
-  static Pair masked(const uint8_t* m) { return {mask8(m), mask8(m + 8)}; }
+  static Pair masked(__m128i bytes) { return mask16_natural(bytes); }
 };
 
 template <> struct Chunk<DType::F16> {
   using T = uint16_t;
+  static Pair convert(__m256i v) {
+    return {_mm256_cvtph_ps(_mm256_castsi256_si128(v)), _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1))};
+  }
   static Pair load(const T* p) {
     return {_mm256_cvtph_ps(loadu128(p)), _mm256_cvtph_ps(loadu128(p + 8))};
   }
@@ -75,7 +85,7 @@ template <> struct Chunk<DType::F16> {
   }
   static void store(T* p, Pair v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
   static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
-  static Pair masked(const uint8_t* m) { return {mask8(m), mask8(m + 8)}; }
+  static Pair masked(__m128i bytes) { return mask16_natural(bytes); }
 };
 
 // bf16 is the top half of an fp32, so one 256-bit load of 16 elements becomes the even
@@ -83,11 +93,11 @@ template <> struct Chunk<DType::F16> {
 // shuffles; the store reverses it.
 template <> struct Chunk<DType::BF16> {
   using T = uint16_t;
-  static Pair load(const T* p) {
-    const __m256i v = loadu256(p);
+  static Pair convert(__m256i v) {
     return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
             _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)))};
   }
+  static Pair load(const T* p) { return convert(loadu256(p)); }
   // Round to nearest even: add 0x7fff plus the lsb of the kept half; the result is in the top
   // half. No NaN fix-up is needed: every NaN here comes from bf16 data (or is the default NaN
   // 0xffc00000), so its low half is 0, the add cannot carry and the NaN stays a NaN.
@@ -104,27 +114,95 @@ template <> struct Chunk<DType::BF16> {
   static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
   // Mask words in element order, as all-ones/zero; the odd element's word is already the top
   // half of its lane, the even one's is shifted up there (blendv reads only the sign bit).
-  static Pair masked(const uint8_t* m) {
-    const __m256i w = _mm256_cmpgt_epi16(_mm256_cvtepu8_epi16(loadu128(m)),
-                                         _mm256_setzero_si256());
+  static Pair masked(__m128i bytes) {
+    const __m256i w = _mm256_cmpgt_epi16(_mm256_cvtepu8_epi16(bytes), _mm256_setzero_si256());
     return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(w)};
   }
 };
 
 template <DType D> using Elt = typename Chunk<D>::T;
 
-// Partial chunks (k < 16 elements) go through a stack buffer, so they get the same math and
-// rounding as full ones. Lanes past k load as 0.
+// Copies k < 16 elements as at most four fixed-size moves (a variable-length memcpy call
+// costs more than a whole chunk of math).
+template <class T> inline void copy_few(T* dst, const T* src, int64_t k) {
+  int64_t i = 0;
+  if (k & 8) {
+    std::memcpy(dst, src, 8 * sizeof(T));
+    i = 8;
+  }
+  if (k & 4) {
+    std::memcpy(dst + i, src + i, 4 * sizeof(T));
+    i += 4;
+  }
+  if (k & 2) {
+    std::memcpy(dst + i, src + i, 2 * sizeof(T));
+    i += 2;
+  }
+  if (k & 1) dst[i] = src[i];
+}
+
+// All-ones 32-bit lanes [0, k) (k may be <= 0 or >= 8).
+inline __m256i first_lanes(int64_t k) {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), iota);
+}
+
+// All-ones 16-bit words [0, k), 0 <= k <= 16.
+inline __m256i first_words(int64_t k) {
+  alignas(32) static constexpr int16_t kOnesThenZeros[32] = {
+      -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+      0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0};
+  return loadu256(kOnesThenZeros + kChunk - k);
+}
+
+// Partial chunks (k < 16 elements at the ends of a row). Lanes past k load as 0. Where the
+// alignment allows, they are masked loads (vpmaskmov never touches masked-off lanes); the
+// fallback goes through a stack buffer, which costs a store-forwarding stall -- several per
+// row, enough to slow rows of a few hundred keys by a third.
 template <DType D> Pair load_part(const Elt<D>* p, int64_t k) {
-  Elt<D> buf[kChunk] = {};
-  std::memcpy(buf, p, static_cast<size_t>(k) * sizeof(buf[0]));
-  return Chunk<D>::load(buf);
+  if constexpr (D == DType::F32) {
+    return {_mm256_maskload_ps(p, first_lanes(k)), _mm256_maskload_ps(p + 8, first_lanes(k - 8))};
+  } else {
+    if (reinterpret_cast<uintptr_t>(p) % 4 == 0) {
+      // The 32-bit lanes holding elements [0, k): for odd k the last one also holds element
+      // k, which lies in the same aligned 4 bytes (so on a mapped page) and is cleared.
+      const __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), first_words(k + 1));
+      return Chunk<D>::convert(_mm256_and_si256(v, first_words(k)));
+    }
+    Elt<D> buf[kChunk] = {};
+    copy_few(buf, p, k);
+    return Chunk<D>::load(buf);
+  }
 }
 
 template <DType D> void store_part(Elt<D>* p, Pair v, int64_t k) {
-  Elt<D> buf[kChunk];
-  Chunk<D>::store(buf, v);
-  std::memcpy(p, buf, static_cast<size_t>(k) * sizeof(buf[0]));
+  if constexpr (D == DType::F32) {
+    _mm256_maskstore_ps(p, first_lanes(k), v.a);
+    _mm256_maskstore_ps(p + 8, first_lanes(k - 8), v.b);
+  } else {
+    Elt<D> buf[kChunk];  // whole-store then narrower loads: these forward without a stall
+    Chunk<D>::store(buf, v);
+    copy_few(p, buf, k);
+  }
+}
+
+// Mask bytes of a partial chunk of k < 16 keys at m (nullptr: none masked), with the lanes
+// past k marked masked too (dead).
+inline __m128i partial_mask_bytes(const uint8_t* m, int64_t k) {
+  alignas(16) static constexpr uint8_t kZerosThenOnes[32] = {
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+      1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  const __m128i dead = _mm_loadu_si128(reinterpret_cast<const __m128i*>(kZerosThenOnes + kChunk - k));
+  if (m == nullptr) return dead;
+  if (reinterpret_cast<uintptr_t>(m) % 4 == 0) {
+    // The 32-bit lanes holding bytes [0, k); bytes past k in the last one (same aligned 4
+    // bytes, so a mapped page) are overridden by dead.
+    const __m128i lanes = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(k)), _mm_setr_epi32(0, 4, 8, 12));
+    return _mm_or_si128(_mm_maskload_epi32(reinterpret_cast<const int*>(m), lanes), dead);
+  }
+  uint8_t mb[kChunk] = {};
+  copy_few(mb, m, k);
+  return _mm_or_si128(loadu128(mb), dead);
 }
 
 template <DType D> Pair load_any(const Elt<D>* p, int64_t k) {
@@ -142,7 +220,7 @@ template <class T> int64_t grid_head(const T* y) {
 // `head` elements (so that later chunks start on the grid), then full chunks, then the rest.
 // Two calls with the same head agree on every chunk start below the shorter len.
 template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = std::min(head, len);
+  int64_t j = min64(head, len);
   if (j > 0) fn(int64_t{0}, j);
   for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
   if (j < len) fn(j, len - j);
@@ -221,6 +299,23 @@ inline int64_t live_prefix(const uint8_t* m, int64_t n) {
   return n;
 }
 
+// Whether any of the n mask bytes at m is nonzero. A padding mask leaves none in the live
+// prefix, and pass 1 then skips the mask entirely.
+inline bool any_masked(const uint8_t* m, int64_t n) {
+  if (n < 32) {
+    for (int64_t j = 0; j < n; ++j) {
+      if (m[j] != 0) return true;
+    }
+    return false;
+  }
+  for (int64_t j = 0; j + 32 < n; j += 32) {
+    const __m256i v = loadu256(m + j);
+    if (!_mm256_testz_si256(v, v)) return true;
+  }
+  const __m256i v = loadu256(m + n - 32);  // the last 32, overlapping the loop's
+  return !_mm256_testz_si256(v, v);
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 // Pass 1 converts, scales (by scale*log2 e), masks (-inf) and stores the row into work in
 // chunk order while tracking the max; pass 2 replaces work by 2^(work - max) and sums it;
@@ -230,9 +325,12 @@ template <DType D>
 void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk, float scale,
              float* work, bool stream) {
   const int64_t head = grid_head(y);
-  if (m != nullptr) n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
+  if (m != nullptr) {
+    n = live_prefix(m, n);  // the masked tail is written as zeros, like causal
+    if (!any_masked(m, n)) m = nullptr;
+  }
   const __m256 vc = _mm256_set1_ps(static_cast<float>(scale * 1.4426950408889634));
-  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m256 ninf = _mm256_set1_ps(-kInf);
   Pair mx = {ninf, ninf};
   float* w = work;
   for_chunks(head, n, [&](int64_t j, int64_t k) {
@@ -240,13 +338,11 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
     v.a = _mm256_mul_ps(v.a, vc);
     v.b = _mm256_mul_ps(v.b, vc);
     if (k < kChunk) {  // lanes past k are dead: -inf, like masked keys
-      uint8_t mb[kChunk];
-      for (int64_t i = 0; i < kChunk; ++i) mb[i] = i >= k || (m != nullptr && m[j + i] != 0);
-      const Pair dead = Chunk<D>::masked(mb);
+      const Pair dead = Chunk<D>::masked(partial_mask_bytes(m == nullptr ? nullptr : m + j, k));
       v.a = _mm256_blendv_ps(v.a, ninf, dead.a);
       v.b = _mm256_blendv_ps(v.b, ninf, dead.b);
     } else if (m != nullptr) {
-      const Pair hid = Chunk<D>::masked(m + j);
+      const Pair hid = Chunk<D>::masked(loadu128(m + j));
       v.a = _mm256_blendv_ps(v.a, ninf, hid.a);
       v.b = _mm256_blendv_ps(v.b, ninf, hid.b);
     }
@@ -257,7 +353,7 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
     mx.b = _mm256_max_ps(mx.b, v.b);
   });
   const float row_max = hmax(_mm256_max_ps(mx.a, mx.b));
-  if (row_max == -std::numeric_limits<float>::infinity()) {
+  if (row_max == -kInf) {
     // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN. (A NaN
     // score may leave row_max NaN: the row then comes out NaN, as in torch.)
     write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return zeros(); });
@@ -301,7 +397,7 @@ void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t s
   const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d.a, d.b)) * scale);
   write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
     if (j >= n) return zeros();
-    const int64_t kin = std::min(k, n - j);  // lanes past n load as p = 0, so give 0
+    const int64_t kin = min64(k, n - j);  // lanes past n load as p = 0, so give 0
     const Pair g = load_any<D>(dy + j, kin), pv = load_any<D>(p + j, kin);
     return Pair{_mm256_mul_ps(pv.a, _mm256_fmsub_ps(g.a, vscale, dot)),
                 _mm256_mul_ps(pv.b, _mm256_fmsub_ps(g.b, vscale, dot))};

@@ -1,6 +1,7 @@
-// Private interface between the softmax dispatcher (softmax.cpp, portable flags) and the AVX2
-// row kernels (softmax_avx2.cpp, compiled with an AVX2 target pragma). Only plain types cross
-// this boundary so no inline code compiled for AVX2 can leak into the scalar translation unit.
+// Private interface between the softmax dispatcher (softmax.cpp, portable flags) and the vector
+// row kernels (softmax_avx2.cpp / softmax_avx512.cpp, each compiled under its own target
+// pragma). Only plain types cross this boundary so no inline code compiled for AVX2 or AVX-512
+// can leak into the portable translation unit.
 #pragma once
 #include <cstdint>
 
@@ -25,6 +26,12 @@ void fwd_row_avx2(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_
 // dx[n..sk) = 0 (the causally skipped keys; n may be 0). stream: as for fwd_row_avx2.
 void bwd_row_avx2(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
                   DType dt, bool stream);
+
+// The same two rows for CPUs with AVX-512 F/BW/VL (softmax_avx512.cpp); same arguments.
+void fwd_row_avx512(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
+                    float scale, DType dt, float* work, bool stream);
+void bwd_row_avx512(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
+                    DType dt, bool stream);
 
 // Orders this thread's earlier non-temporal stores before its later stores (sfence).
 void stream_fence();

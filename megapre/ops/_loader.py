@@ -94,7 +94,8 @@ def backend_info() -> dict:
 
 
 def set_cpu_isa(name: str) -> None:
-    """Force the CPU kernels' vector path: 'auto', 'scalar' or 'avx2' (tests cover both)."""
+    """Force the CPU kernels' vector path: 'auto', 'scalar', 'avx2' or 'avx512vnni' (tests cover
+    each the CPU has); naming one the CPU lacks raises ValueError."""
     if not STATE.cpu:
         raise RuntimeError(f"megapre: set_cpu_isa({name!r}) needs the compiled kernels; {BUILD_HINT}")
     try:

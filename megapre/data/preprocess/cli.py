@@ -21,7 +21,8 @@ split across shards; rerunning skips finished shards; tools/merge_datasets.py jo
 exit codes:
   {EXIT_OK}  every record became a document
   {EXIT_SKIPPED}  finished, but records were skipped (malformed JSON, missing key, non-string value,
-     invalid UTF-8, empty document, blank line, tokenizer error); see PREFIX.errors.jsonl
+     invalid UTF-8, empty document, blank line, tokenizer error, unreadable rest of a
+     truncated/corrupt file); see PREFIX.errors.jsonl
   {EXIT_FAILURE}  failed (I/O error, or the first bad record under --on-error fail); nothing published
   {EXIT_USAGE}  bad flags or inputs (nothing was written)
 

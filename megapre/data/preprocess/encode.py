@@ -9,7 +9,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megapre.data.preprocess.readers import RawBatch, parse_batch
+from megapre.data.preprocess.readers import RawBatch
+from megapre.data.preprocess.records import parse_batch
 from megapre.data.preprocess.sentences import split_sentences
 
 

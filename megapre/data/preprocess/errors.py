@@ -27,6 +27,7 @@ SKIP_REASONS = (
     "empty_document",     # the text is empty / whitespace only / tokenizes to nothing
     "tokenizer_error",    # the tokenizer raised on this text (the message is kept)
     "blank_line",         # an empty line in a JSONL file (no record at all)
+    "unreadable_file",    # reading stopped at this line (truncated/corrupt file): the rest is lost
 )
 
 

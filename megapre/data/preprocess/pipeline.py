@@ -25,7 +25,8 @@ from megapre.data.preprocess import shards as sh
 from megapre.data.preprocess.encode import (EncodeConfig, EncodedBatch, Encoder, encode_in_worker,
                                             init_worker)
 from megapre.data.preprocess.errors import EXIT_OK, EXIT_SKIPPED, ErrorLog, Skip
-from megapre.data.preprocess.readers import (FileReader, InputFile, RawBatch, expand_inputs)
+from megapre.data.preprocess.readers import (FileReader, InputFile, RawBatch, check_dependencies,
+                                             expand_inputs)
 from megapre.data.preprocess.stats import Counters, Progress, peak_rss_mb, write_json_atomic
 
 
@@ -160,22 +161,54 @@ def _config_dict(cfg: PreprocessConfig) -> dict[str, Any]:
     return d
 
 
+@dataclass
+class _Plan:
+    """What a run will do, decided before anything is written."""
+
+    files: list[InputFile]          # all inputs
+    mine: list[InputFile]           # this shard's
+    spec: sh.ShardSpec
+    tokenizer: Any
+    dtype: np.dtype
+    prefix: str                     # PREFIX or PREFIX_shardIIIII-of-NNNNN
+    outputs: dict[str, str]         # key -> dataset prefix
+    fingerprint: dict[str, Any]
+
+
 def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any] | None = None,
                    builder_cls: Any = None, dataset_cls: Any = None) -> RunReport:
     """Run (or resume) one shard of a preprocessing job. Raises UsageError for bad flags/inputs,
     errors.InputError under --on-error fail, anything else for I/O failures; in every failing
     case no output (and no stats file) of this run is published."""
-    t0 = time.perf_counter()
-    factory = tokenizer_factory or _default_factory
-    if builder_cls is None or dataset_cls is None:
-        from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
+    from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
-        builder_cls = builder_cls or IndexedDatasetBuilder
-        dataset_cls = dataset_cls or IndexedDataset
+    t0 = time.perf_counter()
+    plan = _plan(cfg, tokenizer_factory or _default_factory)
+    done = _finished(plan, cfg.overwrite, dataset_cls or IndexedDataset)
+    if done is not None:
+        _log(f"{sh.stats_path(plan.prefix)}: this {'shard' if plan.spec.sharded else 'run'} already "
+             "finished with the same inputs and settings; skipping (pass --overwrite to redo it)")
+        report = RunReport(int(done.get("exit_code", EXIT_OK)), done, skipped_run=True)
+        _announce_merge(cfg, plan.spec, report)
+        return report
+    os.makedirs(os.path.dirname(os.path.abspath(plan.prefix)), exist_ok=True)
+    sh.stats_path(plan.prefix).unlink(missing_ok=True)   # from here on the old run is not "finished"
+    counters, errors, readers = _execute(cfg, plan, builder_cls or IndexedDatasetBuilder)
+    exit_code = EXIT_SKIPPED if errors.total else EXIT_OK
+    stats = _stats(cfg, plan, readers, counters, errors, exit_code, time.perf_counter() - t0)
+    write_json_atomic(sh.stats_path(plan.prefix), stats)   # last: marks the run finished
+    report = RunReport(exit_code, stats)
+    _summary(report, errors, plan.prefix)
+    _announce_merge(cfg, plan.spec, report)
+    return report
+
+
+def _plan(cfg: PreprocessConfig, factory: Callable[[Any], Any]) -> _Plan:
     from megapre.data.indexed import optimal_dtype
 
     _validate(cfg)
     files = _setup_error(lambda: expand_inputs(cfg.inputs, cfg.input_format))
+    _setup_error(lambda: check_dependencies(files))
     if any(f.format == "text" for f in files) and len(cfg.json_keys) != 1:
         raise UsageError(f"--json-keys {' '.join(cfg.json_keys)}: plain-text inputs hold one "
                          "field per document; give a single key (it only names the output)")
@@ -189,55 +222,42 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
     dtype = np.dtype(optimal_dtype(tokenizer.vocab_size))
     prefix = sh.run_prefix(cfg.output_prefix, spec)
     outputs = {k: sh.dataset_prefix(prefix, k, cfg.split_sentences) for k in cfg.json_keys}
-    fingerprint = _fingerprint(cfg, mine, tokenizer, dtype, spec)
+    return _Plan(files, mine, spec, tokenizer, dtype, prefix, outputs,
+                 _fingerprint(cfg, mine, tokenizer, dtype, spec))
 
-    done = _finished(prefix, fingerprint, outputs, cfg.overwrite, dataset_cls)
-    if done is not None:
-        _log(f"{sh.stats_path(prefix)}: this {'shard' if spec.sharded else 'run'} already finished "
-             f"with the same inputs and settings; skipping (pass --overwrite to redo it)")
-        report = RunReport(int(done.get("exit_code", EXIT_OK)), done, skipped_run=True)
-        _announce_merge(cfg, spec, report)
-        return report
 
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    sh.stats_path(prefix).unlink(missing_ok=True)    # from here on the old run is not "finished"
-    _log(f"{'shard ' + str(spec.index) + '/' + str(spec.count) + ': ' if spec.sharded else ''}"
-         f"{len(mine)} of {len(files)} input file(s), {sum(f.size for f in mine) / 1e6:,.1f} MB, "
-         f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size}, {dtype}), "
-         f"{cfg.workers} worker(s)")
-
-    errors = ErrorLog(sh.errors_path(prefix), fail_fast=cfg.on_error == "fail")
-    writer = DatasetWriter(outputs, dtype, builder_cls)
+def _execute(cfg: PreprocessConfig, plan: _Plan,
+             builder_cls: Any) -> tuple[Counters, ErrorLog, list[FileReader]]:
+    """Stream this shard's files through the workers into the builders; publish the datasets and
+    the errors file, or on any failure remove everything this run wrote."""
+    _log(f"{'shard ' + str(plan.spec.index) + '/' + str(plan.spec.count) + ': ' if plan.spec.sharded else ''}"
+         f"{len(plan.mine)} of {len(plan.files)} input file(s), "
+         f"{sum(f.size for f in plan.mine) / 1e6:,.1f} MB, tokenizer {plan.tokenizer.name} "
+         f"(vocab {plan.tokenizer.vocab_size}, {plan.dtype}), {cfg.workers} worker(s)")
+    errors = ErrorLog(sh.errors_path(plan.prefix), fail_fast=cfg.on_error == "fail")
+    writer = DatasetWriter(plan.outputs, plan.dtype, builder_cls)
     counters = Counters()
     progress = Progress(counters, cfg.progress_interval)
     readers: list[FileReader] = []
     enc_cfg = EncodeConfig(tuple(cfg.json_keys), cfg.append_eod, cfg.split_sentences,
-                           cfg.keep_newlines, dtype.name)
+                           cfg.keep_newlines, plan.dtype.name)
     try:
-        batches = _batches(mine, cfg, readers)
-        initargs = (tokenizer, enc_cfg)
-        with closing(ordered_map(batches, cfg.workers, 2 * cfg.workers + 2, initargs)) as results:
+        batches = _batches(plan.mine, cfg, readers)
+        inflight = 2 * cfg.workers + 2
+        with closing(ordered_map(batches, cfg.workers, inflight, (plan.tokenizer, enc_cfg))) as results:
             for enc in results:
-                _record_skips(errors, enc, mine)
+                _record_skips(errors, enc, plan.mine)
                 writer.write(enc, counters)
                 progress.update(errors.total)
         writer.finalize()
         errors.close()
     except BaseException:
-        progress.close()
         writer.abort()
         errors.abort()
         raise
-    progress.close()
-
-    exit_code = EXIT_SKIPPED if errors.total else EXIT_OK
-    stats = _stats(cfg, spec, mine, readers, tokenizer, dtype, outputs, counters, errors,
-                   fingerprint, exit_code, time.perf_counter() - t0)
-    write_json_atomic(sh.stats_path(prefix), stats)   # last: marks the run finished
-    report = RunReport(exit_code, stats)
-    _summary(report, errors, prefix)
-    _announce_merge(cfg, spec, report)
-    return report
+    finally:
+        progress.close()
+    return counters, errors, readers
 
 
 def _validate(cfg: PreprocessConfig) -> None:
@@ -288,29 +308,28 @@ def _fingerprint(cfg: PreprocessConfig, files: Sequence[InputFile], tokenizer: A
     }
 
 
-def _finished(prefix: str, fingerprint: dict, outputs: dict[str, str], overwrite: bool,
-              dataset_cls: Any) -> dict[str, Any] | None:
-    old = sh.load_stats(prefix)
+def _finished(plan: _Plan, overwrite: bool, dataset_cls: Any) -> dict[str, Any] | None:
+    """The stats of a finished run with the same fingerprint (None: run it). A finished run with
+    another fingerprint is a usage error unless --overwrite."""
+    old = sh.load_stats(plan.prefix)
     if old is None or overwrite:
         return None
-    fingerprint = json.loads(json.dumps(fingerprint))      # compare as stored (lists, not tuples)
-    if not all(dataset_cls.exists(p) for p in outputs.values()):
-        _log(f"{sh.stats_path(prefix)} says finished but outputs are missing; redoing the run")
+    if not all(dataset_cls.exists(p) for p in plan.outputs.values()):
+        _log(f"{sh.stats_path(plan.prefix)} says finished but outputs are missing; redoing the run")
         return None
+    fingerprint = json.loads(json.dumps(plan.fingerprint))  # compare as stored (lists, not tuples)
     diff = sh.fingerprint_diff(old.get("fingerprint", {}), fingerprint)
     if diff:
         raise UsageError(
-            f"{sh.stats_path(prefix)}: outputs at this prefix were made with different "
+            f"{sh.stats_path(plan.prefix)}: outputs at this prefix were made with different "
             f"{', '.join(diff)}; pass --overwrite to replace them or choose another --output-prefix")
     return old
 
 
-def _stats(cfg: PreprocessConfig, spec: sh.ShardSpec, files: Sequence[InputFile],
-           readers: Sequence[FileReader], tokenizer: Any, dtype: np.dtype, outputs: dict[str, str],
-           counters: Counters, errors: ErrorLog, fingerprint: dict, exit_code: int,
-           elapsed: float) -> dict[str, Any]:
+def _stats(cfg: PreprocessConfig, plan: _Plan, readers: Sequence[FileReader], counters: Counters,
+           errors: ErrorLog, exit_code: int, elapsed: float) -> dict[str, Any]:
     inputs = [{"path": f.path, "format": f.format, "compression": f.compression, "size": f.size,
-               "bytes_read": r.nbytes, "sha256": r.sha256} for f, r in zip(files, readers)]
+               "bytes_read": r.nbytes, "sha256": r.sha256} for f, r in zip(plan.mine, readers)]
     return {
         "complete": True,
         "exit_code": exit_code,
@@ -321,15 +340,16 @@ def _stats(cfg: PreprocessConfig, spec: sh.ShardSpec, files: Sequence[InputFile]
         "skipped": errors.by_reason(),
         "skipped_total": errors.total,
         "errors_file": str(errors.path) if errors.total else None,
-        "outputs": {k: {"prefix": p, "dtype": dtype.name} for k, p in outputs.items()},
-        "shard": {"index": spec.index, "count": spec.count},
-        "tokenizer": tokenizer.describe(),
+        "outputs": {k: {"prefix": p, "dtype": plan.dtype.name} for k, p in plan.outputs.items()},
+        "shard": {"index": plan.spec.index, "count": plan.spec.count},
+        "tokenizer": plan.tokenizer.describe(),
         "inputs": inputs,
         "args": _config_dict(cfg),
-        "elapsed_s": round(elapsed, 3),
+        "elapsed_s": round(elapsed, 3),               # from the start of the run (after imports)
+        "loop_s": round(counters.elapsed(), 3),       # streaming only (tokenizer already built)
         "tokens_per_s": round(counters.total_tokens / max(counters.elapsed(), 1e-9), 1),
         "peak_rss_mb": peak_rss_mb(),
-        "fingerprint": fingerprint,
+        "fingerprint": plan.fingerprint,
     }
 
 

@@ -1,5 +1,5 @@
-"""Input formats: find the files, stream them in record-aligned raw batches (main process), and turn
-a batch into per-record texts with file:line provenance (worker process).
+"""Input formats, main-process side: find the files and stream them as record-aligned raw batches
+with the line number of their first record (records.py turns a batch into texts in a worker).
 
 The main process only reads and cuts bytes (plus gzip/zstd decompression and the sha256 of each
 file as it streams by); JSON parsing, UTF-8 decoding and validation happen in the workers, so a raw
@@ -10,18 +10,12 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
 
 from megapre.data.preprocess.errors import Skip
-
-try:  # orjson is ~3x faster than json on JSONL records; json is the always-available fallback
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - exercised only where orjson is absent
-    _orjson = None
 
 FORMATS = ("jsonl", "text", "parquet")
 TEXT_MODES = ("line", "blank-line")
@@ -158,11 +152,8 @@ def _decompressed(hashing: HashingReader, compression: str) -> IO[bytes]:
     if compression == "gzip":
         return gzip.GzipFile(fileobj=hashing, mode="rb")  # type: ignore[arg-type]
     if compression == "zstd":
-        try:
-            import zstandard
-        except ImportError as e:
-            raise RuntimeError("reading .zst inputs needs the zstandard package: "
-                               "pip install zstandard") from e
+        import zstandard
+
         return zstandard.ZstdDecompressor().stream_reader(hashing, read_across_frames=True)
     return hashing  # type: ignore[return-value]
 
@@ -215,9 +206,24 @@ def iter_raw_chunks(stream: IO[bytes], batch_bytes: int,
         yield line, bytes(buf)
 
 
+def check_dependencies(files: Sequence[InputFile]) -> None:
+    """Fail before any work when an input needs an optional package that is not installed."""
+    needs = {"zstandard": any(f.compression == "zstd" for f in files),
+             "pyarrow": any(f.format == "parquet" for f in files)}
+    for package, needed in needs.items():
+        if needed:
+            try:
+                __import__(package)
+            except ImportError as e:
+                kind = ".zst" if package == "zstandard" else "Parquet"
+                raise ValueError(f"{kind} inputs need the {package} package: pip install {package}") from e
+
+
 class FileReader:
     """Streams one input file as RawBatches; after exhaustion `sha256` holds the file's checksum
-    (of the bytes on disk) and `nbytes` the (decompressed) bytes read."""
+    (of the bytes on disk) and `nbytes` the (decompressed) bytes read. A file that cannot be read
+    on (truncated gzip, corrupt zstd/Parquet, permission denied) ends with a "skip" batch naming
+    the line where reading stopped: the records before it are kept, the run goes on."""
 
     def __init__(self, file: InputFile, file_id: int, batch_bytes: int, text_mode: str,
                  keys: Sequence[str]) -> None:
@@ -225,30 +231,41 @@ class FileReader:
         self.batch_bytes, self.text_mode, self.keys = batch_bytes, text_mode, list(keys)
         self.sha256: str | None = None
         self.nbytes = 0
+        self._next_line = 1
 
     def __iter__(self) -> Iterator[RawBatch]:
-        if self.file.format == "parquet":
-            yield from self._parquet()
-            return
+        try:
+            if self.file.format == "parquet":
+                yield from self._parquet()
+            else:
+                yield from self._lines()
+        except Exception as e:  # noqa: BLE001 - any read/decode failure of this file's bytes
+            try:
+                self.sha256 = sha256_file(self.file.path)
+            except OSError:
+                self.sha256 = None
+            unit = "row" if self.file.format == "parquet" else "line"
+            detail = (f"cannot read from {unit} {self._next_line} on ({type(e).__name__}: {e}); "
+                      "the rest of the file is skipped")
+            yield RawBatch(self.file_id, 0, "skip",
+                           Skip(self.file.path, self._next_line, "unreadable_file", detail), 0)
+
+    def _lines(self) -> Iterator[RawBatch]:
         kind = "jsonl" if self.file.format == "jsonl" else (
             "text-line" if self.text_mode == "line" else "text-block")
         boundary = _block_boundary if kind == "text-block" else _line_boundary
         with open(self.file.path, "rb") as raw:
             hashing = HashingReader(raw)
             stream = _decompressed(hashing, self.file.compression)
-            try:
-                for first_line, chunk in iter_raw_chunks(stream, self.batch_bytes, boundary):
-                    self.nbytes += len(chunk)
-                    yield RawBatch(self.file_id, first_line, kind, chunk, len(chunk))
-            except (OSError, EOFError) as e:  # truncated/corrupt gzip or zstd stream
-                raise RuntimeError(f"{self.file.path}: cannot read ({self.file.compression}): {e}") from e
+            for first_line, chunk in iter_raw_chunks(stream, self.batch_bytes, boundary):
+                self.nbytes += len(chunk)
+                self._next_line = first_line + chunk.count(b"\n")
+                yield RawBatch(self.file_id, first_line, kind, chunk, len(chunk))
             self.sha256 = hashing.finish()
 
     def _parquet(self) -> Iterator[RawBatch]:
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise RuntimeError("reading Parquet inputs needs pyarrow: pip install pyarrow") from e
+        import pyarrow.parquet as pq
+
         pf = pq.ParquetFile(self.file.path)
         names = pf.schema_arrow.names
         missing = [k for k in self.keys if k not in names]
@@ -265,13 +282,13 @@ class FileReader:
     def _parquet_batches(self, pf: Any, rows: int) -> Iterator[RawBatch]:
         row_bytes = max(1, self.file.size // max(rows, 1))
         batch_rows = max(1, self.batch_bytes // row_bytes)
-        first = 1
         for record_batch in pf.iter_batches(batch_size=batch_rows, columns=self.keys):
             payload = {k: record_batch.column(k).to_pylist() for k in self.keys}
             nbytes = int(record_batch.nbytes)
             self.nbytes += nbytes
+            first = self._next_line
+            self._next_line += record_batch.num_rows
             yield RawBatch(self.file_id, first, "parquet", payload, nbytes)
-            first += record_batch.num_rows
 
 
 def sha256_file(path: str) -> str:
@@ -280,172 +297,3 @@ def sha256_file(path: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- worker-side parsing
-
-@dataclass
-class Records:
-    """Parsed batch: texts[i][k] is key k of record i, lines[i] its 1-based line; skips are
-    (line, reason, detail) for the records dropped."""
-
-    texts: list[tuple[str, ...]]
-    lines: list[int]
-    skips: list[tuple[int, str, str]]
-
-
-def parse_batch(batch: RawBatch, keys: Sequence[str]) -> Records:
-    if batch.kind == "jsonl":
-        return _parse_jsonl(batch.payload, batch.first_line, keys)
-    if batch.kind == "text-line":
-        return _parse_text_lines(batch.payload, batch.first_line)
-    if batch.kind == "text-block":
-        return _parse_text_blocks(batch.payload, batch.first_line)
-    if batch.kind == "parquet":
-        return _parse_columns(batch.payload, batch.first_line, keys)
-    raise ValueError(f"unknown batch kind {batch.kind!r}")
-
-
-def _decode_lines(payload: bytes) -> list[str | UnicodeDecodeError]:
-    """Lines of the chunk (without the newline; a final newline ends the last line, it does not
-    start an empty one). One decode for the whole chunk; per line only when it has bad UTF-8."""
-    if payload.endswith(b"\n"):
-        payload = payload[:-1]
-    try:
-        return payload.decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        pass
-    out: list[str | UnicodeDecodeError] = []
-    for raw in payload.split(b"\n"):
-        try:
-            out.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            out.append(e)
-    return out
-
-
-def _utf8_detail(e: UnicodeDecodeError) -> str:
-    return f"invalid UTF-8 byte 0x{e.object[e.start]:02x} at byte {e.start} of the line"
-
-
-if _orjson is not None:
-    _loads = _orjson.loads
-    _JSONError: tuple[type[Exception], ...] = (_orjson.JSONDecodeError,)
-else:  # pragma: no cover
-    _loads = json.loads
-    _JSONError = (json.JSONDecodeError, RecursionError)
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _check_value(obj: dict, key: str) -> tuple[str, str] | str:
-    """The key's text, or (reason, detail) when it cannot be one."""
-    if key not in obj:
-        shown = ", ".join(list(obj)[:8])
-        return "missing_key", f"key {key!r} not in the object (keys: {shown or 'none'})"
-    value = obj[key]
-    if not isinstance(value, str):
-        return "non_string_value", f"key {key!r} holds {type(value).__name__}, not a string"
-    if _orjson is None and not value.isascii() and _SURROGATE.search(value):  # pragma: no cover
-        return "malformed_json", f"key {key!r} holds a lone surrogate escape (not valid Unicode)"
-    if not value or value.isspace():
-        return "empty_document", f"key {key!r} is empty or whitespace only"
-    return value
-
-
-def _parse_jsonl(payload: bytes, first_line: int, keys: Sequence[str]) -> Records:
-    texts, lines, skips = [], [], []
-    for offset, line in enumerate(_decode_lines(payload)):
-        lineno = first_line + offset
-        if isinstance(line, UnicodeDecodeError):
-            skips.append((lineno, "invalid_utf8", _utf8_detail(line)))
-            continue
-        if not line or line.isspace():
-            skips.append((lineno, "blank_line", "empty line"))
-            continue
-        try:
-            obj = _loads(line)
-        except _JSONError as e:
-            skips.append((lineno, "malformed_json", str(e)[:200]))
-            continue
-        if not isinstance(obj, dict):
-            skips.append((lineno, "not_an_object", f"JSON {type(obj).__name__}, expected an object"))
-            continue
-        values = []
-        for key in keys:
-            v = _check_value(obj, key)
-            if isinstance(v, tuple):
-                skips.append((lineno, *v))
-                break
-            values.append(v)
-        else:
-            texts.append(tuple(values))
-            lines.append(lineno)
-    return Records(texts, lines, skips)
-
-
-def _parse_text_lines(payload: bytes, first_line: int) -> Records:
-    texts, lines, skips = [], [], []
-    for offset, line in enumerate(_decode_lines(payload)):
-        lineno = first_line + offset
-        if isinstance(line, UnicodeDecodeError):
-            skips.append((lineno, "invalid_utf8", _utf8_detail(line)))
-            continue
-        line = line.rstrip("\r")
-        if not line or line.isspace():
-            skips.append((lineno, "empty_document", "empty line (--text-mode line: one document per line)"))
-            continue
-        texts.append((line,))
-        lines.append(lineno)
-    return Records(texts, lines, skips)
-
-
-def _parse_text_blocks(payload: bytes, first_line: int) -> Records:
-    """Documents are runs of non-blank lines; a block with a bad-UTF-8 line is skipped whole."""
-    texts, lines, skips = [], [], []
-    block: list[str] = []
-    start, bad = 0, None
-
-    def flush() -> None:
-        if bad is not None:
-            skips.append((start, "invalid_utf8", _utf8_detail(bad)))
-        elif block:
-            texts.append(("\n".join(block),))
-            lines.append(start)
-
-    for offset, line in enumerate(_decode_lines(payload)):
-        lineno = first_line + offset
-        if isinstance(line, str):
-            line = line.rstrip("\r")
-            if not line or line.isspace():
-                flush()
-                block, bad = [], None
-                continue
-        if not block and bad is None:
-            start = lineno
-        if isinstance(line, UnicodeDecodeError):
-            bad = bad or line
-            block.append("")
-        else:
-            block.append(line)
-    flush()
-    return Records(texts, lines, skips)
-
-
-def _parse_columns(payload: dict[str, list], first_row: int, keys: Sequence[str]) -> Records:
-    texts, lines, skips = [], [], []
-    columns = [payload[k] for k in keys]
-    for offset, values in enumerate(zip(*columns)):
-        row = first_row + offset
-        for key, value in zip(keys, values):
-            if not isinstance(value, str):
-                kind = "null" if value is None else type(value).__name__
-                skips.append((row, "non_string_value", f"column {key!r} holds {kind}, not a string"))
-                break
-            if not value or value.isspace():
-                skips.append((row, "empty_document", f"column {key!r} is empty or whitespace only"))
-                break
-        else:
-            texts.append(tuple(values))
-            lines.append(row)
-    return Records(texts, lines, skips)

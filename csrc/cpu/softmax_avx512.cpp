@@ -1,0 +1,263 @@
+// AVX-512 (F/BW/VL) row kernels for the fused scale + mask + softmax (see softmax_impl.h): the
+// algorithm of softmax_avx2.cpp with a 16-element chunk in one zmm register. Row ends, mask
+// bytes and the dead lanes of partial chunks go through opmask registers (masked loads and
+// stores never touch masked-off bytes), so no chunk needs a stack buffer and masking a key is
+// one masked move instead of a blend. Same exp2, same roundings: results equal the AVX2 rows
+// up to the order of the row reductions (max, sum, dot).
+// Everything after the target pragma is compiled for AVX-512; no standard-library template is
+// instantiated below it (the linker could keep that copy for the portable code).
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "softmax_impl.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
+// False alarms: GCC's AVX-512 intrinsic headers start some results from an undefined vector,
+// and it checks the zmm-return ABI of the lambdas below before applying the target pragma.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace megapre::cpu::softmax_impl {
+namespace {
+
+constexpr int64_t kChunk = 16;
+constexpr uintptr_t kLineBytes = 64;
+constexpr float kInf = __builtin_inff();
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Lanes [0, k), 0 <= k <= 16.
+inline __mmask16 first(int64_t k) { return static_cast<__mmask16>((1u << k) - 1u); }
+constexpr __mmask16 kAll = 0xffff;
+
+// ---- 16-element chunks <-> one fp32 vector, lanes in element order -------------------------
+template <DType D> struct Chunk;
+
+template <> struct Chunk<DType::F32> {
+  using T = float;
+  static __m512 load(const T* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+  static void store(T* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+  static void stream(T* p, __m512 v) { _mm512_stream_ps(p, v); }  // 64-byte aligned p
+};
+
+template <> struct Chunk<DType::F16> {
+  using T = uint16_t;
+  static __m512 load(const T* p, __mmask16 k) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
+  }
+  static __m256i pack(__m512 v) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static void store(T* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, pack(v)); }
+  static void stream(T* p, __m512 v) {  // 32-byte aligned p
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v));
+  }
+};
+
+template <> struct Chunk<DType::BF16> {
+  using T = uint16_t;
+  static __m512 load(const T* p, __mmask16 k) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  // Round to nearest even as in softmax_avx2.cpp (every NaN here has a zero low half, so it
+  // needs no fix-up), then narrow each lane's top half.
+  static __m256i pack(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+  }
+  static void store(T* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, pack(v)); }
+  static void stream(T* p, __m512 v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v));
+  }
+};
+
+template <DType D> using Elt = typename Chunk<D>::T;
+
+// Lanes among `live` whose mask byte at m is nonzero (True = masked).
+inline __mmask16 hidden(const uint8_t* m, __mmask16 live) {
+  return _mm_mask_test_epi8_mask(live, _mm_maskz_loadu_epi8(live, m), _mm_set1_epi8(-1));
+}
+
+// Chunk grid and row writer: as in softmax_avx2.cpp.
+template <class T> int64_t grid_head(const T* y) {
+  constexpr uintptr_t bytes = kChunk * sizeof(T);
+  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
+  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
+}
+
+template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
+  int64_t j = min64(head, len);
+  if (j > 0) fn(int64_t{0}, j);
+  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
+  if (j < len) fn(j, len - j);
+}
+
+template <DType D, class Value>
+void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
+  const auto base = reinterpret_cast<uintptr_t>(y);
+  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
+  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
+  stream = stream && base % sizeof(y[0]) == 0;
+  for_chunks(head, sk, [&](int64_t j, int64_t k) {
+    const __m512 v = value(j, k);
+    if (k < kChunk) return Chunk<D>::store(y + j, v, first(k));
+    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
+    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
+      Chunk<D>::stream(y + j, v);
+    } else {
+      Chunk<D>::store(y + j, v, kAll);
+    }
+  });
+}
+
+// 2^t for t <= 0 (or NaN): the same steps and constants as exp2_nonpos in softmax_avx2.cpp.
+inline __m512 exp2_nonpos(__m512 t) {
+  t = _mm512_max_ps(_mm512_set1_ps(-127.0f), t);
+  const __m512 magic = _mm512_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  const __m512 big = _mm512_add_ps(t, magic);
+  const __m512 r = _mm512_sub_ps(t, _mm512_sub_ps(big, magic));
+  __m512 p = _mm512_set1_ps(1.326471916e-03f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.671513923e-03f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733954e-02f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402224243e-01f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470037e-01f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512 pow2n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(big), 23));
+  return _mm512_mul_ps(p, pow2n);
+}
+
+// Index + 1 of the last unmasked key among the first n (0 when all are masked).
+inline int64_t live_prefix(const uint8_t* m, int64_t n) {
+  for (; n >= 64; n -= 64) {
+    const __m512i v = _mm512_loadu_si512(m + n - 64);
+    const uint64_t live = _mm512_cmpeq_epi8_mask(v, _mm512_setzero_si512());
+    if (live != 0) return n - 64 + (64 - __builtin_clzll(live));
+  }
+  while (n > 0 && m[n - 1] != 0) --n;
+  return n;
+}
+
+// Whether any of the n mask bytes at m is nonzero (padding masks leave none in the live prefix).
+inline bool any_masked(const uint8_t* m, int64_t n) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    if (_mm512_test_epi8_mask(_mm512_loadu_si512(m + j), _mm512_set1_epi8(-1)) != 0) return true;
+  }
+  const __mmask64 rest = n - j == 0 ? 0 : ~__mmask64{0} >> (64 - (n - j));
+  return _mm512_test_epi8_mask(_mm512_maskz_loadu_epi8(rest, m + j), _mm512_set1_epi8(-1)) != 0;
+}
+
+// ---- rows: the passes of softmax_avx2.cpp ------------------------------------------------------
+template <DType D>
+void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk, float scale,
+             float* work, bool stream) {
+  const int64_t head = grid_head(y);
+  if (m != nullptr) {
+    n = live_prefix(m, n);
+    if (!any_masked(m, n)) m = nullptr;
+  }
+  const __m512 vc = _mm512_set1_ps(static_cast<float>(scale * 1.4426950408889634));
+  const __m512 ninf = _mm512_set1_ps(-kInf);
+  __m512 mx = ninf;
+  float* w = work;
+  for_chunks(head, n, [&](int64_t j, int64_t k) {
+    const __mmask16 live = first(k);
+    __mmask16 dead = static_cast<__mmask16>(~live);
+    if (m != nullptr) dead = static_cast<__mmask16>(dead | hidden(m + j, live));
+    const __m512 v = _mm512_mask_mov_ps(_mm512_mul_ps(Chunk<D>::load(x + j, live), vc), dead, ninf);
+    _mm512_storeu_ps(w, v);
+    w += kChunk;
+    mx = _mm512_max_ps(mx, v);
+  });
+  const float row_max = _mm512_reduce_max_ps(mx);
+  if (row_max == -kInf) {  // all masked or all -inf: zeros, not 0/0
+    write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return _mm512_setzero_ps(); });
+    return;
+  }
+
+  const __m512 vmax = _mm512_set1_ps(row_max);
+  __m512 s = _mm512_setzero_ps();
+  for (float* p = work; p < w; p += kChunk) {
+    const __m512 e = exp2_nonpos(_mm512_sub_ps(_mm512_loadu_ps(p), vmax));
+    _mm512_storeu_ps(p, e);
+    s = _mm512_add_ps(s, e);
+  }
+
+  const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(s));
+  const float* p = work;
+  write_row<D>(y, sk, head, stream, [&](int64_t j, int64_t) {
+    if (j >= n) return _mm512_setzero_ps();
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(p), inv);
+    p += kChunk;
+    return v;
+  });
+}
+
+template <DType D>
+void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t sk, float scale,
+             bool stream) {
+  const int64_t head = grid_head(dx);
+  __m512 d = _mm512_setzero_ps();
+  for_chunks(head, n, [&](int64_t j, int64_t k) {
+    const __mmask16 live = first(k);
+    d = _mm512_fmadd_ps(Chunk<D>::load(dy + j, live), Chunk<D>::load(p + j, live), d);
+  });
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(d) * scale);
+  write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
+    if (j >= n) return _mm512_setzero_ps();
+    const __mmask16 live = first(min64(k, n - j));  // lanes past n load as p = 0, so give 0
+    const __m512 g = Chunk<D>::load(dy + j, live), pv = Chunk<D>::load(p + j, live);
+    return _mm512_mul_ps(pv, _mm512_fmsub_ps(g, vscale, dot));
+  });
+}
+
+template <DType D> using Ptr = Elt<D>*;
+template <DType D> using CPtr = const Elt<D>*;
+
+}  // namespace
+
+void fwd_row_avx512(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
+                    float scale, DType dt, float* work, bool stream) {
+  switch (dt) {
+    case DType::F32:
+      return fwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(x), mrow,
+                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work, stream);
+    case DType::F16:
+      return fwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(x), mrow,
+                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work, stream);
+    case DType::BF16:
+      return fwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(x), mrow,
+                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work, stream);
+  }
+}
+
+void bwd_row_avx512(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
+                    DType dt, bool stream) {
+  switch (dt) {
+    case DType::F32:
+      return bwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(dy),
+                                 static_cast<CPtr<DType::F32>>(p),
+                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale, stream);
+    case DType::F16:
+      return bwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(dy),
+                                 static_cast<CPtr<DType::F16>>(p),
+                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale, stream);
+    case DType::BF16:
+      return bwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(dy),
+                                  static_cast<CPtr<DType::BF16>>(p),
+                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale, stream);
+  }
+}
+
+}  // namespace megapre::cpu::softmax_impl
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
