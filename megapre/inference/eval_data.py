@@ -12,7 +12,7 @@ from typing import Any
 from megapre.data.blend import BlendConfig, build_gpt_datasets, parse_blend
 from megapre.data.gpt_dataset import GPTDatasetConfig
 from megapre.data.index_cache import CacheConfig
-from megapre.data.split import SPLIT_NAMES
+from megapre.data.split import SPLIT_NAMES, parse_split, split_ranges
 from megapre.data.tokenizers import Tokenizer
 from megapre.model.config import ConfigError
 from megapre.train.args import PretrainConfig
@@ -63,11 +63,42 @@ def eval_dataset(cfg: PretrainConfig, tokenizer: Tokenizer, split: str,
                             test_data_path=d.test_data_path or None)
         found = build_gpt_datasets(blend, gpt, counts)
     else:
-        from megapre.train.data import _bert_splits
-
-        found = _bert_splits(cfg, tokenizer, counts)
+        found = {split: _bert_split(cfg, tokenizer, split, num_samples)}
     dataset = found.get(split)
     if dataset is None:
         raise ConfigError(f"the {split} split is empty: --split {d.split!r} gives it no share "
                           f"of the data; pick another --eval-split or change --split")
     return dataset
+
+
+def _bert_split(cfg: PretrainConfig, tokenizer: Tokenizer, split: str,
+                num_samples: int | None) -> Any:
+    """BERT sentence pairs from one sentence-split dataset (PREFIX_text_sentence), cut by
+    --split as the training run cut it."""
+    from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
+    from megapre.data.indexed import IndexedDataset
+
+    d = cfg.data
+    paths = d.data_path or getattr(d, f"{split}_data_path")
+    prefixes = [p for p in paths if not _is_number(p)]
+    if len(prefixes) != 1:
+        raise ConfigError("BERT evaluation reads one sentence-split dataset: --data-path "
+                          "PREFIX_text_sentence (tools/preprocess_data.py --split-sentences)")
+    indexed = IndexedDataset(prefixes[0])
+    fractions = parse_split(d.split) if d.data_path else (1.0, 0.0, 0.0)
+    r = split_ranges(fractions, indexed.num_documents)[SPLIT_NAMES.index(split) if d.data_path else 0]
+    if r is None:
+        return None
+    bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
+                             short_seq_prob=d.short_seq_prob,
+                             binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
+                             cache=CacheConfig(cache_dir=d.data_cache_path))
+    return BertDataset(indexed, tokenizer, split, r, num_samples, bert)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
