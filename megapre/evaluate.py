@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from megapre.data.split import SPLIT_NAMES
 from megapre.inference import checkpoint_io
 from megapre.inference.cli import (add_common_args, apply_common, autocast, is_main_rank,
                                    run_cli, write_json_atomic)
@@ -24,7 +25,7 @@ from megapre.inference.runtime import build_runtime
 from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import validate
-from megapre.train.data import batches
+from megapre.train.data import batches, samples_per_split
 from megapre.train.evaluate import EvalStep
 from megapre.train.step import StepConfig
 
@@ -65,12 +66,25 @@ def _eval_iters(text: str) -> int | None:
     return n
 
 
+def _run_samples(cfg, args: argparse.Namespace, eval_split: str) -> int:
+    """Samples the training run built its own valid/test split with. Asking for as many builds
+    the very dataset the run validated on (a GPT split's sample order depends on how many
+    epochs were built), so the first batches of `--eval-split valid` are the run's first
+    validation batches. 0 when the data differs from the run's."""
+    if eval_split not in ("valid", "test") or args.data_path or \
+            (args.split is not None and args.split != cfg.data.split) or \
+            cfg.train.global_batch_size is None:
+        return 0
+    return samples_per_split(cfg)[SPLIT_NAMES.index(eval_split)]
+
+
 def evaluate(args: argparse.Namespace) -> int:
     iters = _eval_iters(args.eval_iters)
     path = checkpoint_io.resolve(args.load, args.iteration)
     cfg = apply_common(checkpoint_io.saved_config(path), args)
     cfg.parallel.sequence_parallel = args.sequence_parallel
     eval_split = args.eval_split or ("all" if args.data_path else "valid")
+    run_samples = _run_samples(cfg, args, eval_split)
     split = select_data(cfg, args.data_path, args.split, eval_split)
     t, d = cfg.train, cfg.data
     if args.micro_batch_size is not None:
@@ -87,7 +101,7 @@ def evaluate(args: argparse.Namespace) -> int:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size)
         gbs = t.global_batch_size
         dataset = eval_dataset(cfg, rt.tokenizer, split,
-                               None if iters is None else iters * gbs)
+                               None if iters is None else max(iters * gbs, run_samples))
         if iters is None:
             iters = len(dataset) // gbs
             if iters == 0:

@@ -127,11 +127,12 @@ def _report(args, path, info, prompts, results, tokenizer, sampling) -> None:
     samples = []
     for i, (prompt, r) in enumerate(zip(prompts, results)):
         text = tokenizer.decode(r.ids)
+        full = tokenizer.decode(r.prompt_ids + r.ids) if prompt else text
         samples.append({"prompt": prompt, "prompt_ids": r.prompt_ids, "ids": r.ids,
                         "text": text, "stop_reason": r.stop_reason})
         if len(prompts) > 1:
             print(f"----- sample {i} ({len(r.ids)} tokens, stop: {r.stop_reason}) -----")
-        print(prompt + text, flush=True)
+        print(full, flush=True)
         if r.stop_reason == "max_position_embeddings":
             print(f"megapre.generate: sample {i} stopped at the model's last position "
                   f"(--max-position-embeddings) after {len(r.ids)} new tokens", file=sys.stderr)

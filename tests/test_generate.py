@@ -1,7 +1,7 @@
 """Text generation: the sampling math (greedy, temperature, top-k, top-p, padded columns, seeds),
 the generator's batching and stopping rules against a plain argmax loop, and greedy decoding under
 TP2 and PP2 (gloo, 2 processes) equal to one process. CLI tests on real checkpoints are in
-test_inference_cli.py."""
+test_generate_cli.py."""
 from __future__ import annotations
 
 import json

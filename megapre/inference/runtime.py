@@ -49,7 +49,7 @@ def check_world(cfg: PretrainConfig, world_size: int) -> int:
     if tp < 1 or pp < 1:
         raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     if world_size % (tp * pp):
-        raise ConfigError(f"{world_size} processes are not divisible by --tensor-model-parallel-size "
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
                           f"{tp} x --pipeline-model-parallel-size {pp}; launch a multiple of "
                           f"{tp * pp} processes (torchrun --nproc-per-node) or change the layout")
     return world_size // (tp * pp)

@@ -1,0 +1,135 @@
+"""megapre.evaluate and megapre.generate end to end: a short `megapre.pretrain --save` run, then
+both CLIs on its checkpoint (one process and torchrun TP2), their JSON output, and bad input
+(exit 2, one line naming the flag or file, no traceback)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_evaluate import VOCAB, write_count_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("megapre.train.checkpoint", reason="checkpoints (megapre.train.checkpoint) "
+                    "are not in this tree yet")
+
+
+def _run(args: list[str], cwd: Path, torchrun: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable] if not torchrun else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+        str(torchrun)]
+    return subprocess.run([*launcher, "-m", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """A 30-step GPT run on counting sequences, saved at the end (validation and test logged)."""
+    work = tmp_path_factory.mktemp("run")
+    corpus = write_count_corpus(str(work / "count_text_document"))
+    proc = _run(["megapre.pretrain", "--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
+                 "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+                 "--global-batch-size", "8", "--train-iters", "30", "--lr", "3e-3",
+                 "--lr-warmup-iters", "3", "--hidden-dropout", "0", "--attention-dropout", "0",
+                 "--eval-interval", "30", "--eval-iters", "2", "--log-interval", "10",
+                 "--data-path", corpus, "--split", "90,5,5", "--tokenizer-type", "NullTokenizer",
+                 "--vocab-size", str(VOCAB - 1), "--make-vocab-size-divisible-by", "8",
+                 "--num-workers", "0", "--device", "cpu", "--save", str(work / "ckpt"),
+                 "--metrics-path", str(work / "metrics.jsonl")], work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["split"]: r["loss"] for r in rows if "split" in r}
+    return {"dir": work, "ckpt": str(work / "ckpt"), "corpus": corpus, **losses}
+
+
+def _json_line(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_evaluate_reproduces_the_runs_validation_and_test(run):
+    for split in ("valid", "test"):
+        out = run["dir"] / f"{split}.json"
+        got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--eval-split", split,
+                               "--eval-iters", "2", "--output-json", str(out)], run["dir"]))
+        assert got["batch_mean_loss"] == pytest.approx(run[split], rel=1e-9), split
+        assert got["loss"] == pytest.approx(run[split], rel=1e-6)
+        assert got["tokens"] == 2 * 8 * 32 and got["iteration"] == 30 and got["split"] == split
+        assert json.loads(out.read_text()) == got
+
+
+def test_evaluate_whole_dataset(run):
+    got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--data-path",
+                           run["corpus"], "--micro-batch-size", "4"], run["dir"]))
+    assert got["split"] == "all" and got["global_batch_size"] == 4
+    assert got["batches"] == got["dataset_samples"] // 4 and got["tokens"] == got["samples"] * 32
+    assert got["ppl"] == pytest.approx(2.718281828 ** got["loss"], rel=1e-6)
+    assert got["loss"] < 3.0  # trained: well below ln(40) = 3.69 of a uniform guess
+
+
+def test_generate_greedy_sampled_and_json(run, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps("3 5 7 9") + "\n" + json.dumps({"prompt": "10 11"}) + "\n")
+    out = tmp_path / "gen.json"
+    proc = _run(["megapre.generate", "--load", run["ckpt"], "--prompt-file", str(prompts),
+                 "--greedy", "--max-new-tokens", "8", "--output-json", str(out)], run["dir"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = json.loads(out.read_text())["samples"]
+    assert [s["prompt_ids"] for s in samples] == [[3, 5, 7, 9], [10, 11]]
+    for s in samples:
+        assert len(s["ids"]) == 8 and all(0 <= i < VOCAB for i in s["ids"])
+        assert s["text"] == " ".join(map(str, s["ids"]))
+        assert " ".join(map(str, s["prompt_ids"] + s["ids"])) in proc.stdout
+    assert samples[0]["ids"][:2] == [11, 13]  # it learned to count (step 2 from 3 5 7 9)
+    sampled = [json.loads(_run(["megapre.generate", "--load", run["ckpt"], "--prompt", "3 5",
+                                "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2",
+                                "--seed", str(seed), "--max-new-tokens", "10", "--ignore-eod",
+                                "--output-json", str(tmp_path / f"s{i}.json")],
+                               run["dir"]).returncode == 0 and
+                          (tmp_path / f"s{i}.json").read_text())["samples"][0]["ids"]
+               for i, seed in enumerate((1, 1, 2))]
+    assert sampled[0] == sampled[1] != sampled[2]
+
+
+@pytest.mark.slow
+def test_torchrun_tp2_generate_and_evaluate_equal_one_process(run, tmp_path):
+    args = ["--load", run["ckpt"], "--prompt", "3 5 7 9", "--greedy", "--max-new-tokens", "8",
+            "--output-json"]
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert _run(["megapre.generate", *args, str(one)], run["dir"]).returncode == 0
+    proc = _run(["megapre.generate", *args, str(two), "--tensor-model-parallel-size", "2"],
+                run["dir"], torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(two.read_text())["samples"] == json.loads(one.read_text())["samples"]
+    got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--eval-iters", "2",
+                           "--pipeline-model-parallel-size", "2"], run["dir"], torchrun=2))
+    assert got["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    assert got["batch_mean_loss"] == pytest.approx(run["valid"], rel=1e-6)
+
+
+@pytest.mark.parametrize("prog, args, message", [
+    ("megapre.generate", ["--load", "{dir}/nope", "--prompt", "1"], "--load .*nope"),
+    ("megapre.evaluate", ["--load", "{dir}"], "no checkpoint found in"),
+    ("megapre.generate", ["--load", "{ckpt}"], "--prompt"),
+    ("megapre.generate", ["--load", "{ckpt}", "--prompt", " ".join(["1"] * 40)],
+     "40 tokens .* 32 positions .*--max-position-embeddings"),
+    ("megapre.generate", ["--load", "{ckpt}", "--prompt", "1", "--pipeline-model-parallel-size",
+                          "2"], "world size 1 .*--pipeline-model-parallel-size 2"),
+    ("megapre.generate", ["--load", "{ckpt}", "--prompt", "1", "--top-p", "0"], "--top-p"),
+    ("megapre.evaluate", ["--load", "{ckpt}", "--data-path", "{dir}/missing_text_document"],
+     "missing_text_document"),
+    ("megapre.evaluate", ["--load", "{ckpt}", "--eval-iters", "zero"], "--eval-iters"),
+    ("megapre.evaluate", ["--load", "{ckpt}", "--global-batch-size", "3"], "--global-batch-size 3"),
+])
+def test_bad_input_exits_2_naming_it(run, prog, args, message):
+    args = [a.format(dir=run["dir"], ckpt=run["ckpt"]) for a in args]
+    proc = _run([prog, *args], run["dir"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    import re
+    assert re.search(message, proc.stderr), proc.stderr
