@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,73 +48,92 @@ def run(tmp_path_factory) -> dict:
     return {"dir": work, "ckpt": str(work / "ckpt"), "corpus": corpus, **losses}
 
 
-def _json_line(proc: subprocess.CompletedProcess) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def _main(prog: str, args: list[str], capsys) -> tuple[int, str, str]:
+    """Run a CLI's main() in this process (as `python -m prog` would): (exit code, out, err)."""
+    import importlib
+
+    code = importlib.import_module(prog).main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_evaluate_reproduces_the_runs_validation_and_test(run):
+def _json_line(code: int, out: str, err: str) -> dict:
+    assert code == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_evaluate_reproduces_the_runs_validation_and_test(run, capsys):
     for split in ("valid", "test"):
         out = run["dir"] / f"{split}.json"
-        got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--eval-split", split,
-                               "--eval-iters", "2", "--output-json", str(out)], run["dir"]))
+        got = _json_line(*_main("megapre.evaluate", ["--load", run["ckpt"], "--eval-split", split,
+                                                     "--eval-iters", "2", "--output-json",
+                                                     str(out)], capsys))
         assert got["batch_mean_loss"] == pytest.approx(run[split], rel=1e-9), split
         assert got["loss"] == pytest.approx(run[split], rel=1e-6)
         assert got["tokens"] == 2 * 8 * 32 and got["iteration"] == 30 and got["split"] == split
         assert json.loads(out.read_text()) == got
 
 
-def test_evaluate_whole_dataset(run):
-    got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--data-path",
-                           run["corpus"], "--micro-batch-size", "4"], run["dir"]))
-    assert got["split"] == "all" and got["global_batch_size"] == 4
-    assert got["batches"] == got["dataset_samples"] // 4 and got["tokens"] == got["samples"] * 32
+def test_evaluate_whole_dataset(run, capsys):
+    got = _json_line(*_main("megapre.evaluate", ["--load", run["ckpt"], "--data-path",
+                                                 run["corpus"], "--micro-batch-size", "16"], capsys))
+    assert got["split"] == "all" and got["global_batch_size"] == 16
+    assert got["batches"] == got["dataset_samples"] // 16 and got["tokens"] == got["samples"] * 32
     assert got["ppl"] == pytest.approx(2.718281828 ** got["loss"], rel=1e-6)
     assert got["loss"] < 3.0  # trained: well below ln(40) = 3.69 of a uniform guess
 
 
-def test_generate_greedy_sampled_and_json(run, tmp_path):
+def test_generate_greedy_sampled_and_json(run, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps("3 5 7 9") + "\n" + json.dumps({"prompt": "10 11"}) + "\n")
     out = tmp_path / "gen.json"
-    proc = _run(["megapre.generate", "--load", run["ckpt"], "--prompt-file", str(prompts),
-                 "--greedy", "--max-new-tokens", "8", "--output-json", str(out)], run["dir"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, err = _main("megapre.generate", [
+        "--load", run["ckpt"], "--prompt-file", str(prompts), "--greedy", "--max-new-tokens", "8",
+        "--output-json", str(out)], capsys)
+    assert code == 0, err
     samples = json.loads(out.read_text())["samples"]
     assert [s["prompt_ids"] for s in samples] == [[3, 5, 7, 9], [10, 11]]
     for s in samples:
         assert len(s["ids"]) == 8 and all(0 <= i < VOCAB for i in s["ids"])
         assert s["text"] == " ".join(map(str, s["ids"]))
-        assert " ".join(map(str, s["prompt_ids"] + s["ids"])) in proc.stdout
+        assert " ".join(map(str, s["prompt_ids"] + s["ids"])) in stdout
     assert samples[0]["ids"][:2] == [11, 13]  # it learned to count (step 2 from 3 5 7 9)
-    sampled = [json.loads(_run(["megapre.generate", "--load", run["ckpt"], "--prompt", "3 5",
-                                "--top-k", "5", "--top-p", "0.9", "--temperature", "1.2",
-                                "--seed", str(seed), "--max-new-tokens", "10", "--ignore-eod",
-                                "--output-json", str(tmp_path / f"s{i}.json")],
-                               run["dir"]).returncode == 0 and
-                          (tmp_path / f"s{i}.json").read_text())["samples"][0]["ids"]
-               for i, seed in enumerate((1, 1, 2))]
+    sampled = []
+    for seed in (1, 1, 2):
+        code, _, err = _main("megapre.generate", [
+            "--load", run["ckpt"], "--prompt", "3 5", "--top-k", "5", "--top-p", "0.9",
+            "--temperature", "1.2", "--seed", str(seed), "--max-new-tokens", "10",
+            "--ignore-eod", "--output-json", str(out)], capsys)
+        assert code == 0, err
+        sampled.append(json.loads(out.read_text())["samples"][0]["ids"])
     assert sampled[0] == sampled[1] != sampled[2]
 
 
 @pytest.mark.slow
-def test_torchrun_tp2_generate_and_evaluate_equal_one_process(run, tmp_path):
-    args = ["--load", run["ckpt"], "--prompt", "3 5 7 9", "--greedy", "--max-new-tokens", "8",
-            "--output-json"]
+def test_torchrun_tp2_generate_and_pp2_evaluate_equal_one_process(run, tmp_path, capsys):
+    args = ["--load", run["ckpt"], "--prompt", "3 5 7 9", "--prompt", "10 11", "--greedy",
+            "--max-new-tokens", "8", "--output-json"]
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    assert _run(["megapre.generate", *args, str(one)], run["dir"]).returncode == 0
+    assert _main("megapre.generate", [*args, str(one)], capsys)[0] == 0
     proc = _run(["megapre.generate", *args, str(two), "--tensor-model-parallel-size", "2"],
                 run["dir"], torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(two.read_text())["samples"] == json.loads(one.read_text())["samples"]
-    got = _json_line(_run(["megapre.evaluate", "--load", run["ckpt"], "--eval-iters", "2",
-                           "--pipeline-model-parallel-size", "2"], run["dir"], torchrun=2))
+    proc = _run(["megapre.evaluate", "--load", run["ckpt"], "--eval-iters", "2",
+                 "--pipeline-model-parallel-size", "2"], run["dir"], torchrun=2)
+    got = _json_line(proc.returncode, proc.stdout, proc.stderr)
     assert got["layout"] == {"tp": 1, "pp": 2, "dp": 1}
     assert got["batch_mean_loss"] == pytest.approx(run["valid"], rel=1e-6)
 
 
+def test_python_m_entry_exits_2_on_a_missing_checkpoint(tmp_path):
+    proc = _run(["megapre.generate", "--load", str(tmp_path / "nope"), "--prompt", "1"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"megapre.generate: error: --load {tmp_path / 'nope'}: no such directory" in proc.stderr
+
+
 @pytest.mark.parametrize("prog, args, message", [
-    ("megapre.generate", ["--load", "{dir}/nope", "--prompt", "1"], "--load .*nope"),
+    ("megapre.evaluate", ["--load", "{dir}/absent"], "--load .*absent: no such directory"),
     ("megapre.evaluate", ["--load", "{dir}"], "no checkpoint found in"),
     ("megapre.generate", ["--load", "{ckpt}"], "--prompt"),
     ("megapre.generate", ["--load", "{ckpt}", "--prompt", " ".join(["1"] * 40)],
@@ -121,15 +141,14 @@ def test_torchrun_tp2_generate_and_evaluate_equal_one_process(run, tmp_path):
     ("megapre.generate", ["--load", "{ckpt}", "--prompt", "1", "--pipeline-model-parallel-size",
                           "2"], "world size 1 .*--pipeline-model-parallel-size 2"),
     ("megapre.generate", ["--load", "{ckpt}", "--prompt", "1", "--top-p", "0"], "--top-p"),
+    ("megapre.generate", ["--load", "{ckpt}", "--prompt-file", "{dir}/none.txt"], "none.txt"),
     ("megapre.evaluate", ["--load", "{ckpt}", "--data-path", "{dir}/missing_text_document"],
      "missing_text_document"),
     ("megapre.evaluate", ["--load", "{ckpt}", "--eval-iters", "zero"], "--eval-iters"),
     ("megapre.evaluate", ["--load", "{ckpt}", "--global-batch-size", "3"], "--global-batch-size 3"),
 ])
-def test_bad_input_exits_2_naming_it(run, prog, args, message):
+def test_bad_input_exits_2_naming_it(run, prog, args, message, capsys):
     args = [a.format(dir=run["dir"], ckpt=run["ckpt"]) for a in args]
-    proc = _run([prog, *args], run["dir"])
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    import re
-    assert re.search(message, proc.stderr), proc.stderr
+    code, _, err = _main(prog, args, capsys)
+    assert code == 2, err
+    assert re.search(message, err), err
