@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_evaluate import VOCAB, write_count_corpus
+from test_evaluate import VOCAB, bert_args, bert_corpus, write_count_corpus  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("megapre.train.checkpoint", reason="checkpoints (megapre.train.checkpoint) "
@@ -107,6 +107,39 @@ def test_generate_greedy_sampled_and_json(run, tmp_path, capsys):
         assert code == 0, err
         sampled.append(json.loads(out.read_text())["samples"][0]["ids"])
     assert sampled[0] == sampled[1] != sampled[2]
+
+
+def test_evaluate_bert_checkpoint(bert_corpus, tmp_path, capsys):
+    """A BERT checkpoint: masked-LM + sentence-order loss and accuracy, equal to scoring the
+    saved model in this process; megapre.generate refuses it."""
+    import torch
+
+    from megapre.inference.eval_data import eval_dataset, select_data
+    from megapre.inference.runtime import build_runtime
+    from megapre.inference.scoring import score
+    from megapre.train.args import parse_config, validate
+    from megapre.train.checkpoint import save_checkpoint
+    from megapre.train.data import batches
+    from megapre.train.evaluate import EvalStep
+    from megapre.train.step import StepConfig
+
+    cfg = parse_config(bert_args(bert_corpus, tmp_path / "cache"))
+    rt = build_runtime(cfg)
+    validate(cfg, 1, rt.tokenizer.vocab_size)
+    with torch.no_grad():  # a sentence-order head that predicts both classes
+        rt.model.models[0].heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ckpt", 5, rt.model, config=cfg.to_dict(), tracker=rt.tracker)
+    dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), 8)
+    want = score(EvalStep(rt.model, StepConfig(2, 4)),
+                 batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 2, 4)
+    got = _json_line(*_main("megapre.evaluate", ["--load", str(tmp_path / "ckpt"),
+                                                 "--eval-iters", "2"], capsys))
+    assert got["model"] == "bert" and got["iteration"] == 5
+    for key in ("loss", "lm_loss", "sop_loss", "sop_accuracy", "tokens"):
+        assert got[key] == pytest.approx(getattr(want, key), rel=1e-6), key
+    code, _, err = _main("megapre.generate", ["--load", str(tmp_path / "ckpt"), "--prompt", "a"],
+                         capsys)
+    assert code == 2 and "holds a bert checkpoint" in err
 
 
 @pytest.mark.slow

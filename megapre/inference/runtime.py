@@ -34,10 +34,6 @@ class Runtime:
     def device(self) -> torch.device:
         return self.mesh.device
 
-    def eval(self) -> None:
-        for chunk in self.model.chunks:
-            chunk.eval()
-
     def close(self) -> None:
         self.mesh.destroy()
 
