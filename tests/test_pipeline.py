@@ -70,8 +70,8 @@ def _single_step(kind="gpt", micro=2, global_size=4):
 def test_grad_norm_and_clip_match_torch():
     model, step = _single_step()
     params = list(model.parameters())
-    step._accumulate([step.adapter.split(m) for m in micro_batches("gpt", 0, 4, 2, 0, 1)],
-                     {"tokens": 4 * 8.0})
+    step.adapter.set_counts(torch.tensor([4 * 8.0, 4.0]))
+    step._accumulate([step.adapter.split(m) for m in micro_batches("gpt", 0, 4, 2, 0, 1)])
     expect_grads = [p.grad.clone() for p in params]
     clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for c, g in zip(clones, expect_grads):
@@ -139,6 +139,9 @@ def _run_variant(mesh: ParallelMesh, name: str, steps: int = 3):
             mbs = [_documents(m) for m in mbs]
         r = step(iter(mbs))
         out.append((r.loss, r.grad_norm, sorted(r.parts)))
+        if it == 0:  # evaluation between training steps leaves the schedule ready to train
+            ev = step.evaluate(iter(mbs))
+            out.append((ev["loss"], 0.0, sorted(k for k in ev if k != "loss")))
     ends = [m for spec, m in zip(model.specs, model.models) if spec.is_first or spec.is_last]
     tied = ends[0].shared_embedding_weight()  # first stage's table or last stage's copy
     return out, None if tied is None else tied.detach().clone()

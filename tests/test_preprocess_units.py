@@ -222,3 +222,18 @@ def test_error_log_publishes_atomically_and_fail_fast(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(InputError, match=r"^a.jsonl:7: invalid_utf8: bad"):
         ErrorLog(tmp_path / "q", fail_fast=True).add([Skip("a.jsonl", 7, "invalid_utf8", "bad")])
+
+
+def test_progress_line_rates_and_eta():
+    from megapre.data.preprocess.stats import Counters, Progress
+
+    counters = Counters(documents=10, bytes=500)
+    counters.add("text", 1000, 10)
+    out = io.StringIO()
+    progress = Progress(counters, interval=1e-9, stream=out, total_bytes=2000)
+    progress.update(skipped=2)
+    line = out.getvalue()
+    assert line.endswith("\n") and "10 docs" in line and "1,000 tokens" in line and "MB/s" in line
+    assert "2 skipped" in line and "[25%, ETA" in line
+    Progress(counters, interval=0, stream=out).update()
+    assert out.getvalue() == line                                      # interval 0: silent

@@ -111,7 +111,7 @@ void epilogue_vnni(const int32_t* acc, int64_t ldacc, const int32_t* rowsum, con
                    const float* ws, const float* bias, void* out, int64_t ldo, int64_t mr,
                    int64_t nr, DType dt);
 // Small-M W8A8 straight from row-major w: acc[m, n - n0] = sum_k x[m, k] * w[n, k] (exact,
-// correction applied) for m < M <= 4, n in [n0, n1). xp: M rows of stride ldx (a multiple
+// correction applied) for m < M, n in [n0, n1) (meant for small M: w is read in place). xp: M rows of stride ldx (a multiple
 // of 64), zero padded; rowsum: their row sums. Returns false if w[n0:n1] holds a -128.
 bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,
                const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* acc);

@@ -92,20 +92,13 @@ class TrainStep:
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
-        mbs = self._take(batch_iter)
-        counts = self.adapter.local_counts(mbs)
-        if group_size(self.mesh.dp_group) > 1:
-            dist.all_reduce(counts, group=self.mesh.dp_group)
-        loss_kwargs = self.adapter.loss_kwargs(counts)
-
+        mbs = self._prepare(batch_iter, train=True)
         self.optimizer.zero_grad(set_to_none=True)
-        for chunk in self.model.chunks:
-            chunk.train()
         if self.pipeline is not None:
             self.pipeline.run([m.first_args for m in mbs], [m.kwargs for m in mbs],
-                              [m.target for m in mbs], loss_kwargs)
+                              [m.target for m in mbs])
         else:
-            self._accumulate(mbs, loss_kwargs)
+            self._accumulate(mbs)
         parts = self.adapter.loss_fn.log.take()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -122,6 +115,35 @@ class TrainStep:
         self.stats.samples += self.config.global_batch_size
         loss, named = self._reduce_loss(parts)
         return StepResult(loss, grad_norm, named, skipped)
+
+    @torch.no_grad()
+    def evaluate(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward-only loss of one global batch (same micro-batching, same normalization as
+        training; dropout off). Returns {'loss': ..., 'lm loss': ..., ['sop loss': ...]} on every
+        rank."""
+        mbs = self._prepare(batch_iter, train=False)
+        if self.pipeline is not None:
+            self.pipeline.evaluate([m.first_args for m in mbs], [m.kwargs for m in mbs],
+                                   [m.target for m in mbs])
+        else:
+            for mb in mbs:
+                self.adapter.loss_fn(self.model.chunks[0](*mb.first_args, **mb.kwargs),
+                                     mb.target)
+        loss, named = self._reduce_loss(self.adapter.loss_fn.log.take())
+        return {"loss": loss, **named}
+
+    def _prepare(self, batch_iter: Iterator[dict[str, torch.Tensor]], train: bool
+                 ) -> list[MicroBatch]:
+        """Take this step's micro-batches, set the loss normalizers from the global batch, and
+        put the chunks in train or eval mode."""
+        mbs = self._take(batch_iter)
+        counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
+        if group_size(self.mesh.dp_group) > 1:
+            dist.all_reduce(counts, group=self.mesh.dp_group)
+        self.adapter.set_counts(counts)
+        for chunk in self.model.chunks:
+            chunk.train(train)
+        return mbs
 
     def _take(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> list[MicroBatch]:
         mbs = []
@@ -141,13 +163,13 @@ class TrainStep:
             mbs.append(split)
         return mbs
 
-    def _accumulate(self, mbs: list[MicroBatch], loss_kwargs: dict) -> None:
+    def _accumulate(self, mbs: list[MicroBatch]) -> None:
         """Gradient accumulation without a pipeline: DDP reduces only on the last backward."""
         chunk = self.model.chunks[0]
         for i, mb in enumerate(mbs):
             with maybe_no_sync(self.model.chunks, skip_sync=i < len(mbs) - 1):
                 out = chunk(*mb.first_args, **mb.kwargs)
-                loss = self.adapter.loss_fn(out, mb.target, **loss_kwargs)
+                loss = self.adapter.loss_fn(out, mb.target)
                 loss.backward()
 
     def _reduce_loss(self, parts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:

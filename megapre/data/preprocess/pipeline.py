@@ -237,7 +237,9 @@ def _execute(cfg: PreprocessConfig, plan: _Plan,
     errors = ErrorLog(sh.errors_path(plan.prefix), fail_fast=cfg.on_error == "fail")
     writer = DatasetWriter(plan.outputs, plan.dtype, builder_cls)
     counters = Counters()
-    progress = Progress(counters, cfg.progress_interval)
+    plain = all(f.compression == "none" and f.format != "parquet" for f in plan.mine)
+    progress = Progress(counters, cfg.progress_interval,
+                        total_bytes=sum(f.size for f in plan.mine) if plain else None)
     readers: list[FileReader] = []
     enc_cfg = EncodeConfig(tuple(cfg.json_keys), cfg.append_eod, cfg.split_sentences,
                            cfg.keep_newlines, plan.dtype.name)

@@ -42,8 +42,9 @@ class Progress:
     line on a terminal, one line per update in a log file."""
 
     def __init__(self, counters: Counters, interval: float, stream: IO[str] = sys.stderr,
-                 label: str = "") -> None:
+                 label: str = "", total_bytes: int | None = None) -> None:
         self.counters, self.interval, self.stream, self.label = counters, interval, stream, label
+        self.total_bytes = total_bytes          # known when every input is uncompressed text
         self._last = time.perf_counter()
         self._tty = hasattr(stream, "isatty") and stream.isatty()
         self._dirty = False
@@ -54,12 +55,20 @@ class Progress:
             return
         self._last = now
         line = f"{self.label}{self.counters.rates()}" + (f", {skipped:,} skipped" if skipped else "")
+        line += self._eta()
         if self._tty:
             self.stream.write("\r\x1b[K" + line)
             self._dirty = True
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
+
+    def _eta(self) -> str:
+        done, total = self.counters.bytes, self.total_bytes
+        if not total or not done:
+            return ""
+        left = self.counters.elapsed() * (total - done) / done
+        return f" [{100 * done / total:.0f}%, ETA {int(left // 60)}m{int(left % 60):02d}s]"
 
     def close(self) -> None:
         if self._dirty:
