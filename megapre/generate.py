@@ -4,9 +4,9 @@
 Runs in one process or under torchrun with tensor and/or pipeline parallelism
 (`torchrun --nproc-per-node 2 -m megapre.generate --tensor-model-parallel-size 2 ...`); the
 checkpoint loads in any layout, and the model, tokenizer and positions are the run's saved
-config.json. Each token recomputes the whole prefix (no KV cache). Generation stops at the
-end-of-document token (unless --ignore-eod), after --max-new-tokens, or at the model's last
-position. Prints the text (rank 0); --output-json also writes the token ids.
+config.json. A key/value cache feeds one new position per step (--no-kv-cache recomputes the
+whole prefix each step instead). Generation stops at the end-of-document token (unless
+--ignore-eod), after --max-new-tokens, or at the model's last position. Prints the text (rank 0); --output-json also writes the token ids.
 Exit codes: 0 done, 2 bad input (the message names the flag or file), 1 anything else.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eod", action="store_true",
                    help="keep generating past the end-of-document token")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--no-kv-cache", action="store_true",
+                   help="recompute the whole prefix for every token (slower; the reference)")
     return p
 
 
@@ -115,7 +117,8 @@ def generate(args: argparse.Namespace) -> int:
         for k in range(0, len(ids), args.batch_size):
             with autocast(rt.device, cfg.train.bf16):
                 results += gen.generate(ids[k:k + args.batch_size], args.max_new_tokens, sampling,
-                                        args.seed + k // args.batch_size, not args.ignore_eod)
+                                        args.seed + k // args.batch_size, not args.ignore_eod,
+                                        use_cache=not args.no_kv_cache)
         if is_main_rank():
             _report(args, path, info, prompts, results, rt.tokenizer, sampling)
     finally:

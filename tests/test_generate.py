@@ -1,6 +1,7 @@
 """Text generation: the sampling math (greedy, temperature, top-k, top-p, padded columns, seeds),
 the generator's batching and stopping rules against a plain argmax loop, and greedy decoding under
-TP2 and PP2 (gloo, 2 processes) equal to one process. CLI tests on real checkpoints are in
+TP2 and PP2 (gloo, 2 processes) equal to one process, with and without the KV cache (whose
+logits equal the full recompute). CLI tests on real checkpoints are in
 test_generate_cli.py."""
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from megapre.inference.generator import PromptTooLongError, TextGenerator
+from megapre.inference.kv_cache import KVCache, stage_step
 from megapre.inference.sampling import (SamplingConfig, filtered_logits, sample_next,
                                         top_k_filter, top_p_filter)
 from megapre.model.config import TransformerConfig
@@ -126,12 +128,36 @@ def _argmax_loop(model: ParallelModel, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-def test_greedy_batch_equals_argmax_loop(single):
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_batch_equals_argmax_loop(single, use_cache):
     gen = TextGenerator(single, VOCAB, eod=None, max_positions=24)
-    out = gen.generate(PROMPTS, 6, SamplingConfig(greedy=True), seed=0)
+    out = gen.generate(PROMPTS, 6, SamplingConfig(greedy=True), seed=0, use_cache=use_cache)
     for prompt, g in zip(PROMPTS, out):
         assert g.prompt_ids == prompt and g.stop_reason == "max_new_tokens"
         assert g.ids == _argmax_loop(single, prompt, 6)
+
+
+@pytest.mark.parametrize("variant", [
+    {}, {"position_embedding_type": "rope", "num_query_groups": 2, "activation": "swiglu",
+         "normalization": "RMSNorm", "untie_embeddings_and_output_weights": True,
+         "add_bias_linear": False}])
+def test_kv_cache_logits_equal_full_recompute(variant):
+    model = _model(ParallelMesh.single(device="cpu"), **variant)
+    gpt = model.models[0]
+    gpt.eval()
+    ids = torch.randint(0, VOCAB, (3, 20), generator=_gen(2))
+    with torch.no_grad():
+        full = gpt(input_ids=ids)
+        cache = KVCache()
+        pieces = []
+        for lo, hi in ((0, 7), (7, 8), (8, 9), (9, 20)):  # prefill, single steps, a chunk
+            pieces.append(stage_step(gpt, cache, input_ids=ids[:, lo:hi]))
+            cache.length = hi
+    assert torch.allclose(torch.cat(pieces), full, atol=1e-5)
+    gen = TextGenerator(model, VOCAB, None, 24)
+    cached, plain = (gen.generate(PROMPTS, 5, SamplingConfig(greedy=True), 0, use_cache=c)
+                     for c in (True, False))
+    assert [g.ids for g in cached] == [g.ids for g in plain]
 
 
 def test_sampling_is_reproducible_and_seed_dependent(single):
@@ -184,8 +210,10 @@ def _worker(out: str) -> None:
         mesh = ParallelMesh.init(pc, "cpu")
         gen = TextGenerator(_model(mesh), VOCAB, eod=None, max_positions=24)
         got = gen.generate(PROMPTS, 6, SamplingConfig(greedy=True), seed=0)
+        plain = gen.generate(PROMPTS, 6, SamplingConfig(greedy=True), seed=0, use_cache=False)
         sampled = gen.generate(PROMPTS, 6, SamplingConfig(temperature=1.0), seed=5)
-        results[name] = {"greedy": [g.ids for g in got], "sampled": [g.ids for g in sampled]}
+        results[name] = {"greedy": [g.ids for g in got], "no_cache": [g.ids for g in plain],
+                         "sampled": [g.ids for g in sampled]}
     results["rank"] = int(os.environ["RANK"])
     Path(f"{out}.{results['rank']}").write_text(json.dumps(results))
 
@@ -203,6 +231,7 @@ def test_tp2_and_pp2_greedy_equal_single_process(single, tmp_path):
         PROMPTS, 6, SamplingConfig(greedy=True), seed=0)]
     for layout in ("tp2", "pp2"):
         assert ranks[0][layout]["greedy"] == expected, layout
+        assert ranks[0][layout]["no_cache"] == expected, layout
         assert ranks[0][layout] == ranks[1][layout], layout  # every rank holds the same text
 
 

@@ -99,11 +99,11 @@ def test_generate_greedy_sampled_and_json(run, tmp_path, capsys):
         assert " ".join(map(str, s["prompt_ids"] + s["ids"])) in stdout
     assert samples[0]["ids"][:2] == [11, 13]  # it learned to count (step 2 from 3 5 7 9)
     sampled = []
-    for seed in (1, 1, 2):
+    for seed, cache in ((1, []), (1, ["--no-kv-cache"]), (2, [])):
         code, _, err = _main("megapre.generate", [
             "--load", run["ckpt"], "--prompt", "3 5", "--top-k", "5", "--top-p", "0.9",
             "--temperature", "1.2", "--seed", str(seed), "--max-new-tokens", "10",
-            "--ignore-eod", "--output-json", str(out)], capsys)
+            "--ignore-eod", "--output-json", str(out), *cache], capsys)
         assert code == 0, err
         sampled.append(json.loads(out.read_text())["samples"][0]["ids"])
     assert sampled[0] == sampled[1] != sampled[2]

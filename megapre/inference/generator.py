@@ -1,7 +1,8 @@
 """Autoregressive text generation from a GPT in any tensor/pipeline layout.
 
-Each new token recomputes the whole prefix (no KV cache): simple and exact, and fine for the
-model sizes this runs on a CPU; cost grows with length^2 per token.
+With the key/value cache (default; kv_cache.py) the prompt runs once and each step feeds only the
+newest position; without it (use_cache=False, --no-kv-cache) every step recomputes the whole
+prefix, the reference the cache is tested against.
 
 A batch of prompts of different lengths shares one token buffer. Generation starts at the
 shortest prompt; at position t a sample still inside its prompt keeps its prompt token, the others
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from megapre.train.evaluate import _recv, _send
 from megapre.train.parallel_model import ParallelModel
 
+from .kv_cache import KVCache, stage_step
 from .sampling import SamplingConfig, sample_next
 
 STOP_EOD, STOP_LENGTH, STOP_POSITIONS = "eod", "max_new_tokens", "max_position_embeddings"
@@ -53,7 +55,7 @@ class TextGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 seed: int, stop_at_eod: bool = True) -> list[Generation]:
+                 seed: int, stop_at_eod: bool = True, use_cache: bool = True) -> list[Generation]:
         """Continue each prompt (token ids) by up to max_new_tokens tokens."""
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 1")
@@ -70,8 +72,9 @@ class TextGenerator:
         generator = torch.Generator().manual_seed(seed)
         for chunk in self.model.chunks:
             chunk.eval()
+        cache = KVCache() if use_cache else None
         for t in range(int(lengths.min()), total):
-            logits = self._last_logits(tokens[:, :t])
+            logits = self._last_logits(tokens[:, :t], cache)
             if logits is not None:
                 nxt = sample_next(logits, sampling, self.vocab_size, generator)
             else:
@@ -111,24 +114,31 @@ class TextGenerator:
                 "prompt")
         return ids
 
-    def _last_logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _last_logits(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
         """Logits [b, vocab] at the last position of `tokens` [b, t] on the last pipeline
-        stage; None on the other stages."""
+        stage; None on the other stages. With a cache only positions >= cache.length run."""
         mesh, dev = self.mesh, self.mesh.device
         pp, ranks = mesh.pp_size, mesh.pp_ranks
-        x = None
+        if cache is not None:
+            tokens = tokens[:, cache.length:]
+        out = None
         for s in range(self._num_stages):
             if s % pp != mesh.pp_rank:
                 continue
             m = self._by_stage[s]
-            if s == 0:
-                x = m(input_ids=tokens.to(dev))
+            ids = tokens.to(dev) if s == 0 else None
+            hidden = None if s == 0 else _recv(ranks[(s - 1) % pp], dev)
+            if cache is not None:
+                x = stage_step(m, cache, input_ids=ids, hidden_states=hidden)
             else:
-                x = m(hidden_states=_recv(ranks[(s - 1) % pp], dev))
+                x = m(input_ids=ids, hidden_states=hidden)
             if s == self._num_stages - 1:
-                return m.gathered_logits(x[-1:])[:, 0]
-            _send(x, ranks[(s + 1) % pp])
-        return None
+                out = m.gathered_logits(x[-1:])[:, 0]
+            else:
+                _send(x, ranks[(s + 1) % pp])
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return out
 
     def _broadcast(self, nxt: torch.Tensor) -> torch.Tensor:
         """Every rank takes the tokens of the last stage's first (dp, tp) rank."""
