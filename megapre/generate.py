@@ -6,7 +6,8 @@ Runs in one process or under torchrun with tensor and/or pipeline parallelism
 checkpoint loads in any layout, and the model, tokenizer and positions are the run's saved
 config.json. A key/value cache feeds one new position per step (--no-kv-cache recomputes the
 whole prefix each step instead). Generation stops at the end-of-document token (unless
---ignore-eod), after --max-new-tokens, or at the model's last position. Prints the text (rank 0); --output-json also writes the token ids.
+--ignore-eod), after --max-new-tokens, or at the model's last position. Prints the text
+(rank 0); --output-json also writes the token ids.
 Exit codes: 0 done, 2 bad input (the message names the flag or file), 1 anything else.
 """
 from __future__ import annotations

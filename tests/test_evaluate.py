@@ -122,18 +122,24 @@ def IndexedTokens(prefix: str) -> int:
 
 
 # -- BERT ----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bert_corpus(tmp_path_factory) -> str:
+def write_bert_corpus(directory: Path) -> str:
+    """Sentence-split documents of random word ids (BERT vocabulary), as preprocess
+    --split-sentences writes them; skips the test without the shared BERT vocabulary."""
     vocab = DATA / "bert" / "vocab.txt"
     if not vocab.is_file():
         pytest.skip(f"BERT vocabulary {vocab} is absent")
-    prefix = str(tmp_path_factory.mktemp("bert") / "ids_text_sentence")
+    prefix = str(directory / "ids_text_sentence")
     rng = np.random.default_rng(1)
     with IndexedDatasetBuilder(prefix, np.uint16) as b:
         for _ in range(120):
             sents = [rng.integers(1000, 1060, rng.integers(4, 12)) for _ in range(rng.integers(2, 6))]
             b.add_document(np.concatenate(sents).astype(np.uint16), [len(s) for s in sents])
     return prefix
+
+
+@pytest.fixture(scope="module")
+def bert_corpus(tmp_path_factory) -> str:
+    return write_bert_corpus(tmp_path_factory.mktemp("bert"))
 
 
 def bert_args(corpus: str, cache: Path) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from test_evaluate import VOCAB, bert_args, bert_corpus, write_count_corpus  # noqa: F401
+from test_evaluate import VOCAB, bert_args, write_bert_corpus, write_count_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("megapre.train.checkpoint", reason="checkpoints (megapre.train.checkpoint) "
@@ -109,7 +109,7 @@ def test_generate_greedy_sampled_and_json(run, tmp_path, capsys):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
-def test_evaluate_bert_checkpoint(bert_corpus, tmp_path, capsys):
+def test_evaluate_bert_checkpoint(tmp_path, capsys):
     """A BERT checkpoint: masked-LM + sentence-order loss and accuracy, equal to scoring the
     saved model in this process; megapre.generate refuses it."""
     import torch
@@ -123,7 +123,7 @@ def test_evaluate_bert_checkpoint(bert_corpus, tmp_path, capsys):
     from megapre.train.evaluate import EvalStep
     from megapre.train.step import StepConfig
 
-    cfg = parse_config(bert_args(bert_corpus, tmp_path / "cache"))
+    cfg = parse_config(bert_args(write_bert_corpus(tmp_path), tmp_path / "cache"))
     rt = build_runtime(cfg)
     validate(cfg, 1, rt.tokenizer.vocab_size)
     with torch.no_grad():  # a sentence-order head that predicts both classes

@@ -68,19 +68,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
-def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run `body`; input errors become one 'prog: error: ...' line on stderr and exit code 2."""
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (flags, files, checkpoints), not a bug."""
     from megapre.model.config import ConfigError
 
+    errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    try:
+        from megapre.train.checkpoint import CorruptCheckpointError
+    except ImportError:  # pragma: no cover - an install without checkpoints
+        return errors
+    return (*errors, CorruptCheckpointError)
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run `body`; input errors become one 'prog: error: ...' line on stderr and exit code 2."""
     try:
         return body()
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        if is_main_rank():
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except RuntimeError as e:
-        if type(e).__name__ != "CorruptCheckpointError":
-            raise
+    except _input_errors() as e:
         if is_main_rank():
             print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -96,7 +96,7 @@ class Score:
 def score(step: EvalStep, batches: Iterator[dict[str, torch.Tensor]], num_batches: int,
           global_batch_size: int, autocast=contextlib.nullcontext) -> Score:
     """Run `num_batches` global batches; the same Score on every rank."""
-    model, mesh = step.model, step.mesh
+    model = step.model
     t0 = time.perf_counter()
     batch_losses = 0.0
     with _observe(model) as observer:
