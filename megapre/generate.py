@@ -6,8 +6,9 @@ Runs in one process or under torchrun with tensor and/or pipeline parallelism
 checkpoint loads in any layout, and the model, tokenizer and positions are the run's saved
 config.json. A key/value cache feeds one new position per step (--no-kv-cache recomputes the
 whole prefix each step instead). Generation stops at the end-of-document token (unless
---ignore-eod), after --max-new-tokens, or at the model's last position. Prints the text
-(rank 0); --output-json also writes the token ids.
+--ignore-eod), after --max-new-tokens, or at the model's last position (--crop-context: slide
+a window over the latest tokens instead). Prints the text (rank 0); --output-json also writes
+the token ids.
 Exit codes: 0 done, 2 bad input (the message names the flag or file), 1 anything else.
 """
 from __future__ import annotations
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eod", action="store_true",
                    help="keep generating past the end-of-document token")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    g.add_argument("--crop-context", action="store_true",
+                   help="past the model's last position, condition on the latest "
+                        "--max-position-embeddings tokens (nanoGPT) instead of stopping")
     g.add_argument("--no-kv-cache", action="store_true",
                    help="recompute the whole prefix for every token (slower; the reference)")
     return p
@@ -119,7 +123,8 @@ def generate(args: argparse.Namespace) -> int:
             with autocast(rt.device, cfg.train.bf16):
                 results += gen.generate(ids[k:k + args.batch_size], args.max_new_tokens, sampling,
                                         args.seed + k // args.batch_size, not args.ignore_eod,
-                                        use_cache=not args.no_kv_cache)
+                                        use_cache=not args.no_kv_cache,
+                                        crop_context=args.crop_context)
         if is_main_rank():
             _report(args, path, info, prompts, results, rt.tokenizer, sampling)
     finally:
@@ -139,7 +144,8 @@ def _report(args, path, info, prompts, results, tokenizer, sampling) -> None:
         print(full, flush=True)
         if r.stop_reason == "max_position_embeddings":
             print(f"megapre.generate: sample {i} stopped at the model's last position "
-                  f"(--max-position-embeddings) after {len(r.ids)} new tokens", file=sys.stderr)
+                  f"(--max-position-embeddings) after {len(r.ids)} new tokens; --crop-context "
+                  "keeps going on the latest tokens", file=sys.stderr)
     if args.output_json is not None:
         write_json_atomic(args.output_json, {
             "checkpoint": str(path), "iteration": int(info["iteration"]), "seed": args.seed,

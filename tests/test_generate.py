@@ -117,13 +117,14 @@ def single():
 PROMPTS = [[3, 14, 15, 9, 2, 6], [27, 1], [8, 8, 8, 40]]
 
 
-def _argmax_loop(model: ParallelModel, prompt: list[int], n: int) -> list[int]:
+def _argmax_loop(model: ParallelModel, prompt: list[int], n: int, window: int = 10**9
+                 ) -> list[int]:
     gpt = model.models[0]
     gpt.eval()
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(n):
-            logits = gpt.gathered_logits(gpt(input_ids=torch.tensor([ids])))
+            logits = gpt.gathered_logits(gpt(input_ids=torch.tensor([ids[-window:]])))
             ids.append(int(logits[0, -1].argmax()))
     return ids[len(prompt):]
 
@@ -181,6 +182,17 @@ def test_stops_at_eod_and_at_last_position(single):
     assert kept.ids[0] == first and len(kept.ids) == 3
     near_end = TextGenerator(single, VOCAB, None, 24).generate([list(range(20))], 10, greedy, 0)[0]
     assert len(near_end.ids) == 4 and near_end.stop_reason == "max_position_embeddings"
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_crop_context_slides_over_the_latest_tokens(single, use_cache):
+    gen = TextGenerator(single, VOCAB, None, 24)
+    prompts = [list(range(20)), list(range(30))]  # the second is longer than the positions
+    out = gen.generate(prompts, 10, SamplingConfig(greedy=True), 0, use_cache=use_cache,
+                       crop_context=True)
+    for prompt, g in zip(prompts, out):
+        assert g.stop_reason == "max_new_tokens"
+        assert g.ids == _argmax_loop(single, prompt, 10, window=24)
 
 
 def test_bad_prompts(single):

@@ -55,15 +55,19 @@ class TextGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: SamplingConfig,
-                 seed: int, stop_at_eod: bool = True, use_cache: bool = True) -> list[Generation]:
-        """Continue each prompt (token ids) by up to max_new_tokens tokens."""
+                 seed: int, stop_at_eod: bool = True, use_cache: bool = True,
+                 crop_context: bool = False) -> list[Generation]:
+        """Continue each prompt (token ids) by up to max_new_tokens tokens. A model with learned
+        positions stops at its last position, unless crop_context: then it conditions on the
+        last max_positions tokens only (nanoGPT's sampling; the window is recomputed each step)."""
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 1")
-        prompts = [self._check_prompt(i, p) for i, p in enumerate(prompts)]
+        window = self.max_positions if crop_context else None
+        prompts = [self._check_prompt(i, p, window is not None) for i, p in enumerate(prompts)]
         out = [Generation(list(p)) for p in prompts]
         lengths = torch.tensor([len(p) for p in prompts])
         total = int(lengths.max()) + max_new_tokens
-        if self.max_positions is not None:
+        if self.max_positions is not None and window is None:
             total = min(total, self.max_positions)
         tokens = torch.zeros(len(prompts), total, dtype=torch.long)
         for i, p in enumerate(prompts):
@@ -74,7 +78,10 @@ class TextGenerator:
             chunk.eval()
         cache = KVCache() if use_cache else None
         for t in range(int(lengths.min()), total):
-            logits = self._last_logits(tokens[:, :t], cache)
+            lo = 0 if window is None else max(0, t - window)
+            if lo > 0:  # the window slid: positions restart at 0, so the cache starts over
+                cache = KVCache() if use_cache else None
+            logits = self._last_logits(tokens[:, lo:t], cache)
             if logits is not None:
                 nxt = sample_next(logits, sampling, self.vocab_size, generator)
             else:
@@ -97,7 +104,7 @@ class TextGenerator:
                 g.stop_reason = STOP_POSITIONS
         return out
 
-    def _check_prompt(self, i: int, ids: list[int]) -> list[int]:
+    def _check_prompt(self, i: int, ids: list[int], crop: bool) -> list[int]:
         if not ids:
             if self.eod is None:
                 raise ValueError(f"prompt {i} is empty and the tokenizer has no end-of-document "
@@ -107,11 +114,11 @@ class TextGenerator:
         if bad:
             raise ValueError(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
-        if self.max_positions is not None and len(ids) >= self.max_positions:
+        if self.max_positions is not None and len(ids) >= self.max_positions and not crop:
             raise PromptTooLongError(
                 f"prompt {i} has {len(ids)} tokens but the model has only {self.max_positions} "
                 "positions (--max-position-embeddings), leaving no room to generate; shorten the "
-                "prompt")
+                "prompt, or pass --crop-context to condition on its last tokens only")
         return ids
 
     def _last_logits(self, tokens: torch.Tensor, cache: KVCache | None) -> torch.Tensor | None:
