@@ -28,6 +28,7 @@ from megapre.parallel.grads import clip_grad_norm_
 from megapre.parallel.layers import sync_sequence_parallel_grads
 from megapre.parallel.pipeline import PipelineRunner, default_schedule, sync_tied_embedding_grads
 
+from .loss_scale import DynamicLossScaler, ScaledLoss
 from .parallel_model import ParallelModel
 from .stages import MicroBatch
 
@@ -73,10 +74,13 @@ class TrainStep:
     values on every rank."""
 
     def __init__(self, model: ParallelModel, optimizer: torch.optim.Optimizer,
-                 config: StepConfig) -> None:
+                 config: StepConfig, loss_scaler: DynamicLossScaler | None = None) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.mesh = mesh = model.mesh
         self.adapter = model.adapter
+        self.loss_scaler = loss_scaler
+        if loss_scaler is not None and not isinstance(self.adapter.loss_fn, ScaledLoss):
+            self.adapter.loss_fn = ScaledLoss(self.adapter.loss_fn, loss_scaler)
         self.num_microbatches = config.num_microbatches(mesh.dp_size)
         self.stats = StepStats()
         self.pipeline: PipelineRunner | None = None
@@ -102,6 +106,8 @@ class TrainStep:
         parts = self.adapter.loss_fn.log.take()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale_(params)
         for model in self.model.models:
             sync_sequence_parallel_grads(model, self.mesh)
         sync_tied_embedding_grads(self.model.tied_embedding_weight(), self.mesh)
@@ -110,6 +116,8 @@ class TrainStep:
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=skipped)
         self.stats.steps += 1
         self.stats.skipped += int(skipped)
         self.stats.samples += self.config.global_batch_size
