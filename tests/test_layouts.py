@@ -29,6 +29,7 @@ LAYOUTS = [
     Layout(pp=2, dp=2, schedule="gpipe"),
     Layout(tp=2, pp=2, dp=2, sp=True),
     Layout(pp=2, vp=2),  # interleaved 1F1B, 4 chunks of 1 layer
+    Layout(tp=2, pp=2, dp=2, vp=2, sp=True),  # interleaved with every other dimension
 ]
 
 

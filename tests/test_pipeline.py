@@ -169,3 +169,23 @@ def test_pipeline_variants_match_single_process():
         torch.testing.assert_close(first[name][1], last[name][1], rtol=0, atol=0)
         torch.testing.assert_close(first[name][1], ref[name][1], rtol=1e-5, atol=1e-7)
     assert first["gpt-untied-recompute"][1] is None
+
+
+def _short_sequence_worker(rank, world):
+    mesh = ParallelMesh.init(ParallelConfig(pipeline_parallel=2), device="cpu")
+    model = ParallelModel.build("gpt", model_config(), mesh, seed=1)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), StepConfig(2, 4))
+    short = [{k: v[:, :6] for k, v in m.items()} for m in micro_batches("gpt", 0, 4, 2, 0, 1)]
+    try:
+        step(iter(short))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_pipeline_rejects_sequences_shorter_than_seq_length():
+    preload_worker_modules()
+    for msg in run_distributed(_short_sequence_worker, 2, timeout_s=120):
+        assert "sequences of 6 tokens; with pipeline parallelism every sample must have " \
+               "--seq-length 8" in msg, msg

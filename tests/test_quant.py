@@ -185,6 +185,17 @@ def test_int8_gemm_int32_wraparound_exact(isa):
         assert torch.equal(out, expect[:M].float())
 
 
+def test_int8_gemm_large_x(isa):
+    # x beyond the 32 MiB the kernels keep as per-thread scratch (packed / widened copies of x
+    # then come from a one-off allocation): still exact
+    M, N, K = 8200, 5, 4096
+    x = int8s(M, K, lo=-128, seed=11)
+    w = int8s(N, K, seed=12)
+    out = ops.int8_gemm(x, torch.ones(M), w, torch.ones(N))
+    for i in range(0, M, 2048):
+        assert torch.equal(out[i:i + 2048], exact_gemm(x[i:i + 2048], w).float()), i
+
+
 @pytest.mark.parametrize("M,N,K", [(2, 65, 7), (13, 65, 7), (9, 300, 515), (3, 17, 4097)])
 def test_int8_gemm_rejects_minus_128_in_tails(isa, M, N, K):
     # the last weight of the last row: inside the K tail and the last column micro-panel

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
