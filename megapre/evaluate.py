@@ -110,7 +110,7 @@ def evaluate(args: argparse.Namespace) -> int:
         info = checkpoint_io.load_weights(path, rt)
         step = EvalStep(rt.model, StepConfig(t.micro_batch_size, gbs))
         data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device)
-        result = score(step, data, iters, gbs, lambda: autocast(rt.device, t.bf16))
+        result = score(rt.model, step, data, iters, gbs, lambda: autocast(rt.device, t.bf16))
         record = {**result.as_dict(), "model": cfg.model.model, "checkpoint": str(path),
                   "iteration": int(info["iteration"]), "split": eval_split,
                   "data_path": list(d.data_path or getattr(d, f"{split}_data_path")),

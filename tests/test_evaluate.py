@@ -61,7 +61,7 @@ def _score_valid(trainer: Trainer, cfg, iters: int):
     dataset = eval_dataset(cfg, trainer.tokenizer, split, iters * gbs)
     step = EvalStep(trainer.model, StepConfig(cfg.train.micro_batch_size, gbs))
     data = batches(dataset, 0, cfg, 0, 1, torch.device("cpu"), num_workers=0)
-    return score(step, data, iters, gbs)
+    return score(trainer.model, step, data, iters, gbs)
 
 
 def test_gpt_score_equals_trainer_validation(corpus, tmp_path):
@@ -162,7 +162,7 @@ def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
     bert = rt.model.models[0]
     with torch.no_grad():  # perturb the binary head so it does not predict one class only
         bert.heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
-    got = score(EvalStep(rt.model, StepConfig(2, 4)),
+    got = score(rt.model, EvalStep(rt.model, StepConfig(2, 4)),
                 batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 2, 4)
     bert.eval()
     correct = lm_sum = tokens = sop_sum = 0.0
@@ -197,7 +197,7 @@ def _layout_worker(corpus: str, cache: str, out: str) -> None:
         dataset = eval_dataset(cfg, rt.tokenizer, split, 12)
         step = EvalStep(rt.model, StepConfig(2, 4))
         data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device, num_workers=0)
-        results[name] = score(step, data, 3, 4).as_dict()
+        results[name] = score(rt.model, step, data, 3, 4).as_dict()
     Path(f"{out}.{os.environ['RANK']}").write_text(json.dumps(results))
 
 
@@ -207,7 +207,7 @@ def test_tp2_pp2_dp2_equal_single_process(corpus, tmp_path):
     rt = build_runtime(cfg)
     validate(cfg, 1, rt.tokenizer.vocab_size)
     dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), 12)
-    one = score(EvalStep(rt.model, StepConfig(2, 4)),
+    one = score(rt.model, EvalStep(rt.model, StepConfig(2, 4)),
                 batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 3, 4)
     out = tmp_path / "scores.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from megapre.train.evaluate import _recv, _send
 from megapre.train.parallel_model import ParallelModel
 
 from .kv_cache import KVCache, stage_step
+from .p2p import recv_tensor, send_tensor
 from .sampling import SamplingConfig, sample_next
 
 STOP_EOD, STOP_LENGTH, STOP_POSITIONS = "eod", "max_new_tokens", "max_position_embeddings"
@@ -134,7 +134,7 @@ class TextGenerator:
                 continue
             m = self._by_stage[s]
             ids = tokens.to(dev) if s == 0 else None
-            hidden = None if s == 0 else _recv(ranks[(s - 1) % pp], dev)
+            hidden = None if s == 0 else recv_tensor(ranks[(s - 1) % pp], dev)
             if cache is not None:
                 x = stage_step(m, cache, input_ids=ids, hidden_states=hidden)
             else:
@@ -142,7 +142,7 @@ class TextGenerator:
             if s == self._num_stages - 1:
                 out = m.gathered_logits(x[-1:])[:, 0]
             else:
-                _send(x, ranks[(s + 1) % pp])
+                send_tensor(x, ranks[(s + 1) % pp])
         if cache is not None:
             cache.length += tokens.shape[1]
         return out
