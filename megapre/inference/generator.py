@@ -89,20 +89,26 @@ class TextGenerator:
             nxt = self._broadcast(nxt)
             in_prompt = lengths > t
             tokens[:, t] = torch.where(in_prompt, tokens[:, t], nxt)
-            for i in torch.nonzero(~in_prompt & ~done).flatten().tolist():
-                tok = int(nxt[i])
-                if stop_at_eod and tok == self.eod:
-                    out[i].stop_reason, done[i] = STOP_EOD, True
-                    continue
-                out[i].ids.append(tok)
-                if len(out[i].ids) >= max_new_tokens:
-                    done[i] = True
+            self._record(out, nxt, ~in_prompt & ~done, done, max_new_tokens, stop_at_eod)
             if bool(done.all()):
                 break
         for g in out:
             if g.stop_reason != STOP_EOD and len(g.ids) < max_new_tokens:
                 g.stop_reason = STOP_POSITIONS
         return out
+
+    def _record(self, out: list[Generation], nxt: torch.Tensor, active: torch.Tensor,
+                done: torch.Tensor, max_new_tokens: int, stop_at_eod: bool) -> None:
+        """Append this step's token to every sample past its prompt and not finished; mark
+        the ones that hit EOD or their token budget as done (in place)."""
+        for i in torch.nonzero(active).flatten().tolist():
+            tok = int(nxt[i])
+            if stop_at_eod and tok == self.eod:
+                out[i].stop_reason, done[i] = STOP_EOD, True
+                continue
+            out[i].ids.append(tok)
+            if len(out[i].ids) >= max_new_tokens:
+                done[i] = True
 
     def _check_prompt(self, i: int, ids: list[int], crop: bool) -> list[int]:
         if not ids:
