@@ -88,6 +88,24 @@ def test_same_seed_same_samples():
     assert not all(torch.equal(a, row) for row in c)
 
 
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 0.0), (0.7, 5, 0.0),
+                                                      (1.3, 0, 0.9), (0.9, 0, 0.5)])
+def test_matches_megatron_core_sampling(temperature, top_k, top_p):
+    """Same filtered distribution as megatron-core's torch sampling, hence (same generator) the
+    very same draws. Megatron uses top_p = 0 for 'off' and never combines top-k with top-p."""
+    mod = pytest.importorskip(
+        "megatron.core.inference.text_generation_controllers.text_generation_controller")
+
+    class Controller:  # the sampling method only reads self.sampling_rng
+        sampling_rng = _gen(9)
+
+    logits = torch.randn(500, 50, generator=_gen(4)) * 3
+    want = mod.TextGenerationController._torch_sampling_func(
+        Controller(), logits.clone(), temperature, top_k, top_p)
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p or 1.0)
+    assert torch.equal(sample_next(logits, cfg, 50, _gen(9)), want)
+
+
 @pytest.mark.parametrize("kw, flag", [({"temperature": -1.0}, "--temperature"),
                                       ({"top_k": -2}, "--top-k"), ({"top_p": 0.0}, "--top-p"),
                                       ({"top_p": 1.5}, "--top-p")])
