@@ -18,8 +18,8 @@ import sys
 
 from megapre.data.split import SPLIT_NAMES
 from megapre.inference import checkpoint_io
-from megapre.inference.cli import (add_common_args, apply_common, autocast, is_main_rank,
-                                   run_cli, write_json_atomic)
+from megapre.inference.cli import (HelpFormatter, add_common_args, apply_common, autocast,
+                                   is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.eval_data import EVAL_SPLITS, eval_dataset, select_data
 from megapre.inference.runtime import build_runtime
 from megapre.inference.scoring import score
@@ -33,7 +33,7 @@ from megapre.train.step import StepConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megapre.evaluate", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("data (default: the run's)")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batches to score; 'all' = one pass over the split")
     g.add_argument("--micro-batch-size", type=int, help="default: the run's")
     g.add_argument("--global-batch-size", type=int, help="default: the run's")
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard norms/dropout activations over the sequence within TP")
     g.add_argument("--data-cache-path", help="where dataset index files are cached")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     return p

@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 
 from megapre.inference import checkpoint_io
-from megapre.inference.cli import (add_common_args, apply_common, autocast, is_main_rank,
-                                   run_cli, write_json_atomic)
+from megapre.inference.cli import (HelpFormatter, add_common_args, apply_common, autocast,
+                                   is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.generator import Generation, TextGenerator
 from megapre.inference.runtime import build_runtime
 from megapre.inference.sampling import SamplingConfig
@@ -30,7 +30,7 @@ from megapre.model.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megapre.generate", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", action="append", default=[],
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", type=Path,
                    help="one prompt per non-empty line; a .jsonl file holds one JSON string or "
                         "{\"prompt\": ...} per line (for prompts with newlines)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add per prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = all)")
