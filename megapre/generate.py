@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = all)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=1234, help="sampling seed (same seed, same text)")
+    g.add_argument("--seed", type=int, default=1234, help="sampling seed: same seed, same text (batch k of --batch-size prompts "
+                        "draws from seed + k)")
     g.add_argument("--ignore-eod", action="store_true",
                    help="keep generating past the end-of-document token")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
