@@ -21,7 +21,7 @@ from pathlib import Path
 from megapre.inference import checkpoint_io
 from megapre.inference.cli import (HelpFormatter, add_common_args, apply_common, autocast,
                                    is_main_rank, run_cli, write_json_atomic)
-from megapre.inference.generator import Generation, TextGenerator
+from megapre.inference.generator import TextGenerator, generate_batches
 from megapre.inference.runtime import build_runtime
 from megapre.inference.sampling import SamplingConfig
 from megapre.model.config import ConfigError
@@ -119,13 +119,10 @@ def generate(args: argparse.Namespace) -> int:
         gen = TextGenerator(rt.model, rt.tokenizer.vocab_size, rt.tokenizer.eod,
                             rt.model_cfg.max_position_embeddings if learned else None)
         ids = [rt.tokenizer.encode(p) for p in prompts]
-        results: list[Generation] = []
-        for k in range(0, len(ids), args.batch_size):
-            with autocast(rt.device, cfg.train.bf16):
-                results += gen.generate(ids[k:k + args.batch_size], args.max_new_tokens, sampling,
-                                        args.seed + k // args.batch_size, not args.ignore_eod,
-                                        use_cache=not args.no_kv_cache,
-                                        crop_context=args.crop_context)
+        results = generate_batches(
+            gen, ids, args.batch_size, args.max_new_tokens, sampling, args.seed,
+            not args.ignore_eod, use_cache=not args.no_kv_cache, crop_context=args.crop_context,
+            autocast=lambda: autocast(rt.device, cfg.train.bf16))
         if is_main_rank():
             _report(args, path, info, prompts, results, rt.tokenizer, sampling)
     finally:
