@@ -4,7 +4,8 @@
 Runs in one process or under torchrun with tensor and/or pipeline parallelism
 (`torchrun --nproc-per-node 2 -m megapre.generate --tensor-model-parallel-size 2 ...`); the
 checkpoint loads in any layout, and the model, tokenizer and positions are the run's saved
-config.json. A key/value cache feeds one new position per step (--no-kv-cache recomputes the
+config.json. Processes beyond TP x PP form data-parallel replicas that share out the batches of
+prompts (the text does not depend on how many there are). A key/value cache feeds one new position per step (--no-kv-cache recomputes the
 whole prefix each step instead). Generation stops at the end-of-document token (unless
 --ignore-eod), after --max-new-tokens, or at the model's last position (--crop-context: slide
 a window over the latest tokens instead). Prints the text (rank 0); --output-json also writes
