@@ -44,7 +44,8 @@ void set_cpu_isa(const std::string& name) {
     megapre::cpu::set_isa(Isa::kAvx512Vnni);
   } else {
     throw std::invalid_argument(
-        "set_cpu_isa: expected 'auto', 'scalar', 'avx2' or 'avx512vnni', got '" + name + "'");
+        "set_cpu_isa: expected 'auto', 'scalar' or 'avx2' (or 'avx512vnni' where the CPU has "
+        "AVX-512 VNNI), got '" + name + "'");
   }
 }
 

@@ -6,7 +6,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops",)
+_SUBMODULES = ("ops", "data", "parallel", "model", "train")
 
 
 def __getattr__(name: str) -> Any:

@@ -90,7 +90,7 @@ def train(kind: str, mesh: ParallelMesh, steps: int, micro: int, global_size: in
           schedule: str | None = None, cfg: TransformerConfig | None = None,
           lr: float = 1e-3, clip: float = 1.0) -> list[tuple[float, float]]:
     """(loss, grad norm) of each step of a fresh model trained in `mesh`'s layout (two global
-    batches, alternating, so the loss visibly falls)."""
+    batches, alternating, so the loss visibly falls), then (held-out forward-only loss, 0)."""
     cfg = cfg or model_config()
     model = ParallelModel.build(kind, cfg, mesh, seed=5)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -102,6 +102,9 @@ def train(kind: str, mesh: ParallelMesh, steps: int, micro: int, global_size: in
                             seq=cfg.seq_length, vocab=cfg.vocab_size)
         result = step(iter(mbs))
         out.append((result.loss, result.grad_norm))
+    held_out = micro_batches(kind, 99, global_size, micro, mesh.dp_rank, mesh.dp_size,
+                             seq=cfg.seq_length, vocab=cfg.vocab_size)
+    out.append((step.evaluate(iter(held_out))["loss"], 0.0))  # forward-only, after training
     return out
 
 

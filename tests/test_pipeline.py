@@ -70,8 +70,8 @@ def _single_step(kind="gpt", micro=2, global_size=4):
 def test_grad_norm_and_clip_match_torch():
     model, step = _single_step()
     params = list(model.parameters())
-    step._accumulate([step.adapter.split(m) for m in micro_batches("gpt", 0, 4, 2, 0, 1)],
-                     {"tokens": 4 * 8.0})
+    step.adapter.set_counts(torch.tensor([4 * 8.0, 4.0]))
+    step._accumulate([step.adapter.split(m) for m in micro_batches("gpt", 0, 4, 2, 0, 1)])
     expect_grads = [p.grad.clone() for p in params]
     clones = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for c, g in zip(clones, expect_grads):
@@ -139,6 +139,9 @@ def _run_variant(mesh: ParallelMesh, name: str, steps: int = 3):
             mbs = [_documents(m) for m in mbs]
         r = step(iter(mbs))
         out.append((r.loss, r.grad_norm, sorted(r.parts)))
+        if it == 0:  # evaluation between training steps leaves the schedule ready to train
+            ev = step.evaluate(iter(mbs))
+            out.append((ev["loss"], 0.0, sorted(k for k in ev if k != "loss")))
     ends = [m for spec, m in zip(model.specs, model.models) if spec.is_first or spec.is_last]
     tied = ends[0].shared_embedding_weight()  # first stage's table or last stage's copy
     return out, None if tied is None else tied.detach().clone()
@@ -166,3 +169,23 @@ def test_pipeline_variants_match_single_process():
         torch.testing.assert_close(first[name][1], last[name][1], rtol=0, atol=0)
         torch.testing.assert_close(first[name][1], ref[name][1], rtol=1e-5, atol=1e-7)
     assert first["gpt-untied-recompute"][1] is None
+
+
+def _short_sequence_worker(rank, world):
+    mesh = ParallelMesh.init(ParallelConfig(pipeline_parallel=2), device="cpu")
+    model = ParallelModel.build("gpt", model_config(), mesh, seed=1)
+    step = TrainStep(model, torch.optim.SGD(model.parameters(), lr=0.1), StepConfig(2, 4))
+    short = [{k: v[:, :6] for k, v in m.items()} for m in micro_batches("gpt", 0, 4, 2, 0, 1)]
+    try:
+        step(iter(short))
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.slow
+def test_pipeline_rejects_sequences_shorter_than_seq_length():
+    preload_worker_modules()
+    for msg in run_distributed(_short_sequence_worker, 2, timeout_s=120):
+        assert "sequences of 6 tokens; with pipeline parallelism every sample must have " \
+               "--seq-length 8" in msg, msg

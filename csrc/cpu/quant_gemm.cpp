@@ -18,8 +18,9 @@
 // packs its kNC x kKC block of w into kNR-column int16 micro-panels (checking for -128 on the
 // way), then, per kMC rows, runs the 6x16 vpmaddwd microkernel with the w micro-panel
 // (16 KiB) in L1 and the kMC x kKC block of x in L2. Int32 partial sums of the task live in a
-// thread-local scratch until the epilogue scales them. For M <= kGemvRows packing w would
-// cost as much as the math, so a maddubs (AVX2) or vpdpbusd (VNNI) kernel reads w in place.
+// thread-local scratch until the epilogue scales them. For M <= kGemvRows (AVX2) or
+// kVGemvRows (VNNI) packing w would cost as much as the math, so a maddubs (AVX2) or
+// vpdpbusd (VNNI) kernel reads w in place.
 //
 // Weight-only: M <= 16 streams each weight row once against all rows of x (the memory-bound
 // generation case); larger M dequantizes w blocks to fp32 panels and runs a 6x16 FMA kernel
@@ -49,7 +50,8 @@ constexpr int64_t kNC = 128;     // task width in output columns (multiple of kN
 constexpr int64_t kMBmax = 512;  // most rows per task (bounds the accumulator scratch)
 constexpr int64_t kFKC = 256;    // weight-only fp32 K block
 constexpr int64_t kFMC = 96;     // weight-only rows of x converted at once (multiple of kFMR)
-constexpr int64_t kGemvRows = 4; // W8A8: M up to this reads w in place
+constexpr int64_t kGemvRows = 4; // W8A8 (AVX2): M up to this reads w in place
+constexpr int64_t kVGemvRows = 8; // W8A8 (VNNI): M up to this reads w in place
 constexpr int64_t kWoGemvRows = 16;
 constexpr int64_t kVKC = 512;      // VNNI K block (bytes of x per row; multiple of 4)
 constexpr int64_t kVMC = 48;       // VNNI rows per chunk (multiple of kVMR)
@@ -74,6 +76,28 @@ struct Scratch {
   }
 };
 thread_local Scratch tl_a, tl_b, tl_c;
+
+// A call-wide operand copy (packed or widened x) made by the calling thread: its persistent
+// scratch up to kKeepBytes, so steady-state calls neither allocate nor page-fault; a one-off
+// allocation above that, so one huge call does not pin its memory for the thread's lifetime.
+constexpr size_t kKeepBytes = size_t{32} << 20;
+template <typename T> class CallBuffer {
+ public:
+  explicit CallBuffer(int64_t n) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    if (bytes <= kKeepBytes) {
+      p_ = tl_a.get<T>(n);
+    } else {
+      own_.reset(new T[bytes / sizeof(T)]);
+      p_ = own_.get();
+    }
+  }
+  T* get() const { return p_; }
+
+ private:
+  std::unique_ptr<T[]> own_;
+  T* p_;
+};
 
 // Run f(begin, end) over [0, n) on the intra-op pool, inline when the work is tiny.
 template <typename F> void run_tasks(int64_t n, int64_t work_per_task, const F& f) {
@@ -204,12 +228,15 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
   const int64_t esz = elem_size(dt);
   // x widened to int16 once (rows padded to whole micro-panels): the microkernel broadcasts
   // from it directly, so no column block of w has to repack x.
+  // A fresh allocation this size is a fresh mmap whose page faults cost about as much as
+  // widening itself, hence the kept scratch (CallBuffer).
   const int64_t ldx = round_up(std::max<int64_t>(K, 1), 16), Mp = round_up(M, kMR);
-  std::unique_ptr<int16_t[]> x16(new int16_t[Mp * ldx]);
+  const CallBuffer<int16_t> x16buf(Mp * ldx);
+  int16_t* x16 = x16buf.get();
   run_tasks(ceil_div(M, 64), 64 * K / 16, [&](int64_t b, int64_t e) {
-    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16.get(), ldx);
+    widen_rows_avx2(x, K, b * 64, std::min(M, e * 64), x16, ldx);
   });
-  std::fill(x16.get() + M * ldx, x16.get() + Mp * ldx, int16_t{0});
+  std::fill(x16 + M * ldx, x16 + Mp * ldx, int16_t{0});
   std::atomic<bool> bad{false};
   run_tasks(t.nb * t.mb, t.rows * kNC * K, [&](int64_t b, int64_t e) {
     for (int64_t task = b; task < e && !bad; ++task) {
@@ -235,7 +262,7 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
           const int64_t ipan = ceil_div(std::min(kMC, m1 - ic), kMR);
           for (int64_t j = 0; j < npan; ++j)
             for (int64_t i = 0; i < ipan; ++i)
-              micro_int8_avx2(x16.get() + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
+              micro_int8_avx2(x16 + (ic + i * kMR) * ldx + pc, ldx, B + j * kp * kBPairElems,
                               kp, C + (ic - m0 + i * kMR) * ldc + j * kNR, ldc, pc > 0);
         }
       }
@@ -245,7 +272,6 @@ bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, c
   });
   return !bad;
 }
-
 
 // ---- W8A8, AVX-512 VNNI ------------------------------------------------------------------
 // Row sums of x (rows of stride ldx), in parallel.
@@ -302,10 +328,10 @@ bool int8_gemm_blocked_vnni(const int8_t* x, const float* xs, const int8_t* w, c
                             const float* bias, void* out, int64_t M, int64_t N, int64_t K,
                             DType dt) {
   const int64_t Kq = ceil_div(K, 4), apanel = Kq * 4 * kVMR, bpanel = Kq * kVQuadBytes;
-  // x packed once into 6-row panels (shared by every task), row sums on the way. The buffer
-  // is the calling thread's scratch: kept across calls, so steady state does not page-fault.
+  // x packed once into 6-row panels (shared by every task), row sums on the way.
   const int64_t Mp = round_up(M, kVMR);
-  int8_t* A = tl_a.get<int8_t>(Mp / kVMR * apanel);
+  const CallBuffer<int8_t> Abuf(Mp / kVMR * apanel);
+  int8_t* A = Abuf.get();
   std::vector<int32_t> rs(Mp, 0);
   run_tasks(ceil_div(M, 8 * kVMR), 8 * kVMR * K / 4, [&](int64_t b, int64_t e) {
     pack_a_vnni(x, K, b * 8 * kVMR, std::min(M, e * 8 * kVMR), A, rs.data());
@@ -407,10 +433,10 @@ void weight_only_gemv_vec(const void* x, const int8_t* w, const float* ws, const
   constexpr int64_t kRows = 64;
   const int64_t esz = elem_size(dt);
   run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    // Up to 3 rows of x make one pass over w, so the AVX-512 kernel takes the thread's whole
-    // range at once (its prefetch then runs across block boundaries). From 4 rows on, x comes
-    // in chunks that reread w, so blocks of kRows rows keep w in L2 between chunks.
-    const int64_t step = avx512 && M <= 3 ? (e - b) * kRows : kRows;
+    // Up to 3 rows of x make one pass over w, so the kernel takes the thread's whole range at
+    // once (its prefetch then runs across block boundaries). From 4 rows on, x comes in
+    // chunks that reread w, so blocks of kRows rows keep w in L2 between chunks.
+    const int64_t step = M <= 3 ? (e - b) * kRows : kRows;
     float* acc = tl_c.get<float>(M * step);
     for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += step) {
       const int64_t n1 = std::min(N, n0 + step);
@@ -507,7 +533,7 @@ bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* w
   if (N == 0) return true;
   if (M == 0) return !has_minus128(w, N * K);  // nothing to compute; still validate w
   if (use_avx512vnni()) {
-    return M <= kGemvRows ? int8_gemv_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt)
+    return M <= kVGemvRows ? int8_gemv_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt)
                           : int8_gemm_blocked_vnni(x, xs, w, ws, bias, out, M, N, K, out_dt);
   }
   if (use_avx2()) {

@@ -315,13 +315,26 @@ inline __m256 load_w8(const int8_t* p) {
 }
 
 // acc[m * ldacc + r] = dot(x row m, w row r) for MB x R (fp32 accumulation, 8 lanes each).
+// Each of the R rows is its own DRAM stream; a software prefetch runs kPrefetch bytes ahead
+// in every row and, near a row's end, wraps onto the same row of the next block (`next`, or
+// null for none), so the next block's streams are already in flight when it starts.
+constexpr int64_t kPrefetch = 512;
+
 template <int MB, int R>
-void wo_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, float* acc, int64_t ldacc) {
+void wo_block(const float* x, int64_t ldx, const int8_t* w, int64_t K, float* acc, int64_t ldacc,
+              const int8_t* next) {
   __m256 c[MB][R];
   for (int m = 0; m < MB; ++m)
     for (int r = 0; r < R; ++r) c[m][r] = _mm256_setzero_ps();
   const int64_t K8 = K / 8 * 8;
   for (int64_t k = 0; k < K8; k += 8) {
+    if ((k & 63) == 0) {
+      const int64_t pk = k + kPrefetch;
+      for (int r = 0; r < R; ++r) {
+        const int8_t* p = pk < K ? w + r * K + pk : (next ? next + r * K + (pk - K) : nullptr);
+        if (p) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+      }
+    }
     for (int r = 0; r < R; ++r) {
       const __m256 wv = load_w8(w + r * K + k);
       for (int m = 0; m < MB; ++m)
@@ -343,8 +356,11 @@ template <int MB, int R>
 void wo_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t n0, int64_t n1,
              float* acc, int64_t ldacc) {
   int64_t n = n0;
-  for (; n + R <= n1; n += R) wo_block<MB, R>(x, ldx, w + n * K, K, acc + (n - n0), ldacc);
-  for (; n < n1; ++n) wo_block<MB, 1>(x, ldx, w + n * K, K, acc + (n - n0), ldacc);
+  for (; n + R <= n1; n += R) {
+    const int8_t* next = n + 2 * R <= n1 ? w + (n + R) * K : nullptr;
+    wo_block<MB, R>(x, ldx, w + n * K, K, acc + (n - n0), ldacc, next);
+  }
+  for (; n < n1; ++n) wo_block<MB, 1>(x, ldx, w + n * K, K, acc + (n - n0), ldacc, nullptr);
 }
 
 // 8x8 fp32 transpose in registers.

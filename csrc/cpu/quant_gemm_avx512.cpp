@@ -470,11 +470,15 @@ bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,
                const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* acc) {
   __m512i low = _mm512_set1_epi8(static_cast<char>(0xff));
   const int64_t ld = n1 - n0;
-  switch (M) {
-    case 1: gemv_rows<1, 8>(xp, ldx, rowsum, w, K, n0, n1, acc, ld, low); break;
-    case 2: gemv_rows<2, 6>(xp, ldx, rowsum, w, K, n0, n1, acc, ld, low); break;
-    case 3: gemv_rows<3, 4>(xp, ldx, rowsum, w, K, n0, n1, acc, ld, low); break;
-    default: gemv_rows<4, 4>(xp, ldx, rowsum, w, K, n0, n1, acc, ld, low); break;
+  // Chunks of 4 rows of x, then the remainder; later chunks reread the same w rows from L2.
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4)
+    gemv_rows<4, 4>(xp + m * ldx, ldx, rowsum + m, w, K, n0, n1, acc + m * ld, ld, low);
+  switch (M - m) {
+    case 1: gemv_rows<1, 8>(xp + m * ldx, ldx, rowsum + m, w, K, n0, n1, acc + m * ld, ld, low); break;
+    case 2: gemv_rows<2, 6>(xp + m * ldx, ldx, rowsum + m, w, K, n0, n1, acc + m * ld, ld, low); break;
+    case 3: gemv_rows<3, 4>(xp + m * ldx, ldx, rowsum + m, w, K, n0, n1, acc + m * ld, ld, low); break;
+    default: break;
   }
   // Every loaded byte is w + 128 (or 128 past K): a 0 anywhere means a -128 weight.
   return _mm512_test_epi8_mask(low, low) == ~__mmask64{0};

@@ -77,7 +77,8 @@ void epilogue_f32_avx2(const float* acc, int64_t ldacc, const float* ws, const f
 // ---- AVX-512 VNNI entry points (defined in quant_gemm_avx512.cpp) -------------------------
 // vpdpbusd multiplies unsigned by signed bytes and adds each group of 4 products into an
 // int32 lane, without saturation. The unsigned operand is u = w + 128 (in [1, 255] for valid
-// weights; packing stores it), the signed one is x read in place, so
+// weights: B packing stores it, the small-M kernel flips the sign bit of w as it loads), the
+// signed one is x (packed into row panels, or a zero-padded copy for small M), so
 //   sum_k u[n,k] * x[m,k] = sum_k w[n,k] * x[m,k] + 128 * rowsum[m],  rowsum[m] = sum_k x[m,k],
 // and the epilogue subtracts 128 * rowsum[m]. All sums wrap modulo 2^32, so the result is the
 // exact int32 dot product whenever that fits in int32 (the kernel's contract).
@@ -110,9 +111,10 @@ void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64
 void epilogue_vnni(const int32_t* acc, int64_t ldacc, const int32_t* rowsum, const float* xs,
                    const float* ws, const float* bias, void* out, int64_t ldo, int64_t mr,
                    int64_t nr, DType dt);
-// Small-M W8A8 straight from row-major w: acc[m, n - n0] = sum_k x[m, k] * w[n, k] (exact,
-// correction applied) for m < M <= 4, n in [n0, n1). xp: M rows of stride ldx (a multiple
-// of 64), zero padded; rowsum: their row sums. Returns false if w[n0:n1] holds a -128.
+// Small-M W8A8 straight from row-major w (read in place, each row once per 4 rows of x):
+// acc[m, n - n0] = sum_k x[m, k] * w[n, k] (exact, correction applied) for m < M, n in
+// [n0, n1). xp: M rows of stride ldx (a multiple of 64), zero padded; rowsum: their row
+// sums. Returns false if w[n0:n1] holds a -128.
 bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,
                const int8_t* w, int64_t K, int64_t n0, int64_t n1, int32_t* acc);
 // Weight-only small M: as wo_gemv_avx2 (acc[m, n - n0] = sum_k x[m, k] * float(w[n, k])),

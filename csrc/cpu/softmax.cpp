@@ -30,11 +30,13 @@ constexpr int64_t kStreamBytes = 16 << 20;
 size_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
 // Which row kernels run: the portable ones below, softmax_avx2.cpp's or softmax_avx512.cpp's.
-// The AVX-512 rows need AVX-512 F/BW/VL; they are chosen here once the ISA setting of
-// kernels.h has an AVX-512 level (the int8 VNNI work adds it), so tests can force each path.
+// The AVX-512 rows need only AVX-512 F/BW/VL, all part of the ISA setting's AVX-512 VNNI level.
 enum class Rows { kScalar, kAvx2, kAvx512 };
 
-Rows pick_rows() { return use_avx2() ? Rows::kAvx2 : Rows::kScalar; }
+Rows pick_rows() {
+  if (use_avx512vnni()) return Rows::kAvx512;
+  return use_avx2() ? Rows::kAvx2 : Rows::kScalar;
+}
 
 // ---- portable rows: same three passes as the AVX2 version (see softmax_impl.h) ---------------
 template <DType D>

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Sequence
 
-import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -21,12 +20,16 @@ from torch.nn.parallel import DistributedDataParallel
 from .mesh import ParallelMesh
 
 FSDP_NOTE = (
-    "fully_shard (FSDP2) is not wired in: megapre's tensor-parallel shards are plain tensors "
-    "(tagged with tensor_parallel_dim), so FSDP would wrap them in DTensors over the DP mesh only; "
-    "the sequence-parallel grad sync, the tied-embedding all-reduce across pipeline stages and "
-    "the TP-aware global grad norm would then act on DP shards of DTensor grads, and checkpoint "
-    "resharding would need 2-D (dp, tp) placements that the TP layers do not describe. DDP keeps "
-    "every one of those steps exact; FSDP2 needs the TP layers to become DTensor-based first.")
+    "FSDP2 (fully_shard) does not compose cleanly with megapre's TP and PP yet (checked on torch "
+    "2.14): (1) fully_shard replaces every parameter by a new DTensor parameter, dropping the "
+    "attributes the TP layers set (tensor_parallel_dim, sequence_parallel), so the "
+    "sequence-parallel grad sync and the TP-aware global norm would silently miscount; (2) the "
+    "gradients become DTensor shards over DP, so the SP sync, the tied-embedding all-reduce "
+    "between pipeline stages and the norm (which would then also sum over DP) need a separate "
+    "code path; (3) the step's losses are shares of the global-batch mean and need a DP *sum*: "
+    "FSDP2's set_gradient_divide_factor(1.0) reduces with ReduceOp.PREMUL_SUM, which gloo "
+    "rejects, so CPU runs would average and rescale; (4) checkpoints would need 2-D (dp, tp) "
+    "placements the TP layers do not describe. DDP keeps each of these steps exact.")
 
 
 def _sum_allreduce_hook(group, bucket):

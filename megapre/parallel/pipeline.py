@@ -96,7 +96,7 @@ class PipelineRunner:
     `modules[i]` runs `chunks[i]` (possibly wrapped in DDP: the stages then reduce gradients only
     after the last micro-batch). `first_input` is an example of the first chunk's positional input
     (one micro-batch), `hidden` of what flows between chunks, `last_output` of the last chunk's
-    output (fed to `loss_fn(output, target, **loss_kwargs)`). The schedule does not rescale
+    output (fed to `loss_fn(output, target)`). The schedule does not rescale
     gradients: `loss_fn` returns each micro-batch's share of the global-batch loss, so summed
     gradients are exactly those of gradient accumulation without a pipeline.
     """
@@ -127,15 +127,23 @@ class PipelineRunner:
             self.schedule = cls(self.stages[0], num_microbatches, loss_fn=loss_fn,
                                 scale_grads=False)
 
-    def run(self, first_args: list[tuple], kwargs: list[dict[str, Any]], targets: list[Any],
-            loss_kwargs: dict[str, Any] | None = None) -> list[torch.Tensor]:
+    def run(self, first_args: list[tuple], kwargs: list[dict[str, Any]], targets: list[Any]
+            ) -> list[torch.Tensor]:
         """Forward and backward of all micro-batches. Returns the per-micro-batch losses on the
         rank that holds the last stage, [] elsewhere. Every rank passes its own copy of the
         micro-batches (only the stages that need an input read it)."""
         losses: list[torch.Tensor] = []
         self.schedule.step(arg_mbs=list(first_args), kwarg_mbs=list(kwargs),
-                           target_mbs=list(targets), losses=losses, return_outputs=False,
-                           loss_kwargs=loss_kwargs)
+                           target_mbs=list(targets), losses=losses, return_outputs=False)
+        return losses if self.has_last else []
+
+    def evaluate(self, first_args: list[tuple], kwargs: list[dict[str, Any]],
+                 targets: list[Any]) -> list[torch.Tensor]:
+        """Forward only (no activations kept for backward); losses as in `run`."""
+        losses: list[torch.Tensor] = []
+        with torch.no_grad():
+            self.schedule.eval(arg_mbs=list(first_args), kwarg_mbs=list(kwargs),
+                               target_mbs=list(targets), losses=losses)
         return losses if self.has_last else []
 
 

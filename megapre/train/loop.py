@@ -27,6 +27,7 @@ from megapre.parallel import ParallelConfig, ParallelMesh, set_random_seed
 from .args import PretrainConfig, validate
 from .data import batches, build_splits
 from .evaluate import EvalStep
+from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
                       memory_stats, throughput)
 from .optim import build_optimizer, schedule_from_args, set_lr
@@ -111,8 +112,11 @@ class Trainer:
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
                               cfg.train.clip_grad,
                               schedule if p.pipeline_model_parallel_size > 1 else None)
-        self.step = TrainStep(self.model, self.optimizer, step_cfg)
-        self.evaluator = EvalStep(self.model, step_cfg)
+        self.loss_scaler = (DynamicLossScaler(cfg.train.initial_loss_scale,
+                                              cfg.train.loss_scale_window)
+                            if cfg.train.fp16 else None)
+        self.step = TrainStep(self.model, self.optimizer, step_cfg, loss_scaler=self.loss_scaler)
+        self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
         self._maybe_load()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
@@ -140,7 +144,10 @@ class Trainer:
         if not c.finetune:
             self.state.iteration = int(info["iteration"])
             self.state.consumed_samples = int(info["consumed_samples"])
-            self.state.skipped_total = int(info.get("extra", {}).get("skipped_total", 0))
+            extra = info.get("extra", {}) or {}
+            self.state.skipped_total = int(extra.get("skipped_total", 0))
+            if self.loss_scaler is not None and extra.get("loss_scaler"):
+                self.loss_scaler.load_state_dict(extra["loss_scaler"])
         self._print(f"loaded checkpoint {c.load} at iteration {info['iteration']}")
 
     def save(self) -> None:
@@ -152,7 +159,9 @@ class Trainer:
         save_checkpoint(c.save, self.state.iteration, self.model, self.optimizer, self.mesh,
                         consumed_samples=self.state.consumed_samples,
                         config=self.cfg.to_dict(), tracker=self.tracker,
-                        extra={"skipped_total": self.state.skipped_total},
+                        extra={"skipped_total": self.state.skipped_total,
+                               "loss_scaler": (self.loss_scaler.state_dict()
+                                               if self.loss_scaler is not None else None)},
                         async_save=c.async_save, keep_last=c.keep_last)
         self._print(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
 
@@ -209,6 +218,8 @@ class Trainer:
     def _autocast(self):
         if self.cfg.train.bf16:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        if self.cfg.train.fp16:
+            return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
     def _account_skip(self, skipped: bool) -> None:
@@ -260,6 +271,8 @@ class Trainer:
                   "mfu": tp.mfu, "step_time_s": w["seconds"] / max(w["steps"], 1),
                   **{k.replace(" ", "_"): v for k, v in w["parts"].items()},
                   **memory_stats(self.device)}
+        if self.loss_scaler is not None:
+            record["loss_scale"] = self.loss_scaler.scale
         self.logger.log(record, console=format_train_line(record))
 
     def _should_exit(self) -> str | None:

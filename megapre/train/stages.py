@@ -37,9 +37,13 @@ from megapre.parallel.random import RNGTracker
 MODEL_KINDS = ("gpt", "bert")
 
 
+PIPE_DTYPE = torch.float32  # hidden states between stages (the fp32 residual stream)
+
+
 class GPTChunk(nn.Module):
     """One pipeline chunk of GPT: token ids or hidden states in; hidden states or per-token
-    loss [b, s] out."""
+    loss [b, s] out. Hidden states leave in PIPE_DTYPE whatever autocast did inside, because
+    the receiving stage's buffer was sized for it."""
 
     def __init__(self, model: GPTModel) -> None:
         super().__init__()
@@ -50,9 +54,10 @@ class GPTChunk(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         first = self.model.stage.pre_process
         labels = labels if self.model.stage.post_process else None
-        return self.model(input_ids=x if first else None, position_ids=position_ids,
-                          labels=labels, attention_mask=attention_mask,
-                          hidden_states=None if first else x)
+        out = self.model(input_ids=x if first else None, position_ids=position_ids,
+                         labels=labels, attention_mask=attention_mask,
+                         hidden_states=None if first else x)
+        return out if self.model.stage.post_process else out.to(PIPE_DTYPE)
 
 
 class BertChunk(nn.Module):
@@ -71,7 +76,7 @@ class BertChunk(nn.Module):
                          padding_mask=pad, lm_labels=labels.clamp(min=0) if last else None,
                          hidden_states=None if first else x)
         if not last:
-            return out
+            return out.to(PIPE_DTYPE)
         lm, binary = out
         return lm if binary is None else (lm, binary)
 
@@ -92,26 +97,31 @@ class LossParts:
 
 
 class GPTLoss:
-    """loss_fn(per_token_loss, loss_mask, *, tokens) -> share of the global-batch mean."""
+    """loss_fn(per_token_loss, loss_mask) -> share of the global-batch mean. The global counts
+    are set per batch (`counts`, so the forward-only schedule, which forwards no extra loss
+    arguments, computes the same loss) or passed per call (`tokens=`, `samples=`)."""
 
     def __init__(self) -> None:
         self.log = LossParts()
+        self.counts = {"tokens": 1.0, "samples": 1.0}
 
     def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor, *,
-                 tokens: float) -> torch.Tensor:
+                 tokens: float | None = None, samples: float | None = None) -> torch.Tensor:
+        tokens = self.counts["tokens"] if tokens is None else tokens
         loss = (out.float() * loss_mask.float()).sum() / tokens
         self.log.add("lm loss", loss)
         return loss
 
 
-class BertLoss:
-    """loss_fn((lm_loss, binary), (loss_mask, is_random), *, tokens, samples)."""
+class BertLoss(GPTLoss):
+    """loss_fn((lm_loss, binary), (loss_mask, is_random)): masked-LM mean over the predicted
+    tokens + sentence-order cross entropy mean over the samples."""
 
-    def __init__(self) -> None:
-        self.log = LossParts()
-
-    def __call__(self, out, target, *, tokens: float, samples: float) -> torch.Tensor:
+    def __call__(self, out, target, *, tokens: float | None = None,
+                 samples: float | None = None) -> torch.Tensor:
         loss_mask, is_random = target
+        tokens = self.counts["tokens"] if tokens is None else tokens
+        samples = self.counts["samples"] if samples is None else samples
         lm, binary = out if isinstance(out, tuple) else (out, None)
         loss = (lm.float() * loss_mask.float()).sum() / max(tokens, 1.0)
         self.log.add("lm loss", loss)
@@ -187,15 +197,19 @@ class ModelAdapter:
     def _loss_mask(self, mb: MicroBatch) -> torch.Tensor:
         return mb.target if self.kind == "gpt" else mb.target[0]
 
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """Global [loss tokens, samples] of the batch about to run: the loss normalizers."""
+        tokens, samples = (float(c) for c in counts.cpu())
+        if self.kind == "gpt" and tokens <= 0:
+            raise ValueError("the global batch has no token with a non-zero loss_mask; check "
+                             "the dataset's loss mask (e.g. --eod-mask-loss on data made only "
+                             "of end-of-document tokens)")
+        self.loss_fn.counts = {"tokens": tokens, "samples": samples}
+
     def loss_kwargs(self, counts: torch.Tensor) -> dict[str, float]:
-        tokens, samples = float(counts[0]), float(counts[1])
-        if self.kind == "gpt":
-            if tokens <= 0:
-                raise ValueError("the global batch has no token with a non-zero loss_mask; "
-                                 "check the dataset's loss mask (e.g. --eod-mask-loss on data "
-                                 "made only of end-of-document tokens)")
-            return {"tokens": tokens}
-        return {"tokens": tokens, "samples": samples}
+        """`set_counts`, returning the normalizers as keywords for a per-call loss_fn."""
+        self.set_counts(counts)
+        return dict(self.loss_fn.counts)
 
     # -- pipeline shapes -------------------------------------------------------------------
     def examples(self, micro_batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,
@@ -207,7 +221,7 @@ class ModelAdapter:
         s_local = s // mesh.tp_size if mesh.sequence_parallel else s
         meta = torch.device("meta")
         ids = torch.empty(b, s, dtype=torch.long, device=meta)
-        hidden = torch.empty(s_local, b, cfg.hidden_size, dtype=torch.float32, device=meta,
+        hidden = torch.empty(s_local, b, cfg.hidden_size, dtype=PIPE_DTYPE, device=meta,
                              requires_grad=True)  # receivers send its gradient back
         lm = torch.empty(b, s, dtype=torch.float32, device=meta, requires_grad=True)
         last: tuple[torch.Tensor, ...] = (lm,)

@@ -11,12 +11,13 @@ of the whole batch over all DP ranks), so the gradients and the returned loss ar
 one process running the whole batch, whatever the layout.
 
     step = TrainStep(model, torch.optim.AdamW(model.parameters()), StepConfig(4, 64))
-    loss, grad_norm = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
+    result = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
+    result.loss, result.grad_norm, result.parts, result.skipped   # loss, grad_norm = result[:2]
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from megapre.parallel.grads import clip_grad_norm_
 from megapre.parallel.layers import sync_sequence_parallel_grads
 from megapre.parallel.pipeline import PipelineRunner, default_schedule, sync_tied_embedding_grads
 
+from .loss_scale import DynamicLossScaler, ScaledLoss
 from .parallel_model import ParallelModel
 from .stages import MicroBatch
 
@@ -62,21 +64,25 @@ class StepResult(NamedTuple):
 
 @dataclass
 class StepStats:
+    """Counters over the life of a TrainStep."""
+
     steps: int = 0
-    skipped: int = 0
+    skipped: int = 0  # optimizer steps skipped for a non-finite grad norm
     samples: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class TrainStep:
-    """Callable: `step(batch_iter) -> StepResult` (unpacks as loss, grad_norm, ...); the same
+    """Callable: `step(batch_iter) -> StepResult` (loss, grad_norm, parts, skipped); the same
     values on every rank."""
 
     def __init__(self, model: ParallelModel, optimizer: torch.optim.Optimizer,
-                 config: StepConfig) -> None:
+                 config: StepConfig, loss_scaler: DynamicLossScaler | None = None) -> None:
         self.model, self.optimizer, self.config = model, optimizer, config
         self.mesh = mesh = model.mesh
         self.adapter = model.adapter
+        self.loss_scaler = loss_scaler
+        if loss_scaler is not None and not isinstance(self.adapter.loss_fn, ScaledLoss):
+            self.adapter.loss_fn = ScaledLoss(self.adapter.loss_fn, loss_scaler)
         self.num_microbatches = config.num_microbatches(mesh.dp_size)
         self.stats = StepStats()
         self.pipeline: PipelineRunner | None = None
@@ -92,23 +98,18 @@ class TrainStep:
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
-        mbs = self._take(batch_iter)
-        counts = self.adapter.local_counts(mbs)
-        if group_size(self.mesh.dp_group) > 1:
-            dist.all_reduce(counts, group=self.mesh.dp_group)
-        loss_kwargs = self.adapter.loss_kwargs(counts)
-
+        mbs = self._prepare(batch_iter, train=True)
         self.optimizer.zero_grad(set_to_none=True)
-        for chunk in self.model.chunks:
-            chunk.train()
         if self.pipeline is not None:
             self.pipeline.run([m.first_args for m in mbs], [m.kwargs for m in mbs],
-                              [m.target for m in mbs], loss_kwargs)
+                              [m.target for m in mbs])
         else:
-            self._accumulate(mbs, loss_kwargs)
+            self._accumulate(mbs)
         parts = self.adapter.loss_fn.log.take()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.loss_scaler is not None:
+            self.loss_scaler.unscale_(params)
         for model in self.model.models:
             sync_sequence_parallel_grads(model, self.mesh)
         sync_tied_embedding_grads(self.model.tied_embedding_weight(), self.mesh)
@@ -117,11 +118,42 @@ class TrainStep:
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=skipped)
         self.stats.steps += 1
         self.stats.skipped += int(skipped)
         self.stats.samples += self.config.global_batch_size
         loss, named = self._reduce_loss(parts)
         return StepResult(loss, grad_norm, named, skipped)
+
+    @torch.no_grad()
+    def evaluate(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Forward-only loss of one global batch (same micro-batching, same normalization as
+        training; dropout off). Returns {'loss': ..., 'lm loss': ..., ['sop loss': ...]} on every
+        rank."""
+        mbs = self._prepare(batch_iter, train=False)
+        if self.pipeline is not None:
+            self.pipeline.evaluate([m.first_args for m in mbs], [m.kwargs for m in mbs],
+                                   [m.target for m in mbs])
+        else:
+            for mb in mbs:
+                self.adapter.loss_fn(self.model.chunks[0](*mb.first_args, **mb.kwargs),
+                                     mb.target)
+        loss, named = self._reduce_loss(self.adapter.loss_fn.log.take())
+        return {"loss": loss, **named}
+
+    def _prepare(self, batch_iter: Iterator[dict[str, torch.Tensor]], train: bool
+                 ) -> list[MicroBatch]:
+        """Take this step's micro-batches, set the loss normalizers from the global batch, and
+        put the chunks in train or eval mode."""
+        mbs = self._take(batch_iter)
+        counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
+        if group_size(self.mesh.dp_group) > 1:
+            dist.all_reduce(counts, group=self.mesh.dp_group)
+        self.adapter.set_counts(counts)
+        for chunk in self.model.chunks:
+            chunk.train(train)
+        return mbs
 
     def _take(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> list[MicroBatch]:
         mbs = []
@@ -134,28 +166,34 @@ class TrainStep:
                     "micro-batches of this step (train samples exhausted: lower --train-iters "
                     "or add data)") from None
             split = self.adapter.split(mb)
-            b = split.first_args[0].shape[0]
+            b, s = split.first_args[0].shape[:2]
             if b != self.config.micro_batch_size:
                 raise ValueError(f"micro-batch {i} has {b} samples, expected "
                                  f"--micro-batch-size {self.config.micro_batch_size}")
+            if self.pipeline is not None and s != self.adapter.cfg.seq_length:
+                # the stages' receive buffers are sized for [seq_length, micro-batch, hidden]
+                raise ValueError(f"micro-batch {i} has sequences of {s} tokens; with pipeline "
+                                 f"parallelism every sample must have --seq-length "
+                                 f"{self.adapter.cfg.seq_length} tokens (pad them)")
             mbs.append(split)
         return mbs
 
-    def _accumulate(self, mbs: list[MicroBatch], loss_kwargs: dict) -> None:
+    def _accumulate(self, mbs: list[MicroBatch]) -> None:
         """Gradient accumulation without a pipeline: DDP reduces only on the last backward."""
         chunk = self.model.chunks[0]
         for i, mb in enumerate(mbs):
             with maybe_no_sync(self.model.chunks, skip_sync=i < len(mbs) - 1):
                 out = chunk(*mb.first_args, **mb.kwargs)
-                loss = self.adapter.loss_fn(out, mb.target, **loss_kwargs)
+                loss = self.adapter.loss_fn(out, mb.target)
                 loss.backward()
 
     def _reduce_loss(self, parts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
         """Sum this rank's loss shares over DP, then hand the last stage's value to every
         pipeline rank (others contribute zeros)."""
         names = sorted(self._expected_parts())  # same list on every rank
-        vec = torch.stack([parts[n].double() if n in parts else torch.zeros((), dtype=torch.float64)
-                           for n in names]).to(self.mesh.device)
+        dev = self.mesh.device
+        vec = torch.stack([parts[n].to(dev, torch.float64) if n in parts
+                           else torch.zeros((), dtype=torch.float64, device=dev) for n in names])
         if self.mesh.is_last_stage and group_size(self.mesh.dp_group) > 1:
             dist.all_reduce(vec, group=self.mesh.dp_group)
         if group_size(self.mesh.pp_group) > 1:

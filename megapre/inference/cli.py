@@ -1,0 +1,90 @@
+"""What megapre.evaluate and megapre.generate share on the command line: which checkpoint,
+the layout and device to run it in, tokenizer file overrides, JSON output, and error reporting
+(a bad input exits 2 with one line naming the flag or file, no traceback)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from megapre.train.args import PretrainConfig
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("checkpoint and layout")
+    g.add_argument("--load", required=True, metavar="DIR",
+                   help="checkpoint directory (a --save directory, or one iter_XXXXXXX inside it)")
+    g.add_argument("--iteration", type=int, help="load this iteration instead of the latest")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="TP",
+                   help="TP size of this job (any size the model's heads divide; default 1)")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="PP",
+                   help="PP size of this job (default 1)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
+    g.add_argument("--output-json", type=Path, metavar="FILE", help="also write the results here")
+    t = parser.add_argument_group("tokenizer files (default: the paths the run was trained with)")
+    t.add_argument("--vocab-file")
+    t.add_argument("--merge-file")
+    t.add_argument("--tokenizer-model")
+
+
+def apply_common(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:
+    """Layout, device, precision and tokenizer paths of this job over the checkpoint's config."""
+    p = cfg.parallel
+    p.tensor_model_parallel_size = args.tensor_model_parallel_size
+    p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
+    p.num_layers_per_virtual_pipeline_stage = None
+    p.pipeline_schedule = "1f1b"
+    cfg.train.device = args.device
+    cfg.train.bf16, cfg.train.fp16 = bool(args.bf16), False
+    for name in ("vocab_file", "merge_file", "tokenizer_model"):
+        if getattr(args, name) is not None:
+            setattr(cfg.data, name, getattr(args, name))
+    return cfg
+
+
+def autocast(device: torch.device, bf16: bool):
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean bad input (flags, files, checkpoints), not a bug."""
+    from megapre.model.config import ConfigError
+
+    errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
+    try:
+        from megapre.train.checkpoint import CorruptCheckpointError
+    except ImportError:  # pragma: no cover - an install without checkpoints
+        return errors
+    return (*errors, CorruptCheckpointError)
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run `body`; input errors become one 'prog: error: ...' line on stderr and exit code 2."""
+    try:
+        return body()
+    except _input_errors() as e:
+        if is_main_rank():
+            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 2

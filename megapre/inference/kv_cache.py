@@ -1,0 +1,80 @@
+"""Incremental decoding with a key/value cache: each step feeds only the new positions through
+a GPT stage, reusing the keys and values of the earlier ones, so a token costs O(length) instead
+of recomputing the whole prefix (O(length^2)).
+
+It drives the stage's own modules (embedding, each layer's norms, QKV/projection/MLP parallel
+linears, core attention, final norm, output weights) in the order their forward uses them, in eval
+mode (no dropout), with two differences: positions start at the cache length, and each layer's
+new keys/values are appended to its cache before attention. Core attention aligns the causal mask
+bottom-right, so new queries see every cached position and the new ones up to themselves.
+Tests hold it equal to the full recompute (megapre.inference.generator without a cache).
+"""
+from __future__ import annotations
+
+import torch
+
+from megapre.model.gpt import GPTModel
+from megapre.model.lm_head import parallel_logits
+from megapre.model.rope import apply_rope, rope_frequencies
+from megapre.model.transformer import TransformerLayer
+
+
+class KVCache:
+    """Keys and values [s, b, groups/tp, head_dim] per global layer number, for one batch."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0  # positions already cached
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.layers:
+            k0, v0 = self.layers[layer]
+            k, v = torch.cat([k0, k], dim=0), torch.cat([v0, v], dim=0)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
+                rope: torch.Tensor | None) -> torch.Tensor:
+    """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]."""
+    att = layer.attention
+    qkv = att.qkv(layer.norm1(x))
+    s, b = qkv.shape[:2]
+    qkv = qkv.view(s, b, att.groups, att.q_per_group + 2, att.head_dim)
+    q = qkv[:, :, :, : att.q_per_group].reshape(s, b, att.groups * att.q_per_group, att.head_dim)
+    k, v = qkv[:, :, :, att.q_per_group], qkv[:, :, :, att.q_per_group + 1]
+    if rope is not None:
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    k, v = cache.extend(layer.layer_number, k, v)
+    a = att.proj(att.core(q, k, v, None, True))
+    normed, h = layer.norm2(a, residual=x)
+    return h + layer.mlp(normed)
+
+
+@torch.no_grad()
+def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None = None,
+               hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    """One pipeline stage on the new positions: token ids [b, s_new] (first stage) or hidden
+    states [s_new, b, h]; returns hidden states, or sharded logits [s_new, b, vocab/tp] on the
+    last stage. The caller advances `cache.length` once every stage has run."""
+    if model.mesh.sequence_parallel:
+        raise ValueError("incremental decoding runs without --sequence-parallel")
+    start = cache.length
+    if model.embedding is not None:
+        b, s = input_ids.shape
+        pos = torch.arange(start, start + s, device=input_ids.device)[None].expand(b, s)
+        x = model.embedding(input_ids, pos)
+    else:
+        x, s = hidden_states, hidden_states.shape[0]
+    rope = None
+    if model.rope_dim is not None:
+        rope = rope_frequencies(torch.arange(start, start + s, device=x.device), model.rope_dim,
+                                model.cfg.rotary_base)
+    for layer in model.decoder.layers:
+        x = _layer_step(layer, x, cache, rope)
+    if not model.stage.post_process:
+        return x
+    x = model.final_norm(x)
+    weight = (model.output_layer.weight if model.output_layer is not None
+              else model.shared_embedding_weight())
+    return parallel_logits(x, weight, model.mesh)
