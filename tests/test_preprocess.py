@@ -80,8 +80,8 @@ def test_every_input_format_gives_the_directly_tokenized_documents(tmp_path):
 
 
 def test_gpt2_output_equals_tokenizing_the_documents(tmp_path):
-    if not (DATA / "gpt2" / "vocab.json").exists():
-        pytest.skip(f"needs {DATA / 'gpt2'} (shared data beside the repo)")
+    if not ((DATA / "gpt2" / "vocab.json").exists() and (DATA / "tinyshakespeare.txt").exists()):
+        pytest.skip(f"needs {DATA / 'gpt2'} and {DATA / 'tinyshakespeare.txt'} (shared data beside the repo)")
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
     docs = [p for p in text.split("\n\n") if p.strip()]
     write_jsonl(tmp_path / "s.jsonl", docs)
@@ -337,8 +337,8 @@ def test_a_text_the_tokenizer_rejects_is_skipped_not_fatal(split):
 
 def test_bert_wordpiece_sentences_with_kept_newlines(tmp_path):
     vocab = DATA / "bert" / "vocab.txt"
-    if not vocab.exists():
-        pytest.skip(f"needs {vocab} (shared data beside the repo)")
+    if not (vocab.exists() and (DATA / "tinyshakespeare.txt").exists()):
+        pytest.skip(f"needs {vocab} and {DATA / 'tinyshakespeare.txt'} (shared data beside the repo)")
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
     docs = [p for p in text.split("\n\n") if p.strip()]
     write_jsonl(tmp_path / "b.jsonl", docs)
