@@ -153,6 +153,8 @@ def main() -> None:
             "megapre-merge-datasets = megapre.data.merge:main",
             "megapre-build-index = megapre.data.build_index:main",
             "megapre-make-demo-corpus = megapre.data.demo_corpus:main",
+            "megapre-evaluate = megapre.evaluate:main",
+            "megapre-generate = megapre.generate:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

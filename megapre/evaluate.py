@@ -18,8 +18,8 @@ import sys
 
 from megapre.data.split import SPLIT_NAMES
 from megapre.inference import checkpoint_io
-from megapre.inference.cli import (add_common_args, apply_common, autocast, is_main_rank,
-                                   run_cli, write_json_atomic)
+from megapre.inference.cli import (HelpFormatter, add_common_args, apply_common, autocast,
+                                   is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.eval_data import EVAL_SPLITS, eval_dataset, select_data
 from megapre.inference.runtime import build_runtime
 from megapre.inference.scoring import score
@@ -33,7 +33,7 @@ from megapre.train.step import StepConfig
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megapre.evaluate", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("data (default: the run's)")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="global batches to score; 'all' = one pass over the split")
     g.add_argument("--micro-batch-size", type=int, help="default: the run's")
     g.add_argument("--global-batch-size", type=int, help="default: the run's")
-    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard norms/dropout activations over the sequence within TP")
     g.add_argument("--data-cache-path", help="where dataset index files are cached")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     return p
@@ -78,6 +79,19 @@ def _run_samples(cfg, args: argparse.Namespace, eval_split: str) -> int:
     return samples_per_split(cfg)[SPLIT_NAMES.index(eval_split)]
 
 
+def _apply_batch_flags(cfg, args: argparse.Namespace) -> None:
+    t, d = cfg.train, cfg.data
+    if args.micro_batch_size is not None:
+        t.micro_batch_size = args.micro_batch_size
+        if args.global_batch_size is None:
+            t.global_batch_size = None  # re-derived by validate: micro x DP
+    if args.global_batch_size is not None:
+        t.global_batch_size = args.global_batch_size
+    if args.data_cache_path is not None:
+        d.data_cache_path = args.data_cache_path
+    d.num_workers = args.num_workers
+
+
 def evaluate(args: argparse.Namespace) -> int:
     iters = _eval_iters(args.eval_iters)
     path = checkpoint_io.resolve(args.load, args.iteration)
@@ -86,20 +100,11 @@ def evaluate(args: argparse.Namespace) -> int:
     eval_split = args.eval_split or ("all" if args.data_path else "valid")
     run_samples = _run_samples(cfg, args, eval_split)
     split = select_data(cfg, args.data_path, args.split, eval_split)
-    t, d = cfg.train, cfg.data
-    if args.micro_batch_size is not None:
-        t.micro_batch_size = args.micro_batch_size
-        if args.global_batch_size is None:
-            t.global_batch_size = None  # re-derive: micro x DP
-    if args.global_batch_size is not None:
-        t.global_batch_size = args.global_batch_size
-    if args.data_cache_path is not None:
-        d.data_cache_path = args.data_cache_path
-    d.num_workers = args.num_workers
+    _apply_batch_flags(cfg, args)
     rt = build_runtime(cfg)
     try:
         validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size)
-        gbs = t.global_batch_size
+        gbs = cfg.train.global_batch_size
         dataset = eval_dataset(cfg, rt.tokenizer, split,
                                None if iters is None else max(iters * gbs, run_samples))
         if iters is None:
@@ -108,9 +113,11 @@ def evaluate(args: argparse.Namespace) -> int:
                 raise ConfigError(f"the {eval_split} data has {len(dataset)} samples, fewer than "
                                   f"one global batch of {gbs}; lower --global-batch-size")
         info = checkpoint_io.load_weights(path, rt)
-        step = EvalStep(rt.model, StepConfig(t.micro_batch_size, gbs))
+        step = EvalStep(rt.model, StepConfig(cfg.train.micro_batch_size, gbs))
         data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device)
-        result = score(step, data, iters, gbs, lambda: autocast(rt.device, t.bf16))
+        result = score(rt.model, step, data, iters, gbs,
+                       lambda: autocast(rt.device, cfg.train.bf16))
+        d = cfg.data
         record = {**result.as_dict(), "model": cfg.model.model, "checkpoint": str(path),
                   "iteration": int(info["iteration"]), "split": eval_split,
                   "data_path": list(d.data_path or getattr(d, f"{split}_data_path")),

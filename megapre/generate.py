@@ -4,7 +4,8 @@
 Runs in one process or under torchrun with tensor and/or pipeline parallelism
 (`torchrun --nproc-per-node 2 -m megapre.generate --tensor-model-parallel-size 2 ...`); the
 checkpoint loads in any layout, and the model, tokenizer and positions are the run's saved
-config.json. A key/value cache feeds one new position per step (--no-kv-cache recomputes the
+config.json. Processes beyond TP x PP form data-parallel replicas that share out the batches of
+prompts (the text does not depend on how many there are). A key/value cache feeds one new position per step (--no-kv-cache recomputes the
 whole prefix each step instead). Generation stops at the end-of-document token (unless
 --ignore-eod), after --max-new-tokens, or at the model's last position (--crop-context: slide
 a window over the latest tokens instead). Prints the text (rank 0); --output-json also writes
@@ -19,9 +20,9 @@ import sys
 from pathlib import Path
 
 from megapre.inference import checkpoint_io
-from megapre.inference.cli import (add_common_args, apply_common, autocast, is_main_rank,
-                                   run_cli, write_json_atomic)
-from megapre.inference.generator import Generation, TextGenerator
+from megapre.inference.cli import (HelpFormatter, add_common_args, apply_common, autocast,
+                                   is_main_rank, run_cli, write_json_atomic)
+from megapre.inference.generator import TextGenerator, generate_batches
 from megapre.inference.runtime import build_runtime
 from megapre.inference.sampling import SamplingConfig
 from megapre.model.config import ConfigError
@@ -30,7 +31,7 @@ from megapre.model.config import ConfigError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megapre.generate", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_common_args(p)
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", action="append", default=[],
@@ -38,12 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", type=Path,
                    help="one prompt per non-empty line; a .jsonl file holds one JSON string or "
                         "{\"prompt\": ...} per line (for prompts with newlines)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add per prompt")
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus mass (1 = all)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    g.add_argument("--seed", type=int, default=1234, help="sampling seed (same seed, same text)")
+    g.add_argument("--seed", type=int, default=1234, help="sampling seed: same seed, same text (batch k of --batch-size prompts "
+                        "draws from seed + k)")
     g.add_argument("--ignore-eod", action="store_true",
                    help="keep generating past the end-of-document token")
     g.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
@@ -118,13 +120,10 @@ def generate(args: argparse.Namespace) -> int:
         gen = TextGenerator(rt.model, rt.tokenizer.vocab_size, rt.tokenizer.eod,
                             rt.model_cfg.max_position_embeddings if learned else None)
         ids = [rt.tokenizer.encode(p) for p in prompts]
-        results: list[Generation] = []
-        for k in range(0, len(ids), args.batch_size):
-            with autocast(rt.device, cfg.train.bf16):
-                results += gen.generate(ids[k:k + args.batch_size], args.max_new_tokens, sampling,
-                                        args.seed + k // args.batch_size, not args.ignore_eod,
-                                        use_cache=not args.no_kv_cache,
-                                        crop_context=args.crop_context)
+        results = generate_batches(
+            gen, ids, args.batch_size, args.max_new_tokens, sampling, args.seed,
+            not args.ignore_eod, use_cache=not args.no_kv_cache, crop_context=args.crop_context,
+            autocast=lambda: autocast(rt.device, cfg.train.bf16))
         if is_main_rank():
             _report(args, path, info, prompts, results, rt.tokenizer, sampling)
     finally:

@@ -61,7 +61,7 @@ def _score_valid(trainer: Trainer, cfg, iters: int):
     dataset = eval_dataset(cfg, trainer.tokenizer, split, iters * gbs)
     step = EvalStep(trainer.model, StepConfig(cfg.train.micro_batch_size, gbs))
     data = batches(dataset, 0, cfg, 0, 1, torch.device("cpu"), num_workers=0)
-    return score(step, data, iters, gbs)
+    return score(trainer.model, step, data, iters, gbs)
 
 
 def test_gpt_score_equals_trainer_validation(corpus, tmp_path):
@@ -162,7 +162,7 @@ def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
     bert = rt.model.models[0]
     with torch.no_grad():  # perturb the binary head so it does not predict one class only
         bert.heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
-    got = score(EvalStep(rt.model, StepConfig(2, 4)),
+    got = score(rt.model, EvalStep(rt.model, StepConfig(2, 4)),
                 batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 2, 4)
     bert.eval()
     correct = lm_sum = tokens = sop_sum = 0.0
@@ -185,42 +185,61 @@ def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
 
 
 # -- layouts -------------------------------------------------------------------------------------
-def _layout_worker(corpus: str, cache: str, out: str) -> None:
-    """torchrun entry (2 ranks): score 3 valid batches of a fresh model under TP2, PP2, DP2."""
-    results = {}
-    for name, flags in (("tp2", ["--tensor-model-parallel-size", "2"]),
-                        ("pp2", ["--pipeline-model-parallel-size", "2"]), ("dp2", [])):
-        cfg = parse_config(gpt_args(corpus, Path(cache), *flags))
-        rt = build_runtime(cfg)
-        validate(cfg, 2, rt.tokenizer.vocab_size)
-        split = select_data(cfg, None, None, "valid")
-        dataset = eval_dataset(cfg, rt.tokenizer, split, 12)
-        step = EvalStep(rt.model, StepConfig(2, 4))
-        data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device, num_workers=0)
-        results[name] = score(step, data, 3, 4).as_dict()
+LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"], "pp2": ["--pipeline-model-parallel-size",
+                                                                 "2"], "dp2": [], "one": []}
+
+
+def _score_fresh(kind: str, corpus: str, cache: Path, layout: str, world: int) -> dict:
+    """Score 3 (GPT) or 2 (BERT) valid batches of a freshly initialized model in `layout`."""
+    make = gpt_args if kind == "gpt" else bert_args
+    cfg = parse_config(make(corpus, cache) + LAYOUTS[layout])
+    rt = build_runtime(cfg)
+    validate(cfg, world, rt.tokenizer.vocab_size)
+    for m in rt.model.models:  # a sentence-order head that predicts both classes
+        if getattr(m, "heads", None) is not None:
+            with torch.no_grad():
+                m.heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+    iters = 3 if kind == "gpt" else 2
+    dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), iters * 4)
+    data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device, num_workers=0)
+    return score(rt.model, EvalStep(rt.model, StepConfig(2, 4)), data, iters, 4).as_dict()
+
+
+def _layout_worker(corpus: str, bert: str, cache: str, out: str) -> None:
+    """torchrun entry (2 ranks): GPT under TP2, PP2, DP2; BERT under PP2 and DP2."""
+    results = {f"gpt-{k}": _score_fresh("gpt", corpus, Path(cache), k, 2)
+               for k in ("tp2", "pp2", "dp2")}
+    if bert:
+        results.update({f"bert-{k}": _score_fresh("bert", bert, Path(cache), k, 2)
+                        for k in ("pp2", "dp2")})
     Path(f"{out}.{os.environ['RANK']}").write_text(json.dumps(results))
 
 
 @pytest.mark.slow
-def test_tp2_pp2_dp2_equal_single_process(corpus, tmp_path):
-    cfg = parse_config(gpt_args(corpus, tmp_path / "cache"))
-    rt = build_runtime(cfg)
-    validate(cfg, 1, rt.tokenizer.vocab_size)
-    dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), 12)
-    one = score(EvalStep(rt.model, StepConfig(2, 4)),
-                batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 3, 4)
+def test_layouts_equal_single_process(corpus, tmp_path):
+    try:
+        bert = write_bert_corpus(tmp_path)
+    except pytest.skip.Exception:
+        bert = ""  # no shared BERT vocabulary: GPT layouts only
+    one = {"gpt": _score_fresh("gpt", corpus, tmp_path / "cache", "one", 1)}
+    if bert:
+        one["bert"] = _score_fresh("bert", bert, tmp_path / "cache", "one", 1)
     out = tmp_path / "scores.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node", "2", __file__, corpus, str(tmp_path / "cache"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=300)
+                           "--nproc-per-node", "2", __file__, corpus, bert,
+                           str(tmp_path / "cache"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
-    for layout in ("tp2", "pp2", "dp2"):
-        for r in ranks:
-            assert r[layout]["tokens"] == one.tokens, layout
-            assert r[layout]["lm_loss"] == pytest.approx(one.lm_loss, rel=1e-6), layout
+    assert len(ranks[0]) == (5 if bert else 3)
+    for name, got in ((n, r[n]) for r in ranks for n in r):
+        want = one[name.split("-")[0]]
+        for key in ("tokens", "samples", "lm_loss", "loss", "sop_accuracy", "sop_loss"):
+            assert got.get(key) == pytest.approx(want.get(key), rel=1e-6), (name, key)
+    if bert:
+        assert 0 < one["bert"]["sop_accuracy"] < 1
 
 
 if __name__ == "__main__":
-    _layout_worker(*sys.argv[1:4])
+    _layout_worker(*sys.argv[1:5])

@@ -1,7 +1,8 @@
 """Text generation: the sampling math (greedy, temperature, top-k, top-p, padded columns, seeds),
 the generator's batching and stopping rules against a plain argmax loop, and greedy decoding under
 TP2 and PP2 (gloo, 2 processes) equal to one process, with and without the KV cache (whose
-logits equal the full recompute). CLI tests on real checkpoints are in
+logits equal the full recompute), and prompt batches shared out over DP2 give one process's
+samples. CLI tests on real checkpoints are in
 test_generate_cli.py."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megapre.inference.generator import PromptTooLongError, TextGenerator
+from megapre.inference.generator import PromptTooLongError, TextGenerator, generate_batches
 from megapre.inference.kv_cache import KVCache, stage_step
 from megapre.inference.sampling import (SamplingConfig, filtered_logits, sample_next,
                                         top_k_filter, top_p_filter)
@@ -86,6 +87,24 @@ def test_same_seed_same_samples():
     c = torch.stack([sample_next(logits, cfg, 40, _gen(s)) for s in range(8, 16)])
     assert torch.equal(a, b)
     assert not all(torch.equal(a, row) for row in c)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 0.0), (0.7, 5, 0.0),
+                                                      (1.3, 0, 0.9), (0.9, 0, 0.5)])
+def test_matches_megatron_core_sampling(temperature, top_k, top_p):
+    """Same filtered distribution as megatron-core's torch sampling, hence (same generator) the
+    very same draws. Megatron uses top_p = 0 for 'off' and never combines top-k with top-p."""
+    mod = pytest.importorskip(
+        "megatron.core.inference.text_generation_controllers.text_generation_controller")
+
+    class Controller:  # the sampling method only reads self.sampling_rng
+        sampling_rng = _gen(9)
+
+    logits = torch.randn(500, 50, generator=_gen(4)) * 3
+    want = mod.TextGenerationController._torch_sampling_func(
+        Controller(), logits.clone(), temperature, top_k, top_p)
+    cfg = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p or 1.0)
+    assert torch.equal(sample_next(logits, cfg, 50, _gen(9)), want)
 
 
 @pytest.mark.parametrize("kw, flag", [({"temperature": -1.0}, "--temperature"),
@@ -214,9 +233,16 @@ def test_bert_is_refused():
 
 
 # -- TP2 and PP2 equal one process (greedy) ------------------------------------------------------
+def _batched(model: ParallelModel) -> list[list[int]]:
+    """PROMPTS one per batch (batch k on replica k % DP), sampled with seeds 5, 6, 7."""
+    gen = TextGenerator(model, VOCAB, eod=None, max_positions=24)
+    return [g.ids for g in generate_batches(gen, PROMPTS, 1, 6, SamplingConfig(top_k=10), 5)]
+
+
 def _worker(out: str) -> None:
-    """torchrun entry: greedy generation of PROMPTS under TP2 and under PP2 (2 ranks each)."""
-    results = {}
+    """torchrun entry: greedy generation of PROMPTS under TP2 and under PP2 (2 ranks each);
+    batches shared out over DP2."""
+    results = {"dp2": _batched(_model(ParallelMesh.init(ParallelConfig(), "cpu")))}
     for name, pc in (("tp2", ParallelConfig(tensor_parallel=2)),
                      ("pp2", ParallelConfig(pipeline_parallel=2))):
         mesh = ParallelMesh.init(pc, "cpu")
@@ -241,6 +267,7 @@ def test_tp2_and_pp2_greedy_equal_single_process(single, tmp_path):
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
     expected = [g.ids for g in TextGenerator(single, VOCAB, None, 24).generate(
         PROMPTS, 6, SamplingConfig(greedy=True), seed=0)]
+    assert ranks[0]["dp2"] == ranks[1]["dp2"] == _batched(single)
     for layout in ("tp2", "pp2"):
         assert ranks[0][layout]["greedy"] == expected, layout
         assert ranks[0][layout]["no_cache"] == expected, layout

@@ -130,7 +130,7 @@ def test_evaluate_bert_checkpoint(tmp_path, capsys):
         rt.model.models[0].heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     save_checkpoint(tmp_path / "ckpt", 5, rt.model, config=cfg.to_dict(), tracker=rt.tracker)
     dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), 8)
-    want = score(EvalStep(rt.model, StepConfig(2, 4)),
+    want = score(rt.model, EvalStep(rt.model, StepConfig(2, 4)),
                  batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0), 2, 4)
     got = _json_line(*_main("megapre.evaluate", ["--load", str(tmp_path / "ckpt"),
                                                  "--eval-iters", "2"], capsys))

@@ -122,3 +122,19 @@ def test_config_errors_name_the_flag(kwargs, layout, flag):
     base.update(kwargs)
     with pytest.raises(ConfigError, match=flag.replace("-", r"\-").replace("=", "=")):
         TransformerConfig(**base).validate(**layout)
+
+
+def test_bias_free_block_under_bf16_autocast():
+    """A bias-free output projection returns bf16 under autocast while the residual is fp32."""
+    from megapre.model.gpt import GPTModel
+    from megapre.parallel import ParallelMesh
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, vocab_size=50,
+                            seq_length=8, max_position_embeddings=8, add_bias_linear=False,
+                            hidden_dropout=0.0, attention_dropout=0.0)
+    model = GPTModel(cfg, ParallelMesh.single(device="cpu"))
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids)
+    loss.mean().backward()
+    assert torch.isfinite(loss).all()

@@ -80,8 +80,8 @@ def test_every_input_format_gives_the_directly_tokenized_documents(tmp_path):
 
 
 def test_gpt2_output_equals_tokenizing_the_documents(tmp_path):
-    if not (DATA / "gpt2" / "vocab.json").exists():
-        pytest.skip(f"needs {DATA / 'gpt2'} (shared data beside the repo)")
+    if not ((DATA / "gpt2" / "vocab.json").exists() and (DATA / "tinyshakespeare.txt").exists()):
+        pytest.skip(f"needs {DATA / 'gpt2'} and {DATA / 'tinyshakespeare.txt'} (shared data beside the repo)")
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:200_000]
     docs = [p for p in text.split("\n\n") if p.strip()]
     write_jsonl(tmp_path / "s.jsonl", docs)
@@ -337,8 +337,8 @@ def test_a_text_the_tokenizer_rejects_is_skipped_not_fatal(split):
 
 def test_bert_wordpiece_sentences_with_kept_newlines(tmp_path):
     vocab = DATA / "bert" / "vocab.txt"
-    if not vocab.exists():
-        pytest.skip(f"needs {vocab} (shared data beside the repo)")
+    if not (vocab.exists() and (DATA / "tinyshakespeare.txt").exists()):
+        pytest.skip(f"needs {vocab} and {DATA / 'tinyshakespeare.txt'} (shared data beside the repo)")
     text = (DATA / "tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
     docs = [p for p in text.split("\n\n") if p.strip()]
     write_jsonl(tmp_path / "b.jsonl", docs)
@@ -352,3 +352,14 @@ def test_bert_wordpiece_sentences_with_kept_newlines(tmp_path):
     for i, d in enumerate(docs):
         want = [ids for ids in (tok.encode(s) for s in split_sentences(d, keep_newlines=True)) if ids]
         assert [ds[j].tolist() for j in range(di[i], di[i + 1])] == want
+
+
+def test_pretokenized_ids_with_null_tokenizer(tmp_path):
+    (tmp_path / "ids.jsonl").write_text('{"text": "1 2 3"}\n{"text": "4 x 5"}\n{"text": "70000"}\n')
+    assert run("--input", tmp_path / "ids.jsonl", "--output-prefix", tmp_path / "n", "--append-eod",
+               "--workers", "0", "--tokenizer-type", "NullTokenizer", "--vocab-size", "70001") == EXIT_SKIPPED
+    ds = IndexedDataset(tmp_path / "n_text_document")
+    eod = build_tokenizer(TokenizerConfig("NullTokenizer", vocab_size=70001)).eod
+    assert ds.dtype == np.int32 and [ds[i].tolist() for i in range(len(ds))] == [[1, 2, 3, eod], [70000, eod]]
+    (row,) = [json.loads(l) for l in (tmp_path / "n.errors.jsonl").read_text().splitlines()]
+    assert (row["line"], row["reason"]) == (2, "tokenizer_error") and "'x'" in row["detail"]

@@ -124,6 +124,13 @@ def test_jsonl_every_bad_kind_is_reported_with_its_line():
     assert "'text'" in recs.skips[2][2] and "0xff" in recs.skips[5][2]
 
 
+def test_byte_order_mark_opening_a_file_is_dropped():
+    payload = b'\xef\xbb\xbf{"text": "a"}\n{"text": "b"}\n'
+    assert rc.parse_batch(rd.RawBatch(0, 1, "jsonl", payload, 0), ["text"]).texts == [("a",), ("b",)]
+    text = rc.parse_batch(rd.RawBatch(0, 1, "text-line", b"\xef\xbb\xbfone\n", 0), ["text"])
+    assert text.texts == [("one",)]
+
+
 def test_text_modes_report_bad_utf8_and_empty_lines():
     payload = b"one\r\n\ntw\xc3o\nthree\n"
     lines = rc.parse_batch(rd.RawBatch(0, 1, "text-line", payload, 0), ["text"])

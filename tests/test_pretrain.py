@@ -100,3 +100,35 @@ def test_missing_data_exits_2(tmp_path):
                  *_args(str(tmp_path / "nope_text_document"), tmp_path)], tmp_path)
     assert proc.returncode == 2
     assert "nope_text_document" in proc.stderr and "Traceback" not in proc.stderr
+
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.slow
+def test_bert_pretraining_on_real_sentences(tmp_path):
+    vocab, text = SHARED / "bert" / "vocab.txt", SHARED / "wikitext-2" / "valid.txt"
+    if not (vocab.is_file() and text.is_file()):
+        pytest.skip(f"needs {vocab} and {text} (../shared/data is absent)")
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text(text.read_text()[:300_000])
+    prep = _run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(corpus),
+                 "--input-format", "text", "--text-mode", "blank-line", "--split-sentences",
+                 "--tokenizer-type", "BertWordPieceLowerCase", "--vocab-file", str(vocab),
+                 "--output-prefix", str(tmp_path / "wiki"), "--workers", "0"], tmp_path)
+    assert prep.returncode in (0, 3), prep.stderr[-2000:]
+    args = ["--model", "bert", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-3", "--eval-interval",
+            "6", "--eval-iters", "1", "--log-interval", "3", "--data-path",
+            str(tmp_path / "wiki_text_sentence"), "--split", "90,5,5", "--tokenizer-type",
+            "BertWordPieceLowerCase", "--vocab-file", str(vocab), "--num-workers", "0",
+            "--device", "cpu", "--metrics-path", str(tmp_path / "metrics.jsonl"),
+            "--data-cache-path", str(tmp_path / "cache")]
+    proc = _run([sys.executable, "-m", "megapre.pretrain", *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, evals = _metrics(tmp_path)
+    assert [r["iteration"] for r in train] == [3, 6]
+    assert all("sop_loss" in r and "lm_loss" in r for r in train)
+    assert abs(train[-1]["loss"] - train[-1]["lm_loss"] - train[-1]["sop_loss"]) < 1e-4
+    assert [e["split"] for e in evals] == ["valid", "test"]

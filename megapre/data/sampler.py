@@ -106,4 +106,6 @@ def build_data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int
         dataset, batch_sampler=sampler, num_workers=num_workers,
         pin_memory=pin_memory and torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # its own generator: iterating must not draw a seed from the global one (exact resume)
+        generator=torch.Generator(),
     )

@@ -16,22 +16,35 @@ import torch
 from megapre.train.args import PretrainConfig
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where it says something (not None/False/[], not when the help
+    text already explains it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        quiet = action.default is None or action.default is False or action.default == [] \
+            or action.default is argparse.SUPPRESS
+        if quiet or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpoint and layout")
     g.add_argument("--load", required=True, metavar="DIR",
                    help="checkpoint directory (a --save directory, or one iter_XXXXXXX inside it)")
     g.add_argument("--iteration", type=int, help="load this iteration instead of the latest")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="TP",
-                   help="TP size of this job (any size the model's heads divide; default 1)")
+                   help="TP size of this job (any size that divides the model's heads)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="PP",
-                   help="PP size of this job (default 1)")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (default: fp32)")
+                   help="PP size of this job (any size that divides the layers)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: this rank's GPU when there is one, else the CPU")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast instead of fp32")
     g.add_argument("--output-json", type=Path, metavar="FILE", help="also write the results here")
     t = parser.add_argument_group("tokenizer files (default: the paths the run was trained with)")
-    t.add_argument("--vocab-file")
-    t.add_argument("--merge-file")
-    t.add_argument("--tokenizer-model")
+    t.add_argument("--vocab-file", help="vocabulary file (when it moved since training)")
+    t.add_argument("--merge-file", help="BPE merges file")
+    t.add_argument("--tokenizer-model", help="SentencePiece model or tokenizer.json")
 
 
 def apply_common(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:

@@ -11,21 +11,23 @@ take the sampled one (causal attention makes the right padding invisible to earl
 Layouts: under TP the last stage's logits are all-gathered over TP (padded vocabulary columns
 dropped); under PP the prefix walks the stages in order, sending hidden states point to point, and
 the last stage samples. The sampled tokens are then broadcast from one last-stage rank to every
-rank, so all ranks extend the same sequences (every TP rank also samples with the same seeded
-generator, so the broadcast only guards against non-deterministic kernels). Data-parallel
-replicas compute the same batch.
+rank of the replica, so all its ranks extend the same sequences (every TP rank also samples with
+the same seeded generator, so the broadcast only guards against non-deterministic kernels).
+Data-parallel replicas share out the batches of prompts (generate_batches).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from megapre.train.evaluate import _recv, _send
 from megapre.train.parallel_model import ParallelModel
 
 from .kv_cache import KVCache, stage_step
+from .p2p import recv_tensor, send_tensor
 from .sampling import SamplingConfig, sample_next
 
 STOP_EOD, STOP_LENGTH, STOP_POSITIONS = "eod", "max_new_tokens", "max_position_embeddings"
@@ -63,7 +65,7 @@ class TextGenerator:
         if max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens {max_new_tokens} must be >= 1")
         window = self.max_positions if crop_context else None
-        prompts = [self._check_prompt(i, p, window is not None) for i, p in enumerate(prompts)]
+        prompts = self.check_prompts(prompts, crop_context)
         out = [Generation(list(p)) for p in prompts]
         lengths = torch.tensor([len(p) for p in prompts])
         total = int(lengths.max()) + max_new_tokens
@@ -89,20 +91,32 @@ class TextGenerator:
             nxt = self._broadcast(nxt)
             in_prompt = lengths > t
             tokens[:, t] = torch.where(in_prompt, tokens[:, t], nxt)
-            for i in torch.nonzero(~in_prompt & ~done).flatten().tolist():
-                tok = int(nxt[i])
-                if stop_at_eod and tok == self.eod:
-                    out[i].stop_reason, done[i] = STOP_EOD, True
-                    continue
-                out[i].ids.append(tok)
-                if len(out[i].ids) >= max_new_tokens:
-                    done[i] = True
+            self._record(out, nxt, ~in_prompt & ~done, done, max_new_tokens, stop_at_eod)
             if bool(done.all()):
                 break
         for g in out:
             if g.stop_reason != STOP_EOD and len(g.ids) < max_new_tokens:
                 g.stop_reason = STOP_POSITIONS
         return out
+
+    def _record(self, out: list[Generation], nxt: torch.Tensor, active: torch.Tensor,
+                done: torch.Tensor, max_new_tokens: int, stop_at_eod: bool) -> None:
+        """Append this step's token to every sample past its prompt and not finished; mark
+        the ones that hit EOD or their token budget as done (in place)."""
+        for i in torch.nonzero(active).flatten().tolist():
+            tok = int(nxt[i])
+            if stop_at_eod and tok == self.eod:
+                out[i].stop_reason, done[i] = STOP_EOD, True
+                continue
+            out[i].ids.append(tok)
+            if len(out[i].ids) >= max_new_tokens:
+                done[i] = True
+
+    def check_prompts(self, prompts: list[list[int]], crop_context: bool = False
+                      ) -> list[list[int]]:
+        """The prompts as generated (an empty one becomes [EOD]); ValueError naming the first
+        bad one (empty without an EOD token, ids outside the vocabulary, too long)."""
+        return [self._check_prompt(i, p, crop_context) for i, p in enumerate(prompts)]
 
     def _check_prompt(self, i: int, ids: list[int], crop: bool) -> list[int]:
         if not ids:
@@ -134,7 +148,7 @@ class TextGenerator:
                 continue
             m = self._by_stage[s]
             ids = tokens.to(dev) if s == 0 else None
-            hidden = None if s == 0 else _recv(ranks[(s - 1) % pp], dev)
+            hidden = None if s == 0 else recv_tensor(ranks[(s - 1) % pp], dev)
             if cache is not None:
                 x = stage_step(m, cache, input_ids=ids, hidden_states=hidden)
             else:
@@ -142,16 +156,54 @@ class TextGenerator:
             if s == self._num_stages - 1:
                 out = m.gathered_logits(x[-1:])[:, 0]
             else:
-                _send(x, ranks[(s + 1) % pp])
+                send_tensor(x, ranks[(s + 1) % pp])
         if cache is not None:
             cache.length += tokens.shape[1]
         return out
 
     def _broadcast(self, nxt: torch.Tensor) -> torch.Tensor:
-        """Every rank takes the tokens of the last stage's first (dp, tp) rank."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
+        """Every rank of this model replica takes the tokens of its last stage's TP rank 0
+        (within the TP group, then down the pipeline); other replicas are not involved."""
+        mesh = self.mesh
+        if not dist.is_initialized() or (mesh.tp_size == 1 and mesh.pp_size == 1):
             return nxt
-        src = self.mesh.rank_of(self.mesh.pp_size - 1, 0, 0)
-        buf = nxt.to(self.mesh.device)
-        dist.broadcast(buf, src)
+        buf = nxt.to(mesh.device)
+        last = mesh.pp_size - 1
+        if mesh.tp_size > 1 and mesh.is_last_stage:
+            dist.broadcast(buf, mesh.rank_of(last, mesh.dp_rank, 0), group=mesh.tp_group)
+        if mesh.pp_size > 1:
+            dist.broadcast(buf, mesh.rank_of(last, mesh.dp_rank, mesh.tp_rank),
+                           group=mesh.pp_group)
         return buf.cpu()
+
+
+def generate_batches(gen: TextGenerator, prompts: list[list[int]], batch_size: int,
+                     max_new_tokens: int, sampling: SamplingConfig, seed: int,
+                     stop_at_eod: bool = True, use_cache: bool = True,
+                     crop_context: bool = False, autocast=None) -> list[Generation]:
+    """All prompts in batches of batch_size; batch k draws from seed + k and runs on
+    data-parallel replica k % DP, so the text does not depend on the number of replicas.
+    Every rank returns the generations of every prompt, in order."""
+    mesh = gen.mesh
+    gen.check_prompts(prompts, crop_context)  # every rank fails alike, before any collective
+    mine: dict[int, list[Generation]] = {}
+    for k, start in enumerate(range(0, len(prompts), batch_size)):
+        if k % mesh.dp_size != mesh.dp_rank:
+            continue
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            mine[k] = gen.generate(prompts[start:start + batch_size], max_new_tokens, sampling,
+                                   seed + k, stop_at_eod, use_cache, crop_context)
+    if mesh.dp_size > 1:
+        mine = _gather_replicas(mine, mesh)
+    return [g for k in sorted(mine) for g in mine[k]]
+
+
+def _gather_replicas(mine: dict[int, list[Generation]], mesh) -> dict[int, list[Generation]]:
+    """Union of every replica's batches (plain lists of ints and strings travel as objects)."""
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, {k: [dataclasses.asdict(g) for g in v] for k, v in mine.items()})
+    merged: dict[int, list[Generation]] = {}
+    for part in parts:
+        for k, gens in part.items():
+            merged.setdefault(int(k), [Generation(**g) for g in gens])
+    return merged

@@ -1,11 +1,12 @@
 """Forward-only scoring of a checkpoint over many global batches, in any TP/PP/DP layout.
 
-The batches run through the Trainer's EvalStep (same micro-batch splitting, pipeline stage walk
-and loss normalization as validation during training). While it runs, an observer on the loss
-function adds up the raw sums on the last pipeline stage — per-token losses and loss-mask tokens,
-and for BERT the sentence-order cross entropy and correct predictions — so the reported loss is
-the token-weighted mean over every batch (the exact corpus perplexity), not a mean of batch
-means; the latter is reported too (`batch_mean_loss`, what training's validation prints).
+The batches run through the Trainer's EvalStep (same micro-batch splitting, pipeline schedule
+and loss normalization as validation during training). Each batch's losses are means over its
+global token (sample) count, which the step has just set on the loss function; multiplying back
+gives sums, so the reported loss is the token-weighted mean over every batch (the exact corpus
+perplexity) rather than a mean of batch means (reported too, as `batch_mean_loss`: what training's
+validation prints). BERT's sentence-order accuracy comes from a forward hook on the binary head
+of the last stage, matched in order with the labels of the micro-batches this rank fed.
 """
 from __future__ import annotations
 
@@ -13,54 +14,14 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megapre.parallel.comm import group_size
 from megapre.train.evaluate import EvalStep
 from megapre.train.parallel_model import ParallelModel
-
-SUMS = ("lm_loss_sum", "tokens", "sop_loss_sum", "sop_correct", "sop_samples")
-
-
-class _SumObserver:
-    """Calls the real loss function and keeps float64 sums of what it saw."""
-
-    def __init__(self, inner) -> None:
-        self.inner, self.log = inner, inner.log
-        self.sums = torch.zeros(len(SUMS), dtype=torch.float64)
-
-    def __call__(self, out, target, **kwargs):
-        loss = self.inner(out, target, **kwargs)
-        with torch.no_grad():
-            if isinstance(target, tuple):  # BERT: (loss_mask, is_random)
-                mask, is_random = target
-                lm, binary = out if isinstance(out, tuple) else (out, None)
-            else:
-                mask, is_random, lm, binary = target, None, out, None
-            mask = mask.double()
-            self.sums[0] += float((lm.double() * mask).sum())
-            self.sums[1] += float(mask.sum())
-            if binary is not None:
-                labels = is_random.long().reshape(-1)
-                self.sums[2] += float(F.cross_entropy(binary.double(), labels, reduction="sum"))
-                self.sums[3] += float((binary.argmax(-1) == labels).sum())
-                self.sums[4] += float(labels.numel())
-        return loss
-
-
-@contextlib.contextmanager
-def _observe(model: ParallelModel):
-    adapter = model.adapter
-    observer = _SumObserver(adapter.loss_fn)
-    adapter.loss_fn = observer
-    try:
-        yield observer
-    finally:
-        adapter.loss_fn = observer.inner
 
 
 @dataclass
@@ -93,37 +54,87 @@ class Score:
         return out
 
 
-def score(step: EvalStep, batches: Iterator[dict[str, torch.Tensor]], num_batches: int,
-          global_batch_size: int, autocast=contextlib.nullcontext) -> Score:
-    """Run `num_batches` global batches; the same Score on every rank."""
-    model = step.model
+class _SentenceOrderCounter:
+    """Correct sentence-order predictions of this rank's last stage: the binary head's outputs
+    (forward hook) against the labels of the micro-batches, in the order they were fed."""
+
+    def __init__(self, model: ParallelModel) -> None:
+        heads = [m.heads for m in model.models if getattr(m, "heads", None) is not None
+                 and m.heads.binary is not None]
+        self.active = bool(heads)
+        self.predictions: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self._hooks = [h.binary.register_forward_hook(self._record) for h in heads]
+
+    def _record(self, module, inputs, output) -> None:
+        self.predictions.append(output.detach().argmax(-1).cpu())
+
+    def feed(self, batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+        for mb in batches:
+            if self.active and "is_random" in mb:
+                self.labels.append(torch.as_tensor(mb["is_random"]).reshape(-1).long().cpu())
+            yield mb
+
+    def take(self) -> tuple[float, float]:
+        """(correct, predicted) since the last take; every fed micro-batch must be predicted."""
+        if len(self.predictions) != len(self.labels):
+            raise RuntimeError(f"sentence-order head ran {len(self.predictions)} times for "
+                               f"{len(self.labels)} micro-batches; cannot match predictions "
+                               "to labels")
+        correct = sum(float((p == y).sum()) for p, y in zip(self.predictions, self.labels))
+        count = float(sum(y.numel() for y in self.labels))
+        self.predictions, self.labels = [], []
+        return correct, count
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+def score(model: ParallelModel, step: EvalStep, batches: Iterator[dict[str, torch.Tensor]],
+          num_batches: int, global_batch_size: int,
+          autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Score:
+    """Run `num_batches` global batches through `step`; the same Score on every rank."""
+    loss_fn = model.adapter.loss_fn
+    sop = _SentenceOrderCounter(model)
+    fed = sop.feed(batches)
+    # lm_sum, tokens, sop_sum, sop_correct, sop_count
+    sums = torch.zeros(5, dtype=torch.float64)
+    batch_losses, parts = 0.0, {}
     t0 = time.perf_counter()
-    batch_losses = 0.0
-    with _observe(model) as observer:
+    try:
         for _ in range(num_batches):
             with autocast():
-                loss, _ = step(batches)
+                loss, parts = step(fed)
+            tokens, samples = loss_fn.counts["tokens"], loss_fn.counts["samples"]
             batch_losses += loss
-    sums = _reduce(observer.sums, model)
-    named = dict(zip(SUMS, sums.tolist()))
-    tokens = named["tokens"]
+            sums[0] += parts["lm loss"] * tokens
+            sums[1] += tokens
+            if "sop loss" in parts:
+                sums[2] += parts["sop loss"] * samples
+                if sop.active:
+                    sums[3:5] += torch.tensor(sop.take(), dtype=torch.float64)
+    finally:
+        sop.close()
+    seconds = time.perf_counter() - t0
+    sums[3:5] = _last_stage_sum(sums[3:5], model)
+    lm_sum, tokens, sop_sum, correct, count = sums.tolist()
     if tokens <= 0:
         raise ValueError("no token of the scored batches counts towards the loss (loss mask all "
                          "zero); check --eod-mask-loss and the data")
-    sop = named["sop_samples"]
+    has_sop = "sop loss" in parts
     return Score(batches=num_batches, samples=num_batches * global_batch_size,
-                 tokens=int(round(tokens)), lm_loss=named["lm_loss_sum"] / tokens,
-                 batch_mean_loss=batch_losses / max(num_batches, 1),
-                 seconds=time.perf_counter() - t0,
-                 sop_loss=named["sop_loss_sum"] / sop if sop else None,
-                 sop_accuracy=named["sop_correct"] / sop if sop else None)
+                 tokens=int(round(tokens)), lm_loss=lm_sum / tokens,
+                 batch_mean_loss=batch_losses / max(num_batches, 1), seconds=seconds,
+                 sop_loss=sop_sum / (num_batches * global_batch_size) if has_sop else None,
+                 sop_accuracy=correct / count if has_sop and count else None)
 
 
-def _reduce(sums: torch.Tensor, model: ParallelModel) -> torch.Tensor:
-    """Sum over DP on the last stage, then hand the last stage's sums to every pipeline rank.
-    TP ranks hold equal sums already (the vocab-parallel loss is reduced over TP)."""
+def _last_stage_sum(vec: torch.Tensor, model: ParallelModel) -> torch.Tensor:
+    """Counts kept by the last stage's ranks: summed over DP there, then handed to every
+    pipeline rank. TP ranks hold equal counts already (same gathered logits)."""
     mesh = model.mesh
-    vec = sums.to(mesh.device)
+    vec = vec.to(mesh.device)
     if mesh.is_last_stage and group_size(mesh.dp_group) > 1:
         dist.all_reduce(vec, group=mesh.dp_group)
     if group_size(mesh.pp_group) > 1:

@@ -89,9 +89,11 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups, self.q_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, : self.q_per_group].reshape(s, b, self.groups * self.q_per_group,
-                                                      self.head_dim)
-        k, v = qkv[:, :, :, self.q_per_group], qkv[:, :, :, self.q_per_group + 1]
+        # split (not slicing) so backward concatenates the three grads instead of zero-filling
+        # three full-size buffers
+        q, k, v = torch.split(qkv, [self.q_per_group, 1, 1], dim=3)
+        q = q.reshape(s, b, self.groups * self.q_per_group, self.head_dim)
+        k, v = k.squeeze(3), v.squeeze(3)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.recompute_core:  # selective recompute: the s^2 activations are cheap to redo
@@ -142,7 +144,9 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
         a = self.dropout1(self.attention(self.norm1(x), mask, causal, rope))
-        normed, h = self.norm2(a, residual=x)
+        # under autocast a bias-free projection returns bf16/fp16 while the residual stream
+        # stays fp32; the fused add + norm takes one dtype
+        normed, h = self.norm2(a.to(x.dtype), residual=x)
         return h + self.dropout2(self.mlp(normed))
 
 

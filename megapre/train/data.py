@@ -55,14 +55,15 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
                                reset_attention_mask=cfg.data.reset_attention_mask, cache=cache)
         found = build_gpt_datasets(_blend(cfg), gpt, counts, group=group)
     else:
-        found = _bert_splits(cfg, tokenizer, counts)
+        found = _bert_splits(cfg, tokenizer, counts, group)
     if found.get("train") is None:
         raise ValueError("the training split is empty: give it a share in --split "
                          f"(now {cfg.data.split!r}) or pass --train-data-path")
     return Splits(found["train"], found.get("valid"), found.get("test"))
 
 
-def _bert_splits(cfg: PretrainConfig, tokenizer: Tokenizer, counts: list[int]) -> dict[str, Any]:
+def _bert_splits(cfg: PretrainConfig, tokenizer: Tokenizer, counts: list[int],
+                 group: Any = None) -> dict[str, Any]:
     """BERT over one sentence-level dataset (PREFIX_text_sentence), cut by --split."""
     from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
     from megapre.data.indexed import IndexedDataset
@@ -77,11 +78,12 @@ def _bert_splits(cfg: PretrainConfig, tokenizer: Tokenizer, counts: list[int]) -
     ranges = split_ranges(parse_split(d.split), indexed.num_documents)
     bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
                              short_seq_prob=d.short_seq_prob,
-                             binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed)
+                             binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
+                             cache=CacheConfig(cache_dir=d.data_cache_path))
     out: dict[str, Any] = {}
     for name, r, n in zip(SPLIT_NAMES, ranges, counts):
         out[name] = None if (r is None or n == 0) else BertDataset(
-            indexed, tokenizer, name, r, n, bert, cache_dir=d.data_cache_path)
+            indexed, tokenizer, name, r, n, bert, group=group)
     return out
 
 

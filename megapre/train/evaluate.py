@@ -10,6 +10,8 @@ from typing import Iterator
 
 import torch
 
+from megapre.parallel.p2p import recv_tensor as _recv  # noqa: F401  (generation's stage walk)
+from megapre.parallel.p2p import send_tensor as _send  # noqa: F401
 from megapre.train.parallel_model import ParallelModel
 from megapre.train.step import StepConfig, TrainStep
 
@@ -21,6 +23,7 @@ class EvalStep:
                  step: TrainStep | None = None) -> None:
         # An evaluator needs no optimizer; reuse the training step's machinery when given.
         self.step = step if step is not None else TrainStep(model, None, config)
+        self.model, self.mesh = model, model.mesh
 
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> tuple[float, dict[str, float]]:
         result = dict(self.step.evaluate(batch_iter))

@@ -118,7 +118,6 @@ class Trainer:
         self.step = TrainStep(self.model, self.optimizer, step_cfg, loss_scaler=self.loss_scaler)
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
-        self._maybe_load()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
@@ -127,6 +126,9 @@ class Trainer:
         self.flops_token = flops_per_token(self.model_cfg, cfg.model.seq_length)
         self.stop = _StopFlag()
         self.stop.install()
+        # Last: nothing after a restored checkpoint may draw from the global generators, or the
+        # resumed run's dropout masks would be off by those draws.
+        self._maybe_load()
 
     # -- checkpoints ------------------------------------------------------------------------
     def _maybe_load(self) -> None:
@@ -295,6 +297,10 @@ class Trainer:
             print(f"[megapre] {text}", flush=True)
 
     def close(self) -> None:
+        if self.cfg.checkpoint.save:
+            from .checkpoint import wait_for_pending_save
+
+            wait_for_pending_save()  # an --async-save still writing would be lost otherwise
         self.mesh.destroy()
 
 

@@ -39,7 +39,8 @@ def flops_per_token(cfg: TransformerConfig, seq_length: int, training: bool = Tr
 def measured_cpu_peak_tflops(n: int = 1024, repeats: int = 5) -> float:
     """The CPU's fp32 matmul rate with this process's threads: the honest 'peak' for MFU on a
     CPU, where no datasheet number applies."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    g = torch.Generator().manual_seed(0)  # never touch the global RNG (exact resume)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):

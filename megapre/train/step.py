@@ -90,11 +90,16 @@ class TrainStep:
         if mesh.pp_size > 1:
             first, hidden, last = self.adapter.examples(config.micro_batch_size)
             self.pipeline = PipelineRunner(list(model.chunks), model.specs, mesh, schedule,
-                                           self.num_microbatches, self.adapter.loss_fn,
+                                           self.num_microbatches, self._loss,
                                            first, hidden, last)
         elif config.pipeline_schedule not in (None, "1f1b", "gpipe"):
             raise ValueError(f"--pipeline-schedule {config.pipeline_schedule} needs "
                              "--pipeline-model-parallel-size > 1")
+
+    def _loss(self, output, target):
+        # Looked up per call, so a wrapper installed on the adapter later (loss scaling, an
+        # evaluation observer) sees the pipeline's calls too.
+        return self.adapter.loss_fn(output, target)
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:

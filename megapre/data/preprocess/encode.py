@@ -4,6 +4,8 @@ is what keeps inter-process traffic cheap."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -154,10 +156,6 @@ def init_worker(tokenizer: Any, config: EncodeConfig) -> None:
     """Pool initializer. Under fork the tokenizer arrives as the parent's object (no pickling, no
     rebuild: building GPT-2 BPE takes a second or more); under spawn it is pickled, which rebuilds it
     from its config. Single-threaded: parallelism comes from the worker processes."""
-    import os
-
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the main process's to handle
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ.setdefault("RAYON_NUM_THREADS", "1")

@@ -38,9 +38,12 @@ def parse_batch(batch: RawBatch, keys: Sequence[str]) -> Records:
     raise ValueError(f"unknown batch kind {batch.kind!r}")
 
 
-def _decode_lines(payload: bytes) -> list[str | UnicodeDecodeError]:
+def _decode_lines(payload: bytes, first_line: int) -> list[str | UnicodeDecodeError]:
     """Lines of the chunk (without the newline; a final newline ends the last line, it does not
-    start an empty one). One decode for the whole chunk; per line only when it has bad UTF-8."""
+    start an empty one). One decode for the whole chunk; per line only when it has bad UTF-8.
+    A UTF-8 byte-order mark opening the file (Windows editors write one) is dropped."""
+    if first_line == 1 and payload.startswith(b"\xef\xbb\xbf"):
+        payload = payload[3:]
     if payload.endswith(b"\n"):
         payload = payload[:-1]
     try:
@@ -87,7 +90,7 @@ def _check_value(obj: dict, key: str) -> tuple[str, str] | str:
 
 def _parse_jsonl(payload: bytes, first_line: int, keys: Sequence[str]) -> Records:
     texts, lines, skips = [], [], []
-    for offset, line in enumerate(_decode_lines(payload)):
+    for offset, line in enumerate(_decode_lines(payload, first_line)):
         lineno = first_line + offset
         if isinstance(line, UnicodeDecodeError):
             skips.append((lineno, "invalid_utf8", _utf8_detail(line)))
@@ -118,7 +121,7 @@ def _parse_jsonl(payload: bytes, first_line: int, keys: Sequence[str]) -> Record
 
 def _parse_text_lines(payload: bytes, first_line: int) -> Records:
     texts, lines, skips = [], [], []
-    for offset, line in enumerate(_decode_lines(payload)):
+    for offset, line in enumerate(_decode_lines(payload, first_line)):
         lineno = first_line + offset
         if isinstance(line, UnicodeDecodeError):
             skips.append((lineno, "invalid_utf8", _utf8_detail(line)))
@@ -145,7 +148,7 @@ def _parse_text_blocks(payload: bytes, first_line: int) -> Records:
             texts.append(("\n".join(block),))
             lines.append(start)
 
-    for offset, line in enumerate(_decode_lines(payload)):
+    for offset, line in enumerate(_decode_lines(payload, first_line)):
         lineno = first_line + offset
         if isinstance(line, str):
             line = line.rstrip("\r")
