@@ -137,13 +137,6 @@ def test_quickstart_tiny_runs_end_to_end(tmp_path):
     assert train[-1]["iteration"] == 10 and train[-1]["loss"] < train[0]["loss"]
     assert any(r.get("split") == "valid" for r in rows)
     assert (work / "data-bpe1000" / "demo_text_document.idx").is_file()
-    try:
-        import megapre.evaluate  # noqa: F401
-        import megapre.generate  # noqa: F401
-        import megapre.train.checkpoint  # noqa: F401
-    except ImportError:
-        assert "not available in this version" in out
-        return
     ev = json.loads((work / "run" / "eval.json").read_text())
     assert ev["iteration"] == 10 and ev["layout"] == {"tp": 1, "pp": 1, "dp": 1}
     assert ev["loss"] == pytest.approx(ev["lm_loss"]) and ev["loss"] < 10
