@@ -64,7 +64,6 @@ step 2/5 "character vocabulary"
 "$PY" "$REPO/tools/train_tokenizer.py" --kind char --input "$WORK/all.jsonl" --output-dir "$WORK" \
   --output-prefix chars --char-specials eod --overwrite
 VOCAB="$WORK/chars.json"
-[ -s "$VOCAB" ] || VOCAB="$(ls "$WORK"/chars*.json | grep -v train.json | head -1)"
 
 step 3/5 "tokenize train and val"
 for part in train val; do
@@ -105,4 +104,5 @@ EOF
 "$PY" -m megapre.evaluate --load "$WORK/checkpoints" --device "$DEVICE" \
   --data-path "$WORK/val_text_document" --eval-split all --micro-batch-size 12 \
   --global-batch-size 12 --data-cache-path "$WORK/index-cache" --output-json "$WORK/eval_val.json"
+"$PY" -c "import json, sys; e = json.load(open(sys.argv[1])); print(f'  whole validation text: loss {e[\"loss\"]:.4f} over {e[\"tokens\"]:,} tokens')" "$WORK/eval_val.json"
 printf '[shakespeare] done in %ss; outputs in %s\n' "$(( SECONDS - T0 ))" "$WORK"
