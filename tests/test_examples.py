@@ -52,6 +52,20 @@ def test_shakespeare_missing_text_is_named(tmp_path):
     assert str(missing) in proc.stderr and "not found" in proc.stderr
 
 
+@pytest.mark.parametrize("script,env", [
+    ("quickstart.sh", {"QUICKSTART_STEPS": "ten"}),
+    ("quickstart.sh", {"QUICKSTART_TP": "0"}),
+    ("shakespeare_char.sh", {"SHAKESPEARE_ITERS": "50"}),
+])
+def test_bad_settings_are_named_before_any_work(script, env, tmp_path):
+    proc = subprocess.run(["bash", str(EXAMPLES / script)], cwd=tmp_path,
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    name = next(iter(env))
+    assert name in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created, nothing installed
+
+
 @pytest.mark.slow
 def test_pretrain_gpt_script_trains_on_cpu(tmp_path):
     """pretrain_gpt.sh as written (GPT-2 tokenizer, bf16, checkpoints), shrunk by trailing flags:
