@@ -135,6 +135,21 @@ def test_bad_base_flag_exits_2(corpus, tmp_path, capsys):
     assert "--num-attention-heads" in capsys.readouterr().err
 
 
+def test_base_config_is_checked(corpus, tmp_path, capsys):
+    cfg = tmp_path / "base.json"
+    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+                     str(cfg)])
+    assert rc == 2 and f"--base-config {cfg}" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"num_layers": 2, "hidden_szie": 32}))
+    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+                     str(cfg), "--", *_base(corpus, tmp_path)])
+    assert rc == 2 and "hidden_szie" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    args = sweep.parse_args(["--grid", "lr=1e-3", "--runs-dir", "r", "--base-config", str(cfg),
+                             "--", "--num-layers", "3"])
+    assert args.base == ["--config", str(cfg.resolve()), "--num-layers", "3"]
+
+
 # -- real runs -------------------------------------------------------------------------------
 
 def _results(runs: Path) -> list[dict]:

@@ -312,12 +312,10 @@ def rank(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ranked
 
 
-def _cell(x: Any) -> str:
-    if x is None:
+def _cell(loss: float | None) -> str:
+    if loss is None:
         return "-"
-    if isinstance(x, float):
-        return f"{x:.1f}" if abs(x) >= 1000 else f"{x:.4f}"
-    return str(x)
+    return f"{loss:.1f}" if abs(loss) >= 1000 else f"{loss:.4f}"
 
 
 def table_rows(ranked: list[dict[str, Any]], names: list[str]) -> list[list[str]]:
@@ -330,7 +328,8 @@ def table_rows(ranked: list[dict[str, Any]], names: list[str]) -> list[list[str]
             valid = "- (by train)"
         rows.append([str(r["rank"]), *(r["point"].get(n, "") for n in names), valid,
                      _cell(r["best_valid_loss"]), _cell(r["train_loss"]),
-                     _cell(r["tokens_per_s"]), f"{r['wall_s']:.1f}", r["status"]])
+                     "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.0f}",
+                     f"{r['wall_s']:.1f}", r["status"]])
     return rows
 
 
