@@ -106,7 +106,23 @@ def test_summarize_metrics(tmp_path):
     assert s == {"final_valid_loss": 2.7, "best_valid_loss": 2.5, "train_loss": 1.0,
                  "tokens_per_s": 150.0, "iterations": 8}
     nan = sweep.summarize([{"loss": float("nan"), "iteration": 1}], [])
-    assert sweep._status(0, False, nan) == "failed: non-finite loss"
+    assert sweep._status(0, False, nan, {}) == "failed: non-finite loss"
+    ok = sweep.summarize([{"loss": 1.0, "iteration": 3}], [])
+    assert sweep._status(0, False, ok, {"exit_reason": "finished"}) == "ok"
+    assert sweep._status(0, False, ok, {"exit_reason": "exit-duration-in-mins"}) == "ok"
+    assert sweep._status(0, False, ok, {"exit_reason": "SIGTERM", "iteration": 3}) == \
+        "failed: stopped by SIGTERM at iteration 3"
+    assert sweep._status(0, False, ok, None).startswith("failed: no '[megapre] summary'")
+    assert sweep._status(1, False, ok, None) == "failed: exit 1"
+    assert sweep._status(None, True, ok, None) == "failed: timeout"
+
+
+def test_summary_line_is_read_from_the_log(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text('noise\n[megapre] summary {"exit_reason": "finished", "iteration": 8}\n')
+    assert sweep.read_summary(log) == {"exit_reason": "finished", "iteration": 8}
+    log.write_text("Traceback ...\n")
+    assert sweep.read_summary(log) is None
 
 
 # -- fail fast: nothing is launched ---------------------------------------------------------

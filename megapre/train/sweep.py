@@ -233,17 +233,51 @@ def summarize(train: list[dict], valid: list[dict]) -> dict[str, Any]:
             "iterations": train[-1].get("iteration") if train else None}
 
 
-def _status(rc: int | None, timed_out: bool, stats: dict[str, Any]) -> str:
+SUMMARY_PREFIX = "[megapre] summary "
+
+
+def read_summary(log: Path) -> dict[str, Any] | None:
+    """The trainer's last stdout line, `[megapre] summary {json}` (absent if it did not finish)."""
+    for line in reversed(_tail(log, 50)):
+        if line.startswith(SUMMARY_PREFIX):
+            try:
+                return json.loads(line[len(SUMMARY_PREFIX):])
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def _status(rc: int | None, timed_out: bool, stats: dict[str, Any],
+            summary: dict[str, Any] | None = None) -> str:
+    """A run stopped by SIGTERM (an interrupted sweep, a preempted job) exits 0 but is not a
+    result: it fails, so a rerun retries it. --exit-duration-in-mins / --exit-interval are
+    deliberate budgets and count as finished."""
     if timed_out:
         return "failed: timeout"
     if rc != 0:
         return f"failed: exit {rc}"
+    if summary is None:
+        return "failed: no '[megapre] summary' line in log.txt"
+    if summary.get("exit_reason") == "SIGTERM":
+        return f"failed: stopped by SIGTERM at iteration {summary.get('iteration')}"
     if stats["train_loss"] is None:
         return "failed: no training records in metrics.jsonl"
     losses = [stats["train_loss"], stats["final_valid_loss"]]
     if any(x is not None and not math.isfinite(x) for x in losses):
         return "failed: non-finite loss"
     return "ok"
+
+
+# Runs start in their own session (so a timeout can kill torchrun and its workers together); the
+# sweep therefore forwards an interrupt to them itself instead of leaving them orphaned.
+LIVE: set[subprocess.Popen] = set()
+
+
+def _kill(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def execute(run: Run, nproc: int, timeout: float | None,
@@ -254,6 +288,7 @@ def execute(run: Run, nproc: int, timeout: float | None,
     metrics.unlink(missing_ok=True)  # the trainer appends; a retried run starts clean
     cmd = launch_command(run.flags, metrics, nproc)
     env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"  # the log is live, and its tail is there when a run is killed
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(PACKAGE_PARENT), env.get("PYTHONPATH", "")) if p)
     echo(f"[sweep] start {run.name}")
@@ -266,17 +301,22 @@ def execute(run: Run, nproc: int, timeout: float | None,
             out.write(f"sweep: could not launch {cmd[0]}: {e}\n")
             rc = -1
         else:
+            LIVE.add(proc)
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
-                os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers share the session
+                _kill(proc, signal.SIGKILL)
                 proc.wait()
+            finally:
+                LIVE.discard(proc)
     wall = time.time() - t0
     stats = summarize(*read_metrics(metrics))
-    status = _status(rc, timed_out, stats)
+    summary = read_summary(log)
+    status = _status(rc, timed_out, stats, summary)
     result = {"name": run.name, "point": run.point, "flags": run.flags, "command": cmd,
               "status": status, "returncode": rc, "wall_s": wall, **stats,
+              "exit_reason": summary.get("exit_reason") if summary else None,
               "log_tail": [] if status == "ok" else _tail(log)}
     _write_json(run.directory / "result.json", result)
     echo(f"[sweep] {status:<6} {run.name} ({wall:.1f}s)")
@@ -451,9 +491,19 @@ def main(argv: list[str] | None = None) -> int:
             results.append(prev)
         else:
             todo.append(run)
-    with ThreadPoolExecutor(max_workers=args.parallel_runs) as pool:
+    pool = ThreadPoolExecutor(max_workers=args.parallel_runs)
+    try:
         results += list(pool.map(
             lambda r: execute(r, args.nproc_per_node, args.run_timeout, echo), todo))
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(LIVE):
+            _kill(proc, signal.SIGTERM)
+        print("sweep: interrupted; finished runs are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        pool.shutdown(wait=True)
     names = list(runs[0].point)
     ranked = rank(results)
     rows = table_rows(ranked, names)
