@@ -76,6 +76,13 @@ def test_random_draws_are_reproducible_and_in_range():
     assert [p["lr"] for p in pts[:3]] == [p["lr"] for p in pts[3:]]
 
 
+def test_point_flags_switches_and_lists():
+    assert sweep.point_flags({"lr": "1e-3", "bf16": "true", "fp16": "false",
+                              "data-path": "0.3 a 0.7 'b c'"}) == \
+        ["--lr", "1e-3", "--bf16", "--data-path", "0.3", "a", "0.7", "b c"]
+    assert sweep.run_name({"lr": "1e-3", "data-path": "/x y/z"}) == "lr=1e-3,data-path=_x_y_z"
+
+
 @pytest.mark.parametrize("spec", ["lr", "lr=", "lr=log:0:1", "lr=log:1e-2:1e-4",
                                   "lr=uniform:a:b", "lr=1e-3,,2"])
 def test_bad_choice_spec_is_an_error(spec):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -17,6 +18,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -136,13 +138,14 @@ def search_points(grid: list[tuple[str, list[str]]], choices: list[Choice],
 # -- one run ---------------------------------------------------------------------------------
 
 def point_flags(point: dict[str, str]) -> list[str]:
-    """`true`/`false` turn a switch on/off; anything else is `--name value`."""
+    """`true`/`false` turn a switch on/off; anything else is `--name value`, split like a shell
+    would so list flags can be swept: --grid "data-path=0.3 a 0.7 b,a"."""
     out: list[str] = []
     for name, value in point.items():
         if value.lower() == "true":
             out.append(f"--{name}")
         elif value.lower() != "false":
-            out += [f"--{name}", value]
+            out += [f"--{name}", *shlex.split(value)]
     return out
 
 
@@ -150,7 +153,6 @@ def run_name(point: dict[str, str]) -> str:
     text = ",".join(f"{k}={v}" for k, v in point.items())
     safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
     if len(safe) > 120:
-        import hashlib
         safe = safe[:100] + "-" + hashlib.sha1(text.encode()).hexdigest()[:10]
     return safe
 
@@ -405,7 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweep.py", usage="%(prog)s [--grid NAME=V1,V2 ...] [--random N --choice NAME=SPEC "
         "...] --runs-dir DIR [options] -- <megapre.pretrain flags>",
         description="Launch short megapre.pretrain runs over a grid and/or random draws of flag "
-                    "values and rank them by validation loss. Flags after -- are shared by all runs.")
+                    "values and rank them by validation loss. Flags after -- are shared by all runs.",
+        epilog="Each run writes RUN/{log.txt,metrics.jsonl,result.json} under --runs-dir; the table "
+               "goes to stdout and --runs-dir/sweep.{json,tsv}. Rerunning the same command skips "
+               "runs that finished with the same flags and retries failed ones. Every run's flags "
+               "are validated before the first launch. Exit: 0 all runs ok, 1 some run failed, "
+               "2 bad spec.")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2",
                    help="pretrain flag and its values; several --grid form a cartesian product")
     p.add_argument("--random", type=int, metavar="N", help="draw N points from the --choice axes")
