@@ -167,6 +167,10 @@ def test_base_config_is_checked(corpus, tmp_path, capsys):
     rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
                      str(cfg), "--", *_base(corpus, tmp_path)])
     assert rc == 2 and "hidden_szie" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"save": str(tmp_path / "ckpt")}))
+    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+                     str(cfg), "--", *_base(corpus, tmp_path)])
+    assert rc == 2 and "--save" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     args = sweep.parse_args(["--grid", "lr=1e-3", "--runs-dir", "r", "--base-config", str(cfg),
                              "--", "--num-layers", "3"])

@@ -32,10 +32,10 @@ from megapre.model.config import ConfigError
 
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
 LOG_TAIL_LINES = 20
-# Flags the sweep owns per run: two runs sharing a checkpoint directory would resume each other.
-RESERVED = {"--metrics-path": "the sweep writes RUN/metrics.jsonl itself",
-            "--save": "runs would share (and resume from) one checkpoint directory",
-            "--load": "runs would share (and resume from) one checkpoint directory"}
+# Flags a sweep cannot pass through: the metrics file is per run, and runs writing one checkpoint
+# directory would overwrite each other. (--load is fine: e.g. every run fine-tunes one checkpoint.)
+SAVE_WHY = "runs would overwrite one checkpoint directory; sweeps train without --save"
+RESERVED = {"--metrics-path": "the sweep writes RUN/metrics.jsonl itself", "--save": SAVE_WHY}
 
 
 class SweepError(ValueError):
@@ -177,6 +177,8 @@ def check_flags(flags: list[str], world_size: int) -> None:
         raise SweepError(msg[-1] if msg else "could not parse the flags") from None
     except (ConfigError, ValueError) as e:
         raise SweepError(str(e)) from None
+    if cfg.checkpoint.save is not None:
+        raise SweepError(f"--save (or 'save' in --config): {SAVE_WHY}")
     try:
         validate(cfg, world_size)
     except ConfigError as e:
