@@ -127,14 +127,7 @@ if [ -e "$RUN" ] && { [ "${QUICKSTART_FRESH:-0}" = 1 ] ||
 fi
 mkdir -p "$RUN"
 CKPT="$RUN/checkpoints"
-HAVE_CKPT=0
-"$PY" -c "import megapre.train.checkpoint" 2>/dev/null && HAVE_CKPT=1
-CKPTFLAGS=()
-if [ "$HAVE_CKPT" = 1 ]; then
-  CKPTFLAGS=(--save "$CKPT" --load "$CKPT" --save-interval "$EVAL_INTERVAL" --keep-last 2)
-fi
 step 5/7 "pretrain GPT ($LAYERS layers, hidden $HIDDEN, seq $SEQ, $STEPS steps, TP=$TP, $DEVICE) -> $RUN"
-[ "$HAVE_CKPT" = 1 ] || echo "checkpoints: not available in this version (no megapre.train.checkpoint); training without --save"
 "$PY" -m torch.distributed.run --standalone --nproc-per-node "$TP" -m megapre.pretrain \
   --model gpt --num-layers "$LAYERS" --hidden-size "$HIDDEN" --num-attention-heads "$HEADS" \
   --seq-length "$SEQ" --max-position-embeddings "$SEQ" \
@@ -145,26 +138,19 @@ step 5/7 "pretrain GPT ($LAYERS layers, hidden $HIDDEN, seq $SEQ, $STEPS steps, 
   --data-path "$DATA" --split 98,1,1 "${TOKFLAGS[@]}" --num-workers "$WORKERS" \
   --data-cache-path "$WORK/index-cache" \
   --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS" --log-interval "$LOG_INTERVAL" \
-  --metrics-path "$RUN/metrics.jsonl" "${CKPTFLAGS[@]}" \
+  --metrics-path "$RUN/metrics.jsonl" \
+  --save "$CKPT" --load "$CKPT" --save-interval "$EVAL_INTERVAL" --keep-last 2 \
   2>&1 | tee "$RUN/train.log"
 
 # ---------------------------------------------------------------------------------------------
 step 6/7 "evaluate the checkpoint on the validation split (one process: the TP=$TP checkpoint loads as TP=1)"
-if [ "$HAVE_CKPT" = 1 ] && "$PY" -c "import megapre.evaluate" 2>/dev/null; then
-  "$PY" -m megapre.evaluate --load "$CKPT" --device "$DEVICE" --eval-split valid \
-    --data-cache-path "$WORK/index-cache" --output-json "$RUN/eval.json"
-else
-  echo "evaluate: not available in this version (needs megapre.evaluate and megapre.train.checkpoint)"
-fi
+"$PY" -m megapre.evaluate --load "$CKPT" --device "$DEVICE" --eval-split valid \
+  --data-cache-path "$WORK/index-cache" --output-json "$RUN/eval.json"
 
 step 7/7 "generate a sample from the checkpoint"
-if [ "$HAVE_CKPT" = 1 ] && "$PY" -c "import megapre.generate" 2>/dev/null; then
-  "$PY" -m megapre.generate --load "$CKPT" --device "$DEVICE" --prompt "The function returns" \
-    --max-new-tokens "$GEN_TOKENS" --temperature 0.8 --top-k 40 --seed 1 \
-    --output-json "$RUN/sample.json" | tee "$RUN/sample.txt"
-else
-  echo "generate: not available in this version (needs megapre.generate and megapre.train.checkpoint)"
-fi
+"$PY" -m megapre.generate --load "$CKPT" --device "$DEVICE" --prompt "The function returns" \
+  --max-new-tokens "$GEN_TOKENS" --temperature 0.8 --top-k 40 --seed 1 \
+  --output-json "$RUN/sample.json" | tee "$RUN/sample.txt"
 
 # ---------------------------------------------------------------------------------------------
 printf '\n[quickstart] summary (%ss in all)\n' "$(( SECONDS - T0 ))"
@@ -183,18 +169,12 @@ print(f"  train loss   {train[-1]['loss']:.4f} at iteration {train[-1]['iteratio
 if valid:
     print(f"  valid loss   {valid[-1]['loss']:.4f} at iteration {valid[-1]['iteration']}")
 print(f"  tokens/s     {sum(speed) / len(speed):,.0f} (mean over logged intervals after the first)")
-ev = Path(run, "eval.json")
-if ev.exists():
-    e = json.loads(ev.read_text())
-    print(f"  evaluate     {e['split']} loss {e['loss']:.4f}, ppl {e['ppl']:.1f} over "
-          f"{e['tokens']:,} tokens (checkpoint iteration {e['iteration']}, layout {e['layout']})")
-sample = Path(run, "sample.json")
-if sample.exists():
-    s = json.loads(sample.read_text())
-    for item in s.get("samples", [])[:1]:
-        print(f"  sample       {(item['prompt'] + item['text'])[:300]!r}")
+e = json.loads(Path(run, "eval.json").read_text())
+print(f"  evaluate     {e['split']} loss {e['loss']:.4f}, ppl {e['ppl']:.1f} over "
+      f"{e['tokens']:,} tokens (checkpoint iteration {e['iteration']}, layout {e['layout']})")
+for item in json.loads(Path(run, "sample.json").read_text())["samples"][:1]:
+    print(f"  sample       {(item['prompt'] + item['text'])[:300]!r}")
 print(f"  corpus       {corpus}\n  tokenizer    {tok}\n  dataset      {data}.bin/.idx")
 print(f"  run          {run} (train.log, metrics.jsonl)")
-if Path(ckpt).exists():
-    print(f"  checkpoints  {ckpt}")
+print(f"  checkpoints  {ckpt}")
 EOF

@@ -74,13 +74,7 @@ done
 
 step 4/5 "pretrain ($ITERS steps, $DEVICE)"
 rm -f "$WORK/metrics.jsonl"
-SAVE=()
-if "$PY" -c "import megapre.train.checkpoint" 2>/dev/null; then
-  rm -rf "$WORK/checkpoints"   # this run's own output, rewritten each time
-  SAVE=(--save "$WORK/checkpoints")
-else
-  echo "checkpoints: not available in this version; training without --save"
-fi
+rm -rf "$WORK/checkpoints"   # this run's own output, rewritten each time
 "$PY" -m megapre.pretrain --model gpt \
   --num-layers 4 --num-attention-heads 4 --hidden-size 128 --seq-length 64 \
   --max-position-embeddings 64 --disable-bias-linear --hidden-dropout 0 --attention-dropout 0 \
@@ -91,7 +85,7 @@ fi
   --tokenizer-type CharacterTokenizer --vocab-file "$VOCAB" --make-vocab-size-divisible-by 1 \
   --eval-interval 250 --eval-iters 20 --log-interval 50 --num-workers 0 --device "$DEVICE" \
   --data-cache-path "$WORK/index-cache" --metrics-path "$WORK/metrics.jsonl" \
-  "${SAVE[@]}" --seed 1337 2>&1 | tee "$WORK/train.log"
+  --save "$WORK/checkpoints" --seed 1337 2>&1 | tee "$WORK/train.log"
 
 step 5/5 "summary"
 "$PY" - "$WORK" <<'EOF'
@@ -108,11 +102,7 @@ print(f"  train loss {train[-1]['loss']:.4f} at {train[-1]['iteration']}")
 print(f"  ms/iter median {statistics.median(ms):.1f} (from tokens/s of each logged interval after the first)")
 print("  nanoGPT anchor: val 1.8857 at 2000, 49.3 ms/iter on a 2-core machine (ANCHORS.md)")
 EOF
-if [ "${#SAVE[@]}" -gt 0 ] && "$PY" -c "import megapre.evaluate" 2>/dev/null; then
-  "$PY" -m megapre.evaluate --load "$WORK/checkpoints" --device "$DEVICE" \
-    --data-path "$WORK/val_text_document" --eval-split all --micro-batch-size 12 \
-    --global-batch-size 12 --data-cache-path "$WORK/index-cache" --output-json "$WORK/eval_val.json"
-else
-  echo "full validation pass: megapre.evaluate / checkpoints are not available in this version"
-fi
+"$PY" -m megapre.evaluate --load "$WORK/checkpoints" --device "$DEVICE" \
+  --data-path "$WORK/val_text_document" --eval-split all --micro-batch-size 12 \
+  --global-batch-size 12 --data-cache-path "$WORK/index-cache" --output-json "$WORK/eval_val.json"
 printf '[shakespeare] done in %ss; outputs in %s\n' "$(( SECONDS - T0 ))" "$WORK"

@@ -97,11 +97,7 @@ def _sbatch(bin_dir: Path, corpus: str, out: Path, nodes: int, gpus: int, tp: in
 def test_sbatch_two_nodes_tp2_dp2_match_one_process(corpus, fake_slurm, tmp_path):
     if not (GPT2 / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {GPT2} (the shared data directory)")
-    try:
-        import megapre.train.checkpoint  # noqa: F401  (the sbatch saves checkpoints)
-    except ImportError:
-        pytest.skip("megapre.train.checkpoint is not in this version; the sbatch uses --save")
-    single, srun1, _ = _sbatch(fake_slurm, corpus, tmp_path / "one", nodes=1, gpus=1, tp=1)
+    single, _, _ = _sbatch(fake_slurm, corpus, tmp_path / "one", nodes=1, gpus=1, tp=1)
     both, srun2, log = _sbatch(fake_slurm, corpus, tmp_path / "two", nodes=2, gpus=2, tp=2)
 
     assert [line.split(":")[0] for line in srun2] == ["node 0", "node 1"]
@@ -116,4 +112,5 @@ def test_sbatch_two_nodes_tp2_dp2_match_one_process(corpus, fake_slurm, tmp_path
     assert single[-1][:2] == (8, "test") and len(single) == 6
     for (it, split, a), (_, _, b) in zip(single, both):
         assert b == pytest.approx(a, rel=1e-5), (it, split)
-    assert (tmp_path / "two" / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    latest = tmp_path / "two" / "ckpt" / "latest_checkpointed_iteration.txt"
+    assert latest.read_text().strip() == "8"
