@@ -155,6 +155,7 @@ def main() -> None:
             "megapre-make-demo-corpus = megapre.data.demo_corpus:main",
             "megapre-evaluate = megapre.evaluate:main",
             "megapre-generate = megapre.generate:main",
+            "megapre-sweep = megapre.train.sweep:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
