@@ -29,21 +29,19 @@ TINY="${QUICKSTART_TINY:-0}"
 TP="${QUICKSTART_TP:-2}"
 T0=$SECONDS
 
-if [ "$TINY" = 1 ]; then
-  STEPS="${QUICKSTART_STEPS:-20}"
-  CORPUS_MB=0.5 VOCAB=1000 LAYERS=2 HIDDEN=64 HEADS=4 SEQ=64 MBS=4 GBS=8
-  EVAL_INTERVAL=$(( STEPS > 10 ? STEPS / 2 : STEPS )) EVAL_ITERS=2 LOG_INTERVAL=5 GEN_TOKENS=16
-else
-  STEPS="${QUICKSTART_STEPS:-500}"
-  CORPUS_MB=4 VOCAB=8000 LAYERS=4 HIDDEN=128 HEADS=4 SEQ=128 MBS=8 GBS=16
-  EVAL_INTERVAL=100 EVAL_ITERS=5 LOG_INTERVAL=10 GEN_TOKENS=48
-fi
-
 step() { printf '\n[quickstart %s | %4ss] %s\n' "$1" "$(( SECONDS - T0 ))" "$2"; }
 die() { echo "quickstart: error: $*" >&2; exit 1; }
 
+STEPS="${QUICKSTART_STEPS:-$([ "$TINY" = 1 ] && echo 20 || echo 500)}"
 case "$STEPS$TP" in *[!0-9]*) die "QUICKSTART_STEPS ($STEPS) and QUICKSTART_TP ($TP) must be positive integers";; esac
 [ "$STEPS" -gt 0 ] && [ "$TP" -gt 0 ] || die "QUICKSTART_STEPS and QUICKSTART_TP must be > 0"
+if [ "$TINY" = 1 ]; then
+  CORPUS_MB=0.5 VOCAB=1000 LAYERS=2 HIDDEN=64 HEADS=4 SEQ=64 MBS=4 GBS=8
+  EVAL_INTERVAL=$(( STEPS > 10 ? STEPS / 2 : STEPS )) EVAL_ITERS=2 LOG_INTERVAL=5 GEN_TOKENS=16
+else
+  CORPUS_MB=4 VOCAB=8000 LAYERS=4 HIDDEN=128 HEADS=4 SEQ=128 MBS=8 GBS=16
+  EVAL_INTERVAL=$(( STEPS < 100 ? STEPS : 100 )) EVAL_ITERS=5 LOG_INTERVAL=10 GEN_TOKENS=48
+fi
 command -v "$PY" >/dev/null || die "no '$PY' on PATH; set PYTHON=/path/to/python3"
 mkdir -p "$WORK" || die "cannot create the work directory $WORK"
 WORK="$(cd "$WORK" && pwd)"

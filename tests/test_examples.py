@@ -54,6 +54,7 @@ def test_shakespeare_missing_text_is_named(tmp_path):
 
 @pytest.mark.parametrize("script,env", [
     ("quickstart.sh", {"QUICKSTART_STEPS": "ten"}),
+    ("quickstart.sh", {"QUICKSTART_STEPS": "ten", "QUICKSTART_TINY": "1"}),
     ("quickstart.sh", {"QUICKSTART_TP": "0"}),
     ("shakespeare_char.sh", {"SHAKESPEARE_ITERS": "50"}),
 ])
