@@ -148,7 +148,9 @@ def format_train_line(r: dict[str, Any]) -> str:
     """Megatron-style console line."""
     parts = [f"iteration {r['iteration']:>8d}/{r['train_iters']}",
              f"consumed samples {r['consumed_samples']:>10d}",
-             f"lm loss {r['loss']:.6e}", f"lr {r['lr']:.4e}", f"grad norm {r['grad_norm']:.4f}",
+             *([f"lm loss {r['lm_loss']:.6e}", f"sop loss {r['sop_loss']:.6e}"]
+               if "sop_loss" in r else [f"lm loss {r['loss']:.6e}"]),
+             f"lr {r['lr']:.4e}", f"grad norm {r['grad_norm']:.4f}",
              f"skipped {r.get('skipped_iters', 0)}",
              f"tokens/s {r['tokens_per_s']:.0f}",
              f"TFLOP/s/dev {r['tflops_per_device']:.3g}", f"MFU {100 * r['mfu']:.1f}%"]
