@@ -148,6 +148,71 @@ def test_tokenizer_flags_give_the_vocabulary(capsys):
     assert json.loads(capsys.readouterr().out)["padded_vocab_size"] == 50304
 
 
+# -- the per-layer activation formula against what autograd really keeps -------------------
+
+LAYER_CASES = {
+    "gelu-dropout": {},
+    "gelu-nodropout": {"hidden_dropout": 0.0, "attention_dropout": 0.0},
+    "swiglu-gqa-rms": {"activation": "swiglu", "num_query_groups": 2, "normalization": "RMSNorm",
+                       "add_bias_linear": False, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+    "rope-mha": {"position_embedding_type": "rope", "hidden_dropout": 0.0,
+                 "attention_dropout": 0.0},
+    "rope-gqa-dropout": {"position_embedding_type": "rope", "num_query_groups": 2},
+    "sdpa": {"attention_backend": "sdpa", "hidden_dropout": 0.0, "attention_dropout": 0.0},
+    "swiglu-nobias-dropout": {"activation": "swiglu", "add_bias_linear": False},
+}
+
+
+def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -> int:
+    """Bytes of the distinct storages autograd saves for one layer's backward (no weights)."""
+    import torch
+
+    from megapre.model.transformer import TransformerStack
+    from megapre.parallel.mesh import ParallelMesh
+    from megapre.model.rope import rope_frequencies
+
+    stack = TransformerStack(cfg, ParallelMesh.single(device="cpu"), 0, 1, 1, None, recompute)
+    stack.train()
+    params = {p.untyped_storage().data_ptr() for p in stack.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+    x = torch.randn(cfg.seq_length, b, cfg.hidden_size, requires_grad=True)
+    rope = rope_frequencies(torch.arange(cfg.seq_length), cfg.head_dim, cfg.rotary_base) \
+        if cfg.position_embedding_type == "rope" else None
+    cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else \
+        torch.autocast("cpu", enabled=False)
+    with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stack(x, None, True, rope)
+    cached = 0
+    if dtype is not None:  # autocast's weight copies: accounted as the weight cache
+        cached = sum(p.numel() * 2 for p in stack.parameters() if p.dim() == 2)
+    return sum(seen.values()) - cached
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("name", sorted(LAYER_CASES))
+def test_layer_activation_formula_matches_autograd(name, half):
+    import torch
+
+    from megapre.train.memory import _Shape, layer_activation_bytes
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=256,
+                            seq_length=32, max_position_embeddings=32, **LAYER_CASES[name])
+    e = 2 if half else 4
+    sh = _Shape(32, 2, 1, False, e, e, 4 if cfg.add_bias_linear else e)
+    dtype = torch.bfloat16 if half else None
+    assert layer_activation_bytes(cfg, sh) == _saved_bytes(cfg, 2, dtype, None)
+    if cfg.attention_backend == "fused":
+        # selective: the recompute keeps the core's inputs and output, not the s^2 terms
+        assert layer_activation_bytes(cfg, sh, selective=True) == \
+            _saved_bytes(cfg, 2, dtype, "selective")
+
+
 # -- measured peak memory of real CPU steps -------------------------------------------------
 
 MEASURE = ["--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8",

@@ -12,21 +12,25 @@ autocast the step additionally keeps a half-precision copy of every matrix it mu
 Activations: what autograd keeps for backward, per transformer layer and micro-batch, derived
 from megapre's ops (s = seq length, b = micro-batch, h = hidden, a = heads, d = head dim,
 f = ffn hidden, t = TP size; s_n = s/t under --sequence-parallel else s; e = bytes of a matmul
-result: 4 in fp32, 2 under autocast; m = bytes of a dropout mask: 1 on CUDA, e on CPU)::
+result: 4 in fp32, 2 under autocast; m = bytes of a dropout mask: 1 on CUDA, on CPU the dtype of
+what is dropped: e for attention probs, 4 for the residual branches when the linears have a
+bias (added in fp32), else e)::
 
     norm1 input (fp32 residual) + norm2 input (saved sum)   2 * 4 * s_n*b*h
     norm statistics (mean, rstd; RMSNorm rstd only)          2 * 4 * 2|1 * s_n*b
     qkv and fc1 inputs (normed, cast to e)                   2 * e * s*b*h
-    q, k, v as the attention matmuls keep them               3 * e * s*b*a*d/t
-        (grouped-query attention expands k, v to all heads; MHA with RoPE also keeps the
-         unrotated qkv output: + e * s*b*(a+2g)*d/t)
+    q, k, v as the attention matmuls keep them: MHA          e * s*b*(a+2g)*d/t (qkv output)
+        + RoPE's rotated q and k                             2 * e * s*b*a*d/t
+        GQA: q merged, k and v expanded to all heads         3 * e * s*b*a*d/t
+        RoPE cos/sin (fp32, q and k)                         16 * s*rot
     attention core, fused backend: probs                     e * b*(a/t)*s^2
         + attention dropout (mask + dropped probs)           (m + e) * b*(a/t)*s^2
     attention core, sdpa backend: log-sum-exp only           4 * b*(a/t)*s
     context (proj input)                                     e * s*b*a*d/t
     hidden dropout masks (2, when --hidden-dropout > 0)      2 * m * s_n*b*h
     MLP: GELU keeps fc1 out + gelu out; SwiGLU gate out,     2 | 4 * e * s*b*f/t
-         silu out, fc1 out, product
+         silu out, fc1 out, product (autocast: the normed
+         input is cast once per projection)                  + e * s*b*h
 
 Outside the layers: the first stage keeps the embedding dropout mask; the last stage keeps the
 final norm's input and output and the cross-entropy's fp32 softmax of the logits
@@ -35,7 +39,8 @@ dense, GELU and norm outputs (3 * e * s*b*h).
 
 Recomputation: 'full' keeps only each layer's input (4 * s_n*b*h) and rebuilds one layer at a
 time in backward (+ one layer's activations); 'selective' drops the s^2 terms (probs, dropout)
-and the expanded k/v of the attention core, keeping its inputs (the qkv output) and output.
+and the expanded k/v of the attention core, keeping its inputs (the qkv output, plus rotated
+q and k with RoPE or the merged q with grouped-query heads) and output.
 
 In-flight micro-batches per rank: 1 without PP; 1F1B: min(pp - stage, micro-batches) (the first
 stage holds pp); GPipe: all micro-batches; interleaved 1F1B: Megatron's warm-up count
@@ -197,7 +202,8 @@ class _Shape:
     tp: int
     sp: bool
     e: int  # matmul output bytes
-    m: int  # dropout mask bytes
+    m: int  # attention dropout mask bytes
+    mh: int  # hidden dropout mask bytes
 
     @property
     def s_n(self) -> int:
@@ -213,14 +219,20 @@ def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool =
     n = 2 * 4 * sh.s_n * b * h + 2 * 4 * stats * sh.s_n * b + 2 * e * s * b * h
     qkv_out = e * s * b * (a + 2 * g) * d // t
     heads_s2 = b * (a // t) * s * s
+    rope = cfg.position_embedding_type == "rope"
+    if rope:  # cos and sin of the q and k rotations
+        n += 2 * 2 * 4 * s * (int(d * cfg.rotary_percent) // 2 * 2)
     if selective:
-        n += qkv_out  # the core's inputs (views of the qkv output)
-        if cfg.position_embedding_type == "rope":
+        n += qkv_out  # the core's inputs: views of the qkv output, rotated q and k,
+        if rope:      # or (grouped-query) q copied to merge its group and head dims
             n += e * s * b * (a + g) * d // t
+        elif g < a:
+            n += e * s * b * a * d // t
     else:
-        n += 3 * e * s * b * a * d // t
-        if g == a and cfg.position_embedding_type == "rope":
-            n += qkv_out
+        if g == a:  # q, k, v are views of the qkv output; RoPE adds rotated q and k
+            n += qkv_out + (2 * e * s * b * a * d // t if rope else 0)
+        else:  # q copied, k and v expanded to all heads
+            n += 3 * e * s * b * a * d // t
         if cfg.attention_backend == "fused":
             n += e * heads_s2
             if cfg.attention_dropout > 0:
@@ -229,14 +241,16 @@ def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool =
             n += 4 * b * (a // t) * s
     n += e * s * b * a * d // t  # context
     if cfg.hidden_dropout > 0:
-        n += 2 * m * sh.s_n * b * h
+        n += 2 * sh.mh * sh.s_n * b * h
     n += (4 if cfg.activation == "swiglu" else 2) * e * s * b * f // t
+    if cfg.activation == "swiglu" and e < 4:  # gate and fc1 each cast the normed input
+        n += e * s * b * h
     return n
 
 
 def embedding_activation_bytes(cfg: TransformerConfig, sh: _Shape) -> int:
     ids = 8 * sh.b * sh.s * 2  # token and position ids
-    return ids + (sh.m * sh.s_n * sh.b * cfg.hidden_size if cfg.hidden_dropout > 0 else 0)
+    return ids + (sh.mh * sh.s_n * sh.b * cfg.hidden_size if cfg.hidden_dropout > 0 else 0)
 
 
 def head_activation_bytes(cfg: TransformerConfig, kind: str, sh: _Shape) -> int:
@@ -289,7 +303,7 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     autocast = t.bf16 or t.fp16
     e = 2 if autocast else 4
     sh = _Shape(mc.seq_length, t.micro_batch_size, tp, p.sequence_parallel, e,
-                _mask_bytes(checked, e))
+                _mask_bytes(checked, e), _mask_bytes(checked, 4 if mc.add_bias_linear else e))
     layer = layer_activation_bytes(mc, sh)
     layer_sel = layer_activation_bytes(mc, sh, selective=True)
     layer_input = 4 * sh.s_n * sh.b * mc.hidden_size
