@@ -133,6 +133,12 @@ def test_cli_prints_report_and_rejects_bad_input(capsys):
     assert "world size 3" in capsys.readouterr().err
     assert main(BASE) == 2  # no vocabulary
     assert "--vocab-size" in capsys.readouterr().err
+    assert main(["--config", "/nonexistent/run.yaml", "--vocab-size", "10"]) == 2
+    assert "/nonexistent/run.yaml" in capsys.readouterr().err
+    assert main(BASE + ["--vocab-size", "10", "--world-size", "0"]) == 2
+    assert "--world-size=0" in capsys.readouterr().err
+    assert main(BASE) == 2
+    assert "--vocab-size" in capsys.readouterr().err
     assert main(BASE + ["--vocab-size", "1000", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["peak_bytes"] > data["stages"][0]["weights"]

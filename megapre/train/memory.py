@@ -390,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in rest or "--help" in rest:
         print("tools/estimate_memory.py: the flags of megapre.pretrain plus --world-size N "
               "(processes) and --json; --vocab-size N or the tokenizer flags give the vocabulary.")
-    cfg = parse_config(rest)
     if extra.world_size < 1:
         print(f"estimate_memory: error: --world-size={extra.world_size} must be >= 1",
               file=sys.stderr)
         return 2
     try:
+        cfg = parse_config(rest)
         est = estimate(cfg, extra.world_size, _vocab_size(cfg))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"estimate_memory: error: {e}", file=sys.stderr)
