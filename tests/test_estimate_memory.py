@@ -219,6 +219,42 @@ def test_layer_activation_formula_matches_autograd(name, half):
             _saved_bytes(cfg, 2, dtype, "selective")
 
 
+@pytest.mark.parametrize("extra", [[], ["--hidden-dropout", "0"], ["--model", "bert"],
+                                   ["--model", "bert", "--attention-dropout", "0"]])
+def test_whole_model_activations_match_autograd(extra):
+    """Layers + embedding + head (final norm, logits' softmax, BERT's LM head) of one
+    micro-batch against every storage autograd saves; only the ids/mask bookkeeping differs."""
+    import torch
+
+    from megapre.parallel.mesh import ParallelMesh
+    from megapre.train.parallel_model import ParallelModel
+
+    cfg = parse_config(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                        "--seq-length", "32", "--micro-batch-size", "2", "--device", "cpu"]
+                       + extra)
+    mc = cfg.transformer_config(1000)
+    kind = cfg.model.model
+    model = ParallelModel.build(kind, mc, ParallelMesh.single(device="cpu"))
+    chunk = model.chunks[0].train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if kind == "gpt":
+            chunk(ids, labels=ids)
+        else:
+            chunk(ids, types=torch.zeros_like(ids), padding_mask=torch.ones_like(ids),
+                  labels=ids)
+    live_logits = 4 * 32 * 2 * mc.padded_vocab_size(1)  # alive at the peak, not saved
+    est = estimate(cfg, 1, 1000).stages[0].activations_per_microbatch - live_logits
+    assert est == pytest.approx(sum(seen.values()), rel=0.01)
+
+
 # -- measured peak memory of real CPU steps -------------------------------------------------
 
 MEASURE = ["--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8",
