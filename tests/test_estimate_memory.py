@@ -264,6 +264,7 @@ VOCAB = 8000
 CASES = {
     "gelu": [],
     "gelu-full-recompute": ["--recompute-granularity", "full"],
+    "gelu-bf16-dropout": ["--bf16", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"],
     "swiglu-gqa": ["--swiglu", "--num-query-groups", "2", "--disable-bias-linear",
                    "--normalization", "RMSNorm", "--position-embedding-type", "rope",
                    "--attention-dropout", "0.1", "--hidden-dropout", "0.1"],
@@ -300,14 +301,17 @@ def _child(argv: list[str]) -> None:
                                 recompute_granularity=t.recompute_granularity)
     opt = build_optimizer(model, 1e-4, 0.01)
     step = TrainStep(model, opt, StepConfig(t.micro_batch_size, t.global_batch_size))
-    step(iter([batch]))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16)
+    with autocast:
+        step(iter([batch]))
     states = sum(p.numel() * p.element_size() for p in model.parameters())
     states += sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     states += sum(v.numel() * v.element_size() for s in opt.state.values()
                   for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM: the peak of the next step alone
-    step(iter([batch]))
+    with autocast:
+        step(iter([batch]))
     print(json.dumps({"peak": _vm("VmHWM") - base, "states": states}))
 
 
