@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from megapre.model.config import ConfigError, TransformerConfig  # noqa: E402
+from megapre.model.config import TransformerConfig  # noqa: E402
 from megapre.train.args import parse_config  # noqa: E402
 from megapre.train.memory import (estimate, layer_params, main, stage_params,  # noqa: E402
                                   total_params)
@@ -32,7 +32,6 @@ VARIANTS = {
 
 
 def _real_params(kind: str, mc: TransformerConfig, binary: bool) -> int:
-    import torch  # noqa: F401
     from megapre.parallel.mesh import ParallelMesh
     from megapre.train.parallel_model import ParallelModel
 
