@@ -156,6 +156,7 @@ def main() -> None:
             "megapre-evaluate = megapre.evaluate:main",
             "megapre-generate = megapre.generate:main",
             "megapre-sweep = megapre.train.sweep:main",
+            "megapre-estimate-memory = megapre.train.memory:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
