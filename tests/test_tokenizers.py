@@ -164,6 +164,7 @@ def test_gpt2_engines_agree_on_a_book():
 
 def test_gpt2_other_vocabularies_use_the_merge_list_engine(tmp_path):
     pytest.importorskip("tiktoken")
+    need(GPT2 / "merges.txt", GPT2 / "vocab.json")
     lines = (GPT2 / "merges.txt").read_text(encoding="utf-8").split("\n")
     (tmp_path / "merges.txt").write_text("\n".join(lines[:-2]) + "\n", encoding="utf-8")  # one merge fewer
     tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", str(GPT2 / "vocab.json"), str(tmp_path / "merges.txt")))
