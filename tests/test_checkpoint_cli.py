@@ -29,6 +29,9 @@ from megapre.parallel.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, ITERS = 40, 12
+# The SIGTERM run is longer so the signal always lands mid-training, even on a fast machine (a
+# signal that arrives after training, while the interpreter shuts down, kills with -15).
+SIGTERM_ITERS = 60
 DROPOUT = "0.1"  # same-layout resume: the restored RNG must replay the masks
 
 
@@ -66,7 +69,8 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["iteration"]: r["loss"] for r in rows if "split" not in r}
 
 
-def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0) -> None:
+def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0,
+              poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
@@ -75,7 +79,7 @@ def _wait_for(pred, proc: subprocess.Popen, what: str, timeout: float = 300.0) -
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _latest(save: Path) -> int:
@@ -85,7 +89,7 @@ def _latest(save: Path) -> int:
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory) -> dict[int, float]:
-    return _straight_run(corpus, tmp_path_factory.mktemp("straight"), DROPOUT)
+    return _straight_run(corpus, tmp_path_factory.mktemp("straight"), DROPOUT, SIGTERM_ITERS)
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +98,13 @@ def reference_no_dropout(corpus, tmp_path_factory) -> dict[int, float]:
     return _straight_run(corpus, tmp_path_factory.mktemp("straight0"), "0")
 
 
-def _straight_run(corpus: str, out: Path, dropout: str) -> dict[int, float]:
+def _straight_run(corpus: str, out: Path, dropout: str, iters: int = ITERS) -> dict[int, float]:
     proc = subprocess.run([sys.executable, "-m", "megapre.pretrain",
-                           *_args(corpus, out, dropout=dropout)],
+                           *_args(corpus, out, "--train-iters", str(iters), dropout=dropout)],
                           cwd=out, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = _losses(out)
-    assert sorted(losses) == list(range(1, ITERS + 1))
+    assert sorted(losses) == list(range(1, iters + 1))
     return losses
 
 
@@ -108,17 +112,18 @@ def _straight_run(corpus: str, out: Path, dropout: str) -> dict[int, float]:
 def test_sigterm_saves_exits_zero_and_resumes_exactly(corpus, reference, tmp_path):
     save = tmp_path / "ckpt"
     cmd = [sys.executable, "-m", "megapre.pretrain",
-           *_args(corpus, tmp_path, "--save", str(save), "--load", str(save))]
+           *_args(corpus, tmp_path, "--save", str(save), "--load", str(save),
+                  "--train-iters", str(SIGTERM_ITERS))]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc,
-              "iteration 3")
+              "iteration 3", poll=0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     stopped = _latest(save)
-    assert 3 <= stopped < ITERS, (stopped, out[-2000:])
+    assert 3 <= stopped < SIGTERM_ITERS, (stopped, out[-2000:])
     assert (save / f"iter_{stopped:07d}" / "config.json").is_file()
 
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
@@ -126,9 +131,9 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(corpus, reference, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"at iteration {stopped}" in proc.stdout, proc.stdout[-2000:]
     losses = _losses(tmp_path)
-    assert sorted(losses) == list(range(1, ITERS + 1))
+    assert sorted(losses) == list(range(1, SIGTERM_ITERS + 1))
     assert losses == reference  # bit-identical, before and after the resume
-    assert _latest(save) == ITERS
+    assert _latest(save) == SIGTERM_ITERS
 
 
 def _workers(agent: int) -> list[int]:
