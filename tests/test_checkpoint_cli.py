@@ -170,7 +170,7 @@ def test_two_node_job_killed_and_relaunched_resumes(corpus, reference_no_dropout
     save = tmp_path / "ckpt"
     flags = ("--save", str(save), "--load", str(save), "--save-interval", "3", "--keep-last", "2")
     first = _two_nodes(corpus, tmp_path, *flags)
-    _wait_for(lambda: _latest(save) >= 3, first[1], "the first checkpoint")
+    _wait_for(lambda: _latest(save) >= 3, first[1], "the first checkpoint", poll=0.02)
     workers = _workers(first[1].pid)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
