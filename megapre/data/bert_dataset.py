@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megapre.data.index_cache import CacheConfig, IndexCache, build_or_load, indexed_fingerprint
+from megapre.data.index_cache import CacheConfig, cached_indices, indexed_fingerprint
 from megapre.data.masking import NGRAM_DISTRIBUTIONS, MaskingConfig, Masker
 from megapre.data.split import SPLIT_NAMES
 
@@ -202,16 +202,11 @@ class BertDataset:
             "document_range": list(self.document_range), "num_samples": num_samples,
             **config.index_description(),
         }
-        cache = None
-        if config.cache.enabled:
-            cache = IndexCache(config.cache.directory_for(indexed_dataset.path_prefix), "BertDataset",
-                               self.description, INDEX_NAMES)
-        t0 = time.perf_counter()
-        arrays, self.cache_status = build_or_load(cache, self._build, config.cache, group)
-        self.build_seconds = time.perf_counter() - t0
-        self.cache_paths = {n: str(cache.path(n)) for n in INDEX_NAMES} if cache else None
-        self.cache_key = cache.key if cache else None
-        self._set_indices(arrays)
+        got = cached_indices("BertDataset", indexed_dataset.path_prefix, self.description, INDEX_NAMES,
+                             self._build, config.cache, group)
+        self.cache_status, self.build_seconds = got.status, got.seconds
+        self.cache_paths, self.cache_key = got.paths, got.key
+        self._set_indices(got.arrays)
 
     def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:
         self.mapping = arrays["mapping"]

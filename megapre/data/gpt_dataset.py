@@ -16,14 +16,13 @@ They are cached on disk under a hash of everything that defines them (index_cach
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from megapre.data.gpt_helpers import build_sample_idx
-from megapre.data.index_cache import CacheConfig, IndexCache, build_or_load, indexed_fingerprint
+from megapre.data.index_cache import CacheConfig, cached_indices, indexed_fingerprint
 
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # megatron-core's value
@@ -156,16 +155,11 @@ class GPTDataset:
             "document_range": list(self.document_range), "num_samples": num_samples,
             **config.index_description(),
         }
-        cache = None
-        if config.cache.enabled:
-            cache = IndexCache(config.cache.directory_for(indexed.path_prefix), "GPTDataset",
-                               self.description, INDEX_NAMES)
-        t0 = time.perf_counter()
-        arrays, self.cache_status = build_or_load(cache, self._build, config.cache, group)
-        self.build_seconds = time.perf_counter() - t0
-        self.cache_paths = {n: str(cache.path(n)) for n in INDEX_NAMES} if cache else None
-        self.cache_key = cache.key if cache else None
-        self._set_indices(arrays)
+        got = cached_indices("GPTDataset", indexed.path_prefix, self.description, INDEX_NAMES,
+                             self._build, config.cache, group)
+        self.cache_status, self.build_seconds = got.status, got.seconds
+        self.cache_paths, self.cache_key = got.paths, got.key
+        self._set_indices(got.arrays)
 
     @property
     def num_sequences(self) -> int:

@@ -292,3 +292,28 @@ def build_or_load(cache: IndexCache | None, build: Callable[[], Mapping[str, np.
             "use --data-cache-node-local (CacheConfig.node_local=True) so each node builds its own"
         )
     return cache.load(), "built" if built else "loaded"
+
+
+@dataclass
+class CachedIndices:
+    """What a dataset keeps of its cached index arrays: the arrays and where they came from."""
+
+    arrays: dict[str, np.ndarray]
+    status: str  # 'built', 'loaded' or 'memory'
+    seconds: float
+    paths: dict[str, str] | None
+    key: str | None
+
+
+def cached_indices(kind: str, path_prefix: str, description: dict[str, Any], names: Sequence[str],
+                   build: Callable[[], Mapping[str, np.ndarray]], config: CacheConfig,
+                   group: Any = None) -> CachedIndices:
+    """The index arrays of one dataset (GPT samples, BERT pairs): from the cache under the hash of
+    `description`, or built (by the rank that builds, see build_or_load) and cached."""
+    cache = (IndexCache(config.directory_for(path_prefix), kind, description, names)
+             if config.enabled else None)
+    t0 = time.perf_counter()
+    arrays, status = build_or_load(cache, build, config, group)
+    return CachedIndices(arrays, status, time.perf_counter() - t0,
+                         {n: str(cache.path(n)) for n in names} if cache else None,
+                         cache.key if cache else None)
