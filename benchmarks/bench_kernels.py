@@ -185,6 +185,22 @@ def bench_softmax(b: Bench, quick: bool) -> None:
               "masked_fill(triu)+softmax", 4.0, 5 * n, "GB/s")
 
 
+def bench_gelu(b: Bench, quick: bool) -> None:
+    """The MLP activation: fc1's bias + tanh GELU, forward and backward (with the bias grad)."""
+    dev = b.device
+    shapes = [(2048, 4096)] if quick else [(2048, 4096), (8192, 1024)]
+    for rows, h in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            es = torch.tensor([], dtype=dtype).element_size()
+            x = torch.randn(rows, h, device=dev, dtype=dtype, requires_grad=True)
+            bias = torch.randn(h, device=dev, dtype=dtype, requires_grad=True)
+            dy = torch.randn(rows, h, device=dev, dtype=dtype)
+            b.add(f"bias_gelu fwd+bwd {rows}x{h} {str(dtype)[6:]}",
+                  fwd_bwd(lambda: ops.bias_gelu(x, bias), [x, bias], [dy]),
+                  fwd_bwd(lambda: F.gelu(x + bias, approximate="tanh"), [x, bias], [dy]),
+                  "add + F.gelu(tanh)", None, 5 * rows * h * es, "GB/s")
+
+
 def bench_int8(b: Bench, quick: bool) -> None:
     dev = b.device
     shapes = [(512, 1024, 1024)] if quick else [(2048, 4096, 4096), (512, 1024, 1024)]
@@ -240,7 +256,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    ap.add_argument("--only", default="norm,softmax,int8", help="comma list of: norm, softmax, int8")
+    ap.add_argument("--only", default="norm,softmax,gelu,int8",
+                    help="comma list of: norm, softmax, gelu, int8")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -263,6 +280,8 @@ def main() -> None:
         bench_norms(b, args.quick)
     if "softmax" in wanted:
         bench_softmax(b, args.quick)
+    if "gelu" in wanted:
+        bench_gelu(b, args.quick)
     if "int8" in wanted:
         bench_int8(b, args.quick)
     met = sum(r.met == "yes" for r in b.rows)

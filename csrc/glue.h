@@ -43,6 +43,12 @@ inline at::Tensor float_vector(const c10::optional<at::Tensor>& t, int64_t n, co
   return t->to(at::kFloat).contiguous();
 }
 
+// Size of the last dim of an elementwise op's input (the bias length); x must be at least 1-D.
+inline int64_t last_dim(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() >= 1, "megapre::", op, ": x must have at least 1 dim, got a scalar");
+  return x.size(-1);
+}
+
 inline const float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 inline void* vptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }

@@ -17,6 +17,9 @@ TORCH_LIBRARY(megapre, m) {
         " bool rms, bool weight_grad, bool bias_grad) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   m.def("scale_mask_softmax_fwd(Tensor scores, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("scale_mask_softmax_bwd(Tensor grad, Tensor probs, float scale, bool causal) -> Tensor");
+  m.def("bias_gelu_fwd(Tensor x, Tensor? bias) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor dy, Tensor x, Tensor? bias, bool bias_grad)"
+        " -> (Tensor dx, Tensor dbias)");
   m.def("quantize_rowwise(Tensor x) -> (Tensor q, Tensor scale)");
   m.def("int8_gemm(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias,"
         " ScalarType out_dtype) -> Tensor");

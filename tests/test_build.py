@@ -88,6 +88,8 @@ FALLBACK_SCRIPT = textwrap.dedent("""
         wq, ws = ops.quantize_per_channel(torch.randn(8, 32))
         ops.int8_linear(x.detach(), wq, ws); ops.weight_only_int8_linear(x.detach(), wq, ws)
         ops.rms_norm(x, None)
+        g = ops.bias_gelu(x, torch.zeros(32))
+        assert torch.equal(g, ref.bias_gelu(x, torch.zeros(32)))
     msgs = [str(w.message) for w in caught if "megapre" in str(w.message)]
     assert ops.backend() == "reference", ops.backend()
     assert len(msgs) == 1, msgs
@@ -114,7 +116,7 @@ def test_torch_compile_fullgraph():
 
     def block(x, r, scores, mask):
         y, s = ops.layer_norm(x, w, b, residual=r)
-        z = ops.rms_norm(y, w)
+        z = ops.rms_norm(ops.bias_gelu(y, b), w)
         p = ops.scale_mask_softmax(scores, mask, scale=0.5, causal=True)
         q = ops.int8_linear(z.detach(), wq, ws) + ops.weight_only_int8_linear(z.detach(), wq, ws)
         return z.sum() + s.sum() + (p * scores).sum() + q.sum() * 0

@@ -44,7 +44,8 @@ def test_cuda_backend_is_compiled():
     info = ops.backend_info()
     assert info["cuda"] == "compiled", info
     for name in ["norm_fwd", "norm_bwd", "scale_mask_softmax_fwd", "scale_mask_softmax_bwd",
-                 "quantize_rowwise", "int8_gemm", "weight_only_int8_gemm"]:
+                 "bias_gelu_fwd", "bias_gelu_bwd", "quantize_rowwise", "int8_gemm",
+                 "weight_only_int8_gemm"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"megapre::{name}", "CUDA"), name
 
 
@@ -167,6 +168,31 @@ def test_norm_zero_rows():
     _, dw, db = torch.ops.megapre.norm_bwd(x.detach(), None, x.detach(), w, torch.empty(0, device=DEV),
                                            torch.empty(0, device=DEV), False, True, True)
     assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0 and dw.shape == (64,)
+
+
+# ---- bias + GELU -------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("rows,hidden", [(1, 1), (3, 7), (64, 1024), (5, 4099), (2048, 512)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_gelu(dtype, rows, hidden, with_bias):
+    x = gen(rows, hidden, dtype=dtype, scale=3.0, seed=1)
+    b = gen(hidden, seed=2) if with_bias else None
+    g = gen(rows, hidden, dtype=dtype, seed=3)
+    xg = x.detach().requires_grad_()
+    bg = b.detach().requires_grad_() if b is not None else None
+    y = ops.bias_gelu(xg, bg)
+    y.backward(g)
+    xr = x.detach().float().requires_grad_()
+    br = b.detach().requires_grad_() if b is not None else None
+    yr = ref.bias_gelu(xr, br)
+    yr.backward(g.float())
+    assert y.dtype == dtype and y.shape == x.shape
+    close(y, yr, dtype, scale=4)
+    close(xg.grad, xr.grad, dtype, scale=8)
+    if with_bias:
+        close(bg.grad, br.grad, dtype, scale=8 * max(1, rows) ** 0.5)
+    nan = ops.bias_gelu(torch.tensor([float("nan"), float("inf"), 1.0], device=DEV))
+    assert torch.isnan(nan[0]) and nan[1] == float("inf") and torch.isfinite(nan[2])
 
 
 # ---- scale + mask + softmax --------------------------------------------------------------------

@@ -115,11 +115,11 @@ def test_in_flight_microbatches_follow_the_schedule():
 
 
 def test_recompute_orders_activation_memory():
-    cfg = parse_config(BASE)
+    cfg = parse_config(BASE + ["--attention-backend", "fused"])
     st = estimate(cfg, 1, 1000).stages[0]
     assert st.activations_full_recompute < st.activations_selective_recompute < st.activations
     sdpa = estimate(parse_config(BASE + ["--attention-backend", "sdpa"]), 1, 1000).stages[0]
-    assert sdpa.activations < st.activations
+    assert sdpa.activations < st.activations  # no s x s probabilities kept
 
 
 def test_cli_prints_report_and_rejects_bad_input(capsys):
@@ -164,6 +164,9 @@ LAYER_CASES = {
                  "attention_dropout": 0.0},
     "rope-gqa-dropout": {"position_embedding_type": "rope", "num_query_groups": 2},
     "sdpa": {"attention_backend": "sdpa", "hidden_dropout": 0.0, "attention_dropout": 0.0},
+    "fused-nodropout": {"attention_backend": "fused", "hidden_dropout": 0.0,
+                        "attention_dropout": 0.0},
+    "auto-dropout": {"attention_backend": "auto"},
     "swiglu-nobias-dropout": {"activation": "swiglu", "add_bias_linear": False},
 }
 
@@ -204,7 +207,7 @@ def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -
 def test_layer_activation_formula_matches_autograd(name, half):
     import torch
 
-    from megapre.train.memory import _Shape, layer_activation_bytes
+    from megapre.train.memory import _Shape, attention_backend, layer_activation_bytes
 
     cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=256,
                             seq_length=32, max_position_embeddings=32, **LAYER_CASES[name])
@@ -212,7 +215,7 @@ def test_layer_activation_formula_matches_autograd(name, half):
     sh = _Shape(32, 2, 1, False, e, e, 4 if cfg.add_bias_linear else e)
     dtype = torch.bfloat16 if half else None
     assert layer_activation_bytes(cfg, sh) == _saved_bytes(cfg, 2, dtype, None)
-    if cfg.attention_backend == "fused":
+    if attention_backend(cfg, "cpu") == "fused":
         # selective: the recompute keeps the core's inputs and output, not the s^2 terms
         assert layer_activation_bytes(cfg, sh, selective=True) == \
             _saved_bytes(cfg, 2, dtype, "selective")
@@ -270,6 +273,14 @@ CASES = {
 }
 
 
+def _native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _vm(field: str) -> int:
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
@@ -319,11 +330,14 @@ def _child(argv: list[str]) -> None:
 def test_estimate_within_15_percent_of_measured_peak(case):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc to reset and read the process's peak RSS")
+    if "--bf16" in CASES[case] and not _native_bf16():
+        pytest.skip("this CPU has no AVX512_BF16/AMX: torch emulates bf16 GEMMs (minutes per step, "
+                    "with fp32 conversion buffers the estimate does not model)")
     argv = MEASURE + CASES[case]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                OMP_NUM_THREADS="1")  # big tensors are mmapped and returned on free
     out = subprocess.run([sys.executable, __file__, json.dumps(argv)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     est = estimate(parse_config(argv), 1, VOCAB)

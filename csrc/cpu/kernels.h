@@ -53,6 +53,18 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
 void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b, int64_t h,
                  int64_t sq, int64_t sk, float scale, bool causal, DType dt);
 
+// ---- Bias + GELU (tanh approximation) over rows of length H -------------------------------
+// x, y: [rows, H] of dtype dt; bias: [H] float32 or nullptr. In float32: v = x + bias,
+// u = sqrt(2/pi) * (v + 0.044715 v^3), y = 0.5 v (1 + tanh(u)) = v * sigmoid(2u)
+// (Megatron's fused bias-GELU; equal to torch's gelu(v, approximate='tanh')).
+void bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int64_t H, DType dt);
+// dy, x, dx: [rows, H] of dtype dt. dx = dy * gelu'(v) with v as above (recomputed from x, so
+// only x is kept for backward). dbias: float32 [H] or nullptr; the column sums of dx as
+// stored in dt (what autograd of the unfused x + bias gives), accumulated in float32 in a
+// fixed order, so results do not depend on the thread count.
+void bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, float* dbias,
+                   int64_t rows, int64_t H, DType dt);
+
 // ---- Int8 ----------------------------------------------------------------------------------
 // Symmetric per-row quantization of x [rows, K]: amax = max|x|, inv = amax > 0 ? 127/amax : 0,
 // q = clamp(round_half_even(x * inv), -127, 127), scale = amax / 127 (float32).

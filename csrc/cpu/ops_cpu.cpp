@@ -92,6 +92,33 @@ Tensor softmax_bwd(const Tensor& grad_, const Tensor& probs_, double scale, bool
   return dscores;
 }
 
+Tensor bias_gelu_fwd(const Tensor& x_, const optional<Tensor>& bias_) {
+  const int64_t H = g::last_dim(x_, "bias_gelu_fwd");
+  DType dt = g::float_dtype(x_, "bias_gelu_fwd", "x");
+  Tensor x = x_.contiguous();
+  Tensor bias = g::float_vector(bias_, H, x, "bias_gelu_fwd", "bias");
+  Tensor y = at::empty_like(x);
+  if (x.numel() > 0) cpu::bias_gelu_fwd(x.data_ptr(), g::fptr(bias), y.data_ptr(), x.numel() / H, H, dt);
+  return y;
+}
+
+std::tuple<Tensor, Tensor> bias_gelu_bwd(const Tensor& dy_, const Tensor& x_,
+                                         const optional<Tensor>& bias_, bool bias_grad) {
+  const int64_t H = g::last_dim(x_, "bias_gelu_bwd");
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.scalar_type() == x_.scalar_type(),
+              "megapre::bias_gelu_bwd: dy must match x in shape and dtype");
+  DType dt = g::float_dtype(x_, "bias_gelu_bwd", "x");
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  Tensor bias = g::float_vector(bias_, H, x, "bias_gelu_bwd", "bias");
+  Tensor dx = at::empty_like(x);
+  Tensor dbias = at::zeros({bias_grad ? H : 0}, x.options().dtype(at::kFloat));
+  if (x.numel() > 0) {
+    cpu::bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), g::fptr(bias), dx.data_ptr(),
+                       bias_grad ? dbias.data_ptr<float>() : nullptr, x.numel() / H, H, dt);
+  }
+  return {dx, dbias};
+}
+
 std::tuple<Tensor, Tensor> quantize_rowwise(const Tensor& x_) {
   g::check_dim(x_, 2, "quantize_rowwise", "x");
   DType dt = g::float_dtype(x_, "quantize_rowwise", "x");
@@ -145,6 +172,8 @@ TORCH_LIBRARY_IMPL(megapre, CPU, m) {
   m.impl("norm_bwd", &megapre::norm_bwd);
   m.impl("scale_mask_softmax_fwd", &megapre::softmax_fwd);
   m.impl("scale_mask_softmax_bwd", &megapre::softmax_bwd);
+  m.impl("bias_gelu_fwd", &megapre::bias_gelu_fwd);
+  m.impl("bias_gelu_bwd", &megapre::bias_gelu_bwd);
   m.impl("quantize_rowwise", &megapre::quantize_rowwise);
   m.impl("int8_gemm", &megapre::int8_gemm);
   m.impl("weight_only_int8_gemm", &megapre::weight_only_int8_gemm);

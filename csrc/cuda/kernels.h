@@ -28,6 +28,12 @@ void softmax_fwd(const void* scores, const bool* mask, const int64_t* mask_strid
 void softmax_bwd(const void* dprobs, const void* probs, void* dscores, int64_t b, int64_t h,
                  int64_t sq, int64_t sk, float scale, bool causal, DType dt, cudaStream_t stream);
 
+void bias_gelu_fwd(const void* x, const float* bias, void* y, int64_t rows, int64_t H, DType dt,
+                   cudaStream_t stream);
+// dx only; the glue sums dx over rows for the bias gradient.
+void bias_gelu_bwd(const void* dy, const void* x, const float* bias, void* dx, int64_t rows,
+                   int64_t H, DType dt, cudaStream_t stream);
+
 void quantize_rowwise(const void* x, int8_t* q, float* scale, int64_t rows, int64_t K, DType dt,
                       cudaStream_t stream);
 

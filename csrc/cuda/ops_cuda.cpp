@@ -262,6 +262,50 @@ Tensor weight_only_int8_gemm_op(const Tensor& x_, const Tensor& w_, const Tensor
   return at::mm(x, wd.t());
 }
 
+// ---- bias + GELU ------------------------------------------------------------------------------
+
+Tensor bias_gelu_fwd_op(const Tensor& x_, const optional<Tensor>& bias_) {
+  const int64_t H = g::last_dim(x_, "bias_gelu_fwd");
+  check_cuda_tensor(x_, "bias_gelu_fwd", "x");
+  const DType dt = g::float_dtype(x_, "bias_gelu_fwd", "x");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  Tensor x = x_.contiguous();
+  Tensor bias = g::float_vector(bias_, H, x, "bias_gelu_fwd", "bias");
+  Tensor y = at::empty_like(x);
+  if (x.numel() > 0) {
+    run("bias_gelu_fwd", [&] {
+      cuda::bias_gelu_fwd(x.data_ptr(), g::fptr(bias), y.data_ptr(), x.numel() / H, H, dt,
+                          stream());
+    });
+  }
+  return y;
+}
+
+std::tuple<Tensor, Tensor> bias_gelu_bwd_op(const Tensor& dy_, const Tensor& x_,
+                                            const optional<Tensor>& bias_, bool bias_grad) {
+  const int64_t H = g::last_dim(x_, "bias_gelu_bwd");
+  check_cuda_tensor(x_, "bias_gelu_bwd", "x");
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.scalar_type() == x_.scalar_type(),
+              "megapre::bias_gelu_bwd: dy must match x in shape and dtype");
+  g::check_same_device(dy_, x_, "bias_gelu_bwd");
+  const DType dt = g::float_dtype(x_, "bias_gelu_bwd", "x");
+  const c10::cuda::CUDAGuard guard(x_.device());
+  Tensor dy = dy_.contiguous(), x = x_.contiguous();
+  Tensor bias = g::float_vector(bias_, H, x, "bias_gelu_bwd", "bias");
+  Tensor dx = at::empty_like(x);
+  if (x.numel() > 0) {
+    run("bias_gelu_bwd", [&] {
+      cuda::bias_gelu_bwd(dy.data_ptr(), x.data_ptr(), g::fptr(bias), dx.data_ptr(),
+                          x.numel() / H, H, dt, stream());
+    });
+  }
+  auto f32 = x.options().dtype(at::kFloat);
+  if (!bias_grad) return {dx, at::empty({0}, f32)};
+  if (x.numel() == 0) return {dx, at::zeros({H}, f32)};
+  // column sums of dx as stored, accumulated in float32 (as the CPU kernel)
+  return {dx, dx.reshape({-1, H}).sum(0, false, at::kFloat)};
+}
+
 }  // namespace
 }  // namespace megapre::cuda
 
@@ -271,6 +315,8 @@ TORCH_LIBRARY_IMPL(megapre, CUDA, m) {
   m.impl("norm_bwd", &mc::norm_bwd_op);
   m.impl("scale_mask_softmax_fwd", &mc::softmax_fwd_op);
   m.impl("scale_mask_softmax_bwd", &mc::softmax_bwd_op);
+  m.impl("bias_gelu_fwd", &mc::bias_gelu_fwd_op);
+  m.impl("bias_gelu_bwd", &mc::bias_gelu_bwd_op);
   m.impl("quantize_rowwise", &mc::quantize_rowwise_op);
   m.impl("int8_gemm", &mc::int8_gemm_op);
   m.impl("weight_only_int8_gemm", &mc::weight_only_int8_gemm_op);

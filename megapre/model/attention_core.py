@@ -3,7 +3,9 @@
 Two interchangeable backends, chosen by ``TransformerConfig.attention_backend``:
 ``fused`` materializes the scores and runs megapre's fused scale-mask-softmax kernel (exact,
 any length, fully masked rows give zeros); ``sdpa`` calls torch's
-``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs). Tensors are
+``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs, a flash kernel on
+CPUs that skips the causal upper triangle). ``auto`` (the default) picks per call, see
+``resolve_backend``. Tensors are
 [s, b, heads, head_dim] as in Megatron; grouped-query attention repeats each key/value head
 for its group of query heads.
 """
@@ -20,8 +22,19 @@ from torch import nn
 from megapre import ops
 
 
+def resolve_backend(backend: str, device_type: str, dropout_active: bool, masked: bool) -> str:
+    """'auto' -> 'sdpa' on GPUs, and on CPUs for unmasked (causal or full) attention without
+    dropout, where torch's CPU flash kernel skips the causal upper triangle. Otherwise 'fused'
+    on CPUs: with attention dropout SDPA falls back to its unfused math path (slower, three s x s
+    float32 tensors kept for backward), and with a mask it keeps a float32 copy of the mask per
+    layer, where the fused kernel reads the bool mask."""
+    if backend != "auto":
+        return backend
+    return "fused" if device_type == "cpu" and (dropout_active or masked) else "sdpa"
+
+
 class CoreAttention(nn.Module):
-    def __init__(self, head_dim: int, attention_dropout: float, backend: str = "fused",
+    def __init__(self, head_dim: int, attention_dropout: float, backend: str = "auto",
                  dropout_rng: Callable[[], ContextManager] | None = None) -> None:
         super().__init__()
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -40,7 +53,8 @@ class CoreAttention(nn.Module):
             k = k.repeat_interleave(nh // k.shape[2], dim=2)
             v = v.repeat_interleave(nh // v.shape[2], dim=2)
         qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
-        if self.backend == "sdpa":
+        dropout_active = self.training and self.dropout_p > 0
+        if resolve_backend(self.backend, q.device.type, dropout_active, mask is not None) == "sdpa":
             ctx = self._sdpa(qb, kb, vb, mask, causal)
         else:
             ctx = self._fused(qb, kb, vb, mask, causal)

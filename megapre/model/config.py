@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 NORMS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned_absolute", "rope", "none")
-ATTENTION_BACKENDS = ("fused", "sdpa")
+ATTENTION_BACKENDS = ("auto", "fused", "sdpa")
 
 
 class ConfigError(ValueError):
@@ -46,7 +46,8 @@ class TransformerConfig:
     untie_embeddings_and_output_weights: bool = False
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    attention_backend: str = "fused"
+    attention_backend: str = "auto"  # see attention_core.resolve_backend; or "fused" / "sdpa"
+    bias_activation_fusion: bool = True  # GELU MLP: fc1's bias added inside the fused GELU kernel
     init_method_std: float = 0.02
     apply_query_key_layer_scaling: bool = False
     attention_softmax_in_fp32: bool = True

@@ -112,8 +112,11 @@ class MLP(nn.Module):
         std = cfg.init_method_std
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.swiglu = cfg.activation == "swiglu"
+        # GELU MLP: the fused kernel adds fc1's bias and applies GELU in one pass
+        self.fused_gelu = not self.swiglu and cfg.bias_activation_fusion
         self.fc1 = ColumnParallelLinear(h, f, mesh, bias=cfg.add_bias_linear,
-                                        init_method=init.normal(seed, f"{name}.fc1.weight", std))
+                                        init_method=init.normal(seed, f"{name}.fc1.weight", std),
+                                        skip_bias_add=self.fused_gelu)
         self.gate = ColumnParallelLinear(
             h, f, mesh, bias=cfg.add_bias_linear,
             init_method=init.normal(seed, f"{name}.gate.weight", std)) if self.swiglu else None
@@ -125,6 +128,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        if self.fused_gelu:
+            return self.fc2(ops.bias_gelu(self.fc1(x), self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 

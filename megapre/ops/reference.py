@@ -67,6 +67,15 @@ def scale_mask_softmax(scores, mask=None, scale: float = 1.0, causal: bool = Fal
     return p.to(scores.dtype)
 
 
+def bias_gelu(x, bias=None):
+    """gelu(x + bias) with the tanh approximation, the bias added in float32 (Megatron's fused
+    bias-GELU); result in x.dtype."""
+    v = x.to(_compute_dtype(x))
+    if bias is not None:
+        v = v + bias.to(v.dtype)
+    return torch.nn.functional.gelu(v, approximate="tanh").to(x.dtype)
+
+
 def quantize_rowwise(x):
     """Symmetric absmax int8 quantization of each row of x [..., K]: q = round(x * 127/amax),
     scale = amax / 127 (float32, shape x.shape[:-1]); an all-zero row gets scale 0, q 0."""

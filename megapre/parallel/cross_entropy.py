@@ -25,15 +25,11 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, group, vocab_size, label_smoothing, ignore_index):
         local = logits.size(-1)
         start = group_rank(group) * local
+        n_real = max(0, min(local, vocab_size - start))  # real columns are a prefix
+        real = torch.arange(local, device=logits.device) < n_real
         x = logits.float()
-        real = torch.arange(start, start + local, device=x.device) < vocab_size
-        if not bool(real.all()):
+        if n_real < local:
             x = x.masked_fill(~real, float("-inf"))
-        # Max over the whole vocab, subtracted for stability (a row's max is always a real logit).
-        row_max = _all_reduce(x.max(dim=-1).values, group, dist.ReduceOp.MAX)
-        x = x - row_max.unsqueeze(-1)
-        exp = x.exp()
-        sum_exp = _all_reduce(exp.sum(dim=-1), group)
 
         ignored = target == ignore_index if ignore_index is not None else None
         local_t = target - start
@@ -41,21 +37,23 @@ class _VocabParallelCE(torch.autograd.Function):
         if ignored is not None:
             mine &= ~ignored
         idx = local_t.masked_fill(~mine, 0).unsqueeze(-1)
-        target_logit = torch.gather(x, -1, idx).squeeze(-1).masked_fill(~mine, 0.0)
-        target_logit = _all_reduce(target_logit, group)
 
-        log_z = sum_exp.log()
-        loss = log_z - target_logit
-        if label_smoothing > 0:
-            # F.cross_entropy: (1 - e) * nll + e * mean over the V true classes of -log p_i.
-            sum_x = _all_reduce(x.masked_fill(~real, 0.0).sum(dim=-1), group)
-            smooth = log_z - sum_x / vocab_size
-            loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+        if group_size(group) == 1:
+            # whole vocabulary here: torch's fused log-softmax is one pass per row
+            logp = torch.log_softmax(x, dim=-1)
+            loss = -torch.gather(logp, -1, idx).squeeze(-1).masked_fill(~mine, 0.0)
+            if label_smoothing > 0:
+                smooth = -logp[..., :n_real].sum(dim=-1) / vocab_size
+                loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+            saved, ctx.log_space = logp, True
+        else:
+            loss, saved = _sharded_loss(x, idx, mine, n_real, group, vocab_size,
+                                        label_smoothing, owned=x is not logits)
+            ctx.log_space = False
         if ignored is not None:
             loss = loss.masked_fill(ignored, 0.0)
 
-        exp.div_(sum_exp.unsqueeze(-1))  # softmax, reused by backward
-        ctx.save_for_backward(exp, idx, mine, real, ignored)
+        ctx.save_for_backward(saved, idx, mine, real, ignored)
         ctx.label_smoothing, ctx.vocab_size = label_smoothing, vocab_size
         ctx.logits_dtype = logits.dtype
         ctx.consumed = False
@@ -67,9 +65,9 @@ class _VocabParallelCE(torch.autograd.Function):
             raise RuntimeError("vocab_parallel_cross_entropy cannot be back-propagated twice "
                                "(retain_graph=True); compute the loss again instead")
         ctx.consumed = True
-        softmax, idx, mine, real, ignored = ctx.saved_tensors
+        saved, idx, mine, real, ignored = ctx.saved_tensors
         e = ctx.label_smoothing
-        grad = softmax
+        grad = saved.exp_() if ctx.log_space else saved  # softmax, in place
         hit = mine.to(grad.dtype).unsqueeze(-1) * (1.0 - e)
         grad.scatter_add_(-1, idx, -hit)
         if e > 0:
@@ -78,6 +76,28 @@ class _VocabParallelCE(torch.autograd.Function):
         if ignored is not None:
             grad.masked_fill_(ignored.unsqueeze(-1), 0.0)
         return grad.to(ctx.logits_dtype), None, None, None, None, None
+
+
+def _sharded_loss(x, idx, mine, n_real, group, vocab_size, label_smoothing, owned):
+    """Loss and softmax (to reuse in backward) of logits sharded over the TP ranks; three
+    scalars per token cross ranks. `owned`: x is a private copy that may be overwritten."""
+    # Max over the whole vocab, subtracted for stability (a row's max is always a real logit).
+    row_max = _all_reduce(x.amax(dim=-1), group, dist.ReduceOp.MAX).unsqueeze(-1)
+    x = x.sub_(row_max) if owned else x - row_max
+    target_logit = torch.gather(x, -1, idx).squeeze(-1).masked_fill(~mine, 0.0)
+    target_logit = _all_reduce(target_logit, group)
+    sum_x = None
+    if label_smoothing > 0:
+        sum_x = _all_reduce(x[..., :n_real].sum(dim=-1), group)
+    exp = x.exp_()  # x is a fresh tensor by now
+    sum_exp = _all_reduce(exp.sum(dim=-1), group)
+    log_z = sum_exp.log()
+    loss = log_z - target_logit
+    if sum_x is not None:
+        # F.cross_entropy: (1 - e) * nll + e * mean over the V true classes of -log p_i.
+        smooth = log_z - sum_x / vocab_size
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * smooth
+    return loss, exp.div_(sum_exp.unsqueeze(-1))
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: Group, *,

@@ -85,7 +85,8 @@ class ColumnParallelLinear(nn.Module):
 
     Input is replicated over TP (or, under sequence parallelism, this rank's sequence chunk, which
     is all-gathered first). Output is this rank's slice of the features, or the full features
-    with `gather_output=True`. As an output layer over a padded vocabulary, pass the true vocab
+    with `gather_output=True`. With `skip_bias_add=True` the bias is left for the caller to fuse
+    into what follows (e.g. ops.bias_gelu). As an output layer over a padded vocabulary, pass the true vocab
     as `init_out_features` so the padding rows start at zero whatever the TP size.
     """
 
@@ -94,9 +95,10 @@ class ColumnParallelLinear(nn.Module):
                  init_method: InitMethod | None = None, sequence_parallel: bool | None = None,
                  sequence_dim: int = 0, params_dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None,
-                 init_out_features: int | None = None) -> None:
+                 init_out_features: int | None = None, skip_bias_add: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.skip_bias_add = skip_bias_add
         self.group = mesh.tp_group
         self.gather_output = gather_output
         self.sequence_parallel = mesh.sequence_parallel if sequence_parallel is None else (
@@ -120,7 +122,7 @@ class ColumnParallelLinear(nn.Module):
             x = gather_from_sp(x, self.group, self.sequence_dim)
         else:
             x = copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:

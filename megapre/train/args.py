@@ -50,8 +50,12 @@ class ModelArgs:
     untie_embeddings_and_output_weights: bool = _f(False, "separate output layer (GPT only)")
     hidden_dropout: float = _f(0.1, "dropout on the residual stream")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
-    attention_backend: str = _f("fused", "core attention: megapre fused softmax or torch SDPA",
-                                choices=("fused", "sdpa"))
+    attention_backend: str = _f("auto", "core attention: sdpa (torch's flash kernels), fused "
+                                "(megapre's scale-mask-softmax) or auto (sdpa, except fused on "
+                                "CPUs while training with --attention-dropout > 0)",
+                                choices=("auto", "fused", "sdpa"))
+    bias_gelu_fusion: bool = _f(True, "GELU MLP: add fc1's bias inside megapre's fused GELU kernel "
+                                "(--no-bias-gelu-fusion: torch's bias add + GELU)")
     init_method_std: float = _f(0.02, "std of the normal weight init")
     make_vocab_size_divisible_by: int = _f(128, "pad the vocabulary to a multiple of this x TP")
     bert_binary_head: bool = _f(True, "BERT sentence-order head (--no-bert-binary-head to drop it)")
@@ -179,7 +183,8 @@ class PretrainConfig:
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
             untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
             hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-            attention_backend=m.attention_backend, init_method_std=m.init_method_std)
+            attention_backend=m.attention_backend, bias_activation_fusion=m.bias_gelu_fusion,
+            init_method_std=m.init_method_std)
 
 
 # -- flags ---------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ bias (added in fp32), else e)::
         + RoPE's rotated q and k                             2 * e * s*b*a*d/t
         GQA: q merged, k and v expanded to all heads         3 * e * s*b*a*d/t
         RoPE cos/sin (fp32, q and k)                         16 * s*rot
+    attention core (backend 'auto' is fused on CPUs with attention dropout, else sdpa)
     attention core, fused backend: probs                     e * b*(a/t)*s^2
         + attention dropout (mask + dropped probs)           (m + e) * b*(a/t)*s^2
     attention core, sdpa backend: log-sum-exp only           4 * b*(a/t)*s
@@ -57,6 +58,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
+from megapre.model.attention_core import resolve_backend
 from megapre.model.config import ConfigError, TransformerConfig
 
 from .args import PretrainConfig, parse_config, validate
@@ -210,8 +212,12 @@ class _Shape:
         return self.s // self.tp if self.sp else self.s
 
 
-def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool = False) -> int:
-    """Bytes one layer keeps for backward for one micro-batch (formula in the module doc)."""
+def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool = False,
+                           device: str = "cpu", masked: bool = False) -> int:
+    """Bytes one layer keeps for backward for one micro-batch (formula in the module doc);
+    `device` ('cpu' or 'cuda') and `masked` (attention gets a mask: BERT's padding,
+    --reset-attention-mask) resolve attention_backend='auto'."""
+    fused = attention_backend(cfg, device, masked) == "fused"
     s, b, t, e, m = sh.s, sh.b, sh.tp, sh.e, sh.m
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     a, g = cfg.num_attention_heads, cfg.num_query_groups
@@ -233,7 +239,7 @@ def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool =
             n += qkv_out + (2 * e * s * b * a * d // t if rope else 0)
         else:  # q copied, k and v expanded to all heads
             n += 3 * e * s * b * a * d // t
-        if cfg.attention_backend == "fused":
+        if fused:
             n += e * heads_s2
             if cfg.attention_dropout > 0:
                 n += (m + e) * heads_s2
@@ -278,12 +284,23 @@ def in_flight(schedule: str, pp: int, stage: int, num_microbatches: int, virtual
 
 # -- the estimate ----------------------------------------------------------------------------
 
-def _mask_bytes(cfg: PretrainConfig, e: int) -> int:
+def attention_backend(cfg: TransformerConfig, device: str, masked: bool = False) -> str:
+    """The attention backend a training step runs ('fused' or 'sdpa') on this device type.
+    (An explicit 'sdpa' with attention dropout or a mask on a CPU runs torch's fallback paths,
+    whose extra tensors this estimate does not count; 'auto' never picks them.)"""
+    return resolve_backend(cfg.attention_backend, device, cfg.attention_dropout > 0, masked)
+
+
+def _device(cfg: PretrainConfig) -> str:
     device = cfg.train.device
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return 1 if device.startswith("cuda") else e
+    return "cuda" if device.startswith("cuda") else "cpu"
+
+
+def _mask_bytes(cfg: PretrainConfig, e: int) -> int:
+    return 1 if _device(cfg) == "cuda" else e
 
 
 def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEstimate:
@@ -304,13 +321,15 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     e = 2 if autocast else 4
     sh = _Shape(mc.seq_length, t.micro_batch_size, tp, p.sequence_parallel, e,
                 _mask_bytes(checked, e), _mask_bytes(checked, 4 if mc.add_bias_linear else e))
-    layer = layer_activation_bytes(mc, sh)
-    layer_sel = layer_activation_bytes(mc, sh, selective=True)
+    device = _device(checked)
+    masked = kind == "bert" or checked.data.reset_attention_mask
+    layer = layer_activation_bytes(mc, sh, device=device, masked=masked)
+    layer_sel = layer_activation_bytes(mc, sh, selective=True, device=device, masked=masked)
     layer_input = 4 * sh.s_n * sh.b * mc.hidden_size
     layers_per_stage = mc.num_layers // pp
     largest = max(e * sh.s * sh.b * mc.ffn_hidden_size // tp,
                   e * sh.b * (mc.num_attention_heads // tp) * sh.s ** 2
-                  if mc.attention_backend == "fused" else 0,
+                  if attention_backend(mc, device, masked) == "fused" else 0,
                   4 * sh.s * sh.b * mc.padded_vocab_size(tp) // tp)
     stages = []
     for stage in sorted({0, pp - 1}):
