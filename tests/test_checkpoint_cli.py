@@ -2,10 +2,12 @@
 
 * SIGTERM mid-run: the program saves, exits 0, and `--load` continues with exactly the losses of an
   uninterrupted run.
+* `torchrun --max-restarts 1` (TP2): one worker is SIGKILLed after a checkpoint exists; the agent
+  restarts the workers, which resume from the latest checkpoint, and the job exits 0 with the
+  losses of the uninterrupted single-process run (1e-5 relative: the layouts' contract).
 * Two torchrun agents as two "nodes" (--nnodes 2, c10d rendezvous; TP2 inside a node, DP2
-  across): one worker is SIGKILLed after a checkpoint exists; the relaunched job resumes from the
-  latest checkpoint and finishes with the losses of the uninterrupted single-process run (1e-5
-  relative: the layouts' contract).
+  across): one worker is SIGKILLed after a checkpoint exists (the job dies, as under a
+  preempting scheduler); the relaunched job resumes likewise.
 
 Dropout is off here: the Trainer draws from the global torch generator after loading (CPU peak
 measurement, DataLoader iterator seeds), which an RNG restore cannot undo; the layout tests
@@ -145,6 +147,35 @@ def _workers(agent: int) -> list[int]:
             if b"megapre.pretrain" in Path(f"/proc/{k}/cmdline").read_bytes()]
 
 
+@pytest.mark.slow
+def test_max_restarts_restarts_killed_worker_and_resumes(corpus, reference_no_dropout, tmp_path):
+    """torchrun's own fault tolerance: a SIGKILLed worker makes the agent restart the group
+    (TORCHELASTIC_RESTART_COUNT=1), the new workers load the latest checkpoint, and the job
+    finishes with exit 0 and the losses of the uninterrupted run."""
+    save = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--max-restarts", "1", "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "megapre.pretrain",
+           *_args(corpus, tmp_path, "--tensor-model-parallel-size", "2", "--save", str(save),
+                  "--load", str(save), "--save-interval", "3", dropout="0")]
+    agent = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _latest(save) >= 3, agent, "the first checkpoint", poll=0.02)
+    workers = _workers(agent.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    out, err = agent.communicate(timeout=600)
+    assert agent.returncode == 0, err[-4000:]
+    resumed = [int(line.rsplit("at iteration", 1)[1].split()[0].strip(" ,.:"))
+               for line in out.splitlines() if "at iteration" in line and "load" in line.lower()]
+    assert resumed and 3 <= resumed[-1] < ITERS, out[-3000:]
+    losses = _losses(tmp_path)
+    assert sorted(losses) == list(range(1, ITERS + 1))
+    for it, ref in reference_no_dropout.items():
+        assert abs(losses[it] - ref) <= 1e-5 * abs(ref), (it, losses[it], ref)
+    assert _latest(save) == ITERS
+
+
 def _two_nodes(corpus: str, out: Path, *extra: str) -> list[subprocess.Popen]:
     """Two torchrun agents on this host acting as two nodes (the Slurm example's launch line):
     2 processes each, TP2 inside a node, DP2 across the nodes."""
@@ -164,9 +195,7 @@ def _two_nodes(corpus: str, out: Path, *extra: str) -> list[subprocess.Popen]:
 def test_two_node_job_killed_and_relaunched_resumes(corpus, reference_no_dropout, tmp_path):
     """A worker of the second node is SIGKILLed once a checkpoint exists (the job dies, as under a
     preempting scheduler); launching the same two agents again resumes from the latest
-    checkpoint and finishes with the single process's losses. torchrun's own --max-restarts is
-    not used: with torch 2.9 + gloo restarted workers cannot re-form the process group
-    (connectFullMesh: connection refused, also without megapre; cf. pytorch#167288)."""
+    checkpoint and finishes with the single process's losses."""
     save = tmp_path / "ckpt"
     flags = ("--save", str(save), "--load", str(save), "--save-interval", "3", "--keep-last", "2")
     first = _two_nodes(corpus, tmp_path, *flags)

@@ -112,6 +112,19 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+def _init_default_group(backend: str, timeout: timedelta) -> None:
+    """init_process_group from torchrun's environment, with the store's keys namespaced by
+    torchrun's restart count. Under --max-restarts with a c10d rendezvous (--standalone, or
+    --rdzv-backend c10d) the restarted workers share the agent's store with the failed round;
+    without a fresh namespace gloo reads the dead workers' addresses and fails in
+    connectFullMesh ("connection refused")."""
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0":
+        store = dist.PrefixStore(f"megapre_restart_{restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 class ParallelMesh:
     """Process groups and coordinates of this rank in the (pp, dp, tp) mesh.
 
@@ -162,7 +175,7 @@ class ParallelMesh:
                 return cls.single(config, dev)
             if dev.type == "cuda":
                 torch.cuda.set_device(dev)
-            dist.init_process_group(backend_for(dev), timeout=timedelta(seconds=config.timeout_s))
+            _init_default_group(backend_for(dev), timedelta(seconds=config.timeout_s))
             # We started it, so we tear it down: a process that exits with live gloo/nccl threads
             # can abort ("terminate called without an active exception").
             atexit.register(_destroy_process_group)
