@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="2 warm-up + 3 timed steps")
     ap.add_argument("--skip-nanogpt", action="store_true")
     ap.add_argument("--skip-layouts", action="store_true")
+    ap.add_argument("--rounds", type=int, default=20,
+                    help="alternating rounds of the nanoGPT comparison (more = less noise)")
     args = ap.parse_args(argv)
     names = [n for n in args.layouts.split(",") if n]
     unknown = [n for n in names if n not in LAYOUTS]
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         shape = Shape(layers=6, hidden=256, heads=8, seq=256, vocab=2048, micro=4,
                       global_batch=8)
-        rounds = 3 if args.quick else 20  # alternating rounds; more = less load noise
+        rounds = 3 if args.quick else args.rounds
         tps = compare_with_nanogpt(shape, rounds, 2)
         nano = tps[NANO][0]
         print(f"\nsingle process, GPT {shape.layers}x{shape.hidden} seq {shape.seq} batch "

@@ -163,6 +163,8 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if group_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
+            return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
         y = F.linear(x, self.weight)
