@@ -163,7 +163,9 @@ class RowParallelLinear(nn.Module):
             self.bias.sequence_parallel = self.sequence_parallel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if group_size(self.group) == 1:  # nothing to reduce: the bias goes into the GEMM
+        if group_size(self.group) == 1 and not torch.is_autocast_enabled(x.device.type):
+            # nothing to reduce: the bias goes into the GEMM (under autocast it stays a float32
+            # add after the GEMM, as at TP > 1, so every layout rounds alike)
             return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = scatter_to_tp(x, self.group)
