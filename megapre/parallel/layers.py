@@ -86,8 +86,8 @@ class ColumnParallelLinear(nn.Module):
     Input is replicated over TP (or, under sequence parallelism, this rank's sequence chunk, which
     is all-gathered first). Output is this rank's slice of the features, or the full features
     with `gather_output=True`. With `skip_bias_add=True` the bias is left for the caller to fuse
-    into what follows (e.g. ops.bias_gelu). As an output layer over a padded vocabulary, pass the true vocab
-    as `init_out_features` so the padding rows start at zero whatever the TP size.
+    into what follows (e.g. ops.bias_gelu). As an output layer over a padded vocabulary, pass the
+    true vocab as `init_out_features` so the padding rows start at zero whatever the TP size.
     """
 
     def __init__(self, in_features: int, out_features: int, mesh: ParallelMesh, *,

@@ -52,7 +52,8 @@ class ModelArgs:
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
     attention_backend: str = _f("auto", "core attention: sdpa (torch's flash kernels), fused "
                                 "(megapre's scale-mask-softmax) or auto (sdpa, except fused on "
-                                "CPUs while training with --attention-dropout > 0)",
+                                "CPUs for masked attention (BERT, --reset-attention-mask) or "
+                                "while training with --attention-dropout > 0)",
                                 choices=("auto", "fused", "sdpa"))
     bias_gelu_fusion: bool = _f(True, "GELU MLP: add fc1's bias inside megapre's fused GELU kernel "
                                 "(--no-bias-gelu-fusion: torch's bias add + GELU)")
