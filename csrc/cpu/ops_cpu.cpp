@@ -98,7 +98,9 @@ Tensor bias_gelu_fwd(const Tensor& x_, const optional<Tensor>& bias_) {
   Tensor x = x_.contiguous();
   Tensor bias = g::float_vector(bias_, H, x, "bias_gelu_fwd", "bias");
   Tensor y = at::empty_like(x);
-  if (x.numel() > 0) cpu::bias_gelu_fwd(x.data_ptr(), g::fptr(bias), y.data_ptr(), x.numel() / H, H, dt);
+  if (x.numel() > 0) {
+    cpu::bias_gelu_fwd(x.data_ptr(), g::fptr(bias), y.data_ptr(), x.numel() / H, H, dt);
+  }
   return y;
 }
 

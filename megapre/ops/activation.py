@@ -24,7 +24,7 @@ def _backward(ctx, dy):
     need_x, need_b = ctx.needs_input_grad[:2]
     if dy is None or not (need_x or need_b):
         return None, None
-    dx, db = torch.ops.megapre.bias_gelu_bwd(dy, x, bias, bool(need_b and bias is not None))
+    dx, db = torch.ops.megapre.bias_gelu_bwd(dy, x, bias, bool(need_b))  # need_b: bias given
     return (dx if need_x else None), (db.to(ctx.bias_dtype) if need_b else None)
 
 

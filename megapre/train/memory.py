@@ -23,7 +23,7 @@ bias (added in fp32), else e)::
         + RoPE's rotated q and k                             2 * e * s*b*a*d/t
         GQA: q merged, k and v expanded to all heads         3 * e * s*b*a*d/t
         RoPE cos/sin (fp32, q and k)                         16 * s*rot
-    attention core (backend 'auto' is fused on CPUs with attention dropout, else sdpa)
+    attention core (backend 'auto': fused on CPUs with a mask or attention dropout, else sdpa)
     attention core, fused backend: probs                     e * b*(a/t)*s^2
         + attention dropout (mask + dropped probs)           (m + e) * b*(a/t)*s^2
     attention core, sdpa backend: log-sum-exp only           4 * b*(a/t)*s
