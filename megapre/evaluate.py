@@ -26,7 +26,7 @@ from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import validate
 from megapre.train.data import batches, samples_per_split
-from megapre.train.evaluate import EvalStep
+from megapre.train.step import EvalStep
 from megapre.train.step import StepConfig
 
 
@@ -103,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> int:
     _apply_batch_flags(cfg, args)
     rt = build_runtime(cfg)
     try:
-        validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size)
+        cfg = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size).config
         gbs = cfg.train.global_batch_size
         dataset = eval_dataset(cfg, rt.tokenizer, split,
                                None if iters is None else max(iters * gbs, run_samples))

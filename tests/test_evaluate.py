@@ -20,7 +20,7 @@ from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import parse_config, validate
 from megapre.train.data import batches
-from megapre.train.evaluate import EvalStep
+from megapre.train.step import EvalStep
 from megapre.train.loop import Trainer
 from megapre.train.step import StepConfig
 
@@ -157,7 +157,7 @@ def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
     (a fresh model whose sentence-order head is perturbed to predict both classes)."""
     cfg = parse_config(bert_args(bert_corpus, tmp_path / "cache"))
     rt = build_runtime(cfg)
-    validate(cfg, 1, rt.tokenizer.vocab_size)
+    cfg = validate(cfg, 1, rt.tokenizer.vocab_size).config
     dataset = eval_dataset(cfg, rt.tokenizer, select_data(cfg, None, None, "valid"), 8)
     bert = rt.model.models[0]
     with torch.no_grad():  # perturb the binary head so it does not predict one class only
@@ -194,7 +194,7 @@ def _score_fresh(kind: str, corpus: str, cache: Path, layout: str, world: int) -
     make = gpt_args if kind == "gpt" else bert_args
     cfg = parse_config(make(corpus, cache) + LAYOUTS[layout])
     rt = build_runtime(cfg)
-    validate(cfg, world, rt.tokenizer.vocab_size)
+    cfg = validate(cfg, world, rt.tokenizer.vocab_size).config
     for m in rt.model.models:  # a sentence-order head that predicts both classes
         if getattr(m, "heads", None) is not None:
             with torch.no_grad():

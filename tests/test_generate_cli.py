@@ -120,12 +120,12 @@ def test_evaluate_bert_checkpoint(tmp_path, capsys):
     from megapre.train.args import parse_config, validate
     from megapre.train.checkpoint import save_checkpoint
     from megapre.train.data import batches
-    from megapre.train.evaluate import EvalStep
+    from megapre.train.step import EvalStep
     from megapre.train.step import StepConfig
 
     cfg = parse_config(bert_args(write_bert_corpus(tmp_path), tmp_path / "cache"))
     rt = build_runtime(cfg)
-    validate(cfg, 1, rt.tokenizer.vocab_size)
+    cfg = validate(cfg, 1, rt.tokenizer.vocab_size).config
     with torch.no_grad():  # a sentence-order head that predicts both classes
         rt.model.models[0].heads.binary.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
     save_checkpoint(tmp_path / "ckpt", 5, rt.model, config=cfg.to_dict(), tracker=rt.tracker)

@@ -104,11 +104,11 @@ def test_config_defaults_and_padding():
 
 
 @pytest.mark.parametrize("kwargs,layout,flag", [
-    (dict(num_attention_heads=6, hidden_size=96), dict(tensor_parallel=4), "--num-attention-heads=6"),
+    (dict(num_attention_heads=6, hidden_size=96), dict(tensor_parallel=4), "--num-attention-heads 6"),
     (dict(num_attention_heads=3, hidden_size=32), {}, "--hidden-size=32"),
-    (dict(num_attention_heads=8, num_query_groups=2), dict(tensor_parallel=4), "--num-query-groups=2"),
-    (dict(num_attention_heads=8, num_query_groups=3), {}, "--num-query-groups=3"),
-    (dict(num_layers=6), dict(pipeline_parallel=4), "--num-layers=6"),
+    (dict(num_attention_heads=8, num_query_groups=2), dict(tensor_parallel=4), "--num-query-groups 2"),
+    (dict(num_attention_heads=8, num_query_groups=3), {}, "--num-query-groups 3"),
+    (dict(num_layers=6), dict(pipeline_parallel=4), "--num-layers 6"),
     (dict(num_layers=8), dict(pipeline_parallel=2, virtual_stages=3), "virtual stages"),
     (dict(seq_length=2048), {}, "--max-position-embeddings"),
     (dict(seq_length=30), dict(tensor_parallel=4, sequence_parallel=True), "--sequence-parallel"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megapre.parallel import ParallelConfig, ParallelMesh, validate_model_layout
+from megapre.parallel import ParallelConfig, ParallelMesh, check_model_split
 from megapre.parallel.mesh import data_parallel_size, rank_grid
 from megapre.parallel.testing import run_distributed
 
@@ -118,7 +118,7 @@ def test_config_validation():
         ParallelConfig(tensor_parallel=0)
     with pytest.raises(ValueError, match="--pipeline-model-parallel-size must be a positive"):
         ParallelConfig(pipeline_parallel=1.5)
-    with pytest.raises(ValueError, match="--virtual-pipeline-model-parallel-size 2 needs"):
+    with pytest.raises(ValueError, match="2 virtual pipeline stages per rank .*--num-layers-per-virtual-pipeline-stage"):
         ParallelConfig(pipeline_parallel=1, virtual_pipeline=2)
     with pytest.raises(ValueError, match="timeout"):
         ParallelConfig(timeout_s=0)
@@ -126,17 +126,16 @@ def test_config_validation():
 
 
 def test_model_layout_validation():
-    ok = dict(num_layers=8, num_attention_heads=8, num_query_groups=4, tensor_parallel=2,
-              pipeline_parallel=2, virtual_pipeline=2)
-    validate_model_layout(**ok)
+    ok = dict(num_layers=8, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=64,
+              seq_length=16, tp=2, pp=2, virtual=2)
+    check_model_split(**ok)
     with pytest.raises(ValueError, match="--num-attention-heads 6 .*--tensor-model-parallel-size 4"):
-        validate_model_layout(**{**ok, "num_attention_heads": 6, "num_query_groups": None,
-                                 "tensor_parallel": 4})
+        check_model_split(**{**ok, "num_attention_heads": 6, "num_query_groups": 6, "tp": 4})
     with pytest.raises(ValueError, match="--num-query-groups 2 .*--tensor-model-parallel-size 4"):
-        validate_model_layout(**{**ok, "num_query_groups": 2, "tensor_parallel": 4})
+        check_model_split(**{**ok, "num_query_groups": 2, "tp": 4})
     with pytest.raises(ValueError, match="--num-attention-heads 8 .*--num-query-groups 3"):
-        validate_model_layout(**{**ok, "num_query_groups": 3, "tensor_parallel": 1})
-    with pytest.raises(ValueError, match=r"--num-layers 6 .*2 x --virtual-pipeline.* 2 = 4"):
-        validate_model_layout(**{**ok, "num_layers": 6})
+        check_model_split(**{**ok, "num_query_groups": 3, "tp": 1})
+    with pytest.raises(ValueError, match=r"--num-layers 6 .*2 x 2 virtual stages = 4"):
+        check_model_split(**{**ok, "num_layers": 6})
     with pytest.raises(ValueError, match="--num-layers 5 .*--pipeline-model-parallel-size 2:"):
-        validate_model_layout(**{**ok, "num_layers": 5, "virtual_pipeline": None})
+        check_model_split(**{**ok, "num_layers": 5, "virtual": None})

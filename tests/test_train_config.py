@@ -54,7 +54,7 @@ def test_bad_flag_value_is_a_usage_error(capsys):
     (["--tensor-model-parallel-size", "2"], 3, "world size 3"),
     (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "--global-batch-size 6"),
     (["--bf16", "--fp16"], 1, "exclusive"),
-    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers=4"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4"),
     (["--min-lr", "1", "--lr", "0.1"], 1, "--min-lr"),
     (["--lr-decay-style", "WSD"], 1, "--lr-wsd-decay-iters"),
     (["--save-interval", "10"], 1, "--save DIR"),
@@ -69,8 +69,10 @@ def test_validator_names_the_flag(extra, world, match):
 
 def test_validator_fills_global_batch_and_returns_dp():
     cfg = parse_config(BASE + ["--micro-batch-size", "2", "--tensor-model-parallel-size", "2"])
-    assert validate(cfg, 8) == 4
-    assert cfg.train.global_batch_size == 8
+    plan = validate(cfg, 8)
+    assert plan.dp_size == 4
+    assert plan.config.train.global_batch_size == 8 == plan.global_batch_size
+    assert cfg.train.global_batch_size is None  # the caller's config is left as it was
 
 
 def test_no_data_is_an_error():

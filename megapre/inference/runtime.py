@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 
 from megapre.data.tokenizers import Tokenizer, build_tokenizer
-from megapre.model.config import ConfigError, TransformerConfig
+from megapre.model.config import TransformerConfig
 from megapre.parallel import ParallelConfig, ParallelMesh, set_random_seed
+from megapre.parallel import layout
+from megapre.parallel.mesh import resolve_device
 from megapre.parallel.random import RNGTracker
 from megapre.train.args import PretrainConfig
-from megapre.train.loop import resolve_device, tokenizer_config
 from megapre.train.parallel_model import ParallelModel
 
 
@@ -38,25 +39,14 @@ class Runtime:
         self.mesh.destroy()
 
 
-def check_world(cfg: PretrainConfig, world_size: int) -> int:
-    """The data-parallel size, or a ConfigError naming the layout flags."""
-    p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-                          f"{tp} x --pipeline-model-parallel-size {pp}; launch a multiple of "
-                          f"{tp * pp} processes (torchrun --nproc-per-node) or change the layout")
-    return world_size // (tp * pp)
-
-
 def build_runtime(cfg: PretrainConfig) -> Runtime:
     """Tokenizer, mesh (joins torchrun's process group) and a freshly initialized model."""
     p = cfg.parallel
     p.num_layers_per_virtual_pipeline_stage = None
-    tokenizer = build_tokenizer(tokenizer_config(cfg))
-    check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    tokenizer = build_tokenizer(cfg.tokenizer_config())
+    layout.check_parallel_sizes(p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
+    layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")),
+                              p.tensor_model_parallel_size, p.pipeline_model_parallel_size)
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
     model_cfg.validate(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, None,
                        p.sequence_parallel)

@@ -2,7 +2,7 @@
 
 The batches run through the Trainer's EvalStep (same micro-batch splitting, pipeline schedule
 and loss normalization as validation during training). Each batch's losses are means over its
-global token (sample) count, which the step has just set on the loss function; multiplying back
+global token (sample) count, which the step reports as its `normalizers`; multiplying back
 gives sums, so the reported loss is the token-weighted mean over every batch (the exact corpus
 perplexity) rather than a mean of batch means (reported too, as `batch_mean_loss`: what training's
 validation prints). BERT's sentence-order accuracy comes from a forward hook on the binary head
@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megapre.parallel.comm import group_size
-from megapre.train.evaluate import EvalStep
+from megapre.train.step import EvalStep
 from megapre.train.parallel_model import ParallelModel
 
 
@@ -95,7 +95,6 @@ def score(model: ParallelModel, step: EvalStep, batches: Iterator[dict[str, torc
           num_batches: int, global_batch_size: int,
           autocast: Callable[[], ContextManager] = contextlib.nullcontext) -> Score:
     """Run `num_batches` global batches through `step`; the same Score on every rank."""
-    loss_fn = model.adapter.loss_fn
     sop = _SentenceOrderCounter(model)
     fed = sop.feed(batches)
     # lm_sum, tokens, sop_sum, sop_correct, sop_count
@@ -106,7 +105,7 @@ def score(model: ParallelModel, step: EvalStep, batches: Iterator[dict[str, torc
         for _ in range(num_batches):
             with autocast():
                 loss, parts = step(fed)
-            tokens, samples = loss_fn.counts["tokens"], loss_fn.counts["samples"]
+            tokens, samples = step.normalizers.tokens, step.normalizers.samples
             batch_losses += loss
             sums[0] += parts["lm loss"] * tokens
             sums[1] += tokens

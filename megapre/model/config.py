@@ -1,22 +1,22 @@
 """The one description of a transformer that GPT and BERT share.
 
 Field names follow Megatron's flags (``--num-layers`` -> ``num_layers``) so a config file or a
-command line written for Megatron maps one to one. ``validate`` is the single place that checks a
-model against itself and against a parallel layout; every message names the flag and the fix.
+command line written for Megatron maps one to one. ``validate`` checks a model against itself and,
+through megapre.parallel.layout (where every layout rule lives), against a parallel layout; every
+message names the flag and the fix.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
+
+from megapre.errors import ConfigError
+from megapre.parallel.layout import check_model_split
 
 NORMS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned_absolute", "rope", "none")
 ATTENTION_BACKENDS = ("auto", "fused", "sdpa")
-
-
-class ConfigError(ValueError):
-    """A model or layout setting that cannot work; the message names the flag."""
 
 
 def _flag(name: str) -> str:
@@ -51,7 +51,6 @@ class TransformerConfig:
     init_method_std: float = 0.02
     apply_query_key_layer_scaling: bool = False
     attention_softmax_in_fp32: bool = True
-    extra: dict = field(default_factory=dict)  # model-specific options (e.g. BERT's binary head)
 
     def __post_init__(self) -> None:
         if self.num_query_groups is None:
@@ -100,11 +99,6 @@ class TransformerConfig:
         for name in ("hidden_dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{_flag(name)}={getattr(self, name)} must be in [0, 1)")
-        if self.num_attention_heads % self.num_query_groups:
-            raise ConfigError(
-                f"--num-attention-heads={self.num_attention_heads} must be a multiple of "
-                f"--num-query-groups={self.num_query_groups} (each key/value head serves an equal "
-                "group of query heads)")
         if self.position_embedding_type == "learned_absolute" and \
                 self.seq_length > self.max_position_embeddings:
             raise ConfigError(
@@ -114,39 +108,11 @@ class TransformerConfig:
         if self.position_embedding_type == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head dim, got --kv-channels="
                               f"{self.head_dim}")
-        validate_layout(self, tensor_parallel, pipeline_parallel, virtual_stages,
-                        sequence_parallel)
-
-
-def validate_layout(cfg: TransformerConfig, tp: int, pp: int, vp: int | None,
-                    sequence_parallel: bool) -> None:
-    """Divisibility rules of Megatron-style TP/PP for this model."""
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"--tensor-model-parallel-size={tp} and --pipeline-model-parallel-size="
-                          f"{pp} must be >= 1")
-    if cfg.num_attention_heads % tp:
-        raise ConfigError(
-            f"--num-attention-heads={cfg.num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size={tp}; pick a TP size that divides the head count")
-    if cfg.num_query_groups % tp:
-        raise ConfigError(
-            f"--num-query-groups={cfg.num_query_groups} is not divisible by "
-            f"--tensor-model-parallel-size={tp}; each TP rank needs whole key/value heads")
-    if cfg.ffn_hidden_size % tp:
-        raise ConfigError(f"--ffn-hidden-size={cfg.ffn_hidden_size} is not divisible by "
-                          f"--tensor-model-parallel-size={tp}")
-    stages = pp * (vp or 1)
-    if cfg.num_layers % stages:
-        what = f"--pipeline-model-parallel-size={pp}" + (
-            f" x {vp} virtual stages" if vp else "")
-        raise ConfigError(f"--num-layers={cfg.num_layers} is not divisible by {what}; every "
-                          "pipeline stage needs the same number of layers")
-    if vp is not None and vp > 1 and pp < 2:
-        raise ConfigError("virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) need "
-                          "--pipeline-model-parallel-size >= 2")
-    if sequence_parallel and cfg.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel needs --seq-length={cfg.seq_length} divisible by "
-                          f"--tensor-model-parallel-size={tp}")
+        check_model_split(num_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
+                          num_query_groups=self.num_query_groups,
+                          ffn_hidden_size=self.ffn_hidden_size, seq_length=self.seq_length,
+                          tp=tensor_parallel, pp=pipeline_parallel, virtual=virtual_stages,
+                          sequence_parallel=sequence_parallel)
 
 
 def _positive(cfg: TransformerConfig, names: tuple[str, ...]) -> None:
@@ -160,6 +126,3 @@ def _choice(cfg: TransformerConfig, name: str, allowed: tuple[str, ...]) -> None
     if getattr(cfg, name) not in allowed:
         raise ConfigError(f"{_flag(name)}={getattr(cfg, name)!r} is not one of {', '.join(allowed)}")
 
-
-def config_fields() -> list[str]:
-    return [f.name for f in fields(TransformerConfig)]

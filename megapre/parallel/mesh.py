@@ -21,6 +21,10 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh
 
+from megapre.errors import ConfigError
+
+from .layout import check_parallel_sizes, data_parallel_size
+
 MESH_DIMS = ("pp", "dp", "tp")
 
 
@@ -35,33 +39,9 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
 
     def __post_init__(self) -> None:
-        _check_positive("--tensor-model-parallel-size", self.tensor_parallel)
-        _check_positive("--pipeline-model-parallel-size", self.pipeline_parallel)
-        if self.virtual_pipeline is not None:
-            _check_positive("--virtual-pipeline-model-parallel-size", self.virtual_pipeline)
-            if self.pipeline_parallel < 2:
-                raise ValueError(
-                    f"--virtual-pipeline-model-parallel-size {self.virtual_pipeline} needs "
-                    f"--pipeline-model-parallel-size >= 2 (got {self.pipeline_parallel}); "
-                    "drop the virtual pipeline option or use more pipeline stages")
+        check_parallel_sizes(self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline)
         if not self.timeout_s > 0:
             raise ValueError(f"process-group timeout must be > 0 seconds, got {self.timeout_s}")
-
-
-def _check_positive(flag: str, value: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-
-
-def data_parallel_size(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> int:
-    """World size / (TP x PP), with an error that names the flags when it does not divide."""
-    model_parallel = tensor_parallel * pipeline_parallel
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-            f"{tensor_parallel} x --pipeline-model-parallel-size {pipeline_parallel} = "
-            f"{model_parallel}; launch a multiple of {model_parallel} processes or change TP/PP")
-    return world_size // model_parallel
 
 
 def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> torch.Tensor:
@@ -70,41 +50,24 @@ def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> 
     return torch.arange(world_size).reshape(pipeline_parallel, dp, tensor_parallel)
 
 
-def validate_model_layout(*, num_layers: int, num_attention_heads: int,
-                          num_query_groups: int | None = None, tensor_parallel: int = 1,
-                          pipeline_parallel: int = 1, virtual_pipeline: int | None = None) -> None:
-    """Refuse model shapes that cannot be split evenly, naming the flag to change.
-
-    Uneven splits would silently give ranks different amounts of work (or wrong attention heads),
-    so they are errors, as in Megatron-LM.
-    """
-    if num_attention_heads % tensor_parallel:
-        raise ValueError(
-            f"--num-attention-heads {num_attention_heads} is not divisible by "
-            f"--tensor-model-parallel-size {tensor_parallel}: each TP rank must own whole heads")
-    if num_query_groups is not None:
-        if num_attention_heads % num_query_groups:
-            raise ValueError(
-                f"--num-attention-heads {num_attention_heads} is not divisible by "
-                f"--num-query-groups {num_query_groups}")
-        if num_query_groups % tensor_parallel:
-            raise ValueError(
-                f"--num-query-groups {num_query_groups} is not divisible by "
-                f"--tensor-model-parallel-size {tensor_parallel}: each TP rank must own whole "
-                "key/value groups")
-    chunks = pipeline_parallel * (virtual_pipeline or 1)
-    if num_layers % chunks:
-        what = (f"--pipeline-model-parallel-size {pipeline_parallel} x "
-                f"--virtual-pipeline-model-parallel-size {virtual_pipeline} = {chunks}"
-                if virtual_pipeline else f"--pipeline-model-parallel-size {pipeline_parallel}")
-        raise ValueError(f"--num-layers {num_layers} is not divisible by {what}: every pipeline "
-                         "chunk must hold the same number of layers")
-
-
 def default_device() -> torch.device:
     """The device this process should compute on: its local GPU under CUDA, else the CPU."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The --device flag: cuda (this process's local GPU), cpu, or auto (cuda when torch sees
+    a GPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but torch sees no GPU; use --device cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if name != "cpu":
+        raise ConfigError(f"--device {name!r} must be cuda, cpu or auto")
     return torch.device("cpu")
 
 

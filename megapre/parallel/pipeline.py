@@ -21,9 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layout import check_layer_split, check_schedule
 from .mesh import ParallelMesh
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclass(frozen=True)
@@ -50,41 +49,11 @@ def local_chunks(num_layers: int, pp_size: int, pp_rank: int,
     """The chunks pipeline rank `pp_rank` holds, in execution order (chunk 0 first)."""
     v = virtual or 1
     stages = pp_size * v
-    if num_layers % stages:
-        raise ValueError(f"--num-layers {num_layers} is not divisible by pipeline stages x virtual "
-                         f"stages = {pp_size} x {v}; every chunk must hold the same layer count")
+    per = check_layer_split(num_layers, pp_size, virtual)
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pipeline rank {pp_rank} outside [0, {pp_size})")
-    per = num_layers // stages
     return [ChunkSpec(s, stages, s * per, (s + 1) * per)
             for s in (c * pp_size + pp_rank for c in range(v))]
-
-
-def default_schedule(mesh: ParallelMesh) -> str:
-    return "interleaved-1f1b" if (mesh.virtual_pipeline or 1) > 1 else "1f1b"
-
-
-def check_schedule(name: str, mesh: ParallelMesh, num_microbatches: int) -> None:
-    """Refuse schedule / layout / micro-batch combinations the schedules cannot run."""
-    if name not in SCHEDULES:
-        raise ValueError(f"--pipeline-schedule {name!r} is not one of {', '.join(SCHEDULES)}")
-    virtual = mesh.virtual_pipeline or 1
-    if name == "interleaved-1f1b" and virtual < 2:
-        raise ValueError("--pipeline-schedule interleaved-1f1b needs "
-                         "--virtual-pipeline-model-parallel-size >= 2")
-    if name != "interleaved-1f1b" and virtual > 1:
-        raise ValueError(f"--pipeline-schedule {name} runs one chunk per rank; with "
-                         f"--virtual-pipeline-model-parallel-size {virtual} use interleaved-1f1b")
-    if name == "1f1b" and num_microbatches < mesh.pp_size:
-        raise ValueError(
-            f"1F1B needs at least as many micro-batches ({num_microbatches}) as pipeline stages "
-            f"({mesh.pp_size}); raise --global-batch-size or lower --micro-batch-size")
-    if name == "interleaved-1f1b":
-        rounds = max(1, num_microbatches // mesh.pp_size)
-        if num_microbatches % rounds:
-            raise ValueError(
-                f"interleaved 1F1B with {mesh.pp_size} pipeline stages cannot run "
-                f"{num_microbatches} micro-batches; use a multiple of {mesh.pp_size}")
 
 
 LossFn = Callable[..., torch.Tensor]
@@ -107,7 +76,7 @@ class PipelineRunner:
                  last_output: tuple[torch.Tensor, ...]) -> None:
         from torch.distributed import pipelining as pp
 
-        check_schedule(schedule, mesh, num_microbatches)
+        check_schedule(schedule, mesh.pp_size, mesh.virtual_pipeline, num_microbatches)
         if len(modules) != len(chunks):
             raise ValueError(f"{len(modules)} modules for {len(chunks)} pipeline chunks")
         self.mesh = mesh

@@ -9,6 +9,7 @@ plain dict (`to_dict`) that is saved with every checkpoint and can be fed back w
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megapre.data.tokenizers import TokenizerConfig
 from megapre.model.config import ConfigError, TransformerConfig
+from megapre.parallel import layout
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -169,6 +172,17 @@ class PretrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def tokenizer_config(self) -> TokenizerConfig:
+        """The tokenizer the data was preprocessed with (also saved with every checkpoint)."""
+        d = self.data
+        if d.tokenizer_type is None:
+            raise ConfigError("--tokenizer-type is required (e.g. GPT2BPETokenizer with "
+                              "--vocab-file and --merge-file, or the tokenizer the data was "
+                              "preprocessed with)")
+        return TokenizerConfig(tokenizer_type=d.tokenizer_type, vocab_file=d.vocab_file,
+                               merge_file=d.merge_file, tokenizer_model=d.tokenizer_model,
+                               vocab_size=d.vocab_size)
+
     def transformer_config(self, vocab_size: int) -> TransformerConfig:
         """The model description for megapre.model, with the tokenizer's vocabulary size."""
         m = self.model
@@ -299,29 +313,41 @@ def from_dict(data: dict) -> PretrainConfig:
 
 # -- validation ----------------------------------------------------------------------------------
 
-def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> int:
-    """Check everything that can be checked before any process group exists; return the DP size."""
+@dataclass(frozen=True)
+class RunPlan:
+    """What `validate` derives from a config, which it leaves untouched: the resolved config
+    (defaults that depend on the layout filled in, e.g. --global-batch-size = micro x DP) and the
+    layout the run will use."""
+
+    config: PretrainConfig
+    world_size: int
+    dp_size: int
+    virtual_pipeline: int | None  # model chunks per pipeline rank (interleaved 1F1B)
+    pipeline_schedule: str | None  # None without pipeline parallelism
+    num_microbatches: int  # per DP rank per step
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.config.train.global_batch_size
+
+
+def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> RunPlan:
+    """Check everything that can be checked before any process group exists (layout rules come
+    from megapre.parallel.layout, model rules from TransformerConfig.validate)."""
     p, t, o, d = cfg.parallel, cfg.train, cfg.optim, cfg.data
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if tp < 1 or pp < 1:
-        raise ConfigError("--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
-    if world_size % (tp * pp):
-        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size "
-                          f"{tp} x --pipeline-model-parallel-size {pp}; launch a multiple of "
-                          f"{tp * pp} processes")
-    dp = world_size // (tp * pp)
-    vp = _virtual_stages(cfg)
+    layout.check_parallel_sizes(tp, pp)
+    dp = layout.data_parallel_size(world_size, tp, pp)
+    vp = layout.virtual_stages(cfg.model.num_layers, p.num_layers_per_virtual_pipeline_stage, pp)
     cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
     if p.pipeline_schedule == "interleaved" and vp is None:
-        raise ConfigError("--pipeline-schedule interleaved needs --num-layers-per-virtual-pipeline-stage")
-    if t.micro_batch_size < 1:
-        raise ConfigError(f"--micro-batch-size must be >= 1, got {t.micro_batch_size}")
+        raise ConfigError(f"--pipeline-schedule interleaved needs {layout.VIRTUAL_FLAG}")
+    layout.check_positive("--micro-batch-size", t.micro_batch_size)
     gbs = t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp
-    if gbs % (t.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-                          f"{t.micro_batch_size} x data-parallel size {dp}; use a multiple of "
-                          f"{t.micro_batch_size * dp}")
-    t.global_batch_size = gbs
+    num_mb = layout.num_microbatches(t.micro_batch_size, gbs, dp)
+    schedule = layout.resolve_schedule(p.pipeline_schedule if pp > 1 else None, pp, vp)
+    if schedule is not None:
+        layout.check_schedule(schedule, pp, vp, num_mb)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
     if t.train_iters < 1:
@@ -349,20 +375,6 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--save-interval needs --save DIR")
     if c.keep_last is not None and c.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1")
-    return dp
-
-
-def _virtual_stages(cfg: PretrainConfig) -> int | None:
-    per = cfg.parallel.num_layers_per_virtual_pipeline_stage
-    if per is None:
-        return None
-    pp = cfg.parallel.pipeline_model_parallel_size
-    if per < 1 or cfg.model.num_layers % (per * pp):
-        raise ConfigError(f"--num-layers {cfg.model.num_layers} is not divisible by "
-                          f"--num-layers-per-virtual-pipeline-stage {per} x "
-                          f"--pipeline-model-parallel-size {pp}")
-    return cfg.model.num_layers // (per * pp)
-
-
-if __name__ == "__main__":  # print the resolved config of a command line
-    print(json.dumps(parse_config(sys.argv[1:]).to_dict(), indent=2))
+    resolved = copy.deepcopy(cfg)
+    resolved.train.global_batch_size = gbs
+    return RunPlan(resolved, world_size, dp, vp, schedule, num_mb)

@@ -20,19 +20,18 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
-from megapre.model.config import ConfigError
+from megapre.data.tokenizers import build_tokenizer
 from megapre.parallel import ParallelConfig, ParallelMesh, set_random_seed
+from megapre.parallel.mesh import resolve_device
 
 from .args import PretrainConfig, validate
 from .data import batches, build_splits
-from .evaluate import EvalStep
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
                       memory_stats, throughput)
 from .optim import build_optimizer, schedule_from_args, set_lr
 from .parallel_model import ParallelModel
-from .step import StepConfig, TrainStep
+from .step import EvalStep, StepConfig, TrainStep
 
 
 @dataclass
@@ -42,28 +41,6 @@ class TrainState:
     skipped_total: int = 0
     skipped_in_a_row: int = 0
     extra: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but torch sees no GPU; use --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if name != "cpu":
-        raise ConfigError(f"--device {name!r} must be cuda, cpu or auto")
-    return torch.device("cpu")
-
-
-def tokenizer_config(cfg: PretrainConfig) -> TokenizerConfig:
-    d = cfg.data
-    if d.tokenizer_type is None:
-        raise ConfigError("--tokenizer-type is required (e.g. GPT2BPETokenizer with --vocab-file "
-                          "and --merge-file, or the tokenizer the data was preprocessed with)")
-    return TokenizerConfig(tokenizer_type=d.tokenizer_type, vocab_file=d.vocab_file,
-                           merge_file=d.merge_file, tokenizer_model=d.tokenizer_model,
-                           vocab_size=d.vocab_size)
 
 
 class _StopFlag:
@@ -83,20 +60,18 @@ class _StopFlag:
 
 class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
-        self.cfg = cfg
         self.start_time = time.time()
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.tokenizer = build_tokenizer(tokenizer_config(cfg))
-        self.dp_size = validate(cfg, world, self.tokenizer.vocab_size)
+        self.tokenizer = build_tokenizer(cfg.tokenizer_config())
+        self.plan = validate(cfg, world, self.tokenizer.vocab_size)
+        self.cfg = cfg = self.plan.config
+        self.dp_size = self.plan.dp_size
         p = cfg.parallel
-        vp = (cfg.model.num_layers // (p.num_layers_per_virtual_pipeline_stage *
-                                       p.pipeline_model_parallel_size)
-              if p.num_layers_per_virtual_pipeline_stage else None)
         self.device = resolve_device(cfg.train.device)
         self.mesh = ParallelMesh.init(ParallelConfig(
             tensor_parallel=p.tensor_model_parallel_size,
-            pipeline_parallel=p.pipeline_model_parallel_size, virtual_pipeline=vp,
-            sequence_parallel=p.sequence_parallel,
+            pipeline_parallel=p.pipeline_model_parallel_size,
+            virtual_pipeline=self.plan.virtual_pipeline, sequence_parallel=p.sequence_parallel,
             timeout_s=p.distributed_timeout_minutes * 60), self.device)
         self.tracker = set_random_seed(cfg.train.seed, self.mesh)
         self.model_cfg = cfg.transformer_config(self.tokenizer.vocab_size)
@@ -108,10 +83,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)
         self.schedule = schedule_from_args(o, cfg.train.train_iters)
-        schedule = {"interleaved": "interleaved-1f1b"}.get(p.pipeline_schedule, p.pipeline_schedule)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
-                              cfg.train.clip_grad,
-                              schedule if p.pipeline_model_parallel_size > 1 else None)
+                              cfg.train.clip_grad, self.plan.pipeline_schedule)
         self.loss_scaler = (DynamicLossScaler(cfg.train.initial_loss_scale,
                                               cfg.train.loss_scale_window)
                             if cfg.train.fp16 else None)

@@ -43,21 +43,3 @@ class DynamicLossScaler:
     def load_state_dict(self, state: dict) -> None:
         for k, v in state.items():
             setattr(self, k, type(getattr(self, k))(v))
-
-
-class ScaledLoss:
-    """Wraps a step's loss function: same logging (unscaled parts), scaled return value. Every
-    other attribute (the log, the per-batch normalizers the step sets) is the inner function's."""
-
-    def __init__(self, inner, scaler: DynamicLossScaler) -> None:
-        object.__setattr__(self, "inner", inner)
-        object.__setattr__(self, "scaler", scaler)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self.inner, name, value)
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        return self.inner(*args, **kwargs) * self.scaler.scale

@@ -308,7 +308,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     checked = copy.deepcopy(cfg)
     if not (checked.data.data_path or checked.data.train_data_path):
         checked.data.data_path = ["<not needed for the estimate>"]
-    dp = validate(checked, world_size, vocab_size)
+    plan = validate(checked, world_size, vocab_size)
+    checked, dp = plan.config, plan.dp_size
     p, t = checked.parallel, checked.train
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     kind = checked.model.model
@@ -364,8 +365,7 @@ def _vocab_size(cfg: PretrainConfig) -> int:
                           "(--tokenizer-type with --vocab-file/--merge-file/--tokenizer-model)")
     from megapre.data.tokenizers import build_tokenizer
 
-    from .loop import tokenizer_config
-    return build_tokenizer(tokenizer_config(cfg)).vocab_size
+    return build_tokenizer(cfg.tokenizer_config()).vocab_size
 
 
 def _fmt(n: float) -> str:

@@ -1,16 +1,12 @@
-"""GPT and BERT as pipeline chunks: tensor-in / tensor-out modules, their losses, and how a
-micro-batch dict feeds them.
+"""GPT and BERT as pipeline chunks: tensor-in / tensor-out modules, which loss each uses
+(megapre/train/losses.py), and how a micro-batch dict feeds them.
 
 A chunk's forward takes the first positional input (token ids on the first chunk, hidden states
 [s(/tp), b, h] elsewhere) plus the micro-batch's other fields as keywords (every chunk receives
 them; each uses what it needs: positions and masks in every layer, labels on the last chunk).
-The last chunk returns per-token losses; the loss function turns them into this micro-batch's
-share of the global-batch mean:
-
-    GPT   sum(token_loss * loss_mask) / (loss-mask sum over the global batch)
-    BERT  same for the masked-LM tokens + sum(sentence-order CE) / (samples in the global batch)
-
-so summing micro-batches (and DP ranks) gives the global mean in every layout.
+The last chunk returns per-token losses; the kind's loss turns them into this micro-batch's
+share of the global-batch mean, so summing micro-batches (and DP ranks) gives the global mean in
+every layout.
 
 Micro-batch fields (the names of megapre.data's samples, batched along dim 0):
     GPT   tokens, labels [b, s] int; loss_mask [b, s] float; position_ids [b, s] (optional);
@@ -20,11 +16,10 @@ Micro-batch fields (the names of megapre.data's samples, batched along dim 0):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megapre.model.bert import BertModel
@@ -33,6 +28,8 @@ from megapre.model.gpt import GPTModel, StageLayout
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec, local_chunks
 from megapre.parallel.random import RNGTracker
+
+from .losses import LossFn, Normalizers, bert_loss, lm_loss
 
 MODEL_KINDS = ("gpt", "bert")
 
@@ -82,57 +79,6 @@ class BertChunk(nn.Module):
 
 
 @dataclass
-class LossParts:
-    """Detached per-micro-batch loss components, for logging (summed by the step)."""
-
-    parts: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-
-    def add(self, name: str, value: torch.Tensor) -> None:
-        self.parts.setdefault(name, []).append(value.detach())
-
-    def take(self) -> dict[str, torch.Tensor]:
-        out = {k: torch.stack(v).sum() for k, v in self.parts.items()}
-        self.parts.clear()
-        return out
-
-
-class GPTLoss:
-    """loss_fn(per_token_loss, loss_mask) -> share of the global-batch mean. The global counts
-    are set per batch (`counts`, so the forward-only schedule, which forwards no extra loss
-    arguments, computes the same loss) or passed per call (`tokens=`, `samples=`)."""
-
-    def __init__(self) -> None:
-        self.log = LossParts()
-        self.counts = {"tokens": 1.0, "samples": 1.0}
-
-    def __call__(self, out: torch.Tensor, loss_mask: torch.Tensor, *,
-                 tokens: float | None = None, samples: float | None = None) -> torch.Tensor:
-        tokens = self.counts["tokens"] if tokens is None else tokens
-        loss = (out.float() * loss_mask.float()).sum() / tokens
-        self.log.add("lm loss", loss)
-        return loss
-
-
-class BertLoss(GPTLoss):
-    """loss_fn((lm_loss, binary), (loss_mask, is_random)): masked-LM mean over the predicted
-    tokens + sentence-order cross entropy mean over the samples."""
-
-    def __call__(self, out, target, *, tokens: float | None = None,
-                 samples: float | None = None) -> torch.Tensor:
-        loss_mask, is_random = target
-        tokens = self.counts["tokens"] if tokens is None else tokens
-        samples = self.counts["samples"] if samples is None else samples
-        lm, binary = out if isinstance(out, tuple) else (out, None)
-        loss = (lm.float() * loss_mask.float()).sum() / max(tokens, 1.0)
-        self.log.add("lm loss", loss)
-        if binary is not None:
-            sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum") / samples
-            self.log.add("sop loss", sop)
-            loss = loss + sop
-        return loss
-
-
-@dataclass
 class MicroBatch:
     """A micro-batch split the way the pipeline consumes it."""
 
@@ -151,7 +97,7 @@ class ModelAdapter:
             raise ValueError(f"--model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
         self.kind, self.cfg, self.mesh = kind, cfg, mesh
         self.add_binary_head = add_binary_head and kind == "bert"
-        self.loss_fn = GPTLoss() if kind == "gpt" else BertLoss()
+        self.loss: LossFn = lm_loss if kind == "gpt" else bert_loss
 
     # -- building --------------------------------------------------------------------------
     def chunks(self) -> list[ChunkSpec]:
@@ -197,19 +143,9 @@ class ModelAdapter:
     def _loss_mask(self, mb: MicroBatch) -> torch.Tensor:
         return mb.target if self.kind == "gpt" else mb.target[0]
 
-    def set_counts(self, counts: torch.Tensor) -> None:
-        """Global [loss tokens, samples] of the batch about to run: the loss normalizers."""
-        tokens, samples = (float(c) for c in counts.cpu())
-        if self.kind == "gpt" and tokens <= 0:
-            raise ValueError("the global batch has no token with a non-zero loss_mask; check "
-                             "the dataset's loss mask (e.g. --eod-mask-loss on data made only "
-                             "of end-of-document tokens)")
-        self.loss_fn.counts = {"tokens": tokens, "samples": samples}
-
-    def loss_kwargs(self, counts: torch.Tensor) -> dict[str, float]:
-        """`set_counts`, returning the normalizers as keywords for a per-call loss_fn."""
-        self.set_counts(counts)
-        return dict(self.loss_fn.counts)
+    def normalizers(self, counts: torch.Tensor) -> Normalizers:
+        """The loss normalizers of a global batch from its all-reduced [tokens, samples]."""
+        return Normalizers.from_counts(counts, require_tokens=self.kind == "gpt")
 
     # -- pipeline shapes -------------------------------------------------------------------
     def examples(self, micro_batch: int) -> tuple[tuple[torch.Tensor, ...], torch.Tensor,

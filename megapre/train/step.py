@@ -7,12 +7,15 @@
     -> global grad norm, clipping -> optimizer step (skipped when the norm is not finite)
 
 Each micro-batch's loss is its share of the global-batch mean (normalized by the loss-mask count
-of the whole batch over all DP ranks), so the gradients and the returned loss are exactly those of
-one process running the whole batch, whatever the layout.
+of the whole batch over all DP ranks, megapre/train/losses.py), so the gradients and the returned
+loss are exactly those of one process running the whole batch, whatever the layout. The step owns
+what the pure losses leave out: the normalizers of each batch, fp16 loss scaling, and the
+per-micro-batch loss parts it sums for logging.
 
     step = TrainStep(model, torch.optim.AdamW(model.parameters()), StepConfig(4, 64))
     result = step(batch_iter)   # batch_iter yields this DP rank's micro-batch dicts
     result.loss, result.grad_norm, result.parts, result.skipped   # loss, grad_norm = result[:2]
+    loss, parts = EvalStep(model, StepConfig(4, 64))(batch_iter)  # forward only
 """
 from __future__ import annotations
 
@@ -27,9 +30,11 @@ from megapre.parallel.comm import group_size
 from megapre.parallel.data_parallel import maybe_no_sync
 from megapre.parallel.grads import clip_grad_norm_
 from megapre.parallel.layers import sync_sequence_parallel_grads
-from megapre.parallel.pipeline import PipelineRunner, default_schedule, sync_tied_embedding_grads
+from megapre.parallel.layout import num_microbatches, resolve_schedule
+from megapre.parallel.pipeline import PipelineRunner, sync_tied_embedding_grads
 
-from .loss_scale import DynamicLossScaler, ScaledLoss
+from .loss_scale import DynamicLossScaler
+from .losses import Normalizers, Parts
 from .parallel_model import ParallelModel
 from .stages import MicroBatch
 
@@ -42,17 +47,7 @@ class StepConfig:
     pipeline_schedule: str | None = None  # gpipe | 1f1b | interleaved-1f1b; None = by layout
 
     def num_microbatches(self, dp_size: int) -> int:
-        for flag, v in (("--micro-batch-size", self.micro_batch_size),
-                        ("--global-batch-size", self.global_batch_size)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {v!r}")
-        per_step = self.micro_batch_size * dp_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"--global-batch-size {self.global_batch_size} is not divisible by "
-                f"--micro-batch-size {self.micro_batch_size} x data-parallel size {dp_size} = "
-                f"{per_step}")
-        return self.global_batch_size // per_step
+        return num_microbatches(self.micro_batch_size, self.global_batch_size, dp_size)
 
 
 class StepResult(NamedTuple):
@@ -60,15 +55,6 @@ class StepResult(NamedTuple):
     grad_norm: float  # global L2 norm before clipping
     parts: dict[str, float]  # loss components (GPT: 'lm loss'; BERT: + 'sop loss')
     skipped: bool  # optimizer step skipped (non-finite grad norm)
-
-
-@dataclass
-class StepStats:
-    """Counters over the life of a TrainStep."""
-
-    steps: int = 0
-    skipped: int = 0  # optimizer steps skipped for a non-finite grad norm
-    samples: int = 0
 
 
 class TrainStep:
@@ -81,25 +67,26 @@ class TrainStep:
         self.mesh = mesh = model.mesh
         self.adapter = model.adapter
         self.loss_scaler = loss_scaler
-        if loss_scaler is not None and not isinstance(self.adapter.loss_fn, ScaledLoss):
-            self.adapter.loss_fn = ScaledLoss(self.adapter.loss_fn, loss_scaler)
         self.num_microbatches = config.num_microbatches(mesh.dp_size)
-        self.stats = StepStats()
+        # The batch in flight: its loss normalizers, the factor the loss is multiplied by before
+        # backward (the fp16 loss scale when training, else 1), and the parts of each
+        # micro-batch's loss (the pipeline calls `_loss` on the last stage only).
+        self._norm = Normalizers(1.0, 1.0)
+        self._scale = 1.0
+        self._parts: list[Parts] = []
         self.pipeline: PipelineRunner | None = None
-        schedule = config.pipeline_schedule or default_schedule(mesh)
-        if mesh.pp_size > 1:
+        schedule = resolve_schedule(config.pipeline_schedule, mesh.pp_size, mesh.virtual_pipeline)
+        if schedule is not None:
             first, hidden, last = self.adapter.examples(config.micro_batch_size)
             self.pipeline = PipelineRunner(list(model.chunks), model.specs, mesh, schedule,
                                            self.num_microbatches, self._loss,
                                            first, hidden, last)
-        elif config.pipeline_schedule not in (None, "1f1b", "gpipe"):
-            raise ValueError(f"--pipeline-schedule {config.pipeline_schedule} needs "
-                             "--pipeline-model-parallel-size > 1")
 
-    def _loss(self, output, target):
-        # Looked up per call, so a wrapper installed on the adapter later (loss scaling, an
-        # evaluation observer) sees the pipeline's calls too.
-        return self.adapter.loss_fn(output, target)
+    def _loss(self, output, target) -> torch.Tensor:
+        """One micro-batch's loss share, recorded for logging and scaled for backward."""
+        loss, parts = self.adapter.loss(output, target, self._norm)
+        self._parts.append(parts)
+        return loss * self._scale if self._scale != 1.0 else loss
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
@@ -110,7 +97,7 @@ class TrainStep:
                               [m.target for m in mbs])
         else:
             self._accumulate(mbs)
-        parts = self.adapter.loss_fn.log.take()
+        parts = self._take_parts()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.loss_scaler is not None:
@@ -125,9 +112,6 @@ class TrainStep:
             self.optimizer.step()
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=skipped)
-        self.stats.steps += 1
-        self.stats.skipped += int(skipped)
-        self.stats.samples += self.config.global_batch_size
         loss, named = self._reduce_loss(parts)
         return StepResult(loss, grad_norm, named, skipped)
 
@@ -135,30 +119,43 @@ class TrainStep:
     def evaluate(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Forward-only loss of one global batch (same micro-batching, same normalization as
         training; dropout off). Returns {'loss': ..., 'lm loss': ..., ['sop loss': ...]} on every
-        rank."""
+        rank; `normalizers` then holds the batch's global (tokens, samples)."""
         mbs = self._prepare(batch_iter, train=False)
         if self.pipeline is not None:
             self.pipeline.evaluate([m.first_args for m in mbs], [m.kwargs for m in mbs],
                                    [m.target for m in mbs])
         else:
             for mb in mbs:
-                self.adapter.loss_fn(self.model.chunks[0](*mb.first_args, **mb.kwargs),
-                                     mb.target)
-        loss, named = self._reduce_loss(self.adapter.loss_fn.log.take())
+                self._loss(self.model.chunks[0](*mb.first_args, **mb.kwargs), mb.target)
+        loss, named = self._reduce_loss(self._take_parts())
         return {"loss": loss, **named}
+
+    @property
+    def normalizers(self) -> Normalizers:
+        """The global (tokens, samples) of the batch the step ran last."""
+        return self._norm
 
     def _prepare(self, batch_iter: Iterator[dict[str, torch.Tensor]], train: bool
                  ) -> list[MicroBatch]:
-        """Take this step's micro-batches, set the loss normalizers from the global batch, and
+        """Take this step's micro-batches, compute the loss normalizers of the global batch, and
         put the chunks in train or eval mode."""
         mbs = self._take(batch_iter)
         counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
         if group_size(self.mesh.dp_group) > 1:
             dist.all_reduce(counts, group=self.mesh.dp_group)
-        self.adapter.set_counts(counts)
+        self._norm = self.adapter.normalizers(counts)
+        self._scale = self.loss_scaler.scale if (train and self.loss_scaler is not None) else 1.0
+        self._parts = []
         for chunk in self.model.chunks:
             chunk.train(train)
         return mbs
+
+    def _take_parts(self) -> dict[str, torch.Tensor]:
+        """This rank's loss parts of the batch, summed over its micro-batches."""
+        names = {n for p in self._parts for n in p}
+        out = {n: torch.stack([p[n] for p in self._parts if n in p]).sum() for n in names}
+        self._parts = []
+        return out
 
     def _take(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> list[MicroBatch]:
         mbs = []
@@ -189,8 +186,7 @@ class TrainStep:
         for i, mb in enumerate(mbs):
             with maybe_no_sync(self.model.chunks, skip_sync=i < len(mbs) - 1):
                 out = chunk(*mb.first_args, **mb.kwargs)
-                loss = self.adapter.loss_fn(out, mb.target)
-                loss.backward()
+                self._loss(out, mb.target).backward()
 
     def _reduce_loss(self, parts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
         """Sum this rank's loss shares over DP, then hand the last stage's value to every
@@ -210,3 +206,26 @@ class TrainStep:
 
     def _expected_parts(self) -> set[str]:
         return {"lm loss", "sop loss"} if self.adapter.add_binary_head else {"lm loss"}
+
+
+class EvalStep:
+    """`evaluator(batch_iter) -> (loss, parts)` over one global batch, same on every rank: a
+    forward-only TrainStep (same micro-batching, loss normalization and pipeline schedule), so a
+    validation loss is comparable to the training loss of the same batch."""
+
+    def __init__(self, model: ParallelModel, config: StepConfig,
+                 step: TrainStep | None = None) -> None:
+        # An evaluator needs no optimizer; reuse the training step's machinery when given.
+        self.step = step if step is not None else TrainStep(model, None, config)
+        self.model, self.mesh = model, model.mesh
+
+    def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]
+                 ) -> tuple[float, dict[str, float]]:
+        result = dict(self.step.evaluate(batch_iter))
+        loss = result.pop("loss")
+        return loss, result
+
+    @property
+    def normalizers(self) -> Normalizers:
+        """The global (tokens, samples) of the batch evaluated last."""
+        return self.step.normalizers

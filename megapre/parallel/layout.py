@@ -1,0 +1,138 @@
+"""Every rule of a (TP, PP, virtual PP, DP, SP) layout, in one place, with errors that name the
+flags to change.
+
+The pretraining validator, the process mesh, the pipeline cutter, the schedules, the training step
+and the inference runtime all ask these functions; none keeps a copy of a rule. Uneven splits are
+errors (as in Megatron-LM): they would give ranks different work or wrong attention heads.
+"""
+from __future__ import annotations
+
+from megapre.errors import ConfigError
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+VIRTUAL_FLAG = "--num-layers-per-virtual-pipeline-stage"
+
+
+def check_positive(flag: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def check_parallel_sizes(tp: int, pp: int, virtual: int | None = None) -> None:
+    """TP and PP sizes, and virtual stages (model chunks per pipeline rank) when given."""
+    check_positive("--tensor-model-parallel-size", tp)
+    check_positive("--pipeline-model-parallel-size", pp)
+    if virtual is None:
+        return
+    check_positive("virtual pipeline stages per rank", virtual)
+    if pp < 2:
+        raise ConfigError(
+            f"{virtual} virtual pipeline stages per rank ({VIRTUAL_FLAG}) need "
+            f"--pipeline-model-parallel-size >= 2 (got {pp}); drop {VIRTUAL_FLAG} or use more "
+            "pipeline stages")
+
+
+def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
+    """World size / (TP x PP)."""
+    model_parallel = tp * pp
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"--pipeline-model-parallel-size {pp} = {model_parallel}; launch a multiple of "
+            f"{model_parallel} processes (torchrun --nproc-per-node) or change TP/PP")
+    return world_size // model_parallel
+
+
+def virtual_stages(num_layers: int, layers_per_virtual_stage: int | None, pp: int) -> int | None:
+    """Model chunks per pipeline rank from Megatron's --num-layers-per-virtual-pipeline-stage."""
+    if layers_per_virtual_stage is None:
+        return None
+    if layers_per_virtual_stage < 1 or num_layers % (layers_per_virtual_stage * pp):
+        raise ConfigError(f"--num-layers {num_layers} is not divisible by {VIRTUAL_FLAG} "
+                          f"{layers_per_virtual_stage} x --pipeline-model-parallel-size {pp}")
+    return num_layers // (layers_per_virtual_stage * pp)
+
+
+def check_layer_split(num_layers: int, pp: int, virtual: int | None = None) -> int:
+    """Layers per model chunk: every chunk must hold the same number."""
+    chunks = pp * (virtual or 1)
+    if num_layers % chunks:
+        what = (f"--pipeline-model-parallel-size {pp} x {virtual} virtual stages = {chunks}"
+                if virtual else f"--pipeline-model-parallel-size {pp}")
+        raise ConfigError(f"--num-layers {num_layers} is not divisible by {what}: every pipeline "
+                          "chunk must hold the same number of layers")
+    return num_layers // chunks
+
+
+def check_model_split(*, num_layers: int, num_attention_heads: int, num_query_groups: int,
+                      ffn_hidden_size: int, seq_length: int, tp: int, pp: int,
+                      virtual: int | None = None, sequence_parallel: bool = False) -> None:
+    """Can this model be cut into TP shards and PP chunks evenly?"""
+    check_parallel_sizes(tp, pp, virtual)
+    if num_attention_heads % num_query_groups:
+        raise ConfigError(
+            f"--num-attention-heads {num_attention_heads} is not divisible by --num-query-groups "
+            f"{num_query_groups}: each key/value head serves an equal group of query heads")
+    if num_attention_heads % tp:
+        raise ConfigError(
+            f"--num-attention-heads {num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}: each TP rank must own whole heads")
+    if num_query_groups % tp:
+        raise ConfigError(
+            f"--num-query-groups {num_query_groups} is not divisible by "
+            f"--tensor-model-parallel-size {tp}: each TP rank must own whole key/value groups")
+    if ffn_hidden_size % tp:
+        raise ConfigError(f"--ffn-hidden-size {ffn_hidden_size} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    check_layer_split(num_layers, pp, virtual)
+    if sequence_parallel and seq_length % tp:
+        raise ConfigError(f"--sequence-parallel needs --seq-length {seq_length} divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+
+
+def num_microbatches(micro_batch_size: int, global_batch_size: int, dp: int) -> int:
+    """Micro-batches per DP rank per optimizer step."""
+    check_positive("--micro-batch-size", micro_batch_size)
+    check_positive("--global-batch-size", global_batch_size)
+    per_step = micro_batch_size * dp
+    if global_batch_size % per_step:
+        raise ConfigError(
+            f"--global-batch-size {global_batch_size} is not divisible by --micro-batch-size "
+            f"{micro_batch_size} x data-parallel size {dp} = {per_step}; use a multiple of "
+            f"{per_step}")
+    return global_batch_size // per_step
+
+
+def resolve_schedule(name: str | None, pp: int, virtual: int | None) -> str | None:
+    """The schedule to run: None without pipeline parallelism; the flag's 'interleaved' is
+    interleaved-1f1b; unset picks interleaved-1f1b with virtual stages, else 1F1B."""
+    if pp == 1:
+        if name not in (None, "1f1b", "gpipe"):
+            raise ConfigError(f"--pipeline-schedule {name} needs --pipeline-model-parallel-size > 1")
+        return None
+    if name is None:
+        return "interleaved-1f1b" if (virtual or 1) > 1 else "1f1b"
+    return "interleaved-1f1b" if name == "interleaved" else name
+
+
+def check_schedule(name: str, pp: int, virtual: int | None, num_microbatches: int) -> None:
+    """Refuse schedule / layout / micro-batch combinations the schedules cannot run."""
+    if name not in SCHEDULES:
+        raise ConfigError(f"--pipeline-schedule {name!r} is not one of 1f1b, gpipe, interleaved")
+    v = virtual or 1
+    if name == "interleaved-1f1b" and v < 2:
+        raise ConfigError(f"--pipeline-schedule interleaved needs {VIRTUAL_FLAG} (at least 2 "
+                          "model chunks per pipeline rank)")
+    if name != "interleaved-1f1b" and v > 1:
+        raise ConfigError(f"--pipeline-schedule {name} runs one chunk per rank; with {VIRTUAL_FLAG} "
+                          f"({v} chunks per rank) use --pipeline-schedule interleaved")
+    if name == "1f1b" and num_microbatches < pp:
+        raise ConfigError(
+            f"1F1B needs at least as many micro-batches ({num_microbatches}) as pipeline stages "
+            f"({pp}); raise --global-batch-size or lower --micro-batch-size")
+    if name == "interleaved-1f1b":
+        rounds = max(1, num_microbatches // pp)
+        if num_microbatches % rounds:
+            raise ConfigError(
+                f"interleaved 1F1B with {pp} pipeline stages cannot run {num_microbatches} "
+                f"micro-batches; use a multiple of {pp}")

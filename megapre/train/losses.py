@@ -1,0 +1,64 @@
+"""Training losses as pure functions of their inputs.
+
+Each loss takes the last pipeline stage's output for one micro-batch, that micro-batch's targets
+and the global batch's normalizers, and returns `(loss, parts)`: the micro-batch's share of the
+global-batch mean (so summing micro-batches and DP ranks gives the mean of one process running
+the whole batch, in every layout) and its detached components for logging. Nothing is stored
+between calls; scaling (fp16) and logging belong to the caller (megapre/train/step.py).
+
+    GPT   sum(token_loss * loss_mask) / (loss-mask sum over the global batch)
+    BERT  same for the masked-LM tokens + sum(sentence-order CE) / (samples in the global batch)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+Parts = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """Counts of the whole global batch (all micro-batches, all DP ranks)."""
+
+    tokens: float  # loss-mask sum
+    samples: float
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, *, require_tokens: bool = True) -> "Normalizers":
+        """From the all-reduced [tokens, samples] vector; refuses a batch with nothing to learn."""
+        tokens, samples = (float(c) for c in counts.cpu())
+        if require_tokens and tokens <= 0:
+            raise ValueError("the global batch has no token with a non-zero loss_mask; check "
+                             "the dataset's loss mask (e.g. --eod-mask-loss on data made only "
+                             "of end-of-document tokens)")
+        return cls(tokens, samples)
+
+
+def lm_loss(token_loss: torch.Tensor, loss_mask: torch.Tensor, norm: Normalizers
+            ) -> tuple[torch.Tensor, Parts]:
+    """Causal-LM share: per-token loss [b, s] masked and divided by the global token count."""
+    loss = (token_loss.float() * loss_mask.float()).sum() / norm.tokens
+    return loss, {"lm loss": loss.detach()}
+
+
+def bert_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+              target: tuple[torch.Tensor, torch.Tensor], norm: Normalizers
+              ) -> tuple[torch.Tensor, Parts]:
+    """Masked-LM share (over predicted tokens) + sentence-order share (over samples).
+    `output` is the per-token LM loss, or (per-token LM loss, binary logits [b, 2])."""
+    loss_mask, is_random = target
+    lm, binary = output if isinstance(output, tuple) else (output, None)
+    loss = (lm.float() * loss_mask.float()).sum() / max(norm.tokens, 1.0)
+    parts = {"lm loss": loss.detach()}
+    if binary is not None:
+        sop = F.cross_entropy(binary.float(), is_random.long(), reduction="sum") / norm.samples
+        parts["sop loss"] = sop.detach()
+        loss = loss + sop
+    return loss, parts
+
+
+LossFn = Callable[[Any, Any, Normalizers], tuple[torch.Tensor, Parts]]
