@@ -170,7 +170,7 @@ def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
         for b in list(batches(dataset, 0, cfg, 0, 1, rt.device, num_workers=0))[:4]:
             lm, binary = bert(input_ids=b["text"], tokentype_ids=b["types"],
                               padding_mask=b["padding_mask"] == 0,
-                              lm_labels=b["labels"].clamp(min=0))
+                              labels=b["labels"].clamp(min=0))
             label = b["is_random"].reshape(-1).long()
             correct += float((binary.argmax(-1) == label).sum())
             sop_sum += float(torch.nn.functional.cross_entropy(binary, label, reduction="sum"))

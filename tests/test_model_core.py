@@ -41,7 +41,7 @@ def test_core_attention_matches_math(backend, causal, sq, sk, groups):
     mask = torch.rand(2, 1, sq, sk) < 0.3
     mask[1, 0, 0] = True  # a fully masked query row: zeros, never NaN
     attn = CoreAttention(8, 0.0, backend)
-    out = attn(q, k, v, mask, causal)
+    out = attn(q, k, v, mask, causal=causal)
     ref = naive_attention(q, k, v, mask, causal)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert torch.all(out[0, 1] == 0)
@@ -64,10 +64,10 @@ def test_core_attention_dropout_uses_given_rng_context():
 
     attn = CoreAttention(8, 0.5, "fused", dropout_rng=Ctx).train()
     q = torch.randn(4, 1, 2, 8)
-    attn(q, q, q, None, True)
+    attn(q, q, q, None, causal=True)
     assert entered == [True]
     attn.eval()
-    out = attn(q, q, q, None, True)
+    out = attn(q, q, q, None, causal=True)
     torch.testing.assert_close(out, naive_attention(q, q, q, None, True), rtol=1e-5, atol=1e-5)
     assert entered == [True]  # no dropout (and no RNG fork) in eval mode
 
@@ -138,3 +138,38 @@ def test_bias_free_block_under_bf16_autocast():
         loss = model(ids, labels=ids)
     loss.mean().backward()
     assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_one_name_per_parameter(kind):
+    """A parameter's module path is its checkpoint key and seeds its initialization, and a
+    pipeline chunk names its layers by global index: the values drawn from the generator named
+    by the path reproduce every initialized weight, on the whole model and on a later chunk."""
+    from megapre.model.bert import BertModel
+    from megapre.model.gpt import GPTModel
+    from megapre.model.init import _generator
+    from megapre.parallel import ParallelMesh
+    from megapre.parallel.pipeline import ChunkSpec
+
+    cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=100,
+                            seq_length=8, max_position_embeddings=8,
+                            untie_embeddings_and_output_weights=kind == "gpt")
+    mesh = ParallelMesh.single(device="cpu")
+    cls = GPTModel if kind == "gpt" else BertModel
+    whole = dict(cls(cfg, mesh, seed=7).named_parameters())
+    drawn = 0
+    for name, p in whole.items():
+        if p.dim() < 2:
+            continue  # biases and norms start at 0 / 1
+        rows = min(p.shape[0], cfg.vocab_size)  # vocabulary padding rows stay zero
+        unit = torch.empty(p.shape, dtype=torch.float32)[:rows]
+        torch.nn.init.normal_(unit, 0.0, 1.0, generator=_generator(7, name))
+        std = float(p.detach()[:rows].flatten()[0] / unit.flatten()[0])
+        torch.testing.assert_close(p[:rows], unit * std, rtol=1e-5, atol=1e-7, msg=name)
+        drawn += 1
+    assert drawn >= 2 + 4 * 3
+    tail = dict(cls(cfg, mesh, seed=7, stage=ChunkSpec(1, 2, 2, 4)).named_parameters())
+    assert any(n.endswith("layers.3.mlp.fc1.weight") for n in tail)
+    for name, p in tail.items():
+        if name != "output_word.weight":  # the tied copy, saved under embedding.word.weight
+            assert torch.equal(p, whole[name]), name

@@ -46,7 +46,7 @@ def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
     if rope is not None:
         q, k = apply_rope(q, rope), apply_rope(k, rope)
     k, v = cache.extend(layer.layer_number, k, v)
-    a = att.proj(att.core(q, k, v, None, True))
+    a = att.proj(att.core(q, k, v, None, causal=True))
     normed, h = layer.norm2(a, residual=x)
     return h + layer.mlp(normed)
 
@@ -70,9 +70,9 @@ def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None =
     if model.rope_dim is not None:
         rope = rope_frequencies(torch.arange(start, start + s, device=x.device), model.rope_dim,
                                 model.cfg.rotary_base)
-    for layer in model.decoder.layers:
+    for layer in model.decoder.layers.values():
         x = _layer_step(layer, x, cache, rope)
-    if not model.stage.post_process:
+    if not model.stage.is_last:
         return x
     x = model.final_norm(x)
     weight = (model.output_layer.weight if model.output_layer is not None

@@ -45,7 +45,7 @@ class CoreAttention(nn.Module):
         self.dropout_rng = dropout_rng or contextlib.nullcontext
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, *, causal: bool = False) -> torch.Tensor:
         """q [sq, b, nh, d]; k, v [sk, b, ng, d]; mask bool [b or 1, 1, sq, sk], True = masked.
         Returns [sq, b, nh * d]."""
         sq, b, nh, d = q.shape

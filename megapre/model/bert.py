@@ -15,12 +15,12 @@ from torch import nn
 from megapre import ops
 from megapre.parallel.comm import gather_from_sp
 from megapre.parallel.mesh import ParallelMesh
+from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
 
 from . import init
 from .config import TransformerConfig
 from .embedding import Embedding, word_embedding
-from .gpt import StageLayout
 from .lm_head import parallel_logits, token_loss
 from .transformer import TransformerStack, make_norm
 
@@ -37,12 +37,12 @@ class BertHeads(nn.Module):
     """Masked-LM head and the binary (sentence-order) head of the last stage."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, seed: int,
-                 add_binary_head: bool) -> None:
+                 add_binary_head: bool, prefix: str = "heads") -> None:
         super().__init__()
         std = cfg.init_method_std
         self.mesh = mesh
         self.dense = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
-                                        "lm_head.dense", std)
+                                        f"{prefix}.dense", std)
         self.norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
         for p in (*self.dense.parameters(), *self.norm.parameters()):
             p.sequence_parallel = mesh.sequence_parallel  # they see this rank's tokens only
@@ -52,8 +52,9 @@ class BertHeads(nn.Module):
         self.pooler = self.binary = None
         if add_binary_head:
             self.pooler = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
-                                             "pooler.dense", std)
-            self.binary = _replicated_linear(cfg.hidden_size, 2, mesh, seed, "binary_head", std)
+                                             f"{prefix}.pooler", std)
+            self.binary = _replicated_linear(cfg.hidden_size, 2, mesh, seed, f"{prefix}.binary",
+                                             std)
 
     def forward(self, h: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [s(/tp), b, hidden] after the final norm -> (sharded LM logits, binary logits [b, 2])."""
@@ -69,7 +70,7 @@ class BertHeads(nn.Module):
 
 class BertModel(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
-                 tracker: RNGTracker | None = None, stage: StageLayout | None = None,
+                 tracker: RNGTracker | None = None, stage: ChunkSpec | None = None,
                  add_binary_head: bool = True, recompute_granularity: str | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
@@ -77,16 +78,16 @@ class BertModel(nn.Module):
             raise ValueError("BERT ties its masked-LM output to the word embeddings; drop "
                              "--untie-embeddings-and-output-weights")
         self.cfg, self.mesh = cfg, mesh
-        self.stage = stage or StageLayout.whole(cfg)
+        self.stage = stage or ChunkSpec.whole(cfg.num_layers)
         self.embedding = (Embedding(cfg, mesh, seed, tracker, num_tokentypes=2)
-                          if self.stage.pre_process else None)
+                          if self.stage.is_first else None)
         self.encoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
-                                        seed, tracker, recompute_granularity)
+                                        seed, tracker, recompute_granularity, prefix="encoder")
         self.final_norm = self.heads = self.output_word = None
-        if self.stage.post_process:
+        if self.stage.is_last:
             self.final_norm = make_norm(cfg, mesh)
-            self.heads = BertHeads(cfg, mesh, seed, add_binary_head)
-            if not self.stage.pre_process:
+            self.heads = BertHeads(cfg, mesh, seed, add_binary_head, prefix="heads")
+            if not self.stage.is_first:
                 self.output_word = word_embedding(cfg, mesh, seed)
 
     def shared_embedding_weight(self) -> torch.Tensor | None:
@@ -96,10 +97,10 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None,
                 tokentype_ids: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None, lm_labels: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None):
         """padding_mask [b, s] bool, True = padding (never attended to). Not last stage: hidden
-        states. Last stage: (per-token LM loss [b, s] if lm_labels else sharded logits,
+        states. Last stage: (per-token LM loss [b, s] if labels else sharded logits,
         binary logits [b, 2] or None). Labels of unmasked positions are ignored by the caller's
         loss mask; pass any valid id there."""
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
@@ -109,10 +110,10 @@ class BertModel(nn.Module):
             if hidden_states is None:
                 raise ValueError("this pipeline stage has no embedding: pass hidden_states")
             x = hidden_states
-        x = self.encoder(x, mask, False, None)
-        if not self.stage.post_process:
+        x = self.encoder(x, mask, causal=False)
+        if not self.stage.is_last:
             return x
         logits, binary = self.heads(self.final_norm(x), self.shared_embedding_weight())
-        if lm_labels is None:
+        if labels is None:
             return logits, binary
-        return token_loss(logits, lm_labels, self.mesh, self.cfg.vocab_size), binary
+        return token_loss(logits, labels, self.mesh, self.cfg.vocab_size), binary

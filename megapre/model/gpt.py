@@ -10,13 +10,12 @@ gradient the pipeline sums with the first stage's (`shared_embedding_weight`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from megapre.parallel.layers import ColumnParallelLinear
 from megapre.parallel.mesh import ParallelMesh
+from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
 
 from . import init
@@ -27,41 +26,26 @@ from .rope import rope_frequencies
 from .transformer import TransformerStack, make_norm
 
 
-@dataclass(frozen=True)
-class StageLayout:
-    """Which part of the model this module holds: layers [first_layer, last_layer), and whether
-    it is the first (embedding) and/or last (head + loss) piece."""
-
-    first_layer: int
-    last_layer: int
-    pre_process: bool = True
-    post_process: bool = True
-
-    @classmethod
-    def whole(cls, cfg: TransformerConfig) -> "StageLayout":
-        return cls(0, cfg.num_layers, True, True)
-
-
 class GPTModel(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
-                 tracker: RNGTracker | None = None, stage: StageLayout | None = None,
+                 tracker: RNGTracker | None = None, stage: ChunkSpec | None = None,
                  recompute_granularity: str | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
         self.cfg, self.mesh = cfg, mesh
-        self.stage = stage or StageLayout.whole(cfg)
+        self.stage = stage or ChunkSpec.whole(cfg.num_layers)
         self.label_smoothing = label_smoothing
-        self.embedding = Embedding(cfg, mesh, seed, tracker) if self.stage.pre_process else None
+        self.embedding = Embedding(cfg, mesh, seed, tracker) if self.stage.is_first else None
         self.decoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
-                                        seed, tracker, recompute_granularity)
+                                        seed, tracker, recompute_granularity, prefix="decoder")
         self.final_norm = self.output_layer = self.output_word = None
-        if self.stage.post_process:
+        if self.stage.is_last:
             self.final_norm = make_norm(cfg, mesh)
             if cfg.untie_embeddings_and_output_weights:
                 self.output_layer = ColumnParallelLinear(
                     cfg.hidden_size, cfg.padded_vocab_size(mesh.tp_size), mesh, bias=False,
                     init_method=init.normal(seed, "output_layer.weight", cfg.init_method_std))
-            elif not self.stage.pre_process:
+            elif not self.stage.is_first:
                 self.output_word = word_embedding(cfg, mesh, seed)
         self.rope_dim = None
         if cfg.position_embedding_type == "rope":
@@ -101,8 +85,8 @@ class GPTModel(nn.Module):
                 raise ValueError("this pipeline stage has no embedding: pass hidden_states")
             x = hidden_states
             s = x.shape[0] * (self.mesh.tp_size if self.mesh.sequence_parallel else 1)
-        x = self.decoder(x, attention_mask, True, self._rope(s, position_ids, x.device))
-        if not self.stage.post_process:
+        x = self.decoder(x, attention_mask, causal=True, rope=self._rope(s, position_ids, x.device))
+        if not self.stage.is_last:
             return x
         x = self.final_norm(x)
         weight = (self.output_layer.weight if self.output_layer is not None

@@ -7,6 +7,11 @@ Activations are [s, b, hidden] (Megatron's layout); under sequence parallelism t
 dropouts see this rank's [s/tp, b, hidden] slice and the column/row-parallel layers gather and
 reduce-scatter the sequence. The second residual add and norm2 are one fused kernel
 (megapre.ops norm with `residual=`).
+
+Names: a stack keeps its layers in a ModuleDict keyed by the *global* layer index, so a module's
+path is the same in every pipeline layout (`decoder.layers.7.mlp.fc1.weight` on whichever stage
+holds layer 7). Each module is told its path (`prefix`) when built and seeds its weights' init
+generators with it, so the init name, the module path and the checkpoint key are one name.
 """
 from __future__ import annotations
 
@@ -62,7 +67,7 @@ class SelfAttention(nn.Module):
     then group 1, ..., so splitting its rows over TP gives every rank whole groups.
     """
 
-    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, name: str, seed: int,
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, prefix: str, seed: int,
                  tracker: RNGTracker | None) -> None:
         super().__init__()
         tp = mesh.tp_size
@@ -73,18 +78,18 @@ class SelfAttention(nn.Module):
         std = cfg.init_method_std
         self.qkv = ColumnParallelLinear(
             cfg.hidden_size, qkv_out, mesh, bias=cfg.add_qkv_bias,
-            init_method=init.normal(seed, f"{name}.qkv.weight", std))
+            init_method=init.normal(seed, f"{prefix}.qkv.weight", std))
         self.core = CoreAttention(cfg.head_dim, cfg.attention_dropout, cfg.attention_backend,
                                   dropout_rng=tracker.fork if tracker is not None else None)
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, mesh,
             bias=cfg.add_bias_linear,
-            init_method=init.normal(seed, f"{name}.proj.weight",
+            init_method=init.normal(seed, f"{prefix}.proj.weight",
                                     init.scaled_std(std, cfg.num_layers)))
         self.recompute_core = False
         self.tracker = tracker
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, causal: bool,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, causal: bool,
                 rope: torch.Tensor | None) -> torch.Tensor:
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
@@ -97,9 +102,9 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if self.recompute_core:  # selective recompute: the s^2 activations are cheap to redo
-            ctx = recompute(self.core, q, k, v, mask, causal, tracker=self.tracker)
+            ctx = recompute(self.core, q, k, v, mask, causal=causal, tracker=self.tracker)
         else:
-            ctx = self.core(q, k, v, mask, causal)
+            ctx = self.core(q, k, v, mask, causal=causal)
         return self.proj(ctx)
 
 
@@ -107,7 +112,7 @@ class MLP(nn.Module):
     """fc2(act(fc1(x))); SwiGLU adds a gate projection: fc2(silu(gate(x)) * fc1(x)). Gate and
     fc1 are separate column-parallel layers so each TP rank's slices of both line up for any TP."""
 
-    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, name: str, seed: int) -> None:
+    def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, prefix: str, seed: int) -> None:
         super().__init__()
         std = cfg.init_method_std
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
@@ -115,14 +120,14 @@ class MLP(nn.Module):
         # GELU MLP: the fused kernel adds fc1's bias and applies GELU in one pass
         self.fused_gelu = not self.swiglu and cfg.bias_activation_fusion
         self.fc1 = ColumnParallelLinear(h, f, mesh, bias=cfg.add_bias_linear,
-                                        init_method=init.normal(seed, f"{name}.fc1.weight", std),
+                                        init_method=init.normal(seed, f"{prefix}.fc1.weight", std),
                                         skip_bias_add=self.fused_gelu)
         self.gate = ColumnParallelLinear(
             h, f, mesh, bias=cfg.add_bias_linear,
-            init_method=init.normal(seed, f"{name}.gate.weight", std)) if self.swiglu else None
+            init_method=init.normal(seed, f"{prefix}.gate.weight", std)) if self.swiglu else None
         self.fc2 = RowParallelLinear(
             f, h, mesh, bias=cfg.add_bias_linear,
-            init_method=init.normal(seed, f"{name}.fc2.weight",
+            init_method=init.normal(seed, f"{prefix}.fc2.weight",
                                     init.scaled_std(std, cfg.num_layers)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,20 +140,19 @@ class MLP(nn.Module):
 
 class TransformerLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, layer_number: int, seed: int,
-                 tracker: RNGTracker | None) -> None:
+                 tracker: RNGTracker | None, prefix: str) -> None:
         super().__init__()
-        name = f"layers.{layer_number}"
-        self.layer_number = layer_number  # global index: names and init do not depend on PP
+        self.layer_number = layer_number  # global index (the KV cache's slot)
         self.norm1 = make_norm(cfg, mesh)
-        self.attention = SelfAttention(cfg, mesh, f"{name}.attention", seed, tracker)
+        self.attention = SelfAttention(cfg, mesh, f"{prefix}.attention", seed, tracker)
         self.norm2 = make_norm(cfg, mesh)
-        self.mlp = MLP(cfg, mesh, f"{name}.mlp", seed)
+        self.mlp = MLP(cfg, mesh, f"{prefix}.mlp", seed)
         self.dropout1 = Dropout(cfg.hidden_dropout, mesh, tracker)
         self.dropout2 = Dropout(cfg.hidden_dropout, mesh, tracker)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.dropout1(self.attention(self.norm1(x), mask, causal, rope))
+        a = self.dropout1(self.attention(self.norm1(x), mask, causal=causal, rope=rope))
         # under autocast a bias-free projection returns bf16/fp16 while the residual stream
         # stays fp32; the fused add + norm takes one dtype
         normed, h = self.norm2(a.to(x.dtype), residual=x)
@@ -156,28 +160,30 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerStack(nn.Module):
-    """Layers [first, last) of the model (a pipeline stage's share), with optional activation
-    recomputation: 'full' reruns each layer in backward, 'selective' only the attention core."""
+    """Layers [first, last) of the model (a pipeline stage's share), keyed by global index, with
+    optional activation recomputation: 'full' reruns each layer in backward, 'selective' only the
+    attention core. `prefix` is the stack's path in the model ('decoder', 'encoder')."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, first: int, last: int,
-                 seed: int, tracker: RNGTracker | None, recompute_granularity: str | None = None
-                 ) -> None:
+                 seed: int, tracker: RNGTracker | None, recompute_granularity: str | None = None,
+                 *, prefix: str) -> None:
         super().__init__()
         if recompute_granularity not in (None, "full", "selective"):
             raise ValueError(f"--recompute-granularity={recompute_granularity!r} must be 'full' "
                              "or 'selective' (or unset)")
-        self.layers = nn.ModuleList(TransformerLayer(cfg, mesh, i, seed, tracker)
-                                    for i in range(first, last))
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, mesh, i, seed, tracker, prefix=f"{prefix}.layers.{i}")
+            for i in range(first, last)})
         self.full_recompute = recompute_granularity == "full"
         self.tracker = tracker
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.attention.recompute_core = recompute_granularity == "selective"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layers:
+        for layer in self.layers.values():
             if self.full_recompute and self.training:
-                x = recompute(layer, x, mask, causal, rope, tracker=self.tracker)
+                x = recompute(layer, x, mask, causal=causal, rope=rope, tracker=self.tracker)
             else:
-                x = layer(x, mask, causal, rope)
+                x = layer(x, mask, causal=causal, rope=rope)
         return x

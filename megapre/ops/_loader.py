@@ -7,7 +7,6 @@ warning that says how to build; backend() and backend_info() report the outcome.
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -106,8 +105,3 @@ def set_cpu_isa(name: str) -> None:
 
 def cpu_isa() -> str | None:
     return STATE.module.cpu_isa() if STATE.cpu else None
-
-
-def require_compiled() -> bool:
-    """MEGAPRE_REQUIRE_COMPILED=1 turns a silent fallback into a test failure (CI sets it)."""
-    return os.environ.get("MEGAPRE_REQUIRE_COMPILED", "0") == "1"

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -281,8 +281,3 @@ def load_full_param(param: torch.Tensor, full: torch.Tensor, mesh: ParallelMesh)
 def full_state_dict(module: nn.Module, mesh: ParallelMesh) -> dict[str, torch.Tensor]:
     """Every parameter of `module` gathered to its full shape (same on all TP ranks)."""
     return {name: gather_full_param(p, mesh) for name, p in module.named_parameters()}
-
-
-def tensor_parallel_params(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """The params that are sharded over TP (each rank holds a different part)."""
-    return [p for p in params if getattr(p, "tensor_parallel_dim", None) is not None]

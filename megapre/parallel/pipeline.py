@@ -35,12 +35,19 @@ class ChunkSpec:
     first_layer: int
     last_layer: int
 
+    @classmethod
+    def whole(cls, num_layers: int) -> "ChunkSpec":
+        """The whole model as one chunk (no pipeline parallelism)."""
+        return cls(0, 1, 0, num_layers)
+
     @property
     def is_first(self) -> bool:
+        """Holds the embedding."""
         return self.stage_index == 0
 
     @property
     def is_last(self) -> bool:
+        """Holds the final norm, the output head and the loss."""
         return self.stage_index == self.num_stages - 1
 
 

@@ -15,7 +15,6 @@ import io
 import multiprocessing as mp
 import os
 import socket
-import sys
 import time
 import traceback
 from datetime import timedelta
@@ -117,9 +116,3 @@ def _collect(procs, queue, world_size: int, timeout_s: float, name: str) -> list
             raise RuntimeError(f"{name}: rank {rank} of {world_size} failed:\n{payload}")
         results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
     return [results[r] for r in range(world_size)]
-
-
-def rank_print(*args: Any) -> None:
-    """print() prefixed by the rank, flushed (debugging multi-process tests)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    print(f"[rank {rank}]", *args, file=sys.stderr, flush=True)

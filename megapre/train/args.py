@@ -12,7 +12,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import sys
 import types
 import typing
 from dataclasses import dataclass, field

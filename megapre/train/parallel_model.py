@@ -7,8 +7,6 @@ data parallelism, plus the tied-embedding bookkeeping that crosses pipeline stag
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -23,8 +21,9 @@ from .stages import ModelAdapter
 
 class ParallelModel(nn.Module):
     """This rank's chunks (`self.chunks[i]` runs virtual stage `self.specs[i].stage_index`),
-    DDP-wrapped when DP > 1. Parameter names are those of the unwrapped models, prefixed by the
-    chunk's index (`chunks.0.model.decoder.layers.0...`, with global layer numbers inside)."""
+    DDP-wrapped when DP > 1. `models` are the unwrapped GPTModel / BertModel pieces, whose
+    parameter names (`decoder.layers.7.mlp.fc1.weight`: global layer numbers) are the same in
+    every layout and are the checkpoint's names."""
 
     def __init__(self, adapter: ModelAdapter, specs: list[ChunkSpec], chunks: list[nn.Module]
                  ) -> None:
@@ -78,9 +77,3 @@ class ParallelModel(nn.Module):
     def forward(self, *args, **kwargs):  # pragma: no cover - the step drives the chunks
         raise RuntimeError("ParallelModel is run by TrainStep (pipeline schedule or gradient "
                            "accumulation); call a chunk directly for inference")
-
-    def named_model_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, param) with DDP's `module.` prefix removed (for decay/no-decay groups)."""
-        for i, model in enumerate(self.models):
-            for name, p in model.named_parameters():
-                yield f"chunks.{i}.{name}", p

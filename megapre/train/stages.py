@@ -24,7 +24,7 @@ from torch import nn
 
 from megapre.model.bert import BertModel
 from megapre.model.config import TransformerConfig
-from megapre.model.gpt import GPTModel, StageLayout
+from megapre.model.gpt import GPTModel
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec, local_chunks
 from megapre.parallel.random import RNGTracker
@@ -49,12 +49,12 @@ class GPTChunk(nn.Module):
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        first = self.model.stage.pre_process
-        labels = labels if self.model.stage.post_process else None
+        first = self.model.stage.is_first
+        labels = labels if self.model.stage.is_last else None
         out = self.model(input_ids=x if first else None, position_ids=position_ids,
                          labels=labels, attention_mask=attention_mask,
                          hidden_states=None if first else x)
-        return out if self.model.stage.post_process else out.to(PIPE_DTYPE)
+        return out if self.model.stage.is_last else out.to(PIPE_DTYPE)
 
 
 class BertChunk(nn.Module):
@@ -67,10 +67,10 @@ class BertChunk(nn.Module):
 
     def forward(self, x: torch.Tensor, types: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
-        first, last = self.model.stage.pre_process, self.model.stage.post_process
+        first, last = self.model.stage.is_first, self.model.stage.is_last
         pad = None if padding_mask is None else padding_mask == 0  # model: True = padding
         out = self.model(input_ids=x if first else None, tokentype_ids=types if first else None,
-                         padding_mask=pad, lm_labels=labels.clamp(min=0) if last else None,
+                         padding_mask=pad, labels=labels.clamp(min=0) if last else None,
                          hidden_states=None if first else x)
         if not last:
             return out.to(PIPE_DTYPE)
@@ -107,14 +107,13 @@ class ModelAdapter:
     def build(self, spec: ChunkSpec, *, seed: int, tracker: RNGTracker | None = None,
               recompute_granularity: str | None = None, label_smoothing: float = 0.0
               ) -> nn.Module:
-        layout = StageLayout(spec.first_layer, spec.last_layer, spec.is_first, spec.is_last)
         if self.kind == "gpt":
             return GPTChunk(GPTModel(self.cfg, self.mesh, seed=seed, tracker=tracker,
-                                     stage=layout, recompute_granularity=recompute_granularity,
+                                     stage=spec, recompute_granularity=recompute_granularity,
                                      label_smoothing=label_smoothing))
         if label_smoothing:
             raise ValueError("--label-smoothing is only supported for GPT")
-        return BertChunk(BertModel(self.cfg, self.mesh, seed=seed, tracker=tracker, stage=layout,
+        return BertChunk(BertModel(self.cfg, self.mesh, seed=seed, tracker=tracker, stage=spec,
                                    add_binary_head=self.add_binary_head,
                                    recompute_granularity=recompute_granularity))
 

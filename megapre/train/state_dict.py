@@ -3,8 +3,9 @@
 A checkpoint must load under any (TP, PP, DP, virtual pipeline) layout, so nothing in it may
 depend on the layout that wrote it:
 
-  * names are the unwrapped model's parameter names with the stage-local layer index replaced by
-    the layer's global `layer_number` (`decoder.layers.7.mlp.fc1.weight` whatever stage holds it);
+  * names are the unwrapped model's parameter names, which are layout-independent by
+    construction (layers are keyed by their global index: `decoder.layers.7.mlp.fc1.weight`
+    whatever stage holds it; the same name seeds the parameter's initialization);
   * a TP-sharded parameter is a DTensor view (Shard(tensor_parallel_dim)) on the TP sub-mesh, so
     torch.distributed.checkpoint records global offsets and re-slices on load for any TP size;
   * vocabulary tables (word embedding, untied output layer, BERT's LM-head bias) are padded to a
@@ -37,7 +38,6 @@ OPTIM_PREFIX = "optim."
 # Parameters whose dim 0 is the padded vocabulary (stored unpadded).
 VOCAB_TABLES = ("embedding.word.weight", "output_layer.weight", "output_word.weight", "heads.bias")
 TIED_COPY, TIED_SOURCE = "output_word.weight", "embedding.word.weight"
-LAYER_STACKS = ("decoder", "encoder")
 
 
 @dataclass(frozen=True)
@@ -51,23 +51,13 @@ class ParamSlot:
     tied_copy: bool  # last stage's copy of the tied word table: loaded from `key`, never saved
 
 
-def _global_name(model: nn.Module, name: str) -> str:
-    parts = name.split(".")
-    if len(parts) > 3 and parts[0] in LAYER_STACKS and parts[1] == "layers":
-        layer = getattr(model, parts[0]).layers[int(parts[2])]
-        parts[2] = str(layer.layer_number)
-    return ".".join(parts)
-
-
 def param_slots(models: list[nn.Module]) -> list[ParamSlot]:
     """Slots of every parameter of this rank's model chunks (GPTModel / BertModel pieces)."""
     slots, seen = [], set()
     for model in models:
         for name, p in model.named_parameters():
-            key = _global_name(model, name)
             tied = name == TIED_COPY
-            if tied:
-                key = TIED_SOURCE
+            key = TIED_SOURCE if tied else name
             if key in seen and not tied:
                 raise ValueError(f"parameter {key!r} appears twice among this rank's chunks")
             seen.add(key)
