@@ -14,9 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from megapre.model.config import TransformerConfig  # noqa: E402
-from megapre.train.args import parse_config  # noqa: E402
-from megapre.train.memory import (estimate, layer_params, main, stage_params,  # noqa: E402
-                                  total_params)
+from megapre.cli.estimate_memory import main  # noqa: E402
+from megapre.cli.flags import parse_config  # noqa: E402
+from megapre.launch.memory import estimate, layer_params, stage_params, total_params  # noqa: E402
 from megapre.train.metrics import flops_per_token  # noqa: E402
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "8",
@@ -179,7 +179,8 @@ def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -
     from megapre.parallel.mesh import ParallelMesh
     from megapre.model.rope import rope_frequencies
 
-    stack = TransformerStack(cfg, ParallelMesh.single(device="cpu"), 0, 1, 1, None, recompute)
+    stack = TransformerStack(cfg, ParallelMesh.single(device="cpu"), 0, 1, 1, None, recompute,
+                             prefix="decoder")
     stack.train()
     params = {p.untyped_storage().data_ptr() for p in stack.parameters()}
     seen: dict[int, int] = {}
@@ -195,7 +196,7 @@ def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -
     cast = torch.autocast("cpu", dtype=dtype) if dtype is not None else \
         torch.autocast("cpu", enabled=False)
     with cast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        stack(x, None, True, rope)
+        stack(x, None, causal=True, rope=rope)
     cached = 0
     if dtype is not None:  # autocast's weight copies: accounted as the weight cache
         cached = sum(p.numel() * 2 for p in stack.parameters() if p.dim() == 2)
@@ -207,7 +208,7 @@ def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -
 def test_layer_activation_formula_matches_autograd(name, half):
     import torch
 
-    from megapre.train.memory import _Shape, attention_backend, layer_activation_bytes
+    from megapre.launch.memory import _Shape, attention_backend, layer_activation_bytes
 
     cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=256,
                             seq_length=32, max_position_embeddings=32, **LAYER_CASES[name])

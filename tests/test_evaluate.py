@@ -18,7 +18,8 @@ from megapre.inference.eval_data import eval_dataset, select_data
 from megapre.inference.runtime import build_runtime
 from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
-from megapre.train.args import parse_config, validate
+from megapre.cli.flags import parse_config
+from megapre.train.args import validate
 from megapre.train.data import batches
 from megapre.train.step import EvalStep
 from megapre.train.loop import Trainer

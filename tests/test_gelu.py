@@ -160,7 +160,7 @@ def test_gelu_mlp_fused_equals_unfused():
     for fused in (True, False):
         cfg = TransformerConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
                                 vocab_size=64, seq_length=8, bias_activation_fusion=fused)
-        mlp = MLP(cfg, mesh, "layers.0.mlp", seed=3)
+        mlp = MLP(cfg, mesh, "decoder.layers.0.mlp", seed=3)
         with torch.no_grad():
             for p in mlp.parameters():  # non-zero biases so the fusion matters
                 p.add_(0.01 * torch.arange(p.numel()).reshape(p.shape).sin())

@@ -117,7 +117,8 @@ def test_evaluate_bert_checkpoint(tmp_path, capsys):
     from megapre.inference.eval_data import eval_dataset, select_data
     from megapre.inference.runtime import build_runtime
     from megapre.inference.scoring import score
-    from megapre.train.args import parse_config, validate
+    from megapre.cli.flags import parse_config
+    from megapre.train.args import validate
     from megapre.train.checkpoint import save_checkpoint
     from megapre.train.data import batches
     from megapre.train.step import EvalStep

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from megapre.data.indexed import IndexedDatasetBuilder
-from megapre.train import sweep
+from megapre.cli import sweep as sweep_cli
+from megapre.launch import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 40
@@ -144,7 +145,7 @@ def test_summary_line_is_read_from_the_log(tmp_path):
 ])
 def test_bad_spec_exits_2_before_any_launch(corpus, tmp_path, capsys, spec, needle):
     runs = tmp_path / "runs"
-    rc = sweep.main([*spec, "--runs-dir", str(runs), "--", *_base(corpus, tmp_path)])
+    rc = sweep_cli.main([*spec, "--runs-dir", str(runs), "--", *_base(corpus, tmp_path)])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert needle in err and "Traceback" not in err
@@ -152,7 +153,7 @@ def test_bad_spec_exits_2_before_any_launch(corpus, tmp_path, capsys, spec, need
 
 
 def test_bad_base_flag_exits_2(corpus, tmp_path, capsys):
-    rc = sweep.main(["--grid", "lr=1e-3,3e-3", "--runs-dir", str(tmp_path / "runs"), "--",
+    rc = sweep_cli.main(["--grid", "lr=1e-3,3e-3", "--runs-dir", str(tmp_path / "runs"), "--",
                      *_base(corpus, tmp_path), "--num-attention-heads", "3"])
     assert rc == 2
     assert "--num-attention-heads" in capsys.readouterr().err
@@ -160,19 +161,19 @@ def test_bad_base_flag_exits_2(corpus, tmp_path, capsys):
 
 def test_base_config_is_checked(corpus, tmp_path, capsys):
     cfg = tmp_path / "base.json"
-    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+    rc = sweep_cli.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
                      str(cfg)])
     assert rc == 2 and f"--base-config {cfg}" in capsys.readouterr().err
     cfg.write_text(json.dumps({"num_layers": 2, "hidden_szie": 32}))
-    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+    rc = sweep_cli.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
                      str(cfg), "--", *_base(corpus, tmp_path)])
     assert rc == 2 and "hidden_szie" in capsys.readouterr().err
     cfg.write_text(json.dumps({"save": str(tmp_path / "ckpt")}))
-    rc = sweep.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
+    rc = sweep_cli.main(["--grid", "lr=1e-3", "--runs-dir", str(tmp_path / "r"), "--base-config",
                      str(cfg), "--", *_base(corpus, tmp_path)])
     assert rc == 2 and "--save" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
-    args = sweep.parse_args(["--grid", "lr=1e-3", "--runs-dir", "r", "--base-config", str(cfg),
+    args = sweep_cli.parse_args(["--grid", "lr=1e-3", "--runs-dir", "r", "--base-config", str(cfg),
                              "--", "--num-layers", "3"])
     assert args.base == ["--config", str(cfg.resolve()), "--num-layers", "3"]
 
@@ -226,7 +227,7 @@ def test_grid_sweep_ranks_four_runs_and_rerun_skips(corpus, tmp_path):
 def test_failing_run_is_reported_and_others_ranked(corpus, tmp_path, capsys):
     runs = tmp_path / "runs"
     bad = str(tmp_path / "missing_text_document")
-    rc = sweep.main(["--grid", f"data-path={corpus},{bad}", "--runs-dir", str(runs),
+    rc = sweep_cli.main(["--grid", f"data-path={corpus},{bad}", "--runs-dir", str(runs),
                      "--parallel-runs", "2", "--",
                      *_base(corpus, tmp_path / "cache"), "--train-iters", "4"])
     out = capsys.readouterr().out

@@ -10,7 +10,8 @@ import torch
 from megapre.model.config import ConfigError
 from megapre.model.gpt import GPTModel
 from megapre.parallel import ParallelMesh
-from megapre.train.args import from_dict, parse_config, validate
+from megapre.cli.flags import parse_config
+from megapre.train.args import from_dict, validate
 from megapre.train.optim import LRSchedule, build_optimizer, param_groups
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",

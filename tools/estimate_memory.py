@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Parameters, per-rank memory and FLOPs of a pretraining config before launch (see
-megapre/train/memory.py): the flags of megapre.pretrain plus --world-size N."""
+megapre/cli/estimate_memory.py): the flags of megapre.pretrain plus --world-size N."""
 import sys
 
-from megapre.train.memory import main
+from megapre.cli.estimate_memory import main
 
 if __name__ == "__main__":
     sys.exit(main())

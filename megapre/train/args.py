@@ -1,19 +1,16 @@
 """One typed configuration for a pretraining run, filled from Megatron-named flags and/or a YAML
 file (flags win), and one validator whose errors name the flag and the fix.
 
-Each dataclass field is a flag: `lr_warmup_iters` is `--lr-warmup-iters`. Booleans that default to
-False are switches (`--bf16`); booleans that default to True are turned off with `--no-...`
-(`--no-async-tensor-model-parallel-allreduce` style, as in Megatron). The resolved config is a
-plain dict (`to_dict`) that is saved with every checkpoint and can be fed back with `--config`.
+Each dataclass field is a flag: `lr_warmup_iters` is `--lr-warmup-iters` (the parser is generated
+in megapre/cli/flags.py). The resolved config is a plain dict (`to_dict`) that is saved with every
+checkpoint and can be fed back with `--config`. `validate` checks a config and returns a `RunPlan`
+(the config with layout-dependent defaults filled in, plus the layout) without changing it.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,65 +198,13 @@ class PretrainConfig:
             init_method_std=m.init_method_std)
 
 
-# -- flags ---------------------------------------------------------------------------------------
+# -- flags and config files ---------------------------------------------------------------------------------------
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(tp: Any) -> tuple[Any, bool]:
-    """(element type, is_list) of an annotation like `int | None` or `list[str]`."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _base_type(args[0])
-    if origin is list:
-        return typing.get_args(tp)[0], True
-    return tp, False
-
-
-def _none_or(kind):
-    def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megapre.pretrain", usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
-        description="Pretrain a GPT or BERT model with tensor, pipeline and data parallelism. "
-                    "Flags follow Megatron-LM; --config reads a YAML/JSON file that flags override.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by section)")
-    hints = typing.get_type_hints
-    for section, cls in SECTIONS.items():
-        group = p.add_argument_group(section)
-        annotations = hints(cls)
-        for f in dataclasses.fields(cls):
-            kind, is_list = _base_type(annotations[f.name])
-            meta = dict(f.metadata)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": f"{meta['help']} (default: {default})"}
-            if kind is bool:
-                if default:
-                    group.add_argument(flag("no_" + f.name), action="store_false", **kw)
-                else:
-                    group.add_argument(flag(f.name), action="store_true", **kw)
-                continue
-            if is_list:
-                kw["nargs"] = "+"
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
-            kw["type"] = _none_or(kind) if kind is not str else str
-            if "choices" in meta and None in meta["choices"]:
-                kw["type"] = _none_or(str)
-            group.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
-    return p
-
-
-def _load_file(path: Path) -> dict:
+def load_config_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path}: file not found")
     text = path.read_text()
@@ -277,36 +222,23 @@ def _load_file(path: Path) -> dict:
     return data
 
 
-def _apply_file(cfg: PretrainConfig, data: dict, path: Path) -> None:
+def apply_settings(cfg: PretrainConfig, data: dict, path: Path) -> None:
     """Accept sectioned ({'model': {...}}) or flat ({'num_layers': 2}) files; dashes allowed."""
     owners = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     for key, value in data.items():
         key = key.replace("-", "_")
         if key in SECTIONS and isinstance(value, dict):
-            _apply_file(cfg, {k: v for k, v in value.items()}, path)
+            apply_settings(cfg, {k: v for k, v in value.items()}, path)
             continue
         if key not in owners:
             raise ConfigError(f"--config {path}: unknown setting {key!r} (see --help for names)")
         setattr(getattr(cfg, owners[key]), key, value)
 
 
-def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    """Defaults, then --config file, then flags."""
-    args = build_parser().parse_args(argv)
-    cfg = PretrainConfig()
-    if getattr(args, "config", None) is not None:
-        _apply_file(cfg, _load_file(args.config), args.config)
-    for dest, value in vars(args).items():
-        if "." in dest:
-            section, name = dest.split(".", 1)
-            setattr(getattr(cfg, section), name, value)
-    return cfg
-
-
 def from_dict(data: dict) -> PretrainConfig:
     """Inverse of to_dict (a config saved with a checkpoint)."""
     cfg = PretrainConfig()
-    _apply_file(cfg, data, Path("<saved config>"))
+    apply_settings(cfg, data, Path("<saved config>"))
     return cfg
 
 

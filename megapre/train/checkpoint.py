@@ -601,7 +601,7 @@ def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker
     rng_state.reseed(seed + iteration, mesh, tracker)
 
 
-# -- inspection CLI ----------------------------------------------------------------------------
+# -- inspection ----------------------------------------------------------------------------
 def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None) -> dict:
     """What a checkpoint holds, without loading a tensor: iteration, layout that wrote it, model,
     tensor count and bytes, and the checkpoints beside it."""
@@ -623,24 +623,7 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
             "model_config": meta["model_config"]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+if __name__ == "__main__":  # the documented `python -m megapre.train.checkpoint DIR`
+    from megapre.cli.checkpoint import main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m megapre.train.checkpoint",
-        description="Describe a megapre checkpoint (the --save/--load directory or one iter_* "
-                    "directory) without loading it.")
-    parser.add_argument("path")
-    parser.add_argument("--iteration", type=int, default=None)
-    args = parser.parse_args(argv)
-    try:
-        info = describe_checkpoint(args.path, args.iteration)
-    except (CheckpointNotFoundError, CorruptCheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
     sys.exit(main())

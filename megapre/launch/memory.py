@@ -52,17 +52,14 @@ activations); it is counted as two of the largest per-micro-batch activation ten
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from megapre.model.attention_core import resolve_backend
-from megapre.model.config import ConfigError, TransformerConfig
+from megapre.model.config import TransformerConfig
 
-from .args import PretrainConfig, parse_config, validate
-from .metrics import flops_per_token
+from megapre.train.args import PretrainConfig, validate
+from megapre.train.metrics import flops_per_token
 
 GiB = 2**30
 
@@ -357,17 +354,6 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
 
 # -- command line ----------------------------------------------------------------------------
 
-def _vocab_size(cfg: PretrainConfig) -> int:
-    if cfg.data.vocab_size is not None and cfg.data.tokenizer_type in (None, "NullTokenizer"):
-        return cfg.data.vocab_size
-    if cfg.data.tokenizer_type is None:
-        raise ConfigError("give --vocab-size N, or the tokenizer flags of the run "
-                          "(--tokenizer-type with --vocab-file/--merge-file/--tokenizer-model)")
-    from megapre.data.tokenizers import build_tokenizer
-
-    return build_tokenizer(cfg.tokenizer_config()).vocab_size
-
-
 def _fmt(n: float) -> str:
     return f"{n / GiB:9.3f} GiB"
 
@@ -399,30 +385,3 @@ def report(est: MemoryEstimate) -> str:
               f"FLOPs: {est.flops_per_token:.4g}/token, {est.flops_per_step:.4g}/step, "
               f"{est.flops_per_rank_per_step:.4g}/step per rank"]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--world-size", type=int, default=1)
-    pre.add_argument("--json", action="store_true")
-    extra, rest = pre.parse_known_args(argv)
-    if "-h" in rest or "--help" in rest:
-        print("tools/estimate_memory.py: the flags of megapre.pretrain plus --world-size N "
-              "(processes) and --json; --vocab-size N or the tokenizer flags give the vocabulary.")
-    if extra.world_size < 1:
-        print(f"estimate_memory: error: --world-size={extra.world_size} must be >= 1",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = parse_config(rest)
-        est = estimate(cfg, extra.world_size, _vocab_size(cfg))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"estimate_memory: error: {e}", file=sys.stderr)
-        return 2
-    if extra.json:
-        out = asdict(est)
-        out["peak_bytes"] = est.peak_bytes()
-        print(json.dumps(out, indent=2))
-    else:
-        print(report(est))
-    return 0

@@ -1,0 +1,142 @@
+"""`python -m megapre.evaluate --load CKPT [--data-path PREFIX ...] [--eval-split all|train|valid|test]
+[--eval-iters N|all]`: loss and perplexity of a checkpoint on an indexed dataset.
+
+The model, tokenizer, sequence length and data settings default to the run's saved config.json;
+flags override the data, the batch sizes and the parallel layout (the checkpoint loads in any
+TP/PP/DP: `torchrun --nproc-per-node 4 -m megapre.evaluate --tensor-model-parallel-size 2 ...`).
+GPT: causal-LM loss over the loss-mask tokens; BERT: masked-LM loss, sentence-order loss and
+accuracy. The loss is the token-weighted mean over all scored batches; ppl = exp(LM loss).
+Prints one JSON line (rank 0); --output-json writes the same object to a file.
+Exit codes: 0 done, 2 bad input (the message names the flag or file), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from megapre.data.split import SPLIT_NAMES
+from megapre.inference import checkpoint_io
+from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
+                                   is_main_rank, run_cli, write_json_atomic)
+from megapre.inference.eval_data import EVAL_SPLITS, eval_dataset, select_data
+from megapre.inference.runtime import build_runtime
+from megapre.inference.scoring import score
+from megapre.model.config import ConfigError
+from megapre.train.args import validate
+from megapre.train.data import batches, samples_per_split
+from megapre.train.step import EvalStep
+from megapre.train.step import StepConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megapre.evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter)
+    add_common_args(p)
+    g = p.add_argument_group("data (default: the run's)")
+    g.add_argument("--data-path", nargs="+", metavar="PREFIX",
+                   help="dataset prefix(es) or a weighted blend 'W1 P1 W2 P2' (default: the run's "
+                        "data, and --eval-split valid)")
+    g.add_argument("--split", help="train,valid,test proportions cutting --data-path "
+                                   "(default: the run's --split)")
+    g.add_argument("--eval-split", choices=EVAL_SPLITS,
+                   help="which part to score: all of --data-path, or one split of it "
+                        "(default: all with --data-path, else valid)")
+    g.add_argument("--eval-iters", default="all", metavar="N|all",
+                   help="global batches to score; 'all' = one pass over the split")
+    g.add_argument("--micro-batch-size", type=int, help="default: the run's")
+    g.add_argument("--global-batch-size", type=int, help="default: the run's")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard norms/dropout activations over the sequence within TP")
+    g.add_argument("--data-cache-path", help="where dataset index files are cached")
+    g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    return p
+
+
+def _eval_iters(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"--eval-iters {text!r} must be a positive integer or 'all'")
+    return n
+
+
+def _run_samples(cfg, args: argparse.Namespace, eval_split: str) -> int:
+    """Samples the training run built its own valid/test split with. Asking for as many builds
+    the very dataset the run validated on (a GPT split's sample order depends on how many
+    epochs were built), so the first batches of `--eval-split valid` are the run's first
+    validation batches. 0 when the data differs from the run's."""
+    if eval_split not in ("valid", "test") or args.data_path or \
+            (args.split is not None and args.split != cfg.data.split) or \
+            cfg.train.global_batch_size is None:
+        return 0
+    return samples_per_split(cfg)[SPLIT_NAMES.index(eval_split)]
+
+
+def _apply_batch_flags(cfg, args: argparse.Namespace) -> None:
+    t, d = cfg.train, cfg.data
+    if args.micro_batch_size is not None:
+        t.micro_batch_size = args.micro_batch_size
+        if args.global_batch_size is None:
+            t.global_batch_size = None  # re-derived by validate: micro x DP
+    if args.global_batch_size is not None:
+        t.global_batch_size = args.global_batch_size
+    if args.data_cache_path is not None:
+        d.data_cache_path = args.data_cache_path
+    d.num_workers = args.num_workers
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    iters = _eval_iters(args.eval_iters)
+    path = checkpoint_io.resolve(args.load, args.iteration)
+    cfg = apply_common(checkpoint_io.saved_config(path), args)
+    cfg.parallel.sequence_parallel = args.sequence_parallel
+    eval_split = args.eval_split or ("all" if args.data_path else "valid")
+    run_samples = _run_samples(cfg, args, eval_split)
+    split = select_data(cfg, args.data_path, args.split, eval_split)
+    _apply_batch_flags(cfg, args)
+    rt = build_runtime(cfg)
+    try:
+        cfg = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size).config
+        gbs = cfg.train.global_batch_size
+        dataset = eval_dataset(cfg, rt.tokenizer, split,
+                               None if iters is None else max(iters * gbs, run_samples))
+        if iters is None:
+            iters = len(dataset) // gbs
+            if iters == 0:
+                raise ConfigError(f"the {eval_split} data has {len(dataset)} samples, fewer than "
+                                  f"one global batch of {gbs}; lower --global-batch-size")
+        info = checkpoint_io.load_weights(path, rt)
+        step = EvalStep(rt.model, StepConfig(cfg.train.micro_batch_size, gbs))
+        data = batches(dataset, 0, cfg, rt.mesh.dp_rank, rt.mesh.dp_size, rt.device)
+        result = score(rt.model, step, data, iters, gbs,
+                       lambda: autocast(rt.device, cfg.train.bf16))
+        d = cfg.data
+        record = {**result.as_dict(), "model": cfg.model.model, "checkpoint": str(path),
+                  "iteration": int(info["iteration"]), "split": eval_split,
+                  "data_path": list(d.data_path or getattr(d, f"{split}_data_path")),
+                  "seq_length": cfg.model.seq_length, "global_batch_size": gbs,
+                  "dataset_samples": len(dataset),
+                  "layout": {"tp": rt.mesh.tp_size, "pp": rt.mesh.pp_size, "dp": rt.mesh.dp_size}}
+        if is_main_rank():
+            print(json.dumps(record, sort_keys=True), flush=True)
+            if args.output_json is not None:
+                write_json_atomic(args.output_json, record)
+    finally:
+        rt.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("megapre.evaluate", lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
