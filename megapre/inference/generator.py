@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megapre.parallel.p2p import recv_tensor, send_tensor
 from megapre.train.parallel_model import ParallelModel
 
 from .kv_cache import KVCache, stage_step
-from .p2p import recv_tensor, send_tensor
 from .sampling import SamplingConfig, sample_next
 
 STOP_EOD, STOP_LENGTH, STOP_POSITIONS = "eod", "max_new_tokens", "max_position_embeddings"
