@@ -513,7 +513,7 @@ def test_end_to_end_on_wikitext(tmp_path, capsys):
     vocab, wiki = DATA / "bert" / "vocab.txt", DATA / "wikitext-2" / "valid.txt"
     if not (vocab.exists() and wiki.exists()):
         pytest.skip(f"needs {vocab} and {wiki} (the shared data folder)")
-    from megapre.data.preprocess import main as preprocess
+    from megapre.cli.preprocess_data import main as preprocess
 
     paragraphs = [p.strip() for p in wiki.read_text(encoding="utf-8").split("\n") if len(p) > 300][:40]
     with open(tmp_path / "wiki.jsonl", "w", encoding="utf-8") as f:

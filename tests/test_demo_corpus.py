@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from megapre.cli import make_demo_corpus
 from megapre.data import demo_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_corpus_is_real_text_and_deterministic(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for out in (a, b):
-        assert demo_corpus.main(["--output", str(out), "--sources", "stdlib", "--max-mb", "0.3"]) == 0
+        assert make_demo_corpus.main(["--output", str(out), "--sources", "stdlib", "--max-mb", "0.3"]) == 0
     assert a.read_bytes() == b.read_bytes()
     docs = [json.loads(line) for line in a.read_text().splitlines()]
     assert len(docs) > 10

@@ -1,4 +1,4 @@
-"""tools/merge_datasets.py and megapre.data.merge: inputs by prefix or directory, order, refusals."""
+"""tools/merge_datasets.py (megapre/cli/merge_datasets.py): inputs by prefix or directory, order, refusals."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
-from megapre.data.merge import EXIT_ERROR, EXIT_OK, main
+from megapre.cli.merge_datasets import EXIT_ERROR, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"

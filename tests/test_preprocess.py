@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from megapre.data.indexed import IndexedDataset, merge_datasets
-from megapre.data.preprocess import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, main
+from megapre.cli.preprocess_data import main
+from megapre.data.preprocess import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE
 from megapre.data.preprocess.pipeline import ordered_map
 from megapre.data.preprocess.sentences import split_sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Merge indexed datasets: `python tools/merge_datasets.py --input A B --output-prefix C`.
-The logic lives in megapre.data.merge (see its docstring, or --help)."""
+The front end is megapre/cli/merge_datasets.py (see its docstring, or --help)."""
 import sys
 
-from megapre.data.merge import main
+from megapre.cli.merge_datasets import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """`python -m megapre.data.preprocess ...` = tools/preprocess_data.py (for installed packages)."""
 import sys
 
-from megapre.data.preprocess import main
+from megapre.cli.preprocess_data import main
 
 sys.exit(main())

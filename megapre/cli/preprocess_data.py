@@ -1,5 +1,5 @@
-"""Command line of tools/preprocess_data.py: Megatron's flags plus input formats, error policy,
-sharding and resume. `main(argv)` returns the exit code instead of exiting, so it can be called
+"""Command line of tools/preprocess_data.py (console `megapre-preprocess-data`, `python -m
+megapre.data.preprocess`): Megatron's flags plus input formats, error policy, sharding and resume. `main(argv)` returns the exit code instead of exiting, so it can be called
 from Python and tested in-process."""
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`merge_datasets`: join indexed datasets (e.g. the shards of a sharded preprocessing run) into one.
+"""`python tools/merge_datasets.py` (console `megapre-merge-datasets`): join indexed datasets
+(e.g. the shards of a sharded preprocessing run) into one (megapre.data.indexed.merge_datasets).
 
     python tools/merge_datasets.py --input A B C --output-prefix ALL
     python tools/merge_datasets.py --input-dir shards/ --output-prefix ALL   # every *.idx, sorted
