@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megapre.data.index_cache import CacheConfig, cached_indices, indexed_fingerprint
+from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.masking import NGRAM_DISTRIBUTIONS, MaskingConfig, Masker
 from megapre.data.split import SPLIT_NAMES
 
@@ -162,7 +162,7 @@ def _cut(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return x[front : x.size - (k - front)]
 
 
-class BertDataset:
+class BertDataset(CachedDataset):
     """Map-style dataset of BERT samples (dicts of numpy arrays, see __getitem__) over documents
     `document_range` ([begin, end), None = all) of one indexed dataset: the `split` named in errors.
 
@@ -170,6 +170,9 @@ class BertDataset:
     at least num_samples rows (as Megatron, len() may exceed num_samples by part of an epoch).
     Constructed like GPTDataset, so the same blending and split code can build either.
     """
+
+    cache_kind = "BertDataset"
+    index_names = INDEX_NAMES
 
     def __init__(
         self,
@@ -197,32 +200,12 @@ class BertDataset:
             tokenizer.continuation_mask() if config.whole_word else None,
         )
         self.document_range = _check_range(document_range, indexed_dataset, split)
-        self.description = {
-            "class": "BertDataset", "dataset": indexed_fingerprint(indexed_dataset.path_prefix), "split": split,
-            "document_range": list(self.document_range), "num_samples": num_samples,
-            **config.index_description(),
-        }
-        got = cached_indices("BertDataset", indexed_dataset.path_prefix, self.description, INDEX_NAMES,
-                             self._build, config.cache, group)
-        self.cache_status, self.build_seconds = got.status, got.seconds
-        self.cache_paths, self.cache_key = got.paths, got.key
-        self._set_indices(got.arrays)
+        self._cache_split_indices(indexed_dataset.path_prefix, split, self.document_range, num_samples,
+                                  config.index_description(), config.cache, group)
 
     def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:
         self.mapping = arrays["mapping"]
         self.mapping_info = dict(zip(COUNT_NAMES, (int(c) for c in arrays["document_counts"])))
-
-    # Pickle a cached (memory-mapped) mapping by path so DataLoader workers re-map it.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.cache_paths is not None:
-            state.pop("mapping", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self.cache_paths.items()})
 
     def __len__(self) -> int:
         return int(self.mapping.shape[0])
