@@ -1,4 +1,5 @@
-"""Mixing corpora by weight, and the train/valid/test datasets of a run.
+"""Mixing corpora by weight, and the train/valid/test datasets of a run (GPT: build_gpt_datasets;
+BERT: build_bert_datasets, one sentence-split corpus cut by --split).
 
 `--data-path 0.3 A 0.7 B` (weights normalized; bare prefixes `A B` are weighted by their token
 counts) with `--split 969,30,1`, or separate `--train-data-path/--valid-data-path/--test-data-path`
@@ -15,6 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
 from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megapre.data.gpt_helpers import build_blending_indices
 from megapre.data.index_cache import CacheConfig, CachedDataset
@@ -183,6 +185,22 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
         weights = normalize(weights)
         result[name] = _split_dataset(name, datasets, ranges, weights, want, blend, gpt, group)
     return result
+
+
+def build_bert_datasets(blend: BlendConfig, bert: BertDatasetConfig, tokenizer: Any,
+                        num_samples: Sequence[int | None], open_dataset: Opener | None = None,
+                        group: Any = None) -> dict[str, BertDataset | None]:
+    """The train/valid/test BERT datasets over one sentence-level dataset (PREFIX_text_sentence),
+    cut by --split. num_samples as in build_gpt_datasets; 0 or no share in --split gives None."""
+    paths = blend.data_path or blend.train_data_path or []
+    prefixes = [p for p in paths if _as_weight(p) is None]
+    if len(prefixes) != 1 or blend.valid_data_path or blend.test_data_path:
+        raise ValueError("BERT pretraining reads one sentence-split dataset: --data-path "
+                         "PREFIX_text_sentence (made by tools/preprocess_data.py --split-sentences)")
+    indexed = (open_dataset or _default_opener)(prefixes[0])
+    ranges = split_ranges(parse_split(blend.split), indexed.num_documents)
+    return {name: None if (r is None or n == 0) else BertDataset(indexed, tokenizer, name, r, n, bert, group=group)
+            for name, r, n in zip(SPLIT_NAMES, ranges, num_samples)}
 
 
 def _fed_splits(blend: BlendConfig, num_samples: Sequence[int | None]):
