@@ -30,7 +30,7 @@ import numpy as np
 
 from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.masking import NGRAM_DISTRIBUTIONS, MaskingConfig, Masker
-from megapre.data.split import SPLIT_NAMES
+from megapre.data.split import SPLIT_NAMES, check_document_range
 
 MAPPING_VERSION = 1  # bump when the mapping algorithm changes: old cache entries stop matching
 INDEX_NAMES = ("mapping", "document_counts")
@@ -199,7 +199,8 @@ class BertDataset(CachedDataset):
             self._ids.values(),
             tokenizer.continuation_mask() if config.whole_word else None,
         )
-        self.document_range = _check_range(document_range, indexed_dataset, split)
+        self.document_range = check_document_range(document_range, len(indexed_dataset.document_indices) - 1,
+                                                    f"the {split} split of {indexed_dataset.path_prefix}")
         self._cache_split_indices(indexed_dataset.path_prefix, split, self.document_range, num_samples,
                                   config.index_description(), config.cache, group)
 
@@ -292,20 +293,6 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
             "BertWordPieceLowerCase / BertWordPieceCase or a HuggingFaceTokenizer that defines them"
         )
     return {k: int(v) for k, v in ids.items()}
-
-
-def _check_range(document_range: tuple[int, int] | None, indexed: Any, split: str) -> tuple[int, int]:
-    num_docs = len(indexed.document_indices) - 1
-    begin, end = (0, num_docs) if document_range is None else (int(x) for x in document_range)
-    where = f"the {split} split of {indexed.path_prefix}"
-    if not 0 <= begin <= end <= num_docs:
-        raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's {num_docs} documents")
-    if begin == end:
-        raise ValueError(
-            f"{where} is empty: documents [{begin}, {end}) of {num_docs}. Give this split a larger share "
-            "in --split, use more data, or set its share (or sample count) to 0"
-        )
-    return begin, end
 
 
 # --- command line: build a split's mapping offline and look at its samples ----------------------

@@ -23,6 +23,7 @@ import numpy as np
 
 from megapre.data.gpt_helpers import build_sample_idx
 from megapre.data.index_cache import CacheConfig, CachedDataset
+from megapre.data.split import check_document_range
 
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # megatron-core's value
@@ -163,16 +164,8 @@ class GPTDataset(CachedDataset):
     def _sequence_range(self) -> tuple[int, int]:
         """Sequences [first, last) of the split's documents; an empty split is an error naming it."""
         di = np.asarray(self.indexed.document_indices)
-        lo, hi = self.document_range
-        num_docs = len(di) - 1
         where = f"the {self.split} split of {self.indexed.path_prefix}"
-        if not 0 <= lo <= hi <= num_docs:
-            raise ValueError(f"{where}: document range [{lo}, {hi}) is outside the dataset's {num_docs} documents")
-        if lo == hi:
-            raise ValueError(
-                f"{where} is empty: documents [{lo}, {hi}) of {num_docs}. Give this split a larger "
-                "share in --split, use more data, or set its share (or sample count) to 0"
-            )
+        lo, hi = check_document_range(self.document_range, len(di) - 1, where)
         first, last = int(di[lo]), int(di[hi])
         tokens = int(np.asarray(self.indexed.sequence_lengths)[first:last].sum(dtype=np.int64))
         min_tokens = self.config.seq_length + 1
