@@ -215,3 +215,28 @@ def test_cli_wrapper(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "--tokenizer-type CharacterTokenizer --vocab-file" in proc.stdout
+
+
+def test_preprocessing_side_outputs_are_not_corpus(tmp_path):
+    """A corpus directory that preprocessing also wrote into: PREFIX.errors.jsonl and PREFIX.stats.json
+    are run reports, never training text, whatever --input-format says (the finder preprocessing uses)."""
+    from megapre.data.preprocess.errors import ErrorLog, Skip
+    from megapre.data.preprocess.stats import write_json_atomic
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "one doc\nanother doc\n"
+    (corpus / "a.txt").write_text(text)
+    log = ErrorLog(corpus / "a.errors.jsonl")
+    log.add([Skip(str(corpus / "a.txt"), 3, "empty_document", "QZX")])
+    log.close()
+    write_json_atomic(corpus / "a.stats.json", {"documents": 2, "note": "QZX"})
+    for inputs, input_format in [([corpus], "auto"), ([corpus], "text"), ([corpus / "a.*"], "auto")]:
+        stats = CorpusStats()
+        docs = list(iter_documents(CorpusOptions([str(p) for p in inputs], input_format=input_format), stats))
+        assert docs == ["one doc\n", "another doc\n"] and not stats.skipped, (inputs, input_format)
+        assert [Path(f).name for f in stats.files] == ["a.txt"]
+    out = tmp_path / "tok"
+    assert main(["--kind", "char", "--input", str(corpus), "--input-format", "text", "--output-dir", str(out)]) == 0
+    tok = build_tokenizer(TokenizerConfig("CharacterTokenizer", vocab_file=str(out / "tokenizer.json")))
+    assert tok.vocab_size == len(set(text))

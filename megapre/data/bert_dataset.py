@@ -28,9 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from megapre.data.index_cache import CacheConfig, cached_indices, indexed_fingerprint
+from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.masking import NGRAM_DISTRIBUTIONS, MaskingConfig, Masker
-from megapre.data.split import SPLIT_NAMES
+from megapre.data.split import SPLIT_NAMES, check_document_range
 
 MAPPING_VERSION = 1  # bump when the mapping algorithm changes: old cache entries stop matching
 INDEX_NAMES = ("mapping", "document_counts")
@@ -162,7 +162,7 @@ def _cut(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return x[front : x.size - (k - front)]
 
 
-class BertDataset:
+class BertDataset(CachedDataset):
     """Map-style dataset of BERT samples (dicts of numpy arrays, see __getitem__) over documents
     `document_range` ([begin, end), None = all) of one indexed dataset: the `split` named in errors.
 
@@ -170,6 +170,9 @@ class BertDataset:
     at least num_samples rows (as Megatron, len() may exceed num_samples by part of an epoch).
     Constructed like GPTDataset, so the same blending and split code can build either.
     """
+
+    cache_kind = "BertDataset"
+    index_names = INDEX_NAMES
 
     def __init__(
         self,
@@ -196,33 +199,14 @@ class BertDataset:
             self._ids.values(),
             tokenizer.continuation_mask() if config.whole_word else None,
         )
-        self.document_range = _check_range(document_range, indexed_dataset, split)
-        self.description = {
-            "class": "BertDataset", "dataset": indexed_fingerprint(indexed_dataset.path_prefix), "split": split,
-            "document_range": list(self.document_range), "num_samples": num_samples,
-            **config.index_description(),
-        }
-        got = cached_indices("BertDataset", indexed_dataset.path_prefix, self.description, INDEX_NAMES,
-                             self._build, config.cache, group)
-        self.cache_status, self.build_seconds = got.status, got.seconds
-        self.cache_paths, self.cache_key = got.paths, got.key
-        self._set_indices(got.arrays)
+        self.document_range = check_document_range(document_range, len(indexed_dataset.document_indices) - 1,
+                                                    f"the {split} split of {indexed_dataset.path_prefix}")
+        self._cache_split_indices(indexed_dataset.path_prefix, split, self.document_range, num_samples,
+                                  config.index_description(), config.cache, group)
 
     def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:
         self.mapping = arrays["mapping"]
         self.mapping_info = dict(zip(COUNT_NAMES, (int(c) for c in arrays["document_counts"])))
-
-    # Pickle a cached (memory-mapped) mapping by path so DataLoader workers re-map it.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.cache_paths is not None:
-            state.pop("mapping", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self.cache_paths.items()})
 
     def __len__(self) -> int:
         return int(self.mapping.shape[0])
@@ -309,20 +293,6 @@ def _special_ids(tokenizer: Any) -> dict[str, int]:
             "BertWordPieceLowerCase / BertWordPieceCase or a HuggingFaceTokenizer that defines them"
         )
     return {k: int(v) for k, v in ids.items()}
-
-
-def _check_range(document_range: tuple[int, int] | None, indexed: Any, split: str) -> tuple[int, int]:
-    num_docs = len(indexed.document_indices) - 1
-    begin, end = (0, num_docs) if document_range is None else (int(x) for x in document_range)
-    where = f"the {split} split of {indexed.path_prefix}"
-    if not 0 <= begin <= end <= num_docs:
-        raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's {num_docs} documents")
-    if begin == end:
-        raise ValueError(
-            f"{where} is empty: documents [{begin}, {end}) of {num_docs}. Give this split a larger share "
-            "in --split, use more data, or set its share (or sample count) to 0"
-        )
-    return begin, end
 
 
 # --- command line: build a split's mapping offline and look at its samples ----------------------

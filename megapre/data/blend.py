@@ -1,4 +1,5 @@
-"""Mixing corpora by weight, and the train/valid/test datasets of a run.
+"""Mixing corpora by weight, and the train/valid/test datasets of a run (GPT: build_gpt_datasets;
+BERT: build_bert_datasets, one sentence-split corpus cut by --split).
 
 `--data-path 0.3 A 0.7 B` (weights normalized; bare prefixes `A B` are weighted by their token
 counts) with `--split 969,30,1`, or separate `--train-data-path/--valid-data-path/--test-data-path`
@@ -10,15 +11,15 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
 from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megapre.data.gpt_helpers import build_blending_indices
-from megapre.data.index_cache import CacheConfig, IndexCache, build_or_load
+from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.split import SPLIT_NAMES, parse_split, split_ranges
 
 SURPLUS = 0.005  # megatron-core's mid_level_dataset_surplus
@@ -63,9 +64,13 @@ def samples_per_dataset(num_samples: int, weights: Sequence[float], surplus: flo
     return [int(math.ceil(math.ceil(num_samples * w) * (1 + surplus))) for w in weights]
 
 
-class BlendedDataset:
+class BlendedDataset(CachedDataset):
     """Samples of several datasets interleaved by weight: item i is
-    datasets[dataset_index[i]][dataset_sample_index[i]]."""
+    datasets[dataset_index[i]][dataset_sample_index[i]]. Cached beside the first dataset when
+    every part has a cache description (GPTDataset, BertDataset), else built in memory."""
+
+    cache_kind = "BlendedDataset"
+    index_names = BLEND_NAMES
 
     def __init__(self, datasets: Sequence[Any], weights: Sequence[float], size: int,
                  cache: CacheConfig, split: str = "train", megatron_compatible: bool = False,
@@ -78,34 +83,13 @@ class BlendedDataset:
         self.split = split
         self.megatron_compatible = megatron_compatible
         descriptions = [getattr(d, "description", None) for d in self.datasets]
-        self.description = {"class": "BlendedDataset", "split": split, "size": self.size,
-                            "weights": self.weights, "datasets": descriptions,
-                            "rule": "megatron" if megatron_compatible else "exact"}
-        entry = None
-        if cache.enabled and all(d is not None for d in descriptions):
-            prefix = descriptions[0]["dataset"]["path_prefix"]
-            entry = IndexCache(cache.directory_for(prefix), "BlendedDataset", self.description, BLEND_NAMES)
-        t0 = time.perf_counter()
-        arrays, self.cache_status = build_or_load(entry, self._build, cache, group)
-        self.build_seconds = time.perf_counter() - t0
-        self.cache_paths = {n: str(entry.path(n)) for n in BLEND_NAMES} if self.cache_status != "memory" else None
-        self.dataset_index = arrays["dataset_index"]
-        self.dataset_sample_index = arrays["dataset_sample_index"]
+        description = {"class": "BlendedDataset", "split": split, "size": self.size,
+                       "weights": self.weights, "datasets": descriptions,
+                       "rule": "megatron" if megatron_compatible else "exact"}
+        cacheable = all(d is not None for d in descriptions)
+        prefix = descriptions[0]["dataset"]["path_prefix"] if cacheable else None
+        self._cache_indices(prefix, description, cache, group)
         self._check_sizes()
-
-    # Pickle cached (memory-mapped) indices by path so DataLoader workers re-map them.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.cache_paths is not None:
-            for n in BLEND_NAMES:
-                state.pop(n)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.cache_paths is not None:
-            for n, path in self.cache_paths.items():
-                setattr(self, n, np.load(path, mmap_mode="r"))
 
     def _build(self) -> dict[str, np.ndarray]:
         di, dsi = build_blending_indices(np.asarray(self.weights), self.size, self.megatron_compatible)
@@ -201,6 +185,22 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
         weights = normalize(weights)
         result[name] = _split_dataset(name, datasets, ranges, weights, want, blend, gpt, group)
     return result
+
+
+def build_bert_datasets(blend: BlendConfig, bert: BertDatasetConfig, tokenizer: Any,
+                        num_samples: Sequence[int | None], open_dataset: Opener | None = None,
+                        group: Any = None) -> dict[str, BertDataset | None]:
+    """The train/valid/test BERT datasets over one sentence-level dataset (PREFIX_text_sentence),
+    cut by --split. num_samples as in build_gpt_datasets; 0 or no share in --split gives None."""
+    paths = blend.data_path or blend.train_data_path or []
+    prefixes = [p for p in paths if _as_weight(p) is None]
+    if len(prefixes) != 1 or blend.valid_data_path or blend.test_data_path:
+        raise ValueError("BERT pretraining reads one sentence-split dataset: --data-path "
+                         "PREFIX_text_sentence (made by tools/preprocess_data.py --split-sentences)")
+    indexed = (open_dataset or _default_opener)(prefixes[0])
+    ranges = split_ranges(parse_split(blend.split), indexed.num_documents)
+    return {name: None if (r is None or n == 0) else BertDataset(indexed, tokenizer, name, r, n, bert, group=group)
+            for name, r, n in zip(SPLIT_NAMES, ranges, num_samples)}
 
 
 def _fed_splits(blend: BlendConfig, num_samples: Sequence[int | None]):

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from megapre.data.gpt_helpers import build_sample_idx
-from megapre.data.index_cache import CacheConfig, cached_indices, indexed_fingerprint
+from megapre.data.index_cache import CacheConfig, CachedDataset
+from megapre.data.split import check_document_range
 
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.80  # megatron-core's value
@@ -133,7 +134,7 @@ def build_gpt_indices(sizes: np.ndarray, units: np.ndarray, num_samples: int | N
     return {"document_index": document_index, "sample_index": sample_index, "shuffle_index": shuffle_index}
 
 
-class GPTDataset:
+class GPTDataset(CachedDataset):
     """Map-style dataset of GPT samples (works with torch DataLoader; picklable for workers).
 
     Items are dicts of numpy arrays: tokens int64 [seq], labels int64 [seq] (tokens shifted by
@@ -141,6 +142,9 @@ class GPTDataset:
     (True = masked) when reset_attention_mask or create_attention_mask is set.
     len() counts every sample of the built epochs (>= num_samples).
     """
+
+    cache_kind = "GPTDataset"
+    index_names = INDEX_NAMES
 
     def __init__(self, indexed: TokenSource, split: str, document_range: tuple[int, int],
                  num_samples: int | None, config: GPTDatasetConfig, group: Any = None) -> None:
@@ -150,16 +154,8 @@ class GPTDataset:
         self.document_range = (int(document_range[0]), int(document_range[1]))
         self.num_samples = num_samples
         self.sequence_range = self._sequence_range()
-        self.description = {
-            "class": "GPTDataset", "dataset": indexed_fingerprint(indexed.path_prefix), "split": split,
-            "document_range": list(self.document_range), "num_samples": num_samples,
-            **config.index_description(),
-        }
-        got = cached_indices("GPTDataset", indexed.path_prefix, self.description, INDEX_NAMES,
-                             self._build, config.cache, group)
-        self.cache_status, self.build_seconds = got.status, got.seconds
-        self.cache_paths, self.cache_key = got.paths, got.key
-        self._set_indices(got.arrays)
+        self._cache_split_indices(indexed.path_prefix, split, self.document_range, num_samples,
+                                  config.index_description(), config.cache, group)
 
     @property
     def num_sequences(self) -> int:
@@ -168,16 +164,8 @@ class GPTDataset:
     def _sequence_range(self) -> tuple[int, int]:
         """Sequences [first, last) of the split's documents; an empty split is an error naming it."""
         di = np.asarray(self.indexed.document_indices)
-        lo, hi = self.document_range
-        num_docs = len(di) - 1
         where = f"the {self.split} split of {self.indexed.path_prefix}"
-        if not 0 <= lo <= hi <= num_docs:
-            raise ValueError(f"{where}: document range [{lo}, {hi}) is outside the dataset's {num_docs} documents")
-        if lo == hi:
-            raise ValueError(
-                f"{where} is empty: documents [{lo}, {hi}) of {num_docs}. Give this split a larger "
-                "share in --split, use more data, or set its share (or sample count) to 0"
-            )
+        lo, hi = check_document_range(self.document_range, len(di) - 1, where)
         first, last = int(di[lo]), int(di[hi])
         tokens = int(np.asarray(self.indexed.sequence_lengths)[first:last].sum(dtype=np.int64))
         min_tokens = self.config.seq_length + 1
@@ -194,24 +182,6 @@ class GPTDataset:
         units = np.arange(first, last, dtype=np.int32 if last <= np.iinfo(np.int32).max else np.int64)
         return build_gpt_indices(sizes, units, self.num_samples, self.config.seq_length,
                                  self.config.seed, self.config.separate_last_epoch_threshold)
-
-    def _set_indices(self, arrays: dict[str, np.ndarray]) -> None:
-        self.document_index = arrays["document_index"]
-        self.sample_index = arrays["sample_index"]
-        self.shuffle_index = arrays["shuffle_index"]
-
-    # Pickle cached (memory-mapped) indices by path so DataLoader workers re-map them.
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if self.cache_paths is not None:
-            for n in INDEX_NAMES:
-                state.pop(n, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        if self.cache_paths is not None:
-            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self.cache_paths.items()})
 
     def __len__(self) -> int:
         return int(self.sample_index.shape[0]) - 1

@@ -305,15 +305,70 @@ class CachedIndices:
     key: str | None
 
 
-def cached_indices(kind: str, path_prefix: str, description: dict[str, Any], names: Sequence[str],
+def cached_indices(kind: str, path_prefix: str | None, description: dict[str, Any], names: Sequence[str],
                    build: Callable[[], Mapping[str, np.ndarray]], config: CacheConfig,
                    group: Any = None) -> CachedIndices:
-    """The index arrays of one dataset (GPT samples, BERT pairs): from the cache under the hash of
-    `description`, or built (by the rank that builds, see build_or_load) and cached."""
+    """The index arrays of one dataset (GPT samples, BERT pairs, a blend): from the cache under
+    the hash of `description`, or built (by the rank that builds, see build_or_load) and cached in
+    the directory `config` gives for `path_prefix`. path_prefix None: not cacheable, built in memory."""
     cache = (IndexCache(config.directory_for(path_prefix), kind, description, names)
-             if config.enabled else None)
+             if config.enabled and path_prefix is not None else None)
     t0 = time.perf_counter()
     arrays, status = build_or_load(cache, build, config, group)
     return CachedIndices(arrays, status, time.perf_counter() - t0,
                          {n: str(cache.path(n)) for n in names} if cache else None,
                          cache.key if cache else None)
+
+
+class CachedDataset:
+    """Base of the datasets whose index arrays live in the cache (GPT, BERT, blended).
+
+    A subclass names its entry kind and arrays (`cache_kind`, `index_names`), implements `_build`,
+    and calls `_cache_indices` (or `_cache_split_indices`) in __init__; that sets `description`,
+    `cache_status` ('built', 'loaded' or 'memory'), `build_seconds`, `cache_paths` and `cache_key`,
+    and hands the arrays to `_set_indices` (default: one attribute per name). Pickling drops the
+    memory-mapped arrays of a cached entry and re-maps them from `cache_paths`, so DataLoader
+    workers share the pages instead of receiving copies.
+    """
+
+    cache_kind: str
+    index_names: tuple[str, ...]
+
+    def _build(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
+        for n in self.index_names:
+            setattr(self, n, arrays[n])
+
+    def _cache_indices(self, path_prefix: str | None, description: dict[str, Any], config: CacheConfig,
+                       group: Any = None) -> None:
+        self.description = description
+        got = cached_indices(self.cache_kind, path_prefix, description, self.index_names, self._build,
+                             config, group)
+        self.cache_status, self.build_seconds = got.status, got.seconds
+        self.cache_paths, self.cache_key = got.paths, got.key
+        self._set_indices(got.arrays)
+
+    def _cache_split_indices(self, path_prefix: str, split: str, document_range: tuple[int, int],
+                             num_samples: int | None, options: Mapping[str, Any], config: CacheConfig,
+                             group: Any = None) -> None:
+        """The indices of documents `document_range` of one indexed dataset (`split` in messages),
+        keyed by the dataset's content, the range, the sample count and the index `options`."""
+        description = {
+            "class": self.cache_kind, "dataset": indexed_fingerprint(path_prefix), "split": split,
+            "document_range": list(document_range), "num_samples": num_samples, **options,
+        }
+        self._cache_indices(path_prefix, description, config, group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self.cache_paths is not None:
+            for n in self.index_names:
+                state.pop(n, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.cache_paths is not None:
+            self._set_indices({n: np.load(p, mmap_mode="r") for n, p in self.cache_paths.items()})

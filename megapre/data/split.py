@@ -1,4 +1,5 @@
-"""Train/valid/test splits of one indexed dataset: `--split 969,30,1` -> document ranges.
+"""Train/valid/test splits of one indexed dataset: `--split 969,30,1` -> document ranges, and how
+many samples each split needs for a run.
 
 The boundaries follow megatron-core (cumulative fractions of the element count, each rounded), so
 the same --split selects the same documents as a Megatron run on the same files.
@@ -53,3 +54,26 @@ def split_ranges(fractions: Sequence[float], num_elements: int) -> list[tuple[in
             continue
         ranges.append((int(round(lo * num_elements)), int(round(min(hi, 1.0) * num_elements))))
     return ranges
+
+
+
+def check_document_range(document_range: Sequence[int] | None, num_documents: int,
+                         where: str) -> tuple[int, int]:
+    """[begin, end) of a split's documents (None: all), checked to be a non-empty range inside the
+    dataset; errors start with `where` ("the valid split of PREFIX") and say how to fix them."""
+    begin, end = (0, num_documents) if document_range is None else (int(x) for x in document_range)
+    if not 0 <= begin <= end <= num_documents:
+        raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's "
+                         f"{num_documents} documents")
+    if begin == end:
+        raise ValueError(
+            f"{where} is empty: documents [{begin}, {end}) of {num_documents}. Give this split a larger "
+            "share in --split, use more data, or set its share (or sample count) to 0"
+        )
+    return begin, end
+
+def samples_per_split(train_iters: int, eval_interval: int, eval_iters: int,
+                      global_batch_size: int) -> list[int]:
+    """Megatron's train_valid_test_num_samples: enough for every step and every evaluation."""
+    evals = (train_iters // eval_interval + 1) * eval_iters
+    return [train_iters * global_batch_size, evals * global_batch_size, eval_iters * global_batch_size]

@@ -1,29 +1,14 @@
-"""One tokenizer interface over every backend, chosen by Megatron's --tokenizer-type names.
-
-    tok = build_tokenizer(TokenizerConfig("GPT2BPETokenizer", vocab_file=..., merge_file=...))
-    tok.encode_batch(texts)   # fast path, no special tokens added; append tok.eod yourself
-
-Megatron names: GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, SentencePieceTokenizer,
-GPTSentencePieceTokenizer, HuggingFaceTokenizer, NullTokenizer. Ours: ByteLevelTokenizer,
-CharacterTokenizer (vocabulary from tools/train_tokenizer.py --kind char).
+"""The public tokenizer API (kept here so `from megapre.data.tokenizers import ...` works everywhere):
+the registry and build_tokenizer (megapre.data.tokenizer.registry), the Tokenizer contract
+(megapre.data.tokenizer.base), and Megatron's tokenizer flags for command-line tools.
 """
 from __future__ import annotations
 
 import argparse
-import difflib
-from functools import partial
-from typing import Callable
 
 from megapre.data.tokenizer.base import TokenizerConfig, TokenizerError, Tokenizer
-from megapre.data.tokenizer.gpt2 import GPT2BPETokenizer
-from megapre.data.tokenizer.hf import BertWordPieceTokenizer, HuggingFaceTokenizer
-from megapre.data.tokenizer.simple import (
-    ByteLevelTokenizer,
-    CharacterTokenizer,
-    NullTokenizer,
-    write_char_vocab,
-)
-from megapre.data.tokenizer.spm import GPTSentencePieceTokenizer, SentencePieceTokenizer
+from megapre.data.tokenizer.registry import TOKENIZER_TYPES, build_tokenizer
+from megapre.data.tokenizer.simple import write_char_vocab
 
 __all__ = [
     "TokenizerConfig",
@@ -35,31 +20,6 @@ __all__ = [
     "TOKENIZER_TYPES",
     "write_char_vocab",
 ]
-
-TOKENIZER_TYPES: dict[str, Callable[[TokenizerConfig], Tokenizer]] = {
-    "GPT2BPETokenizer": GPT2BPETokenizer,
-    "BertWordPieceLowerCase": partial(BertWordPieceTokenizer, lower_case=True),
-    "BertWordPieceCase": partial(BertWordPieceTokenizer, lower_case=False),
-    "SentencePieceTokenizer": SentencePieceTokenizer,
-    "GPTSentencePieceTokenizer": GPTSentencePieceTokenizer,
-    "HuggingFaceTokenizer": HuggingFaceTokenizer,
-    "NullTokenizer": NullTokenizer,
-    "ByteLevelTokenizer": ByteLevelTokenizer,
-    "CharacterTokenizer": CharacterTokenizer,
-}
-
-
-def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer `config` names; errors name the flag or file at fault and the fix."""
-    make = TOKENIZER_TYPES.get(config.tokenizer_type)
-    if make is None:
-        close = difflib.get_close_matches(str(config.tokenizer_type), TOKENIZER_TYPES, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise TokenizerError(
-            f"--tokenizer-type {config.tokenizer_type!r} is not supported{hint}; "
-            f"valid types: {', '.join(TOKENIZER_TYPES)}"
-        )
-    return make(config)
 
 
 def add_tokenizer_args(parser: argparse.ArgumentParser, required: bool = True) -> argparse._ArgumentGroup:

@@ -13,18 +13,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from megapre.data.args import DataArgs
 from megapre.data.tokenizers import TokenizerConfig
+from megapre.flag_fields import flag, flag_field as _f
 from megapre.model.config import ConfigError, TransformerConfig
 from megapre.parallel import layout
-
-
-def _f(default: Any, help: str, **kw) -> Any:
-    meta = {"help": help, **kw}
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -110,27 +104,6 @@ class OptimArgs:
 
 
 @dataclass
-class DataArgs:
-    data_path: list[str] = _f([], "blend: 'W1 PREFIX1 W2 PREFIX2 ...' or prefixes weighted by size")
-    split: str = _f("969,30,1", "train,valid,test proportions of --data-path")
-    train_data_path: list[str] = _f([], "separate training blend")
-    valid_data_path: list[str] = _f([], "separate validation blend")
-    test_data_path: list[str] = _f([], "separate test blend")
-    data_cache_path: str | None = _f(None, "where index files are cached (default: beside the data)")
-    tokenizer_type: str | None = _f(None, "GPT2BPETokenizer, BertWordPieceLowerCase, SentencePieceTokenizer, ...")
-    vocab_file: str | None = _f(None, "tokenizer vocabulary file")
-    merge_file: str | None = _f(None, "BPE merges file")
-    tokenizer_model: str | None = _f(None, "SentencePiece .model or HF tokenizer.json")
-    vocab_size: int | None = _f(None, "NullTokenizer vocabulary size")
-    num_workers: int = _f(2, "DataLoader workers")
-    eod_mask_loss: bool = _f(False, "no loss on end-of-document tokens")
-    reset_position_ids: bool = _f(False, "positions restart after each end-of-document")
-    reset_attention_mask: bool = _f(False, "no attention across document boundaries")
-    mask_prob: float = _f(0.15, "BERT: fraction of tokens masked")
-    short_seq_prob: float = _f(0.1, "BERT: probability of a shorter sample")
-
-
-@dataclass
 class CheckpointArgs:
     save: str | None = _f(None, "checkpoint directory to write")
     load: str | None = _f(None, "checkpoint directory to resume from")
@@ -198,11 +171,7 @@ class PretrainConfig:
             init_method_std=m.init_method_std)
 
 
-# -- flags and config files ---------------------------------------------------------------------------------------
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
+# -- config files ----------------------------------------------------------------------------
 
 def load_config_file(path: Path) -> dict:
     if not path.is_file():

@@ -1,6 +1,8 @@
-"""The run's datasets and loaders, from the config: GPT samples over a blend of indexed datasets
-(or BERT sentence pairs), train/valid/test by --split or separate paths, and a loader per split
-that starts at consumed_samples so a resumed run sees exactly the batches it would have seen.
+"""The run's datasets and loaders, from the config: a thin adapter from PretrainConfig to the data
+layer, which builds GPT samples over a blend of indexed datasets or BERT sentence pairs
+(megapre.data.blend), train/valid/test by --split or separate paths, sized by
+megapre.data.split.samples_per_split, and a loader per split (megapre.data.sampler) that starts at
+consumed_samples so a resumed run sees exactly the batches it would have seen.
 
 Only the pipeline stages that consume data (first: tokens; last: labels and masks) need real
 batches, but every rank of a stage builds the same loader so DP ranks split the global batch.
@@ -12,11 +14,12 @@ from typing import Any, Iterator
 
 import torch
 
-from megapre.data.blend import BlendConfig, build_gpt_datasets
+from megapre.data.bert_dataset import BertDatasetConfig
+from megapre.data.blend import BlendConfig, build_bert_datasets, build_gpt_datasets
 from megapre.data.gpt_dataset import GPTDatasetConfig
 from megapre.data.index_cache import CacheConfig
 from megapre.data.sampler import build_data_loader
-from megapre.data.split import SPLIT_NAMES, parse_split, split_ranges
+from megapre.data.split import samples_per_split as _samples_per_split
 from megapre.data.tokenizers import Tokenizer
 
 from .args import PretrainConfig
@@ -32,9 +35,7 @@ class Splits:
 def samples_per_split(cfg: PretrainConfig) -> list[int]:
     """Megatron's train_valid_test_num_samples: enough for every step and every evaluation."""
     t = cfg.train
-    gbs = t.global_batch_size
-    evals = (t.train_iters // t.eval_interval + 1) * t.eval_iters
-    return [t.train_iters * gbs, evals * gbs, t.eval_iters * gbs]
+    return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size)
 
 
 def _blend(cfg: PretrainConfig) -> BlendConfig:
@@ -47,52 +48,24 @@ def _blend(cfg: PretrainConfig) -> BlendConfig:
 
 def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -> Splits:
     counts = samples_per_split(cfg)
-    cache = CacheConfig(cache_dir=cfg.data.data_cache_path)
+    d = cfg.data
+    cache = CacheConfig(cache_dir=d.data_cache_path)
     if cfg.model.model == "gpt":
         gpt = GPTDatasetConfig(seq_length=cfg.model.seq_length, seed=cfg.train.seed,
-                               eod_token=tokenizer.eod, eod_mask_loss=cfg.data.eod_mask_loss,
-                               reset_position_ids=cfg.data.reset_position_ids,
-                               reset_attention_mask=cfg.data.reset_attention_mask, cache=cache)
+                               eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
+                               reset_position_ids=d.reset_position_ids,
+                               reset_attention_mask=d.reset_attention_mask, cache=cache)
         found = build_gpt_datasets(_blend(cfg), gpt, counts, group=group)
     else:
-        found = _bert_splits(cfg, tokenizer, counts, group)
+        bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
+                                 short_seq_prob=d.short_seq_prob,
+                                 binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
+                                 cache=cache)
+        found = build_bert_datasets(_blend(cfg), bert, tokenizer, counts, group=group)
     if found.get("train") is None:
         raise ValueError("the training split is empty: give it a share in --split "
-                         f"(now {cfg.data.split!r}) or pass --train-data-path")
+                         f"(now {d.split!r}) or pass --train-data-path")
     return Splits(found["train"], found.get("valid"), found.get("test"))
-
-
-def _bert_splits(cfg: PretrainConfig, tokenizer: Tokenizer, counts: list[int],
-                 group: Any = None) -> dict[str, Any]:
-    """BERT over one sentence-level dataset (PREFIX_text_sentence), cut by --split."""
-    from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
-    from megapre.data.indexed import IndexedDataset
-
-    d = cfg.data
-    paths = d.data_path or d.train_data_path
-    prefixes = [p for p in paths if not _is_number(p)]
-    if len(prefixes) != 1 or d.valid_data_path or d.test_data_path:
-        raise ValueError("BERT pretraining reads one sentence-split dataset: --data-path "
-                         "PREFIX_text_sentence (made by tools/preprocess_data.py --split-sentences)")
-    indexed = IndexedDataset(prefixes[0])
-    ranges = split_ranges(parse_split(d.split), indexed.num_documents)
-    bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
-                             short_seq_prob=d.short_seq_prob,
-                             binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
-                             cache=CacheConfig(cache_dir=d.data_cache_path))
-    out: dict[str, Any] = {}
-    for name, r, n in zip(SPLIT_NAMES, ranges, counts):
-        out[name] = None if (r is None or n == 0) else BertDataset(
-            indexed, tokenizer, name, r, n, bert, group=group)
-    return out
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def batches(dataset: Any, consumed_samples: int, cfg: PretrainConfig, dp_rank: int, dp_size: int,

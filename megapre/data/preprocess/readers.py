@@ -1,5 +1,6 @@
-"""Input formats, main-process side: find the files and stream them as record-aligned raw batches
-with the line number of their first record (records.py turns a batch into texts in a worker).
+"""Input formats, main-process side: find the files (megapre.data.input_files) and stream them
+as record-aligned raw batches with the line number of their first record (records.py turns a
+batch into texts in a worker).
 
 The main process only reads and cuts bytes (plus gzip/zstd decompression and the sha256 of each
 file as it streams by); JSON parsing, UTF-8 decoding and validation happen in the workers, so a raw
@@ -7,30 +8,15 @@ batch is one `bytes` object and crosses the process boundary without per-documen
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import hashlib
-import os
 import re
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Iterator, Sequence
 
+# Finding the inputs is shared with tokenizer training; re-exported for the pipeline and tests.
+from megapre.data.input_files import InputFile, expand_inputs  # noqa: F401
 from megapre.data.preprocess.errors import Skip
-
-FORMATS = ("jsonl", "text", "parquet")
-TEXT_MODES = ("line", "blank-line")
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_TEXT_SUFFIXES = (".txt", ".text")
-_COMPRESSION = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
-_OWN_OUTPUTS = (".stats.json", ".errors.jsonl")   # run artifacts: not corpus in a dir/glob match
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str
-    format: str          # one of FORMATS
-    compression: str     # "none" | "gzip" | "zstd"
-    size: int            # bytes on disk
 
 
 @dataclass
@@ -44,78 +30,6 @@ class RawBatch:
     kind: str            # "jsonl" | "text-line" | "text-block" | "parquet" | "skip"
     payload: Any
     nbytes: int
-
-
-# ----------------------------------------------------------------------------- finding inputs
-
-def detect_format(path: str, input_format: str = "auto") -> tuple[str, str] | None:
-    """(format, compression) of `path`; None when `auto` cannot tell from the name."""
-    name = path.lower()
-    compression = "none"
-    for suffix, kind in _COMPRESSION.items():
-        if name.endswith(suffix):
-            compression, name = kind, name[: -len(suffix)]
-            break
-    if input_format != "auto":
-        if input_format == "parquet" and compression != "none":
-            raise ValueError(f"{path}: Parquet files are compressed internally; a {compression} "
-                             "wrapper is not supported, decompress the file first")
-        return input_format, compression
-    if name.endswith(_JSONL_SUFFIXES):
-        return "jsonl", compression
-    if name.endswith(_TEXT_SUFFIXES):
-        return "text", compression
-    if name.endswith(".parquet") and compression == "none":
-        return "parquet", compression
-    return None
-
-
-def expand_inputs(patterns: Sequence[str], input_format: str = "auto") -> list[InputFile]:
-    """Resolve --input values (files, globs, directories searched recursively) to a deduplicated,
-    deterministic file list: patterns in the order given, matches of each in sorted order."""
-    if input_format not in ("auto", *FORMATS):
-        raise ValueError(f"--input-format {input_format!r}: choose from auto, {', '.join(FORMATS)}")
-    files: list[InputFile] = []
-    seen: set[str] = set()
-    for pattern in patterns:
-        for path in _matches(pattern, input_format):
-            real = os.path.realpath(path)
-            if real in seen:
-                continue
-            seen.add(real)
-            kind = detect_format(path, input_format)
-            if kind is None:
-                raise ValueError(
-                    f"--input {path}: cannot tell the format from the file name (known: "
-                    f"{', '.join(_JSONL_SUFFIXES + _TEXT_SUFFIXES)}, .parquet, optionally + .gz/.zst);"
-                    " pass --input-format jsonl|text|parquet")
-            files.append(InputFile(path, kind[0], kind[1], os.path.getsize(path)))
-    return files
-
-
-def _matches(pattern: str, input_format: str) -> list[str]:
-    if os.path.isdir(pattern):
-        found = []
-        for root, dirs, names in os.walk(pattern):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in names:
-                path = os.path.join(root, name)
-                if (not name.startswith(".") and not name.endswith(_OWN_OUTPUTS)
-                        and detect_format(path, input_format) is not None):
-                    found.append(path)
-        if not found:
-            raise ValueError(f"--input {pattern}: directory holds no .jsonl/.json/.ndjson/.txt/"
-                             ".parquet files (optionally .gz/.zst)")
-        return sorted(found)
-    if os.path.isfile(pattern):
-        return [pattern]
-    if glob.has_magic(pattern):
-        found = sorted(p for p in glob.glob(pattern, recursive=True)
-                       if os.path.isfile(p) and not p.endswith(_OWN_OUTPUTS))
-        if not found:
-            raise ValueError(f"--input {pattern}: the pattern matches no files")
-        return found
-    raise ValueError(f"--input {pattern}: no such file or directory")
 
 
 # ----------------------------------------------------------------------------- raw streaming

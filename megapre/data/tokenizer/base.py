@@ -158,23 +158,27 @@ class Tokenizer(abc.ABC):
             raise ValueError(f"{self.name}: id {bad} is outside the vocabulary [0, {self.vocab_size})")
         return arr.tolist()
 
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        """Constructor arguments beside the config (a backend whose __init__ takes more overrides it)."""
+        return {}
+
     def __reduce__(self):
-        # Absolute paths: a worker may run in another directory.
+        # Absolute paths: a worker may run in another directory. Rebuilt by class, not through the
+        # registry, so this contract module never imports the registry that sits above it.
         paths = {
             field: os.path.abspath(os.path.expanduser(os.fspath(value)))
             for field in ("vocab_file", "merge_file", "tokenizer_model")
             if (value := getattr(self.config, field)) is not None
         }
-        return (_rebuild, (replace(self.config, **paths), self.file_digests()))
+        return (_rebuild, (type(self), replace(self.config, **paths), self.rebuild_kwargs(), self.file_digests()))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(type={self.name!r}, vocab_size={self.vocab_size}, eod={self.eod})"
 
 
-def _rebuild(config: TokenizerConfig, digests: dict[str, str]) -> Tokenizer:
-    from megapre.data.tokenizers import build_tokenizer
-
-    tok = build_tokenizer(config)
+def _rebuild(cls: type[Tokenizer], config: TokenizerConfig, kwargs: dict[str, Any],
+             digests: dict[str, str]) -> Tokenizer:
+    tok = cls(config, **kwargs)
     now = tok.file_digests()
     for key, digest in digests.items():
         if now.get(key) != digest:

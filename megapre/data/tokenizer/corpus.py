@@ -7,21 +7,15 @@ Bad records are skipped and counted with file:line, or stop the run with `on_err
 """
 from __future__ import annotations
 
-import glob
 import gzip
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Iterator, Sequence
 
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-TEXT_SUFFIXES = (".txt", ".text")
-COMPRESSED = (".gz", ".zst", ".zstd")
-INPUT_FORMATS = ("auto", "jsonl", "text", "parquet")
-TEXT_MODES = ("line", "blank-line")
+from megapre.data.input_files import INPUT_FORMATS, TEXT_MODES, InputFile  # noqa: F401 (re-exported)
+from megapre.data.input_files import expand_inputs as find_inputs
 
 
 class CorpusError(ValueError):
@@ -56,49 +50,13 @@ class CorpusStats:
             self.examples.append(f"{where}: {reason}")
 
 
-def file_format(path: str, input_format: str) -> str | None:
-    if input_format != "auto":
-        return input_format
-    name = path.lower()
-    for suffix in COMPRESSED:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(TEXT_SUFFIXES):
-        return "text"
-    if name.endswith(".parquet"):
-        return "parquet"
-    return None
-
-
-def expand_inputs(patterns: Sequence[str], input_format: str = "auto") -> list[str]:
-    """Files named by --input: paths, globs, directories (searched recursively, known suffixes only)."""
-    if input_format not in INPUT_FORMATS:
-        raise CorpusError(f"--input-format {input_format!r}: choose one of {', '.join(INPUT_FORMATS)}")
-    files: list[str] = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(
-                str(p) for p in Path(pattern).rglob("*")
-                if p.is_file() and not p.name.startswith(".") and file_format(str(p), "auto")
-            )
-            if not found:
-                raise CorpusError(f"--input {pattern}: directory holds no .jsonl/.json/.txt/.parquet files")
-        elif os.path.isfile(pattern):
-            found = [pattern]
-        else:
-            found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise CorpusError(f"--input {pattern}: no such file, and no file matches it as a glob")
-        for path in found:
-            if file_format(path, input_format) is None:
-                raise CorpusError(
-                    f"--input {path}: cannot tell the format from the name; pass --input-format jsonl or text"
-                )
-            if path not in files:
-                files.append(path)
-    return files
+def expand_inputs(patterns: Sequence[str], input_format: str = "auto") -> list[InputFile]:
+    """Files named by --input (paths, globs, directories): the files preprocessing would read, so
+    its side outputs (PREFIX.stats.json, PREFIX.errors.jsonl) are never taken for corpus text."""
+    try:
+        return find_inputs(patterns, input_format)
+    except ValueError as e:
+        raise CorpusError(str(e)) from e
 
 
 def _open(path: str) -> IO[bytes]:
@@ -212,12 +170,12 @@ def iter_documents(opts: CorpusOptions, stats: CorpusStats) -> Iterator[str]:
     if opts.text_mode not in TEXT_MODES:
         raise CorpusError(f"--text-mode {opts.text_mode!r}: choose one of {', '.join(TEXT_MODES)}")
     files = expand_inputs(opts.inputs, opts.input_format)
-    stats.files = files
-    for index, path in enumerate(files):
+    stats.files = [f.path for f in files]
+    for index, file in enumerate(files):
         left = len(files) - index
         doc_cap = None if opts.max_documents is None else stats.documents + (opts.max_documents - stats.documents) // left
         byte_cap = None if opts.sample_bytes is None else stats.bytes + (opts.sample_bytes - stats.bytes) // left
-        for doc in READERS[file_format(path, opts.input_format)](path, opts, stats):
+        for doc in READERS[file.format](file.path, opts, stats):
             if not doc.strip():
                 stats.skipped["empty document"] += 1
                 continue

@@ -108,6 +108,9 @@ class BertWordPieceTokenizer(HFBackedTokenizer):
     def continuation_mask(self) -> np.ndarray:
         return self._continuation.copy()
 
+    def rebuild_kwargs(self) -> dict[str, Any]:
+        return {"lower_case": self.lower_case}
+
 
 def _prefix_mask(vocab: dict[str, int], prefix: str, size: int) -> np.ndarray:
     mask = np.zeros(size, dtype=bool)

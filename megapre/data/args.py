@@ -1,0 +1,33 @@
+"""The data flags of a training run (Megatron names): which corpora and how they are split and
+cached, the tokenizer, and the sample options. One section of megapre.train.args.PretrainConfig,
+kept here so the data layer owns its flags and never imports the training layer.
+
+Each field is a flag (`data_cache_path` is `--data-cache-path`); its metadata carries the help
+text (and choices), the convention every section of PretrainConfig follows (megapre/flag_fields.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megapre.flag_fields import flag_field as _f
+
+
+@dataclass
+class DataArgs:
+    data_path: list[str] = _f([], "blend: 'W1 PREFIX1 W2 PREFIX2 ...' or prefixes weighted by size")
+    split: str = _f("969,30,1", "train,valid,test proportions of --data-path")
+    train_data_path: list[str] = _f([], "separate training blend")
+    valid_data_path: list[str] = _f([], "separate validation blend")
+    test_data_path: list[str] = _f([], "separate test blend")
+    data_cache_path: str | None = _f(None, "where index files are cached (default: beside the data)")
+    tokenizer_type: str | None = _f(None, "GPT2BPETokenizer, BertWordPieceLowerCase, SentencePieceTokenizer, ...")
+    vocab_file: str | None = _f(None, "tokenizer vocabulary file")
+    merge_file: str | None = _f(None, "BPE merges file")
+    tokenizer_model: str | None = _f(None, "SentencePiece .model or HF tokenizer.json")
+    vocab_size: int | None = _f(None, "NullTokenizer vocabulary size")
+    num_workers: int = _f(2, "DataLoader workers")
+    eod_mask_loss: bool = _f(False, "no loss on end-of-document tokens")
+    reset_position_ids: bool = _f(False, "positions restart after each end-of-document")
+    reset_attention_mask: bool = _f(False, "no attention across document boundaries")
+    mask_prob: float = _f(0.15, "BERT: fraction of tokens masked")
+    short_seq_prob: float = _f(0.1, "BERT: probability of a shorter sample")
