@@ -151,7 +151,7 @@ def main() -> None:
             "megapre-preprocess-data = megapre.cli.preprocess_data:main",
             "megapre-train-tokenizer = megapre.data.train_tokenizer:main",
             "megapre-merge-datasets = megapre.cli.merge_datasets:main",
-            "megapre-build-index = megapre.data.build_index:main",
+            "megapre-build-index = megapre.cli.build_index:main",
             "megapre-make-demo-corpus = megapre.cli.make_demo_corpus:main",
             "megapre-evaluate = megapre.cli.evaluate:main",
             "megapre-generate = megapre.cli.generate:main",

@@ -12,7 +12,7 @@ import pytest
 
 from megapre.data import gpt_helpers
 from megapre.data.blend import BlendConfig, BlendedDataset, build_gpt_datasets, parse_blend, samples_per_dataset
-from megapre.data.build_index import main as build_index_main
+from megapre.cli.build_index import main as build_index_main
 from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megapre.data.index_cache import CacheConfig
 from megapre.data.split import parse_split, split_ranges

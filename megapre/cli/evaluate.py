@@ -16,6 +16,7 @@ import json
 import os
 import sys
 
+from megapre.data.args import DataArgs
 from megapre.data.split import SPLIT_NAMES
 from megapre.inference import checkpoint_io
 from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
@@ -26,9 +27,13 @@ from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import validate
 from megapre.train.data import batches, samples_per_split
-from megapre.train.step import EvalStep
-from megapre.train.step import StepConfig
+from megapre.train.step import EvalStep, StepConfig
 
+from .flags import add_section_flags, section_values
+
+# Data flags shared with megapre.pretrain (one declaration, megapre.data.args.DataArgs).
+CACHE_FLAGS = ("data_cache_path", "data_cache", "data_cache_node_local", "data_cache_wait",
+               "megatron_compatible_blend")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -50,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--global-batch-size", type=int, help="default: the run's")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="shard norms/dropout activations over the sequence within TP")
-    g.add_argument("--data-cache-path", help="where dataset index files are cached")
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    add_section_flags(p, "data", DataArgs, only=CACHE_FLAGS, show_defaults=False,
+                      title="index cache and blend order (default: the run's)")
     return p
 
 
@@ -87,8 +93,8 @@ def _apply_batch_flags(cfg, args: argparse.Namespace) -> None:
             t.global_batch_size = None  # re-derived by validate: micro x DP
     if args.global_batch_size is not None:
         t.global_batch_size = args.global_batch_size
-    if args.data_cache_path is not None:
-        d.data_cache_path = args.data_cache_path
+    for name, value in section_values(args, "data").items():
+        setattr(d, name, value)
     d.num_workers = args.num_workers
 
 

@@ -11,7 +11,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from megapre.train.args import SECTIONS, PretrainConfig, apply_settings, flag, load_config_file
+from megapre.flag_fields import flag
+from megapre.train.args import SECTIONS, PretrainConfig, apply_settings, load_config_file
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -32,6 +33,43 @@ def _none_or(kind):
     return parse
 
 
+def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, *,
+                      only: tuple[str, ...] | None = None, title: str | None = None,
+                      show_defaults: bool = True) -> None:
+    """One flag per field of config dataclass `cls` (or of the fields in `only`), as an argument
+    group. Flags not given stay out of the namespace (`section_values`), so a config file, a
+    saved checkpoint config or the dataclass default supplies them."""
+    group = parser.add_argument_group(title or section)
+    annotations = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        kind, is_list = _base_type(annotations[f.name])
+        meta = dict(f.metadata)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = f" (default: {default})" if show_defaults else ""
+        kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
+                              "help": meta["help"] + shown}
+        if kind is bool:
+            name = "no_" + f.name if default else f.name
+            group.add_argument(flag(name), action="store_false" if default else "store_true", **kw)
+            continue
+        if is_list:
+            kw["nargs"] = "+"
+        if "choices" in meta:
+            kw["choices"] = meta["choices"]
+        kw["type"] = _none_or(kind) if kind is not str else str
+        if "choices" in meta and None in meta["choices"]:
+            kw["type"] = _none_or(str)
+        group.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+
+
+def section_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The flags of `section` given on the command line, by field name."""
+    prefix = section + "."
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megapre.pretrain", usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
@@ -39,30 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Flags follow Megatron-LM; --config reads a YAML/JSON file that flags override.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by section)")
-    hints = typing.get_type_hints
     for section, cls in SECTIONS.items():
-        group = p.add_argument_group(section)
-        annotations = hints(cls)
-        for f in dataclasses.fields(cls):
-            kind, is_list = _base_type(annotations[f.name])
-            meta = dict(f.metadata)
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
-                                  "help": f"{meta['help']} (default: {default})"}
-            if kind is bool:
-                if default:
-                    group.add_argument(flag("no_" + f.name), action="store_false", **kw)
-                else:
-                    group.add_argument(flag(f.name), action="store_true", **kw)
-                continue
-            if is_list:
-                kw["nargs"] = "+"
-            if "choices" in meta:
-                kw["choices"] = meta["choices"]
-            kw["type"] = _none_or(kind) if kind is not str else str
-            if "choices" in meta and None in meta["choices"]:
-                kw["type"] = _none_or(str)
-            group.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+        add_section_flags(p, section, cls)
     return p
 
 
@@ -72,8 +88,7 @@ def parse_config(argv: list[str] | None = None) -> PretrainConfig:
     cfg = PretrainConfig()
     if getattr(args, "config", None) is not None:
         apply_settings(cfg, load_config_file(args.config), args.config)
-    for dest, value in vars(args).items():
-        if "." in dest:
-            section, name = dest.split(".", 1)
+    for section in SECTIONS:
+        for name, value in section_values(args, section).items():
             setattr(getattr(cfg, section), name, value)
     return cfg

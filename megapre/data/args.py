@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megapre.data.blend import BlendConfig
+from megapre.data.index_cache import CacheConfig
 from megapre.flag_fields import flag_field as _f
 
 
@@ -20,6 +22,14 @@ class DataArgs:
     valid_data_path: list[str] = _f([], "separate validation blend")
     test_data_path: list[str] = _f([], "separate test blend")
     data_cache_path: str | None = _f(None, "where index files are cached (default: beside the data)")
+    data_cache: bool = _f(True, "cache index files (--no-data-cache: build them in memory, write "
+                          "nothing)")
+    data_cache_node_local: bool = _f(False, "the cache directory is per node: local rank 0 of every "
+                                     "node builds")
+    data_cache_wait: float = _f(3600.0, "seconds to wait for another process building the same "
+                                "indices")
+    megatron_compatible_blend: bool = _f(False, "megatron-core's blend order (drifts up to ~1.7 "
+                                         "samples from the weights)")
     tokenizer_type: str | None = _f(None, "GPT2BPETokenizer, BertWordPieceLowerCase, SentencePieceTokenizer, ...")
     vocab_file: str | None = _f(None, "tokenizer vocabulary file")
     merge_file: str | None = _f(None, "BPE merges file")
@@ -31,3 +41,17 @@ class DataArgs:
     reset_attention_mask: bool = _f(False, "no attention across document boundaries")
     mask_prob: float = _f(0.15, "BERT: fraction of tokens masked")
     short_seq_prob: float = _f(0.1, "BERT: probability of a shorter sample")
+
+    def blend(self) -> BlendConfig:
+        """Which corpora feed which split."""
+        return BlendConfig(data_path=self.data_path or None, split=self.split,
+                           train_data_path=self.train_data_path or None,
+                           valid_data_path=self.valid_data_path or None,
+                           test_data_path=self.test_data_path or None,
+                           megatron_compatible_blend=self.megatron_compatible_blend)
+
+    def cache(self) -> CacheConfig:
+        """Where and how the sample indices are cached."""
+        return CacheConfig(cache_dir=self.data_cache_path, enabled=self.data_cache,
+                           node_local=self.data_cache_node_local,
+                           wait_timeout_s=self.data_cache_wait)

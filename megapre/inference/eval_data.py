@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from megapre.data.blend import BlendConfig, build_gpt_datasets, parse_blend
+from megapre.data.blend import build_gpt_datasets, parse_blend
 from megapre.data.gpt_dataset import GPTDatasetConfig
-from megapre.data.index_cache import CacheConfig
 from megapre.data.split import SPLIT_NAMES, parse_split, split_ranges
 from megapre.data.tokenizers import Tokenizer
 from megapre.model.config import ConfigError
@@ -56,12 +55,8 @@ def eval_dataset(cfg: PretrainConfig, tokenizer: Tokenizer, split: str,
                                eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                                reset_position_ids=d.reset_position_ids,
                                reset_attention_mask=d.reset_attention_mask,
-                               cache=CacheConfig(cache_dir=d.data_cache_path))
-        blend = BlendConfig(data_path=d.data_path or None, split=d.split,
-                            train_data_path=d.train_data_path or None,
-                            valid_data_path=d.valid_data_path or None,
-                            test_data_path=d.test_data_path or None)
-        found = build_gpt_datasets(blend, gpt, counts)
+                               cache=d.cache())
+        found = build_gpt_datasets(d.blend(), gpt, counts)
     else:
         found = {split: _bert_split(cfg, tokenizer, split, num_samples)}
     dataset = found.get(split)
@@ -92,7 +87,7 @@ def _bert_split(cfg: PretrainConfig, tokenizer: Tokenizer, split: str,
     bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
                              short_seq_prob=d.short_seq_prob,
                              binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
-                             cache=CacheConfig(cache_dir=d.data_cache_path))
+                             cache=d.cache())
     return BertDataset(indexed, tokenizer, split, r, num_samples, bert)
 
 

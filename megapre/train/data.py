@@ -15,9 +15,8 @@ from typing import Any, Iterator
 import torch
 
 from megapre.data.bert_dataset import BertDatasetConfig
-from megapre.data.blend import BlendConfig, build_bert_datasets, build_gpt_datasets
+from megapre.data.blend import build_bert_datasets, build_gpt_datasets
 from megapre.data.gpt_dataset import GPTDatasetConfig
-from megapre.data.index_cache import CacheConfig
 from megapre.data.sampler import build_data_loader
 from megapre.data.split import samples_per_split as _samples_per_split
 from megapre.data.tokenizers import Tokenizer
@@ -38,30 +37,22 @@ def samples_per_split(cfg: PretrainConfig) -> list[int]:
     return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size)
 
 
-def _blend(cfg: PretrainConfig) -> BlendConfig:
-    d = cfg.data
-    return BlendConfig(data_path=d.data_path or None, split=d.split,
-                       train_data_path=d.train_data_path or None,
-                       valid_data_path=d.valid_data_path or None,
-                       test_data_path=d.test_data_path or None)
-
-
 def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -> Splits:
     counts = samples_per_split(cfg)
     d = cfg.data
-    cache = CacheConfig(cache_dir=d.data_cache_path)
+    cache = d.cache()
     if cfg.model.model == "gpt":
         gpt = GPTDatasetConfig(seq_length=cfg.model.seq_length, seed=cfg.train.seed,
                                eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                                reset_position_ids=d.reset_position_ids,
                                reset_attention_mask=d.reset_attention_mask, cache=cache)
-        found = build_gpt_datasets(_blend(cfg), gpt, counts, group=group)
+        found = build_gpt_datasets(d.blend(), gpt, counts, group=group)
     else:
         bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
                                  short_seq_prob=d.short_seq_prob,
                                  binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
                                  cache=cache)
-        found = build_bert_datasets(_blend(cfg), bert, tokenizer, counts, group=group)
+        found = build_bert_datasets(d.blend(), bert, tokenizer, counts, group=group)
     if found.get("train") is None:
         raise ValueError("the training split is empty: give it a share in --split "
                          f"(now {d.split!r}) or pass --train-data-path")
