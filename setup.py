@@ -149,7 +149,7 @@ def main() -> None:
         entry_points={"console_scripts": [
             "megapre-pretrain = megapre.cli.pretrain:main",
             "megapre-preprocess-data = megapre.cli.preprocess_data:main",
-            "megapre-train-tokenizer = megapre.data.train_tokenizer:main",
+            "megapre-train-tokenizer = megapre.cli.train_tokenizer:main",
             "megapre-merge-datasets = megapre.cli.merge_datasets:main",
             "megapre-build-index = megapre.cli.build_index:main",
             "megapre-make-demo-corpus = megapre.cli.make_demo_corpus:main",
@@ -158,6 +158,7 @@ def main() -> None:
             "megapre-sweep = megapre.cli.sweep:main",
             "megapre-estimate-memory = megapre.cli.estimate_memory:main",
             "megapre-checkpoint = megapre.cli.checkpoint:main",
+            "megapre-bert-samples = megapre.cli.bert_samples:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megapre.cli.bert_samples import main as bert_main
 from megapre.data.bert_dataset import (
     BertDataset,
     BertDatasetConfig,
     build_mapping,
-    main as bert_main,
     split_pair,
     truncate_pair,
 )

@@ -560,7 +560,7 @@ def test_null_tokenizer_as_megatron():
 def test_megatron_flags_round_trip_through_argparse():
     import argparse
 
-    from megapre.data.tokenizers import add_tokenizer_args, tokenizer_config_from_args
+    from megapre.cli.tokenizer_flags import add_tokenizer_flags as add_tokenizer_args, tokenizer_config_from_args
 
     parser = argparse.ArgumentParser()
     add_tokenizer_args(parser)

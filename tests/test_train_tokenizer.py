@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from megapre.data.tokenizer.corpus import CorpusError, CorpusOptions, CorpusStats, iter_documents
-from megapre.data.train_tokenizer import _sentences, main
+from megapre.cli.train_tokenizer import main
+from megapre.data.train_tokenizer import _sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

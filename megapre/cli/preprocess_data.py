@@ -11,6 +11,8 @@ from typing import Sequence
 from megapre.data.preprocess.errors import (EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE,
                                             InputError)
 
+from .tokenizer_flags import add_tokenizer_flags, tokenizer_config_from_args
+
 EPILOG = f"""\
 outputs (as Megatron): PREFIX_{{key}}_document.bin/.idx per --json-keys key (_sentence with
 --split-sentences); PREFIX.stats.json (written last: marks the run finished); PREFIX.errors.jsonl
@@ -55,16 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --split-sentences, keep the newlines between sentences")
     g.add_argument("--lang", default="english",
                    help="sentence-splitter language (Megatron's flag; only english is supported)")
-    t = p.add_argument_group("tokenizer")
-    t.add_argument("--tokenizer-type", required=True,
-                   help="GPT2BPETokenizer, BertWordPieceLowerCase, BertWordPieceCase, "
-                        "SentencePieceTokenizer, HuggingFaceTokenizer, NullTokenizer, "
-                        "ByteLevelTokenizer, CharacterTokenizer")
-    t.add_argument("--vocab-file", default=None, help="vocab.json (GPT-2) or vocab.txt (BERT)")
-    t.add_argument("--merge-file", default=None, help="merges.txt (GPT-2 BPE)")
-    t.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model, or HF tokenizer.json (file or directory)")
-    t.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    t = add_tokenizer_flags(p)
     t.add_argument("--append-eod", action="store_true",
                    help="append the end-of-document token to every document")
     o = p.add_argument_group("output and runtime")
@@ -88,13 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from megapre.data.preprocess.pipeline import PreprocessConfig, UsageError
-    from megapre.data.tokenizers import TokenizerConfig
-
     if args.lang.lower() not in ("english", "en"):
         raise UsageError(f"--lang {args.lang}: the offline sentence splitter supports english only")
-    tok = TokenizerConfig(tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                          merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                          vocab_size=args.vocab_size)
+    tok = tokenizer_config_from_args(args)
     return PreprocessConfig(
         inputs=list(args.input), output_prefix=args.output_prefix, tokenizer=tok,
         json_keys=tuple(args.json_keys), input_format=args.input_format, text_mode=args.text_mode,

@@ -4,22 +4,20 @@ files atomically so they load with `build_tokenizer` (the flags to use are print
 
     python tools/train_tokenizer.py --kind sentencepiece --input corpus/*.jsonl.gz --vocab-size 32000 \
         --output-dir tok --output-prefix spm32k
+
+(front end: megapre/cli/train_tokenizer.py)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator
 
 from megapre.data.tokenizer.corpus import (
-    INPUT_FORMATS,
-    TEXT_MODES,
     CorpusError,
     CorpusOptions,
     CorpusStats,
@@ -39,59 +37,33 @@ class Output:
     configs: list[TokenizerConfig]
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="train_tokenizer.py", description=__doc__.split("\n\n")[0],
-        epilog="Outputs go to OUTPUT_DIR/OUTPUT_PREFIX.* (plus OUTPUT_PREFIX.train.json, the run's summary); "
-               "the flags that load them are printed. Exit codes: 0 trained, 1 bad input or failed "
-               "training (message on stderr), 2 bad flags.",
-    )
-    p.add_argument("--kind", choices=KINDS, required=True, help="what to train")
-    p.add_argument("--input", nargs="+", required=True, help="files, globs or directories (JSONL, text, Parquet; .gz/.zst)")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--output-prefix", default="tokenizer", help="file name stem inside --output-dir")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    g = p.add_argument_group("input")
-    g.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL/Parquet fields holding text")
-    g.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
-    g.add_argument("--text-mode", choices=TEXT_MODES, default="line", help="plain text: a document per line or per blank-line block")
-    g.add_argument("--max-documents", type=int, help="read at most this many documents (spread over the files)")
-    g.add_argument("--sample-bytes", type=_size, help="read at most this much text, e.g. 2G (spread over the files)")
-    g.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="bad records: count and skip, or stop")
-    g = p.add_argument_group("model")
-    g.add_argument("--vocab-size", type=int, help="vocabulary size (default 32000; wordpiece 30522)")
-    g.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram", help="sentencepiece algorithm")
-    g.add_argument("--character-coverage", type=float, default=0.9995, help="sentencepiece: share of characters kept (1.0 for small alphabets)")
-    g.add_argument("--byte-fallback", action="store_true", help="sentencepiece: unknown characters become UTF-8 byte pieces")
-    g.add_argument("--max-sentences", type=int, default=5_000_000, help="sentencepiece: sentences sampled into memory")
-    g.add_argument("--max-sentence-length", type=int, default=4192, help="sentencepiece: longer lines are cut at spaces")
-    g.add_argument("--min-frequency", type=int, default=2, help="byte-bpe: minimum pair count for a merge")
-    g.add_argument("--cased", action="store_true", help="wordpiece: keep case and accents (BertWordPieceCase)")
-    g.add_argument("--special-tokens", nargs="*", default=[], help="extra special tokens (byte-bpe: added after <|endoftext|>; sentencepiece: user-defined symbols)")
-    g.add_argument("--char-specials", nargs="*", default=[], choices=("eod", "pad", "unk"), help="char: special tokens after the characters")
-    g.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    g.add_argument("--verbose", action="store_true", help="show the trainer's own log")
-    args = p.parse_args(argv)
-    if args.vocab_size is not None and args.kind == "char":
-        p.error("--vocab-size does not apply to --kind char (the vocabulary is the corpus's characters)")
-    if args.cased and args.kind != "wordpiece":
-        p.error("--cased applies to --kind wordpiece only")
-    for name in ("max_documents", "sample_bytes", "vocab_size", "max_sentences", "threads"):
-        value = getattr(args, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive (got {value})")
-    if not 0 < args.character_coverage <= 1:
-        p.error(f"--character-coverage must be in (0, 1] (got {args.character_coverage})")
-    return args
+@dataclass
+class TrainingConfig:
+    """What to train on and how (the flags of tools/train_tokenizer.py, megapre/cli/train_tokenizer.py)."""
 
-
-def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("b")
-    try:
-        return int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500M, 2G, 1000000)") from None
+    kind: str  # one of KINDS
+    input: list[str]  # files, globs or directories
+    output_dir: str
+    output_prefix: str = "tokenizer"
+    overwrite: bool = False
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    input_format: str = "auto"
+    text_mode: str = "line"
+    max_documents: int | None = None
+    sample_bytes: int | None = None
+    on_error: str = "skip"
+    vocab_size: int | None = None  # None: 32000 (wordpiece 30522)
+    model_type: str = "unigram"  # sentencepiece algorithm
+    character_coverage: float = 0.9995
+    byte_fallback: bool = False
+    max_sentences: int = 5_000_000
+    max_sentence_length: int = 4192
+    min_frequency: int = 2
+    cased: bool = False
+    special_tokens: list[str] = field(default_factory=list)
+    char_specials: list[str] = field(default_factory=list)
+    threads: int = os.cpu_count() or 1
+    verbose: bool = False
 
 
 # ------------------------------------------------------------------------------------- trainers
@@ -125,7 +97,7 @@ class _Remember:
             raise
 
 
-def train_sentencepiece(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
+def train_sentencepiece(docs: Iterable[str], tmp: Path, prefix: str, args: TrainingConfig) -> Output:
     import sentencepiece as spm
 
     vocab_size = args.vocab_size or 32000
@@ -158,7 +130,7 @@ def train_sentencepiece(docs: Iterable[str], tmp: Path, prefix: str, args: argpa
     )
 
 
-def train_byte_bpe(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
+def train_byte_bpe(docs: Iterable[str], tmp: Path, prefix: str, args: TrainingConfig) -> Output:
     import tokenizers as hf
 
     specials = ["<|endoftext|>"] + [t for t in args.special_tokens if t != "<|endoftext|>"]
@@ -187,7 +159,7 @@ def train_byte_bpe(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.N
     )
 
 
-def train_wordpiece(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
+def train_wordpiece(docs: Iterable[str], tmp: Path, prefix: str, args: TrainingConfig) -> Output:
     """A BERT vocab.txt: the normalizer and pre-tokenizer match what BertWordPiece{LowerCase,Case}
     applies when loading it, so the vocabulary is learnt on the same words it will be used on."""
     import tokenizers as hf
@@ -212,7 +184,7 @@ def train_wordpiece(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.
     )
 
 
-def train_char(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Namespace) -> Output:
+def train_char(docs: Iterable[str], tmp: Path, prefix: str, args: TrainingConfig) -> Output:
     chars: set[str] = set()
     for doc in docs:
         chars.update(doc)
@@ -223,7 +195,7 @@ def train_char(docs: Iterable[str], tmp: Path, prefix: str, args: argparse.Names
     )
 
 
-TRAINERS: dict[str, Callable[[Iterable[str], Path, str, argparse.Namespace], Output]] = {
+TRAINERS: dict[str, Callable[[Iterable[str], Path, str, TrainingConfig], Output]] = {
     "sentencepiece": train_sentencepiece,
     "byte-bpe": train_byte_bpe,
     "wordpiece": train_wordpiece,
@@ -268,7 +240,7 @@ def check(config: TokenizerConfig, docs: list[str]) -> dict:
             "round_trips_ignoring_whitespace": words}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: TrainingConfig) -> dict:
     out_dir = Path(args.output_dir)
     prefix = args.output_prefix
     if "/" in prefix or prefix.startswith("."):
@@ -290,7 +262,7 @@ def run(args: argparse.Namespace) -> dict:
         output = TRAINERS[args.kind](_require_some(docs, stats), tmp, prefix, args)
         seconds = time.perf_counter() - start
         summary = {
-            "kind": args.kind, "arguments": vars(args), "seconds": round(seconds, 2),
+            "kind": args.kind, "arguments": asdict(args), "seconds": round(seconds, 2),
             "corpus": {**asdict(stats), "skipped": dict(stats.skipped)},
             "files": [str(out_dir / f) for f in output.files],
             "flags": [flags_of(c) for c in output.configs],
@@ -311,36 +283,3 @@ def _require_some(docs: Iterator[str], stats: CorpusStats) -> Iterator[str]:
         raise CorpusError(f"no documents to train on ({reasons}); check --input and --json-keys")
     yield first
     yield from docs
-
-
-def report(summary: dict) -> str:
-    c = summary["corpus"]
-    lines = [
-        f"trained {summary['kind']} in {summary['seconds']:.1f} s on {c['documents']:,} documents "
-        f"({c['bytes'] / 1e6:.1f} MB) from {len(c['files'])} file(s)"
-        + (" (stopped at the --max-documents/--sample-bytes cap)" if c["truncated"] else ""),
-    ]
-    if c["skipped"]:
-        lines.append("skipped: " + ", ".join(f"{n:,} {reason}" for reason, n in c["skipped"].items()))
-        lines += [f"  {e}" for e in c["examples"]]
-    lines.append("wrote: " + ", ".join(summary["files"]))
-    for flags, chk in zip(summary["flags"], summary["check"]):
-        tok = chk["tokenizer"]
-        lines.append(
-            f"use with: {flags}\n  vocab {tok['vocab_size']:,}, eod {tok['special_ids']['eod']}; on {chk['documents']} "
-            f"training documents: {chk['bytes_per_token']} bytes/token, round trips: {chk['exact_round_trips']} exact, "
-            f"{chk['round_trips_ignoring_whitespace']} ignoring whitespace"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit codes: 0 trained; 1 bad input or failed training (message on stderr); 2 bad flags."""
-    args = parse_args(argv)
-    try:
-        summary = run(args)
-    except (ValueError, OSError) as e:
-        print(f"train_tokenizer: error: {e}", file=sys.stderr)
-        return 1
-    print(report(summary))
-    return 0
