@@ -15,7 +15,7 @@ import torch
 
 from megapre.data.indexed import IndexedDatasetBuilder
 from megapre.inference.eval_data import eval_dataset, select_data
-from megapre.inference.runtime import build_runtime
+from megapre.train.runtime import build_runtime
 from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.cli.flags import parse_config

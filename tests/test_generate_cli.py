@@ -115,7 +115,7 @@ def test_evaluate_bert_checkpoint(tmp_path, capsys):
     import torch
 
     from megapre.inference.eval_data import eval_dataset, select_data
-    from megapre.inference.runtime import build_runtime
+    from megapre.train.runtime import build_runtime
     from megapre.inference.scoring import score
     from megapre.cli.flags import parse_config
     from megapre.train.args import validate

@@ -22,7 +22,7 @@ from megapre.inference import checkpoint_io
 from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
                                    is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.eval_data import EVAL_SPLITS, eval_dataset, select_data
-from megapre.inference.runtime import build_runtime
+from megapre.train.runtime import build_runtime
 from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import validate

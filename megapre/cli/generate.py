@@ -23,7 +23,7 @@ from megapre.inference import checkpoint_io
 from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
                                    is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.generator import TextGenerator, generate_batches
-from megapre.inference.runtime import build_runtime
+from megapre.train.runtime import build_runtime
 from megapre.inference.sampling import SamplingConfig
 from megapre.model.config import ConfigError
 

@@ -21,8 +21,6 @@ import torch
 import torch.distributed as dist
 
 from megapre.data.tokenizers import build_tokenizer
-from megapre.parallel import ParallelConfig, ParallelMesh, set_random_seed
-from megapre.parallel.mesh import resolve_device
 
 from .args import PretrainConfig, validate
 from .data import batches, build_splits
@@ -30,7 +28,7 @@ from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
                       memory_stats, throughput)
 from .optim import build_optimizer, schedule_from_args, set_lr
-from .parallel_model import ParallelModel
+from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
 
 
@@ -62,23 +60,14 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig) -> None:
         self.start_time = time.time()
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.tokenizer = build_tokenizer(cfg.tokenizer_config())
-        self.plan = validate(cfg, world, self.tokenizer.vocab_size)
+        tokenizer = build_tokenizer(cfg.tokenizer_config())
+        self.plan = validate(cfg, world, tokenizer.vocab_size)
         self.cfg = cfg = self.plan.config
         self.dp_size = self.plan.dp_size
-        p = cfg.parallel
-        self.device = resolve_device(cfg.train.device)
-        self.mesh = ParallelMesh.init(ParallelConfig(
-            tensor_parallel=p.tensor_model_parallel_size,
-            pipeline_parallel=p.pipeline_model_parallel_size,
-            virtual_pipeline=self.plan.virtual_pipeline, sequence_parallel=p.sequence_parallel,
-            timeout_s=p.distributed_timeout_minutes * 60), self.device)
-        self.tracker = set_random_seed(cfg.train.seed, self.mesh)
-        self.model_cfg = cfg.transformer_config(self.tokenizer.vocab_size)
-        self.model = ParallelModel.build(
-            cfg.model.model, self.model_cfg, self.mesh, seed=cfg.train.seed, tracker=self.tracker,
-            recompute_granularity=cfg.train.recompute_granularity,
-            add_binary_head=cfg.model.bert_binary_head)
+        rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
+                           recompute_granularity=cfg.train.recompute_granularity)
+        self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
+        self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)

@@ -1,0 +1,64 @@
+"""The pieces every program that runs a model builds first: tokenizer, process mesh, RNG tracker
+and the model in this job's layout. The Trainer adds optimizer, data and logging on top;
+evaluation and generation use it as is, so weights, names and loss normalization are the
+training run's.
+
+An inference layout is chosen by the command line, not by the checkpoint: checkpoints load under
+any TP/PP, and inference never uses virtual pipeline stages.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from megapre.data.tokenizers import Tokenizer, build_tokenizer
+from megapre.model.config import TransformerConfig
+from megapre.parallel import ParallelConfig, ParallelMesh, layout, set_random_seed
+from megapre.parallel.mesh import resolve_device
+from megapre.parallel.random import RNGTracker
+
+from .args import PretrainConfig
+from .parallel_model import ParallelModel
+
+
+@dataclass
+class Runtime:
+    cfg: PretrainConfig
+    tokenizer: Tokenizer
+    model_cfg: TransformerConfig
+    mesh: ParallelMesh
+    model: ParallelModel
+    tracker: RNGTracker
+
+    @property
+    def device(self) -> torch.device:
+        return self.mesh.device
+
+    def close(self) -> None:
+        self.mesh.destroy()
+
+
+def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
+                  virtual_pipeline: int | None = None,
+                  recompute_granularity: str | None = None) -> Runtime:
+    """Tokenizer (unless given), mesh (joins torchrun's process group) and a freshly initialized
+    model in the layout of `cfg` (with `virtual_pipeline` model chunks per pipeline rank)."""
+    p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer_config())
+    layout.check_parallel_sizes(tp, pp, virtual_pipeline)
+    layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
+    model_cfg = cfg.transformer_config(tokenizer.vocab_size)
+    model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel)
+    device = resolve_device(cfg.train.device)
+    mesh = ParallelMesh.init(ParallelConfig(
+        tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=virtual_pipeline,
+        sequence_parallel=p.sequence_parallel, timeout_s=p.distributed_timeout_minutes * 60),
+        device)
+    tracker = set_random_seed(cfg.train.seed, mesh)
+    model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
+                                tracker=tracker, recompute_granularity=recompute_granularity,
+                                add_binary_head=cfg.model.bert_binary_head)
+    return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)
