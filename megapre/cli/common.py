@@ -1,6 +1,7 @@
-"""What megapre.evaluate and megapre.generate share on the command line: which checkpoint,
-the layout and device to run it in, tokenizer file overrides, JSON output, and error reporting
-(a bad input exits 2 with one line naming the flag or file, no traceback)."""
+"""What the programs that run a checkpoint (megapre.evaluate, megapre.generate) share on the
+command line: which checkpoint, the layout and device to run it in, tokenizer file overrides,
+JSON output, and error reporting (a bad input exits 2 with one line naming the flag or file, no
+traceback)."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if quiet or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def checkpoint_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A parser for a program that runs a checkpoint: its first docstring paragraph as the
+    description, and the checkpoint, layout and tokenizer-file flags."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                     formatter_class=HelpFormatter)
+    add_common_args(parser)
+    return parser
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:

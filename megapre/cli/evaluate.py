@@ -19,27 +19,25 @@ import sys
 from megapre.data.args import DataArgs
 from megapre.data.split import SPLIT_NAMES
 from megapre.inference import checkpoint_io
-from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
-                                   is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.eval_data import EVAL_SPLITS, eval_dataset, select_data
-from megapre.train.runtime import build_runtime
 from megapre.inference.scoring import score
 from megapre.model.config import ConfigError
 from megapre.train.args import validate
 from megapre.train.data import batches, samples_per_split
+from megapre.train.runtime import build_runtime
 from megapre.train.step import EvalStep, StepConfig
 
+from .common import (apply_common, autocast, checkpoint_parser, is_main_rank, run_cli,
+                     write_json_atomic)
 from .flags import add_section_flags, section_values
 
 # Data flags shared with megapre.pretrain (one declaration, megapre.data.args.DataArgs).
 CACHE_FLAGS = ("data_cache_path", "data_cache", "data_cache_node_local", "data_cache_wait",
                "megatron_compatible_blend")
 
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megapre.evaluate", description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter)
-    add_common_args(p)
+    p = checkpoint_parser("megapre.evaluate", __doc__)
     g = p.add_argument_group("data (default: the run's)")
     g.add_argument("--data-path", nargs="+", metavar="PREFIX",
                    help="dataset prefix(es) or a weighted blend 'W1 P1 W2 P2' (default: the run's "

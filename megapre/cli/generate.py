@@ -20,19 +20,17 @@ import sys
 from pathlib import Path
 
 from megapre.inference import checkpoint_io
-from megapre.cli.common import (HelpFormatter, add_common_args, apply_common, autocast,
-                                   is_main_rank, run_cli, write_json_atomic)
 from megapre.inference.generator import TextGenerator, generate_batches
-from megapre.train.runtime import build_runtime
 from megapre.inference.sampling import SamplingConfig
 from megapre.model.config import ConfigError
+from megapre.train.runtime import build_runtime
+
+from .common import (apply_common, autocast, checkpoint_parser, is_main_rank, run_cli,
+                     write_json_atomic)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megapre.generate", description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter)
-    add_common_args(p)
+    p = checkpoint_parser("megapre.generate", __doc__)
     g = p.add_argument_group("prompts and sampling")
     g.add_argument("--prompt", action="append", default=[],
                    help="prompt text (repeat for several; '' samples unconditionally)")
