@@ -106,3 +106,18 @@ def test_no_weight_decay_on_biases_and_norms():
         assert (id(p) in decayed) == (p.dim() >= 2 and "norm" not in name), name
     opt = build_optimizer(model, 1e-3, 0.1)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+def test_every_data_flag_reaches_the_data_layer():
+    """The cache and blend flags (one declaration, DataArgs) are pretraining flags too, and the
+    blend / cache configs the run builds its datasets from carry them."""
+    cfg = parse_config(BASE + ["--megatron-compatible-blend", "--no-data-cache",
+                               "--data-cache-node-local", "--data-cache-wait", "5",
+                               "--data-cache-path", "/tmp/c"])
+    blend, cache = cfg.data.blend(), cfg.data.cache()
+    assert blend.megatron_compatible_blend and blend.data_path == ["A"]
+    assert (cache.cache_dir, cache.enabled, cache.node_local, cache.wait_timeout_s) == \
+        ("/tmp/c", False, True, 5.0)
+    default = parse_config(BASE).data.cache()
+    assert default.enabled and not default.node_local and not parse_config(BASE).data.blend() \
+        .megatron_compatible_blend
