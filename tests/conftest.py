@@ -1,11 +1,33 @@
 """Shared pytest set-up: the `cuda` marker skips without a GPU; `isa` runs a test once per CPU
-kernel path (portable scalar and AVX2) so both are covered on an AVX2 machine."""
+kernel path (portable scalar and AVX2) so both are covered on an AVX2 machine.
+
+A helper the test modules import (`from conftest import ...`):
+
+- `write_counting_corpus`: a small synthetic GPT corpus (counting sequences) that a model learns in a
+  few steps.
+"""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import megapre.ops as ops
+
+
+def write_counting_corpus(prefix, docs: int = 300, *, eod: int = 39, seed: int = 0) -> str:
+    """Write `docs` documents of counting sequences (t, t+k, t+2k, ... mod 39; k in 1..3, 20 to 59
+    tokens), each ending in `eod`, as the indexed dataset `prefix` (uint16); returns the prefix.
+    Ids stay below 39, so with NullTokenizer --vocab-size 39 the default `eod` is its EOD (= the
+    vocabulary size); GPT-2 runs pass its EOD, 50256."""
+    from megapre.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetBuilder(prefix, np.uint16) as b:
+        for _ in range(docs):
+            start, k, n = rng.integers(0, 39), rng.integers(1, 4), rng.integers(20, 60)
+            b.add_document(np.append((start + k * np.arange(n)) % 39, eod))
+    return str(prefix)
 
 
 def pytest_collection_modifyitems(config, items):

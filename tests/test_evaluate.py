@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_counting_corpus
 from megapre.data.indexed import IndexedDatasetBuilder
 from megapre.inference.eval_data import eval_dataset, select_data
 from megapre.inference.runtime import build_runtime
@@ -29,16 +30,6 @@ DATA = ROOT.parent / "shared" / "data"
 VOCAB = 40
 
 
-def write_count_corpus(prefix: str, docs: int = 300) -> str:
-    """Counting sequences (t, t+k, ... mod VOCAB-1) ending in EOD = VOCAB-1 (NullTokenizer)."""
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(docs):
-            start, k, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % (VOCAB - 1), VOCAB - 1))
-    return prefix
-
-
 def gpt_args(corpus: str, cache: Path, *extra: str) -> list[str]:
     return ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
@@ -52,7 +43,7 @@ def gpt_args(corpus: str, cache: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    return write_count_corpus(str(tmp_path_factory.mktemp("corpus") / "count_text_document"))
+    return write_counting_corpus(str(tmp_path_factory.mktemp("corpus") / "count_text_document"))
 
 
 def _score_valid(trainer: Trainer, cfg, iters: int):

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -77,12 +76,7 @@ def test_pretrain_gpt_script_trains_on_cpu(tmp_path):
     gpt2 = ROOT.parent / "shared" / "data" / "gpt2"
     if not (gpt2 / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {gpt2} (the shared data directory)")
-    prefix = str(tmp_path / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(200):
-            start, k, n = rng.integers(0, 39), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % 39, 50256))
+    prefix = write_counting_corpus(tmp_path / "count_text_document", docs=200, eod=50256)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DATA_PATH": prefix,
            "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "GPUS": "2", "TP": "2", "DEVICE": "cpu"}
     tiny = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",

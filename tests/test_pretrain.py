@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 40
@@ -21,14 +20,7 @@ VOCAB = 40
 def corpus(tmp_path_factory) -> str:
     """Documents of counting sequences (t, t+k, t+2k, ... mod VOCAB-1) ending in EOD: easy to
     learn, so a few dozen steps visibly lower the loss."""
-    prefix = str(tmp_path_factory.mktemp("corpus") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(400):
-            start, k, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
-            doc = (start + k * np.arange(n)) % (VOCAB - 1)
-            b.add_document(np.append(doc, VOCAB - 1))  # NullTokenizer: eod = vocab_size
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus") / "count_text_document", docs=400)
 
 
 def _args(corpus: str, out: Path, *extra: str) -> list[str]:
