@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_counting_corpus
+from conftest import SHARED_DATA, write_counting_corpus
 from megapre.data.indexed import IndexedDatasetBuilder
 from megapre.inference.eval_data import eval_dataset, select_data
 from megapre.inference.runtime import build_runtime
@@ -26,7 +26,7 @@ from megapre.train.loop import Trainer
 from megapre.train.step import StepConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 VOCAB = 40
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_counting_corpus
+from conftest import SHARED_DATA, write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT2 = ROOT.parent / "shared" / "data" / "gpt2"
+GPT2 = SHARED_DATA / "gpt2"
 SBATCH = ROOT / "examples" / "slurm_multinode.sbatch"
 EOD = 50256  # GPT-2's <|endoftext|>: the sbatch trains with GPT-2's tokenizer
 

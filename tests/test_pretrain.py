@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_counting_corpus
+from conftest import SHARED_DATA, write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 40
@@ -94,7 +94,7 @@ def test_missing_data_exits_2(tmp_path):
     assert "nope_text_document" in proc.stderr and "Traceback" not in proc.stderr
 
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 @pytest.mark.slow

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data.tokenizers import TOKENIZER_TYPES, TokenizerConfig, TokenizerError, build_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 GPT2 = DATA / "gpt2"
 BERT = DATA / "bert"
 WIKI = DATA / "wikitext-2" / "valid.txt"
