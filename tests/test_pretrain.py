@@ -74,10 +74,11 @@ def test_torchrun_tp2_dp2_matches_single_process(corpus, tmp_path):
                "--tensor-model-parallel-size", "2", "--log-interval", "5"], four)
     assert p4.returncode == 0, p4.stderr[-3000:]
     (t1, e1), (t4, e4) = _metrics(one), _metrics(four)
+    assert len(t1) == len(t4) == 2
+    assert len(e1) == len(e4) == 2  # valid and test at iteration 10
     for a, b in zip(t1 + e1, t4 + e4):
         assert a["iteration"] == b["iteration"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert len(t1) == len(t4) == 2
 
 
 def test_bad_flag_exits_2_and_names_it(corpus, tmp_path):
