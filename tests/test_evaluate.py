@@ -227,7 +227,11 @@ def test_layouts_equal_single_process(corpus, tmp_path):
     for name, got in ((n, r[n]) for r in ranks for n in r):
         want = one[name.split("-")[0]]
         for key in ("tokens", "samples", "lm_loss", "loss", "sop_accuracy", "sop_loss"):
-            assert got.get(key) == pytest.approx(want.get(key), rel=1e-6), (name, key)
+            # GPT scores have no sop_* (None); pytest >= 9.2 refuses approx(None, rel=...)
+            expected = want.get(key)
+            if expected is not None:
+                expected = pytest.approx(expected, rel=1e-6)
+            assert got.get(key) == expected, (name, key)
     if bert:
         assert 0 < one["bert"]["sop_accuracy"] < 1
 
