@@ -1,11 +1,44 @@
 """Shared pytest set-up: the `cuda` marker skips without a GPU; `isa` runs a test once per CPU
-kernel path (portable scalar and AVX2) so both are covered on an AVX2 machine."""
+kernel path (portable scalar and AVX2) so both are covered on an AVX2 machine.
+
+Helpers the test modules import (`from conftest import ...`):
+
+- `SHARED_DATA`: the project's test data (GPT-2 and BERT vocabularies, tinyshakespeare,
+  wikitext-2, ...), by default `../shared/data` beside the checkout. The environment variable
+  `MEGAPRE_SHARED_DATA` points it elsewhere; an empty directory runs the suite as on a fresh clone
+  without the data (`MEGAPRE_SHARED_DATA=$(mktemp -d) python -m pytest -q tests`), where the tests
+  that need a file skip and name it.
+- `write_counting_corpus`: a small synthetic GPT corpus (counting sequences) that a model learns in a
+  few steps.
+"""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 
 import megapre.ops as ops
+
+SHARED_DATA = Path(os.environ.get("MEGAPRE_SHARED_DATA")
+                   or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def write_counting_corpus(prefix, docs: int = 300, *, eod: int = 39, seed: int = 0) -> str:
+    """Write `docs` documents of counting sequences (t, t+k, t+2k, ... mod 39; k in 1..3, 20 to 59
+    tokens), each ending in `eod`, as the indexed dataset `prefix` (uint16); returns the prefix.
+    Ids stay below 39, so with NullTokenizer --vocab-size 39 the default `eod` is its EOD (= the
+    vocabulary size); GPT-2 runs pass its EOD, 50256."""
+    from megapre.data.indexed import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    with IndexedDatasetBuilder(prefix, np.uint16) as b:
+        for _ in range(docs):
+            start, k, n = rng.integers(0, 39), rng.integers(1, 4), rng.integers(20, 60)
+            b.add_document(np.append((start + k * np.arange(n)) % 39, eod))
+    return str(prefix)
 
 
 def pytest_collection_modifyitems(config, items):

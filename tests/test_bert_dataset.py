@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.cli.bert_samples import main as bert_main
 from megapre.data.bert_dataset import (
     BertDataset,
@@ -28,7 +29,7 @@ from megapre.data.index_cache import CacheConfig
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
 VOCAB = 500
 

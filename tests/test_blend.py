@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data import gpt_helpers
 from megapre.data.blend import BlendConfig, BlendedDataset, build_gpt_datasets, parse_blend, samples_per_dataset
 from megapre.cli.build_index import main as build_index_main
@@ -178,7 +179,7 @@ def test_build_index_script_runs(tmp_path):
 def test_build_index_and_samples_on_real_text(tmp_path):
     """tinyshakespeare, GPT-2 BPE, two corpora blended: the CLI builds the cache, the datasets of a
     run hit it, and every EOD-free sample decodes to a passage of the text."""
-    data = REPO.parent / "shared" / "data"
+    data = SHARED_DATA
     if not (data / "tinyshakespeare.txt").is_file() or not (data / "gpt2" / "vocab.json").is_file():
         pytest.skip(f"needs {data}/tinyshakespeare.txt and {data}/gpt2/ (shared test data)")
     from megapre.data.indexed import IndexedDatasetBuilder

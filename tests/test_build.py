@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from pathlib import Path
@@ -149,6 +150,7 @@ WHEEL_CHECK = textwrap.dedent("""
     import os, torch, megapre, megapre.ops as ops
     from megapre.ops import reference as ref
     assert os.environ["VIRTUAL_ENV"] in megapre.__file__, megapre.__file__
+    assert torch.__file__ == os.environ["BUILT_WITH_TORCH"], (torch.__file__, os.environ["BUILT_WITH_TORCH"])
     assert ops.backend_info()["cpu"] == "compiled", ops.backend_info()
     torch.manual_seed(0)
     x = torch.randn(5, 48); w = torch.randn(48); b = torch.randn(48)
@@ -191,10 +193,18 @@ def test_wheel_builds_installs_and_runs(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("megapre-*.whl")
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(tmp_path / "venv")
     py = tmp_path / "venv" / "bin" / "python"
+    # a venv sees the base interpreter's packages only: where this suite runs in a virtualenv, the
+    # torch the wheel was built against (and pip, numpy) live in that one, so add its site-packages
+    # (plain paths, after the new venv's own: its .pth hooks, e.g. an editable megapre, stay off)
+    site_dir = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                              text=True, capture_output=True, check=True).stdout.strip()
+    outer = dict.fromkeys(sysconfig.get_path(k) for k in ("purelib", "platlib"))
+    Path(site_dir, "outer_site_packages.pth").write_text("".join(f"{d}\n" for d in outer))
     inst = subprocess.run([str(py), "-m", "pip", "install", "--no-deps", str(wheel)], text=True, capture_output=True)
     assert inst.returncode == 0, inst.stderr[-3000:]
     run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run_env["VIRTUAL_ENV"] = str(tmp_path / "venv")
+    run_env["BUILT_WITH_TORCH"] = torch.__file__
     out = subprocess.run([str(py), "-c", WHEEL_CHECK], cwd=tmp_path, env=run_env, text=True, capture_output=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "wheel ok" in out.stdout

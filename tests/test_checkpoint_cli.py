@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import write_counting_corpus
 from megapre.parallel.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +38,7 @@ DROPOUT = "0.1"  # same-layout resume: the restored RNG must replay the masks
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
-    prefix = str(tmp_path_factory.mktemp("corpus") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(300):
-            start, k, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % (VOCAB - 1), VOCAB - 1))
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus") / "count_text_document")
 
 
 def _args(corpus: str, out: Path, *extra: str, dropout: str = DROPOUT) -> list[str]:

@@ -112,6 +112,7 @@ def test_load_under_another_layout(layout, saved):
         assert any(k.endswith(".exp_avg_sq") for k in state)
         for key, value in ref_state.items():
             assert torch.equal(state[key], value), f"{kind} {layout}: {key} differs"
+        assert len(losses) == len(ref_losses), f"{kind} {layout}: {len(losses)} vs {len(ref_losses)} losses"
         for i, (a, b) in enumerate(zip(losses, ref_losses)):
             assert abs(a - b) <= RTOL * abs(b), f"{kind} {layout} step {3 + i}: {a} vs {b}"
 

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import SHARED_DATA  # noqa: E402
 from megapre.model.config import TransformerConfig  # noqa: E402
 from megapre.cli.estimate_memory import main  # noqa: E402
 from megapre.cli.flags import parse_config  # noqa: E402
@@ -144,7 +145,7 @@ def test_cli_prints_report_and_rejects_bad_input(capsys):
 
 
 def test_tokenizer_flags_give_the_vocabulary(capsys):
-    data = ROOT.parent / "shared" / "data" / "gpt2"
+    data = SHARED_DATA / "gpt2"
     if not (data / "vocab.json").exists():
         pytest.skip(f"GPT-2 vocabulary not found at {data}")
     assert main(BASE + ["--tokenizer-type", "GPT2BPETokenizer", "--vocab-file",

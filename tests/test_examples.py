@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import SHARED_DATA, write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -74,17 +73,13 @@ def test_bad_settings_are_named_before_any_work(script, env, tmp_path):
 def test_pretrain_gpt_script_trains_on_cpu(tmp_path):
     """pretrain_gpt.sh as written (GPT-2 tokenizer, bf16, checkpoints), shrunk by trailing flags:
     two CPU processes with TP=2 train, save, and log."""
-    gpt2 = ROOT.parent / "shared" / "data" / "gpt2"
+    gpt2 = SHARED_DATA / "gpt2"
     if not (gpt2 / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer files not found in {gpt2} (the shared data directory)")
-    prefix = str(tmp_path / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(200):
-            start, k, n = rng.integers(0, 39), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % 39, 50256))
+    prefix = write_counting_corpus(tmp_path / "count_text_document", docs=200, eod=50256)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DATA_PATH": prefix,
-           "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "GPUS": "2", "TP": "2", "DEVICE": "cpu"}
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "GPUS": "2", "TP": "2", "DEVICE": "cpu",
+           "VOCAB_FILE": str(gpt2 / "vocab.json"), "MERGE_FILE": str(gpt2 / "merges.txt")}
     tiny = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "32", "--max-position-embeddings", "32", "--micro-batch-size", "2",
             "--global-batch-size", "8", "--train-iters", "4", "--lr-warmup-iters", "1",
@@ -104,7 +99,7 @@ def test_pretrain_gpt_script_trains_on_cpu(tmp_path):
 def test_pretrain_bert_script_trains_on_cpu(tmp_path):
     """pretrain_bert.sh as written (WordPiece, masked LM + sentence order, bf16, checkpoints),
     shrunk by trailing flags, on sentence-split Shakespeare: two CPU processes with TP=2."""
-    data = ROOT.parent / "shared" / "data"
+    data = SHARED_DATA
     vocab, text = data / "bert" / "vocab.txt", data / "tinyshakespeare.txt"
     if not (vocab.is_file() and text.is_file()):
         pytest.skip(f"BERT vocab.txt or tinyshakespeare.txt not found in {data}")

@@ -152,6 +152,7 @@ def _argmax_loop(model: ParallelModel, prompt: list[int], n: int, window: int = 
 def test_greedy_batch_equals_argmax_loop(single, use_cache):
     gen = TextGenerator(single, VOCAB, eod=None, max_positions=24)
     out = gen.generate(PROMPTS, 6, SamplingConfig(greedy=True), seed=0, use_cache=use_cache)
+    assert len(out) == len(PROMPTS)
     for prompt, g in zip(PROMPTS, out):
         assert g.prompt_ids == prompt and g.stop_reason == "max_new_tokens"
         assert g.ids == _argmax_loop(single, prompt, 6)
@@ -209,6 +210,7 @@ def test_crop_context_slides_over_the_latest_tokens(single, use_cache):
     prompts = [list(range(20)), list(range(30))]  # the second is longer than the positions
     out = gen.generate(prompts, 10, SamplingConfig(greedy=True), 0, use_cache=use_cache,
                        crop_context=True)
+    assert len(out) == len(prompts)
     for prompt, g in zip(prompts, out):
         assert g.stop_reason == "max_new_tokens"
         assert g.ids == _argmax_loop(single, prompt, 10, window=24)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from test_evaluate import VOCAB, bert_args, write_bert_corpus, write_count_corpus
+from conftest import write_counting_corpus
+from test_evaluate import VOCAB, bert_args, write_bert_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("megapre.train.checkpoint", reason="checkpoints (megapre.train.checkpoint) "
@@ -32,7 +33,7 @@ def _run(args: list[str], cwd: Path, torchrun: int = 0) -> subprocess.CompletedP
 def run(tmp_path_factory) -> dict:
     """A 30-step GPT run on counting sequences, saved at the end (validation and test logged)."""
     work = tmp_path_factory.mktemp("run")
-    corpus = write_count_corpus(str(work / "count_text_document"))
+    corpus = write_counting_corpus(str(work / "count_text_document"))
     proc = _run(["megapre.pretrain", "--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
                  "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
                  "--global-batch-size", "8", "--train-iters", "30", "--lr", "3e-3",

@@ -57,7 +57,7 @@ def test_layout_matches_single_process(layout, reference):
     for rank, per_kind in enumerate(results):
         for kind in KINDS:
             got, ref = per_kind[kind], reference[kind]
-            assert len(got) == STEPS + 1  # + the forward-only evaluation after training
+            assert len(got) == len(ref) == STEPS + 1  # + the forward-only evaluation after training
             for step, ((loss, norm), (ref_loss, ref_norm)) in enumerate(zip(got, ref)):
                 where = f"{kind} {layout} rank {rank} step {step}"
                 assert _rel(loss, ref_loss) <= RTOL, f"{where}: loss {loss} vs {ref_loss}"

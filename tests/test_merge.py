@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megapre.cli.merge_datasets import EXIT_ERROR, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
 def _shard(prefix: Path, first_token: int, n_docs: int, dtype=np.uint16) -> list[list[int]]:

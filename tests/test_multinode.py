@@ -14,13 +14,12 @@ import stat
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import SHARED_DATA, write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-GPT2 = ROOT.parent / "shared" / "data" / "gpt2"
+GPT2 = SHARED_DATA / "gpt2"
 SBATCH = ROOT / "examples" / "slurm_multinode.sbatch"
 EOD = 50256  # GPT-2's <|endoftext|>: the sbatch trains with GPT-2's tokenizer
 
@@ -43,13 +42,7 @@ FAKE_SQUEUE = "#!/usr/bin/env bash\necho 1:00:00\n"
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """Counting sequences (ids below 40) ending in GPT-2's EOD: learnable in a few steps."""
-    prefix = str(tmp_path_factory.mktemp("corpus") / "count_text_document")
-    rng = np.random.default_rng(1)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(300):
-            start, k, n = rng.integers(0, 39), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % 39, EOD))
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus") / "count_text_document", eod=EOD, seed=1)
 
 
 @pytest.fixture()

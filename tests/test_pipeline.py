@@ -154,6 +154,7 @@ def test_pipeline_variants_match_single_process():
     first, last = run_distributed(_variants_worker, 2, timeout_s=240)
     for name in VARIANTS:
         for got in (first[name][0], last[name][0]):
+            assert len(got) == len(ref[name][0]), name
             for (loss, norm, parts), (rl, rn, rp) in zip(got, ref[name][0]):
                 assert parts == rp, name
                 assert loss == pytest.approx(rl, rel=1e-5), name

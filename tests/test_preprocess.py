@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data.indexed import IndexedDataset, merge_datasets
 from megapre.cli.preprocess_data import main
 from megapre.data.preprocess import EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED, EXIT_USAGE
@@ -22,7 +23,7 @@ from megapre.data.preprocess.sentences import split_sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = SHARED_DATA
 BYTE = ["--tokenizer-type", "ByteLevelTokenizer"]
 DOCS = [f"Document {i}: caf\u00e9 \u2014 {'word ' * (i % 5)}end. Second sentence {i}! Third?"
         for i in range(40)]

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import SHARED_DATA, write_counting_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 40
@@ -21,14 +20,7 @@ VOCAB = 40
 def corpus(tmp_path_factory) -> str:
     """Documents of counting sequences (t, t+k, t+2k, ... mod VOCAB-1) ending in EOD: easy to
     learn, so a few dozen steps visibly lower the loss."""
-    prefix = str(tmp_path_factory.mktemp("corpus") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(400):
-            start, k, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
-            doc = (start + k * np.arange(n)) % (VOCAB - 1)
-            b.add_document(np.append(doc, VOCAB - 1))  # NullTokenizer: eod = vocab_size
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus") / "count_text_document", docs=400)
 
 
 def _args(corpus: str, out: Path, *extra: str) -> list[str]:
@@ -82,10 +74,11 @@ def test_torchrun_tp2_dp2_matches_single_process(corpus, tmp_path):
                "--tensor-model-parallel-size", "2", "--log-interval", "5"], four)
     assert p4.returncode == 0, p4.stderr[-3000:]
     (t1, e1), (t4, e4) = _metrics(one), _metrics(four)
+    assert len(t1) == len(t4) == 2
+    assert len(e1) == len(e4) == 2  # valid and test at iteration 10
     for a, b in zip(t1 + e1, t4 + e4):
         assert a["iteration"] == b["iteration"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-    assert len(t1) == len(t4) == 2
 
 
 def test_bad_flag_exits_2_and_names_it(corpus, tmp_path):
@@ -102,7 +95,7 @@ def test_missing_data_exits_2(tmp_path):
     assert "nope_text_document" in proc.stderr and "Traceback" not in proc.stderr
 
 
-SHARED = ROOT.parent / "shared" / "data"
+SHARED = SHARED_DATA
 
 
 @pytest.mark.slow

@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import write_counting_corpus
 from megapre.cli import sweep as sweep_cli
 from megapre.launch import sweep
 
@@ -22,13 +21,7 @@ VOCAB = 40
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """Counting sequences ending in EOD (NullTokenizer: eod = vocab_size); learnable in a few steps."""
-    prefix = str(tmp_path_factory.mktemp("corpus") / "count_text_document")
-    rng = np.random.default_rng(0)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(300):
-            start, k, n = rng.integers(0, VOCAB - 1), rng.integers(1, 4), rng.integers(20, 60)
-            b.add_document(np.append((start + k * np.arange(n)) % (VOCAB - 1), VOCAB - 1))
-    return prefix
+    return write_counting_corpus(tmp_path_factory.mktemp("corpus") / "count_text_document")
 
 
 def _base(corpus: str, cache: Path) -> list[str]:

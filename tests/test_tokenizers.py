@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data.tokenizers import TOKENIZER_TYPES, TokenizerConfig, TokenizerError, build_tokenizer
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = SHARED_DATA
 GPT2 = DATA / "gpt2"
 BERT = DATA / "bert"
 WIKI = DATA / "wikitext-2" / "valid.txt"
@@ -130,6 +131,7 @@ def test_gpt2_matches_independent_reference(gpt2):
     ref = ReferenceGPT2(GPT2 / "vocab.json", GPT2 / "merges.txt")
     texts = TRICKY + wiki_lines(300)
     ours = gpt2.encode_batch(texts)
+    assert len(ours) == len(texts)
     for text, ids in zip(texts, ours):
         assert ids == ref.encode(text), text[:80]
         assert gpt2.decode(ids) == text
@@ -251,7 +253,9 @@ class ReferenceBert:
 def test_bert_lower_matches_independent_reference(bert_lower):
     ref = ReferenceBert(BERT / "vocab.txt", lower=True)
     texts = TRICKY + wiki_lines(300) + ["Ａｃｃｅｎｔｓ àéîõü ÀÉÎÕÜ\u0000ctrl\u200bzw ﬁ ǅ", "x" * 101 + " ok"]
-    for text, ids in zip(texts, bert_lower.encode_batch(texts)):
+    ours = bert_lower.encode_batch(texts)
+    assert len(ours) == len(texts)
+    for text, ids in zip(texts, ours):
         assert ids == ref.encode(text), text[:80]
 
 
@@ -266,6 +270,7 @@ def test_bert_lower_matches_tokenizer_json(bert_lower):
     long_doc = " ".join(wiki_lines(200))  # longer than the reference's 512-token truncation
     texts.append(long_doc)
     ours = bert_lower.encode_batch(texts)
+    assert len(ours) == len(texts)
     for text, ids in zip(texts, ours):
         assert ids == ref.encode(text, add_special_tokens=False).ids, text[:80]
         assert ids == bert_lower.encode(text)

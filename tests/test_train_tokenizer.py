@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED_DATA
 from megapre.data.tokenizer.corpus import CorpusError, CorpusOptions, CorpusStats, iter_documents
 from megapre.cli.train_tokenizer import main
 from megapre.data.train_tokenizer import _sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = SHARED_DATA
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 WIKI = DATA / "wikitext-2" / "valid.txt"
 
