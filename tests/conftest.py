@@ -9,7 +9,9 @@ Helpers the test modules import (`from conftest import ...`):
   without the data (`MEGAPRE_SHARED_DATA=$(mktemp -d) python -m pytest -q tests`), where the tests
   that need a file skip and name it.
 - `write_counting_corpus`: a small synthetic GPT corpus (counting sequences) that a model learns in a
-  few steps.
+  few steps (`COUNTING_VOCAB` ids, the last one the end-of-document token).
+- `write_bert_corpus` / `bert_args`: a sentence-split corpus of BERT word ids and the flags of a tiny
+  BERT on it (skips without the shared BERT vocabulary).
 """
 from __future__ import annotations
 
@@ -24,6 +26,9 @@ import megapre.ops as ops
 
 SHARED_DATA = Path(os.environ.get("MEGAPRE_SHARED_DATA")
                    or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+COUNTING_VOCAB = 40  # ids 0..38 and the end-of-document token 39
 
 
 def write_counting_corpus(prefix, docs: int = 300, *, eod: int = 39, seed: int = 0) -> str:
@@ -72,3 +77,31 @@ def isa(request):
     yield request.param
     if request.param != "reference":
         ops.set_cpu_isa("auto")
+
+
+def write_bert_corpus(directory: Path) -> str:
+    """Sentence-split documents of random word ids (BERT vocabulary), as preprocess
+    --split-sentences writes them; skips the test without the shared BERT vocabulary."""
+    vocab = SHARED_DATA / "bert" / "vocab.txt"
+    if not vocab.is_file():
+        pytest.skip(f"BERT vocabulary {vocab} is absent")
+    from megapre.data.indexed import IndexedDatasetBuilder
+
+    prefix = str(directory / "ids_text_sentence")
+    rng = np.random.default_rng(1)
+    with IndexedDatasetBuilder(prefix, np.uint16) as b:
+        for _ in range(120):
+            sents = [rng.integers(1000, 1060, rng.integers(4, 12)) for _ in range(rng.integers(2, 6))]
+            b.add_document(np.concatenate(sents).astype(np.uint16), [len(s) for s in sents])
+    return prefix
+
+
+def bert_args(corpus: str, cache: Path) -> list[str]:
+    """megapre.pretrain flags of a tiny BERT on `write_bert_corpus` data (CPU, no dropout)."""
+    return ["--model", "bert", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "2", "--eval-interval", "2",
+            "--eval-iters", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
+            "--data-path", corpus, "--split", "80,20,0", "--tokenizer-type",
+            "BertWordPieceLowerCase", "--vocab-file", str(SHARED_DATA / "bert" / "vocab.txt"),
+            "--num-workers", "0", "--device", "cpu", "--data-cache-path", str(cache)]

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import SHARED_DATA, write_counting_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GPT2 = SHARED_DATA / "gpt2"
 SBATCH = ROOT / "examples" / "slurm_multinode.sbatch"
 EOD = 50256  # GPT-2's <|endoftext|>: the sbatch trains with GPT-2's tokenizer

@@ -19,7 +19,7 @@ from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig, causal_lm_sam
 from megapre.data.index_cache import CacheConfig, FileLock, IndexCache
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EOD = 0
 
 

@@ -14,7 +14,7 @@ from conftest import write_counting_corpus
 from megapre.cli import sweep as sweep_cli
 from megapre.launch import sweep
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 40
 
 

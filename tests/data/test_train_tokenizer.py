@@ -16,7 +16,7 @@ from megapre.cli.train_tokenizer import main
 from megapre.data.train_tokenizer import _sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATA = SHARED_DATA
 SHAKESPEARE = DATA / "tinyshakespeare.txt"
 WIKI = DATA / "wikitext-2" / "valid.txt"

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_counting_corpus
-from test_evaluate import VOCAB, bert_args, write_bert_corpus
+from conftest import COUNTING_VOCAB as VOCAB
+from conftest import bert_args, write_bert_corpus, write_counting_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("megapre.train.checkpoint", reason="checkpoints (megapre.train.checkpoint) "
                     "are not in this tree yet")
 

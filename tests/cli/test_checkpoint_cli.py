@@ -11,7 +11,7 @@
 
 Dropout is off here: the Trainer draws from the global torch generator after loading (CPU peak
 measurement, DataLoader iterator seeds), which an RNG restore cannot undo; the layout tests
-(tests/test_checkpoint_layouts.py) prove bit-exact resume with dropout on.
+(tests/train/test_checkpoint_layouts.py) prove bit-exact resume with dropout on.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import pytest
 from conftest import write_counting_corpus
 from megapre.parallel.testing import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB, ITERS = 40, 12
 # The SIGTERM run is longer so the signal always lands mid-training, even on a fast machine (a
 # signal that arrives after training, while the interpreter shuts down, kills with -15).

@@ -19,7 +19,7 @@ from megapre.data.index_cache import CacheConfig
 from megapre.data.split import parse_split, split_ranges
 from test_gpt_dataset import megatron_helpers, open_indexed, random_docs, write_indexed
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # --- parsing ------------------------------------------------------------------------------------

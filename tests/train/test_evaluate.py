@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_DATA, write_counting_corpus
-from megapre.data.indexed import IndexedDatasetBuilder
+from conftest import (COUNTING_VOCAB, SHARED_DATA, bert_args, write_bert_corpus,
+                      write_counting_corpus)
 from megapre.inference.eval_data import eval_dataset, select_data
 from megapre.train.runtime import build_runtime
 from megapre.inference.scoring import score
@@ -26,9 +26,9 @@ from megapre.train.step import EvalStep
 from megapre.train.loop import Trainer
 from megapre.train.step import StepConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = SHARED_DATA
-VOCAB = 40
+VOCAB = COUNTING_VOCAB
 
 
 def gpt_args(corpus: str, cache: Path, *extra: str) -> list[str]:
@@ -114,34 +114,9 @@ def IndexedTokens(prefix: str) -> int:
 
 
 # -- BERT ----------------------------------------------------------------------------------------
-def write_bert_corpus(directory: Path) -> str:
-    """Sentence-split documents of random word ids (BERT vocabulary), as preprocess
-    --split-sentences writes them; skips the test without the shared BERT vocabulary."""
-    vocab = DATA / "bert" / "vocab.txt"
-    if not vocab.is_file():
-        pytest.skip(f"BERT vocabulary {vocab} is absent")
-    prefix = str(directory / "ids_text_sentence")
-    rng = np.random.default_rng(1)
-    with IndexedDatasetBuilder(prefix, np.uint16) as b:
-        for _ in range(120):
-            sents = [rng.integers(1000, 1060, rng.integers(4, 12)) for _ in range(rng.integers(2, 6))]
-            b.add_document(np.concatenate(sents).astype(np.uint16), [len(s) for s in sents])
-    return prefix
-
-
 @pytest.fixture(scope="module")
 def bert_corpus(tmp_path_factory) -> str:
     return write_bert_corpus(tmp_path_factory.mktemp("bert"))
-
-
-def bert_args(corpus: str, cache: Path) -> list[str]:
-    return ["--model", "bert", "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "2", "--eval-interval", "2",
-            "--eval-iters", "2", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--data-path", corpus, "--split", "80,20,0", "--tokenizer-type",
-            "BertWordPieceLowerCase", "--vocab-file", str(DATA / "bert" / "vocab.txt"),
-            "--num-workers", "0", "--device", "cpu", "--data-cache-path", str(cache)]
 
 
 def test_bert_score_and_sop_accuracy(bert_corpus, tmp_path):
@@ -217,7 +192,8 @@ def test_layouts_equal_single_process(corpus, tmp_path):
     if bert:
         one["bert"] = _score_fresh("bert", bert, tmp_path / "cache", "one", 1)
     out = tmp_path / "scores.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", __file__, corpus, bert,
                            str(tmp_path / "cache"), str(out)],

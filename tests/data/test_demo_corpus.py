@@ -11,7 +11,7 @@ import pytest
 from megapre.cli import make_demo_corpus
 from megapre.data import demo_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_corpus_is_real_text_and_deterministic(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SHARED_DATA, write_counting_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ["quickstart.sh", "pretrain_gpt.sh", "pretrain_bert.sh", "slurm_multinode.sbatch",
            "shakespeare_char.sh"]

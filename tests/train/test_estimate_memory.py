@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # also when run as a script (measurement)
 
 from conftest import SHARED_DATA  # noqa: E402
 from megapre.model.config import TransformerConfig  # noqa: E402
@@ -337,7 +337,8 @@ def test_estimate_within_15_percent_of_measured_peak(case):
                     "with fp32 conversion buffers the estimate does not model)")
     argv = MEASURE + CASES[case]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
-               OMP_NUM_THREADS="1")  # big tensors are mmapped and returned on free
+               OMP_NUM_THREADS="1",  # big tensors are mmapped and returned on free
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     out = subprocess.run([sys.executable, __file__, json.dumps(argv)], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -13,7 +13,7 @@ from conftest import SHARED_DATA
 from megapre.data.indexed import IndexedDataset, IndexedDatasetBuilder
 from megapre.cli.merge_datasets import EXIT_ERROR, EXIT_OK, main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SHARED_DATA, write_counting_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 40
 
 

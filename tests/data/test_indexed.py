@@ -26,7 +26,7 @@ from megapre.data.indexed import (
     sequence_pointers,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _docs(rng: np.random.Generator, n: int, lo: int, hi: int) -> list[list[np.ndarray]]:

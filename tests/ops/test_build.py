@@ -17,7 +17,7 @@ import torch
 
 import megapre.ops as ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPS = ["norm_fwd", "norm_bwd", "scale_mask_softmax_fwd", "scale_mask_softmax_bwd",
        "quantize_rowwise", "int8_gemm", "weight_only_int8_gemm"]
 

@@ -22,7 +22,7 @@ from megapre.data.preprocess.pipeline import ordered_map
 from megapre.data.preprocess.sentences import split_sentences
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATA = SHARED_DATA
 BYTE = ["--tokenizer-type", "ByteLevelTokenizer"]
 DOCS = [f"Document {i}: caf\u00e9 \u2014 {'word ' * (i % 5)}end. Second sentence {i}! Third?"

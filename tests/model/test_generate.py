@@ -23,7 +23,7 @@ from megapre.model.config import TransformerConfig
 from megapre.parallel import ParallelConfig, ParallelMesh
 from megapre.train.parallel_model import ParallelModel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 50  # real vocabulary; the model pads it to a multiple of 8 * TP
 
 
@@ -261,7 +261,8 @@ def _worker(out: str) -> None:
 @pytest.mark.slow
 def test_tp2_and_pp2_greedy_equal_single_process(single, tmp_path):
     out = tmp_path / "gen.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", __file__, str(out)],
                           env=env, capture_output=True, text=True, timeout=300)
