@@ -317,7 +317,7 @@ WORKER = textwrap.dedent("""
 def test_rank0_builds_and_rank1_waits(tmp_path, corpus):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = dict(os.environ, REPO=str(REPO), TESTS=str(REPO / "tests"), STORE=str(tmp_path / "store"),
+    env = dict(os.environ, REPO=str(REPO), TESTS=str(Path(__file__).resolve().parent), STORE=str(tmp_path / "store"),
                CACHE=str(tmp_path / "cache"), PREFIX=corpus.path_prefix, OUT=str(tmp_path), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, str(script)], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -7,6 +7,8 @@ import json
 import os
 import pickle
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 from layout_cases import micro_batches, model_config
 from megapre.parallel import ParallelMesh
 from megapre.parallel.random import set_random_seed
+from megapre.cli.checkpoint import main as describe_main
 from megapre.train import checkpoint as ckpt
 from megapre.train.checkpoint import (CheckpointMismatchError, CheckpointNotFoundError,
                                       CorruptCheckpointError, load_checkpoint, save_checkpoint)
@@ -284,11 +287,16 @@ def test_bad_extra_is_refused_before_writing(tmp_path, mesh):
 def test_describe_cli(tmp_path, mesh, capsys):
     model, opt, _ = _trained("gpt", mesh)
     save_checkpoint(tmp_path, 1, model, opt, mesh, consumed_samples=4)
-    assert ckpt.main([str(tmp_path)]) == 0
+    assert describe_main([str(tmp_path)]) == 0
     info = json.loads(capsys.readouterr().out)
     n_params = sum(p.numel() for p in model.parameters()) - 3 * 32  # vocab padding 64 -> 61
     assert info["iteration"] == 1 and info["checkpoints"] == ["iter_0000001"]
     assert info["parameters"] == n_params and info["has_optimizer_state"]
     assert info["saved_layout"] == {"tp": 1, "pp": 1, "dp": 1, "vp": None, "world": 1}
-    assert ckpt.main([str(tmp_path / "absent")]) == 2
+    assert describe_main([str(tmp_path / "absent")]) == 2
     assert "no such directory" in capsys.readouterr().err
+    # the documented module path runs the same front end
+    proc = subprocess.run([sys.executable, "-m", "megapre.train.checkpoint", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == info
