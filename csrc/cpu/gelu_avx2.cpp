@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype.h"
 #include "gelu_impl.h"
 
 #pragma GCC push_options
@@ -163,20 +164,12 @@ void bwd_row(const void* dy_, const void* x_, const float* bias, void* dx_, floa
 }  // namespace
 
 void fwd_row_avx2(const void* x, const float* bias, void* y, int64_t n, DType dt) {
-  switch (dt) {
-    case DType::F32: return fwd_row<DType::F32>(x, bias, y, n);
-    case DType::F16: return fwd_row<DType::F16>(x, bias, y, n);
-    case DType::BF16: return fwd_row<DType::BF16>(x, bias, y, n);
-  }
+  with_dtype(dt, [&](auto d) { fwd_row<decltype(d)::value>(x, bias, y, n); });
 }
 
 void bwd_row_avx2(const void* dy, const void* x, const float* bias, void* dx, float* colsum,
                   int64_t n, DType dt) {
-  switch (dt) {
-    case DType::F32: return bwd_row<DType::F32>(dy, x, bias, dx, colsum, n);
-    case DType::F16: return bwd_row<DType::F16>(dy, x, bias, dx, colsum, n);
-    case DType::BF16: return bwd_row<DType::BF16>(dy, x, bias, dx, colsum, n);
-  }
+  with_dtype(dt, [&](auto d) { bwd_row<decltype(d)::value>(dy, x, bias, dx, colsum, n); });
 }
 
 }  // namespace megapre::cpu::gelu_impl

@@ -113,20 +113,12 @@ void bwd_rows_scalar(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float*
 
 void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch, bool avx2) {
   if (avx2) return fwd_rows_avx2(a, r0, r1, scratch);
-  switch (a.dt) {
-    case DType::F32: return fwd_rows_scalar<DType::F32>(a, r0, r1, scratch);
-    case DType::F16: return fwd_rows_scalar<DType::F16>(a, r0, r1, scratch);
-    case DType::BF16: return fwd_rows_scalar<DType::BF16>(a, r0, r1, scratch);
-  }
+  with_dtype(a.dt, [&](auto d) { fwd_rows_scalar<decltype(d)::value>(a, r0, r1, scratch); });
 }
 
 void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db, bool avx2) {
   if (avx2) return bwd_rows_avx2(a, r0, r1, dg, db);
-  switch (a.dt) {
-    case DType::F32: return bwd_rows_scalar<DType::F32>(a, r0, r1, dg, db);
-    case DType::F16: return bwd_rows_scalar<DType::F16>(a, r0, r1, dg, db);
-    case DType::BF16: return bwd_rows_scalar<DType::BF16>(a, r0, r1, dg, db);
-  }
+  with_dtype(a.dt, [&](auto d) { bwd_rows_scalar<decltype(d)::value>(a, r0, r1, dg, db); });
 }
 
 }  // namespace

@@ -405,20 +405,14 @@ void bwd_dt(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
 }  // namespace
 
 void fwd_rows_avx2(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
-  switch (a.dt) {
-    case DType::F32: return fwd_dt<DType::F32>(a, r0, r1, scratch);
-    case DType::F16: return fwd_dt<DType::F16>(a, r0, r1, scratch);
-    case DType::BF16: return fwd_dt<DType::BF16>(a, r0, r1, scratch);
-  }
+  with_dtype(a.dt, [&](auto d) { fwd_dt<decltype(d)::value>(a, r0, r1, scratch); });
 }
 
 void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1, float* dgamma_part,
                    float* dbeta_part) {
-  switch (a.dt) {
-    case DType::F32: return bwd_dt<DType::F32>(a, r0, r1, dgamma_part, dbeta_part);
-    case DType::F16: return bwd_dt<DType::F16>(a, r0, r1, dgamma_part, dbeta_part);
-    case DType::BF16: return bwd_dt<DType::BF16>(a, r0, r1, dgamma_part, dbeta_part);
-  }
+  with_dtype(a.dt, [&](auto d) {
+    bwd_dt<decltype(d)::value>(a, r0, r1, dgamma_part, dbeta_part);
+  });
 }
 
 }  // namespace megapre::cpu::norm_detail

@@ -520,11 +520,9 @@ void quantize_rowwise(const void* x, int8_t* q, float* scale, int64_t rows, int6
   run_tasks(rows, K, [&](int64_t r0, int64_t r1) {
     if (avx512) return qgemm::quantize_rows_avx512(x, q, scale, r0, r1, K, dt);
     if (avx2) return qgemm::quantize_rows_avx2(x, q, scale, r0, r1, K, dt);
-    switch (dt) {
-      case DType::F32: return quantize_rows_scalar<DType::F32>(x, q, scale, r0, r1, K);
-      case DType::F16: return quantize_rows_scalar<DType::F16>(x, q, scale, r0, r1, K);
-      case DType::BF16: return quantize_rows_scalar<DType::BF16>(x, q, scale, r0, r1, K);
-    }
+    with_dtype(dt, [&](auto d) {
+      quantize_rows_scalar<decltype(d)::value>(x, q, scale, r0, r1, K);
+    });
   });
 }
 
@@ -541,11 +539,9 @@ bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* w
                           : int8_gemm_blocked_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt);
   }
   if (has_minus128(w, N * K)) return false;
-  switch (out_dt) {
-    case DType::F32: int8_gemm_scalar<DType::F32>(x, xs, w, ws, bias, out, M, N, K); break;
-    case DType::F16: int8_gemm_scalar<DType::F16>(x, xs, w, ws, bias, out, M, N, K); break;
-    case DType::BF16: int8_gemm_scalar<DType::BF16>(x, xs, w, ws, bias, out, M, N, K); break;
-  }
+  with_dtype(out_dt, [&](auto d) {
+    int8_gemm_scalar<decltype(d)::value>(x, xs, w, ws, bias, out, M, N, K);
+  });
   return true;
 }
 
@@ -557,11 +553,9 @@ void weight_only_int8_gemm(const void* x, const int8_t* w, const float* ws, cons
       return weight_only_gemv_vec(x, w, ws, bias, out, M, N, K, dt, use_avx512vnni());
     return weight_only_blocked_avx2(x, w, ws, bias, out, M, N, K, dt);
   }
-  switch (dt) {
-    case DType::F32: return weight_only_scalar<DType::F32>(x, w, ws, bias, out, M, N, K);
-    case DType::F16: return weight_only_scalar<DType::F16>(x, w, ws, bias, out, M, N, K);
-    case DType::BF16: return weight_only_scalar<DType::BF16>(x, w, ws, bias, out, M, N, K);
-  }
+  with_dtype(dt, [&](auto d) {
+    weight_only_scalar<decltype(d)::value>(x, w, ws, bias, out, M, N, K);
+  });
 }
 
 }  // namespace megapre::cpu

@@ -449,11 +449,7 @@ template <DType D> void to_f32(const void* x, int64_t n, float* dst) {
 // ---- exported entry points ---------------------------------------------------------------------
 void quantize_rows_avx2(const void* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
                         int64_t K, DType dt) {
-  switch (dt) {
-    case DType::F32: return quantize_rows<DType::F32>(x, q, scale, r0, r1, K);
-    case DType::F16: return quantize_rows<DType::F16>(x, q, scale, r0, r1, K);
-    case DType::BF16: return quantize_rows<DType::BF16>(x, q, scale, r0, r1, K);
-  }
+  with_dtype(dt, [&](auto d) { quantize_rows<decltype(d)::value>(x, q, scale, r0, r1, K); });
 }
 
 bool pack_b_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
@@ -500,11 +496,9 @@ void micro_int8_avx2(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp
 void epilogue_int8_avx2(const int32_t* acc, int64_t ldacc, const float* xs, const float* ws,
                         const float* bias, void* out, int64_t ldo, int64_t mr, int64_t nr,
                         DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_int8<DType::F32>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_int8<DType::F16>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_int8<DType::BF16>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_int8<decltype(d)::value>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 bool gemv_int8_avx2(const int8_t* xp, const int8_t* uxp, int64_t ldx, int64_t M,
@@ -521,11 +515,7 @@ bool gemv_int8_avx2(const int8_t* xp, const int8_t* uxp, int64_t ldx, int64_t M,
 }
 
 void to_f32_avx2(const void* x, int64_t n, float* dst, DType dt) {
-  switch (dt) {
-    case DType::F32: return to_f32<DType::F32>(x, n, dst);
-    case DType::F16: return to_f32<DType::F16>(x, n, dst);
-    case DType::BF16: return to_f32<DType::BF16>(x, n, dst);
-  }
+  with_dtype(dt, [&](auto d) { to_f32<decltype(d)::value>(x, n, dst); });
 }
 
 void wo_gemv_avx2(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
@@ -568,11 +558,9 @@ void micro_f32_avx2(const float* a, int64_t lda, const float* b, int64_t kc, flo
 
 void epilogue_f32_avx2(const float* acc, int64_t ldacc, const float* ws, const float* bias,
                        void* out, int64_t ldo, int64_t mr, int64_t nr, DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_f32<DType::F32>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_f32<DType::F16>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_f32<DType::BF16>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_f32<decltype(d)::value>(acc, ldacc, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 }  // namespace megapre::cpu::qgemm

@@ -402,11 +402,7 @@ void wo_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t n0
 // ---- exported entry points ---------------------------------------------------------------------
 void quantize_rows_avx512(const void* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
                           int64_t K, DType dt) {
-  switch (dt) {
-    case DType::F32: return quantize_rows<DType::F32>(x, q, scale, r0, r1, K);
-    case DType::F16: return quantize_rows<DType::F16>(x, q, scale, r0, r1, K);
-    case DType::BF16: return quantize_rows<DType::BF16>(x, q, scale, r0, r1, K);
-  }
+  with_dtype(dt, [&](auto d) { quantize_rows<decltype(d)::value>(x, q, scale, r0, r1, K); });
 }
 
 void rowsum_avx512(const int8_t* x, int64_t ldx, int64_t K, int64_t r0, int64_t r1,
@@ -459,11 +455,9 @@ void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64
 void epilogue_vnni(const int32_t* acc, int64_t ldacc, const int32_t* rowsum, const float* xs,
                    const float* ws, const float* bias, void* out, int64_t ldo, int64_t mr,
                    int64_t nr, DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_v<DType::F32>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_v<DType::F16>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_v<DType::BF16>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_v<decltype(d)::value>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,

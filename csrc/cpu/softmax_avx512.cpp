@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "softmax_impl.h"
 
 #pragma GCC push_options
@@ -226,35 +227,19 @@ template <DType D> using CPtr = const Elt<D>*;
 
 void fwd_row_avx512(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
                     float scale, DType dt, float* work, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return fwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(x), mrow,
-                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work, stream);
-    case DType::F16:
-      return fwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(x), mrow,
-                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work, stream);
-    case DType::BF16:
-      return fwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(x), mrow,
-                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    fwd_row<D>(static_cast<CPtr<D>>(x), mrow, static_cast<Ptr<D>>(y), n, sk, scale, work, stream);
+  });
 }
 
 void bwd_row_avx512(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
                     DType dt, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return bwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(dy),
-                                 static_cast<CPtr<DType::F32>>(p),
-                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale, stream);
-    case DType::F16:
-      return bwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(dy),
-                                 static_cast<CPtr<DType::F16>>(p),
-                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale, stream);
-    case DType::BF16:
-      return bwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(dy),
-                                  static_cast<CPtr<DType::BF16>>(p),
-                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    bwd_row<D>(static_cast<CPtr<D>>(dy), static_cast<CPtr<D>>(p), static_cast<Ptr<D>>(dx), n, sk,
+               scale, stream);
+  });
 }
 
 }  // namespace megapre::cpu::softmax_impl
