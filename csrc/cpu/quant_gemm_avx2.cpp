@@ -11,6 +11,7 @@
 
 #include "dtype.h"
 #include "quant_gemm_impl.h"
+#include "vec_avx2.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -18,7 +19,7 @@
 namespace megapre::cpu::qgemm {
 namespace {
 
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace avx2;
 
 // An empty asm the compiler cannot look through. Placed between a product and the add that
 // follows, it stops GCC from fusing them into an FMA: the reference rounds both separately.
@@ -27,30 +28,9 @@ inline __m256 opaque(__m256 v) {
   return v;
 }
 
-// ---- dtype-generic 8-wide loads / stores ---------------------------------------------------
-template <DType D> __m256 load8(const void* p, int64_t i);
-template <> __m256 load8<DType::F32>(const void* p, int64_t i) {
-  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-}
-template <> __m256 load8<DType::F16>(const void* p, int64_t i) {
-  auto q = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
-  return _mm256_cvtph_ps(_mm_loadu_si128(q));
-}
-template <> __m256 load8<DType::BF16>(const void* p, int64_t i) {
-  auto q = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16));
-}
-
-// Round-to-nearest-even fp32 -> bf16 of 8 lanes, NaN kept quiet (same bits as f32_to_bf16).
-inline __m128i f32_to_bf16_8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i hi = _mm256_srli_epi32(u, 16);
-  const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  return _mm256_castsi256_si128(p);
+// 8 lanes at element i of p.
+template <DType D> __m256 load8(const void* p, int64_t i) {
+  return V8<D>::load(static_cast<const elem_t<D>*>(p) + i);
 }
 
 // Store the first n (1..8) lanes of v at element i of p.
@@ -66,8 +46,7 @@ template <DType D> void store8(void* p, int64_t i, __m256 v, int64_t n) {
     }
   } else {
     uint16_t* dst = static_cast<uint16_t*>(p) + i;
-    const __m128i h = D == DType::F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)
-                                      : f32_to_bf16_8(v);
+    const __m128i h = V8<D>::pack(v);
     if (n == 8) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
     } else {
@@ -76,33 +55,6 @@ template <DType D> void store8(void* p, int64_t i, __m256 v, int64_t n) {
       std::memcpy(dst, tmp, n * sizeof(uint16_t));
     }
   }
-}
-
-// Lanes [0, n) all ones: mask for maskload of a partial chunk.
-inline __m256i lane_mask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
 }
 
 inline __m256i bcast32(const void* p) {
@@ -256,7 +208,7 @@ void epilogue_int8(const int32_t* acc, int64_t ldacc, const float* xs, const flo
     const __m256 xsm = _mm256_set1_ps(xs[m]);
     for (int64_t n = 0; n < nr; n += 8) {
       const int64_t w = imin(8, nr - n);
-      const __m256i mask = lane_mask(w);
+      const __m256i mask = first_lanes(w);
       __m256 f = _mm256_cvtepi32_ps(_mm256_maskload_epi32(acc + m * ldacc + n, mask));
       f = _mm256_mul_ps(_mm256_mul_ps(f, xsm), _mm256_maskload_ps(ws + n, mask));
       if (bias) f = _mm256_add_ps(opaque(f), _mm256_maskload_ps(bias + n, mask));
@@ -429,7 +381,7 @@ void epilogue_f32(const float* acc, int64_t ldacc, const float* ws, const float*
   for (int64_t m = 0; m < mr; ++m) {
     for (int64_t n = 0; n < nr; n += 8) {
       const int64_t w = imin(8, nr - n);
-      const __m256i mask = lane_mask(w);
+      const __m256i mask = first_lanes(w);
       __m256 f = _mm256_mul_ps(_mm256_maskload_ps(acc + m * ldacc + n, mask),
                                _mm256_maskload_ps(ws + n, mask));
       if (bias) f = _mm256_add_ps(opaque(f), _mm256_maskload_ps(bias + n, mask));
