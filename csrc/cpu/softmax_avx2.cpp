@@ -19,11 +19,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "softmax_rows.h"
+
 namespace megapre::cpu::softmax_impl {
 namespace {
-
-constexpr int64_t kChunk = 16;
-constexpr uintptr_t kLineBytes = 64;
 
 using namespace avx2;
 
@@ -114,45 +113,15 @@ template <DType D> Pair load_any(const Elt<D>* p, int64_t k) {
   return k == kChunk ? Chunk<D>::load(p) : load_part<D>(p, k);
 }
 
-// Elements before y reaches a chunk boundary (kChunk elements' worth of bytes), in [0, 16).
-template <class T> int64_t grid_head(const T* y) {
-  constexpr uintptr_t bytes = kChunk * sizeof(T);
-  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
-  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
-}
-
-// Calls fn(j, k) for consecutive chunks [j, j + k) covering [0, len): first a head chunk of
-// `head` elements (so that later chunks start on the grid), then full chunks, then the rest.
-// Two calls with the same head agree on every chunk start below the shorter len.
-template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = imin(head, len);
-  if (j > 0) fn(int64_t{0}, j);
-  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
-  if (j < len) fn(j, len - j);
-}
-
-// Writes a row of sk outputs chunk by chunk (value(j, k) gives chunk [j, j + k)). With stream,
-// full chunks whose cache line lies entirely inside the row go out with non-temporal stores:
-// written to memory without first being read into the cache (no read-for-ownership), which
-// pays off when the output is larger than the cache. A line is written either entirely
-// streamed or entirely cached, because mixing both kinds in one line flushes a partial
-// write-combining buffer.
+// A row of sk outputs (see write_row_chunks): partial chunks through store_part.
 template <DType D, class Value>
 void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
-  const auto base = reinterpret_cast<uintptr_t>(y);
-  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
-  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
-  stream = stream && base % sizeof(y[0]) == 0;  // chunks on the grid are then aligned
-  for_chunks(head, sk, [&](int64_t j, int64_t k) {
-    const Pair v = value(j, k);
-    if (k < kChunk) return store_part<D>(y + j, v, k);
-    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
-    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
-      Chunk<D>::stream(y + j, v);
-    } else {
-      Chunk<D>::store(y + j, v);
-    }
-  });
+  write_row_chunks(
+      y, sk, head, stream, value, [&](int64_t j, int64_t k, Pair v) { store_part<D>(y + j, v, k); },
+      [&](int64_t j, Pair v, bool nt) {
+        if (nt) Chunk<D>::stream(y + j, v);
+        else Chunk<D>::store(y + j, v);
+      });
 }
 
 // 2^t for t <= 0 (or NaN), fp32, within 2e-7 relative. Scores are pre-multiplied by
@@ -163,16 +132,12 @@ void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& va
 // out as exact zeros, and results below ~1e-38, invisible next to the row maximum's 2^0 = 1,
 // are flushed. NaN propagates (max returns its second operand on NaN).
 inline __m256 exp2_nonpos(__m256 t) {
-  t = _mm256_max_ps(_mm256_set1_ps(-127.0f), t);
-  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  t = _mm256_max_ps(_mm256_set1_ps(kExp2Min), t);
+  const __m256 magic = _mm256_set1_ps(kExp2Magic);
   const __m256 big = _mm256_add_ps(t, magic);
   const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(big, magic));
-  __m256 p = _mm256_set1_ps(1.326471916e-03f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.671513923e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550733954e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402224243e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931470037e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Poly[i]));
   const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(big), 23));
   return _mm256_mul_ps(p, pow2n);
 }

@@ -23,11 +23,11 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "softmax_rows.h"
+
 namespace megapre::cpu::softmax_impl {
 namespace {
 
-constexpr int64_t kChunk = 16;
-constexpr uintptr_t kLineBytes = 64;
 constexpr float kInf = __builtin_inff();
 
 using namespace avx512;
@@ -41,50 +41,26 @@ inline __mmask16 hidden(const uint8_t* m, __mmask16 live) {
   return _mm_mask_test_epi8_mask(live, _mm_maskz_loadu_epi8(live, m), _mm_set1_epi8(-1));
 }
 
-// Chunk grid and row writer: as in softmax_avx2.cpp.
-template <class T> int64_t grid_head(const T* y) {
-  constexpr uintptr_t bytes = kChunk * sizeof(T);
-  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
-  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
-}
-
-template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = imin(head, len);
-  if (j > 0) fn(int64_t{0}, j);
-  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
-  if (j < len) fn(j, len - j);
-}
-
+// A row of sk outputs (see write_row_chunks): partial chunks through masked stores.
 template <DType D, class Value>
 void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
-  const auto base = reinterpret_cast<uintptr_t>(y);
-  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
-  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
-  stream = stream && base % sizeof(y[0]) == 0;
-  for_chunks(head, sk, [&](int64_t j, int64_t k) {
-    const __m512 v = value(j, k);
-    if (k < kChunk) return Chunk<D>::store(y + j, v, first16(k));
-    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
-    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
-      Chunk<D>::stream(y + j, v);
-    } else {
-      Chunk<D>::store(y + j, v, kAll16);
-    }
-  });
+  write_row_chunks(
+      y, sk, head, stream, value,
+      [&](int64_t j, int64_t k, __m512 v) { Chunk<D>::store(y + j, v, first16(k)); },
+      [&](int64_t j, __m512 v, bool nt) {
+        if (nt) Chunk<D>::stream(y + j, v);
+        else Chunk<D>::store(y + j, v, kAll16);
+      });
 }
 
 // 2^t for t <= 0 (or NaN): the same steps and constants as exp2_nonpos in softmax_avx2.cpp.
 inline __m512 exp2_nonpos(__m512 t) {
-  t = _mm512_max_ps(_mm512_set1_ps(-127.0f), t);
-  const __m512 magic = _mm512_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  t = _mm512_max_ps(_mm512_set1_ps(kExp2Min), t);
+  const __m512 magic = _mm512_set1_ps(kExp2Magic);
   const __m512 big = _mm512_add_ps(t, magic);
   const __m512 r = _mm512_sub_ps(t, _mm512_sub_ps(big, magic));
-  __m512 p = _mm512_set1_ps(1.326471916e-03f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.671513923e-03f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733954e-02f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402224243e-01f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470037e-01f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 pow2n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(big), 23));
   return _mm512_mul_ps(p, pow2n);
 }
