@@ -78,14 +78,21 @@ template <class P> bool aligned32(const P* p) {
   return (reinterpret_cast<uintptr_t>(p) & 31u) == 0;
 }
 
+// A row of H elements: Hb of them in whole blocks, then a tail of H - Hb < 16.
+struct RowShape {
+  int64_t H, Hb;
+  int tail;
+  float inv_h;
+  explicit RowShape(int64_t h)
+      : H(h), Hb(h & ~int64_t{15}), tail(static_cast<int>(h - Hb)),
+        inv_h(1.0f / static_cast<float>(h)) {}
+};
+
 template <DType D, bool kRms, bool kRes>
 void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
   using B = Blk<D>;
   using T = typename B::T;
-  const int64_t H = a.H;
-  const int64_t Hb = H & ~int64_t{15};
-  const int tail = static_cast<int>(H - Hb);
-  const float inv_h = 1.0f / static_cast<float>(H);
+  const auto [H, Hb, tail, inv_h] = RowShape(a.H);
   const float* gamma = a.gamma;
   const float* beta = a.beta;
   T* sbuf = static_cast<T*>(scratch);
@@ -194,10 +201,7 @@ template <DType D, bool kRms, bool kDsum, bool kDg, bool kDb>
 void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
   using B = Blk<D>;
   using T = typename B::T;
-  const int64_t H = a.H;
-  const int64_t Hb = H & ~int64_t{15};
-  const int tail = static_cast<int>(H - Hb);
-  const float inv_h = 1.0f / static_cast<float>(H);
+  const auto [H, Hb, tail, inv_h] = RowShape(a.H);
   const float* gamma = a.gamma;
   alignas(32) T dyt[16], xt[16], dst[16], dxt[16];
   bool any_nt = false;

@@ -154,49 +154,81 @@ inline __m256i dot4(__m256i acc, __m256i ua, __m256i a, __m256i b, __m256i ones)
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(b, a)), ones));
 }
 
-inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-}
+// The 6 x 16 microkernels (W8A8 and weight-only): per k step, 2 loads of B, 6 broadcasts of
+// A, 12 multiply-adds into a 6 x 16 tile, added to (accumulate) or stored over c (row stride
+// ldc). Named accumulators (not an array) so that GCC keeps all 16 ymm registers without
+// spilling. Op supplies the types and the per-step operations:
+//   W8A8 (Int8Tile): a step is a k-pair, a broadcast is a dword = 2 int16 of one row of the
+//     widened x, a multiply-add is vpmaddwd + vpaddd into int32 lanes;
+//   weight-only (F32Tile): a step is one k, the multiply-add an FMA.
+struct Int8Tile {
+  using A = int16_t;
+  using B = int16_t;
+  using C = int32_t;
+  using V = __m256i;
+  static constexpr int kAStep = 2;                  // A elements per step
+  static constexpr int64_t kBStep = kBPairElems;  // B elements per step
+  static V zero() { return _mm256_setzero_si256(); }
+  static V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static V add(V x, V y) { return _mm256_add_epi32(x, y); }
+  static V bcast(const A* p) { return bcast32(p); }
+  static V madd(V acc, V a, V b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+};
 
-// 6 x 16 int32 tile: per k-pair, 2 loads of B, 6 broadcasts of A (a dword = 2 int16 of one
-// row of the widened x), 12 vpmaddwd + 12 vpaddd. Named accumulators (not an array) so that
-// GCC keeps all 16 ymm registers without spilling.
-void micro_int8(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
-                int64_t ldc, bool accumulate) {
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const int16_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-                *a5 = a + 5 * lda;
-  for (int64_t k = 0; k < 2 * kp; k += 2, b += kBPairElems) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i av = bcast32(a0 + k);
-    c00 = madd_acc(c00, av, b0);
-    c01 = madd_acc(c01, av, b1);
-    av = bcast32(a1 + k);
-    c10 = madd_acc(c10, av, b0);
-    c11 = madd_acc(c11, av, b1);
-    av = bcast32(a2 + k);
-    c20 = madd_acc(c20, av, b0);
-    c21 = madd_acc(c21, av, b1);
-    av = bcast32(a3 + k);
-    c30 = madd_acc(c30, av, b0);
-    c31 = madd_acc(c31, av, b1);
-    av = bcast32(a4 + k);
-    c40 = madd_acc(c40, av, b0);
-    c41 = madd_acc(c41, av, b1);
-    av = bcast32(a5 + k);
-    c50 = madd_acc(c50, av, b0);
-    c51 = madd_acc(c51, av, b1);
+struct F32Tile {
+  using A = float;
+  using B = float;
+  using C = float;
+  using V = __m256;
+  static constexpr int kAStep = 1;
+  static constexpr int64_t kBStep = kFNR;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const void* p) { return _mm256_loadu_ps(static_cast<const float*>(p)); }
+  static void store(void* p, V v) { _mm256_storeu_ps(static_cast<float*>(p), v); }
+  static V add(V x, V y) { return _mm256_add_ps(x, y); }
+  static V bcast(const A* p) { return _mm256_broadcast_ss(p); }
+  static V madd(V acc, V a, V b) { return _mm256_fmadd_ps(a, b, acc); }
+};
+
+template <class Op>
+void micro_6x16(const typename Op::A* a, int64_t lda, const typename Op::B* b, int64_t steps,
+                typename Op::C* c, int64_t ldc, bool accumulate) {
+  using V = typename Op::V;
+  constexpr int kLanes = sizeof(V) / sizeof(typename Op::C);
+  constexpr int kBHalf = sizeof(V) / sizeof(typename Op::B);  // B elements in one vector
+  V c00 = Op::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  V c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const typename Op::A *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda,
+                       *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < Op::kAStep * steps; k += Op::kAStep, b += Op::kBStep) {
+    const V b0 = Op::load(b), b1 = Op::load(b + kBHalf);
+    V av = Op::bcast(a0 + k);
+    c00 = Op::madd(c00, av, b0);
+    c01 = Op::madd(c01, av, b1);
+    av = Op::bcast(a1 + k);
+    c10 = Op::madd(c10, av, b0);
+    c11 = Op::madd(c11, av, b1);
+    av = Op::bcast(a2 + k);
+    c20 = Op::madd(c20, av, b0);
+    c21 = Op::madd(c21, av, b1);
+    av = Op::bcast(a3 + k);
+    c30 = Op::madd(c30, av, b0);
+    c31 = Op::madd(c31, av, b1);
+    av = Op::bcast(a4 + k);
+    c40 = Op::madd(c40, av, b0);
+    c41 = Op::madd(c41, av, b1);
+    av = Op::bcast(a5 + k);
+    c50 = Op::madd(c50, av, b0);
+    c51 = Op::madd(c51, av, b1);
   }
-  const __m256i out[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                               {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int m = 0; m < kMR; ++m) {
+  const V out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int m = 0; m < 6; ++m) {
     for (int h = 0; h < 2; ++h) {
-      auto* p = reinterpret_cast<__m256i*>(c + m * ldc + h * 8);
-      __m256i v = out[m][h];
-      if (accumulate) v = _mm256_add_epi32(v, _mm256_loadu_si256(p));
-      _mm256_storeu_si256(p, v);
+      typename Op::C* p = c + m * ldc + h * kLanes;
+      V v = out[m][h];
+      if (accumulate) v = Op::add(v, Op::load(p));
+      Op::store(p, v);
     }
   }
 }
@@ -334,47 +366,6 @@ inline void transpose8x8(__m256 r[8]) {
   }
 }
 
-// 6 x 16 fp32 tile: per k, 2 loads of B, 6 broadcasts of A, 12 FMAs. Named accumulators so
-// that GCC keeps them in registers.
-void micro_f32(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
-               bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-              *a5 = a + 5 * lda;
-  for (int64_t k = 0; k < kc; ++k, b += kFNR) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a0 + k);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a1 + k);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a2 + k);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a3 + k);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a4 + k);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a5 + k);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
-  }
-  const __m256 out[kFMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                               {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int m = 0; m < kFMR; ++m) {
-    for (int h = 0; h < 2; ++h) {
-      float* p = c + m * ldc + h * 8;
-      __m256 v = out[m][h];
-      if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(p));
-      _mm256_storeu_ps(p, v);
-    }
-  }
-}
-
 template <DType D>
 void epilogue_f32(const float* acc, int64_t ldacc, const float* ws, const float* bias, void* out,
                   int64_t ldo, int64_t mr, int64_t nr) {
@@ -442,7 +433,7 @@ void widen_rows_avx2(const int8_t* x, int64_t K, int64_t r0, int64_t r1, int16_t
 
 void micro_int8_avx2(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
                      int64_t ldc, bool accumulate) {
-  micro_int8(a, lda, b, kp, c, ldc, accumulate);
+  micro_6x16<Int8Tile>(a, lda, b, kp, c, ldc, accumulate);
 }
 
 void epilogue_int8_avx2(const int32_t* acc, int64_t ldacc, const float* xs, const float* ws,
@@ -505,7 +496,7 @@ void pack_fb_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0
 
 void micro_f32_avx2(const float* a, int64_t lda, const float* b, int64_t kc, float* c,
                     int64_t ldc, bool accumulate) {
-  micro_f32(a, lda, b, kc, c, ldc, accumulate);
+  micro_6x16<F32Tile>(a, lda, b, kc, c, ldc, accumulate);
 }
 
 void epilogue_f32_avx2(const float* acc, int64_t ldacc, const float* ws, const float* bias,
