@@ -1,5 +1,6 @@
-// Scalar float16 / bfloat16 <-> float32 conversions shared by the CPU kernels (portable code:
-// no intrinsics here, so it can be included before an AVX2 target pragma).
+// Scalar float16 / bfloat16 <-> float32 conversions and the runtime-dtype dispatch shared by
+// the CPU kernels (portable code: no intrinsics here, so it can be included before an AVX2 or
+// AVX-512 target pragma).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -8,17 +9,23 @@
 
 namespace megapre::cpu {
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
+inline float from_bits(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
 }
 
-// Round to nearest even; NaN stays NaN.
-inline uint16_t f32_to_bf16(float f) {
+inline uint32_t to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, 4);
+  return u;
+}
+
+inline float bf16_to_f32(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays NaN.
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u = to_bits(f);
   if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
@@ -43,15 +50,12 @@ inline float f16_to_f32(uint16_t h) {
   } else {
     u = sign | ((exp + 127 - 15) << 23) | (man << 13);
   }
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return from_bits(u);
 }
 
 // Round to nearest even, with overflow to inf and gradual underflow.
 inline uint16_t f32_to_f16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  const uint32_t u = to_bits(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);        // NaN
@@ -88,5 +92,28 @@ template <> struct Elem<DType::F16> {
   static float load(const T* p, int64_t i) { return f16_to_f32(p[i]); }
   static void store(T* p, int64_t i, float v) { p[i] = f32_to_f16(v); }
 };
+
+// ---- runtime dtype -> template argument ------------------------------------------------------
+// Dt<D>::value is D as a constant; a plain struct (no member functions), so nothing of it is
+// compiled differently under a target pragma.
+template <DType D> struct Dt {
+  static constexpr DType value = D;
+};
+
+// f(Dt<D>{}) for D = dt: the one place a DType picks a template instantiation. Call sites read
+// `with_dtype(dt, [&](auto d) { kernel<decltype(d)::value>(...); })`; the lambda is inlined,
+// so this costs what a hand-written switch did. DType has exactly these three values (the glue
+// makes them from a checked torch dtype).
+template <class F> [[gnu::always_inline]] inline decltype(auto) with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::F32: return f(Dt<DType::F32>{});
+    case DType::F16: return f(Dt<DType::F16>{});
+    case DType::BF16: return f(Dt<DType::BF16>{});
+  }
+  __builtin_unreachable();
+}
+
+// Element type of a DType's buffers.
+template <DType D> using elem_t = typename Elem<D>::T;
 
 }  // namespace megapre::cpu

@@ -62,21 +62,11 @@ using FwdRow = void (*)(const void*, const float*, void*, int64_t);
 using BwdRow = void (*)(const void*, const void*, const float*, void*, float*, int64_t);
 
 FwdRow pick_fwd(DType dt) {
-  switch (dt) {
-    case DType::F32: return fwd_row_scalar<DType::F32>;
-    case DType::F16: return fwd_row_scalar<DType::F16>;
-    case DType::BF16: return fwd_row_scalar<DType::BF16>;
-  }
-  return nullptr;
+  return with_dtype(dt, [](auto d) -> FwdRow { return fwd_row_scalar<decltype(d)::value>; });
 }
 
 BwdRow pick_bwd(DType dt) {
-  switch (dt) {
-    case DType::F32: return bwd_row_scalar<DType::F32>;
-    case DType::F16: return bwd_row_scalar<DType::F16>;
-    case DType::BF16: return bwd_row_scalar<DType::BF16>;
-  }
-  return nullptr;
+  return with_dtype(dt, [](auto d) -> BwdRow { return bwd_row_scalar<decltype(d)::value>; });
 }
 
 int64_t elem_size(DType dt) { return dt == DType::F32 ? 4 : 2; }

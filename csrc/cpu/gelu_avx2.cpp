@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype.h"
 #include "gelu_impl.h"
+#include "vec_avx2.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -15,51 +17,7 @@
 namespace megapre::cpu::gelu_impl {
 namespace {
 
-// ---- 8 elements of each dtype <-> fp32 ---------------------------------------------------
-template <DType D> struct V8;
-
-template <> struct V8<DType::F32> {
-  using T = float;
-  static __m256 load(const T* p) { return _mm256_loadu_ps(p); }
-  // Stores v and returns the value as stored.
-  static __m256 store(T* p, __m256 v) {
-    _mm256_storeu_ps(p, v);
-    return v;
-  }
-};
-
-template <> struct V8<DType::F16> {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-  static __m256 store(T* p, __m256 v) {
-    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
-    return _mm256_cvtph_ps(h);
-  }
-};
-
-template <> struct V8<DType::BF16> {
-  using T = uint16_t;
-  static __m256 load(const T* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
-  // Round to nearest even as dtype.h's f32_to_bf16 (NaN keeps its sign and becomes quiet).
-  static __m256 store(T* p, __m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(
-        _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
-    const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, quiet, nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(r, 16));
-  }
-};
+using namespace avx2;  // V8: 8 elements of each dtype <-> fp32
 
 // ---- math --------------------------------------------------------------------------------
 // e^t for t in [-87, 88] (clamped); inputs above 88 are handled by the caller.
@@ -163,20 +121,12 @@ void bwd_row(const void* dy_, const void* x_, const float* bias, void* dx_, floa
 }  // namespace
 
 void fwd_row_avx2(const void* x, const float* bias, void* y, int64_t n, DType dt) {
-  switch (dt) {
-    case DType::F32: return fwd_row<DType::F32>(x, bias, y, n);
-    case DType::F16: return fwd_row<DType::F16>(x, bias, y, n);
-    case DType::BF16: return fwd_row<DType::BF16>(x, bias, y, n);
-  }
+  with_dtype(dt, [&](auto d) { fwd_row<decltype(d)::value>(x, bias, y, n); });
 }
 
 void bwd_row_avx2(const void* dy, const void* x, const float* bias, void* dx, float* colsum,
                   int64_t n, DType dt) {
-  switch (dt) {
-    case DType::F32: return bwd_row<DType::F32>(dy, x, bias, dx, colsum, n);
-    case DType::F16: return bwd_row<DType::F16>(dy, x, bias, dx, colsum, n);
-    case DType::BF16: return bwd_row<DType::BF16>(dy, x, bias, dx, colsum, n);
-  }
+  with_dtype(dt, [&](auto d) { bwd_row<decltype(d)::value>(dy, x, bias, dx, colsum, n); });
 }
 
 }  // namespace megapre::cpu::gelu_impl

@@ -113,20 +113,12 @@ void bwd_rows_scalar(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float*
 
 void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch, bool avx2) {
   if (avx2) return fwd_rows_avx2(a, r0, r1, scratch);
-  switch (a.dt) {
-    case DType::F32: return fwd_rows_scalar<DType::F32>(a, r0, r1, scratch);
-    case DType::F16: return fwd_rows_scalar<DType::F16>(a, r0, r1, scratch);
-    case DType::BF16: return fwd_rows_scalar<DType::BF16>(a, r0, r1, scratch);
-  }
+  with_dtype(a.dt, [&](auto d) { fwd_rows_scalar<decltype(d)::value>(a, r0, r1, scratch); });
 }
 
 void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db, bool avx2) {
   if (avx2) return bwd_rows_avx2(a, r0, r1, dg, db);
-  switch (a.dt) {
-    case DType::F32: return bwd_rows_scalar<DType::F32>(a, r0, r1, dg, db);
-    case DType::F16: return bwd_rows_scalar<DType::F16>(a, r0, r1, dg, db);
-    case DType::BF16: return bwd_rows_scalar<DType::BF16>(a, r0, r1, dg, db);
-  }
+  with_dtype(a.dt, [&](auto d) { bwd_rows_scalar<decltype(d)::value>(a, r0, r1, dg, db); });
 }
 
 }  // namespace
@@ -136,14 +128,7 @@ void norm_fwd(const void* x, const void* residual, void* y, void* sum_out, const
               const float* beta, float* mean, float* rstd, int64_t rows, int64_t H, float eps,
               bool rms, DType dt) {
   using namespace norm_detail;
-  if (rows <= 0) return;
-  if (H <= 0) {  // empty rows: nothing to normalize; statistics of an empty set
-    for (int64_t r = 0; r < rows; ++r) {
-      if (mean) mean[r] = 0.0f;
-      if (rstd) rstd[r] = 1.0f / std::sqrt(eps);
-    }
-    return;
-  }
+  if (rows <= 0 || H <= 0) return;  // the glue fills the statistics of empty rows (NaN)
   const bool avx2 = use_avx2();
   // gamma / beta in the row code's column order, padded, with ones / zeros when absent.
   const int64_t Hp = padded_h(H);

@@ -11,6 +11,7 @@
 
 #include "dtype.h"
 #include "layer_norm_impl.h"
+#include "vec_avx2.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -18,131 +19,19 @@
 namespace megapre::cpu::norm_detail {
 namespace {
 
-// ---- 16 fp32 values of a block -----------------------------------------------------------
-struct Pair {
-  __m256 a, b;
-};
-Pair zero_pair() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-Pair splat(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
-Pair operator+(Pair x, Pair y) { return {_mm256_add_ps(x.a, y.a), _mm256_add_ps(x.b, y.b)}; }
-Pair operator-(Pair x, Pair y) { return {_mm256_sub_ps(x.a, y.a), _mm256_sub_ps(x.b, y.b)}; }
-Pair operator*(Pair x, Pair y) { return {_mm256_mul_ps(x.a, y.a), _mm256_mul_ps(x.b, y.b)}; }
-Pair operator&(Pair x, Pair y) { return {_mm256_and_ps(x.a, y.a), _mm256_and_ps(x.b, y.b)}; }
-Pair fmadd(Pair x, Pair y, Pair z) {
-  return {_mm256_fmadd_ps(x.a, y.a, z.a), _mm256_fmadd_ps(x.b, y.b, z.b)};
-}
-Pair loadf(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-void storef(float* p, Pair v) {
-  _mm256_storeu_ps(p, v.a);
-  _mm256_storeu_ps(p + 8, v.b);
-}
-float hsum(Pair v) {
-  __m256 s = _mm256_add_ps(v.a, v.b);
-  __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_add_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
+using namespace avx2;
+
+// Blocks are vec_avx2.h's 16-element pairs, bf16 in the block order of layer_norm_impl.h.
+template <DType D> using Blk = V16<D>;
+
 float reduce(const Pair acc[2]) { return hsum(acc[0] + acc[1]); }
-bool finite(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, 4);
-  return (u & 0x7f800000u) != 0x7f800000u;
+bool finite(float v) { return (to_bits(v) & 0x7f800000u) != 0x7f800000u; }
+
+// Stores a block rounded to D; streamed (non-temporal, p 32-byte aligned) when nt.
+template <DType D, bool kExact> void put(elem_t<D>* p, Pair v, bool nt) {
+  if (nt) Blk<D>::template stream<kExact>(p, v);
+  else Blk<D>::template store<kExact>(p, v);
 }
-__m256 is_nan(__m256 v) { return _mm256_cmp_ps(v, v, _CMP_UNORD_Q); }
-
-// ---- Block load/store per dtype ----------------------------------------------------------
-// load: 16 elements -> Pair. store<kExact>: round to nearest even and store 16 elements;
-// kExact additionally gives NaNs the exact bits of dtype.h (the fast variant is used on rows
-// whose statistics prove the output has no NaN). round_store: store to a private buffer and
-// return the values as rounded.
-template <DType D> struct Blk;
-
-template <> struct Blk<DType::F32> {
-  using T = float;
-  static Pair load(const T* p) { return loadf(p); }
-  template <bool kExact> static void store(T* p, Pair v, bool nt) {
-    if (nt) {
-      _mm256_stream_ps(p, v.a);
-      _mm256_stream_ps(p + 8, v.b);
-    } else {
-      storef(p, v);
-    }
-  }
-  template <bool kExact> static Pair round_store(T* p, Pair v) {
-    storef(p, v);
-    return v;
-  }
-};
-
-template <> struct Blk<DType::F16> {
-  using T = uint16_t;
-  static Pair load(const T* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-            _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-  }
-  template <bool kExact> static __m256i pack(Pair v) {
-    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    __m256i h = _mm256_set_m128i(_mm256_cvtps_ph(v.b, kRne), _mm256_cvtps_ph(v.a, kRne));
-    if constexpr (kExact) {  // hardware keeps NaN payload bits; dtype.h gives sign|0x7e00
-      __m256i n = _mm256_packs_epi32(_mm256_castps_si256(is_nan(v.a)),
-                                     _mm256_castps_si256(is_nan(v.b)));
-      n = _mm256_permute4x64_epi64(n, 0xd8);
-      h = _mm256_andnot_si256(_mm256_and_si256(n, _mm256_set1_epi16(0x01ff)), h);
-    }
-    return h;
-  }
-  template <bool kExact> static void store(T* p, Pair v, bool nt) {
-    __m256i h = pack<kExact>(v);
-    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-  }
-  template <bool kExact> static Pair round_store(T* p, Pair v) {
-    __m256i h = pack<kExact>(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    return {_mm256_cvtph_ps(_mm256_castsi256_si128(h)),
-            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))};
-  }
-};
-
-// bf16 block order: Pair.a = elements 0,2,..,14 and Pair.b = elements 1,3,..,15, so loading
-// is a shift / mask of the 32-bit lanes and storing puts the rounded halves back in place.
-template <> struct Blk<DType::BF16> {
-  using T = uint16_t;
-  static __m256i hi_mask() { return _mm256_set1_epi32(static_cast<int>(0xffff0000u)); }
-  static Pair unpack(__m256i v) {
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-            _mm256_castsi256_ps(_mm256_and_si256(v, hi_mask()))};
-  }
-  static Pair load(const T* p) {
-    return unpack(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  // Round to nearest even into the upper 16 bits of each lane (lower bits are garbage).
-  template <bool kExact> static __m256i rne(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-    if constexpr (kExact) {  // NaN: keep the upper half, set the quiet bit
-      const __m256i q = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
-      r = _mm256_blendv_epi8(r, q, _mm256_castps_si256(is_nan(v)));
-    }
-    return r;
-  }
-  template <bool kExact> static __m256i pack(Pair v) {
-    return _mm256_or_si256(_mm256_srli_epi32(rne<kExact>(v.a), 16),
-                           _mm256_and_si256(rne<kExact>(v.b), hi_mask()));
-  }
-  template <bool kExact> static void store(T* p, Pair v, bool nt) {
-    __m256i h = pack<kExact>(v);
-    if (nt) _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-    else _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-  }
-  template <bool kExact> static Pair round_store(T* p, Pair v) {
-    __m256i h = pack<kExact>(v);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-    return unpack(h);
-  }
-};
 
 // 16 raw elements (sum_out is a bit copy of the rounded sum).
 template <class T> void copy16(T* dst, const T* src, bool nt) {
@@ -189,14 +78,21 @@ template <class P> bool aligned32(const P* p) {
   return (reinterpret_cast<uintptr_t>(p) & 31u) == 0;
 }
 
+// A row of H elements: Hb of them in whole blocks, then a tail of H - Hb < 16.
+struct RowShape {
+  int64_t H, Hb;
+  int tail;
+  float inv_h;
+  explicit RowShape(int64_t h)
+      : H(h), Hb(h & ~int64_t{15}), tail(static_cast<int>(h - Hb)),
+        inv_h(1.0f / static_cast<float>(h)) {}
+};
+
 template <DType D, bool kRms, bool kRes>
 void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
   using B = Blk<D>;
   using T = typename B::T;
-  const int64_t H = a.H;
-  const int64_t Hb = H & ~int64_t{15};
-  const int tail = static_cast<int>(H - Hb);
-  const float inv_h = 1.0f / static_cast<float>(H);
+  const auto [H, Hb, tail, inv_h] = RowShape(a.H);
   const float* gamma = a.gamma;
   const float* beta = a.beta;
   T* sbuf = static_cast<T*>(scratch);
@@ -280,13 +176,13 @@ void fwd_rows(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
         Pair t = kRms ? B::load(sp) * vrs : (B::load(sp) - vmu) * vrs;
         return fmadd(t, loadf(gamma + i), loadf(beta + i));
       };
-      for_blocks(Hb, [&](int64_t i, auto) { B::template store<kExact>(y + i, out(src + i, i), nt); });
+      for_blocks(Hb, [&](int64_t i, auto) { put<D, kExact>(y + i, out(src + i, i), nt); });
       // Separate loop: interleaving two half-line streamed outputs defeats write combining.
       if constexpr (kRes) {
         for (int64_t i = 0; i < Hb; i += 16) copy16(so + i, sbuf + i, nt);
       }
       if (tail) {
-        B::template store<kExact>(yt, out(src_tail, Hb), false);
+        B::template store<kExact>(yt, out(src_tail, Hb));
         std::memcpy(y + Hb, yt, tail * sizeof(T));
         if constexpr (kRes) std::memcpy(so + Hb, sbuf + Hb, tail * sizeof(T));
       }
@@ -305,10 +201,7 @@ template <DType D, bool kRms, bool kDsum, bool kDg, bool kDb>
 void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
   using B = Blk<D>;
   using T = typename B::T;
-  const int64_t H = a.H;
-  const int64_t Hb = H & ~int64_t{15};
-  const int tail = static_cast<int>(H - Hb);
-  const float inv_h = 1.0f / static_cast<float>(H);
+  const auto [H, Hb, tail, inv_h] = RowShape(a.H);
   const float* gamma = a.gamma;
   alignas(32) T dyt[16], xt[16], dst[16], dxt[16];
   bool any_nt = false;
@@ -358,10 +251,10 @@ void bwd_rows(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
         return v;
       };
       for_blocks(Hb, [&](int64_t i, auto) {
-        B::template store<kExact>(dx + i, dxb(dy + i, x + i, kDsum ? ds + i : ds, i), nt);
+        put<D, kExact>(dx + i, dxb(dy + i, x + i, kDsum ? ds + i : ds, i), nt);
       });
       if (tail) {
-        B::template store<kExact>(dxt, dxb(dyt, xt, dst, Hb), false);
+        B::template store<kExact>(dxt, dxb(dyt, xt, dst, Hb));
         std::memcpy(dx + Hb, dxt, tail * sizeof(T));
       }
     };
@@ -405,20 +298,14 @@ void bwd_dt(const BwdArgs& a, int64_t r0, int64_t r1, float* dg, float* db) {
 }  // namespace
 
 void fwd_rows_avx2(const FwdArgs& a, int64_t r0, int64_t r1, void* scratch) {
-  switch (a.dt) {
-    case DType::F32: return fwd_dt<DType::F32>(a, r0, r1, scratch);
-    case DType::F16: return fwd_dt<DType::F16>(a, r0, r1, scratch);
-    case DType::BF16: return fwd_dt<DType::BF16>(a, r0, r1, scratch);
-  }
+  with_dtype(a.dt, [&](auto d) { fwd_dt<decltype(d)::value>(a, r0, r1, scratch); });
 }
 
 void bwd_rows_avx2(const BwdArgs& a, int64_t r0, int64_t r1, float* dgamma_part,
                    float* dbeta_part) {
-  switch (a.dt) {
-    case DType::F32: return bwd_dt<DType::F32>(a, r0, r1, dgamma_part, dbeta_part);
-    case DType::F16: return bwd_dt<DType::F16>(a, r0, r1, dgamma_part, dbeta_part);
-    case DType::BF16: return bwd_dt<DType::BF16>(a, r0, r1, dgamma_part, dbeta_part);
-  }
+  with_dtype(a.dt, [&](auto d) {
+    bwd_dt<decltype(d)::value>(a, r0, r1, dgamma_part, dbeta_part);
+  });
 }
 
 }  // namespace megapre::cpu::norm_detail

@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "dtype.h"
@@ -109,6 +110,29 @@ template <typename F> void run_tasks(int64_t n, int64_t work_per_task, const F& 
   at::parallel_for(0, n, 1, f);
 }
 
+// fn(n0, n1) for blocks of `cols` output columns (rows of w) covering [0, N), shared out over
+// the threads (work: the cost of one block). A fn returning bool stops its thread's remaining
+// blocks by returning false.
+template <typename F> void for_column_blocks(int64_t N, int64_t cols, int64_t work, const F& fn) {
+  run_tasks(ceil_div(N, cols), work, [&](int64_t b, int64_t e) {
+    for (int64_t n0 = b * cols; n0 < std::min(N, e * cols); n0 += cols) {
+      const int64_t n1 = std::min(N, n0 + cols);
+      if constexpr (std::is_void_v<decltype(fn(n0, n1))>) {
+        fn(n0, n1);
+      } else if (!fn(n0, n1)) {
+        return;
+      }
+    }
+  });
+}
+
+// sum_k x[k] * w[k] accumulated as Acc (int32: exact; float: in k order).
+template <typename Acc, typename X> Acc dot(const X* x, const int8_t* w, int64_t K) {
+  Acc acc = 0;
+  for (int64_t k = 0; k < K; ++k) acc += static_cast<Acc>(x[k]) * static_cast<Acc>(w[k]);
+  return acc;
+}
+
 // Output tiling shared by the blocked paths: tasks of rows x kNC columns, enough of them
 // to keep every thread busy, rows a multiple of `mr`.
 struct Tiling {
@@ -172,20 +196,35 @@ template <DType D>
 void int8_gemm_scalar(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
                       const float* bias, void* out, int64_t M, int64_t N, int64_t K) {
   constexpr int64_t kRows = 32;  // w rows per task, reused from cache for every row of x
-  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
-      const int64_t n1 = std::min(N, n0 + kRows);
-      for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xr = x + m * K;
-        for (int64_t n = n0; n < n1; ++n) {
-          const int8_t* wr = w + n * K;
-          int32_t acc = 0;
-          for (int64_t k = 0; k < K; ++k) acc += static_cast<int32_t>(xr[k]) * wr[k];
-          epilogue_int8_scalar<D>(acc, xs[m], ws[n], bias, n, out, m * N + n);
-        }
+  for_column_blocks(N, kRows, kRows * M * K, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = n0; n < n1; ++n) {
+        const int32_t acc = dot<int32_t>(x + m * K, w + n * K, K);
+        epilogue_int8_scalar<D>(acc, xs[m], ws[n], bias, n, out, m * N + n);
       }
     }
   });
+}
+
+// Small-M W8A8 over blocks of 64 output columns: gemv(n0, n1, acc) fills acc [M, n1 - n0]
+// (false on a -128 weight), the epilogue scales it into out. Returns false on a -128 weight.
+template <typename Gemv>
+bool gemv_by_columns(const float* xs, const float* ws, const float* bias, void* out, int64_t M,
+                     int64_t N, int64_t K, DType dt, const Gemv& gemv) {
+  constexpr int64_t kRows = 64;
+  const int64_t esz = elem_size(dt);
+  std::atomic<bool> bad{false};
+  for_column_blocks(N, kRows, kRows * M * K, [&](int64_t n0, int64_t n1) {
+    int32_t* acc = tl_c.get<int32_t>(M * kRows);
+    if (!gemv(n0, n1, acc)) {
+      bad = true;
+      return false;
+    }
+    epilogue_int8_avx2(acc, n1 - n0, xs, ws + n0, bias ? bias + n0 : nullptr,
+                       static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
+    return true;
+  });
+  return !bad;
 }
 
 // ---- W8A8, AVX2 --------------------------------------------------------------------------
@@ -202,23 +241,10 @@ bool int8_gemv_avx2(const int8_t* x, const float* xs, const int8_t* w, const flo
       uxp[m * ldx + k] = static_cast<uint8_t>(v < 0 ? -v : v);
     }
   }
-  constexpr int64_t kRows = 64;
-  const int64_t esz = elem_size(dt);
-  std::atomic<bool> bad{false};
-  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    int32_t* acc = tl_c.get<int32_t>(M * kRows);
-    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
-      const int64_t n1 = std::min(N, n0 + kRows);
-      if (!gemv_int8_avx2(xp.data(), reinterpret_cast<const int8_t*>(uxp.data()), ldx, M, w, K,
-                          n0, n1, acc)) {
-        bad = true;
-        return;
-      }
-      epilogue_int8_avx2(acc, n1 - n0, xs, ws + n0, bias ? bias + n0 : nullptr,
-                         static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
-    }
+  const auto* uxp8 = reinterpret_cast<const int8_t*>(uxp.data());
+  return gemv_by_columns(xs, ws, bias, out, M, N, K, dt, [&](int64_t n0, int64_t n1, int32_t* acc) {
+    return gemv_int8_avx2(xp.data(), uxp8, ldx, M, w, K, n0, n1, acc);
   });
-  return !bad;
 }
 
 bool int8_gemm_blocked_avx2(const int8_t* x, const float* xs, const int8_t* w, const float* ws,
@@ -290,22 +316,9 @@ bool int8_gemv_vnni(const int8_t* x, const float* xs, const int8_t* w, const flo
   std::vector<int8_t> xp(M * ldx, 0);
   for (int64_t m = 0; m < M; ++m) std::memcpy(xp.data() + m * ldx, x + m * K, K);
   const std::vector<int32_t> rs = rowsums(xp.data(), ldx, M, K);
-  constexpr int64_t kRows = 64;
-  const int64_t esz = elem_size(dt);
-  std::atomic<bool> bad{false};
-  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    int32_t* acc = tl_c.get<int32_t>(M * kRows);
-    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
-      const int64_t n1 = std::min(N, n0 + kRows);
-      if (!gemv_vnni(xp.data(), ldx, M, rs.data(), w, K, n0, n1, acc)) {
-        bad = true;
-        return;
-      }
-      epilogue_int8_avx2(acc, n1 - n0, xs, ws + n0, bias ? bias + n0 : nullptr,
-                         static_cast<char*>(out) + n0 * esz, N, M, n1 - n0, dt);
-    }
+  return gemv_by_columns(xs, ws, bias, out, M, N, K, dt, [&](int64_t n0, int64_t n1, int32_t* acc) {
+    return gemv_vnni(xp.data(), ldx, M, rs.data(), w, K, n0, n1, acc);
   });
-  return !bad;
 }
 
 // Tasks of the VNNI blocked GEMM: column blocks of nc, split over rows only when there are
@@ -402,19 +415,12 @@ void weight_only_scalar(const void* xv, const int8_t* w, const float* ws, const 
     xf = xbuf.data();
   }
   constexpr int64_t kRows = 16;  // w rows per task: stay in cache while every x row passes
-  run_tasks(ceil_div(N, kRows), kRows * M * K, [&](int64_t b, int64_t e) {
-    for (int64_t n0 = b * kRows; n0 < std::min(N, e * kRows); n0 += kRows) {
-      const int64_t n1 = std::min(N, n0 + kRows);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xr = xf + m * K;
-        for (int64_t n = n0; n < n1; ++n) {
-          const int8_t* wr = w + n * K;
-          float acc = 0.f;
-          for (int64_t k = 0; k < K; ++k) acc += xr[k] * static_cast<float>(wr[k]);
-          float v = acc * ws[n];
-          if (bias) v = v + bias[n];
-          Elem<D>::store(static_cast<T*>(out), m * N + n, v);
-        }
+  for_column_blocks(N, kRows, kRows * M * K, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = n0; n < n1; ++n) {
+        float v = dot<float>(xf + m * K, w + n * K, K) * ws[n];
+        if (bias) v = v + bias[n];
+        Elem<D>::store(static_cast<T*>(out), m * N + n, v);
       }
     }
   });
@@ -520,11 +526,9 @@ void quantize_rowwise(const void* x, int8_t* q, float* scale, int64_t rows, int6
   run_tasks(rows, K, [&](int64_t r0, int64_t r1) {
     if (avx512) return qgemm::quantize_rows_avx512(x, q, scale, r0, r1, K, dt);
     if (avx2) return qgemm::quantize_rows_avx2(x, q, scale, r0, r1, K, dt);
-    switch (dt) {
-      case DType::F32: return quantize_rows_scalar<DType::F32>(x, q, scale, r0, r1, K);
-      case DType::F16: return quantize_rows_scalar<DType::F16>(x, q, scale, r0, r1, K);
-      case DType::BF16: return quantize_rows_scalar<DType::BF16>(x, q, scale, r0, r1, K);
-    }
+    with_dtype(dt, [&](auto d) {
+      quantize_rows_scalar<decltype(d)::value>(x, q, scale, r0, r1, K);
+    });
   });
 }
 
@@ -541,11 +545,9 @@ bool int8_gemm(const int8_t* x, const float* xs, const int8_t* w, const float* w
                           : int8_gemm_blocked_avx2(x, xs, w, ws, bias, out, M, N, K, out_dt);
   }
   if (has_minus128(w, N * K)) return false;
-  switch (out_dt) {
-    case DType::F32: int8_gemm_scalar<DType::F32>(x, xs, w, ws, bias, out, M, N, K); break;
-    case DType::F16: int8_gemm_scalar<DType::F16>(x, xs, w, ws, bias, out, M, N, K); break;
-    case DType::BF16: int8_gemm_scalar<DType::BF16>(x, xs, w, ws, bias, out, M, N, K); break;
-  }
+  with_dtype(out_dt, [&](auto d) {
+    int8_gemm_scalar<decltype(d)::value>(x, xs, w, ws, bias, out, M, N, K);
+  });
   return true;
 }
 
@@ -557,11 +559,9 @@ void weight_only_int8_gemm(const void* x, const int8_t* w, const float* ws, cons
       return weight_only_gemv_vec(x, w, ws, bias, out, M, N, K, dt, use_avx512vnni());
     return weight_only_blocked_avx2(x, w, ws, bias, out, M, N, K, dt);
   }
-  switch (dt) {
-    case DType::F32: return weight_only_scalar<DType::F32>(x, w, ws, bias, out, M, N, K);
-    case DType::F16: return weight_only_scalar<DType::F16>(x, w, ws, bias, out, M, N, K);
-    case DType::BF16: return weight_only_scalar<DType::BF16>(x, w, ws, bias, out, M, N, K);
-  }
+  with_dtype(dt, [&](auto d) {
+    weight_only_scalar<decltype(d)::value>(x, w, ws, bias, out, M, N, K);
+  });
 }
 
 }  // namespace megapre::cpu

@@ -11,6 +11,7 @@
 
 #include "dtype.h"
 #include "quant_gemm_impl.h"
+#include "vec_avx2.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
@@ -18,7 +19,7 @@
 namespace megapre::cpu::qgemm {
 namespace {
 
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace avx2;
 
 // An empty asm the compiler cannot look through. Placed between a product and the add that
 // follows, it stops GCC from fusing them into an FMA: the reference rounds both separately.
@@ -27,30 +28,9 @@ inline __m256 opaque(__m256 v) {
   return v;
 }
 
-// ---- dtype-generic 8-wide loads / stores ---------------------------------------------------
-template <DType D> __m256 load8(const void* p, int64_t i);
-template <> __m256 load8<DType::F32>(const void* p, int64_t i) {
-  return _mm256_loadu_ps(static_cast<const float*>(p) + i);
-}
-template <> __m256 load8<DType::F16>(const void* p, int64_t i) {
-  auto q = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
-  return _mm256_cvtph_ps(_mm_loadu_si128(q));
-}
-template <> __m256 load8<DType::BF16>(const void* p, int64_t i) {
-  auto q = reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16));
-}
-
-// Round-to-nearest-even fp32 -> bf16 of 8 lanes, NaN kept quiet (same bits as f32_to_bf16).
-inline __m128i f32_to_bf16_8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i hi = _mm256_srli_epi32(u, 16);
-  const __m256i lsb = _mm256_and_si256(hi, _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  const __m256i nan = _mm256_or_si256(hi, _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i p = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  return _mm256_castsi256_si128(p);
+// 8 lanes at element i of p.
+template <DType D> __m256 load8(const void* p, int64_t i) {
+  return V8<D>::load(static_cast<const elem_t<D>*>(p) + i);
 }
 
 // Store the first n (1..8) lanes of v at element i of p.
@@ -66,8 +46,7 @@ template <DType D> void store8(void* p, int64_t i, __m256 v, int64_t n) {
     }
   } else {
     uint16_t* dst = static_cast<uint16_t*>(p) + i;
-    const __m128i h = D == DType::F16 ? _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT)
-                                      : f32_to_bf16_8(v);
+    const __m128i h = V8<D>::pack(v);
     if (n == 8) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), h);
     } else {
@@ -76,33 +55,6 @@ template <DType D> void store8(void* p, int64_t i, __m256 v, int64_t n) {
       std::memcpy(dst, tmp, n * sizeof(uint16_t));
     }
   }
-}
-
-// Lanes [0, n) all ones: mask for maskload of a partial chunk.
-inline __m256i lane_mask(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
-                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
 }
 
 inline __m256i bcast32(const void* p) {
@@ -202,49 +154,81 @@ inline __m256i dot4(__m256i acc, __m256i ua, __m256i a, __m256i b, __m256i ones)
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(b, a)), ones));
 }
 
-inline __m256i madd_acc(__m256i acc, __m256i a, __m256i b) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-}
+// The 6 x 16 microkernels (W8A8 and weight-only): per k step, 2 loads of B, 6 broadcasts of
+// A, 12 multiply-adds into a 6 x 16 tile, added to (accumulate) or stored over c (row stride
+// ldc). Named accumulators (not an array) so that GCC keeps all 16 ymm registers without
+// spilling. Op supplies the types and the per-step operations:
+//   W8A8 (Int8Tile): a step is a k-pair, a broadcast is a dword = 2 int16 of one row of the
+//     widened x, a multiply-add is vpmaddwd + vpaddd into int32 lanes;
+//   weight-only (F32Tile): a step is one k, the multiply-add an FMA.
+struct Int8Tile {
+  using A = int16_t;
+  using B = int16_t;
+  using C = int32_t;
+  using V = __m256i;
+  static constexpr int kAStep = 2;                  // A elements per step
+  static constexpr int64_t kBStep = kBPairElems;  // B elements per step
+  static V zero() { return _mm256_setzero_si256(); }
+  static V load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void store(void* p, V v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static V add(V x, V y) { return _mm256_add_epi32(x, y); }
+  static V bcast(const A* p) { return bcast32(p); }
+  static V madd(V acc, V a, V b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+};
 
-// 6 x 16 int32 tile: per k-pair, 2 loads of B, 6 broadcasts of A (a dword = 2 int16 of one
-// row of the widened x), 12 vpmaddwd + 12 vpaddd. Named accumulators (not an array) so that
-// GCC keeps all 16 ymm registers without spilling.
-void micro_int8(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
-                int64_t ldc, bool accumulate) {
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256i c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const int16_t *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-                *a5 = a + 5 * lda;
-  for (int64_t k = 0; k < 2 * kp; k += 2, b += kBPairElems) {
-    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
-    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-    __m256i av = bcast32(a0 + k);
-    c00 = madd_acc(c00, av, b0);
-    c01 = madd_acc(c01, av, b1);
-    av = bcast32(a1 + k);
-    c10 = madd_acc(c10, av, b0);
-    c11 = madd_acc(c11, av, b1);
-    av = bcast32(a2 + k);
-    c20 = madd_acc(c20, av, b0);
-    c21 = madd_acc(c21, av, b1);
-    av = bcast32(a3 + k);
-    c30 = madd_acc(c30, av, b0);
-    c31 = madd_acc(c31, av, b1);
-    av = bcast32(a4 + k);
-    c40 = madd_acc(c40, av, b0);
-    c41 = madd_acc(c41, av, b1);
-    av = bcast32(a5 + k);
-    c50 = madd_acc(c50, av, b0);
-    c51 = madd_acc(c51, av, b1);
+struct F32Tile {
+  using A = float;
+  using B = float;
+  using C = float;
+  using V = __m256;
+  static constexpr int kAStep = 1;
+  static constexpr int64_t kBStep = kFNR;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const void* p) { return _mm256_loadu_ps(static_cast<const float*>(p)); }
+  static void store(void* p, V v) { _mm256_storeu_ps(static_cast<float*>(p), v); }
+  static V add(V x, V y) { return _mm256_add_ps(x, y); }
+  static V bcast(const A* p) { return _mm256_broadcast_ss(p); }
+  static V madd(V acc, V a, V b) { return _mm256_fmadd_ps(a, b, acc); }
+};
+
+template <class Op>
+void micro_6x16(const typename Op::A* a, int64_t lda, const typename Op::B* b, int64_t steps,
+                typename Op::C* c, int64_t ldc, bool accumulate) {
+  using V = typename Op::V;
+  constexpr int kLanes = sizeof(V) / sizeof(typename Op::C);
+  constexpr int kBHalf = sizeof(V) / sizeof(typename Op::B);  // B elements in one vector
+  V c00 = Op::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  V c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const typename Op::A *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda,
+                       *a4 = a + 4 * lda, *a5 = a + 5 * lda;
+  for (int64_t k = 0; k < Op::kAStep * steps; k += Op::kAStep, b += Op::kBStep) {
+    const V b0 = Op::load(b), b1 = Op::load(b + kBHalf);
+    V av = Op::bcast(a0 + k);
+    c00 = Op::madd(c00, av, b0);
+    c01 = Op::madd(c01, av, b1);
+    av = Op::bcast(a1 + k);
+    c10 = Op::madd(c10, av, b0);
+    c11 = Op::madd(c11, av, b1);
+    av = Op::bcast(a2 + k);
+    c20 = Op::madd(c20, av, b0);
+    c21 = Op::madd(c21, av, b1);
+    av = Op::bcast(a3 + k);
+    c30 = Op::madd(c30, av, b0);
+    c31 = Op::madd(c31, av, b1);
+    av = Op::bcast(a4 + k);
+    c40 = Op::madd(c40, av, b0);
+    c41 = Op::madd(c41, av, b1);
+    av = Op::bcast(a5 + k);
+    c50 = Op::madd(c50, av, b0);
+    c51 = Op::madd(c51, av, b1);
   }
-  const __m256i out[kMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                               {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int m = 0; m < kMR; ++m) {
+  const V out[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int m = 0; m < 6; ++m) {
     for (int h = 0; h < 2; ++h) {
-      auto* p = reinterpret_cast<__m256i*>(c + m * ldc + h * 8);
-      __m256i v = out[m][h];
-      if (accumulate) v = _mm256_add_epi32(v, _mm256_loadu_si256(p));
-      _mm256_storeu_si256(p, v);
+      typename Op::C* p = c + m * ldc + h * kLanes;
+      V v = out[m][h];
+      if (accumulate) v = Op::add(v, Op::load(p));
+      Op::store(p, v);
     }
   }
 }
@@ -256,7 +240,7 @@ void epilogue_int8(const int32_t* acc, int64_t ldacc, const float* xs, const flo
     const __m256 xsm = _mm256_set1_ps(xs[m]);
     for (int64_t n = 0; n < nr; n += 8) {
       const int64_t w = imin(8, nr - n);
-      const __m256i mask = lane_mask(w);
+      const __m256i mask = first_lanes(w);
       __m256 f = _mm256_cvtepi32_ps(_mm256_maskload_epi32(acc + m * ldacc + n, mask));
       f = _mm256_mul_ps(_mm256_mul_ps(f, xsm), _mm256_maskload_ps(ws + n, mask));
       if (bias) f = _mm256_add_ps(opaque(f), _mm256_maskload_ps(bias + n, mask));
@@ -382,54 +366,13 @@ inline void transpose8x8(__m256 r[8]) {
   }
 }
 
-// 6 x 16 fp32 tile: per k, 2 loads of B, 6 broadcasts of A, 12 FMAs. Named accumulators so
-// that GCC keeps them in registers.
-void micro_f32(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
-               bool accumulate) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
-  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
-  const float *a0 = a, *a1 = a + lda, *a2 = a + 2 * lda, *a3 = a + 3 * lda, *a4 = a + 4 * lda,
-              *a5 = a + 5 * lda;
-  for (int64_t k = 0; k < kc; ++k, b += kFNR) {
-    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
-    __m256 av = _mm256_broadcast_ss(a0 + k);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a1 + k);
-    c10 = _mm256_fmadd_ps(av, b0, c10);
-    c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a2 + k);
-    c20 = _mm256_fmadd_ps(av, b0, c20);
-    c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a3 + k);
-    c30 = _mm256_fmadd_ps(av, b0, c30);
-    c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a4 + k);
-    c40 = _mm256_fmadd_ps(av, b0, c40);
-    c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a5 + k);
-    c50 = _mm256_fmadd_ps(av, b0, c50);
-    c51 = _mm256_fmadd_ps(av, b1, c51);
-  }
-  const __m256 out[kFMR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                               {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int m = 0; m < kFMR; ++m) {
-    for (int h = 0; h < 2; ++h) {
-      float* p = c + m * ldc + h * 8;
-      __m256 v = out[m][h];
-      if (accumulate) v = _mm256_add_ps(v, _mm256_loadu_ps(p));
-      _mm256_storeu_ps(p, v);
-    }
-  }
-}
-
 template <DType D>
 void epilogue_f32(const float* acc, int64_t ldacc, const float* ws, const float* bias, void* out,
                   int64_t ldo, int64_t mr, int64_t nr) {
   for (int64_t m = 0; m < mr; ++m) {
     for (int64_t n = 0; n < nr; n += 8) {
       const int64_t w = imin(8, nr - n);
-      const __m256i mask = lane_mask(w);
+      const __m256i mask = first_lanes(w);
       __m256 f = _mm256_mul_ps(_mm256_maskload_ps(acc + m * ldacc + n, mask),
                                _mm256_maskload_ps(ws + n, mask));
       if (bias) f = _mm256_add_ps(opaque(f), _mm256_maskload_ps(bias + n, mask));
@@ -449,11 +392,7 @@ template <DType D> void to_f32(const void* x, int64_t n, float* dst) {
 // ---- exported entry points ---------------------------------------------------------------------
 void quantize_rows_avx2(const void* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
                         int64_t K, DType dt) {
-  switch (dt) {
-    case DType::F32: return quantize_rows<DType::F32>(x, q, scale, r0, r1, K);
-    case DType::F16: return quantize_rows<DType::F16>(x, q, scale, r0, r1, K);
-    case DType::BF16: return quantize_rows<DType::BF16>(x, q, scale, r0, r1, K);
-  }
+  with_dtype(dt, [&](auto d) { quantize_rows<decltype(d)::value>(x, q, scale, r0, r1, K); });
 }
 
 bool pack_b_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0, int64_t kc,
@@ -494,17 +433,15 @@ void widen_rows_avx2(const int8_t* x, int64_t K, int64_t r0, int64_t r1, int16_t
 
 void micro_int8_avx2(const int16_t* a, int64_t lda, const int16_t* b, int64_t kp, int32_t* c,
                      int64_t ldc, bool accumulate) {
-  micro_int8(a, lda, b, kp, c, ldc, accumulate);
+  micro_6x16<Int8Tile>(a, lda, b, kp, c, ldc, accumulate);
 }
 
 void epilogue_int8_avx2(const int32_t* acc, int64_t ldacc, const float* xs, const float* ws,
                         const float* bias, void* out, int64_t ldo, int64_t mr, int64_t nr,
                         DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_int8<DType::F32>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_int8<DType::F16>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_int8<DType::BF16>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_int8<decltype(d)::value>(acc, ldacc, xs, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 bool gemv_int8_avx2(const int8_t* xp, const int8_t* uxp, int64_t ldx, int64_t M,
@@ -521,11 +458,7 @@ bool gemv_int8_avx2(const int8_t* xp, const int8_t* uxp, int64_t ldx, int64_t M,
 }
 
 void to_f32_avx2(const void* x, int64_t n, float* dst, DType dt) {
-  switch (dt) {
-    case DType::F32: return to_f32<DType::F32>(x, n, dst);
-    case DType::F16: return to_f32<DType::F16>(x, n, dst);
-    case DType::BF16: return to_f32<DType::BF16>(x, n, dst);
-  }
+  with_dtype(dt, [&](auto d) { to_f32<decltype(d)::value>(x, n, dst); });
 }
 
 void wo_gemv_avx2(const float* x, int64_t ldx, int64_t M, const int8_t* w, int64_t K,
@@ -563,16 +496,14 @@ void pack_fb_avx2(const int8_t* w, int64_t K, int64_t n0, int64_t nr, int64_t k0
 
 void micro_f32_avx2(const float* a, int64_t lda, const float* b, int64_t kc, float* c,
                     int64_t ldc, bool accumulate) {
-  micro_f32(a, lda, b, kc, c, ldc, accumulate);
+  micro_6x16<F32Tile>(a, lda, b, kc, c, ldc, accumulate);
 }
 
 void epilogue_f32_avx2(const float* acc, int64_t ldacc, const float* ws, const float* bias,
                        void* out, int64_t ldo, int64_t mr, int64_t nr, DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_f32<DType::F32>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_f32<DType::F16>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_f32<DType::BF16>(acc, ldacc, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_f32<decltype(d)::value>(acc, ldacc, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 }  // namespace megapre::cpu::qgemm

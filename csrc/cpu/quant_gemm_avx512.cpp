@@ -1,9 +1,10 @@
 // AVX-512 (F/BW/VL/VNNI) microkernels of the int8 family: row quantization, the W8A8 vpdpbusd
 // GEMM (packing, 6x64 microkernel, epilogue), the small-M W8A8 and weight-only kernels that
 // read w in place. Blocking and threading live in quant_gemm.cpp; the arithmetic contract of
-// each entry point is in quant_gemm_impl.h. As in quant_gemm_avx2.cpp, everything shared is
-// included before the target pragma and no standard-library template is instantiated below
-// it, so no AVX-512 copy of a shared inline function can leak into portable code.
+// each entry point is in quant_gemm_impl.h. As in quant_gemm_avx2.cpp, the portable headers
+// are included before the target pragma, the AVX-512 helpers (vec_avx512.h) have internal
+// linkage and no standard-library template is instantiated below it, so no AVX-512 copy of a
+// shared inline function can leak into portable code.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -11,6 +12,7 @@
 
 #include "dtype.h"
 #include "quant_gemm_impl.h"
+#include "vec_avx512.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
@@ -23,7 +25,7 @@
 namespace megapre::cpu::qgemm {
 namespace {
 
-inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace avx512;
 
 // An empty asm the compiler cannot look through: keeps a product and the add that follows
 // from being fused into an FMA (the reference rounds both).
@@ -32,80 +34,20 @@ inline __m512 opaque(__m512 v) {
   return v;
 }
 
-// Lanes [0, n) of a 16-lane mask, n in [0, 16].
-inline __mmask16 mask16(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);
-}
-// Bytes [0, n) of a 64-byte mask, n in [0, 64].
-inline __mmask64 mask64(int64_t n) {
-  return n >= 64 ? ~__mmask64{0} : ((__mmask64{1} << n) - 1);
-}
-
-// Horizontal sums / max. (GCC 12's _mm512_reduce_* trip -Wuninitialized inside its own
-// headers, so these fold the halves with shuffles instead.)
-inline __m256i hi256(__m512i v) { return _mm512_castsi512_si256(_mm512_shuffle_i64x2(v, v, 0xee)); }
-inline int32_t hsum(__m512i v) {
-  __m256i s8 = _mm256_add_epi32(_mm512_castsi512_si256(v), hi256(v));
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return _mm_cvtsi128_si32(s);
-}
-inline float hsum(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castsi256_ps(hi256(u)));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-inline float hmax(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  __m256 m8 = _mm256_max_ps(_mm512_castps512_ps256(v), _mm256_castsi256_ps(hi256(u)));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
 inline __m512i bcast32(const void* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
   return _mm512_set1_epi32(v);
 }
 
-// ---- dtype-generic 16-lane loads / stores ---------------------------------------------------
-template <DType D> __m512 load16(const void* p, int64_t i, __mmask16 m);
-template <> __m512 load16<DType::F32>(const void* p, int64_t i, __mmask16 m) {
-  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
-}
-template <> __m512 load16<DType::F16>(const void* p, int64_t i, __mmask16 m) {
-  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
-}
-template <> __m512 load16<DType::BF16>(const void* p, int64_t i, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+// ---- dtype-generic 16-lane loads / stores at element i of p (vec_avx512.h) -------------------
+template <DType D> __m512 load16(const void* p, int64_t i, __mmask16 m) {
+  return V16<D>::load(static_cast<const elem_t<D>*>(p) + i, m);
 }
 
-// Round-to-nearest-even fp32 -> bf16 of 16 lanes, NaN kept quiet (same bits as f32_to_bf16).
-inline __m256i f32_to_bf16_16(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i hi = _mm512_srli_epi32(u, 16);
-  const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
-  return _mm512_cvtepi32_epi16(r);
-}
-
+// NaNs with dtype.h's exact bits, as the AVX2 and scalar epilogues store them.
 template <DType D> void store16(void* p, int64_t i, __m512 v, __mmask16 m) {
-  if constexpr (D == DType::F32) {
-    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
-  } else {
-    const __m256i h = D == DType::F16 ? _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-                                      : f32_to_bf16_16(v);
-    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, h);
-  }
+  V16<D>::template store<true>(static_cast<elem_t<D>*>(p) + i, v, m);
 }
 
 // ---- quantize_rowwise -------------------------------------------------------------------------
@@ -402,11 +344,7 @@ void wo_rows(const float* x, int64_t ldx, const int8_t* w, int64_t K, int64_t n0
 // ---- exported entry points ---------------------------------------------------------------------
 void quantize_rows_avx512(const void* x, int8_t* q, float* scale, int64_t r0, int64_t r1,
                           int64_t K, DType dt) {
-  switch (dt) {
-    case DType::F32: return quantize_rows<DType::F32>(x, q, scale, r0, r1, K);
-    case DType::F16: return quantize_rows<DType::F16>(x, q, scale, r0, r1, K);
-    case DType::BF16: return quantize_rows<DType::BF16>(x, q, scale, r0, r1, K);
-  }
+  with_dtype(dt, [&](auto d) { quantize_rows<decltype(d)::value>(x, q, scale, r0, r1, K); });
 }
 
 void rowsum_avx512(const int8_t* x, int64_t ldx, int64_t K, int64_t r0, int64_t r1,
@@ -459,11 +397,9 @@ void micro_vnni(const int8_t* a, const uint8_t* b, int64_t kq, int32_t* c, int64
 void epilogue_vnni(const int32_t* acc, int64_t ldacc, const int32_t* rowsum, const float* xs,
                    const float* ws, const float* bias, void* out, int64_t ldo, int64_t mr,
                    int64_t nr, DType dt) {
-  switch (dt) {
-    case DType::F32: return epilogue_v<DType::F32>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-    case DType::F16: return epilogue_v<DType::F16>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-    case DType::BF16: return epilogue_v<DType::BF16>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
-  }
+  with_dtype(dt, [&](auto d) {
+    epilogue_v<decltype(d)::value>(acc, ldacc, rowsum, xs, ws, bias, out, ldo, mr, nr);
+  });
 }
 
 bool gemv_vnni(const int8_t* xp, int64_t ldx, int64_t M, const int32_t* rowsum,

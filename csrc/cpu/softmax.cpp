@@ -77,37 +77,23 @@ void fwd_row(Rows rows, bool stream, const void* x, const uint8_t* m, void* y, i
   if (rows == Rows::kAvx512)
     return softmax_impl::fwd_row_avx512(x, m, y, n, sk, scale, dt, work, stream);
   if (rows == Rows::kAvx2) return softmax_impl::fwd_row_avx2(x, m, y, n, sk, scale, dt, work, stream);
-  using H = uint16_t;
-  switch (dt) {
-    case DType::F32:
-      return fwd_row_scalar<DType::F32>(static_cast<const float*>(x), m, static_cast<float*>(y),
-                                        n, sk, scale, work);
-    case DType::F16:
-      return fwd_row_scalar<DType::F16>(static_cast<const H*>(x), m, static_cast<H*>(y), n, sk,
-                                        scale, work);
-    case DType::BF16:
-      return fwd_row_scalar<DType::BF16>(static_cast<const H*>(x), m, static_cast<H*>(y), n,
-                                         sk, scale, work);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    using T = elem_t<D>;
+    fwd_row_scalar<D>(static_cast<const T*>(x), m, static_cast<T*>(y), n, sk, scale, work);
+  });
 }
 
 void bwd_row(Rows rows, bool stream, const void* dy, const void* p, void* dx, int64_t n,
              int64_t sk, float scale, DType dt) {
   if (rows == Rows::kAvx512) return softmax_impl::bwd_row_avx512(dy, p, dx, n, sk, scale, dt, stream);
   if (rows == Rows::kAvx2) return softmax_impl::bwd_row_avx2(dy, p, dx, n, sk, scale, dt, stream);
-  using H = uint16_t;
-  switch (dt) {
-    case DType::F32:
-      return bwd_row_scalar<DType::F32>(static_cast<const float*>(dy),
-                                        static_cast<const float*>(p), static_cast<float*>(dx),
-                                        n, sk, scale);
-    case DType::F16:
-      return bwd_row_scalar<DType::F16>(static_cast<const H*>(dy), static_cast<const H*>(p),
-                                        static_cast<H*>(dx), n, sk, scale);
-    case DType::BF16:
-      return bwd_row_scalar<DType::BF16>(static_cast<const H*>(dy), static_cast<const H*>(p),
-                                         static_cast<H*>(dx), n, sk, scale);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    using T = elem_t<D>;
+    bwd_row_scalar<D>(static_cast<const T*>(dy), static_cast<const T*>(p), static_cast<T*>(dx), n,
+                      sk, scale);
+  });
 }
 
 // ---- scheduling ------------------------------------------------------------------------------

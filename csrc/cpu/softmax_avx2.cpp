@@ -12,115 +12,25 @@
 #include <cstdint>
 #include <cstring>
 
+#include "dtype.h"
 #include "softmax_impl.h"
+#include "vec_avx2.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
+#include "softmax_rows.h"
+
 namespace megapre::cpu::softmax_impl {
 namespace {
 
-constexpr int64_t kChunk = 16;
-constexpr uintptr_t kLineBytes = 64;
+using namespace avx2;
 
-// Not std::min: a standard-library template instantiated under the target pragma may be the
-// copy the linker keeps for the portable translation units too.
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 constexpr float kInf = __builtin_inff();
 
-struct Pair {
-  __m256 a, b;
-};
-
-inline Pair zeros() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-
-inline __m256i loadu256(const void* p) {
-  return _mm256_loadu_si256(static_cast<const __m256i*>(p));
-}
-inline __m128i loadu128(const void* p) {
-  return _mm_loadu_si128(static_cast<const __m128i*>(p));
-}
-
-// All-ones lanes where the low 8 of the mask bytes are nonzero (True = masked).
-inline __m256 mask8(__m128i bytes) {
-  const __m256i w = _mm256_cvtepu8_epi32(bytes);
-  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(w, _mm256_setzero_si256()));
-}
-
-// Elementwise lanes: {first 8, last 8} of 16 mask bytes.
-inline Pair mask16_natural(__m128i bytes) {
-  return {mask8(bytes), mask8(_mm_srli_si128(bytes, 8))};
-}
-
-// ---- 16-element chunks <-> two fp32 vectors ----------------------------------------------
-// load/store/stream move a whole chunk (stream: non-temporal, chunk-aligned address only);
-// masked(bytes) gives the lanes (in the same order as load) whose mask byte is nonzero.
-template <DType D> struct Chunk;
-
-template <> struct Chunk<DType::F32> {
-  using T = float;
-  static Pair load(const T* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-  static void store(T* p, Pair v) {
-    _mm256_storeu_ps(p, v.a);
-    _mm256_storeu_ps(p + 8, v.b);
-  }
-  static void stream(T* p, Pair v) {
-    _mm256_stream_ps(p, v.a);
-    _mm256_stream_ps(p + 8, v.b);
-  }
-  static Pair masked(__m128i bytes) { return mask16_natural(bytes); }
-};
-
-template <> struct Chunk<DType::F16> {
-  using T = uint16_t;
-  static Pair convert(__m256i v) {
-    return {_mm256_cvtph_ps(_mm256_castsi256_si128(v)), _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1))};
-  }
-  static Pair load(const T* p) {
-    return {_mm256_cvtph_ps(loadu128(p)), _mm256_cvtph_ps(loadu128(p + 8))};
-  }
-  static __m256i pack(Pair v) {
-    constexpr int kRne = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    return _mm256_set_m128i(_mm256_cvtps_ph(v.b, kRne), _mm256_cvtps_ph(v.a, kRne));
-  }
-  static void store(T* p, Pair v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
-  static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
-  static Pair masked(__m128i bytes) { return mask16_natural(bytes); }
-};
-
-// bf16 is the top half of an fp32, so one 256-bit load of 16 elements becomes the even
-// elements (shifted up) and the odd ones (low halves cleared) with two cheap ALU ops and no
-// shuffles; the store reverses it.
-template <> struct Chunk<DType::BF16> {
-  using T = uint16_t;
-  static Pair convert(__m256i v) {
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)),
-            _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)))};
-  }
-  static Pair load(const T* p) { return convert(loadu256(p)); }
-  // Round to nearest even: add 0x7fff plus the lsb of the kept half; the result is in the top
-  // half. No NaN fix-up is needed: every NaN here comes from bf16 data (or is the default NaN
-  // 0xffc00000), so its low half is 0, the add cannot carry and the NaN stays a NaN.
-  static __m256i round_top(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-  }
-  static __m256i pack(Pair v) {
-    return _mm256_or_si256(_mm256_srli_epi32(round_top(v.a), 16),
-                           _mm256_and_si256(round_top(v.b), _mm256_set1_epi32(-65536)));
-  }
-  static void store(T* p, Pair v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
-  static void stream(T* p, Pair v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v)); }
-  // Mask words in element order, as all-ones/zero; the odd element's word is already the top
-  // half of its lane, the even one's is shifted up there (blendv reads only the sign bit).
-  static Pair masked(__m128i bytes) {
-    const __m256i w = _mm256_cmpgt_epi16(_mm256_cvtepu8_epi16(bytes), _mm256_setzero_si256());
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)), _mm256_castsi256_ps(w)};
-  }
-};
-
-template <DType D> using Elt = typename Chunk<D>::T;
+// Chunks are vec_avx2.h's 16-element pairs (bf16: even elements, then odd ones).
+template <DType D> using Chunk = V16<D>;
+template <DType D> using Elt = elem_t<D>;
 
 // Copies k < 16 elements as at most four fixed-size moves (a variable-length memcpy call
 // costs more than a whole chunk of math).
@@ -139,12 +49,6 @@ template <class T> inline void copy_few(T* dst, const T* src, int64_t k) {
     i += 2;
   }
   if (k & 1) dst[i] = src[i];
-}
-
-// All-ones 32-bit lanes [0, k) (k may be <= 0 or >= 8).
-inline __m256i first_lanes(int64_t k) {
-  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(k)), iota);
 }
 
 // All-ones 16-bit words [0, k), 0 <= k <= 16.
@@ -167,7 +71,7 @@ template <DType D> Pair load_part(const Elt<D>* p, int64_t k) {
       // The 32-bit lanes holding elements [0, k): for odd k the last one also holds element
       // k, which lies in the same aligned 4 bytes (so on a mapped page) and is cleared.
       const __m256i v = _mm256_maskload_epi32(reinterpret_cast<const int*>(p), first_words(k + 1));
-      return Chunk<D>::convert(_mm256_and_si256(v, first_words(k)));
+      return Chunk<D>::unpack(_mm256_and_si256(v, first_words(k)));
     }
     Elt<D> buf[kChunk] = {};
     copy_few(buf, p, k);
@@ -209,59 +113,15 @@ template <DType D> Pair load_any(const Elt<D>* p, int64_t k) {
   return k == kChunk ? Chunk<D>::load(p) : load_part<D>(p, k);
 }
 
-// Elements before y reaches a chunk boundary (kChunk elements' worth of bytes), in [0, 16).
-template <class T> int64_t grid_head(const T* y) {
-  constexpr uintptr_t bytes = kChunk * sizeof(T);
-  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
-  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
-}
-
-// Calls fn(j, k) for consecutive chunks [j, j + k) covering [0, len): first a head chunk of
-// `head` elements (so that later chunks start on the grid), then full chunks, then the rest.
-// Two calls with the same head agree on every chunk start below the shorter len.
-template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = min64(head, len);
-  if (j > 0) fn(int64_t{0}, j);
-  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
-  if (j < len) fn(j, len - j);
-}
-
-// Writes a row of sk outputs chunk by chunk (value(j, k) gives chunk [j, j + k)). With stream,
-// full chunks whose cache line lies entirely inside the row go out with non-temporal stores:
-// written to memory without first being read into the cache (no read-for-ownership), which
-// pays off when the output is larger than the cache. A line is written either entirely
-// streamed or entirely cached, because mixing both kinds in one line flushes a partial
-// write-combining buffer.
+// A row of sk outputs (see write_row_chunks): partial chunks through store_part.
 template <DType D, class Value>
 void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
-  const auto base = reinterpret_cast<uintptr_t>(y);
-  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
-  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
-  stream = stream && base % sizeof(y[0]) == 0;  // chunks on the grid are then aligned
-  for_chunks(head, sk, [&](int64_t j, int64_t k) {
-    const Pair v = value(j, k);
-    if (k < kChunk) return store_part<D>(y + j, v, k);
-    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
-    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
-      Chunk<D>::stream(y + j, v);
-    } else {
-      Chunk<D>::store(y + j, v);
-    }
-  });
-}
-
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  write_row_chunks(
+      y, sk, head, stream, value, [&](int64_t j, int64_t k, Pair v) { store_part<D>(y + j, v, k); },
+      [&](int64_t j, Pair v, bool nt) {
+        if (nt) Chunk<D>::stream(y + j, v);
+        else Chunk<D>::store(y + j, v);
+      });
 }
 
 // 2^t for t <= 0 (or NaN), fp32, within 2e-7 relative. Scores are pre-multiplied by
@@ -272,16 +132,12 @@ inline float hsum(__m256 v) {
 // out as exact zeros, and results below ~1e-38, invisible next to the row maximum's 2^0 = 1,
 // are flushed. NaN propagates (max returns its second operand on NaN).
 inline __m256 exp2_nonpos(__m256 t) {
-  t = _mm256_max_ps(_mm256_set1_ps(-127.0f), t);
-  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  t = _mm256_max_ps(_mm256_set1_ps(kExp2Min), t);
+  const __m256 magic = _mm256_set1_ps(kExp2Magic);
   const __m256 big = _mm256_add_ps(t, magic);
   const __m256 r = _mm256_sub_ps(t, _mm256_sub_ps(big, magic));
-  __m256 p = _mm256_set1_ps(1.326471916e-03f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(9.671513923e-03f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.550733954e-02f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(2.402224243e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(6.931470037e-01f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExp2Poly[i]));
   const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(big), 23));
   return _mm256_mul_ps(p, pow2n);
 }
@@ -356,12 +212,12 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
   if (row_max == -kInf) {
     // Nothing to normalize (all masked, or all -inf): a zero row instead of 0/0 = NaN. (A NaN
     // score may leave row_max NaN: the row then comes out NaN, as in torch.)
-    write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return zeros(); });
+    write_row<D>(y, sk, head, stream, [](int64_t, int64_t) { return zero_pair(); });
     return;
   }
 
   const __m256 vmax = _mm256_set1_ps(row_max);
-  Pair s = zeros();
+  Pair s = zero_pair();
   for (float* p = work; p < w; p += kChunk) {
     const __m256 a = exp2_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p), vmax));
     const __m256 b = exp2_nonpos(_mm256_sub_ps(_mm256_loadu_ps(p + 8), vmax));
@@ -374,7 +230,7 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
   const __m256 inv = _mm256_set1_ps(1.0f / hsum(_mm256_add_ps(s.a, s.b)));
   const float* p = work;
   write_row<D>(y, sk, head, stream, [&](int64_t j, int64_t) {
-    if (j >= n) return zeros();
+    if (j >= n) return zero_pair();
     const Pair v = {_mm256_mul_ps(_mm256_loadu_ps(p), inv), _mm256_mul_ps(_mm256_loadu_ps(p + 8), inv)};
     p += kChunk;
     return v;
@@ -387,7 +243,7 @@ template <DType D>
 void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t sk, float scale,
              bool stream) {
   const int64_t head = grid_head(dx);
-  Pair d = zeros();
+  Pair d = zero_pair();
   for_chunks(head, n, [&](int64_t j, int64_t k) {
     const Pair g = load_any<D>(dy + j, k), pv = load_any<D>(p + j, k);
     d.a = _mm256_fmadd_ps(g.a, pv.a, d.a);
@@ -396,8 +252,8 @@ void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t s
   const __m256 vscale = _mm256_set1_ps(scale);
   const __m256 dot = _mm256_set1_ps(hsum(_mm256_add_ps(d.a, d.b)) * scale);
   write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
-    if (j >= n) return zeros();
-    const int64_t kin = min64(k, n - j);  // lanes past n load as p = 0, so give 0
+    if (j >= n) return zero_pair();
+    const int64_t kin = imin(k, n - j);  // lanes past n load as p = 0, so give 0
     const Pair g = load_any<D>(dy + j, kin), pv = load_any<D>(p + j, kin);
     return Pair{_mm256_mul_ps(pv.a, _mm256_fmsub_ps(g.a, vscale, dot)),
                 _mm256_mul_ps(pv.b, _mm256_fmsub_ps(g.b, vscale, dot))};
@@ -413,35 +269,19 @@ void stream_fence() { _mm_sfence(); }
 
 void fwd_row_avx2(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
                   float scale, DType dt, float* work, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return fwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(x), mrow,
-                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work, stream);
-    case DType::F16:
-      return fwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(x), mrow,
-                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work, stream);
-    case DType::BF16:
-      return fwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(x), mrow,
-                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    fwd_row<D>(static_cast<CPtr<D>>(x), mrow, static_cast<Ptr<D>>(y), n, sk, scale, work, stream);
+  });
 }
 
 void bwd_row_avx2(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
                   DType dt, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return bwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(dy),
-                                 static_cast<CPtr<DType::F32>>(p),
-                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale, stream);
-    case DType::F16:
-      return bwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(dy),
-                                 static_cast<CPtr<DType::F16>>(p),
-                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale, stream);
-    case DType::BF16:
-      return bwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(dy),
-                                  static_cast<CPtr<DType::BF16>>(p),
-                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    bwd_row<D>(static_cast<CPtr<D>>(dy), static_cast<CPtr<D>>(p), static_cast<Ptr<D>>(dx), n, sk,
+               scale, stream);
+  });
 }
 
 }  // namespace megapre::cpu::softmax_impl

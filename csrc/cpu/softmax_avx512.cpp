@@ -10,7 +10,9 @@
 
 #include <cstdint>
 
+#include "dtype.h"
 #include "softmax_impl.h"
+#include "vec_avx512.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
@@ -21,114 +23,44 @@
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
+#include "softmax_rows.h"
+
 namespace megapre::cpu::softmax_impl {
 namespace {
 
-constexpr int64_t kChunk = 16;
-constexpr uintptr_t kLineBytes = 64;
 constexpr float kInf = __builtin_inff();
 
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+using namespace avx512;
 
-// Lanes [0, k), 0 <= k <= 16.
-inline __mmask16 first(int64_t k) { return static_cast<__mmask16>((1u << k) - 1u); }
-constexpr __mmask16 kAll = 0xffff;
-
-// ---- 16-element chunks <-> one fp32 vector, lanes in element order -------------------------
-template <DType D> struct Chunk;
-
-template <> struct Chunk<DType::F32> {
-  using T = float;
-  static __m512 load(const T* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-  static void store(T* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
-  static void stream(T* p, __m512 v) { _mm512_stream_ps(p, v); }  // 64-byte aligned p
-};
-
-template <> struct Chunk<DType::F16> {
-  using T = uint16_t;
-  static __m512 load(const T* p, __mmask16 k) {
-    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p));
-  }
-  static __m256i pack(__m512 v) {
-    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  }
-  static void store(T* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, pack(v)); }
-  static void stream(T* p, __m512 v) {  // 32-byte aligned p
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v));
-  }
-};
-
-template <> struct Chunk<DType::BF16> {
-  using T = uint16_t;
-  static __m512 load(const T* p, __mmask16 k) {
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-  }
-  // Round to nearest even as in softmax_avx2.cpp (every NaN here has a zero low half, so it
-  // needs no fix-up), then narrow each lane's top half.
-  static __m256i pack(__m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
-    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-  }
-  static void store(T* p, __m512 v, __mmask16 k) { _mm256_mask_storeu_epi16(p, k, pack(v)); }
-  static void stream(T* p, __m512 v) {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), pack(v));
-  }
-};
-
-template <DType D> using Elt = typename Chunk<D>::T;
+// Chunks are vec_avx512.h's 16 lanes in element order.
+template <DType D> using Chunk = V16<D>;
+template <DType D> using Elt = elem_t<D>;
 
 // Lanes among `live` whose mask byte at m is nonzero (True = masked).
 inline __mmask16 hidden(const uint8_t* m, __mmask16 live) {
   return _mm_mask_test_epi8_mask(live, _mm_maskz_loadu_epi8(live, m), _mm_set1_epi8(-1));
 }
 
-// Chunk grid and row writer: as in softmax_avx2.cpp.
-template <class T> int64_t grid_head(const T* y) {
-  constexpr uintptr_t bytes = kChunk * sizeof(T);
-  const uintptr_t off = reinterpret_cast<uintptr_t>(y) % bytes;
-  return static_cast<int64_t>((bytes - off) % bytes / sizeof(T));
-}
-
-template <class Fn> void for_chunks(int64_t head, int64_t len, const Fn& fn) {
-  int64_t j = min64(head, len);
-  if (j > 0) fn(int64_t{0}, j);
-  for (; j + kChunk <= len; j += kChunk) fn(j, kChunk);
-  if (j < len) fn(j, len - j);
-}
-
+// A row of sk outputs (see write_row_chunks): partial chunks through masked stores.
 template <DType D, class Value>
 void write_row(Elt<D>* y, int64_t sk, int64_t head, bool stream, const Value& value) {
-  const auto base = reinterpret_cast<uintptr_t>(y);
-  const uintptr_t line_lo = (base + kLineBytes - 1) & ~(kLineBytes - 1);
-  const uintptr_t line_hi = (base + static_cast<uintptr_t>(sk) * sizeof(y[0])) & ~(kLineBytes - 1);
-  stream = stream && base % sizeof(y[0]) == 0;
-  for_chunks(head, sk, [&](int64_t j, int64_t k) {
-    const __m512 v = value(j, k);
-    if (k < kChunk) return Chunk<D>::store(y + j, v, first(k));
-    const uintptr_t at = base + static_cast<uintptr_t>(j) * sizeof(y[0]);
-    if (stream && at >= line_lo && at + kChunk * sizeof(y[0]) <= line_hi) {
-      Chunk<D>::stream(y + j, v);
-    } else {
-      Chunk<D>::store(y + j, v, kAll);
-    }
-  });
+  write_row_chunks(
+      y, sk, head, stream, value,
+      [&](int64_t j, int64_t k, __m512 v) { Chunk<D>::store(y + j, v, first16(k)); },
+      [&](int64_t j, __m512 v, bool nt) {
+        if (nt) Chunk<D>::stream(y + j, v);
+        else Chunk<D>::store(y + j, v, kAll16);
+      });
 }
 
 // 2^t for t <= 0 (or NaN): the same steps and constants as exp2_nonpos in softmax_avx2.cpp.
 inline __m512 exp2_nonpos(__m512 t) {
-  t = _mm512_max_ps(_mm512_set1_ps(-127.0f), t);
-  const __m512 magic = _mm512_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  t = _mm512_max_ps(_mm512_set1_ps(kExp2Min), t);
+  const __m512 magic = _mm512_set1_ps(kExp2Magic);
   const __m512 big = _mm512_add_ps(t, magic);
   const __m512 r = _mm512_sub_ps(t, _mm512_sub_ps(big, magic));
-  __m512 p = _mm512_set1_ps(1.326471916e-03f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.671513923e-03f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.550733954e-02f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.402224243e-01f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.931470037e-01f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExp2Poly[i]));
   const __m512 pow2n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(big), 23));
   return _mm512_mul_ps(p, pow2n);
 }
@@ -168,7 +100,7 @@ void fwd_row(const Elt<D>* x, const uint8_t* m, Elt<D>* y, int64_t n, int64_t sk
   __m512 mx = ninf;
   float* w = work;
   for_chunks(head, n, [&](int64_t j, int64_t k) {
-    const __mmask16 live = first(k);
+    const __mmask16 live = first16(k);
     __mmask16 dead = static_cast<__mmask16>(~live);
     if (m != nullptr) dead = static_cast<__mmask16>(dead | hidden(m + j, live));
     const __m512 v = _mm512_mask_mov_ps(_mm512_mul_ps(Chunk<D>::load(x + j, live), vc), dead, ninf);
@@ -206,14 +138,14 @@ void bwd_row(const Elt<D>* dy, const Elt<D>* p, Elt<D>* dx, int64_t n, int64_t s
   const int64_t head = grid_head(dx);
   __m512 d = _mm512_setzero_ps();
   for_chunks(head, n, [&](int64_t j, int64_t k) {
-    const __mmask16 live = first(k);
+    const __mmask16 live = first16(k);
     d = _mm512_fmadd_ps(Chunk<D>::load(dy + j, live), Chunk<D>::load(p + j, live), d);
   });
   const __m512 vscale = _mm512_set1_ps(scale);
   const __m512 dot = _mm512_set1_ps(_mm512_reduce_add_ps(d) * scale);
   write_row<D>(dx, sk, head, stream, [&](int64_t j, int64_t k) {
     if (j >= n) return _mm512_setzero_ps();
-    const __mmask16 live = first(min64(k, n - j));  // lanes past n load as p = 0, so give 0
+    const __mmask16 live = first16(imin(k, n - j));  // lanes past n load as p = 0, so give 0
     const __m512 g = Chunk<D>::load(dy + j, live), pv = Chunk<D>::load(p + j, live);
     return _mm512_mul_ps(pv, _mm512_fmsub_ps(g, vscale, dot));
   });
@@ -226,35 +158,19 @@ template <DType D> using CPtr = const Elt<D>*;
 
 void fwd_row_avx512(const void* x, const uint8_t* mrow, void* y, int64_t n, int64_t sk,
                     float scale, DType dt, float* work, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return fwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(x), mrow,
-                                 static_cast<Ptr<DType::F32>>(y), n, sk, scale, work, stream);
-    case DType::F16:
-      return fwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(x), mrow,
-                                 static_cast<Ptr<DType::F16>>(y), n, sk, scale, work, stream);
-    case DType::BF16:
-      return fwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(x), mrow,
-                                  static_cast<Ptr<DType::BF16>>(y), n, sk, scale, work, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    fwd_row<D>(static_cast<CPtr<D>>(x), mrow, static_cast<Ptr<D>>(y), n, sk, scale, work, stream);
+  });
 }
 
 void bwd_row_avx512(const void* dy, const void* p, void* dx, int64_t n, int64_t sk, float scale,
                     DType dt, bool stream) {
-  switch (dt) {
-    case DType::F32:
-      return bwd_row<DType::F32>(static_cast<CPtr<DType::F32>>(dy),
-                                 static_cast<CPtr<DType::F32>>(p),
-                                 static_cast<Ptr<DType::F32>>(dx), n, sk, scale, stream);
-    case DType::F16:
-      return bwd_row<DType::F16>(static_cast<CPtr<DType::F16>>(dy),
-                                 static_cast<CPtr<DType::F16>>(p),
-                                 static_cast<Ptr<DType::F16>>(dx), n, sk, scale, stream);
-    case DType::BF16:
-      return bwd_row<DType::BF16>(static_cast<CPtr<DType::BF16>>(dy),
-                                  static_cast<CPtr<DType::BF16>>(p),
-                                  static_cast<Ptr<DType::BF16>>(dx), n, sk, scale, stream);
-  }
+  with_dtype(dt, [&](auto d) {
+    constexpr DType D = decltype(d)::value;
+    bwd_row<D>(static_cast<CPtr<D>>(dy), static_cast<CPtr<D>>(p), static_cast<Ptr<D>>(dx), n, sk,
+               scale, stream);
+  });
 }
 
 }  // namespace megapre::cpu::softmax_impl
