@@ -1,2 +1,2 @@
 """Inference on trained checkpoints: sampling, text generation and forward-only evaluation,
-in any tensor/pipeline layout (the CLIs are megapre.generate and megapre.evaluate)."""
+in any tensor/pipeline layout (the front ends are megapre/cli/generate.py and evaluate.py)."""
