@@ -29,9 +29,10 @@ INDEX_FLAGS = ("data_path", "split", "train_data_path", "valid_data_path", "test
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="build_index.py", description="Build the GPT sample/shuffle/blend indices of a run "
-                                "ahead of training (flags as megapre.pretrain).",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="build_index.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Build the GPT sample/shuffle/blend indices of a run ahead of training "
+                    "(data flags as megapre.pretrain).")
     add_section_flags(p, "data", DataArgs, only=INDEX_FLAGS)
     g = p.add_argument_group("samples")
     g.add_argument("--seq-length", type=int, required=True)
