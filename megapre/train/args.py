@@ -220,7 +220,6 @@ class RunPlan:
     layout the run will use."""
 
     config: PretrainConfig
-    world_size: int
     dp_size: int
     virtual_pipeline: int | None  # model chunks per pipeline rank (interleaved 1F1B)
     pipeline_schedule: str | None  # None without pipeline parallelism
@@ -277,4 +276,4 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--keep-last must be >= 1")
     resolved = copy.deepcopy(cfg)
     resolved.train.global_batch_size = gbs
-    return RunPlan(resolved, world_size, dp, vp, schedule, num_mb)
+    return RunPlan(resolved, dp, vp, schedule, num_mb)

@@ -63,7 +63,6 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
         self.plan = validate(cfg, world, tokenizer.vocab_size)
         self.cfg = cfg = self.plan.config
-        self.dp_size = self.plan.dp_size
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=cfg.train.recompute_granularity)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker

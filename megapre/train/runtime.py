@@ -47,7 +47,8 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     model in the layout of `cfg` (with `virtual_pipeline` model chunks per pipeline rank)."""
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    tokenizer = tokenizer or build_tokenizer(cfg.tokenizer_config())
+    if tokenizer is None:
+        tokenizer = build_tokenizer(cfg.tokenizer_config())
     layout.check_parallel_sizes(tp, pp, virtual_pipeline)
     layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
