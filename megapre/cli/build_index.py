@@ -47,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def num_samples_per_split(args: argparse.Namespace) -> list[int]:
-    """Megatron's train_valid_test_num_samples; --train-samples counts whole global batches of
-    evaluation like --train-iters does."""
+    """Megatron's train_valid_test_num_samples; with --train-samples, the evaluations are those
+    of the train_samples // global_batch_size steps it makes."""
     gbs = args.global_batch_size
     if gbs < 1 or args.eval_iters < 0 or args.eval_interval < 1:
         raise ValueError("--global-batch-size and --eval-interval must be >= 1, --eval-iters >= 0")
     iters = args.train_iters if args.train_samples is None else args.train_samples // gbs
-    if iters < 0 or (args.train_samples is not None and args.train_samples < 0):
+    if iters < 0:  # a negative --train-samples gives negative steps too
         raise ValueError("--train-samples/--train-iters must be >= 0")
     counts = samples_per_split(iters, args.eval_interval, args.eval_iters, gbs)
     if args.train_samples is not None:
