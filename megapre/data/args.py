@@ -35,6 +35,9 @@ class DataArgs:
     merge_file: str | None = _f(None, "BPE merges file")
     tokenizer_model: str | None = _f(None, "SentencePiece .model or HF tokenizer.json")
     vocab_size: int | None = _f(None, "NullTokenizer vocabulary size")
+    allow_tokenizer_mismatch: bool = _f(False, "train/evaluate/generate even when the tokenizer's "
+                                        "fingerprint differs from the one recorded with the data "
+                                        "or the checkpoint")
     num_workers: int = _f(2, "DataLoader workers")
     eod_mask_loss: bool = _f(False, "no loss on end-of-document tokens")
     reset_position_ids: bool = _f(False, "positions restart after each end-of-document")
