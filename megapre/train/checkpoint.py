@@ -44,11 +44,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from megapre.errors import ConfigError
 from megapre.model.config import TransformerConfig
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.random import RNGTracker
 
 from . import rng_state
+from .checkpoint_fit import (STRICTNESS_FLAG, CheckpointMismatchError, FitReport,
+                             architecture_diff, check_strictness, mismatch_message)
 from .state_dict import (MODEL_PREFIX, OPTIM_PREFIX, LoadTarget, load_targets, optimizer_state_names,
                          save_state_dict)
 
@@ -64,12 +67,9 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No (complete) checkpoint where one was asked for."""
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model (shapes, names or model kind differ)."""
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint directory is incomplete or damaged."""
+class CorruptCheckpointError(ConfigError, RuntimeError):
+    """A checkpoint directory is incomplete or damaged (bad input: the programs exit 2 with one
+    line; still a RuntimeError for callers that catch it as one)."""
 
 
 def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -488,40 +488,58 @@ def find_latest(load_dir: str | os.PathLike) -> Path | None:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _config_diff(saved: dict, current: TransformerConfig) -> list[str]:
-    now = dataclasses.asdict(current)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+def _gather_keys(here: set[str], missing: list[str], shapes: list[str]
+                 ) -> tuple[set[str], list[str], list[str]]:
+    """Every rank's model keys and problems (pipeline stages hold different tensors), so every
+    rank takes the same decision."""
+    if not _distributed():
+        return here, missing, shapes
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (sorted(here), missing, shapes))
+    keys = set().union(*(set(p[0]) for p in parts))
+    return (keys, sorted({m for p in parts for m in p[1]}), sorted({s for p in parts for s in p[2]}))
 
 
-def _check_against(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: dict,
-                   cfg: TransformerConfig) -> None:
+def _fit_report(targets: list[LoadTarget], metadata: Metadata, meta: dict,
+                cfg: TransformerConfig) -> FitReport:
     saved = metadata.state_dict_metadata
-    problems = []
+    missing, shapes = [], []
     for t in targets:
         entry = saved.get(t.key)
         if entry is None:
-            problems.append(f"{t.key!r} is missing from the checkpoint")
+            missing.append(t.key)
         elif not isinstance(entry, TensorStorageMetadata):
-            problems.append(f"{t.key!r} is not a tensor in the checkpoint")
+            shapes.append(f"{t.key!r} is not a tensor in the checkpoint")
         elif tuple(entry.size) != tuple(t.shape):
-            problems.append(f"{t.key!r} has shape {tuple(entry.size)} in the checkpoint but "
-                            f"{tuple(t.shape)} in this model")
-    if not problems:
-        return
-    optim_only = all(t.key.startswith(OPTIM_PREFIX) for t in targets
-                     if t.key not in saved)
-    if optim_only and not any(k.startswith(OPTIM_PREFIX) for k in saved):
+            shapes.append(f"{t.key!r} has shape {tuple(entry.size)} in the checkpoint but "
+                          f"{tuple(t.shape)} in this model")
+    here = {t.key for t in targets if t.key.startswith(MODEL_PREFIX)}
+    keys, missing, shapes = _gather_keys(here, missing, shapes)
+    unused = sorted(k for k in saved if k.startswith(MODEL_PREFIX) and k not in keys)
+    return FitReport(architecture_diff(meta.get("model_config", {}), cfg), missing, shapes, unused)
+
+
+def _check_fit(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: dict,
+               cfg: TransformerConfig, strictness: str) -> list[LoadTarget]:
+    """Refuse a checkpoint that does not fit (see checkpoint_fit); returns the targets to load
+    (without the missing ones that `strictness` tolerates)."""
+    check_strictness(strictness)
+    saved = metadata.state_dict_metadata
+    absent = [t.key for t in targets if t.key not in saved]
+    if absent and all(k.startswith(OPTIM_PREFIX) for k in absent) and \
+            not any(k.startswith(OPTIM_PREFIX) for k in saved):
         raise CheckpointMismatchError(
             f"checkpoint {path} has no optimizer state (saved without an optimizer), but this "
             "optimizer has state to restore; load the weights only (--no-load-optim, or "
             "optimizer=None)")
-    diff = _config_diff(meta.get("model_config", {}), cfg)
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)"
-                                        if len(problems) > 8 else "")
-    hint = ("model settings that differ: " + "; ".join(diff)) if diff else \
-        "the model settings are equal, so the checkpoint is damaged or from another program"
-    raise CheckpointMismatchError(f"checkpoint {path} does not fit this model: {shown}. {hint}")
+    report = _fit_report(targets, metadata, meta, cfg)
+    if report.refused(strictness):
+        raise CheckpointMismatchError(mismatch_message(path, report, strictness))
+    tolerated = report.tolerated(strictness)
+    if tolerated and _is_writer():
+        warnings.warn(f"partial load of checkpoint {path} ({STRICTNESS_FLAG} {strictness}): "
+                      + "; ".join(tolerated))
+    return [t for t in targets if t.key in saved]
 
 
 def _extra_targets(meta: dict, metadata: Metadata) -> dict[str, torch.Tensor]:
@@ -535,13 +553,14 @@ def _extra_targets(meta: dict, metadata: Metadata) -> dict[str, torch.Tensor]:
 def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
                     mesh: ParallelMesh | None = None, *, load_rng: bool = True,
                     iteration: int | None = None, tracker: RNGTracker | None = None,
-                    seed: int | None = None) -> dict[str, Any]:
+                    seed: int | None = None, strictness: str = "raise_all") -> dict[str, Any]:
     """Load the latest (or `iteration`'s) checkpoint into `model` (and `optimizer` unless None)
     in whatever layout this job has. Collective.
 
     RNG states are restored when the layout is the one that saved; otherwise (or with
     load_rng=False) the streams are reseeded from seed + iteration (`seed` defaults to the saved
-    config's train.seed). Returns {"iteration", "consumed_samples", "extra", "config" (the saved
+    config's train.seed). `strictness` (--dist-ckpt-strictness, see checkpoint_fit) decides
+    whether a checkpoint of another architecture may load partly. Returns {"iteration", "consumed_samples", "extra", "config" (the saved
     config.json, or None), "path"}."""
     mesh = mesh or model.mesh
     models, cfg, kind = _models_and_cfg(model)
@@ -560,7 +579,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
         warnings.warn(f"checkpoint {path} has no optimizer state (saved without an optimizer or "
                       "before the first step); the optimizer starts fresh")
     targets = load_targets(models, optimizer, mesh, cfg, saved_states)
-    _check_against(targets, metadata, path, meta, cfg)
+    targets = _check_fit(targets, metadata, path, meta, cfg, strictness)
     state = {t.key: t.value for t in targets}
     extra_tensors = _extra_targets(meta, metadata)
     state.update(extra_tensors)
