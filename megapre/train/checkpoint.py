@@ -67,6 +67,11 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No (complete) checkpoint where one was asked for."""
 
 
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, ...); the message names the path and the reason,
+    the previous checkpoints are intact."""
+
+
 class CorruptCheckpointError(ConfigError, RuntimeError):
     """A checkpoint directory is incomplete or damaged (bad input: the programs exit 2 with one
     line; still a RuntimeError for callers that catch it as one)."""
@@ -176,10 +181,12 @@ def wait_for_pending_save(barrier: bool = False) -> None:
     process exits (the run's last checkpoint is otherwise lost); `save_checkpoint` calls it."""
     fut, _PENDING.future = _PENDING.future, None
     if fut is not None:
-        fut.result()
         _PENDING.published.wait()
-        if _PENDING.error is not None:
-            error, _PENDING.error = _PENDING.error, None
+        error, _PENDING.error = _PENDING.error, None
+        if isinstance(error, CheckpointSaveError):
+            raise error
+        fut.result()
+        if error is not None:
             raise RuntimeError(f"publishing the asynchronous checkpoint failed: {error}") from error
     if barrier:
         _barrier()
@@ -246,11 +253,12 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
                     mesh: ParallelMesh | None = None, *, consumed_samples: int = 0,
                     config: dict | None = None, extra: dict | None = None,
                     tracker: RNGTracker | None = None, async_save: bool = False,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, tokenizer: dict | None = None) -> Path:
     """Save model, optimizer (None: weights only), per-rank RNG states (of the default
     generators, `tracker` (found in the model when not given), numpy and `random`), the
     consumed-samples count, `config` (the resolved PretrainConfig dict, written as config.json)
-    and `extra` (JSON values and tensors: loss-scaler state, skip counters, ...).
+    `extra` (JSON values and tensors: loss-scaler state, skip counters, ...) and `tokenizer` (its
+    describe(), checked against the tokenizer of a later load).
     Collective: every rank calls it.
 
     Returns the final directory (complete once this returns, or, with `async_save`, once the
@@ -271,30 +279,24 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     final = checkpoint_dir(root, iteration)
     nonce = _shared_nonce(mesh)
     tmp = root / f"{final.name}.tmp-{nonce}"
-    if _is_writer():
-        (tmp / RNG_DIR).mkdir(parents=True, exist_ok=False)
-    _barrier()
-    rng_state.save(tmp / RNG_DIR / rng_state.rng_file_name(mesh), rng_state.capture(mesh, tracker))
-
-    state = save_state_dict(models, optimizer, mesh, cfg)
-    state.update(extra_tensors)
-    if _is_writer():
-        meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
-                "model_config": dataclasses.asdict(cfg), "layout": _layout(mesh),
-                "has_optimizer": optimizer is not None, "consumed_samples": int(consumed_samples),
-                "extra": extra_json, "torch_version": torch.__version__}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if config_json is not None:
-            (tmp / CONFIG_FILE).write_text(config_json)
-
-    writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
-    if not async_save:
-        with _quiet_single_process():
-            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
-        if _is_writer():
-            _publish(root, tmp, final, iteration, keep_last, nonce)
-        _barrier()
-        return final
+    meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
+            "model_config": dataclasses.asdict(cfg), "layout": _layout(mesh),
+            "has_optimizer": optimizer is not None, "consumed_samples": int(consumed_samples),
+            "extra": extra_json, "torch_version": torch.__version__, "tokenizer": tokenizer}
+    try:
+        _write_side_files(tmp, mesh, tracker, meta, config_json)
+        state = save_state_dict(models, optimizer, mesh, cfg)
+        state.update(extra_tensors)
+        writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
+        if not async_save:
+            with _quiet_single_process():
+                dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+            if _is_writer():
+                _publish(root, tmp, final, iteration, keep_last, nonce)
+            _barrier()
+            return final
+    except (OSError, CheckpointException) as e:
+        raise _save_failed(e, tmp, iteration) from e
 
     _PENDING.published.clear()
     _PENDING.error = None
@@ -304,7 +306,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
 
     def on_written(fut: Future) -> None:
         try:
-            if fut.exception() is None and _is_writer():
+            if fut.exception() is not None:
+                _PENDING.error = _save_failed(fut.exception(), tmp, iteration)
+            elif _is_writer():
                 _publish(root, tmp, final, iteration, keep_last, nonce)
         except BaseException as e:  # reported by wait_for_pending_save
             _PENDING.error = e
@@ -314,6 +318,50 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     future.add_done_callback(on_written)
     _PENDING.future = future
     return final
+
+
+def _write_side_files(tmp: Path, mesh: ParallelMesh, tracker: RNGTracker | None, meta: dict,
+                      config_json: str | None) -> None:
+    """The temporary directory, this rank's RNG file, and (writer) meta.json and config.json."""
+    if _is_writer():
+        (tmp / RNG_DIR).mkdir(parents=True, exist_ok=False)
+    _barrier()
+    rng_state.save(tmp / RNG_DIR / rng_state.rng_file_name(mesh), rng_state.capture(mesh, tracker))
+    if _is_writer():
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if config_json is not None:
+            (tmp / CONFIG_FILE).write_text(config_json)
+
+
+def _os_error(error: BaseException | None, depth: int = 0) -> OSError | None:
+    """The OSError behind a failed save (DCP wraps each rank's exception)."""
+    if error is None or depth > 8:
+        return None
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, CheckpointException):
+        for exc, _ in error.failures.values():
+            if (found := _os_error(exc, depth + 1)) is not None:
+                return found
+    return _os_error(error.__cause__ or error.__context__, depth + 1)
+
+
+def _save_failed(error: BaseException, tmp: Path, iteration: int) -> BaseException:
+    """Remove the partial save and name the path and the reason; anything but an OSError (a
+    kill) is passed on as it is, its leftover removed by the next save."""
+    found = _os_error(error)
+    if found is None:
+        return error
+    if _is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = os.strerror(found.errno).lower() if found.errno else str(found)
+    where = found.filename or tmp
+    err = CheckpointSaveError(
+        f"saving the checkpoint of iteration {iteration} failed: {why} ({where}); the partial "
+        f"save was removed and the previous checkpoints in {tmp.parent} are intact. Free space "
+        "or give --save another directory, then resume with --load")
+    err.errno = found.errno
+    return err
 
 
 def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None,
@@ -369,7 +417,12 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     path = Path(root) / LATEST_FILE
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(
+            f"{path} should hold an iteration number in ASCII digits but holds other bytes; fix "
+            "it, or delete it (then the newest complete iter_* is used)") from None
     if not text.isdigit():
         raise CorruptCheckpointError(f"{path} should hold an iteration number, found {text!r}; "
                                      "fix or delete it (then the newest iter_* is used)")
@@ -446,10 +499,22 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             raise CorruptCheckpointError(f"cannot read DCP metadata {path}: {e}") from e
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(f"{path} does not hold DCP metadata")
+        _check_storage_paths(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_paths(metadata: Metadata, path: Path) -> None:
+    """Every tensor file the metadata names must be a plain relative name inside the checkpoint:
+    an absolute path or '..' would make a load read any file on the machine."""
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or \
+                ".." in Path(rel).parts or "\\" in rel:
+            raise CorruptCheckpointError(f"{path} names the tensor file {rel!r}, which is not "
+                                         "inside the checkpoint directory; refusing to load it")
 
 
 def read_meta(path: Path) -> dict:
@@ -560,8 +625,9 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     RNG states are restored when the layout is the one that saved; otherwise (or with
     load_rng=False) the streams are reseeded from seed + iteration (`seed` defaults to the saved
     config's train.seed). `strictness` (--dist-ckpt-strictness, see checkpoint_fit) decides
-    whether a checkpoint of another architecture may load partly. Returns {"iteration", "consumed_samples", "extra", "config" (the saved
-    config.json, or None), "path"}."""
+    whether a checkpoint of another architecture may load partly. Returns {"iteration",
+    "consumed_samples", "extra", "config" (the saved config.json, or None), "path",
+    "tokenizer" (the saving tokenizer's describe(), None for older checkpoints)}."""
     mesh = mesh or model.mesh
     models, cfg, kind = _models_and_cfg(model)
     tracker = tracker or find_tracker(model)
@@ -600,7 +666,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     _restore_rng(path, meta, mesh, tracker, load_rng, it, seed)
     return {"iteration": it, "consumed_samples": int(meta.get("consumed_samples", 0)),
             "extra": _decode_extra(meta.get("extra", {}), extra_tensors), "config": config,
-            "path": path}
+            "path": path, "tokenizer": meta.get("tokenizer")}
 
 
 def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker | None,
@@ -623,7 +689,8 @@ def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker
 # -- inspection ----------------------------------------------------------------------------
 def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None) -> dict:
     """What a checkpoint holds, without loading a tensor: iteration, layout that wrote it, model,
-    tensor count and bytes, and the checkpoints beside it."""
+    tensor count and bytes, the checkpoints beside it, and `problems` (tensor files missing or
+    shorter than the metadata says)."""
     path = resolve_checkpoint(load_dir, iteration)
     meta = read_meta(path)
     metadata = SafeFileSystemReader(path).read_metadata()
@@ -631,6 +698,8 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
                if isinstance(v, TensorStorageMetadata)}
     nbytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in tensors.values())
     root = path.parent if _ITER_DIR.match(path.name) else path
+    from .checkpoint_verify import storage_problems
+
     return {"path": str(path), "iteration": meta["iteration"], "model": meta["model_kind"],
             "saved_layout": meta["layout"], "consumed_samples": meta.get("consumed_samples", 0),
             "parameters": sum(math.prod(v.size) for k, v in tensors.items()
@@ -639,7 +708,8 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
             "has_optimizer_state": any(not k.startswith((MODEL_PREFIX, EXTRA_PREFIX))
                                        for k in tensors),
             "checkpoints": sorted(p.name for p in root.iterdir() if _ITER_DIR.match(p.name)),
-            "model_config": meta["model_config"]}
+            "model_config": meta["model_config"], "tokenizer": meta.get("tokenizer"),
+            "problems": storage_problems(path, metadata)}
 
 
 if __name__ == "__main__":  # the documented `python -m megapre.train.checkpoint DIR`
