@@ -58,8 +58,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, 
                               "help": meta["help"] + shown}
         if kind is bool:
             name = "no_" + f.name if default else f.name
-            group.add_argument(*_names(name, meta), action="store_false" if default else "store_true",
-                               **kw)
+            action = "store_false" if default else "store_true"
+            group.add_argument(*_names(name, meta), action=action, **kw)
             continue
         if is_list:
             kw["nargs"] = "+"

@@ -2,9 +2,11 @@
 
     save_dir/
       latest_checkpointed_iteration.txt   "100" (Megatron's name), replaced atomically, last
+      .megapre-save.lock                  the run saving here (checkpoint_lock.py), while it runs
       iter_0000100/
         .metadata, __*_*.distcp           DCP: model + optimizer state under global names
-        meta.json                         iteration, layout, model config, extra (JSON only)
+        meta.json                         iteration, layout, model config, tokenizer, extra
+                                          (the Trainer's: lr schedule, loss scaler; JSON only)
         config.json                       the resolved PretrainConfig of the run
         rng/rank_<pp>_<dp>_<tp>.pt        per-rank random streams (tensors only)
 
@@ -17,7 +19,10 @@ thread (DCP stages a copy first, so training may continue); the next save, or
 Loading never unpickles arbitrary objects: tensors come from DCP's tensor files, the metadata
 pickle is read with an allow-list of DCP's own record types, RNG files with
 `torch.load(weights_only=True)`, everything else is JSON. The layout mapping lives in
-state_dict.py; the random streams in rng_state.py.
+state_dict.py; the random streams in rng_state.py; whether a checkpoint fits the model in
+checkpoint_fit.py; the file checks of the inspector in checkpoint_verify.py. A save that fails
+(a full disk) removes its temporary directory and names the path; the previous checkpoints are
+untouched.
 """
 from __future__ import annotations
 
@@ -296,7 +301,10 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
             _barrier()
             return final
     except (OSError, CheckpointException) as e:
-        raise _save_failed(e, tmp, iteration) from e
+        failed = _save_failed(e, tmp, iteration)
+        if failed is e:
+            raise
+        raise failed from e
 
     _PENDING.published.clear()
     _PENDING.error = None
@@ -562,7 +570,8 @@ def _gather_keys(here: set[str], missing: list[str], shapes: list[str]
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, (sorted(here), missing, shapes))
     keys = set().union(*(set(p[0]) for p in parts))
-    return (keys, sorted({m for p in parts for m in p[1]}), sorted({s for p in parts for s in p[2]}))
+    missing = sorted({m for p in parts for m in p[1]})
+    return keys, missing, sorted({s for p in parts for s in p[2]})
 
 
 def _fit_report(targets: list[LoadTarget], metadata: Metadata, meta: dict,
