@@ -243,6 +243,9 @@ class RunPlan:
 
 
 def _check_checkpoint_args(c: CheckpointArgs) -> None:
+    from .checkpoint_fit import check_strictness
+
+    check_strictness(c.dist_ckpt_strictness)  # a config file bypasses the parser's choices
     if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
         raise ConfigError("--override-opt_param-scheduler (this command line's lr schedule) and "
                           "--use-checkpoint-opt_param-scheduler (the checkpoint's) exclude each "

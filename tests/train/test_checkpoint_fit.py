@@ -75,3 +75,15 @@ def test_partial_load_by_strictness(saved, mesh):
     assert not any("layers.2." in n for n in changed), changed
     with pytest.raises(ConfigError, match="--dist-ckpt-strictness 'bogus'"):
         load_checkpoint(saved, shallow, None, mesh, strictness="bogus")
+
+
+def test_strictness_from_a_config_file_is_validated(tmp_path):
+    from megapre.cli.flags import parse_config
+    from megapre.train.args import validate
+
+    config = tmp_path / "run.json"
+    config.write_text('{"dist_ckpt_strictness": "assume_ok_unexpected", "data_path": ["x"], '
+                      '"tokenizer_type": "NullTokenizer", "vocab_size": 40}')
+    with pytest.raises(ConfigError, match="--dist-ckpt-strictness 'assume_ok_unexpected': "
+                                          "choose one of raise_all, log_unexpected, log_all"):
+        validate(parse_config(["--config", str(config)]), 1, 40)
