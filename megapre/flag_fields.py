@@ -9,7 +9,9 @@ from typing import Any
 
 
 def flag_field(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a flag's help text (and argparse keywords such as `choices`)."""
+    """A dataclass field with a flag's help text (and argparse keywords such as `choices`;
+    `flag="--name"` gives the flag a name other than the field's, e.g. Megatron's
+    `--override-opt_param-scheduler`)."""
     meta = {"help": help, **kw}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)

@@ -55,6 +55,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--vocab-file", help="vocabulary file (when it moved since training)")
     t.add_argument("--merge-file", help="BPE merges file")
     t.add_argument("--tokenizer-model", help="SentencePiece model or tokenizer.json")
+    t.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="run even when the tokenizer's fingerprint differs from the one the "
+                        "checkpoint was trained with")
 
 
 def apply_common(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:

@@ -107,6 +107,7 @@ def evaluate(args: argparse.Namespace) -> int:
     _apply_batch_flags(cfg, args)
     rt = build_runtime(cfg)
     try:
+        checkpoint_io.check_tokenizer(path, rt.tokenizer, args.allow_tokenizer_mismatch)
         cfg = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")), rt.tokenizer.vocab_size).config
         gbs = cfg.train.global_batch_size
         dataset = eval_dataset(cfg, rt.tokenizer, split,

@@ -33,6 +33,12 @@ def _none_or(kind):
     return parse
 
 
+def _names(name: str, meta: dict) -> list[str]:
+    """The field's explicit `flag` (as spelled, e.g. Megatron's --override-opt_param-scheduler)
+    first, and the generated all-dashes form as an alias."""
+    return list(dict.fromkeys([meta["flag"], flag(name)])) if "flag" in meta else [flag(name)]
+
+
 def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, *,
                       only: tuple[str, ...] | None = None, title: str | None = None,
                       show_defaults: bool = True) -> None:
@@ -52,7 +58,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, 
                               "help": meta["help"] + shown}
         if kind is bool:
             name = "no_" + f.name if default else f.name
-            group.add_argument(flag(name), action="store_false" if default else "store_true", **kw)
+            action = "store_false" if default else "store_true"
+            group.add_argument(*_names(name, meta), action=action, **kw)
             continue
         if is_list:
             kw["nargs"] = "+"
@@ -61,7 +68,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, 
         kw["type"] = _none_or(kind) if kind is not str else str
         if "choices" in meta and None in meta["choices"]:
             kw["type"] = _none_or(str)
-        group.add_argument(flag(f.name), metavar=f.name.upper(), **kw)
+        group.add_argument(*_names(f.name, meta), metavar=f.name.upper(), **kw)
 
 
 def section_values(args: argparse.Namespace, section: str) -> dict[str, Any]:

@@ -113,6 +113,7 @@ def generate(args: argparse.Namespace) -> int:
     cfg.parallel.sequence_parallel = False  # prefixes of any length: no sequence sharding
     rt = build_runtime(cfg)
     try:
+        checkpoint_io.check_tokenizer(path, rt.tokenizer, args.allow_tokenizer_mismatch)
         info = checkpoint_io.load_weights(path, rt)
         learned = rt.model_cfg.position_embedding_type == "learned_absolute"
         gen = TextGenerator(rt.model, rt.tokenizer.vocab_size, rt.tokenizer.eod,

@@ -5,6 +5,8 @@ DCP reader."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 from megapre.model.config import ConfigError
@@ -43,3 +45,15 @@ def load_weights(path: Path, runtime) -> dict:
     checkpoint's info dict (iteration, consumed_samples, ...)."""
     return _checkpoint_module().load_checkpoint(path, runtime.model, None, runtime.mesh,
                                                 load_rng=False, tracker=runtime.tracker)
+
+
+def check_tokenizer(path: Path, tokenizer, allow: bool) -> None:
+    """Refuse a tokenizer other than the one the checkpoint was trained with (a moved or edited
+    --vocab-file/--merge-file/--tokenizer-model) unless `allow`; warnings go to stderr once
+    (rank 0)."""
+    from megapre.train.checkpoint_tokenizer import check_tokenizer as check
+
+    module = _checkpoint_module()
+    note = check(module.read_meta(path).get("tokenizer"), tokenizer, allow, str(path))
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {note}", file=sys.stderr, flush=True)

@@ -113,6 +113,18 @@ class CheckpointArgs:
     no_load_optim: bool = _f(False, "load weights only")
     no_load_rng: bool = _f(False, "do not restore RNG states")
     finetune: bool = _f(False, "load weights, reset iteration, optimizer and RNG")
+    dist_ckpt_strictness: str = _f(
+        "raise_all", "a checkpoint of another architecture: raise_all refuses any differing "
+        "setting, missing or unused tensor; log_unexpected warns about differing settings and "
+        "unused checkpoint tensors (deliberate partial load); log_all also loads with missing "
+        "tensors (they keep their initialization)",
+        choices=("raise_all", "log_unexpected", "log_all"))
+    override_opt_param_scheduler: bool = _f(
+        False, "on resume, use the lr schedule flags of this command line even where the "
+        "checkpoint's differ", flag="--override-opt_param-scheduler")
+    use_checkpoint_opt_param_scheduler: bool = _f(
+        False, "on resume, use the lr schedule saved in the checkpoint (ignore the schedule "
+        "flags)", flag="--use-checkpoint-opt_param-scheduler")
 
 
 @dataclass
@@ -230,6 +242,19 @@ class RunPlan:
         return self.config.train.global_batch_size
 
 
+def _check_checkpoint_args(c: CheckpointArgs) -> None:
+    from .checkpoint_fit import check_strictness
+
+    check_strictness(c.dist_ckpt_strictness)  # a config file bypasses the parser's choices
+    if c.override_opt_param_scheduler and c.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler (this command line's lr schedule) and "
+                          "--use-checkpoint-opt_param-scheduler (the checkpoint's) exclude each "
+                          "other; give one")
+    if c.finetune and c.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--use-checkpoint-opt_param-scheduler with --finetune: a finetune "
+                          "starts a new lr schedule from this command line; drop one")
+
+
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> RunPlan:
     """Check everything that can be checked before any process group exists (layout rules come
     from megapre.parallel.layout, model rules from TransformerConfig.validate)."""
@@ -270,6 +295,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     if d.data_path and d.train_data_path:
         raise ConfigError("give either --data-path (split by --split) or --train/valid/test-data-path, not both")
     c = cfg.checkpoint
+    _check_checkpoint_args(c)
     if c.save_interval is not None and c.save is None:
         raise ConfigError("--save-interval needs --save DIR")
     if c.keep_last is not None and c.keep_last < 1:

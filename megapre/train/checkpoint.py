@@ -2,9 +2,11 @@
 
     save_dir/
       latest_checkpointed_iteration.txt   "100" (Megatron's name), replaced atomically, last
+      .megapre-save.lock                  the run saving here (checkpoint_lock.py), while it runs
       iter_0000100/
         .metadata, __*_*.distcp           DCP: model + optimizer state under global names
-        meta.json                         iteration, layout, model config, extra (JSON only)
+        meta.json                         iteration, layout, model config, tokenizer, extra
+                                          (the Trainer's: lr schedule, loss scaler; JSON only)
         config.json                       the resolved PretrainConfig of the run
         rng/rank_<pp>_<dp>_<tp>.pt        per-rank random streams (tensors only)
 
@@ -17,7 +19,10 @@ thread (DCP stages a copy first, so training may continue); the next save, or
 Loading never unpickles arbitrary objects: tensors come from DCP's tensor files, the metadata
 pickle is read with an allow-list of DCP's own record types, RNG files with
 `torch.load(weights_only=True)`, everything else is JSON. The layout mapping lives in
-state_dict.py; the random streams in rng_state.py.
+state_dict.py; the random streams in rng_state.py; whether a checkpoint fits the model in
+checkpoint_fit.py; the file checks of the inspector in checkpoint_verify.py. A save that fails
+(a full disk) removes its temporary directory and names the path; the previous checkpoints are
+untouched.
 """
 from __future__ import annotations
 
@@ -44,11 +49,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
+from megapre.errors import ConfigError
 from megapre.model.config import TransformerConfig
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.random import RNGTracker
 
 from . import rng_state
+from .checkpoint_fit import (STRICTNESS_FLAG, CheckpointMismatchError, FitReport,
+                             architecture_diff, check_strictness, mismatch_message)
 from .state_dict import (MODEL_PREFIX, OPTIM_PREFIX, LoadTarget, load_targets, optimizer_state_names,
                          save_state_dict)
 
@@ -64,12 +72,14 @@ class CheckpointNotFoundError(FileNotFoundError):
     """No (complete) checkpoint where one was asked for."""
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model (shapes, names or model kind differ)."""
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (disk full, ...); the message names the path and the reason,
+    the previous checkpoints are intact."""
 
 
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint directory is incomplete or damaged."""
+class CorruptCheckpointError(ConfigError, RuntimeError):
+    """A checkpoint directory is incomplete or damaged (bad input: the programs exit 2 with one
+    line; still a RuntimeError for callers that catch it as one)."""
 
 
 def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
@@ -176,10 +186,12 @@ def wait_for_pending_save(barrier: bool = False) -> None:
     process exits (the run's last checkpoint is otherwise lost); `save_checkpoint` calls it."""
     fut, _PENDING.future = _PENDING.future, None
     if fut is not None:
-        fut.result()
         _PENDING.published.wait()
-        if _PENDING.error is not None:
-            error, _PENDING.error = _PENDING.error, None
+        error, _PENDING.error = _PENDING.error, None
+        if isinstance(error, CheckpointSaveError):
+            raise error
+        fut.result()
+        if error is not None:
             raise RuntimeError(f"publishing the asynchronous checkpoint failed: {error}") from error
     if barrier:
         _barrier()
@@ -246,11 +258,12 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
                     mesh: ParallelMesh | None = None, *, consumed_samples: int = 0,
                     config: dict | None = None, extra: dict | None = None,
                     tracker: RNGTracker | None = None, async_save: bool = False,
-                    keep_last: int | None = None) -> Path:
+                    keep_last: int | None = None, tokenizer: dict | None = None) -> Path:
     """Save model, optimizer (None: weights only), per-rank RNG states (of the default
     generators, `tracker` (found in the model when not given), numpy and `random`), the
     consumed-samples count, `config` (the resolved PretrainConfig dict, written as config.json)
-    and `extra` (JSON values and tensors: loss-scaler state, skip counters, ...).
+    `extra` (JSON values and tensors: loss-scaler state, skip counters, ...) and `tokenizer` (its
+    describe(), checked against the tokenizer of a later load).
     Collective: every rank calls it.
 
     Returns the final directory (complete once this returns, or, with `async_save`, once the
@@ -271,30 +284,27 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     final = checkpoint_dir(root, iteration)
     nonce = _shared_nonce(mesh)
     tmp = root / f"{final.name}.tmp-{nonce}"
-    if _is_writer():
-        (tmp / RNG_DIR).mkdir(parents=True, exist_ok=False)
-    _barrier()
-    rng_state.save(tmp / RNG_DIR / rng_state.rng_file_name(mesh), rng_state.capture(mesh, tracker))
-
-    state = save_state_dict(models, optimizer, mesh, cfg)
-    state.update(extra_tensors)
-    if _is_writer():
-        meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
-                "model_config": dataclasses.asdict(cfg), "layout": _layout(mesh),
-                "has_optimizer": optimizer is not None, "consumed_samples": int(consumed_samples),
-                "extra": extra_json, "torch_version": torch.__version__}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
-        if config_json is not None:
-            (tmp / CONFIG_FILE).write_text(config_json)
-
-    writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
-    if not async_save:
-        with _quiet_single_process():
-            dcp.save(state, storage_writer=writer, no_dist=not _distributed())
-        if _is_writer():
-            _publish(root, tmp, final, iteration, keep_last, nonce)
-        _barrier()
-        return final
+    meta = {"format": FORMAT, "iteration": iteration, "model_kind": kind,
+            "model_config": dataclasses.asdict(cfg), "layout": _layout(mesh),
+            "has_optimizer": optimizer is not None, "consumed_samples": int(consumed_samples),
+            "extra": extra_json, "torch_version": torch.__version__, "tokenizer": tokenizer}
+    try:
+        _write_side_files(tmp, mesh, tracker, meta, config_json)
+        state = save_state_dict(models, optimizer, mesh, cfg)
+        state.update(extra_tensors)
+        writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
+        if not async_save:
+            with _quiet_single_process():
+                dcp.save(state, storage_writer=writer, no_dist=not _distributed())
+            if _is_writer():
+                _publish(root, tmp, final, iteration, keep_last, nonce)
+            _barrier()
+            return final
+    except (OSError, CheckpointException) as e:
+        failed = _save_failed(e, tmp, iteration)
+        if failed is e:
+            raise
+        raise failed from e
 
     _PENDING.published.clear()
     _PENDING.error = None
@@ -304,7 +314,9 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
 
     def on_written(fut: Future) -> None:
         try:
-            if fut.exception() is None and _is_writer():
+            if fut.exception() is not None:
+                _PENDING.error = _save_failed(fut.exception(), tmp, iteration)
+            elif _is_writer():
                 _publish(root, tmp, final, iteration, keep_last, nonce)
         except BaseException as e:  # reported by wait_for_pending_save
             _PENDING.error = e
@@ -314,6 +326,50 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
     future.add_done_callback(on_written)
     _PENDING.future = future
     return final
+
+
+def _write_side_files(tmp: Path, mesh: ParallelMesh, tracker: RNGTracker | None, meta: dict,
+                      config_json: str | None) -> None:
+    """The temporary directory, this rank's RNG file, and (writer) meta.json and config.json."""
+    if _is_writer():
+        (tmp / RNG_DIR).mkdir(parents=True, exist_ok=False)
+    _barrier()
+    rng_state.save(tmp / RNG_DIR / rng_state.rng_file_name(mesh), rng_state.capture(mesh, tracker))
+    if _is_writer():
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if config_json is not None:
+            (tmp / CONFIG_FILE).write_text(config_json)
+
+
+def _os_error(error: BaseException | None, depth: int = 0) -> OSError | None:
+    """The OSError behind a failed save (DCP wraps each rank's exception)."""
+    if error is None or depth > 8:
+        return None
+    if isinstance(error, OSError):
+        return error
+    if isinstance(error, CheckpointException):
+        for exc, _ in error.failures.values():
+            if (found := _os_error(exc, depth + 1)) is not None:
+                return found
+    return _os_error(error.__cause__ or error.__context__, depth + 1)
+
+
+def _save_failed(error: BaseException, tmp: Path, iteration: int) -> BaseException:
+    """Remove the partial save and name the path and the reason; anything but an OSError (a
+    kill) is passed on as it is, its leftover removed by the next save."""
+    found = _os_error(error)
+    if found is None:
+        return error
+    if _is_writer():
+        shutil.rmtree(tmp, ignore_errors=True)
+    why = os.strerror(found.errno).lower() if found.errno else str(found)
+    where = found.filename or tmp
+    err = CheckpointSaveError(
+        f"saving the checkpoint of iteration {iteration} failed: {why} ({where}); the partial "
+        f"save was removed and the previous checkpoints in {tmp.parent} are intact. Free space "
+        "or give --save another directory, then resume with --load")
+    err.errno = found.errno
+    return err
 
 
 def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None,
@@ -369,7 +425,12 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     path = Path(root) / LATEST_FILE
     if not path.is_file():
         return None
-    text = path.read_text().strip()
+    try:
+        text = path.read_bytes().decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CorruptCheckpointError(
+            f"{path} should hold an iteration number in ASCII digits but holds other bytes; fix "
+            "it, or delete it (then the newest complete iter_* is used)") from None
     if not text.isdigit():
         raise CorruptCheckpointError(f"{path} should hold an iteration number, found {text!r}; "
                                      "fix or delete it (then the newest iter_* is used)")
@@ -446,10 +507,22 @@ class SafeFileSystemReader(dcp.FileSystemReader):
             raise CorruptCheckpointError(f"cannot read DCP metadata {path}: {e}") from e
         if not isinstance(metadata, Metadata):
             raise CorruptCheckpointError(f"{path} does not hold DCP metadata")
+        _check_storage_paths(metadata, path)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _check_storage_paths(metadata: Metadata, path: Path) -> None:
+    """Every tensor file the metadata names must be a plain relative name inside the checkpoint:
+    an absolute path or '..' would make a load read any file on the machine."""
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str) or not rel or os.path.isabs(rel) or \
+                ".." in Path(rel).parts or "\\" in rel:
+            raise CorruptCheckpointError(f"{path} names the tensor file {rel!r}, which is not "
+                                         "inside the checkpoint directory; refusing to load it")
 
 
 def read_meta(path: Path) -> dict:
@@ -488,40 +561,59 @@ def find_latest(load_dir: str | os.PathLike) -> Path | None:
 
 
 # -- loading -----------------------------------------------------------------------------------
-def _config_diff(saved: dict, current: TransformerConfig) -> list[str]:
-    now = dataclasses.asdict(current)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} (checkpoint) vs {now.get(k)!r} (now)"
-            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+def _gather_keys(here: set[str], missing: list[str], shapes: list[str]
+                 ) -> tuple[set[str], list[str], list[str]]:
+    """Every rank's model keys and problems (pipeline stages hold different tensors), so every
+    rank takes the same decision."""
+    if not _distributed():
+        return here, missing, shapes
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (sorted(here), missing, shapes))
+    keys = set().union(*(set(p[0]) for p in parts))
+    missing = sorted({m for p in parts for m in p[1]})
+    return keys, missing, sorted({s for p in parts for s in p[2]})
 
 
-def _check_against(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: dict,
-                   cfg: TransformerConfig) -> None:
+def _fit_report(targets: list[LoadTarget], metadata: Metadata, meta: dict,
+                cfg: TransformerConfig) -> FitReport:
     saved = metadata.state_dict_metadata
-    problems = []
+    missing, shapes = [], []
     for t in targets:
         entry = saved.get(t.key)
         if entry is None:
-            problems.append(f"{t.key!r} is missing from the checkpoint")
+            missing.append(t.key)
         elif not isinstance(entry, TensorStorageMetadata):
-            problems.append(f"{t.key!r} is not a tensor in the checkpoint")
+            shapes.append(f"{t.key!r} is not a tensor in the checkpoint")
         elif tuple(entry.size) != tuple(t.shape):
-            problems.append(f"{t.key!r} has shape {tuple(entry.size)} in the checkpoint but "
-                            f"{tuple(t.shape)} in this model")
-    if not problems:
-        return
-    optim_only = all(t.key.startswith(OPTIM_PREFIX) for t in targets
-                     if t.key not in saved)
-    if optim_only and not any(k.startswith(OPTIM_PREFIX) for k in saved):
+            shapes.append(f"{t.key!r} has shape {tuple(entry.size)} in the checkpoint but "
+                          f"{tuple(t.shape)} in this model")
+    here = {t.key for t in targets if t.key.startswith(MODEL_PREFIX)}
+    keys, missing, shapes = _gather_keys(here, missing, shapes)
+    unused = sorted(k for k in saved if k.startswith(MODEL_PREFIX) and k not in keys)
+    return FitReport(architecture_diff(meta.get("model_config", {}), cfg), missing, shapes, unused)
+
+
+def _check_fit(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: dict,
+               cfg: TransformerConfig, strictness: str) -> list[LoadTarget]:
+    """Refuse a checkpoint that does not fit (see checkpoint_fit); returns the targets to load
+    (without the missing ones that `strictness` tolerates)."""
+    check_strictness(strictness)
+    saved = metadata.state_dict_metadata
+    absent = [t.key for t in targets if t.key not in saved]
+    if absent and all(k.startswith(OPTIM_PREFIX) for k in absent) and \
+            not any(k.startswith(OPTIM_PREFIX) for k in saved):
         raise CheckpointMismatchError(
             f"checkpoint {path} has no optimizer state (saved without an optimizer), but this "
             "optimizer has state to restore; load the weights only (--no-load-optim, or "
             "optimizer=None)")
-    diff = _config_diff(meta.get("model_config", {}), cfg)
-    shown = "; ".join(problems[:8]) + (f"; ... ({len(problems)} problems)"
-                                        if len(problems) > 8 else "")
-    hint = ("model settings that differ: " + "; ".join(diff)) if diff else \
-        "the model settings are equal, so the checkpoint is damaged or from another program"
-    raise CheckpointMismatchError(f"checkpoint {path} does not fit this model: {shown}. {hint}")
+    report = _fit_report(targets, metadata, meta, cfg)
+    if report.refused(strictness):
+        raise CheckpointMismatchError(mismatch_message(path, report, strictness))
+    tolerated = report.tolerated(strictness)
+    if tolerated and _is_writer():
+        warnings.warn(f"partial load of checkpoint {path} ({STRICTNESS_FLAG} {strictness}): "
+                      + "; ".join(tolerated))
+    return [t for t in targets if t.key in saved]
 
 
 def _extra_targets(meta: dict, metadata: Metadata) -> dict[str, torch.Tensor]:
@@ -535,14 +627,16 @@ def _extra_targets(meta: dict, metadata: Metadata) -> dict[str, torch.Tensor]:
 def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
                     mesh: ParallelMesh | None = None, *, load_rng: bool = True,
                     iteration: int | None = None, tracker: RNGTracker | None = None,
-                    seed: int | None = None) -> dict[str, Any]:
+                    seed: int | None = None, strictness: str = "raise_all") -> dict[str, Any]:
     """Load the latest (or `iteration`'s) checkpoint into `model` (and `optimizer` unless None)
     in whatever layout this job has. Collective.
 
     RNG states are restored when the layout is the one that saved; otherwise (or with
     load_rng=False) the streams are reseeded from seed + iteration (`seed` defaults to the saved
-    config's train.seed). Returns {"iteration", "consumed_samples", "extra", "config" (the saved
-    config.json, or None), "path"}."""
+    config's train.seed). `strictness` (--dist-ckpt-strictness, see checkpoint_fit) decides
+    whether a checkpoint of another architecture may load partly. Returns {"iteration",
+    "consumed_samples", "extra", "config" (the saved config.json, or None), "path",
+    "tokenizer" (the saving tokenizer's describe(), None for older checkpoints)}."""
     mesh = mesh or model.mesh
     models, cfg, kind = _models_and_cfg(model)
     tracker = tracker or find_tracker(model)
@@ -560,7 +654,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
         warnings.warn(f"checkpoint {path} has no optimizer state (saved without an optimizer or "
                       "before the first step); the optimizer starts fresh")
     targets = load_targets(models, optimizer, mesh, cfg, saved_states)
-    _check_against(targets, metadata, path, meta, cfg)
+    targets = _check_fit(targets, metadata, path, meta, cfg, strictness)
     state = {t.key: t.value for t in targets}
     extra_tensors = _extra_targets(meta, metadata)
     state.update(extra_tensors)
@@ -581,7 +675,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     _restore_rng(path, meta, mesh, tracker, load_rng, it, seed)
     return {"iteration": it, "consumed_samples": int(meta.get("consumed_samples", 0)),
             "extra": _decode_extra(meta.get("extra", {}), extra_tensors), "config": config,
-            "path": path}
+            "path": path, "tokenizer": meta.get("tokenizer")}
 
 
 def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker | None,
@@ -604,7 +698,8 @@ def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker
 # -- inspection ----------------------------------------------------------------------------
 def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None) -> dict:
     """What a checkpoint holds, without loading a tensor: iteration, layout that wrote it, model,
-    tensor count and bytes, and the checkpoints beside it."""
+    tensor count and bytes, the checkpoints beside it, and `problems` (tensor files missing or
+    shorter than the metadata says)."""
     path = resolve_checkpoint(load_dir, iteration)
     meta = read_meta(path)
     metadata = SafeFileSystemReader(path).read_metadata()
@@ -612,6 +707,8 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
                if isinstance(v, TensorStorageMetadata)}
     nbytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in tensors.values())
     root = path.parent if _ITER_DIR.match(path.name) else path
+    from .checkpoint_verify import storage_problems
+
     return {"path": str(path), "iteration": meta["iteration"], "model": meta["model_kind"],
             "saved_layout": meta["layout"], "consumed_samples": meta.get("consumed_samples", 0),
             "parameters": sum(math.prod(v.size) for k, v in tensors.items()
@@ -620,7 +717,8 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
             "has_optimizer_state": any(not k.startswith((MODEL_PREFIX, EXTRA_PREFIX))
                                        for k in tensors),
             "checkpoints": sorted(p.name for p in root.iterdir() if _ITER_DIR.match(p.name)),
-            "model_config": meta["model_config"]}
+            "model_config": meta["model_config"], "tokenizer": meta.get("tokenizer"),
+            "problems": storage_problems(path, metadata)}
 
 
 if __name__ == "__main__":  # the documented `python -m megapre.train.checkpoint DIR`

@@ -93,17 +93,49 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def _maybe_load(self) -> None:
+        """Lock --save, then resume from --load. Sets `self.load_info` (for the banner and the
+        summary): {"load", "resumed_from" (checkpoint path or None), "resumed_iteration",
+        "started_from_scratch", "finetune"}."""
         c = self.cfg.checkpoint
+        self.load_info = {"load": c.load, "resumed_from": None, "resumed_iteration": None,
+                          "started_from_scratch": True, "finetune": c.finetune}
+        self.save_lock = self._lock_save_dir() if c.save else None
+        try:
+            self._load(c)
+        except BaseException:
+            if self.save_lock is not None:
+                self.save_lock.release()
+            raise
+
+    def _lock_save_dir(self):
+        import weakref
+
+        from .checkpoint_lock import lock_save_dir
+
+        lock, notes = lock_save_dir(self.cfg.checkpoint.save, self.device)
+        for note in notes:
+            self._print(f"WARNING: {note}")
+        if lock is not None:
+            weakref.finalize(self, lock.release)
+        return lock
+
+    def _load(self, c) -> None:
         if not c.load:
             return
-        from .checkpoint import find_latest, load_checkpoint
+        from .checkpoint import find_latest, load_checkpoint, read_meta
+        from .checkpoint_tokenizer import check_tokenizer
 
-        if find_latest(c.load) is None:
-            self._print(f"no checkpoint in {c.load}; starting from scratch")
-            return
-        info = load_checkpoint(c.load, self.model, None if c.no_load_optim or c.finetune
+        path = find_latest(c.load)
+        if path is None:
+            return self._no_checkpoint(c)
+        note = check_tokenizer(read_meta(path).get("tokenizer"), self.tokenizer,
+                               self.cfg.data.allow_tokenizer_mismatch, str(path))
+        if note:
+            self._print(f"WARNING: {note}")
+        info = load_checkpoint(path, self.model, None if c.no_load_optim or c.finetune
                                else self.optimizer, self.mesh,
-                               load_rng=not (c.no_load_rng or c.finetune), tracker=self.tracker)
+                               load_rng=not (c.no_load_rng or c.finetune), tracker=self.tracker,
+                               strictness=c.dist_ckpt_strictness)
         if not c.finetune:
             self.state.iteration = int(info["iteration"])
             self.state.consumed_samples = int(info["consumed_samples"])
@@ -111,21 +143,54 @@ class Trainer:
             self.state.skipped_total = int(extra.get("skipped_total", 0))
             if self.loss_scaler is not None and extra.get("loss_scaler"):
                 self.loss_scaler.load_state_dict(extra["loss_scaler"])
-        self._print(f"loaded checkpoint {c.load} at iteration {info['iteration']}")
+            self._resume_schedule(extra.get("lr_schedule"))
+        self.load_info.update(resumed_from=str(info["path"]), started_from_scratch=False,
+                              resumed_iteration=int(info["iteration"]))
+        self._print(f"loaded checkpoint {info['path']} at iteration {info['iteration']}")
+
+    def _no_checkpoint(self, c) -> None:
+        """Megatron starts fresh when --load holds nothing; a flag that only means something
+        when loading says the user expected a checkpoint."""
+        from megapre.errors import ConfigError
+
+        why = "no such directory" if not os.path.isdir(c.load) else "it holds no checkpoint"
+        asked = [f for f, on in (("--finetune", c.finetune), ("--no-load-optim", c.no_load_optim),
+                                 ("--no-load-rng", c.no_load_rng)) if on]
+        if asked:
+            raise ConfigError(f"--load {c.load}: {why}, but {' and '.join(asked)} asks to load "
+                              "a checkpoint; fix the path, or drop the flag to start from scratch")
+        self._print(f"WARNING: --load {c.load}: {why}; STARTING FROM SCRATCH at iteration 0 "
+                    "(a typo in --load? check the path)")
+
+    def _resume_schedule(self, saved: dict | None) -> None:
+        from .optim import USE_CHECKPOINT_FLAG, resume_schedule
+
+        c = self.cfg.checkpoint
+        if saved is None and c.use_checkpoint_opt_param_scheduler:
+            self._print(f"WARNING: {USE_CHECKPOINT_FLAG}: the checkpoint records no lr schedule "
+                        "(saved by an older megapre); following the schedule flags")
+        self.schedule, note = resume_schedule(self.schedule, saved,
+                                              c.override_opt_param_scheduler,
+                                              c.use_checkpoint_opt_param_scheduler)
+        if note:
+            self._print(note)
 
     def save(self) -> None:
         c = self.cfg.checkpoint
         if not c.save:
             return
         from .checkpoint import save_checkpoint
+        from .optim import schedule_state
 
         save_checkpoint(c.save, self.state.iteration, self.model, self.optimizer, self.mesh,
                         consumed_samples=self.state.consumed_samples,
                         config=self.cfg.to_dict(), tracker=self.tracker,
                         extra={"skipped_total": self.state.skipped_total,
                                "loss_scaler": (self.loss_scaler.state_dict()
-                                               if self.loss_scaler is not None else None)},
-                        async_save=c.async_save, keep_last=c.keep_last)
+                                               if self.loss_scaler is not None else None),
+                               "lr_schedule": schedule_state(self.schedule)},
+                        async_save=c.async_save, keep_last=c.keep_last,
+                        tokenizer=self.tokenizer.describe())
         self._print(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
 
     # -- the loop ---------------------------------------------------------------------------

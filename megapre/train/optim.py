@@ -6,6 +6,7 @@ iteration, so resuming at iteration k gives exactly the lr the uninterrupted run
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -100,3 +101,45 @@ def schedule_from_args(optim, train_iters: int) -> LRSchedule:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+# The flags behind each LRSchedule field, for messages.
+SCHEDULE_FLAGS = {"lr": "--lr", "min_lr": "--min-lr",
+                  "warmup": "--lr-warmup-iters/--lr-warmup-fraction",
+                  "decay_iters": "--lr-decay-iters (default --train-iters)",
+                  "style": "--lr-decay-style", "wsd_decay_iters": "--lr-wsd-decay-iters",
+                  "wsd_style": "--lr-wsd-decay-style"}
+OVERRIDE_FLAG = "--override-opt_param-scheduler"
+USE_CHECKPOINT_FLAG = "--use-checkpoint-opt_param-scheduler"
+
+
+def schedule_state(schedule: LRSchedule) -> dict:
+    """The schedule as saved with a checkpoint (JSON)."""
+    return dataclasses.asdict(schedule)
+
+
+def schedule_differences(saved: dict, now: LRSchedule) -> list[str]:
+    current = schedule_state(now)
+    return [f"{SCHEDULE_FLAGS.get(k, k)} {saved[k]!r} (checkpoint) vs {current[k]!r} (now)"
+            for k in current if k in saved and saved[k] != current[k]]
+
+
+def resume_schedule(now: LRSchedule, saved: dict | None, override: bool,
+                    use_checkpoint: bool) -> tuple[LRSchedule, str | None]:
+    """The schedule a resumed run follows, and a warning: a changed --train-iters or schedule
+    flag silently re-stretches the schedule mid-run (the lr jumps), so a difference is either
+    chosen explicitly (Megatron's two flags) or warned about loudly."""
+    diff = schedule_differences(saved or {}, now)
+    if not diff:
+        return now, None
+    shown = "; ".join(diff)
+    if use_checkpoint:
+        fields = {f.name for f in dataclasses.fields(LRSchedule)}
+        return LRSchedule(**{k: v for k, v in saved.items() if k in fields}), \
+            f"lr schedule from the checkpoint ({USE_CHECKPOINT_FLAG}), not the flags: {shown}"
+    if override:
+        return now, None
+    return now, (f"WARNING: the lr schedule differs from the checkpoint's: {shown}; following "
+                 f"this command line (the lr jumps where the schedules differ). Pass "
+                 f"{USE_CHECKPOINT_FLAG} to continue the checkpoint's schedule, or "
+                 f"{OVERRIDE_FLAG} to confirm these flags")
