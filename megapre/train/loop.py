@@ -42,18 +42,34 @@ class TrainState:
 
 
 class _StopFlag:
-    """SIGTERM (the scheduler's warning) asks for a checkpoint and a clean exit."""
+    """SIGTERM (the scheduler's warning) or a first Ctrl-C (SIGINT) asks for a checkpoint and a
+    clean exit at the end of the current step. A repeated signal (torchrun forwards the one its
+    process group already got) changes nothing, except a second Ctrl-C pressed more than
+    `ESCALATE_S` after the first, which interrupts at once (KeyboardInterrupt)."""
+
+    ESCALATE_S = 2.0
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
+        self.signum = 0  # the first stop signal received, 0 while none
+        self._first_at = 0.0
+
+    @property
+    def raised(self) -> bool:
+        return self.signum != 0
 
     def install(self) -> None:
-        with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self._first_at = signum, now
+            return
+        if signum == signal.SIGINT and now - self._first_at > self.ESCALATE_S:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
 
 
 class Trainer:
@@ -168,6 +184,9 @@ class Trainer:
                                     not cfg.checkpoint.save_interval or
                                     st.iteration % cfg.checkpoint.save_interval):
             self.save()
+        elif exit_reason != "finished" and not cfg.checkpoint.save:
+            self._print(f"{exit_reason}: no --save directory was given, so nothing was saved "
+                        f"(iteration {st.iteration} is lost)")
         summary.update(iteration=st.iteration, consumed_samples=st.consumed_samples,
                        skipped_iters=st.skipped_total, exit_reason=exit_reason,
                        elapsed_s=time.time() - self.start_time)
@@ -240,14 +259,19 @@ class Trainer:
 
     def _should_exit(self) -> str | None:
         t = self.cfg.train
-        flags = [float(self.stop.raised)]
+        flags = [float(self.stop.signum)]
         flags.append(float(t.exit_duration_in_mins is not None and
                            time.time() - self.start_time > 60 * t.exit_duration_in_mins))
         flags.append(float(t.exit_interval is not None and self.state.iteration % t.exit_interval == 0))
         vec = torch.tensor(flags, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        for name, v in zip(("SIGTERM", "exit-duration-in-mins", "exit-interval"), vec.tolist()):
+        got = vec.tolist()
+        if got[0] > 0:  # the signal's number (max over ranks): name it
+            got[0], names = 1.0, (signal.Signals(int(got[0])).name,)
+        else:
+            names = ("signal",)
+        for name, v in zip(names + ("exit-duration-in-mins", "exit-interval"), got):
             if v > 0:
                 self._print(f"stopping at iteration {self.state.iteration}: {name}")
                 return name
