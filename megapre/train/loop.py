@@ -10,7 +10,6 @@ skipped steps) are all-reduced, so no rank leaves a collective behind.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -25,8 +24,8 @@ from megapre.data.tokenizers import build_tokenizer
 from .args import PretrainConfig, validate
 from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
-from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
-                      memory_stats, throughput)
+from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
+                      format_eval_line, format_train_line, memory_stats, throughput)
 from .optim import build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
@@ -148,6 +147,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         t = cfg.train
+        moved = self.logger.start(resumed=st.iteration > 0)
+        if moved:
+            self._print(moved)
         data = self._batches(self.splits.train, st.consumed_samples)
         summary: dict[str, Any] = {"start_iteration": st.iteration}
         window = _Window()
@@ -237,20 +239,20 @@ class Trainer:
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
         loss = total / t.eval_iters
-        record = {"iteration": self.state.iteration, "split": split, "loss": loss,
-                  "ppl": math.exp(min(loss, 50.0)),
-                  **{k.replace(" ", "_"): v / t.eval_iters for k, v in parts_sum.items()}}
-        self.logger.log(record, console=f"{split} at iteration {self.state.iteration} | "
-                                        f"loss {loss:.6e} | ppl {record['ppl']:.3f}")
+        record = eval_record(self.state.iteration, split, loss,
+                             {k: v / t.eval_iters for k, v in parts_sum.items()})
+        self.logger.log(record, console=format_eval_line(record))
         return loss
 
     def _log_train(self, w: dict, lr: float) -> None:
         tp = throughput(w["tokens"], w["seconds"], self.flops_token, self.mesh.world_size, self.peak)
+        step_s = w["seconds"] / max(w["steps"], 1)
         record = {"iteration": self.state.iteration, "train_iters": self.cfg.train.train_iters,
                   "consumed_samples": self.state.consumed_samples, "loss": w["loss"], "lr": lr,
                   "grad_norm": w["grad_norm"], "skipped_iters": self.state.skipped_total,
                   "tokens_per_s": tp.tokens_per_s, "tflops_per_device": tp.tflops_per_device,
-                  "mfu": tp.mfu, "step_time_s": w["seconds"] / max(w["steps"], 1),
+                  "mfu": tp.mfu, "step_time_s": step_s, "elapsed_s": time.time() - self.start_time,
+                  "eta_s": step_s * (self.cfg.train.train_iters - self.state.iteration),
                   **{k.replace(" ", "_"): v for k, v in w["parts"].items()},
                   **memory_stats(self.device)}
         if self.loss_scaler is not None:
