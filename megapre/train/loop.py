@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from megapre.data.tokenizers import build_tokenizer
 
+from . import banner
 from .args import PretrainConfig, validate
 from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
@@ -78,10 +79,12 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
         self.plan = validate(cfg, world, tokenizer.vocab_size)
         self.cfg = cfg = self.plan.config
+        _banner(banner.config_lines(self.plan, world, tokenizer))
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=cfg.train.recompute_granularity)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
+        self._banner_model()
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)
@@ -95,6 +98,8 @@ class Trainer:
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
+        _banner(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
+                                  * cfg.model.seq_length))
         owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
@@ -105,6 +110,18 @@ class Trainer:
         # Last: nothing after a restored checkpoint may draw from the global generators, or the
         # resumed run's dropout masks would be off by those draws.
         self._maybe_load()
+
+    def _banner_model(self) -> None:
+        from megapre.launch.memory import total_params
+        from megapre.model.attention_core import resolve_backend
+
+        m = self.cfg.model
+        total = total_params(self.model_cfg, m.model, m.bert_binary_head)[0]
+        on_rank = sum(p.numel() for p in self.model.parameters())
+        masked = m.model == "bert" or self.cfg.data.reset_attention_mask
+        backend = resolve_backend(m.attention_backend, self.device.type,
+                                  m.attention_dropout > 0, masked)
+        _banner(banner.model_lines(total, on_rank, self.device, backend))
 
     # -- checkpoints ------------------------------------------------------------------------
     def _maybe_load(self) -> None:
@@ -289,6 +306,13 @@ class Trainer:
 
             wait_for_pending_save()  # an --async-save still writing would be lost otherwise
         self.mesh.destroy()
+
+
+def _banner(lines: list[str]) -> None:
+    """Banner lines, from global rank 0 only (before and after the process group exists)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in lines:
+            print(f"[megapre] {line}", flush=True)
 
 
 class _Window:

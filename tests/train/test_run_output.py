@@ -131,3 +131,49 @@ def test_wandb_without_the_package_is_one_line_at_start(capsys):
     assert rc == 2 and len(err) == 1
     assert err[0] == ("megapre.pretrain: error: --wandb-project needs the wandb package: "
                       "pip install wandb (or drop --wandb-project)")
+
+
+def test_banner_config_lines_golden():
+    from megapre.data.tokenizers import build_tokenizer
+    from megapre.train import banner
+
+    cfg = PretrainConfig()
+    cfg.data.data_path, cfg.data.tokenizer_type, cfg.data.vocab_size = ["x"], "NullTokenizer", 39
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    m.num_layers, m.hidden_size, m.num_attention_heads, m.seq_length = 4, 64, 4, 128
+    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 2
+    p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule = 1, "interleaved"
+    t.micro_batch_size, t.global_batch_size, t.train_iters, t.bf16 = 2, 16, 100, True
+    cfg.checkpoint.save, cfg.checkpoint.save_interval = "/ck", 50
+    tok = build_tokenizer(cfg.tokenizer_config())
+    lines = banner.config_lines(validate(cfg, 8, tok.vocab_size), 8, tok)
+    assert lines == [
+        "model       gpt, 4 layers, hidden 64, 4 heads, seq 128",
+        "layout      world 8 = TP 2 x PP 2 x DP 2; VP 2; schedule interleaved-1f1b; "
+        "global batch 16 = micro 2 x 4 micro-batches x DP 2",
+        "training    100 iterations, 2,048 tokens per iteration, bf16 autocast",
+        f"tokenizer   NullTokenizer, vocab 40, fingerprint {tok.fingerprint()[:12]}",
+        "save        /ck (every 50 iterations and at the end)",
+        "load        -",
+        "metrics     - (console only; --metrics-path FILE keeps them)"]
+    assert banner.model_lines(27_780, 1_234_567, "cpu", "fused") == [
+        "parameters  27.78k total, 1.23M on this rank", "device      cpu, attention backend fused"]
+
+
+def test_banner_data_lines_count_documents_tokens_and_epochs():
+    import types
+
+    import numpy as np
+
+    from megapre.train import banner
+
+    indexed = types.SimpleNamespace(document_indices=np.arange(11),
+                                    sequence_lengths=np.full(10, 100))
+    part = types.SimpleNamespace(indexed=indexed, document_range=(0, 8))
+    blend = types.SimpleNamespace(datasets=[part, types.SimpleNamespace(indexed=indexed,
+                                                                         document_range=(8, 10))])
+    splits = types.SimpleNamespace(train=part, valid=blend, test=None)
+    assert banner.data_lines(splits, tokens_per_run=2000) == [
+        "train       8 documents, 800 tokens, 2.50 epochs over the run",
+        "valid       10 documents, 1,000 tokens",
+        "test        - (off)"]
