@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -123,6 +124,20 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except _input_errors() as e:
+        line = f"{prog}: error: {e}"
         if is_main_rank():
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+        _tell_torchrun(line)
         return 2
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, put the one-line error in the worker's error file, so torchrun's failure
+    report (which it prints for any non-zero exit) quotes it instead of a link about tracebacks."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                        "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        write_json_atomic(Path(path), data)

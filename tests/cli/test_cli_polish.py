@@ -197,3 +197,36 @@ def test_plot_tool_runs_from_a_checkout(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "plot_metrics.py"), "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("usage: tools/plot_metrics.py")
+
+
+# -- configuration errors under torchrun ------------------------------------------------------
+
+def test_input_error_is_recorded_for_torchrun(tmp_path, monkeypatch, capsys):
+    from megapre.cli.common import run_cli
+
+    err_file = tmp_path / "attempt_0" / "1" / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(err_file))
+    monkeypatch.setenv("RANK", "1")
+
+    def body() -> int:
+        raise ConfigError("--exit-duration-in-mins must be > 0, got -1.0")
+
+    assert run_cli("megapre.pretrain", body) == 2
+    assert capsys.readouterr().err == ""  # only rank 0 prints
+    line = "megapre.pretrain: error: --exit-duration-in-mins must be > 0, got -1.0"
+    recorded = json.loads(err_file.read_text())["message"]
+    assert recorded["message"] == recorded["extraInfo"]["py_callstack"] == line
+
+
+@pytest.mark.slow
+def test_torchrun_config_error_is_printed_once_and_quoted_by_the_report(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "megapre.pretrain", "--data-path", "x",
+                           "--tokenizer-type", "NullTokenizer", "--vocab-size", "39",
+                           "--exit-duration-in-mins", "-1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    line = "megapre.pretrain: error: --exit-duration-in-mins must be > 0, got -1.0"
+    assert proc.returncode != 0
+    assert [x for x in proc.stderr.splitlines() if x.startswith("megapre.pretrain: ")] == [line]
+    assert "To enable traceback" not in proc.stderr and f"traceback : {line}" in proc.stderr
