@@ -230,3 +230,21 @@ def test_torchrun_config_error_is_printed_once_and_quoted_by_the_report(tmp_path
     assert proc.returncode != 0
     assert [x for x in proc.stderr.splitlines() if x.startswith("megapre.pretrain: ")] == [line]
     assert "To enable traceback" not in proc.stderr and f"traceback : {line}" in proc.stderr
+
+
+def test_sweep_plots_its_runs(tmp_path):
+    from megapre.cli.sweep import plot_runs
+
+    _metrics(tmp_path / "lr-1e-3" / "metrics.jsonl", 1.0)
+    _metrics(tmp_path / "lr-1e-2" / "metrics.jsonl", 2.0)
+    ranked = [{"name": "lr-1e-3"}, {"name": "lr-1e-2"}, {"name": "crashed-early"}]
+    line = plot_runs(tmp_path, ranked)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert line.startswith("[sweep] no plot: plotting needs matplotlib")
+        return
+    assert line == f"[sweep] plot: {tmp_path / 'sweep.png'}"
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_runs(tmp_path / "none", [{"name": "x"}]) == \
+        "[sweep] no plot: no run logged any metrics"

@@ -204,6 +204,8 @@ def test_grid_sweep_ranks_four_runs_and_rerun_skips(corpus, tmp_path):
         assert json.loads((d / "result.json").read_text())["flags"] == r["flags"]
         assert "run summary:" in (d / "log.txt").read_text()
         assert json.loads((d / "metrics.summary.json").read_text())["exit_reason"] == "finished"
+    assert "[sweep] plot:" in proc.stdout or "[sweep] no plot: plotting needs matplotlib" \
+        in proc.stdout
     tsv = (runs / "sweep.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["rank", "lr", "global-batch-size"] and len(tsv) == 5
     # the table on stdout lists the runs best first

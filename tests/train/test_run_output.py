@@ -177,3 +177,42 @@ def test_banner_data_lines_count_documents_tokens_and_epochs():
         "train       8 documents, 800 tokens, 2.50 epochs over the run",
         "valid       10 documents, 1,000 tokens",
         "test        - (off)"]
+
+
+@pytest.mark.slow
+def test_second_fresh_run_rotates_metrics_and_prints_banner(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_counting_corpus
+
+    root = Path(__file__).resolve().parents[2]
+    corpus = write_counting_corpus(tmp_path / "count_text_document", docs=200)
+    metrics = tmp_path / "metrics.jsonl"
+    cmd = [sys.executable, "-m", "megapre.pretrain", "--num-layers", "1", "--hidden-size", "16",
+           "--num-attention-heads", "2", "--seq-length", "16", "--micro-batch-size", "2",
+           "--train-iters", "2", "--log-interval", "1", "--eval-interval", "2",
+           "--eval-iters", "1", "--data-path", corpus, "--split", "90,5,5",
+           "--tokenizer-type", "NullTokenizer", "--vocab-size", "39", "--num-workers", "0",
+           "--device", "cpu", "--data-cache-path", str(tmp_path / "cache"),
+           "--metrics-path", str(metrics)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    runs = [subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (r.stdout for r in runs)
+    for key in ("model", "layout", "tokenizer", "save", "load", "metrics", "parameters",
+                "device", "train", "valid", "test"):
+        assert f"[megapre] {key:<12}" in first, key
+    assert "moved" not in first
+    assert f"moved them to {metrics}.1" in second
+    old = [json.loads(x) for x in (tmp_path / "metrics.jsonl.1").read_text().splitlines()]
+    new = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["iteration"] for r in old if "split" not in r] == [1, 2]
+    assert [r["iteration"] for r in new if "split" not in r] == [1, 2]
+    summary = json.loads((tmp_path / "metrics.summary.json").read_text())
+    assert summary["exit_reason"] == "finished" and summary["iteration"] == 2
+    assert "run summary:" in second and "[megapre] summary {" not in second
