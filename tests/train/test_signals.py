@@ -64,7 +64,7 @@ def test_group_signal_saves_and_exits_0(corpus, tmp_path, sig):
         tmp_path, sig)
     assert rc == 0, err[-3000:]
     assert "killed by signal" not in err
-    assert f"stopping at iteration" in out and signal.Signals(sig).name in out
+    assert "stopping at iteration" in out and signal.Signals(sig).name in out
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 2 and (save / f"iter_{latest:07d}").is_dir()
     assert f"saved checkpoint at iteration {latest}" in out
