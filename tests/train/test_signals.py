@@ -90,3 +90,24 @@ def test_torchrun_group_sigterm_saves(corpus, tmp_path):
         signal.SIGTERM)
     latest = int((save / "latest_checkpointed_iteration.txt").read_text())
     assert latest >= 2 and (save / f"iter_{latest:07d}").is_dir()
+
+
+def test_repeated_signals_only_escalate_on_a_later_ctrl_c():
+    """torchrun forwards the SIGTERM (or SIGINT) its group already got: the copy must not
+    interrupt the save. A second Ctrl-C pressed later does interrupt."""
+    from megapre.train.loop import _StopFlag
+
+    stop = _StopFlag()
+    stop._handle(signal.SIGTERM, None)
+    for _ in range(3):
+        stop._handle(signal.SIGTERM, None)
+        stop._handle(signal.SIGINT, None)  # within ESCALATE_S of the first
+    assert stop.raised and stop.signum == signal.SIGTERM
+    stop._first_at -= stop.ESCALATE_S + 1
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
