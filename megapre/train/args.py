@@ -250,7 +250,6 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
     _check_counts(cfg)
-    _check_logging(cfg.log)
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
     if o.lr_warmup_iters < 0:
@@ -297,8 +296,10 @@ def _check_counts(cfg: PretrainConfig) -> None:
     _at_least("distributed_timeout_minutes", cfg.parallel.distributed_timeout_minutes, 0, strict=True)
 
 
-def _check_logging(log: LogArgs) -> None:
-    """A logging sink whose package is missing fails now, in one line, not after set-up."""
+def check_logging(log: LogArgs) -> None:
+    """A logging sink whose package is missing fails at the start of a run, in one line, not
+    after the model and data are built. (Not part of `validate`: planning a run, e.g. the memory
+    estimate, needs no logging packages on the planning machine.)"""
     for given, module, what in ((log.wandb_project, "wandb", "--wandb-project"),
                                 (log.tensorboard_dir, "tensorboard", "--tensorboard-dir")):
         if given and _missing(module):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from megapre.data.tokenizers import build_tokenizer
 
 from . import banner
-from .args import PretrainConfig, validate
+from .args import PretrainConfig, check_logging, validate
 from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
@@ -79,6 +79,7 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
         self.plan = validate(cfg, world, tokenizer.vocab_size)
         self.cfg = cfg = self.plan.config
+        check_logging(cfg.log)
         _banner(banner.config_lines(self.plan, world, tokenizer))
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=cfg.train.recompute_granularity)

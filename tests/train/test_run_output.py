@@ -216,3 +216,15 @@ def test_second_fresh_run_rotates_metrics_and_prints_banner(tmp_path):
     summary = json.loads((tmp_path / "metrics.summary.json").read_text())
     assert summary["exit_reason"] == "finished" and summary["iteration"] == 2
     assert "run summary:" in second and "[megapre] summary {" not in second
+
+
+def test_missing_logging_package_is_checked_at_run_start_not_when_planning(monkeypatch):
+    from megapre.train import args as train_args
+
+    monkeypatch.setattr(train_args, "_missing", lambda module: True)
+    cfg = _cfg()
+    cfg.log.tensorboard_dir = "tb"
+    validate(cfg, 1, 1000)  # the memory estimate and the sweep's planning validate too
+    with pytest.raises(ConfigError, match=r"--tensorboard-dir needs the tensorboard package: "
+                                          r"pip install tensorboard \(or drop --tensorboard-dir\)"):
+        train_args.check_logging(cfg.log)
