@@ -144,6 +144,7 @@ def main() -> None:
         extras_require={
             "data": ["sentencepiece", "zstandard", "pyarrow", "tiktoken", "orjson"],
             "logging": ["tensorboard", "wandb"],
+            "plot": ["matplotlib"],
             "test": ["pytest", "ninja", "pybind11", "megatron-core>=0.12", "regex"],
         },
         entry_points={"console_scripts": [
@@ -159,6 +160,7 @@ def main() -> None:
             "megapre-estimate-memory = megapre.cli.estimate_memory:main",
             "megapre-checkpoint = megapre.cli.checkpoint:main",
             "megapre-bert-samples = megapre.cli.bert_samples:main",
+            "megapre-plot = megapre.cli.plot_metrics:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -9,12 +9,14 @@ import contextlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
+if TYPE_CHECKING:  # torch and the config load only where used: light tools start fast
+    import torch
 
-from megapre.train.args import PretrainConfig
+    from megapre.train.args import PretrainConfig
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -32,7 +34,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def checkpoint_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """A parser for a program that runs a checkpoint: its first docstring paragraph as the
     description, and the checkpoint, layout and tokenizer-file flags."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=prog_name(prog), description=doc.split("\n\n")[0],
                                      formatter_class=HelpFormatter)
     add_common_args(parser)
     return parser
@@ -60,7 +62,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         "checkpoint was trained with")
 
 
-def apply_common(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfig:
+def apply_common(cfg: "PretrainConfig", args: argparse.Namespace) -> "PretrainConfig":
     """Layout, device, precision and tokenizer paths of this job over the checkpoint's config."""
     p = cfg.parallel
     p.tensor_model_parallel_size = args.tensor_model_parallel_size
@@ -75,10 +77,24 @@ def apply_common(cfg: PretrainConfig, args: argparse.Namespace) -> PretrainConfi
     return cfg
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: "torch.device", bf16: bool):
+    import torch
+
     if bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def prog_name(module: str) -> str:
+    """The program's name in usage and error lines: the console script's (`megapre-sweep`) when
+    run as one, `tools/NAME.py` when run from a checkout's tools/, else the module (`python -m`)."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    base = os.path.basename(argv0)
+    if base.startswith("megapre-"):
+        return base
+    if base.endswith(".py") and os.path.basename(os.path.dirname(os.path.abspath(argv0))) == "tools":
+        return f"tools/{base}"
+    return module
 
 
 def is_main_rank() -> bool:
@@ -96,7 +112,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (flags, files, checkpoints), not a bug."""
-    from megapre.model.config import ConfigError
+    from megapre.errors import ConfigError
 
     errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
     try:
@@ -111,6 +127,20 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     try:
         return body()
     except _input_errors() as e:
+        line = f"{prog}: error: {e}"
         if is_main_rank():
-            print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
+        _tell_torchrun(line)
         return 2
+
+
+def _tell_torchrun(line: str) -> None:
+    """Under torchrun, put the one-line error in the worker's error file, so torchrun's failure
+    report (which it prints for any non-zero exit) quotes it instead of a link about tracebacks."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                        "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        write_json_atomic(Path(path), data)

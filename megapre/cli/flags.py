@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -39,6 +40,37 @@ def _names(name: str, meta: dict) -> list[str]:
     return list(dict.fromkeys([meta["flag"], flag(name)])) if "flag" in meta else [flag(name)]
 
 
+class FlagParser(argparse.ArgumentParser):
+    """An ArgumentParser whose 'unrecognized arguments' error suggests the closest flag
+    (`--hiden-size`: did you mean `--hidden-size`?)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = []
+            for word in message[len(prefix):].split():
+                if word.startswith("--"):
+                    close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.75)
+                    if close:
+                        hints.append(f"{word.split('=')[0]}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+def _default_note(default: Any, help_text: str, switch: bool) -> str:
+    """' (default: X)' where it says something: not for None, [], switches (the flag name says
+    what it turns on or off) or help that already names its default."""
+    if switch or default is None or default == [] or "default" in help_text:
+        return ""
+    return f" (default: {default})"
+
+
+def _choices_metavar(choices: tuple) -> str:
+    return "{" + ",".join(str(c) for c in choices if c is not None) + "}"
+
+
 def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, *,
                       only: tuple[str, ...] | None = None, title: str | None = None,
                       show_defaults: bool = True) -> None:
@@ -53,7 +85,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, 
         kind, is_list = _base_type(annotations[f.name])
         meta = dict(f.metadata)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f" (default: {default})" if show_defaults else ""
+        shown = _default_note(default, meta["help"], kind is bool) if show_defaults else ""
         kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": argparse.SUPPRESS,
                               "help": meta["help"] + shown}
         if kind is bool:
@@ -63,12 +95,14 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls: type, 
             continue
         if is_list:
             kw["nargs"] = "+"
+        metavar = f.name.upper()
         if "choices" in meta:
             kw["choices"] = meta["choices"]
+            metavar = _choices_metavar(meta["choices"])
         kw["type"] = _none_or(kind) if kind is not str else str
         if "choices" in meta and None in meta["choices"]:
             kw["type"] = _none_or(str)
-        group.add_argument(*_names(f.name, meta), metavar=f.name.upper(), **kw)
+        group.add_argument(*_names(f.name, meta), metavar=metavar, **kw)
 
 
 def section_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
@@ -77,21 +111,21 @@ def section_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="megapre.pretrain", usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
+def build_parser(prog: str = "megapre.pretrain") -> argparse.ArgumentParser:
+    p = FlagParser(
+        prog=prog, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
         description="Pretrain a GPT or BERT model with tensor, pipeline and data parallelism. "
                     "Flags follow Megatron-LM; --config reads a YAML/JSON file that flags override.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.HelpFormatter)  # defaults: add_section_flags
     p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by section)")
     for section, cls in SECTIONS.items():
         add_section_flags(p, section, cls)
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> PretrainConfig:
+def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain") -> PretrainConfig:
     """Defaults, then --config file, then flags."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     cfg = PretrainConfig()
     if getattr(args, "config", None) is not None:
         apply_settings(cfg, load_config_file(args.config), args.config)

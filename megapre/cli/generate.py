@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
+    prompts = [_utf8(p, f"--prompt #{i + 1}") for i, p in enumerate(args.prompt)]
     if args.prompt_file is not None:
         prompts += _prompt_file(args.prompt_file)
     if not prompts:
@@ -64,10 +64,42 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _utf8(text: str, where: str) -> str:
+    """`text` unchanged if it is valid Unicode. Python hands over argv bytes that are not UTF-8
+    as lone surrogates (U+DC80..U+DCFF), which the tokenizer cannot encode: name the byte."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF \
+            else f"character U+{ord(bad):04X}"
+        raise ConfigError(f"{where}: not valid UTF-8 text ({byte} at character {e.start}); "
+                          "give the prompt in UTF-8 (e.g. convert it with iconv)") from None
+    return text
+
+
+def _read_prompt_file(path: Path) -> str:
+    """The file's text; any readable file works (a pipe from <(...), /dev/stdin)."""
+    if path.is_dir():
+        raise ConfigError(f"--prompt-file {path}: is a directory, not a file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--prompt-file {path}: file not found") from None
+    except OSError as e:
+        raise ConfigError(f"--prompt-file {path}: cannot read it ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--prompt-file {path}: not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                          f"offset {e.start}); convert it to UTF-8") from None
+
+
 def _prompt_file(path: Path) -> list[str]:
-    if not path.is_file():
-        raise ConfigError(f"--prompt-file {path}: file not found")
-    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    lines = [x for x in _read_prompt_file(path).splitlines() if x.strip()]
+    if not lines:
+        raise ConfigError(f"--prompt-file {path}: holds no prompt (it is empty or only blank "
+                          "lines); one prompt per line, or --prompt TEXT")
     if path.suffix != ".jsonl":
         return lines
     out = []

@@ -1,31 +1,44 @@
 """`torchrun --nproc-per-node N -m megapre.pretrain --model gpt|bert ...` (plain `python -m
 megapre.pretrain` is one process). Flags follow Megatron-LM; `--help` lists them by section.
-Exit codes: 0 finished (or stopped cleanly by SIGTERM / --exit-duration-in-mins after saving),
-2 configuration error (the message names the flag), 1 anything else."""
+At the end the summary is printed as a table; its JSON is written beside --metrics-path
+(metrics.summary.json). Exit codes: 0 finished (or stopped cleanly by SIGTERM/SIGINT /
+--exit-duration-in-mins after saving), 2 configuration error (the message names the flag),
+1 anything else."""
 from __future__ import annotations
 
-import json
 import sys
 
-from megapre.model.config import ConfigError
+from megapre.cli.common import prog_name, run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    prog = prog_name("megapre.pretrain")
+    built: list = []
+    rc = run_cli(prog, lambda: _build(argv, prog, built))
+    return rc or _train(built[0])
+
+
+def _build(argv: list[str] | None, prog: str, out: list) -> int:
+    """Parse, validate and set up (input errors here are one line, exit 2)."""
     from megapre.cli.flags import parse_config
     from megapre.train.loop import Trainer
 
-    cfg = parse_config(argv)
-    try:
-        trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"megapre.pretrain: error: {e}", file=sys.stderr)
-        return 2
+    out.append(Trainer(parse_config(argv, prog=prog)))
+    return 0
+
+
+def _train(trainer) -> int:
+    from megapre.train.metrics import format_summary, ordered_summary, write_summary
+
     try:
         summary = trainer.train()
     finally:
         trainer.close()
     if trainer.logger.enabled:
-        print("[megapre] summary " + json.dumps(summary, sort_keys=True), flush=True)
+        summary = ordered_summary(summary)
+        print(format_summary(summary), flush=True)
+        if trainer.cfg.log.metrics_path:
+            write_summary(trainer.cfg.log.metrics_path, summary)
     return 0
 
 

@@ -23,6 +23,7 @@ from megapre.launch.sweep import (LIVE, RESERVED, SAVE_WHY, Choice, Run, SweepEr
                                   write_outputs)
 from megapre.train.args import validate
 
+from .common import prog_name
 from .flags import build_parser as pretrain_parser
 from .flags import parse_config
 
@@ -47,6 +48,23 @@ def check_flags(flags: list[str], world_size: int) -> None:
 
 
 
+def plot_runs(runs_dir: Path, ranked: list[dict]) -> str:
+    """RUNS/sweep.png: every run's curves, labelled by run name (best first); returns the line
+    to print (where it went, or why there is none)."""
+    from .plot_metrics import plot, read_series
+
+    series = []
+    for r in ranked:
+        with contextlib.suppress(FileNotFoundError, ValueError):  # a run that logged nothing
+            series.append(read_series(runs_dir / r["name"] / "metrics.jsonl", r["name"]))
+    if not series:
+        return "[sweep] no plot: no run logged any metrics"
+    try:
+        return f"[sweep] plot: {plot(series, runs_dir / 'sweep.png', f'sweep {runs_dir.name}')}"
+    except ConfigError as e:
+        return f"[sweep] no plot: {e}"
+
+
 @dataclass
 class SweepArgs:
     grid: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -60,9 +78,9 @@ class SweepArgs:
     base: list[str] = field(default_factory=list)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "megapre-sweep") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweep.py", usage="%(prog)s [--grid NAME=V1,V2 ...] [--random N --choice NAME=SPEC "
+        prog=prog, usage="%(prog)s [--grid NAME=V1,V2 ...] [--random N --choice NAME=SPEC "
         "...] --runs-dir DIR [options] -- <megapre.pretrain flags>",
         description="Launch short megapre.pretrain runs over a grid and/or random draws of flag "
                     "values and rank them by validation loss. Flags after -- are shared by all runs.",
@@ -86,10 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str]) -> SweepArgs:
+def parse_args(argv: list[str], prog: str = "megapre-sweep") -> SweepArgs:
     own, base = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
         else (argv, [])
-    ns = build_parser().parse_args(own)
+    ns = build_parser(prog).parse_args(own)
     for opt, value in (("--nproc-per-node", ns.nproc_per_node),
                        ("--parallel-runs", ns.parallel_runs)):
         if value < 1:
@@ -139,11 +157,12 @@ def plan(args: SweepArgs) -> list[Run]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog_name("megapre-sweep")
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, prog)
         runs = plan(args)
     except SweepError as e:
-        print(f"sweep: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     echo = lambda msg: print(msg, flush=True)  # noqa: E731
@@ -173,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = table_rows(ranked, names)
     write_outputs(args.runs_dir, ranked, rows)
     print(format_table(rows))
+    print(plot_runs(args.runs_dir, ranked))
     for r in ranked:
         if r["status"] != "ok":
             print(f"\n[sweep] {r['name']} {r['status']}; last lines of "

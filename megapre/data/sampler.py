@@ -108,4 +108,14 @@ def build_data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int
         persistent_workers=num_workers > 0,
         # its own generator: iterating must not draw a seed from the global one (exact resume)
         generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group; the workers
+    leave it to the main process, which saves a checkpoint and then shuts them down itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

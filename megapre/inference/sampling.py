@@ -11,6 +11,12 @@ from dataclasses import dataclass
 import torch
 
 
+# Below this, logits / temperature overflows float32 for ordinary logits and softmax gives NaN;
+# at it, sampling is already greedy in all but exact ties. Smaller values are refused, not
+# silently turned greedy, so the output matches what was asked for.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """--greedy (or --temperature 0) takes the argmax; otherwise sample from
@@ -23,8 +29,14 @@ class SamplingConfig:
     greedy: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise ValueError(f"--temperature {self.temperature} must be >= 0 (0 means greedy)")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ValueError(f"--temperature {self.temperature} must be a number >= 0 "
+                             "(0 means greedy)")
+        if 0.0 < self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"--temperature {self.temperature} is too small to sample with (logits / "
+                f"temperature overflow float32); use >= {MIN_TEMPERATURE:g}, or 0 (or --greedy) "
+                "for the most likely token")
         if self.top_k < 0:
             raise ValueError(f"--top-k {self.top_k} must be >= 0 (0 keeps every token)")
         if not 0.0 < self.top_p <= 1.0:

@@ -105,6 +105,8 @@ class MemoryEstimate:
     flops_per_token: float
     flops_per_step: float
     flops_per_rank_per_step: float
+    device: str = "cuda"  # the device type the estimate assumed
+    attention_backend: str = "sdpa"  # the core attention it assumed on that device
 
     @property
     def most_loaded(self) -> StageMemory:
@@ -289,11 +291,9 @@ def attention_backend(cfg: TransformerConfig, device: str, masked: bool = False)
 
 
 def _device(cfg: PretrainConfig) -> str:
-    device = cfg.train.device
-    if device == "auto":
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
+    """The device type the estimate is for: the GPU path unless --device cpu (the machine that
+    plans a run is rarely the one that trains it, so this host's devices do not decide)."""
+    return "cpu" if cfg.train.device == "cpu" else "cuda"
 
 
 def _mask_bytes(cfg: PretrainConfig, e: int) -> int:
@@ -349,7 +349,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     fpt = flops_per_token(mc, mc.seq_length)
     step = fpt * t.global_batch_size * mc.seq_length
     return MemoryEstimate(total, non_emb, mc.padded_vocab_size(tp), world_size, tp, pp, dp,
-                          num_mb, t.recompute_granularity, stages, fpt, step, step / world_size)
+                          num_mb, t.recompute_granularity, stages, fpt, step, step / world_size,
+                          device, attention_backend(mc, device, masked))
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -362,7 +363,10 @@ def report(est: MemoryEstimate) -> str:
     lines = [f"parameters: {est.total_params:,} total, {est.non_embedding_params:,} "
              f"non-embedding (vocabulary padded to {est.padded_vocab_size} for TP={est.tp})",
              f"layout: world {est.world_size} = TP {est.tp} x PP {est.pp} x DP {est.dp}; "
-             f"{est.num_microbatches} micro-batches per step per DP rank"]
+             f"{est.num_microbatches} micro-batches per step per DP rank",
+             f"assumed: device {est.device}" + (" (--device cpu estimates a CPU run)"
+                                                if est.device == "cuda" else "")
+             + f", attention backend {est.attention_backend} (--attention-backend)"]
     for st in est.stages:
         lines += [f"pipeline stage {st.stage} (per rank): {st.params:,} parameters",
                   f"  weights (fp32)         {_fmt(st.weights)}",

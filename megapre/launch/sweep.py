@@ -208,18 +208,13 @@ def summarize(train: list[dict], valid: list[dict]) -> dict[str, Any]:
             "iterations": train[-1].get("iteration") if train else None}
 
 
-SUMMARY_PREFIX = "[megapre] summary "
-
-
-def read_summary(log: Path) -> dict[str, Any] | None:
-    """The trainer's last stdout line, `[megapre] summary {json}` (absent if it did not finish)."""
-    for line in reversed(_tail(log, 50)):
-        if line.startswith(SUMMARY_PREFIX):
-            try:
-                return json.loads(line[len(SUMMARY_PREFIX):])
-            except json.JSONDecodeError:
-                return None
-    return None
+def read_summary(path: Path) -> dict[str, Any] | None:
+    """The trainer's end-of-run summary (RUN/metrics.summary.json; absent if it did not finish)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _status(rc: int | None, timed_out: bool, stats: dict[str, Any],
@@ -232,7 +227,7 @@ def _status(rc: int | None, timed_out: bool, stats: dict[str, Any],
     if rc != 0:
         return f"failed: exit {rc}"
     if summary is None:
-        return "failed: no '[megapre] summary' line in log.txt"
+        return "failed: no run summary (metrics.summary.json): the trainer did not finish"
     if summary.get("exit_reason") == "SIGTERM":
         return f"failed: stopped by SIGTERM at iteration {summary.get('iteration')}"
     if stats["train_loss"] is None:
@@ -260,7 +255,9 @@ def execute(run: Run, nproc: int, timeout: float | None,
     """Launch one run, wait, and write RUN/result.json; never raises for a failing run."""
     run.directory.mkdir(parents=True, exist_ok=True)
     metrics, log = run.directory / "metrics.jsonl", run.directory / "log.txt"
-    metrics.unlink(missing_ok=True)  # the trainer appends; a retried run starts clean
+    summary_file = run.directory / "metrics.summary.json"
+    for stale in (metrics, summary_file):
+        stale.unlink(missing_ok=True)  # a retried run starts clean
     cmd = launch_command(run.flags, metrics, nproc)
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # the log is live, and its tail is there when a run is killed
@@ -287,7 +284,7 @@ def execute(run: Run, nproc: int, timeout: float | None,
                 LIVE.discard(proc)
     wall = time.time() - t0
     stats = summarize(*read_metrics(metrics))
-    summary = read_summary(log)
+    summary = read_summary(summary_file)
     status = _status(rc, timed_out, stats, summary)
     result = {"name": run.name, "point": run.point, "flags": run.flags, "command": cmd,
               "status": status, "returncode": rc, "wall_s": wall, **stats,

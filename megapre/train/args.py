@@ -274,13 +274,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         layout.check_schedule(schedule, pp, vp, num_mb)
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
-    if t.train_iters < 1:
-        raise ConfigError(f"--train-iters must be >= 1, got {t.train_iters}")
-    for name in ("log_interval",):
-        if getattr(cfg.log, name) < 1:
-            raise ConfigError(f"{flag(name)} must be >= 1")
-    if t.eval_interval < 1 or t.eval_iters < 0:
-        raise ConfigError("--eval-interval must be >= 1 and --eval-iters >= 0")
+    _check_counts(cfg)
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
     if o.lr_warmup_iters < 0:
@@ -296,6 +290,8 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("give either --data-path (split by --split) or --train/valid/test-data-path, not both")
     c = cfg.checkpoint
     _check_checkpoint_args(c)
+    if c.save_interval is not None and c.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1, got {c.save_interval}")
     if c.save_interval is not None and c.save is None:
         raise ConfigError("--save-interval needs --save DIR")
     if c.keep_last is not None and c.keep_last < 1:
@@ -303,3 +299,44 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     resolved = copy.deepcopy(cfg)
     resolved.train.global_batch_size = gbs
     return RunPlan(resolved, dp, vp, schedule, num_mb)
+
+
+def _at_least(name: str, value: float | None, low: float, strict: bool = False) -> None:
+    """`--name` must be >= low (> low when strict); None (not set) passes."""
+    if value is None or (value > low if strict else value >= low):
+        return
+    raise ConfigError(f"{flag(name)} must be {'>' if strict else '>='} {low}, got {value}")
+
+
+def _check_counts(cfg: PretrainConfig) -> None:
+    """Intervals, counts and durations: a value that cannot mean anything is an error naming
+    its flag (a negative --exit-duration-in-mins would stop the run after its first step)."""
+    t = cfg.train
+    for name, low in (("train_iters", 1), ("eval_interval", 1), ("eval_iters", 0),
+                      ("exit_interval", 1), ("max_skipped_iters", 0), ("loss_scale_window", 1),
+                      ("clip_grad", 0)):
+        _at_least(name, getattr(t, name), low)
+    for name in ("exit_duration_in_mins", "initial_loss_scale"):
+        _at_least(name, getattr(t, name), 0, strict=True)
+    _at_least("log_interval", cfg.log.log_interval, 1)
+    _at_least("distributed_timeout_minutes", cfg.parallel.distributed_timeout_minutes, 0, strict=True)
+
+
+def check_logging(log: LogArgs) -> None:
+    """A logging sink whose package is missing fails at the start of a run, in one line, not
+    after the model and data are built. (Not part of `validate`: planning a run, e.g. the memory
+    estimate, needs no logging packages on the planning machine.)"""
+    for given, module, what in ((log.wandb_project, "wandb", "--wandb-project"),
+                                (log.tensorboard_dir, "tensorboard", "--tensorboard-dir")):
+        if given and _missing(module):
+            raise ConfigError(f"{what} needs the {module} package: pip install {module} "
+                              f"(or drop {what})")
+
+
+def _missing(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except ImportError:  # a parent package is missing, or the module fails to import
+        return True

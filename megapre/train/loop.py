@@ -10,7 +10,6 @@ skipped steps) are all-reduced, so no rank leaves a collective behind.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import time
@@ -22,11 +21,12 @@ import torch.distributed as dist
 
 from megapre.data.tokenizers import build_tokenizer
 
-from .args import PretrainConfig, validate
+from . import banner
+from .args import PretrainConfig, check_logging, validate
 from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
-from .metrics import (MetricsLogger, device_peak_tflops, flops_per_token, format_train_line,
-                      memory_stats, throughput)
+from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
+                      format_eval_line, format_train_line, memory_stats, throughput)
 from .optim import build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
@@ -42,18 +42,34 @@ class TrainState:
 
 
 class _StopFlag:
-    """SIGTERM (the scheduler's warning) asks for a checkpoint and a clean exit."""
+    """SIGTERM (the scheduler's warning) or a first Ctrl-C (SIGINT) asks for a checkpoint and a
+    clean exit at the end of the current step. A repeated signal (torchrun forwards the one its
+    process group already got) changes nothing, except a second Ctrl-C pressed more than
+    `ESCALATE_S` after the first, which interrupts at once (KeyboardInterrupt)."""
+
+    ESCALATE_S = 2.0
 
     def __init__(self) -> None:
-        self.raised = False
-        self._previous = None
+        self.signum = 0  # the first stop signal received, 0 while none
+        self._first_at = 0.0
+
+    @property
+    def raised(self) -> bool:
+        return self.signum != 0
 
     def install(self) -> None:
-        with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.raised = True
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self._first_at = signum, now
+            return
+        if signum == signal.SIGINT and now - self._first_at > self.ESCALATE_S:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
 
 
 class Trainer:
@@ -63,10 +79,13 @@ class Trainer:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
         self.plan = validate(cfg, world, tokenizer.vocab_size)
         self.cfg = cfg = self.plan.config
+        check_logging(cfg.log)
+        _banner(banner.config_lines(self.plan, world, tokenizer))
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=cfg.train.recompute_granularity)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
+        self._banner_model()
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)
@@ -80,6 +99,8 @@ class Trainer:
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
+        _banner(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
+                                  * cfg.model.seq_length))
         owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
@@ -90,6 +111,18 @@ class Trainer:
         # Last: nothing after a restored checkpoint may draw from the global generators, or the
         # resumed run's dropout masks would be off by those draws.
         self._maybe_load()
+
+    def _banner_model(self) -> None:
+        from megapre.launch.memory import total_params
+        from megapre.model.attention_core import resolve_backend
+
+        m = self.cfg.model
+        total = total_params(self.model_cfg, m.model, m.bert_binary_head)[0]
+        on_rank = sum(p.numel() for p in self.model.parameters())
+        masked = m.model == "bert" or self.cfg.data.reset_attention_mask
+        backend = resolve_backend(m.attention_backend, self.device.type,
+                                  m.attention_dropout > 0, masked)
+        _banner(banner.model_lines(total, on_rank, self.device, backend))
 
     # -- checkpoints ------------------------------------------------------------------------
     def _maybe_load(self) -> None:
@@ -197,6 +230,9 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         cfg, st = self.cfg, self.state
         t = cfg.train
+        moved = self.logger.start(resumed=st.iteration > 0)
+        if moved:
+            self._print(moved)
         data = self._batches(self.splits.train, st.consumed_samples)
         summary: dict[str, Any] = {"start_iteration": st.iteration}
         window = _Window()
@@ -233,6 +269,9 @@ class Trainer:
                                     not cfg.checkpoint.save_interval or
                                     st.iteration % cfg.checkpoint.save_interval):
             self.save()
+        elif exit_reason != "finished" and not cfg.checkpoint.save:
+            self._print(f"{exit_reason}: no --save directory was given, so nothing was saved "
+                        f"(iteration {st.iteration} is lost)")
         summary.update(iteration=st.iteration, consumed_samples=st.consumed_samples,
                        skipped_iters=st.skipped_total, exit_reason=exit_reason,
                        elapsed_s=time.time() - self.start_time)
@@ -283,20 +322,20 @@ class Trainer:
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
         loss = total / t.eval_iters
-        record = {"iteration": self.state.iteration, "split": split, "loss": loss,
-                  "ppl": math.exp(min(loss, 50.0)),
-                  **{k.replace(" ", "_"): v / t.eval_iters for k, v in parts_sum.items()}}
-        self.logger.log(record, console=f"{split} at iteration {self.state.iteration} | "
-                                        f"loss {loss:.6e} | ppl {record['ppl']:.3f}")
+        record = eval_record(self.state.iteration, split, loss,
+                             {k: v / t.eval_iters for k, v in parts_sum.items()})
+        self.logger.log(record, console=format_eval_line(record))
         return loss
 
     def _log_train(self, w: dict, lr: float) -> None:
         tp = throughput(w["tokens"], w["seconds"], self.flops_token, self.mesh.world_size, self.peak)
+        step_s = w["seconds"] / max(w["steps"], 1)
         record = {"iteration": self.state.iteration, "train_iters": self.cfg.train.train_iters,
                   "consumed_samples": self.state.consumed_samples, "loss": w["loss"], "lr": lr,
                   "grad_norm": w["grad_norm"], "skipped_iters": self.state.skipped_total,
                   "tokens_per_s": tp.tokens_per_s, "tflops_per_device": tp.tflops_per_device,
-                  "mfu": tp.mfu, "step_time_s": w["seconds"] / max(w["steps"], 1),
+                  "mfu": tp.mfu, "step_time_s": step_s, "elapsed_s": time.time() - self.start_time,
+                  "eta_s": step_s * (self.cfg.train.train_iters - self.state.iteration),
                   **{k.replace(" ", "_"): v for k, v in w["parts"].items()},
                   **memory_stats(self.device)}
         if self.loss_scaler is not None:
@@ -305,14 +344,19 @@ class Trainer:
 
     def _should_exit(self) -> str | None:
         t = self.cfg.train
-        flags = [float(self.stop.raised)]
+        flags = [float(self.stop.signum)]
         flags.append(float(t.exit_duration_in_mins is not None and
                            time.time() - self.start_time > 60 * t.exit_duration_in_mins))
         flags.append(float(t.exit_interval is not None and self.state.iteration % t.exit_interval == 0))
         vec = torch.tensor(flags, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        for name, v in zip(("SIGTERM", "exit-duration-in-mins", "exit-interval"), vec.tolist()):
+        got = vec.tolist()
+        if got[0] > 0:  # the signal's number (max over ranks): name it
+            got[0], names = 1.0, (signal.Signals(int(got[0])).name,)
+        else:
+            names = ("signal",)
+        for name, v in zip(names + ("exit-duration-in-mins", "exit-interval"), got):
             if v > 0:
                 self._print(f"stopping at iteration {self.state.iteration}: {name}")
                 return name
@@ -328,6 +372,13 @@ class Trainer:
 
             wait_for_pending_save()  # an --async-save still writing would be lost otherwise
         self.mesh.destroy()
+
+
+def _banner(lines: list[str]) -> None:
+    """Banner lines, from global rank 0 only (before and after the process group exists)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in lines:
+            print(f"[megapre] {line}", flush=True)
 
 
 class _Window:

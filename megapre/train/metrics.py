@@ -9,6 +9,7 @@ the logits; training is 3x the forward (backward = 2x).
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from typing import Any, TextIO
 
 import torch
 
+from megapre.errors import ConfigError
 from megapre.model.config import TransformerConfig
 
 # Dense (no sparsity) peak TFLOP/s per device, by name fragment; bf16/fp16 tensor cores.
@@ -89,7 +91,10 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 
 class MetricsLogger:
     """Fans one record out to the console, a JSONL file, TensorBoard and W&B. Only the rank that
-    owns the loss (last pipeline stage, TP 0, DP 0) is created with enabled=True."""
+    owns the loss (last pipeline stage, TP 0, DP 0) is created with enabled=True.
+
+    The JSONL file opens on `start` (or the first record): a resumed run appends to it, a fresh
+    run first moves an old file aside (`rotate`), so two runs never mix in one file."""
 
     def __init__(self, enabled: bool, metrics_path: str | None = None,
                  tensorboard_dir: str | None = None, wandb_project: str | None = None,
@@ -97,31 +102,44 @@ class MetricsLogger:
                  stream: TextIO = sys.stdout) -> None:
         self.enabled = enabled
         self.stream = stream
+        self.metrics_path = metrics_path
         self._jsonl = self._tb = self._wandb = None
         if not enabled:
             return
-        if metrics_path:
-            os.makedirs(os.path.dirname(os.path.abspath(metrics_path)), exist_ok=True)
-            self._jsonl = open(metrics_path, "a", buffering=1, encoding="utf-8")
         if tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError("--tensorboard-dir needs the tensorboard package: "
-                                   "pip install tensorboard") from e
+                raise ConfigError("--tensorboard-dir needs the tensorboard package: "
+                                  "pip install tensorboard") from e
             self._tb = SummaryWriter(tensorboard_dir)
         if wandb_project:
             try:
                 import wandb
             except ImportError as e:
-                raise RuntimeError("--wandb-project needs the wandb package: pip install wandb") from e
+                raise ConfigError("--wandb-project needs the wandb package: pip install wandb") from e
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config)
+
+    def start(self, resumed: bool) -> str | None:
+        """Open the metrics file: append when `resumed`, else rotate an old one first. Returns
+        a line saying where an old file went (None when nothing moved)."""
+        if not self.enabled or not self.metrics_path or self._jsonl is not None:
+            return None
+        os.makedirs(os.path.dirname(os.path.abspath(self.metrics_path)), exist_ok=True)
+        moved = None if resumed else rotate(self.metrics_path)
+        self._jsonl = open(self.metrics_path, "a", buffering=1, encoding="utf-8")
+        if moved is None:
+            return None
+        return (f"metrics: {self.metrics_path} held an earlier run's records; moved them to "
+                f"{moved} (this run starts fresh; a run resumed with --load appends)")
 
     def log(self, record: dict[str, Any], console: str | None = None) -> None:
         if not self.enabled:
             return
         if console:
             print(console, file=self.stream, flush=True)
+        if self._jsonl is None and self.metrics_path:
+            self.start(resumed=True)
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(record) + "\n")
         step = int(record.get("iteration", 0))
@@ -144,16 +162,100 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def rotate(path: str) -> str | None:
+    """Rename a non-empty `path` to the first free `path.N` (N = 1, 2, ...); returns the new name
+    (None when there was nothing to move). Earlier rotations are never overwritten."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    n = 1
+    while os.path.exists(f"{path}.{n}"):
+        n += 1
+    os.replace(path, f"{path}.{n}")
+    return f"{path}.{n}"
+
+
+def format_duration(seconds: float) -> str:
+    """H:MM:SS (hours unbounded); '?' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
 def format_train_line(r: dict[str, Any]) -> str:
-    """Megatron-style console line."""
-    parts = [f"iteration {r['iteration']:>8d}/{r['train_iters']}",
-             f"consumed samples {r['consumed_samples']:>10d}",
-             *([f"lm loss {r['lm_loss']:.6e}", f"sop loss {r['sop_loss']:.6e}"]
-               if "sop_loss" in r else [f"lm loss {r['loss']:.6e}"]),
-             f"lr {r['lr']:.4e}", f"grad norm {r['grad_norm']:.4f}",
-             f"skipped {r.get('skipped_iters', 0)}",
-             f"tokens/s {r['tokens_per_s']:.0f}",
-             f"TFLOP/s/dev {r['tflops_per_device']:.3g}", f"MFU {100 * r['mfu']:.1f}%"]
+    """Megatron-style console line: progress and time first, then speed, then the numbers."""
+    width = len(str(r["train_iters"]))
+    parts = [f"iteration {r['iteration']:>{width}d}/{r['train_iters']}"]
+    if "elapsed_s" in r:
+        parts += [f"elapsed {format_duration(r['elapsed_s'])}",
+                  f"ETA {format_duration(r.get('eta_s', float('nan')))}"]
+    if "step_time_s" in r:
+        parts.append(f"{1000 * r['step_time_s']:.1f} ms/iter")
+    parts += [f"tokens/s {r['tokens_per_s']:.0f}",
+              f"TFLOP/s/dev {r['tflops_per_device']:.3g}", f"MFU {100 * r['mfu']:.1f}%",
+              *([f"lm loss {r['lm_loss']:.6e}", f"sop loss {r['sop_loss']:.6e}"]
+                if "sop_loss" in r else [f"lm loss {r['loss']:.6e}"]),
+              f"lr {r['lr']:.4e}", f"grad norm {r['grad_norm']:.4f}",
+              f"consumed samples {r['consumed_samples']}",
+              f"skipped {r.get('skipped_iters', 0)}"]
     if "loss_scale" in r:
         parts.append(f"loss scale {r['loss_scale']:.1f}")
     return " | ".join(parts)
+
+
+def eval_record(iteration: int, split: str, loss: float, parts: dict[str, float]) -> dict[str, Any]:
+    """One evaluation's record. Perplexity is exp(LM loss): BERT's total loss adds the
+    sentence-order loss, which is no language-model perplexity (megapre.evaluate agrees)."""
+    record = {"iteration": iteration, "split": split, "loss": loss,
+              **{k.replace(" ", "_"): v for k, v in parts.items()}}
+    record["ppl"] = math.exp(min(record.get("lm_loss", loss), 50.0))
+    return record
+
+
+def format_eval_line(r: dict[str, Any]) -> str:
+    losses = ([f"lm loss {r['lm_loss']:.6e}", f"sop loss {r['sop_loss']:.6e}"]
+              if "sop_loss" in r else [f"lm loss {r['loss']:.6e}"])
+    return " | ".join([f"{r['split']} at iteration {r['iteration']}", *losses,
+                       f"ppl {r['ppl']:.3f}"])
+
+
+def _summary_value(key: str, value: Any) -> str:
+    if isinstance(value, float) and key.endswith("_s"):
+        return f"{format_duration(value)} ({value:.1f} s)"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.4e}"
+    return "-" if value is None else str(value)
+
+
+def format_summary(summary: dict[str, Any], title: str = "run summary") -> str:
+    """The end-of-run summary as aligned `key  value` lines (the JSON is in the metrics file)."""
+    width = max((len(k) for k in summary), default=0)
+    lines = [f"{title}:"]
+    lines += [f"  {k:<{width}}  {_summary_value(k, v)}" for k, v in summary.items()]
+    return "\n".join(lines)
+
+
+SUMMARY_ORDER = ("exit_reason", "start_iteration", "iteration", "consumed_samples", "train_loss",
+                 "valid_loss", "test_loss", "skipped_iters", "elapsed_s")
+
+
+def ordered_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    """The summary's keys in reading order (known keys first, then the rest sorted)."""
+    known = {k: summary[k] for k in SUMMARY_ORDER if k in summary}
+    return {**known, **{k: summary[k] for k in sorted(summary) if k not in known}}
+
+
+def summary_path(metrics_path: str) -> str:
+    """Where the run's summary JSON goes: beside the metrics file (metrics.summary.json)."""
+    return os.path.splitext(metrics_path)[0] + ".summary.json"
+
+
+def write_summary(metrics_path: str, summary: dict[str, Any]) -> str:
+    """Write the summary JSON beside the metrics file (temporary file, then rename)."""
+    path = summary_path(metrics_path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path

@@ -113,17 +113,18 @@ def test_summarize_metrics(tmp_path):
     assert sweep._status(0, False, ok, {"exit_reason": "exit-duration-in-mins"}) == "ok"
     assert sweep._status(0, False, ok, {"exit_reason": "SIGTERM", "iteration": 3}) == \
         "failed: stopped by SIGTERM at iteration 3"
-    assert sweep._status(0, False, ok, None).startswith("failed: no '[megapre] summary'")
+    assert sweep._status(0, False, ok, None).startswith("failed: no run summary")
     assert sweep._status(1, False, ok, None) == "failed: exit 1"
     assert sweep._status(None, True, ok, None) == "failed: timeout"
 
 
-def test_summary_line_is_read_from_the_log(tmp_path):
-    log = tmp_path / "log.txt"
-    log.write_text('noise\n[megapre] summary {"exit_reason": "finished", "iteration": 8}\n')
-    assert sweep.read_summary(log) == {"exit_reason": "finished", "iteration": 8}
-    log.write_text("Traceback ...\n")
-    assert sweep.read_summary(log) is None
+def test_summary_is_read_from_the_summary_file(tmp_path):
+    path = tmp_path / "metrics.summary.json"
+    path.write_text('{"exit_reason": "finished", "iteration": 8}\n')
+    assert sweep.read_summary(path) == {"exit_reason": "finished", "iteration": 8}
+    path.write_text('{"exit_reason": "fin')
+    assert sweep.read_summary(path) is None
+    assert sweep.read_summary(tmp_path / "absent.json") is None
 
 
 # -- fail fast: nothing is launched ---------------------------------------------------------
@@ -201,7 +202,10 @@ def test_grid_sweep_ranks_four_runs_and_rerun_skips(corpus, tmp_path):
         assert r["best_valid_loss"] == min(v["loss"] for v in valid)
         assert r["tokens_per_s"] > 0 and r["wall_s"] > 0
         assert json.loads((d / "result.json").read_text())["flags"] == r["flags"]
-        assert "[megapre] summary" in (d / "log.txt").read_text()
+        assert "run summary:" in (d / "log.txt").read_text()
+        assert json.loads((d / "metrics.summary.json").read_text())["exit_reason"] == "finished"
+    assert "[sweep] plot:" in proc.stdout or "[sweep] no plot: plotting needs matplotlib" \
+        in proc.stdout
     tsv = (runs / "sweep.tsv").read_text().splitlines()
     assert tsv[0].split("\t")[:3] == ["rank", "lr", "global-batch-size"] and len(tsv) == 5
     # the table on stdout lists the runs best first

@@ -49,7 +49,7 @@ def test_logger_writes_jsonl_and_console(tmp_path):
     log.close()
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines[0]["loss"] == 2.5 and lines[1]["split"] == "valid"
-    assert "iteration       10/100" in out.getvalue() and "MFU 5.0%" in out.getvalue()
+    assert "iteration  10/100" in out.getvalue() and "MFU 5.0%" in out.getvalue()
     silent = MetricsLogger(False, metrics_path=str(tmp_path / "x.jsonl"))
     silent.log(rec, console="never")
     assert not (tmp_path / "x.jsonl").exists()

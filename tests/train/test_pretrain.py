@@ -59,7 +59,7 @@ def test_single_process_learns_and_logs(corpus, tmp_path):
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, [r["loss"] for r in train]
     assert [(r["split"], r["iteration"]) for r in evals] == [("valid", 15), ("valid", 30),
                                                             ("test", 30)]
-    assert "[megapre] summary" in proc.stdout and "lm loss" in proc.stdout
+    assert "run summary:" in proc.stdout and "lm loss" in proc.stdout
 
 
 @pytest.mark.slow
