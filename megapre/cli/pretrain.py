@@ -3,7 +3,7 @@ megapre.pretrain` is one process). Flags follow Megatron-LM; `--help` lists them
 At the end the summary is printed as a table; its JSON is written beside --metrics-path
 (metrics.summary.json). Exit codes: 0 finished (or stopped cleanly by SIGTERM/SIGINT /
 --exit-duration-in-mins after saving), 2 configuration error (the message names the flag),
-1 anything else."""
+1 anything else (a checkpoint that cannot be written is one line naming the path)."""
 from __future__ import annotations
 
 import sys
@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     prog = prog_name("megapre.pretrain")
     built: list = []
     rc = run_cli(prog, lambda: _build(argv, prog, built))
-    return rc or _train(built[0])
+    return rc or _train(built[0], prog)
 
 
 def _build(argv: list[str] | None, prog: str, out: list) -> int:
@@ -27,11 +27,15 @@ def _build(argv: list[str] | None, prog: str, out: list) -> int:
     return 0
 
 
-def _train(trainer) -> int:
+def _train(trainer, prog: str) -> int:
+    from megapre.train.checkpoint import CheckpointSaveError
     from megapre.train.metrics import format_summary, ordered_summary, write_summary
 
     try:
         summary = trainer.train()
+    except CheckpointSaveError as e:  # disk full, quota, permissions: the message names the path
+        print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
     if trainer.logger.enabled:

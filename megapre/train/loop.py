@@ -371,6 +371,8 @@ class Trainer:
             from .checkpoint import wait_for_pending_save
 
             wait_for_pending_save()  # an --async-save still writing would be lost otherwise
+        if self.save_lock is not None:
+            self.save_lock.release()
         self.mesh.destroy()
 
 

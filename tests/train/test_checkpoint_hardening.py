@@ -108,3 +108,28 @@ def test_verify_reports_non_finite_values(tmp_path, mesh, model, capsys):
     capsys.readouterr()
     assert inspect_main([str(tmp_path), "--verify"]) == 2
     assert "holds NaN or infinite values" in capsys.readouterr().err
+
+
+def test_pretrain_cli_disk_full_is_one_line_and_releases_the_lock(tmp_path, monkeypatch, capsys):
+    """`megapre.pretrain` whose save hits a full disk: one line naming the path, exit 1, the
+    save directory's lock removed (a rerun after freeing space must not meet a stale lock)."""
+    from conftest import COUNTING_VOCAB, write_counting_corpus
+    from megapre.cli.pretrain import main as pretrain_main
+
+    prefix = write_counting_corpus(tmp_path / "count")
+
+    def full(self, plan, planner):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "__0_0.distcp"))
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full)
+    rc = pretrain_main(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                        "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2",
+                        "--data-path", prefix, "--split", "90,10,0", "--num-workers", "0",
+                        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
+                        "--device", "cpu", "--save", str(tmp_path / "ckpt"), "--log-interval", "1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and "no space left on device" in lines[0] and "ckpt" in lines[0], err
+    assert "Traceback" not in err
+    assert not [p for p in (tmp_path / "ckpt").iterdir() if "lock" in p.name]
