@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from megapre.data.errors import DataError
 from megapre.data.gpt_helpers import build_sample_idx
 from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.split import check_document_range
@@ -55,6 +56,8 @@ class GPTDatasetConfig:
       without reset_attention_mask (fused attention kernels build it themselves; off by default).
     separate_last_epoch_threshold: Megatron's 0.80 (see module docstring).
     cache: where indices are cached and who builds them.
+    vocab_size: when set, every sample's ids are checked to lie in [0, vocab_size) (two
+      reductions per sample), so bad data fails naming its file, not deep in the model.
     """
 
     seq_length: int
@@ -66,6 +69,7 @@ class GPTDatasetConfig:
     create_attention_mask: bool = False
     separate_last_epoch_threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD
     cache: CacheConfig = field(default_factory=CacheConfig)
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -170,7 +174,7 @@ class GPTDataset(CachedDataset):
         tokens = int(np.asarray(self.indexed.sequence_lengths)[first:last].sum(dtype=np.int64))
         min_tokens = self.config.seq_length + 1
         if tokens == 0 or (self.num_samples is None and tokens < min_tokens):
-            raise ValueError(
+            raise DataError(
                 f"{where} has {tokens} tokens in documents [{lo}, {hi}); one sample needs "
                 f"{min_tokens} (--seq-length + 1). Use a shorter --seq-length or a larger split"
             )
@@ -194,11 +198,19 @@ class GPTDataset(CachedDataset):
         (pos_a, off_a), (pos_b, off_b) = self.sample_index[i], self.sample_index[i + 1]
         get, doc = self.indexed.get, self.document_index
         if pos_a == pos_b:
-            return get(int(doc[pos_a]), int(off_a), int(off_b - off_a + 1)).astype(np.int64)
+            return self._checked(get(int(doc[pos_a]), int(off_a), int(off_b - off_a + 1)).astype(np.int64), idx)
         parts = [get(int(doc[pos_a]), int(off_a))]
         parts += [get(int(doc[p])) for p in range(int(pos_a) + 1, int(pos_b))]
         parts.append(get(int(doc[pos_b]), 0, int(off_b) + 1))
-        return np.concatenate(parts).astype(np.int64)
+        return self._checked(np.concatenate(parts).astype(np.int64), idx)
+
+    def _checked(self, text: np.ndarray, idx: int) -> np.ndarray:
+        vocab = self.config.vocab_size
+        if vocab is not None and text.size and (text.min() < 0 or text.max() >= vocab):
+            bad = int(text[(text < 0) | (text >= vocab)][0])
+            raise DataError(f"{self.indexed.path_prefix}.bin: sample {idx} ({self.split} split) holds "
+                            f"token id {bad}, outside the tokenizer's vocabulary [0, {vocab})")
+        return text
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         text = self.tokens(idx)
