@@ -24,6 +24,7 @@ import numpy as np
 from megapre.data.errors import DataError
 from megapre.data.gpt_helpers import build_sample_idx
 from megapre.data.index_cache import CacheConfig, CachedDataset
+from megapre.data.notify import warn
 from megapre.data.split import check_document_range
 
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
@@ -178,6 +179,11 @@ class GPTDataset(CachedDataset):
                 f"{where} has {tokens} tokens in documents [{lo}, {hi}); one sample needs "
                 f"{min_tokens} (--seq-length + 1). Use a shorter --seq-length or a larger split"
             )
+        if tokens < min_tokens:
+            epochs = num_epochs_needed(tokens, self.num_samples, self.config.seq_length)
+            warn(f"{where} has {tokens:,} tokens, fewer than one sample ({min_tokens:,} = "
+                 f"--seq-length + 1): every sample repeats its data, which is read {epochs:,} "
+                 f"times (epochs) for the {self.num_samples:,} samples of the run")
         return first, last
 
     def _build(self) -> dict[str, np.ndarray]:

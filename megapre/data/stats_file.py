@@ -61,3 +61,19 @@ def recorded_split_sentences(stats: dict[str, Any]) -> bool | None:
     args = stats.get("args")
     value = args.get("split_sentences") if isinstance(args, dict) else None
     return value if isinstance(value, bool) else None
+
+
+def merged_stats(inputs: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The stats file of a merge of `inputs`: their tokenizer when every input's stats record the
+    same fingerprint (else None), and their sentence splitting when all agree; plus a line per
+    input whose recorded tokenizer differs from the first one's (empty: they agree)."""
+    found = [find_dataset_stats(p) for p in inputs]
+    tokenizers = [f[1].get("tokenizer") if f else None for f in found]
+    prints = [t.get("fingerprint") if isinstance(t, dict) else None for t in tokenizers]
+    conflicts = [f"{p} (tokenizer {str(fp)[:12]})" for p, fp in zip(inputs, prints)
+                 if fp is not None and prints[0] is not None and fp != prints[0]]
+    agree = prints[0] is not None and all(fp == prints[0] for fp in prints)
+    splits = {recorded_split_sentences(f[1]) if f else None for f in found}
+    return {"complete": True, "kind": "merge", "inputs": list(inputs),
+            "tokenizer": tokenizers[0] if agree else None,
+            "split_sentences": splits.pop() if len(splits) == 1 else None}, conflicts
