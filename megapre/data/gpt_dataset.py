@@ -17,7 +17,7 @@ They are cached on disk under a hash of everything that defines them (index_cach
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -118,10 +118,13 @@ def build_shuffle_index(num_first: int, total: int, rng: np.random.RandomState) 
 
 
 def build_gpt_indices(sizes: np.ndarray, units: np.ndarray, num_samples: int | None, seq_length: int,
-                      seed: int, threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD) -> dict[str, np.ndarray]:
+                      seed: int, threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD,
+                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, np.ndarray]:
     """Document, sample and shuffle index for the sequences `units` (ids into `sizes`).
 
     num_samples None means one epoch. The caller guarantees the units hold at least one token.
+    `progress(done, total, next step)` is told after each step, counting the document-index entries
+    and (twice: sample index, shuffle) the samples, the work each step is linear in.
     """
     tokens_per_epoch = int(sizes[units].sum(dtype=np.int64))
     epochs = 1 if num_samples is None else num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
@@ -130,9 +133,15 @@ def build_gpt_indices(sizes: np.ndarray, units: np.ndarray, num_samples: int | N
         samples_before_last = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
         samples_per_epoch = (tokens_per_epoch - 1) // seq_length
         separate = (num_samples - samples_before_last) < int(threshold * samples_per_epoch)
+    report = progress or (lambda done, total, what: None)
     rng = np.random.RandomState(seed)
+    samples = max(1, (epochs * tokens_per_epoch - 1) // seq_length)
+    work = epochs * len(units) + 2 * samples
+    report(0, work, "document index")
     document_index = build_document_index(units, epochs, rng, separate)
+    report(len(document_index), work, "sample index")
     sample_index = build_sample_idx(sizes, document_index, seq_length)
+    report(len(document_index) + samples, work, "shuffle index")
     total = sample_index.shape[0] - 1
     first = samples_before_last if separate else total
     shuffle_index = build_shuffle_index(first, total, rng)
@@ -191,7 +200,8 @@ class GPTDataset(CachedDataset):
         first, last = self.sequence_range
         units = np.arange(first, last, dtype=np.int32 if last <= np.iinfo(np.int32).max else np.int64)
         return build_gpt_indices(sizes, units, self.num_samples, self.config.seq_length,
-                                 self.config.seed, self.config.separate_last_epoch_threshold)
+                                 self.config.seed, self.config.separate_last_epoch_threshold,
+                                 progress=self._advance)
 
     def __len__(self) -> int:
         return int(self.sample_index.shape[0]) - 1
