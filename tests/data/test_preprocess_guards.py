@@ -87,6 +87,22 @@ def test_second_run_on_a_locked_prefix_fails_naming_the_owner(tmp_path, capsys):
     assert not (tmp_path / "p.lock").exists()
 
 
+def test_two_concurrent_runs_on_one_prefix_one_is_refused(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text("some words on a line\n" * 1_000_000)
+    cmd = [sys.executable, "-m", "megapre.data.preprocess", "--input", str(src), "--output-prefix",
+           str(tmp_path / "p"), "--workers", "1", "--progress-interval", "0", *BYTE]
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "p.lock").exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert run("--input", src, "--output-prefix", tmp_path / "p", *BYTE) == EXIT_USAGE
+    assert f"pid {first.pid} on host" in capsys.readouterr().err
+    assert first.wait(timeout=120) == EXIT_OK, first.stderr.read()
+    assert IndexedDataset(tmp_path / "p_text_document").num_documents == 1_000_000
+
+
 def test_stale_lock_and_temporaries_of_a_killed_run_are_removed(tmp_path, capsys):
     src = tmp_path / "a.txt"
     src.write_text("hello\n")
@@ -191,21 +207,23 @@ def _hf_gpt2(tmp_path: Path) -> TokenizerConfig:
 
 def test_50mb_record_is_tokenized_in_bounded_worker_memory(tmp_path):
     """One 50 MB JSONL record: before chunking the worker's peak RSS was ~130 bytes per character
-    (~6.5 GB); now it stays under 1 GB (the record itself and its ids are held a few times)."""
-    from megapre.data.preprocess.pipeline import PreprocessConfig, run_preprocess
-
+    (~6.5 GB); now it stays under 1 GB (the record itself and its ids are held a few times). Run
+    as its own process, so the stats' largest_worker (RUSAGE_CHILDREN) sees only its worker."""
     tok = _hf_gpt2(tmp_path)
     assert build_tokenizer(tok).engine == "tokenizers"
     unit = " information about the international"
     n = 50_000_000 // len(unit)
-    text = unit * n
-    (tmp_path / "big.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    del text
+    (tmp_path / "big.jsonl").write_text(json.dumps({"text": unit * n}) + "\n")
     t0 = time.perf_counter()
-    report = run_preprocess(PreprocessConfig(inputs=[str(tmp_path / "big.jsonl")],
-                                             output_prefix=str(tmp_path / "p"), tokenizer=tok,
-                                             workers=1, progress_interval=0))
-    assert report.exit_code == EXIT_OK and report.stats["documents"] == 1
-    assert report.stats["tokens"]["text"] == 4 * n
-    assert report.stats["peak_rss_mb"]["largest_worker"] < 1000, report.stats["peak_rss_mb"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "megapre.data.preprocess", "--input", str(tmp_path / "big.jsonl"),
+         "--output-prefix", str(tmp_path / "p"), "--workers", "1", "--progress-interval", "0",
+         "--tokenizer-type", "GPT2BPETokenizer", "--vocab-file", tok.vocab_file,
+         "--merge-file", tok.merge_file],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert proc.returncode == EXIT_OK, proc.stderr
+    stats = json.loads((tmp_path / "p.stats.json").read_text())
+    assert stats["documents"] == 1 and stats["tokens"]["text"] == 4 * n
+    assert stats["peak_rss_mb"]["largest_worker"] < 1000, stats["peak_rss_mb"]
     assert time.perf_counter() - t0 < 120

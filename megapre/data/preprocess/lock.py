@@ -69,11 +69,21 @@ class PrefixLock:
         raise self._locked_error(_owner(self.path))
 
     def _take_over_if_stale(self) -> None:
+        """Move a dead owner's lock aside (rename is atomic: of two runs taking it over at once,
+        one renames it and the other finds it gone and retries the exclusive create)."""
         owner = _owner(self.path)
         if not _stale(owner):
             raise self._locked_error(owner)
-        self.log(f"{self.path}: removing the stale lock of pid {owner['pid']} (no longer running)")
-        self.path.unlink(missing_ok=True)
+        aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        if _owner(aside) != owner:           # a live run's fresh lock: put it back
+            os.rename(aside, self.path)
+            raise self._locked_error(_owner(self.path))
+        aside.unlink(missing_ok=True)
+        self.log(f"{self.path}: removed the stale lock of pid {owner['pid']} (no longer running)")
 
     def _locked_error(self, owner: dict) -> PrefixLockedError:
         since = (time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(owner["started"]))

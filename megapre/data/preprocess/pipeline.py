@@ -8,6 +8,7 @@ the corpus size.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import multiprocessing as mp
@@ -192,11 +193,18 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
     t0 = time.perf_counter()
     plan = _plan(cfg, tokenizer_factory or _default_factory)
     _setup_error(lambda: os.makedirs(os.path.dirname(os.path.abspath(plan.prefix)), exist_ok=True))
-    lock = PrefixLock(plan.prefix, _log)
-    _setup_error(lock.__enter__)
-    try:
+    with _prefix_lock(plan.prefix):
         return _run_locked(cfg, plan, t0, builder_cls or IndexedDatasetBuilder,
                            dataset_cls or IndexedDataset)
+
+
+@contextlib.contextmanager
+def _prefix_lock(prefix: str) -> Iterator[None]:
+    """Hold PREFIX.lock for the run; another live run's lock is a UsageError naming it."""
+    lock = PrefixLock(prefix, _log)
+    _setup_error(lock.__enter__)
+    try:
+        yield
     finally:
         lock.__exit__(None, None, None)
 
