@@ -241,8 +241,8 @@ class DiskFullError(OSError):
 def _disk_full(e: OSError, plan: _Plan) -> DiskFullError:
     where = e.filename or os.path.dirname(os.path.abspath(plan.prefix))
     return DiskFullError(errno.ENOSPC, f"{where}: no space left on device while writing the outputs "
-                         f"of {plan.prefix}; the partial outputs were removed. Free space or choose "
-                         "another --output-prefix")
+                         f"of {plan.prefix}; the partial outputs were removed and the run is not "
+                         "marked finished. Free space or choose another --output-prefix")
 
 
 def _plan(cfg: PreprocessConfig, factory: Callable[[Any], Any]) -> _Plan:
