@@ -26,7 +26,7 @@ OVERRIDE = "pass --allow-tokenizer-mismatch to train anyway"
 @dataclass
 class DataCheckConfig:
     allow_tokenizer_mismatch: bool = False   # --allow-tokenizer-mismatch: warn instead of failing
-    need_sentences: bool = False             # BERT: one sequence per sentence
+    need_sentences: bool = False             # BERT with the binary head: one sequence per sentence
 
 
 def check_fingerprint(prefix: str, stats_path: Any, stats: dict[str, Any], tokenizer: Any,
@@ -74,7 +74,8 @@ def check_sentences(dataset: Any, stats: dict[str, Any] | None) -> None:
         raise DataError(
             f"--data-path {dataset.path_prefix}: --model bert needs sentence-split data, but this "
             f"dataset holds one sequence per document ({dataset.num_documents:,} documents); "
-            "rerun tools/preprocess_data.py with --split-sentences and train on PREFIX_text_sentence")
+            "rerun tools/preprocess_data.py with --split-sentences and train on PREFIX_text_sentence "
+            "(or pass --no-bert-binary-head to train without sentence pairs)")
 
 
 class CheckedOpener:

@@ -49,7 +49,9 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
     bert = cfg.model.model != "gpt"
     if bert:
         bert_special_ids(tokenizer)      # before any index is built
-    opener = CheckedOpener(tokenizer, DataCheckConfig(d.allow_tokenizer_mismatch, need_sentences=bert))
+    # Sentence order prediction pairs sentences: document-level data has none to pair.
+    pairs = bert and cfg.model.bert_binary_head
+    opener = CheckedOpener(tokenizer, DataCheckConfig(d.allow_tokenizer_mismatch, need_sentences=pairs))
     if not bert:
         gpt = GPTDatasetConfig(seq_length=cfg.model.seq_length, seed=cfg.train.seed,
                                eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,

@@ -128,6 +128,8 @@ def test_bert_refuses_document_level_data_and_a_gpt2_tokenizer(tmp_path):
     tok = build_tokenizer(TokenizerConfig("BertWordPieceLowerCase", vocab_file=str(vocab)))
     with pytest.raises(ConfigError, match="needs sentence-split data.*--split-sentences"):
         build_splits(config(docs, tmp_path, model="bert", tok=bert_tok), tok)
+    no_pairs = config(docs, tmp_path, "--no-bert-binary-head", model="bert", tok=bert_tok)
+    assert build_splits(no_pairs, tok).train is not None      # no pairs: documents will do
     byte = build_tokenizer(TokenizerConfig("ByteLevelTokenizer"))
     with pytest.raises(ConfigError, match="--model bert needs .*BertWordPieceLowerCase"):
         build_splits(config(docs, tmp_path, model="bert"), byte)
