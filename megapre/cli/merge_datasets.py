@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Sequence
 
 from megapre.data.indexed import IndexedDataset, IndexedDatasetError, merge_datasets
+from megapre.data.preprocess.stats import write_json_atomic
+from megapre.data.stats_file import merged_stats, sidecar_path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -34,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--input-dir", metavar="DIR", help="merge every DIR/*.idx dataset, in sorted name order")
     p.add_argument("--output-prefix", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output dataset")
+    p.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="merge even when the inputs' stats files record different tokenizers")
     return p
 
 
@@ -88,6 +92,17 @@ def check_output(inputs: Sequence[str], output_prefix: str, overwrite: bool) -> 
         )
 
 
+def _tokenizer_record(inputs: list[str], allow_mismatch: bool) -> dict:
+    """The output's stats file (PREFIX.stats.json): the inputs' tokenizer when they agree, so
+    training checks merged data too; inputs made with different tokenizers are refused."""
+    record, conflicts = merged_stats(inputs)
+    if conflicts and not allow_mismatch:
+        raise IndexedDatasetError(
+            f"inputs were made with different tokenizers: {inputs[0]} and {', '.join(conflicts)}; "
+            "pass --allow-tokenizer-mismatch to merge them anyway")
+    return record
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
@@ -99,8 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"[{k + 1}/{len(inputs)}] {ds.path_prefix}: {ds.num_documents} documents, "
                   f"{len(ds)} sequences, {ds.num_tokens} tokens", flush=True)
 
+        record = _tokenizer_record(inputs, args.allow_tokenizer_mismatch)
         merge_datasets(inputs, args.output_prefix, progress=progress)
         merged = IndexedDataset(args.output_prefix)
+        write_json_atomic(sidecar_path(args.output_prefix), record)
     except (IndexedDatasetError, ValueError, OSError) as e:
         print(f"merge_datasets: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -18,7 +18,9 @@ outputs (as Megatron): PREFIX_{{key}}_document.bin/.idx per --json-keys key (_se
 --split-sentences); PREFIX.stats.json (written last: marks the run finished); PREFIX.errors.jsonl
 (one line per skipped record: file, line, reason) when anything was skipped. With --num-shards N
 (or under torchrun: WORLD_SIZE), PREFIX becomes PREFIX_shardIIIII-of-NNNNN and input files are
-split across shards; rerunning skips finished shards; tools/merge_datasets.py joins them.
+split across shards; tools/merge_datasets.py joins them. A rerun skips a finished run/shard whose
+settings and input contents are unchanged (see --verify-inputs) and redoes it, saying why, when an
+input changed. One run per prefix at a time: PREFIX.lock names the owner (host, pid).
 
 exit codes:
   {EXIT_OK}  every record became a document
@@ -50,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON keys (Parquet: columns) to tokenize, one dataset each (default: text); "
                         "a record missing any of them is skipped for all")
     g.add_argument("--text-mode", default="line", choices=["line", "blank-line"],
-                   help="plain text: one document per line, or per blank-line-separated block")
+                   help="plain-text inputs (.txt): 'line' (default) makes every line a document "
+                        "and skips blank lines; 'blank-line' makes every paragraph (lines up to a "
+                        "blank line) one document, the better choice for books and other "
+                        "hard-wrapped prose")
     g.add_argument("--split-sentences", action="store_true",
                    help="split documents into sentences (offline rule-based splitter; for BERT)")
     g.add_argument("--keep-newlines", action="store_true",
@@ -74,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split the input files across this many shards (default: $WORLD_SIZE, else 1)")
     o.add_argument("--overwrite", action="store_true",
                    help="redo a run/shard even if its stats file says it finished")
+    o.add_argument("--verify-inputs", action="store_true",
+                   help="reuse a finished run only if every input's sha256 matches (default: "
+                        "size, mtime and a hash of the first/last MiB; sha256 when mtime differs)")
     o.add_argument("--progress-interval", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between progress lines on stderr (0: none)")
     return p
@@ -90,7 +98,8 @@ def config_from_args(args: argparse.Namespace):
         append_eod=args.append_eod, split_sentences=args.split_sentences,
         keep_newlines=args.keep_newlines, workers=args.workers, batch_bytes=args.batch_bytes,
         on_error=args.on_error, shard_index=args.shard_index, num_shards=args.num_shards,
-        overwrite=args.overwrite, progress_interval=args.progress_interval)
+        overwrite=args.overwrite, progress_interval=args.progress_interval,
+        verify_inputs=args.verify_inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:          # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
-    from megapre.data.preprocess.pipeline import UsageError, run_preprocess
+    from megapre.data.preprocess.pipeline import DiskFullError, UsageError, run_preprocess
 
     try:
         report = run_preprocess(config_from_args(args))
@@ -108,6 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except InputError as e:
         print(f"{parser.prog}: error: bad input (--on-error fail): {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    except DiskFullError as e:
+        print(f"{parser.prog}: error: {e.strerror}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted; nothing was published", file=sys.stderr)

@@ -29,7 +29,10 @@ def parse_args(argv: Sequence[str] | None) -> TrainingConfig:
     g = p.add_argument_group("input")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL/Parquet fields holding text")
     g.add_argument("--input-format", choices=INPUT_FORMATS, default="auto")
-    g.add_argument("--text-mode", choices=TEXT_MODES, default="line", help="plain text: a document per line or per blank-line block")
+    g.add_argument("--text-mode", choices=TEXT_MODES, default="line",
+                   help="plain-text inputs (.txt): 'line' (default) makes every line a document "
+                        "(blank lines are skipped); 'blank-line' makes every paragraph one "
+                        "document, the better choice for books and other hard-wrapped prose")
     g.add_argument("--max-documents", type=int, help="read at most this many documents (spread over the files)")
     g.add_argument("--sample-bytes", type=_size, help="read at most this much text, e.g. 2G (spread over the files)")
     g.add_argument("--on-error", choices=("skip", "fail"), default="skip", help="bad records: count and skip, or stop")

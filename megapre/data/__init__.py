@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
+    "DataError": "errors",
     "IndexedDataset": "indexed",
     "IndexedDatasetBuilder": "indexed",
     "IndexedDatasetError": "indexed",

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megapre.data.errors import DataError
 from megapre.data.index_cache import CacheConfig, CachedDataset
 from megapre.data.masking import MaskingConfig, Masker
 from megapre.data.split import check_document_range
@@ -189,7 +190,7 @@ class BertDataset(CachedDataset):
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"the {split} split: num_samples={num_samples} must be >= 1 (or None for one epoch)")
         self.num_samples = num_samples
-        self._ids = _special_ids(tokenizer)
+        self._ids = bert_special_ids(tokenizer)
         self.masker = Masker(
             config.masking(),
             tokenizer.vocab_size,
@@ -270,7 +271,7 @@ class BertDataset(CachedDataset):
         )
         if mapping.shape[0] == 0:
             need = "2 sentences (binary_head on)" if c.binary_head else "1 sentence"
-            raise ValueError(
+            raise DataError(
                 f"the {self.split} split of {self.indexed.path_prefix}, "
                 f"documents [{begin}, {end}): no usable document (each needs at least {need} and, with more than "
                 f"one sentence, none longer than long_sentence_len={c.long_sentence_len} tokens). "
@@ -281,14 +282,16 @@ class BertDataset(CachedDataset):
         return {"mapping": mapping, "document_counts": np.array([info[n] for n in COUNT_NAMES], dtype=np.int64)}
 
 
-def _special_ids(tokenizer: Any) -> dict[str, int]:
+def bert_special_ids(tokenizer: Any) -> dict[str, int]:
+    """The [CLS], [SEP], [MASK] and [PAD] ids BERT samples need; DataError naming the tokenizer
+    types that have them when this tokenizer lacks any."""
     ids = {name: getattr(tokenizer, name, None) for name in ("cls", "sep", "mask", "pad")}
     missing = [name for name, i in ids.items() if i is None]
     if missing:
-        raise ValueError(
-            f"BertDataset needs [CLS], [SEP], [MASK] and [PAD] ids; tokenizer "
-            f"{getattr(tokenizer, 'name', type(tokenizer).__name__)} has none for {missing}: use "
-            "BertWordPieceLowerCase / BertWordPieceCase or a HuggingFaceTokenizer that defines them"
+        raise DataError(
+            f"--model bert needs [CLS], [SEP], [MASK] and [PAD] ids; tokenizer "
+            f"{getattr(tokenizer, 'name', type(tokenizer).__name__)} has none for {missing}: use --tokenizer-type BertWordPieceLowerCase or BertWordPieceCase "
+            "(with --vocab-file), or HuggingFaceTokenizer with a tokenizer.json that defines them"
         )
     return {k: int(v) for k, v in ids.items()}
 

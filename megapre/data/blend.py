@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
+from megapre.data.errors import DataError
 from megapre.data.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megapre.data.gpt_helpers import build_blending_indices
 from megapre.data.index_cache import CacheConfig, CachedDataset
@@ -144,7 +145,7 @@ class BlendConfig:
             elif self.data_path:
                 out[name] = (*parse_blend(self.data_path), True, "--data-path")
         if not out:
-            raise ValueError("no data: pass --data-path (with --split) or --train-data-path/--valid-data-path/--test-data-path")
+            raise DataError("no data: pass --data-path (with --split) or --train-data-path/--valid-data-path/--test-data-path")
         return out
 
 
@@ -180,7 +181,7 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
         elif weights is None:
             weights = [_tokens_in(d, r) for d, r in zip(datasets, ranges)]
             if sum(weights) == 0:
-                raise ValueError(f"the {name} split of {', '.join(prefixes)} is empty (no tokens in its "
+                raise DataError(f"the {name} split of {', '.join(prefixes)} is empty (no tokens in its "
                                  f"documents); give it a larger share in --split or more data")
         weights = normalize(weights)
         result[name] = _split_dataset(name, datasets, ranges, weights, want, blend, gpt, group)
@@ -195,7 +196,7 @@ def build_bert_datasets(blend: BlendConfig, bert: BertDatasetConfig, tokenizer: 
     paths = blend.data_path or blend.train_data_path or []
     prefixes = [p for p in paths if _as_weight(p) is None]
     if len(prefixes) != 1 or blend.valid_data_path or blend.test_data_path:
-        raise ValueError("BERT pretraining reads one sentence-split dataset: --data-path "
+        raise DataError("BERT pretraining reads one sentence-split dataset: --data-path "
                          "PREFIX_text_sentence (made by tools/preprocess_data.py --split-sentences)")
     indexed = (open_dataset or _default_opener)(prefixes[0])
     ranges = split_ranges(parse_split(blend.split), indexed.num_documents)

@@ -17,12 +17,14 @@ They are cached on disk under a hash of everything that defines them (index_cach
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from megapre.data.errors import DataError
 from megapre.data.gpt_helpers import build_sample_idx
 from megapre.data.index_cache import CacheConfig, CachedDataset
+from megapre.data.notify import warn
 from megapre.data.split import check_document_range
 
 INDEX_NAMES = ("document_index", "sample_index", "shuffle_index")
@@ -55,6 +57,8 @@ class GPTDatasetConfig:
       without reset_attention_mask (fused attention kernels build it themselves; off by default).
     separate_last_epoch_threshold: Megatron's 0.80 (see module docstring).
     cache: where indices are cached and who builds them.
+    vocab_size: when set, every sample's ids are checked to lie in [0, vocab_size) (two
+      reductions per sample), so bad data fails naming its file, not deep in the model.
     """
 
     seq_length: int
@@ -66,6 +70,7 @@ class GPTDatasetConfig:
     create_attention_mask: bool = False
     separate_last_epoch_threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD
     cache: CacheConfig = field(default_factory=CacheConfig)
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -113,10 +118,13 @@ def build_shuffle_index(num_first: int, total: int, rng: np.random.RandomState) 
 
 
 def build_gpt_indices(sizes: np.ndarray, units: np.ndarray, num_samples: int | None, seq_length: int,
-                      seed: int, threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD) -> dict[str, np.ndarray]:
+                      seed: int, threshold: float = SEPARATE_LAST_EPOCH_THRESHOLD,
+                      progress: Callable[[int, int, str], None] | None = None) -> dict[str, np.ndarray]:
     """Document, sample and shuffle index for the sequences `units` (ids into `sizes`).
 
     num_samples None means one epoch. The caller guarantees the units hold at least one token.
+    `progress(done, total, next step)` is told after each step, counting the document-index entries
+    and (twice: sample index, shuffle) the samples, the work each step is linear in.
     """
     tokens_per_epoch = int(sizes[units].sum(dtype=np.int64))
     epochs = 1 if num_samples is None else num_epochs_needed(tokens_per_epoch, num_samples, seq_length)
@@ -125,9 +133,15 @@ def build_gpt_indices(sizes: np.ndarray, units: np.ndarray, num_samples: int | N
         samples_before_last = ((epochs - 1) * tokens_per_epoch - 1) // seq_length
         samples_per_epoch = (tokens_per_epoch - 1) // seq_length
         separate = (num_samples - samples_before_last) < int(threshold * samples_per_epoch)
+    report = progress or (lambda done, total, what: None)
     rng = np.random.RandomState(seed)
+    samples = max(1, (epochs * tokens_per_epoch - 1) // seq_length)
+    work = epochs * len(units) + 2 * samples
+    report(0, work, "document index")
     document_index = build_document_index(units, epochs, rng, separate)
+    report(len(document_index), work, "sample index")
     sample_index = build_sample_idx(sizes, document_index, seq_length)
+    report(len(document_index) + samples, work, "shuffle index")
     total = sample_index.shape[0] - 1
     first = samples_before_last if separate else total
     shuffle_index = build_shuffle_index(first, total, rng)
@@ -170,10 +184,15 @@ class GPTDataset(CachedDataset):
         tokens = int(np.asarray(self.indexed.sequence_lengths)[first:last].sum(dtype=np.int64))
         min_tokens = self.config.seq_length + 1
         if tokens == 0 or (self.num_samples is None and tokens < min_tokens):
-            raise ValueError(
+            raise DataError(
                 f"{where} has {tokens} tokens in documents [{lo}, {hi}); one sample needs "
                 f"{min_tokens} (--seq-length + 1). Use a shorter --seq-length or a larger split"
             )
+        if tokens < min_tokens:
+            epochs = num_epochs_needed(tokens, self.num_samples, self.config.seq_length)
+            warn(f"{where} has {tokens:,} tokens, fewer than one sample ({min_tokens:,} = "
+                 f"--seq-length + 1): every sample repeats its data, which is read {epochs:,} "
+                 f"times (epochs) for the {self.num_samples:,} samples of the run")
         return first, last
 
     def _build(self) -> dict[str, np.ndarray]:
@@ -181,7 +200,8 @@ class GPTDataset(CachedDataset):
         first, last = self.sequence_range
         units = np.arange(first, last, dtype=np.int32 if last <= np.iinfo(np.int32).max else np.int64)
         return build_gpt_indices(sizes, units, self.num_samples, self.config.seq_length,
-                                 self.config.seed, self.config.separate_last_epoch_threshold)
+                                 self.config.seed, self.config.separate_last_epoch_threshold,
+                                 progress=self._advance)
 
     def __len__(self) -> int:
         return int(self.sample_index.shape[0]) - 1
@@ -194,11 +214,19 @@ class GPTDataset(CachedDataset):
         (pos_a, off_a), (pos_b, off_b) = self.sample_index[i], self.sample_index[i + 1]
         get, doc = self.indexed.get, self.document_index
         if pos_a == pos_b:
-            return get(int(doc[pos_a]), int(off_a), int(off_b - off_a + 1)).astype(np.int64)
+            return self._checked(get(int(doc[pos_a]), int(off_a), int(off_b - off_a + 1)).astype(np.int64), idx)
         parts = [get(int(doc[pos_a]), int(off_a))]
         parts += [get(int(doc[p])) for p in range(int(pos_a) + 1, int(pos_b))]
         parts.append(get(int(doc[pos_b]), 0, int(off_b) + 1))
-        return np.concatenate(parts).astype(np.int64)
+        return self._checked(np.concatenate(parts).astype(np.int64), idx)
+
+    def _checked(self, text: np.ndarray, idx: int) -> np.ndarray:
+        vocab = self.config.vocab_size
+        if vocab is not None and text.size and (text.min() < 0 or text.max() >= vocab):
+            bad = int(text[(text < 0) | (text >= vocab)][0])
+            raise DataError(f"{self.indexed.path_prefix}.bin: sample {idx} ({self.split} split) holds "
+                            f"token id {bad}, outside the tokenizer's vocabulary [0, {vocab})")
+        return text
 
     def __getitem__(self, idx: int) -> dict[str, np.ndarray]:
         text = self.tokens(idx)

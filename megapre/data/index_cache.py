@@ -32,6 +32,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from megapre.data.build_progress import BuildProgress
+
 FORMAT_VERSION = 1
 FINGERPRINT_FULL_LIMIT = 256 << 20  # hash whole .idx files up to this size, else head + tail
 FINGERPRINT_CHUNK = 64 << 20
@@ -51,6 +53,7 @@ class CacheConfig:
     enabled: bool = True
     node_local: bool = False
     wait_timeout_s: float = 3600.0
+    progress_interval: float = 2.0   # seconds between progress lines of a long build (0: none)
 
     def directory_for(self, path_prefix: str | os.PathLike) -> Path:
         if self.cache_dir is not None:
@@ -337,6 +340,25 @@ class CachedDataset:
     def _build(self) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def _advance(self, done: int, total: int, what: str = "") -> None:
+        """How far `_build` got (any unit), for the progress line's ETA."""
+        progress = getattr(self, "_progress", None)
+        if progress is not None:
+            progress.advance(done, total, what)
+
+    def _build_with_progress(self, label: str, interval: float) -> dict[str, np.ndarray]:
+        with BuildProgress(label, interval) as self._progress:
+            try:
+                return self._build()
+            finally:
+                self._progress = None
+
+    def _progress_label(self, path_prefix: str | None, description: dict[str, Any]) -> str:
+        where = f"{description['split']} split of " if description.get("split") else ""
+        n = description.get("num_samples") or description.get("size")
+        return (f"{self.cache_kind} indices for {where}{path_prefix or 'memory'}"
+                + (f" ({n:,} samples)" if isinstance(n, int) else ""))
+
     def _set_indices(self, arrays: Mapping[str, np.ndarray]) -> None:
         for n in self.index_names:
             setattr(self, n, arrays[n])
@@ -344,7 +366,9 @@ class CachedDataset:
     def _cache_indices(self, path_prefix: str | None, description: dict[str, Any], config: CacheConfig,
                        group: Any = None) -> None:
         self.description = description
-        got = cached_indices(self.cache_kind, path_prefix, description, self.index_names, self._build,
+        label = self._progress_label(path_prefix, description)
+        build = functools.partial(self._build_with_progress, label, config.progress_interval)
+        got = cached_indices(self.cache_kind, path_prefix, description, self.index_names, build,
                              config, group)
         self.cache_status, self.build_seconds = got.status, got.seconds
         self.cache_paths, self.cache_key = got.paths, got.key

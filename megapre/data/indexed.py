@@ -31,6 +31,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from megapre.data.errors import DataError
+
 __all__ = [
     "DTYPE_CODES",
     "IndexedDataset",
@@ -64,7 +66,7 @@ _COPY_CHUNK = 1 << 24  # bytes per chunk when copying .bin data (16 MiB)
 _WRITE_BUFFER = 1 << 22  # write buffer of the .bin stream (4 MiB)
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(DataError):
     """An indexed dataset file is missing, truncated, inconsistent or not in MMIDIDX format."""
 
 
@@ -311,6 +313,15 @@ class IndexedDataset:
             )
         start = int(self.sequence_pointers[i]) + offset * self.dtype.itemsize
         return np.frombuffer(self._bin, dtype=self.dtype, count=length, offset=start)
+
+    def sample_tokens(self, windows: int = 16, window: int = 1 << 16) -> np.ndarray:
+        """Tokens of `windows` evenly spaced stretches of the .bin (all of it when small): a cheap
+        look at the ids, e.g. to check them against a vocabulary at open."""
+        tokens = np.frombuffer(self._bin, dtype=self.dtype, count=len(self._bin) // self.dtype.itemsize)
+        if tokens.size <= windows * window:
+            return tokens
+        starts = np.linspace(0, tokens.size - window, windows).astype(np.int64)
+        return np.concatenate([tokens[s : s + window] for s in starts.tolist()])
 
     def document(self, doc: int) -> tuple[int, int]:
         """The sequence range [first, last) of document ``doc``."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from megapre.data.errors import DataError
+
 SPLIT_NAMES: tuple[str, str, str] = ("train", "valid", "test")
 
 
@@ -66,9 +68,10 @@ def check_document_range(document_range: Sequence[int] | None, num_documents: in
         raise ValueError(f"{where}: document range [{begin}, {end}) is outside the dataset's "
                          f"{num_documents} documents")
     if begin == end:
-        raise ValueError(
-            f"{where} is empty: documents [{begin}, {end}) of {num_documents}. Give this split a larger "
-            "share in --split, use more data, or set its share (or sample count) to 0"
+        raise DataError(
+            f"{where} is empty: documents [{begin}, {end}) of the dataset's {num_documents:,} "
+            "documents (its --split share rounds to no document). Give this split a larger share "
+            "in --split, use more data, or set its share (or sample count) to 0"
         )
     return begin, end
 

@@ -14,11 +14,14 @@ from typing import Any, Iterator
 
 import torch
 
-from megapre.data.bert_dataset import BertDatasetConfig
+from megapre.data.bert_dataset import BertDatasetConfig, bert_special_ids
 from megapre.data.blend import build_bert_datasets, build_gpt_datasets
+from megapre.data.errors import DataError
 from megapre.data.gpt_dataset import GPTDatasetConfig
+from megapre.data.notify import warn
 from megapre.data.sampler import build_data_loader
 from megapre.data.split import samples_per_split as _samples_per_split
+from megapre.data.tokenizer_check import CheckedOpener, DataCheckConfig
 from megapre.data.tokenizers import Tokenizer
 
 from .args import PretrainConfig
@@ -38,25 +41,44 @@ def samples_per_split(cfg: PretrainConfig) -> list[int]:
 
 
 def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -> Splits:
+    """The run's datasets; each --data-path prefix is checked against the tokenizer when opened
+    (megapre.data.tokenizer_check). Data problems raise DataError (one line, exit 2)."""
     counts = samples_per_split(cfg)
     d = cfg.data
     cache = d.cache()
-    if cfg.model.model == "gpt":
+    bert = cfg.model.model != "gpt"
+    if bert:
+        bert_special_ids(tokenizer)      # before any index is built
+    # Sentence order prediction pairs sentences: document-level data has none to pair.
+    pairs = bert and cfg.model.bert_binary_head
+    opener = CheckedOpener(tokenizer, DataCheckConfig(d.allow_tokenizer_mismatch, need_sentences=pairs))
+    if not bert:
         gpt = GPTDatasetConfig(seq_length=cfg.model.seq_length, seed=cfg.train.seed,
                                eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
                                reset_position_ids=d.reset_position_ids,
-                               reset_attention_mask=d.reset_attention_mask, cache=cache)
-        found = build_gpt_datasets(d.blend(), gpt, counts, group=group)
+                               reset_attention_mask=d.reset_attention_mask, cache=cache,
+                               vocab_size=tokenizer.vocab_size)
+        found = build_gpt_datasets(d.blend(), gpt, counts, open_dataset=opener, group=group)
     else:
-        bert = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
-                                 short_seq_prob=d.short_seq_prob,
-                                 binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
-                                 cache=cache)
-        found = build_bert_datasets(d.blend(), bert, tokenizer, counts, group=group)
+        bert_cfg = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
+                                     short_seq_prob=d.short_seq_prob,
+                                     binary_head=cfg.model.bert_binary_head, seed=cfg.train.seed,
+                                     cache=cache)
+        found = build_bert_datasets(d.blend(), bert_cfg, tokenizer, counts, open_dataset=opener,
+                                    group=group)
     if found.get("train") is None:
-        raise ValueError("the training split is empty: give it a share in --split "
-                         f"(now {d.split!r}) or pass --train-data-path")
+        raise DataError("the training split is empty: give it a share in --split "
+                        f"(now {d.split!r}) or pass --train-data-path")
+    _say_if_validation_off(cfg, found.get("valid"), counts[1])
     return Splits(found["train"], found.get("valid"), found.get("test"))
+
+
+def _say_if_validation_off(cfg: PretrainConfig, valid: Any, wanted: int) -> None:
+    """--split 100,0,0 with evaluations asked for: no error (Megatron allows it), but say so."""
+    if valid is None and wanted > 0:
+        warn(f"--split {cfg.data.split} gives the validation split no share and no "
+             f"--valid-data-path is set: validation is off (no evaluation every --eval-interval "
+             f"{cfg.train.eval_interval}); give validation a share in --split to evaluate")
 
 
 def batches(dataset: Any, consumed_samples: int, cfg: PretrainConfig, dp_rank: int, dp_size: int,

@@ -267,7 +267,9 @@ def test_stats_file_contents(tmp_path):
     assert s["tokens"] == {"text": n_tokens} and s["sequences"] == {"text": len(DOCS)}
     assert s["bytes"] == path.stat().st_size and s["skipped"] == {"empty_document": 1}
     assert s["inputs"] == [{"path": str(path), "format": "jsonl", "compression": "none",
-                            "size": path.stat().st_size, "bytes_read": path.stat().st_size,
+                            "size": path.stat().st_size, "mtime_ns": path.stat().st_mtime_ns,
+                            "head_tail_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                            "bytes_read": path.stat().st_size,
                             "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
     assert s["tokenizer"] == byte_tok().describe()
     assert s["args"]["append_eod"] is True and s["args"]["tokenizer"]["tokenizer_type"] == "ByteLevelTokenizer"

@@ -131,11 +131,12 @@ def test_byte_order_mark_opening_a_file_is_dropped():
     assert text.texts == [("one",)]
 
 
-def test_text_modes_report_bad_utf8_and_empty_lines():
-    payload = b"one\r\n\ntw\xc3o\nthree\n"
+def test_text_modes_report_bad_utf8_and_separate_on_blank_lines():
+    payload = b"one\r\n\ntw\xc3o\nthree\n  \n"
     lines = rc.parse_batch(rd.RawBatch(0, 1, "text-line", payload, 0), ["text"])
     assert lines.texts == [("one",), ("three",)] and lines.lines == [1, 4]
-    assert [(l, r) for l, r, _ in lines.skips] == [(2, "empty_document"), (3, "invalid_utf8")]
+    # blank lines separate documents in line mode too: not bad records (issue 10)
+    assert [(l, r) for l, r, _ in lines.skips] == [(3, "invalid_utf8")]
     blocks = rc.parse_batch(rd.RawBatch(0, 1, "text-block", b"a\nb\n\nc\n\xff\n\n\nd", 0), ["text"])
     assert blocks.texts == [("a\nb",), ("d",)] and blocks.lines == [1, 8]
     assert [(l, r) for l, r, _ in blocks.skips] == [(4, "invalid_utf8")]

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megapre.data.preprocess.chunking import MAX_CHARS, encode_long
 from megapre.data.preprocess.readers import RawBatch
 from megapre.data.preprocess.records import parse_batch
 from megapre.data.preprocess.sentences import split_sentences
@@ -23,6 +24,7 @@ class EncodeConfig:
     split_sentences: bool
     keep_newlines: bool
     dtype: str                 # numpy dtype name of the output tokens
+    max_chars: int = MAX_CHARS  # longer texts are tokenized in pieces (chunking.py)
 
 
 @dataclass
@@ -82,7 +84,25 @@ class Encoder:
         return EncodedBatch(batch.file_id, int(keep.sum()), tokens, lengths, doc_seqs, skips,
                             batch.nbytes)
 
-    def _encode_texts(self, texts: list[str]) -> tuple[list[list[int]], dict[int, str]]:
+    def _encode_texts(self, texts: list[str]) -> tuple[list[Any], dict[int, str]]:
+        """Ids of each text (a list, or an int64 array for a text longer than max_chars, which is
+        tokenized piece by piece in bounded memory), and the texts the tokenizer failed on
+        (index -> message, their ids empty)."""
+        limit = self.config.max_chars
+        short = [i for i, t in enumerate(texts) if len(t) <= limit]
+        ids: list[Any] = [[] for _ in texts]
+        short_ids, short_failed = self._encode_short([texts[i] for i in short])
+        failed = {short[j]: msg for j, msg in short_failed.items()}
+        for j, i in enumerate(short):
+            ids[i] = short_ids[j]
+        for i in (i for i, t in enumerate(texts) if len(t) > limit):
+            try:
+                ids[i] = encode_long(lambda p: self.tokenizer.encode_batch([p])[0], texts[i], limit)
+            except Exception as e:  # noqa: BLE001 - reported per record as tokenizer_error
+                failed[i] = f"{type(e).__name__}: {e}"[:200]
+        return ids, failed
+
+    def _encode_short(self, texts: list[str]) -> tuple[list[list[int]], dict[int, str]]:
         """encode_batch, or, if the tokenizer raises, one text at a time so that only the texts
         it cannot encode are lost (returned as index -> message, their ids empty)."""
         if not texts:
@@ -107,7 +127,7 @@ class Encoder:
         cfg = self.config
         if not cfg.split_sentences:
             ids, failed = self._encode_texts(texts)
-            docs = [[x] if x else [] for x in ids]
+            docs = [[x] if len(x) else [] for x in ids]
         else:
             sents = [split_sentences(t, cfg.keep_newlines) for t in texts]
             flat_ids, flat_failed = self._encode_texts(list(itertools.chain.from_iterable(sents)))
@@ -116,7 +136,7 @@ class Encoder:
                 bad = [flat_failed[j] for j in range(pos, pos + len(s)) if j in flat_failed]
                 if bad:
                     failed[i] = bad[0]
-                docs.append([] if bad else [x for x in flat_ids[pos:pos + len(s)] if x])
+                docs.append([] if bad else [x for x in flat_ids[pos:pos + len(s)] if len(x)])
                 pos += len(s)
         for i in failed:
             docs[i] = []
@@ -124,7 +144,8 @@ class Encoder:
             eod = self.tokenizer.eod
             for d in docs:
                 if d:
-                    d[-1] = [*d[-1], eod]
+                    d[-1] = (np.append(d[-1], eod) if isinstance(d[-1], np.ndarray)
+                             else [*d[-1], eod])
         return docs, failed
 
     def _pack(self, docs: Sequence[list[list[int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -132,7 +153,7 @@ class Encoder:
         lengths = np.fromiter(map(len, seqs), dtype=np.int32, count=len(seqs))
         total = int(lengths.sum(dtype=np.int64))
         try:
-            tokens = np.fromiter(itertools.chain.from_iterable(seqs), dtype=self.dtype, count=total)
+            tokens = self._flatten(seqs, total)
         except OverflowError as e:
             raise ValueError(f"token id does not fit the output dtype {self.dtype} "
                              f"(tokenizer vocab_size {self.tokenizer.vocab_size})") from e
@@ -140,6 +161,17 @@ class Encoder:
         if self.config.split_sentences:
             doc_seqs = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
         return tokens, lengths, doc_seqs
+
+    def _flatten(self, seqs: list[Any], total: int) -> np.ndarray:
+        """All sequences as one array of the output dtype (arrays from long texts are joined
+        without iterating their elements)."""
+        if not any(isinstance(x, np.ndarray) for x in seqs):
+            return np.fromiter(itertools.chain.from_iterable(seqs), dtype=self.dtype, count=total)
+        joined = np.concatenate([np.asarray(x, dtype=np.int64) for x in seqs]) if seqs else np.zeros(0, np.int64)
+        info = np.iinfo(self.dtype)
+        if joined.size and (joined.min() < info.min or joined.max() > info.max):
+            raise OverflowError("token id out of range")
+        return joined.astype(self.dtype)
 
     def _empty(self) -> tuple[list, list, list]:
         n = len(self.config.keys)

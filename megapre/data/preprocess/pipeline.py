@@ -8,6 +8,8 @@ the corpus size.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import multiprocessing as mp
 import os
@@ -22,6 +24,9 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from megapre.data.preprocess import shards as sh
+from megapre.data.preprocess.chunking import MAX_CHARS
+from megapre.data.preprocess.input_check import changed_inputs, signature
+from megapre.data.preprocess.lock import PrefixLock, remove_stale_temporaries
 from megapre.data.preprocess.encode import (EncodeConfig, EncodedBatch, Encoder, encode_in_worker,
                                             init_worker)
 from megapre.data.preprocess.errors import EXIT_OK, EXIT_SKIPPED, ErrorLog, Skip
@@ -50,6 +55,8 @@ class PreprocessConfig:
     num_shards: int | None = None
     overwrite: bool = False
     progress_interval: float = 5.0
+    chunk_chars: int = MAX_CHARS                    # longer documents are tokenized in pieces
+    verify_inputs: bool = False                     # reuse a finished run only on equal sha256
 
 
 class UsageError(ValueError):
@@ -173,6 +180,7 @@ class _Plan:
     prefix: str                     # PREFIX or PREFIX_shardIIIII-of-NNNNN
     outputs: dict[str, str]         # key -> dataset prefix
     fingerprint: dict[str, Any]
+    signatures: list[dict[str, Any]]  # size, mtime, head/tail hash of each of `mine`, before reading
 
 
 def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any] | None = None,
@@ -184,23 +192,57 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
 
     t0 = time.perf_counter()
     plan = _plan(cfg, tokenizer_factory or _default_factory)
-    done = _finished(plan, cfg.overwrite, dataset_cls or IndexedDataset)
+    _setup_error(lambda: os.makedirs(os.path.dirname(os.path.abspath(plan.prefix)), exist_ok=True))
+    with _prefix_lock(plan.prefix):
+        return _run_locked(cfg, plan, t0, builder_cls or IndexedDatasetBuilder,
+                           dataset_cls or IndexedDataset)
+
+
+@contextlib.contextmanager
+def _prefix_lock(prefix: str) -> Iterator[None]:
+    """Hold PREFIX.lock for the run; another live run's lock is a UsageError naming it."""
+    lock = PrefixLock(prefix, _log)
+    _setup_error(lock.__enter__)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked(cfg: PreprocessConfig, plan: _Plan, t0: float, builder_cls: Any,
+                dataset_cls: Any) -> RunReport:
+    """The run, holding the prefix lock: reuse a finished run or redo it."""
+    remove_stale_temporaries([plan.prefix, *plan.outputs.values()], _log)
+    done = _finished(plan, cfg, dataset_cls)
     if done is not None:
         _log(f"{sh.stats_path(plan.prefix)}: this {'shard' if plan.spec.sharded else 'run'} already "
              "finished with the same inputs and settings; skipping (pass --overwrite to redo it)")
         report = RunReport(int(done.get("exit_code", EXIT_OK)), done, skipped_run=True)
         _announce_merge(cfg, plan.spec, report)
         return report
-    os.makedirs(os.path.dirname(os.path.abspath(plan.prefix)), exist_ok=True)
     sh.stats_path(plan.prefix).unlink(missing_ok=True)   # from here on the old run is not "finished"
-    counters, errors, readers = _execute(cfg, plan, builder_cls or IndexedDatasetBuilder)
-    exit_code = EXIT_SKIPPED if errors.total else EXIT_OK
-    stats = _stats(cfg, plan, readers, counters, errors, exit_code, time.perf_counter() - t0)
-    write_json_atomic(sh.stats_path(plan.prefix), stats)   # last: marks the run finished
+    try:
+        counters, errors, readers = _execute(cfg, plan, builder_cls)
+        exit_code = EXIT_SKIPPED if errors.total else EXIT_OK
+        stats = _stats(cfg, plan, readers, counters, errors, exit_code, time.perf_counter() - t0)
+        write_json_atomic(sh.stats_path(plan.prefix), stats)   # last: marks the run finished
+    except OSError as e:
+        raise _disk_full(e, plan) if e.errno == errno.ENOSPC else e
     report = RunReport(exit_code, stats)
     _summary(report, errors, plan.prefix)
     _announce_merge(cfg, plan.spec, report)
     return report
+
+
+class DiskFullError(OSError):
+    """ENOSPC while writing outputs; the message names the directory (temporaries are removed)."""
+
+
+def _disk_full(e: OSError, plan: _Plan) -> DiskFullError:
+    where = e.filename or os.path.dirname(os.path.abspath(plan.prefix))
+    return DiskFullError(errno.ENOSPC, f"{where}: no space left on device while writing the outputs "
+                         f"of {plan.prefix}; the partial outputs were removed and the run is not "
+                         "marked finished. Free space or choose another --output-prefix")
 
 
 def _plan(cfg: PreprocessConfig, factory: Callable[[Any], Any]) -> _Plan:
@@ -222,8 +264,9 @@ def _plan(cfg: PreprocessConfig, factory: Callable[[Any], Any]) -> _Plan:
     dtype = np.dtype(optimal_dtype(tokenizer.vocab_size))
     prefix = sh.run_prefix(cfg.output_prefix, spec)
     outputs = {k: sh.dataset_prefix(prefix, k, cfg.split_sentences) for k in cfg.json_keys}
+    signatures = [signature(f.path) for f in mine]
     return _Plan(files, mine, spec, tokenizer, dtype, prefix, outputs,
-                 _fingerprint(cfg, mine, tokenizer, dtype, spec))
+                 _fingerprint(cfg, mine, tokenizer, dtype, spec), signatures)
 
 
 def _execute(cfg: PreprocessConfig, plan: _Plan,
@@ -242,7 +285,7 @@ def _execute(cfg: PreprocessConfig, plan: _Plan,
                         total_bytes=sum(f.size for f in plan.mine) if plain else None)
     readers: list[FileReader] = []
     enc_cfg = EncodeConfig(tuple(cfg.json_keys), cfg.append_eod, cfg.split_sentences,
-                           cfg.keep_newlines, plan.dtype.name)
+                           cfg.keep_newlines, plan.dtype.name, cfg.chunk_chars)
     try:
         batches = _batches(plan.mine, cfg, readers)
         inflight = 2 * cfg.workers + 2
@@ -273,6 +316,10 @@ def _validate(cfg: PreprocessConfig) -> None:
         raise UsageError(f"--on-error {cfg.on_error}: choose skip or fail")
     if cfg.text_mode not in ("line", "blank-line"):
         raise UsageError(f"--text-mode {cfg.text_mode}: choose line or blank-line")
+    if cfg.output_prefix.endswith(("/", os.sep)) or os.path.isdir(cfg.output_prefix):
+        raise UsageError(f"--output-prefix {cfg.output_prefix}: is a directory; give a file-name "
+                         f"prefix such as {os.path.join(cfg.output_prefix, 'corpus')} (outputs are "
+                         "PREFIX_text_document.bin/.idx)")
     if cfg.keep_newlines and not cfg.split_sentences:
         _log("warning: --keep-newlines has no effect without --split-sentences")
 
@@ -297,7 +344,7 @@ def _fingerprint(cfg: PreprocessConfig, files: Sequence[InputFile], tokenizer: A
                  dtype: np.dtype, spec: sh.ShardSpec) -> dict[str, Any]:
     """What makes two runs produce the same output; a finished run is reused only on a match."""
     return {
-        "inputs": [[f.path, f.size] for f in files],
+        "inputs": [f.path for f in files],           # contents: see input_check.py
         "tokenizer": tokenizer.describe(),
         "json_keys": list(cfg.json_keys),
         "input_format": cfg.input_format,
@@ -310,28 +357,43 @@ def _fingerprint(cfg: PreprocessConfig, files: Sequence[InputFile], tokenizer: A
     }
 
 
-def _finished(plan: _Plan, overwrite: bool, dataset_cls: Any) -> dict[str, Any] | None:
-    """The stats of a finished run with the same fingerprint (None: run it). A finished run with
-    another fingerprint is a usage error unless --overwrite."""
+def _finished(plan: _Plan, cfg: PreprocessConfig, dataset_cls: Any) -> dict[str, Any] | None:
+    """The stats of a finished run with the same fingerprint and unchanged inputs (None: run it,
+    saying why). A finished run with other settings is a usage error unless --overwrite."""
     old = sh.load_stats(plan.prefix)
-    if old is None or overwrite:
+    if old is None or cfg.overwrite:
         return None
     if not all(dataset_cls.exists(p) for p in plan.outputs.values()):
         _log(f"{sh.stats_path(plan.prefix)} says finished but outputs are missing; redoing the run")
         return None
     fingerprint = json.loads(json.dumps(plan.fingerprint))  # compare as stored (lists, not tuples)
-    diff = sh.fingerprint_diff(old.get("fingerprint", {}), fingerprint)
+    diff = sh.fingerprint_diff(_paths_only(old.get("fingerprint", {})), fingerprint)
     if diff:
         raise UsageError(
             f"{sh.stats_path(plan.prefix)}: outputs at this prefix were made with different "
             f"{', '.join(diff)}; pass --overwrite to replace them or choose another --output-prefix")
+    changed = changed_inputs([f.path for f in plan.mine], old.get("inputs", []), cfg.verify_inputs)
+    if changed:
+        _log(f"input(s) changed since the finished run, redoing it: {'; '.join(changed[:3])}"
+             f"{f' (+{len(changed) - 3} more)' if len(changed) > 3 else ''}")
+        return None
     return old
+
+
+def _paths_only(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Older stats recorded inputs as [path, size]; sizes are now checked with the contents."""
+    inputs = fingerprint.get("inputs")
+    if isinstance(inputs, list):
+        fingerprint = {**fingerprint, "inputs": [x[0] if isinstance(x, list) and x else x
+                                                 for x in inputs]}
+    return fingerprint
 
 
 def _stats(cfg: PreprocessConfig, plan: _Plan, readers: Sequence[FileReader], counters: Counters,
            errors: ErrorLog, exit_code: int, elapsed: float) -> dict[str, Any]:
-    inputs = [{"path": f.path, "format": f.format, "compression": f.compression, "size": f.size,
-               "bytes_read": r.nbytes, "sha256": r.sha256} for f, r in zip(plan.mine, readers)]
+    inputs = [{"path": f.path, "format": f.format, "compression": f.compression, **sig,
+               "bytes_read": r.nbytes, "sha256": r.sha256}
+              for f, r, sig in zip(plan.mine, readers, plan.signatures)]
     return {
         "complete": True,
         "exit_code": exit_code,

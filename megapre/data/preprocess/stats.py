@@ -41,8 +41,9 @@ class Progress:
     """Prints the rates to `stream` at most every `interval` seconds (0 disables): a rewritten
     line on a terminal, one line per update in a log file."""
 
-    def __init__(self, counters: Counters, interval: float, stream: IO[str] = sys.stderr,
+    def __init__(self, counters: Counters, interval: float, stream: IO[str] | None = None,
                  label: str = "", total_bytes: int | None = None) -> None:
+        stream = stream if stream is not None else sys.stderr   # the current one, not the import-time one
         self.counters, self.interval, self.stream, self.label = counters, interval, stream, label
         self.total_bytes = total_bytes          # known when every input is uncompressed text
         self._last = time.perf_counter()

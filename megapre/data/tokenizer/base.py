@@ -16,6 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from megapre.data.errors import DataError
+
 
 @dataclass
 class TokenizerConfig:
@@ -28,7 +30,7 @@ class TokenizerConfig:
     vocab_size: int | None = None  # NullTokenizer
 
 
-class TokenizerError(ValueError):
+class TokenizerError(DataError):
     """Bad tokenizer flags or files; the message names the flag or file and how to fix it."""
 
 
