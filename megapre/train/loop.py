@@ -234,7 +234,8 @@ class Trainer:
         if moved:
             self._print(moved)
         data = self._batches(self.splits.train, st.consumed_samples)
-        summary: dict[str, Any] = {"start_iteration": st.iteration}
+        summary: dict[str, Any] = {"start_iteration": st.iteration,
+                                   "started_from": self._started_from()}
         window = _Window()
         exit_reason = "finished"
         while st.iteration < t.train_iters:
@@ -277,6 +278,13 @@ class Trainer:
                        elapsed_s=time.time() - self.start_time)
         self.logger.close()
         return summary
+
+    def _started_from(self) -> str:
+        """For the summary: the checkpoint resumed, or why the run started from scratch."""
+        info = self.load_info
+        if info["resumed_from"]:
+            return info["resumed_from"] + (" (--finetune: weights only)" if info["finetune"] else "")
+        return f"scratch (--load {info['load']} held no checkpoint)" if info["load"] else "scratch"
 
     def _batches(self, dataset, consumed: int) -> Iterator[dict[str, torch.Tensor]]:
         return batches(dataset, consumed, self.cfg, self.mesh.dp_rank, self.mesh.dp_size,

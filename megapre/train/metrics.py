@@ -235,8 +235,8 @@ def format_summary(summary: dict[str, Any], title: str = "run summary") -> str:
     return "\n".join(lines)
 
 
-SUMMARY_ORDER = ("exit_reason", "start_iteration", "iteration", "consumed_samples", "train_loss",
-                 "valid_loss", "test_loss", "skipped_iters", "elapsed_s")
+SUMMARY_ORDER = ("exit_reason", "started_from", "start_iteration", "iteration", "consumed_samples",
+                 "train_loss", "valid_loss", "test_loss", "skipped_iters", "elapsed_s")
 
 
 def ordered_summary(summary: dict[str, Any]) -> dict[str, Any]:

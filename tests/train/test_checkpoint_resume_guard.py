@@ -59,10 +59,14 @@ def saved(corpus, tmp_path_factory) -> Path:
 
 def test_missing_load_dir_warns_and_records_a_fresh_start(corpus, tmp_path, capsys):
     trainer = _trainer(corpus, tmp_path, "--load", str(tmp_path / "typo"))
-    trainer.close()
+    try:
+        summary = trainer.train()
+    finally:
+        trainer.close()
     out = capsys.readouterr().out
     assert f"WARNING: --load {tmp_path / 'typo'}: no such directory; STARTING FROM SCRATCH" in out
     assert trainer.load_info["started_from_scratch"] and trainer.load_info["resumed_from"] is None
+    assert summary["started_from"] == f"scratch (--load {tmp_path / 'typo'} held no checkpoint)"
 
 
 @pytest.mark.parametrize("flag", ["--finetune", "--no-load-optim", "--no-load-rng"])
@@ -73,8 +77,11 @@ def test_load_flags_without_a_checkpoint_are_errors(corpus, tmp_path, flag):
 
 
 def test_resume_records_where_it_came_from(corpus, saved, tmp_path):
-    trainer = _trainer(corpus, tmp_path, "--load", str(saved))
-    trainer.close()
+    trainer = _trainer(corpus, tmp_path, "--load", str(saved), "--train-iters", "2")
+    try:
+        assert trainer.train()["started_from"] == str(saved / "iter_0000002")
+    finally:
+        trainer.close()
     assert trainer.load_info["resumed_from"] == str(saved / "iter_0000002")
     assert trainer.load_info["resumed_iteration"] == 2
     assert not trainer.load_info["started_from_scratch"]
