@@ -15,11 +15,12 @@ from megapre.data.bert_dataset import BertDataset, BertDatasetConfig
 from megapre.data.index_cache import CacheConfig
 from megapre.data.masking import NGRAM_DISTRIBUTIONS
 from megapre.data.split import SPLIT_NAMES
+from megapre.cli.common import prog_name
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="megapre-bert-samples",
+        prog=prog_name("megapre.data.bert_dataset"),
         description="Build (or load from the cache) the BERT sentence-pair mapping of one split and "
                     "print its statistics and a few decoded samples.")
     p.add_argument("--data-path", required=True, help="prefix of a sentence-split dataset (PREFIX_text_sentence)")

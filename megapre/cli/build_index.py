@@ -21,6 +21,7 @@ from megapre.data.gpt_dataset import GPTDatasetConfig
 from megapre.data.split import SPLIT_NAMES, samples_per_split
 
 from .flags import add_section_flags, section_values
+from megapre.cli.common import prog_name
 
 # The data flags that decide GPT sample indices (tokenizer and sample-content flags do not).
 INDEX_FLAGS = ("data_path", "split", "train_data_path", "valid_data_path", "test_data_path",
@@ -30,7 +31,7 @@ INDEX_FLAGS = ("data_path", "split", "train_data_path", "valid_data_path", "test
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="build_index.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog_name("build_index.py"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Build the GPT sample/shuffle/blend indices of a run ahead of training "
                     "(data flags as megapre.pretrain).")
     add_section_flags(p, "data", DataArgs, only=INDEX_FLAGS)

@@ -10,13 +10,14 @@ import json
 import sys
 from pathlib import Path
 
+from megapre.cli.common import prog_name
 from megapre.train.checkpoint import (CheckpointNotFoundError, CorruptCheckpointError,
                                       SafeFileSystemReader, describe_checkpoint)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="megapre-checkpoint",
+        prog=prog_name("megapre.train.checkpoint"),
         description="Describe a megapre checkpoint (the --save/--load directory or one iter_* "
                     "directory) and check that its files are complete.")
     parser.add_argument("path")
@@ -37,17 +38,18 @@ def _verify(info: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         info = describe_checkpoint(args.path, args.iteration)
         if args.verify and not info["problems"]:
             _verify(info)
     except (CheckpointNotFoundError, CorruptCheckpointError) as e:
-        print(f"megapre-checkpoint: error: {e}", file=sys.stderr)
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(info, indent=1))
     for problem in info["problems"]:
-        print(f"megapre-checkpoint: error: {problem}", file=sys.stderr)
+        print(f"{parser.prog}: error: {problem}", file=sys.stderr)
     return 2 if info["problems"] else 0
 
 

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from megapre.data.demo_corpus import SOURCES, write_corpus
+from megapre.cli.common import prog_name
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog=prog_name("make_demo_corpus.py"), description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True, type=Path, help="JSONL file to write ({'text', 'source'} per line)")
     p.add_argument("--sources", default=",".join(SOURCES),

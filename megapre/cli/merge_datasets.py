@@ -20,13 +20,14 @@ from typing import Sequence
 from megapre.data.indexed import IndexedDataset, IndexedDatasetError, merge_datasets
 from megapre.data.preprocess.stats import write_json_atomic
 from megapre.data.stats_file import merged_stats, sidecar_path
+from megapre.cli.common import prog_name
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="merge_datasets.py",
+        prog=prog_name("merge_datasets.py"),
         description="Concatenate Megatron/megapre indexed datasets (PREFIX.bin + PREFIX.idx) into one.",
     )
     src = p.add_mutually_exclusive_group(required=True)

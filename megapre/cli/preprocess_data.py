@@ -12,6 +12,7 @@ from megapre.data.preprocess.errors import (EXIT_FAILURE, EXIT_OK, EXIT_SKIPPED,
                                             InputError)
 
 from .tokenizer_flags import add_tokenizer_flags, tokenizer_config_from_args
+from megapre.cli.common import prog_name
 
 EPILOG = f"""\
 outputs (as Megatron): PREFIX_{{key}}_document.bin/.idx per --json-keys key (_sentence with
@@ -39,7 +40,7 @@ example:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="preprocess_data.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog_name("preprocess_data.py"), epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Tokenize a corpus into Megatron indexed datasets (.bin/.idx), streaming, "
                     "in bounded memory, in input order whatever the worker count.")
     g = p.add_argument_group("input")

@@ -11,11 +11,12 @@ from typing import Sequence
 
 from megapre.data.tokenizer.corpus import INPUT_FORMATS, TEXT_MODES
 from megapre.data.train_tokenizer import KINDS, TrainingConfig, run
+from megapre.cli.common import prog_name
 
 
 def parse_args(argv: Sequence[str] | None) -> TrainingConfig:
     p = argparse.ArgumentParser(
-        prog="train_tokenizer.py", description="Train a SentencePiece, byte-level BPE, WordPiece or character "
+        prog=prog_name("train_tokenizer.py"), description="Train a SentencePiece, byte-level BPE, WordPiece or character "
                     "tokenizer on a corpus.",
         epilog="Outputs go to OUTPUT_DIR/OUTPUT_PREFIX.* (plus OUTPUT_PREFIX.train.json, the run's summary); "
                "the flags that load them are printed. Exit codes: 0 trained, 1 bad input or failed "

@@ -66,6 +66,31 @@ def test_estimate_usage_names_the_console_script(monkeypatch, capsys):
     assert "usage: megapre-estimate-memory" in capsys.readouterr().out
 
 
+CONSOLE_SCRIPTS = {  # console script -> the module whose main() it runs
+    "megapre-preprocess-data": "preprocess_data", "megapre-merge-datasets": "merge_datasets",
+    "megapre-build-index": "build_index", "megapre-train-tokenizer": "train_tokenizer",
+    "megapre-make-demo-corpus": "make_demo_corpus", "megapre-checkpoint": "checkpoint",
+    "megapre-bert-samples": "bert_samples", "megapre-sweep": "sweep", "megapre-plot": "plot_metrics",
+    "megapre-estimate-memory": "estimate_memory", "megapre-pretrain": "pretrain",
+    "megapre-evaluate": "evaluate", "megapre-generate": "generate"}
+
+
+@pytest.mark.parametrize("script", sorted(CONSOLE_SCRIPTS))
+def test_every_console_script_names_itself_in_usage(script, monkeypatch, capsys):
+    import importlib
+
+    setup = (ROOT / "setup.py").read_text()
+    assert f"{script} = megapre.cli.{CONSOLE_SCRIPTS[script]}:main" in setup
+    main = importlib.import_module(f"megapre.cli.{CONSOLE_SCRIPTS[script]}").main
+    monkeypatch.setattr(sys, "argv", [f"/venv/bin/{script}", "--help"])
+    try:
+        code = main(["--help"])
+    except SystemExit as e:  # argparse's --help
+        code = e.code
+    assert code in (0, None)
+    assert f"usage: {script} " in capsys.readouterr().out, script
+
+
 PLAN_1B3 = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-heads", "16",
             "--seq-length", "2048", "--micro-batch-size", "4", "--global-batch-size", "32",
             "--bf16", "--vocab-size", "50257", "--world-size", "8",
