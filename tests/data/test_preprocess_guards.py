@@ -20,7 +20,7 @@ from megapre.cli.preprocess_data import main
 from megapre.data.indexed import IndexedDataset
 from megapre.data.preprocess import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from megapre.data.preprocess.chunking import encode_long, pieces
-from megapre.data.preprocess.lock import PrefixLock
+from megapre.data.preprocess.pipeline import prefix_lock
 from megapre.data.tokenizers import TokenizerConfig, build_tokenizer
 
 BYTE = ["--tokenizer-type", "ByteLevelTokenizer"]
@@ -78,7 +78,7 @@ def test_unchanged_rerun_is_skipped_and_verify_inputs_catches_a_preserved_mtime(
 def test_second_run_on_a_locked_prefix_fails_naming_the_owner(tmp_path, capsys):
     src = tmp_path / "a.txt"
     src.write_text("hello\n")
-    with PrefixLock(str(tmp_path / "p")):
+    with prefix_lock(str(tmp_path / "p")):
         assert run("--input", src, "--output-prefix", tmp_path / "p", *BYTE) == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pid {os.getpid()} on host {socket.gethostname()}" in err[0]

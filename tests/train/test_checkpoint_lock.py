@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from conftest import COUNTING_VOCAB, write_counting_corpus
-from megapre.train.checkpoint_lock import LOCK_FILE, SaveDirLock, SaveDirLockedError
+from megapre.run_lock import RunLockedError
+from megapre.train.checkpoint_lock import LOCK_FILE, save_dir_lock
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-HOLD = ("import sys, time; from megapre.train.checkpoint_lock import SaveDirLock; "
-        "SaveDirLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
+HOLD = ("import sys, time; from megapre.train.checkpoint_lock import save_dir_lock; "
+        "save_dir_lock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(600)")
 
 
 def _pretrain(corpus: str, work: Path, save: Path, iters: int = 2) -> subprocess.Popen:
@@ -83,11 +84,11 @@ def test_lock_is_released_on_sigterm_exit(corpus, tmp_path):
 
 
 def test_lock_in_process(tmp_path):
-    lock = SaveDirLock(tmp_path)
+    lock = save_dir_lock(tmp_path)
     assert lock.acquire() == []
     (tmp_path / LOCK_FILE).write_text(json.dumps({**json.loads((tmp_path / LOCK_FILE).read_text()),
                                                   "host": "elsewhere", "token": "theirs"}))
-    with pytest.raises(SaveDirLockedError, match=r"pid \d+ on host elsewhere.*delete "):
-        SaveDirLock(tmp_path).acquire()
+    with pytest.raises(RunLockedError, match=r"pid \d+ on host elsewhere.*delete "):
+        save_dir_lock(tmp_path).acquire()
     lock.release()  # no longer ours (another token): release removes only its own lock
     assert (tmp_path / LOCK_FILE).exists()

@@ -26,13 +26,14 @@ import numpy as np
 from megapre.data.preprocess import shards as sh
 from megapre.data.preprocess.chunking import MAX_CHARS
 from megapre.data.preprocess.input_check import changed_inputs, signature
-from megapre.data.preprocess.lock import PrefixLock, remove_stale_temporaries
+from megapre.data.preprocess.leftovers import remove_stale_temporaries
 from megapre.data.preprocess.encode import (EncodeConfig, EncodedBatch, Encoder, encode_in_worker,
                                             init_worker)
 from megapre.data.preprocess.errors import EXIT_OK, EXIT_SKIPPED, ErrorLog, Skip
 from megapre.data.preprocess.readers import (FileReader, InputFile, RawBatch, check_dependencies,
                                              expand_inputs)
 from megapre.data.preprocess.stats import Counters, Progress, peak_rss_mb, write_json_atomic
+from megapre.run_lock import RunLock
 
 
 @dataclass
@@ -198,15 +199,22 @@ def run_preprocess(cfg: PreprocessConfig, tokenizer_factory: Callable[[Any], Any
                            dataset_cls or IndexedDataset)
 
 
+def prefix_lock(prefix: str) -> RunLock:
+    """The (not yet acquired) lock of one output prefix, `PREFIX.lock`."""
+    return RunLock(f"{prefix}.lock", "--output-prefix", prefix,
+                   "two preprocessing runs writing one prefix lose one run's output")
+
+
 @contextlib.contextmanager
 def _prefix_lock(prefix: str) -> Iterator[None]:
     """Hold PREFIX.lock for the run; another live run's lock is a UsageError naming it."""
-    lock = PrefixLock(prefix, _log)
-    _setup_error(lock.__enter__)
+    lock = prefix_lock(prefix)
+    for note in _setup_error(lock.acquire):
+        _log(note)
     try:
         yield
     finally:
-        lock.__exit__(None, None, None)
+        lock.release()
 
 
 def _run_locked(cfg: PreprocessConfig, plan: _Plan, t0: float, builder_cls: Any,
