@@ -19,11 +19,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build(argv: list[str] | None, prog: str, out: list) -> int:
-    """Parse, validate and set up (input errors here are one line, exit 2)."""
+    """Parse, validate and set up (input errors here are one line, exit 2). The config is checked
+    and its banner printed before torch is imported, so both come within a second or two."""
+    import os
+
     from megapre.cli.flags import parse_config
+    from megapre.train.banner import plan_run
+
+    cfg = parse_config(argv, prog=prog)
+    planned = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     from megapre.train.loop import Trainer
 
-    out.append(Trainer(parse_config(argv, prog=prog)))
+    out.append(Trainer(cfg, planned))
     return 0
 
 

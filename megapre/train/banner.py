@@ -3,11 +3,32 @@ as soon as each part is known (the config at once, the model when built, the dat
 indices are ready), so a wrong layout, tokenizer or path shows in the first seconds."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 
-from .args import RunPlan
+from megapre.data.tokenizers import build_tokenizer
+
+from .args import PretrainConfig, RunPlan, check_logging, validate
+
+
+def emit(lines: list[str]) -> None:
+    """Banner lines, from global rank 0 only (before and after the process group exists)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for line in lines:
+            print(f"[megapre] {line}", flush=True)
+
+
+def plan_run(cfg: PretrainConfig, world_size: int) -> tuple[Any, RunPlan]:
+    """Everything that can be checked before torch is imported (seconds on a busy node): the
+    tokenizer, the config against the world size, the logging packages; then the config's banner
+    lines. Returns (tokenizer, plan)."""
+    tokenizer = build_tokenizer(cfg.tokenizer_config())
+    plan = validate(cfg, world_size, tokenizer.vocab_size)
+    check_logging(plan.config.log)
+    emit(config_lines(plan, world_size, tokenizer))
+    return tokenizer, plan
 
 
 def _count(n: float) -> str:

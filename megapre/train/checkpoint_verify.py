@@ -38,11 +38,8 @@ def storage_problems(path: Path, metadata: Metadata) -> list[str]:
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
     with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_everything(path: Path, metadata: Metadata) -> tuple[dict[str, str], list[str]]:

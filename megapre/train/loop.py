@@ -19,10 +19,8 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
-from megapre.data.tokenizers import build_tokenizer
-
 from . import banner
-from .args import PretrainConfig, check_logging, validate
+from .args import PretrainConfig, RunPlan
 from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
@@ -73,14 +71,13 @@ class _StopFlag:
 
 
 class Trainer:
-    def __init__(self, cfg: PretrainConfig) -> None:
+    def __init__(self, cfg: PretrainConfig, planned: tuple[Any, RunPlan] | None = None) -> None:
+        """`planned`: banner.plan_run's (tokenizer, plan) when the caller already checked the
+        config (and printed its banner) before importing torch."""
         self.start_time = time.time()
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        tokenizer = build_tokenizer(cfg.tokenizer_config())
-        self.plan = validate(cfg, world, tokenizer.vocab_size)
+        tokenizer, self.plan = planned or banner.plan_run(cfg, world)
         self.cfg = cfg = self.plan.config
-        check_logging(cfg.log)
-        _banner(banner.config_lines(self.plan, world, tokenizer))
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=cfg.train.recompute_granularity)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
@@ -99,7 +96,7 @@ class Trainer:
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
         self.splits = build_splits(cfg, self.tokenizer, group=None)
-        _banner(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
+        banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
         owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
@@ -122,7 +119,7 @@ class Trainer:
         masked = m.model == "bert" or self.cfg.data.reset_attention_mask
         backend = resolve_backend(m.attention_backend, self.device.type,
                                   m.attention_dropout > 0, masked)
-        _banner(banner.model_lines(total, on_rank, self.device, backend))
+        banner.emit(banner.model_lines(total, on_rank, self.device, backend))
 
     # -- checkpoints ------------------------------------------------------------------------
     def _maybe_load(self) -> None:
@@ -382,13 +379,6 @@ class Trainer:
         if self.save_lock is not None:
             self.save_lock.release()
         self.mesh.destroy()
-
-
-def _banner(lines: list[str]) -> None:
-    """Banner lines, from global rank 0 only (before and after the process group exists)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        for line in lines:
-            print(f"[megapre] {line}", flush=True)
 
 
 class _Window:

@@ -228,3 +228,41 @@ def test_missing_logging_package_is_checked_at_run_start_not_when_planning(monke
     with pytest.raises(ConfigError, match=r"--tensorboard-dir needs the tensorboard package: "
                                           r"pip install tensorboard \(or drop --tensorboard-dir\)"):
         train_args.check_logging(cfg.log)
+
+
+def test_config_banner_comes_before_torch_is_imported(tmp_path):
+    """`import torch` alone takes seconds on a busy node: the config's banner lines (and every
+    config error) must not wait for it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_counting_corpus
+
+    root = Path(__file__).resolve().parents[2]
+    corpus = write_counting_corpus(tmp_path / "count_text_document", docs=100)
+    args = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+            "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "1",
+            "--data-path", corpus, "--split", "90,5,5", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "39", "--num-workers", "0", "--device", "cpu",
+            "--data-cache-path", str(tmp_path / "cache")]
+    probe = f"""
+import sys
+import megapre.train.banner as banner
+from megapre.cli import pretrain
+seen = []
+emit = banner.emit
+def spy(lines):
+    seen.append("torch" in sys.modules)
+    emit(lines)
+banner.emit = spy
+code = pretrain.main({args!r})
+print("TORCH_AT_FIRST_BANNER", seen[0], "BANNERS", len(seen), "EXIT", code)
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "TORCH_AT_FIRST_BANNER False BANNERS 3 EXIT 0" in proc.stdout, proc.stdout[-2000:]
+    assert "[megapre] model       gpt, 1 layers" in proc.stdout
