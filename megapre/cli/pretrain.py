@@ -35,6 +35,7 @@ def _build(argv: list[str] | None, prog: str, out: list) -> int:
 
 
 def _train(trainer, prog: str) -> int:
+    from megapre.errors import ConfigError
     from megapre.train.checkpoint import CheckpointSaveError
     from megapre.train.metrics import format_summary, ordered_summary, write_summary
 
@@ -43,6 +44,9 @@ def _train(trainer, prog: str) -> int:
     except CheckpointSaveError as e:  # disk full, quota, permissions: the message names the path
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as e:  # bad data met mid-run (a sample's ids), maybe in a loader worker
+        print(f"{prog}: error: {_own_message(e)}", file=sys.stderr, flush=True)
+        return 2
     finally:
         trainer.close()
     if trainer.logger.enabled:
@@ -51,6 +55,18 @@ def _train(trainer, prog: str) -> int:
         if trainer.cfg.log.metrics_path:
             write_summary(trainer.cfg.log.metrics_path, summary)
     return 0
+
+
+def _own_message(error: BaseException) -> str:
+    """The error's own message: a DataLoader worker re-raises it in the main process wrapped in
+    'Caught X in DataLoader worker process N. Original Traceback ...', whose last line is
+    'module.X: message'."""
+    text = str(error)
+    if not text.startswith("Caught "):
+        return text
+    last = text.rstrip().splitlines()[-1]
+    name = f"{type(error).__module__}.{type(error).__qualname__}: "
+    return last[len(name):] if last.startswith(name) else last
 
 
 if __name__ == "__main__":

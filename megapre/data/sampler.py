@@ -14,6 +14,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from megapre.data.worker_signals import ignore_stop_signals
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -111,11 +113,3 @@ def build_data_loader(dataset: Any, consumed_samples: int, micro_batch_size: int
         worker_init_fn=ignore_stop_signals,
     )
 
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group; the workers
-    leave it to the main process, which saves a checkpoint and then shuts them down itself."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -50,6 +50,7 @@ class _StopFlag:
     def __init__(self) -> None:
         self.signum = 0  # the first stop signal received, 0 while none
         self._first_at = 0.0
+        self._previous: dict[int, Any] = {}
 
     @property
     def raised(self) -> bool:
@@ -58,7 +59,15 @@ class _StopFlag:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """The handlers from before the run: a process that goes on after the trainer (a
+        notebook, a test session) must stop on SIGTERM again."""
+        for sig, previous in self._previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(sig, previous)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
@@ -378,6 +387,7 @@ class Trainer:
             wait_for_pending_save()  # an --async-save still writing would be lost otherwise
         if self.save_lock is not None:
             self.save_lock.release()
+        self.stop.restore()
         self.mesh.destroy()
 
 

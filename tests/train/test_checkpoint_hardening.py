@@ -133,3 +133,25 @@ def test_pretrain_cli_disk_full_is_one_line_and_releases_the_lock(tmp_path, monk
     assert len(lines) == 1 and "no space left on device" in lines[0] and "ckpt" in lines[0], err
     assert "Traceback" not in err
     assert not [p for p in (tmp_path / "ckpt").iterdir() if "lock" in p.name]
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_pretrain_cli_bad_sample_mid_run_is_one_line(tmp_path, monkeypatch, capsys, workers):
+    """Bad data found while training (ids outside the vocabulary in a sample the open-time look
+    missed), also from inside a DataLoader worker: one line naming the .bin file, exit 2."""
+    from conftest import COUNTING_VOCAB, write_counting_corpus
+    from megapre.cli.pretrain import main as pretrain_main
+    from megapre.data import tokenizer_check
+
+    prefix = write_counting_corpus(tmp_path / "count", eod=COUNTING_VOCAB + 20)  # eod id too big
+    monkeypatch.setattr(tokenizer_check, "check_token_ids", lambda dataset, vocab: None)
+    rc = pretrain_main(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                        "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2",
+                        "--data-path", prefix, "--split", "90,10,0", "--num-workers", workers,
+                        "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
+                        "--device", "cpu", "--data-cache-path", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("megapre.pretrain: error: ") and "count.bin" in lines[0], err

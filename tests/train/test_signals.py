@@ -111,3 +111,17 @@ def test_repeated_signals_only_escalate_on_a_later_ctrl_c():
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_close_restores_the_signal_handlers_of_before_the_run(tmp_path):
+    """After the trainer, the process stops on SIGTERM again (a notebook, a test session)."""
+    import signal as sig
+
+    from megapre.train.loop import _StopFlag
+
+    before = sig.getsignal(sig.SIGTERM), sig.getsignal(sig.SIGINT)
+    stop = _StopFlag()
+    stop.install()
+    assert sig.getsignal(sig.SIGTERM) == stop._handle
+    stop.restore()
+    assert (sig.getsignal(sig.SIGTERM), sig.getsignal(sig.SIGINT)) == before
