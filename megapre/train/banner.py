@@ -4,6 +4,7 @@ indices are ready), so a wrong layout, tokenizer or path shows in the first seco
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -66,9 +67,21 @@ def config_lines(plan: RunPlan, world_size: int, tokenizer: Any) -> list[str]:
         ("tokenizer", f"{getattr(tokenizer, 'name', type(tokenizer).__name__)}, vocab "
                       f"{tokenizer.vocab_size}, fingerprint {fingerprint}"),
         ("save", save),
-        ("load", c.load or "-"),
+        ("load", _load_text(c.load)),
         ("metrics", log.metrics_path or "- (console only; --metrics-path FILE keeps them)"),
     ])
+
+
+def _load_text(load: str | None) -> str:
+    """--load, flagged when it holds no checkpoint (a typo would otherwise restart the run)."""
+    if not load:
+        return "-"
+    if os.path.isdir(load) and any(name == "latest_checkpointed_iteration.txt" or
+                                   re.match(r"iter_\d{7,}$", name) or name == "meta.json"
+                                   for name in os.listdir(load)):
+        return load
+    why = "no such directory" if not os.path.isdir(load) else "no checkpoint in it"
+    return f"{load} (WARNING: {why}; this run starts from scratch)"
 
 
 def model_lines(total: int, on_rank: int, device: Any, backend: str) -> list[str]:

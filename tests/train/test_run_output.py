@@ -156,6 +156,9 @@ def test_banner_config_lines_golden():
         "save        /ck (every 50 iterations and at the end)",
         "load        -",
         "metrics     - (console only; --metrics-path FILE keeps them)"]
+    cfg.checkpoint.load = "/nonexistent/ckpt"
+    assert banner.config_lines(validate(cfg, 8, tok.vocab_size), 8, tok)[5] == (
+        "load        /nonexistent/ckpt (WARNING: no such directory; this run starts from scratch)")
     assert banner.model_lines(27_780, 1_234_567, "cpu", "fused") == [
         "parameters  27.78k total, 1.23M on this rank", "device      cpu, attention backend fused"]
 
