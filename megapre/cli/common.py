@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from megapre.data.notify import is_main_process as is_main_rank
+
 if TYPE_CHECKING:  # torch and the config load only where used: light tools start fast
     import torch
 
@@ -95,10 +97,6 @@ def prog_name(module: str) -> str:
     if base.endswith(".py") and os.path.basename(os.path.dirname(os.path.abspath(argv0))) == "tools":
         return f"tools/{base}"
     return module
-
-
-def is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

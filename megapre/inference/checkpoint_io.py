@@ -5,7 +5,6 @@ DCP reader."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -51,9 +50,10 @@ def check_tokenizer(path: Path, tokenizer, allow: bool) -> None:
     """Refuse a tokenizer other than the one the checkpoint was trained with (a moved or edited
     --vocab-file/--merge-file/--tokenizer-model) unless `allow`; warnings go to stderr once
     (rank 0)."""
+    from megapre.data.notify import is_main_process
     from megapre.train.checkpoint_tokenizer import check_tokenizer as check
 
     module = _checkpoint_module()
     note = check(module.read_meta(path).get("tokenizer"), tokenizer, allow, str(path))
-    if note and int(os.environ.get("RANK", "0")) == 0:
+    if note and is_main_process():
         print(f"warning: {note}", file=sys.stderr, flush=True)

@@ -4,19 +4,20 @@ indices are ready), so a wrong layout, tokenizer or path shows in the first seco
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import numpy as np
 
+from megapre.data.notify import is_main_process
 from megapre.data.tokenizers import build_tokenizer
 
 from .args import PretrainConfig, RunPlan, check_logging, validate
+from .checkpoint_names import looks_like_checkpoint
 
 
 def emit(lines: list[str]) -> None:
     """Banner lines, from global rank 0 only (before and after the process group exists)."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         for line in lines:
             print(f"[megapre] {line}", flush=True)
 
@@ -76,9 +77,7 @@ def _load_text(load: str | None) -> str:
     """--load, flagged when it holds no checkpoint (a typo would otherwise restart the run)."""
     if not load:
         return "-"
-    if os.path.isdir(load) and any(name == "latest_checkpointed_iteration.txt" or
-                                   re.match(r"iter_\d{7,}$", name) or name == "meta.json"
-                                   for name in os.listdir(load)):
+    if looks_like_checkpoint(load):
         return load
     why = "no such directory" if not os.path.isdir(load) else "no checkpoint in it"
     return f"{load} (WARNING: {why}; this run starts from scratch)"

@@ -57,14 +57,13 @@ from megapre.parallel.random import RNGTracker
 from . import rng_state
 from .checkpoint_fit import (STRICTNESS_FLAG, CheckpointMismatchError, FitReport,
                              architecture_diff, check_strictness, mismatch_message)
+from .checkpoint_names import (CONFIG_FILE, DCP_METADATA, ITER_DIR, LATEST_FILE, META_FILE,
+                               RNG_DIR)
 from .state_dict import (MODEL_PREFIX, OPTIM_PREFIX, LoadTarget, load_targets, optimizer_state_names,
                          save_state_dict)
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"
-META_FILE, CONFIG_FILE, RNG_DIR, DCP_METADATA = "meta.json", "config.json", "rng", ".metadata"
 EXTRA_PREFIX = "extra."
 FORMAT = "megapre-dcp-1"
-_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _LEFTOVER = re.compile(r"^iter_\d{7,}\.(tmp|old)-[0-9a-f]+$")
 
 
@@ -399,7 +398,7 @@ def prune_checkpoints(root: Path, keep_last: int | None, latest: int) -> list[Pa
             removed.append(p)
     if keep_last is not None:
         done = sorted((int(m.group(1)), p) for p in root.iterdir()
-                      if (m := _ITER_DIR.match(p.name)) and p.is_dir())
+                      if (m := ITER_DIR.match(p.name)) and p.is_dir())
         for it, p in done[:-keep_last]:
             if it != latest:
                 shutil.rmtree(p, ignore_errors=True)
@@ -449,7 +448,7 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None
         iteration = latest_iteration(root)
     if iteration is None:
         done = sorted(int(m.group(1)) for p in root.iterdir()
-                      if (m := _ITER_DIR.match(p.name)) and _complete(p))
+                      if (m := ITER_DIR.match(p.name)) and _complete(p))
         if not done:
             raise CheckpointNotFoundError(
                 f"no checkpoint found in {root}: there is no {LATEST_FILE} and no complete "
@@ -555,7 +554,7 @@ def find_latest(load_dir: str | os.PathLike) -> Path | None:
     if not root.is_dir():
         return None
     if not _complete(root) and latest_iteration(root) is None and not any(
-            _ITER_DIR.match(p.name) and _complete(p) for p in root.iterdir()):
+            ITER_DIR.match(p.name) and _complete(p) for p in root.iterdir()):
         return None
     return resolve_checkpoint(root)
 
@@ -706,7 +705,7 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
     tensors = {k: v for k, v in metadata.state_dict_metadata.items()
                if isinstance(v, TensorStorageMetadata)}
     nbytes = sum(math.prod(v.size) * v.properties.dtype.itemsize for v in tensors.values())
-    root = path.parent if _ITER_DIR.match(path.name) else path
+    root = path.parent if ITER_DIR.match(path.name) else path
     from .checkpoint_verify import storage_problems
 
     return {"path": str(path), "iteration": meta["iteration"], "model": meta["model_kind"],
@@ -716,7 +715,7 @@ def describe_checkpoint(load_dir: str | os.PathLike, iteration: int | None = Non
             "tensors": len(tensors), "bytes": nbytes,
             "has_optimizer_state": any(not k.startswith((MODEL_PREFIX, EXTRA_PREFIX))
                                        for k in tensors),
-            "checkpoints": sorted(p.name for p in root.iterdir() if _ITER_DIR.match(p.name)),
+            "checkpoints": sorted(p.name for p in root.iterdir() if ITER_DIR.match(p.name)),
             "model_config": meta["model_config"], "tokenizer": meta.get("tokenizer"),
             "problems": storage_problems(path, metadata)}
 

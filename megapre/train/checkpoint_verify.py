@@ -5,12 +5,13 @@ pruned). `read_everything` (the inspector's --verify) reads every tensor to CPU 
 that floating-point values are finite and returns each file's sha256 for comparing copies."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+
+from megapre.data.preprocess.readers import sha256_file
 
 from .checkpoint import SafeFileSystemReader, _quiet_single_process
 
@@ -37,11 +38,6 @@ def storage_problems(path: Path, metadata: Metadata) -> list[str]:
     return problems
 
 
-def _sha256(file: Path) -> str:
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def read_everything(path: Path, metadata: Metadata) -> tuple[dict[str, str], list[str]]:
     """({file: sha256}, problems): every tensor read into CPU memory (the whole checkpoint at
     once), non-finite floating-point values reported by tensor name."""
@@ -57,5 +53,5 @@ def read_everything(path: Path, metadata: Metadata) -> tuple[dict[str, str], lis
         return {}, [f"reading the tensors of {path} failed: {str(e).splitlines()[-1]}"]
     problems = [f"{path}: tensor {k!r} holds NaN or infinite values" for k, v in state.items()
                 if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    files = {rel: _sha256(Path(path) / rel) for rel in sorted(_needed_sizes(metadata))}
+    files = {rel: sha256_file(Path(path) / rel) for rel in sorted(_needed_sizes(metadata))}
     return files, problems
