@@ -5,6 +5,7 @@ sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final
       -> embedding (+ token types) -> layers -> final norm
       -> LM head: dense + GELU + LayerNorm -> logits vs word table + bias -> masked-LM loss [b, s]
       -> binary head: tanh(dense(h[CLS])) -> 2 logits
+    or, fine-tuning (`task_head`): -> pooled [CLS] -> classifier -> logits [b, classes]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from megapre.parallel.random import RNGTracker
 from . import init
 from .config import TransformerConfig
 from .embedding import Embedding, word_embedding
+from .heads import ClassificationHead, HeadConfig
 from .lm_head import parallel_logits, token_loss
 from .transformer import TransformerStack, make_norm
 
@@ -71,7 +73,8 @@ class BertHeads(nn.Module):
 class BertModel(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
                  tracker: RNGTracker | None = None, stage: ChunkSpec | None = None,
-                 add_binary_head: bool = True, recompute_granularity: str | None = None) -> None:
+                 add_binary_head: bool = True, recompute_granularity: str | None = None,
+                 task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
         if cfg.untie_embeddings_and_output_weights:
@@ -84,13 +87,20 @@ class BertModel(nn.Module):
         self.encoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
                                         seed, tracker, recompute_granularity, prefix="encoder")
         self.final_norm = self.heads = self.output_word = None
+        self.task_head = task_head
         if self.stage.is_last:
             self.final_norm = make_norm(cfg, mesh)
-            self.heads = BertHeads(cfg, mesh, seed, add_binary_head, prefix="heads")
-            if not self.stage.is_first:
+            if task_head is not None:
+                self.heads = ClassificationHead(task_head, cfg.hidden_size, mesh, seed,
+                                                cfg.init_method_std)
+            else:
+                self.heads = BertHeads(cfg, mesh, seed, add_binary_head, prefix="heads")
+            if not self.stage.is_first and task_head is None:
                 self.output_word = word_embedding(cfg, mesh, seed)
 
     def shared_embedding_weight(self) -> torch.Tensor | None:
+        if self.task_head is not None:  # no masked-LM output layer to tie
+            return None
         if self.embedding is not None:
             return self.embedding.word.weight
         return self.output_word.weight if self.output_word is not None else None
@@ -98,11 +108,12 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None,
                 tokentype_ids: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None):
+                hidden_states: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
         """padding_mask [b, s] bool, True = padding (never attended to). Not last stage: hidden
         states. Last stage: (per-token LM loss [b, s] if labels else sharded logits,
         binary logits [b, 2] or None). Labels of unmasked positions are ignored by the caller's
-        loss mask; pass any valid id there."""
+        loss mask; pass any valid id there. With a task head: logits [b, classes] (`lengths`
+        [b] only matters for mean pooling)."""
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
         if self.embedding is not None:
             x = self.embedding(input_ids, None, tokentype_ids)
@@ -113,6 +124,8 @@ class BertModel(nn.Module):
         x = self.encoder(x, mask, causal=False)
         if not self.stage.is_last:
             return x
+        if self.task_head is not None:
+            return self.heads(self.final_norm(x), lengths)
         logits, binary = self.heads(self.final_norm(x), self.shared_embedding_weight())
         if labels is None:
             return logits, binary

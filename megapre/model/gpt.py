@@ -4,6 +4,9 @@ embedding, the last the final norm, output layer and loss, and each stage its la
     input_ids [b, s] -> embedding -> layers[first:last] -> final norm -> logits [s, b, vocab/tp]
                                                                       -> loss per token [b, s]
 
+With a `task_head` (fine-tuning) the last stage ends in a classification head instead of the
+output layer: final norm -> pooled hidden state -> logits [b, classes] (megapre/model/heads.py).
+
 With tied embeddings (the default) the output layer multiplies by the word table; a last stage
 that is not also the first keeps its own copy of the table (built from the same generator) whose
 gradient the pipeline sums with the first stage's (`shared_embedding_weight`).
@@ -21,6 +24,7 @@ from megapre.parallel.random import RNGTracker
 from . import init
 from .config import TransformerConfig
 from .embedding import Embedding, word_embedding
+from .heads import ClassificationHead, HeadConfig
 from .lm_head import full_logits, parallel_logits, token_loss
 from .rope import rope_frequencies
 from .transformer import TransformerStack, make_norm
@@ -29,7 +33,8 @@ from .transformer import TransformerStack, make_norm
 class GPTModel(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
                  tracker: RNGTracker | None = None, stage: ChunkSpec | None = None,
-                 recompute_granularity: str | None = None, label_smoothing: float = 0.0) -> None:
+                 recompute_granularity: str | None = None, label_smoothing: float = 0.0,
+                 task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
         self.cfg, self.mesh = cfg, mesh
@@ -38,10 +43,14 @@ class GPTModel(nn.Module):
         self.embedding = Embedding(cfg, mesh, seed, tracker) if self.stage.is_first else None
         self.decoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
                                         seed, tracker, recompute_granularity, prefix="decoder")
-        self.final_norm = self.output_layer = self.output_word = None
+        self.final_norm = self.output_layer = self.output_word = self.heads = None
+        self.task_head = task_head
         if self.stage.is_last:
             self.final_norm = make_norm(cfg, mesh)
-            if cfg.untie_embeddings_and_output_weights:
+            if task_head is not None:
+                self.heads = ClassificationHead(task_head, cfg.hidden_size, mesh, seed,
+                                                cfg.init_method_std)
+            elif cfg.untie_embeddings_and_output_weights:
                 self.output_layer = ColumnParallelLinear(
                     cfg.hidden_size, cfg.padded_vocab_size(mesh.tp_size), mesh, bias=False,
                     init_method=init.normal(seed, "output_layer.weight", cfg.init_method_std))
@@ -52,9 +61,9 @@ class GPTModel(nn.Module):
             self.rope_dim = int(cfg.head_dim * cfg.rotary_percent) // 2 * 2
 
     def shared_embedding_weight(self) -> torch.Tensor | None:
-        """The word table used by the output layer when embeddings are tied (None when untied
-        or when this stage has neither end)."""
-        if self.cfg.untie_embeddings_and_output_weights:
+        """The word table used by the output layer when embeddings are tied (None when untied,
+        with a task head, or when this stage has neither end)."""
+        if self.cfg.untie_embeddings_and_output_weights or self.task_head is not None:
             return None
         if self.embedding is not None:
             return self.embedding.word.weight
@@ -72,11 +81,14 @@ class GPTModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+                hidden_states: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: input_ids [b, s]; later stages: hidden_states [s(/tp), b, h] from the
         previous stage. attention_mask (optional, bool, True = masked) [b or 1, 1, s, s] adds to
         the causal mask (e.g. document boundaries). Returns the hidden states (not last stage),
-        the per-token loss [b, s] when labels are given, else sharded logits [s, b, vocab/tp]."""
+        the per-token loss [b, s] when labels are given, else sharded logits [s, b, vocab/tp];
+        with a task head, logits [b, classes] pooled at `lengths` [b] (real tokens per sample,
+        right padding, which causal attention never lets a real token see)."""
         if self.embedding is not None:
             x = self.embedding(input_ids, position_ids)
             s = input_ids.shape[1]
@@ -89,6 +101,8 @@ class GPTModel(nn.Module):
         if not self.stage.is_last:
             return x
         x = self.final_norm(x)
+        if self.heads is not None:
+            return self.heads(x, lengths)
         weight = (self.output_layer.weight if self.output_layer is not None
                   else self.shared_embedding_weight())
         logits = parallel_logits(x, weight, self.mesh)

@@ -50,6 +50,8 @@ def wrap_data_parallel(module: nn.Module, mesh: ParallelMesh, *,
     """
     if mesh.dp_size == 1 or mesh.dp_group is None:
         return module
+    if not any(p.requires_grad for p in module.parameters()):
+        return module  # a frozen stage (linear probe, LoRA without layers here): nothing to reduce
     ddp = DistributedDataParallel(module, process_group=mesh.dp_group,
                                   bucket_cap_mb=bucket_cap_mb, find_unused_parameters=False,
                                   gradient_as_bucket_view=True,

@@ -8,6 +8,9 @@ between calls; scaling (fp16) and logging belong to the caller (megapre/train/st
 
     GPT   sum(token_loss * loss_mask) / (loss-mask sum over the global batch)
     BERT  same for the masked-LM tokens + sum(sentence-order CE) / (samples in the global batch)
+    task  sum(weight * CE(logits, label)) / (real samples in the global batch); regression
+          (one output) uses the squared error instead. Filler samples (weight 0) that complete an
+          evaluation's last batch count for nothing.
 """
 from __future__ import annotations
 
@@ -59,6 +62,20 @@ def bert_loss(output: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         parts["sop loss"] = sop.detach()
         loss = loss + sop
     return loss, parts
+
+
+def task_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor],
+              norm: Normalizers) -> tuple[torch.Tensor, Parts]:
+    """Fine-tuning share: logits [b, classes] (classes == 1: regression), target (labels [b],
+    weight [b]); divided by the real samples of the global batch (`norm.samples`)."""
+    labels, weight = target
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        per_sample = (logits[:, 0] - labels.float()) ** 2
+    else:
+        per_sample = F.cross_entropy(logits, labels.long(), reduction="none")
+    loss = (per_sample * weight.float()).sum() / max(norm.samples, 1.0)
+    return loss, {"task loss": loss.detach()}
 
 
 LossFn = Callable[[Any, Any, Normalizers], tuple[torch.Tensor, Parts]]

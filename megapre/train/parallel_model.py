@@ -39,6 +39,18 @@ class ParallelModel(nn.Module):
               label_smoothing: float = 0.0, add_binary_head: bool = True,
               ddp_bucket_cap_mb: float = 25.0) -> "ParallelModel":
         adapter = ModelAdapter(kind, cfg, mesh, add_binary_head=add_binary_head)
+        return cls.from_adapter(adapter, seed=seed, tracker=tracker,
+                                recompute_granularity=recompute_granularity,
+                                label_smoothing=label_smoothing,
+                                ddp_bucket_cap_mb=ddp_bucket_cap_mb)
+
+    @classmethod
+    def from_adapter(cls, adapter, *, seed: int = 1234, tracker: RNGTracker | None = None,
+                     recompute_granularity: str | None = None, label_smoothing: float = 0.0,
+                     ddp_bucket_cap_mb: float = 25.0) -> "ParallelModel":
+        """This rank's chunks as `adapter` (a pretraining ModelAdapter or a fine-tuning
+        TaskAdapter) builds them."""
+        mesh = adapter.mesh
         specs = adapter.chunks()
         chunks = [wrap_data_parallel(
                       adapter.build(s, seed=seed, tracker=tracker,
@@ -56,7 +68,7 @@ class ParallelModel(nn.Module):
     def tied_embedding_weight(self) -> torch.Tensor | None:
         """The word table shared with a copy on another pipeline stage (first or last chunk of
         this rank), or None when there is no cross-stage tie here."""
-        if self.mesh.pp_size == 1:
+        if self.mesh.pp_size == 1 or not self.adapter.ties_embeddings:
             return None
         for spec, model in zip(self.specs, self.models):
             if spec.is_first or spec.is_last:
@@ -66,7 +78,7 @@ class ParallelModel(nn.Module):
     def tied_copies(self) -> list[torch.Tensor]:
         """Parameters that duplicate another stage's (the last stage's word-table copy): left out
         of the global grad norm so it is counted once."""
-        if self.mesh.pp_size == 1:
+        if self.mesh.pp_size == 1 or not self.adapter.ties_embeddings:
             return []
         for spec, model in zip(self.specs, self.models):
             if spec.is_last and not spec.is_first:

@@ -99,6 +99,15 @@ class ModelAdapter:
         self.add_binary_head = add_binary_head and kind == "bert"
         self.loss: LossFn = lm_loss if kind == "gpt" else bert_loss
 
+    def part_names(self) -> set[str]:
+        """The loss parts the step reports (the same on every rank)."""
+        return {"lm loss", "sop loss"} if self.add_binary_head else {"lm loss"}
+
+    @property
+    def ties_embeddings(self) -> bool:
+        """Whether an output layer on the last stage shares the first stage's word table."""
+        return not self.cfg.untie_embeddings_and_output_weights
+
     # -- building --------------------------------------------------------------------------
     def chunks(self) -> list[ChunkSpec]:
         return local_chunks(self.cfg.num_layers, self.mesh.pp_size, self.mesh.pp_rank,

@@ -205,7 +205,7 @@ class TrainStep:
         return sum(named.values()), named
 
     def _expected_parts(self) -> set[str]:
-        return {"lm loss", "sop loss"} if self.adapter.add_binary_head else {"lm loss"}
+        return self.adapter.part_names()
 
 
 class EvalStep:
