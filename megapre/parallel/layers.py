@@ -7,8 +7,10 @@ model. (The full matrix is briefly held on each rank, as in Megatron's `use_cpu_
 
 Sharded parameters carry `param.tensor_parallel_dim` (the dim split over TP). Replicated
 parameters whose gradient is only partial on each rank under sequence parallelism (row-parallel
-bias; norms elsewhere) carry `param.sequence_parallel = True`; `sync_sequence_parallel_grads`
-sums those over TP after backward.
+bias; norms elsewhere) carry `param.sequence_parallel = True`, and replicated parameters whose
+gradient is partial on each rank for another reason (LoRA's replicated factor) carry
+`param.tp_partial_grad = True`; `sync_sequence_parallel_grads` sums both kinds over TP after
+backward.
 
 Activations are Megatron's [s, b, h]; the sequence dim used under sequence parallelism is
 `sequence_dim` (default 0).
@@ -247,8 +249,13 @@ def _check_ids(ids: torch.Tensor, vocab: int) -> None:
 
 
 def sync_sequence_parallel_grads(module: nn.Module, mesh: ParallelMesh) -> None:
-    """Sum over TP the grads of replicated params that saw only a sequence chunk per rank."""
-    params = [p for p in module.parameters() if getattr(p, "sequence_parallel", False)]
+    """Sum over TP the grads of replicated params whose grad is only a partial sum on each TP
+    rank: those that saw only a sequence chunk (`p.sequence_parallel`) and those whose grad
+    each rank computes from its own shard of a neighbouring factor (`p.tp_partial_grad`, e.g.
+    LoRA's replicated factor, megapre/model/lora.py). Afterwards every TP rank holds the full
+    grad."""
+    params = [p for p in module.parameters()
+              if getattr(p, "sequence_parallel", False) or getattr(p, "tp_partial_grad", False)]
     all_reduce_grads(params, mesh.tp_group)
 
 
