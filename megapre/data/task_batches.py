@@ -123,6 +123,7 @@ class TaskBatches:
         order = np.random.default_rng([self.plan.seed, epoch]).permutation(n)
         if self.plan.bucket_by_length and self.steps_per_epoch:
             order = self._bucketed(order, np.random.default_rng([self.plan.seed, epoch, 1]))
+        order.setflags(write=False)  # cached and shared with the caller
         self._order = (epoch, order)
         return order
 
@@ -132,7 +133,7 @@ class TaskBatches:
         G, used = self.plan.global_batch_size, self.steps_per_epoch * self.plan.global_batch_size
         lengths, chunk = self.data.lengths(), BUCKET_GLOBAL_BATCHES * G
         sorted_parts = [part[np.argsort(lengths[part], kind="stable")]
-                        for part in np.split(order[:used], range(chunk, used, chunk))]
+                        for part in np.split(order[:used], list(range(chunk, used, chunk)))]
         batches = np.concatenate(sorted_parts).reshape(self.steps_per_epoch, G)
         return np.concatenate([batches[rng.permutation(self.steps_per_epoch)].reshape(-1), order[used:]])
 

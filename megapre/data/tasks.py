@@ -449,7 +449,7 @@ def encode_examples(examples: Sequence[TaskExample], labels: LabelSet, tokenizer
     first = tokenizer.encode_batch([ex.text for ex in examples])
     paired = [i for i, ex in enumerate(examples) if ex.pair is not None]
     second: list[list[int] | None] = [None] * len(examples)
-    for i, ids in zip(paired, tokenizer.encode_batch([examples[i].pair for i in paired])):
+    for i, ids in zip(paired, tokenizer.encode_batch([examples[i].pair for i in paired]) if paired else []):
         second[i] = ids
     assemble = _assemble_bert if kind == "bert" else _assemble_gpt
     tokens, types, truncated = [], [], 0

@@ -189,8 +189,11 @@ def test_label_errors():
         LabelSet.from_dict({"names": ["a"], "regression": True})
 
 
-def test_unknown_label_in_an_evaluation_file():
+def test_unknown_label_in_an_evaluation_file(tmp_path):
     labels = LabelSet.build(examples("0", "1"), None, None)
+    dev = read_task_file(write(tmp_path, "dev.tsv", "sentence\tlabel\nfine\t1\nodd\t3\n"), TaskColumns())
+    with pytest.raises(DataError, match=r"label '3' at .*dev.tsv:3 is not one of the training labels"):
+        encode_examples(dev.examples, labels, WordTokenizer(), "bert", 8)
     bad = TaskExample("x", None, "2", "dev.tsv:7")
     with pytest.raises(DataError, match=r"label '2' at dev.tsv:7 is not one of the training labels "
                                         r"\['0', '1'\]; pass --label-names"):
