@@ -40,7 +40,7 @@ import threading
 import warnings
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -257,12 +257,14 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
                     mesh: ParallelMesh | None = None, *, consumed_samples: int = 0,
                     config: dict | None = None, extra: dict | None = None,
                     tracker: RNGTracker | None = None, async_save: bool = False,
-                    keep_last: int | None = None, tokenizer: dict | None = None) -> Path:
+                    keep_last: int | None = None, tokenizer: dict | None = None,
+                    select: Callable[[str], bool] | None = None) -> Path:
     """Save model, optimizer (None: weights only), per-rank RNG states (of the default
     generators, `tracker` (found in the model when not given), numpy and `random`), the
     consumed-samples count, `config` (the resolved PretrainConfig dict, written as config.json)
     `extra` (JSON values and tensors: loss-scaler state, skip counters, ...) and `tokenizer` (its
-    describe(), checked against the tokenizer of a later load).
+    describe(), checked against the tokenizer of a later load). `select` keeps only the parameters
+    whose names it accepts (and their optimizer state): LoRA adapters saved alone.
     Collective: every rank calls it.
 
     Returns the final directory (complete once this returns, or, with `async_save`, once the
@@ -289,7 +291,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
             "extra": extra_json, "torch_version": torch.__version__, "tokenizer": tokenizer}
     try:
         _write_side_files(tmp, mesh, tracker, meta, config_json)
-        state = save_state_dict(models, optimizer, mesh, cfg)
+        state = save_state_dict(models, optimizer, mesh, cfg, select)
         state.update(extra_tensors)
         writer = dcp.FileSystemWriter(tmp, thread_count=1, sync_files=True)
         if not async_save:
@@ -574,7 +576,7 @@ def _gather_keys(here: set[str], missing: list[str], shapes: list[str]
 
 
 def _fit_report(targets: list[LoadTarget], metadata: Metadata, meta: dict,
-                cfg: TransformerConfig) -> FitReport:
+                cfg: TransformerConfig, partial: bool = False) -> FitReport:
     saved = metadata.state_dict_metadata
     missing, shapes = [], []
     for t in targets:
@@ -588,12 +590,14 @@ def _fit_report(targets: list[LoadTarget], metadata: Metadata, meta: dict,
                           f"{tuple(t.shape)} in this model")
     here = {t.key for t in targets if t.key.startswith(MODEL_PREFIX)}
     keys, missing, shapes = _gather_keys(here, missing, shapes)
-    unused = sorted(k for k in saved if k.startswith(MODEL_PREFIX) and k not in keys)
+    unused = [] if partial else sorted(k for k in saved
+                                       if k.startswith(MODEL_PREFIX) and k not in keys)
     return FitReport(architecture_diff(meta.get("model_config", {}), cfg), missing, shapes, unused)
 
 
 def _check_fit(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: dict,
-               cfg: TransformerConfig, strictness: str) -> list[LoadTarget]:
+               cfg: TransformerConfig, strictness: str, partial: bool = False
+               ) -> list[LoadTarget]:
     """Refuse a checkpoint that does not fit (see checkpoint_fit); returns the targets to load
     (without the missing ones that `strictness` tolerates)."""
     check_strictness(strictness)
@@ -605,7 +609,7 @@ def _check_fit(targets: list[LoadTarget], metadata: Metadata, path: Path, meta: 
             f"checkpoint {path} has no optimizer state (saved without an optimizer), but this "
             "optimizer has state to restore; load the weights only (--no-load-optim, or "
             "optimizer=None)")
-    report = _fit_report(targets, metadata, meta, cfg)
+    report = _fit_report(targets, metadata, meta, cfg, partial)
     if report.refused(strictness):
         raise CheckpointMismatchError(mismatch_message(path, report, strictness))
     tolerated = report.tolerated(strictness)
@@ -626,14 +630,19 @@ def _extra_targets(meta: dict, metadata: Metadata) -> dict[str, torch.Tensor]:
 def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
                     mesh: ParallelMesh | None = None, *, load_rng: bool = True,
                     iteration: int | None = None, tracker: RNGTracker | None = None,
-                    seed: int | None = None, strictness: str = "raise_all") -> dict[str, Any]:
+                    seed: int | None = None, strictness: str = "raise_all",
+                    select: Callable[[str], bool] | None = None, partial: bool = False
+                    ) -> dict[str, Any]:
     """Load the latest (or `iteration`'s) checkpoint into `model` (and `optimizer` unless None)
     in whatever layout this job has. Collective.
 
     RNG states are restored when the layout is the one that saved; otherwise (or with
     load_rng=False) the streams are reseeded from seed + iteration (`seed` defaults to the saved
     config's train.seed). `strictness` (--dist-ckpt-strictness, see checkpoint_fit) decides
-    whether a checkpoint of another architecture may load partly. Returns {"iteration",
+    whether a checkpoint of another architecture may load partly. `select` limits the load to the
+    parameters whose names it accepts (the rest keep their values); `partial=True` expects the
+    checkpoint to hold more than that (a pretrained model's LM head under a fine-tuning head) and
+    does not report its unused tensors. Returns {"iteration",
     "consumed_samples", "extra", "config" (the saved config.json, or None), "path",
     "tokenizer" (the saving tokenizer's describe(), None for older checkpoints)}."""
     mesh = mesh or model.mesh
@@ -652,8 +661,8 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     if optimizer is not None and not saved_states and not any(optimizer.state.values()):
         warnings.warn(f"checkpoint {path} has no optimizer state (saved without an optimizer or "
                       "before the first step); the optimizer starts fresh")
-    targets = load_targets(models, optimizer, mesh, cfg, saved_states)
-    targets = _check_fit(targets, metadata, path, meta, cfg, strictness)
+    targets = load_targets(models, optimizer, mesh, cfg, saved_states, select)
+    targets = _check_fit(targets, metadata, path, meta, cfg, strictness, partial)
     state = {t.key: t.value for t in targets}
     extra_tensors = _extra_targets(meta, metadata)
     state.update(extra_tensors)

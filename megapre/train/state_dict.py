@@ -51,11 +51,17 @@ class ParamSlot:
     tied_copy: bool  # last stage's copy of the tied word table: loaded from `key`, never saved
 
 
-def param_slots(models: list[nn.Module]) -> list[ParamSlot]:
-    """Slots of every parameter of this rank's model chunks (GPTModel / BertModel pieces)."""
+KeyFilter = Callable[[str], bool]  # which parameters (by checkpoint name) a save/load covers
+
+
+def param_slots(models: list[nn.Module], keep: KeyFilter | None = None) -> list[ParamSlot]:
+    """Slots of every parameter of this rank's model chunks (GPTModel / BertModel pieces), or
+    of those whose name `keep` accepts (a LoRA checkpoint holds only the adapters and head)."""
     slots, seen = [], set()
     for model in models:
         for name, p in model.named_parameters():
+            if keep is not None and not keep(name):
+                continue
             tied = name == TIED_COPY
             key = TIED_SOURCE if tied else name
             if key in seen and not tied:
@@ -118,10 +124,11 @@ def optimizer_states(optimizer: torch.optim.Optimizer | None, slot: ParamSlot
 
 
 def save_state_dict(models: list[nn.Module], optimizer: torch.optim.Optimizer | None,
-                    mesh: ParallelMesh, cfg: TransformerConfig) -> dict[str, torch.Tensor]:
+                    mesh: ParallelMesh, cfg: TransformerConfig, keep: KeyFilter | None = None
+                    ) -> dict[str, torch.Tensor]:
     """Checkpoint entries of this rank (collective over TP for the vocabulary tables)."""
     out: dict[str, torch.Tensor] = {}
-    for slot in param_slots(models):
+    for slot in param_slots(models, keep):
         if slot.tied_copy:
             continue
         out[MODEL_PREFIX + slot.key] = _saved_view(slot, slot.param, mesh, cfg)
@@ -168,11 +175,13 @@ def _copy_if_moved(src: torch.Tensor, dst: torch.Tensor) -> None:
 
 def load_targets(models: list[nn.Module], optimizer: torch.optim.Optimizer | None,
                  mesh: ParallelMesh, cfg: TransformerConfig,
-                 saved_states: dict[str, list[str]] | None = None) -> list[LoadTarget]:
-    """Entries this rank needs. `saved_states` (param key -> optimizer state names found in the
-    checkpoint) lets a fresh optimizer, which has no state yet, get buffers to load into."""
+                 saved_states: dict[str, list[str]] | None = None,
+                 keep: KeyFilter | None = None) -> list[LoadTarget]:
+    """Entries this rank needs (of the parameters `keep` accepts). `saved_states` (param key ->
+    optimizer state names found in the checkpoint) lets a fresh optimizer, which has no state
+    yet, get buffers to load into."""
     targets = []
-    for slot in param_slots(models):
+    for slot in param_slots(models, keep):
         targets.append(_load_target(MODEL_PREFIX + slot.key, slot, slot.param, mesh, cfg))
         if optimizer is None:
             continue
