@@ -26,11 +26,13 @@ from megapre.errors import ConfigError
 BUCKET_GLOBAL_BATCHES = 50  # global batches sorted together when bucketing by length
 
 
-def collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
+def collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to: int | None = None,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Right-padded tensors of `samples` ({"tokens", "types", "label", "weight"}, optional "index"):
     tokens/types/padding_mask (1 = real token) [b, L] long, lengths [b] long, labels [b] long (float32
     when the labels are floats: regression), weight [b] float32, index [b] long when given.
-    L is the longest sample, or exactly `pad_to`."""
+    L is the longest sample rounded up to a multiple of `pad_multiple` (sequence parallelism splits
+    the sequence over TP), or exactly `pad_to`."""
     if not samples:
         raise ValueError("collate needs at least one sample")
     lengths = np.fromiter((s["tokens"].size for s in samples), dtype=np.int64, count=len(samples))
@@ -38,7 +40,7 @@ def collate(samples: Sequence[dict[str, Any]], pad_id: int, pad_to: int | None =
     if pad_to is not None and longest > pad_to:
         raise ConfigError(f"a sample of {longest} tokens does not fit the padded length {pad_to} (--seq-length); "
                           "encode the task with the same --seq-length")
-    width = longest if pad_to is None else pad_to
+    width = -(-longest // pad_multiple) * pad_multiple if pad_to is None else pad_to
     tokens = np.full((len(samples), width), pad_id, dtype=np.int64)
     types = np.zeros((len(samples), width), dtype=np.int64)
     for row, s in enumerate(samples):
@@ -70,6 +72,7 @@ class BatchPlan:
     seed: int
     bucket_by_length: bool = False
     pad_to: int | None = None  # pipeline parallelism: every micro-batch padded to --seq-length
+    pad_multiple: int = 1  # sequence parallelism: padded lengths divisible by the TP size
 
     def __post_init__(self) -> None:
         for name, flag in (("micro_batch_size", "--micro-batch-size"), ("global_batch_size", "--global-batch-size"),
@@ -183,7 +186,7 @@ class TaskBatches:
 
     # --------------------------------------------------------------------------------- padding
     def _collate(self, samples: list[dict[str, Any]], mode: str) -> dict[str, torch.Tensor]:
-        batch = collate(samples, self.pad_id, self.plan.pad_to)
+        batch = collate(samples, self.pad_id, self.plan.pad_to, self.plan.pad_multiple)
         counts = self._tokens[mode]
         counts[0] += int((batch["lengths"] * (batch["weight"] > 0)).sum())
         counts[1] += batch["tokens"].numel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -42,9 +43,13 @@ class Runtime:
 
 def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
                   virtual_pipeline: int | None = None,
-                  recompute_granularity: str | None = None) -> Runtime:
+                  recompute_granularity: str | None = None,
+                  adapter: Callable[[TransformerConfig, ParallelMesh], Any] | None = None
+                  ) -> Runtime:
     """Tokenizer (unless given), mesh (joins torchrun's process group) and a freshly initialized
-    model in the layout of `cfg` (with `virtual_pipeline` model chunks per pipeline rank)."""
+    model in the layout of `cfg` (with `virtual_pipeline` model chunks per pipeline rank).
+    `adapter(model_cfg, mesh)` builds another model kind's ModelAdapter (fine-tuning's
+    TaskAdapter); the default is the pretraining model of `cfg.model.model`."""
     p = cfg.parallel
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if tokenizer is None:
@@ -59,7 +64,12 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
         sequence_parallel=p.sequence_parallel, timeout_s=p.distributed_timeout_minutes * 60),
         device)
     tracker = set_random_seed(cfg.train.seed, mesh)
-    model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
-                                tracker=tracker, recompute_granularity=recompute_granularity,
-                                add_binary_head=cfg.model.bert_binary_head)
+    if adapter is not None:
+        model = ParallelModel.from_adapter(adapter(model_cfg, mesh), seed=cfg.train.seed,
+                                           tracker=tracker,
+                                           recompute_granularity=recompute_granularity)
+    else:
+        model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
+                                    tracker=tracker, recompute_granularity=recompute_granularity,
+                                    add_binary_head=cfg.model.bert_binary_head)
     return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)

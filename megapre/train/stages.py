@@ -97,7 +97,11 @@ class ModelAdapter:
             raise ValueError(f"--model {kind!r} is not one of {', '.join(MODEL_KINDS)}")
         self.kind, self.cfg, self.mesh = kind, cfg, mesh
         self.add_binary_head = add_binary_head and kind == "bert"
-        self.loss: LossFn = lm_loss if kind == "gpt" else bert_loss
+        self._loss_fn: LossFn = lm_loss if kind == "gpt" else bert_loss
+
+    def loss(self, output, target, norm: Normalizers):
+        """This micro-batch's share of the global-batch loss (megapre/train/losses.py)."""
+        return self._loss_fn(output, target, norm)
 
     def part_names(self) -> set[str]:
         """The loss parts the step reports (the same on every rank)."""

@@ -69,7 +69,15 @@ class TaskAdapter(ModelAdapter):
         super().__init__(kind, cfg, mesh, add_binary_head=False)
         head.validate()
         self.head, self.adaptation = head, adaptation
-        self.loss = task_loss
+        self.collected: list[tuple[torch.Tensor, ...]] | None = None
+
+    def loss(self, logits: torch.Tensor, target, norm: Normalizers):
+        """`task_loss`; while `collected` is a list (evaluation), also keeps each micro-batch's
+        (logits, labels, weight, index) on the last stage, in micro-batch order."""
+        if self.collected is not None:
+            self.collected.append(tuple(t.detach().float().cpu() if t.is_floating_point()
+                                        else t.detach().cpu() for t in (logits, *target)))
+        return task_loss(logits, target[:2], norm)
 
     def part_names(self) -> set[str]:
         return {"task loss"}
@@ -110,7 +118,10 @@ class TaskAdapter(ModelAdapter):
         kwargs = {"lengths": mb["lengths"]}
         if self.kind == "bert":
             kwargs.update(types=mb["types"], padding_mask=mb["padding_mask"])
-        return MicroBatch((mb["tokens"],), kwargs, (mb["labels"], mb["weight"]))
+        index = mb.get("index")
+        if index is None:
+            index = torch.full_like(mb["lengths"], -1)
+        return MicroBatch((mb["tokens"],), kwargs, (mb["labels"], mb["weight"], index))
 
     def local_counts(self, mbs: list[MicroBatch]) -> torch.Tensor:
         """[real tokens, real samples] of this rank's micro-batches."""
