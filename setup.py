@@ -149,6 +149,7 @@ def main() -> None:
         },
         entry_points={"console_scripts": [
             "megapre-pretrain = megapre.cli.pretrain:main",
+            "megapre-finetune = megapre.cli.finetune:main",
             "megapre-preprocess-data = megapre.cli.preprocess_data:main",
             "megapre-train-tokenizer = megapre.cli.train_tokenizer:main",
             "megapre-merge-datasets = megapre.cli.merge_datasets:main",

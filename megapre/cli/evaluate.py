@@ -29,6 +29,7 @@ from megapre.train.step import EvalStep, StepConfig
 
 from .common import (apply_common, autocast, checkpoint_parser, is_main_rank, run_cli,
                      write_json_atomic)
+from .evaluate_task import add_task_flags, evaluate_task
 from .flags import add_section_flags, section_values
 
 # Data flags shared with megapre.pretrain (one declaration, megapre.data.args.DataArgs).
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     add_section_flags(p, "data", DataArgs, only=CACHE_FLAGS, show_defaults=False,
                       title="index cache and blend order (default: the run's)")
+    add_task_flags(p)
     return p
 
 
@@ -97,6 +99,8 @@ def _apply_batch_flags(cfg, args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> int:
+    if args.task_data:
+        return evaluate_task(args)
     iters = _eval_iters(args.eval_iters)
     path = checkpoint_io.resolve(args.load, args.iteration)
     cfg = apply_common(checkpoint_io.saved_config(path), args)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -233,15 +232,11 @@ class Finetuner:
         report = task_eval.report(pred, self.data.labels)
         report["truncated"] = data.truncated
         epoch = self.iteration / self.steps_per_epoch
-        title = f"{split} at iteration {self.iteration} (epoch {epoch:.2f}): {len(data)} examples"
+        title = f"{split} at iteration {self.iteration} (epoch {epoch:.2f})"
         self.logger.log(metrics_record(report, split, epoch, self.iteration),
                         console=format_report(report, title))
         if predictions_path:
-            names = None if self.data.labels.regression else list(self.data.labels.names)
-            probs = None if self.data.labels.regression else pred.probabilities()
-            guess = pred.predicted(self.data.labels.regression)
-            shown = guess.tolist() if names is None else [names[i] for i in guess]
-            write_predictions(predictions_path, data.sources, shown, probs, names)
+            _write_predictions(predictions_path, data, pred, self.data.labels)
         return report
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -372,3 +367,85 @@ class _Window:
         return out
 
 
+
+
+@dataclass
+class Finetuned:
+    """A fine-tuned checkpoint opened for inference in this job's layout."""
+
+    cfg: FinetuneConfig
+    runtime: Any
+    labels: LabelSet
+    task_state: dict
+    step: TrainStep
+    iteration: int
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def open_finetuned(path: Path, adjust=None) -> Finetuned:
+    """Build the task model of fine-tuned checkpoint `path` (LoRA adapters on their base) with
+    its saved config, after `adjust(cfg)` sets this job's layout, batch sizes and device."""
+    from .checkpoint import read_config, read_meta
+    from .finetune_args import finetune_from_dict
+
+    cfg = finetune_from_dict(read_config(path) or {})
+    task_state = (read_meta(path).get("extra") or {}).get("task")
+    if not task_state:
+        raise ConfigError(f"{path} is not a fine-tuned checkpoint (no task head recorded); "
+                          "evaluate a pretraining checkpoint with --data-path or --text-file")
+    if adjust is not None:
+        adjust(cfg)
+    cfg.checkpoint.load = str(path)
+    cfg.checkpoint.save = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = validate_finetune(cfg, world).config
+    labels = LabelSet.from_dict(task_state["labels"])
+    rt, _, _ = build_task_runtime(cfg, labels)
+    try:
+        iteration, _ = load_task_weights(rt, cfg, path, task_state, None, lambda _: None)
+        t = cfg.train
+        step = TrainStep(rt.model, None, StepConfig(t.micro_batch_size, t.global_batch_size,
+                                                    t.clip_grad, _schedule(cfg, rt.mesh)))
+    except BaseException:
+        rt.close()
+        raise
+    return Finetuned(cfg, rt, labels, task_state, step, iteration)
+
+
+def _schedule(cfg: FinetuneConfig, mesh) -> str | None:
+    from megapre.parallel.layout import resolve_schedule
+
+    return resolve_schedule(cfg.parallel.pipeline_schedule if mesh.pp_size > 1 else None,
+                            mesh.pp_size, None)
+
+
+def evaluate_files(ft: Finetuned, files: list[str], columns: TaskColumns,
+                   predictions_path: str | None = None) -> dict | None:
+    """The report of `ft` on labelled `files` (reporting rank; None elsewhere). Labels must be
+    among the checkpoint's."""
+    rt, cfg = ft.runtime, ft.cfg
+    read = read_task_files(files, columns)
+    data = encode_examples(read.examples, ft.labels, rt.tokenizer, cfg.model.model,
+                           cfg.model.seq_length)
+    autocast = (lambda: torch.autocast(rt.device.type, dtype=torch.bfloat16)) if cfg.train.bf16 \
+        else contextlib.nullcontext
+    pred = task_eval.predict(rt.model, ft.step, data, batch_plan(cfg, rt.mesh),
+                             pad_id(rt.tokenizer), autocast)
+    if pred is None:
+        return None
+    report = task_eval.report(pred, ft.labels)
+    report.update(truncated=data.truncated, skipped_empty=read.skipped_empty)
+    if predictions_path:
+        _write_predictions(predictions_path, data, pred, ft.labels)
+    return report
+
+
+def _write_predictions(path: str, data: EncodedTask, pred: task_eval.Predictions,
+                       labels: LabelSet) -> None:
+    names = None if labels.regression else list(labels.names)
+    guess = pred.predicted(labels.regression)
+    shown = guess.tolist() if names is None else [names[i] for i in guess]
+    write_predictions(path, data.sources, shown, None if names is None else pred.probabilities(),
+                      names)
