@@ -313,11 +313,13 @@ class Finetuner:
         t = self.cfg.train
         flags = [float(self.stop.signum), float(t.exit_duration_in_mins is not None and
                                                 time.time() - self.start_time >
-                                                60 * t.exit_duration_in_mins)]
+                                                60 * t.exit_duration_in_mins),
+                 float(t.exit_interval is not None and self.iteration % t.exit_interval == 0
+                       and self.iteration < self.train_iters)]
         vec = torch.tensor(flags, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        for name, v in zip(("signal", "exit-duration-in-mins"), vec.tolist()):
+        for name, v in zip(("signal", "exit-duration-in-mins", "exit-interval"), vec.tolist()):
             if v > 0:
                 self._print(f"stopping at iteration {self.iteration}: {name}")
                 return name

@@ -62,7 +62,8 @@ TASK_SECTIONS = {**SECTIONS, "task": TaskArgs}
 FLAGS = {
     "model": ("seq_length", "hidden_dropout", "attention_dropout", "attention_backend"),
     "train": ("micro_batch_size", "global_batch_size", "train_iters", "seed", "clip_grad", "bf16",
-              "fp16", "recompute_granularity", "device", "exit_duration_in_mins"),
+              "fp16", "recompute_granularity", "device", "exit_duration_in_mins",
+              "exit_interval"),
     "optim": ("lr", "min_lr", "lr_decay_style", "lr_warmup_fraction", "lr_warmup_iters",
               "weight_decay", "adam_beta1", "adam_beta2", "adam_eps"),
     "parallel": ("tensor_model_parallel_size", "pipeline_model_parallel_size", "sequence_parallel",

@@ -99,9 +99,10 @@ class MetricsLogger:
     def __init__(self, enabled: bool, metrics_path: str | None = None,
                  tensorboard_dir: str | None = None, wandb_project: str | None = None,
                  wandb_name: str | None = None, config: dict | None = None,
-                 stream: TextIO = sys.stdout) -> None:
+                 stream: TextIO | None = None) -> None:
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stdout  # as of now, not of import
+
         self.metrics_path = metrics_path
         self._jsonl = self._tb = self._wandb = None
         if not enabled:
