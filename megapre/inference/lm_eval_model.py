@@ -23,7 +23,7 @@ Against `megapre.evaluate --text-file`: a rolling task whose one document is a f
 The harness's built-in `wikitext` task differs on purpose: each Wikipedia article is its own
 document (its own end-of-document start, context reset), the scored text is detokenized
 (" @-@ " -> "-", " , " -> ", ", ...), and words are counted on the original article with
-re.split(r"\s+"), which also counts the empty strings at its edges. --text-file scores the file
+re.split(r"\\s+"), which also counts the empty strings at its edges. --text-file scores the file
 as written, as one text, with str.split() words.
 
 Layouts: one process by default. Under torchrun with `tensor_model_parallel_size` x
@@ -97,7 +97,7 @@ class MegapreLM(TemplateLM):
                  vocab_file: str | None = None, merge_file: str | None = None,
                  tokenizer_model: str | None = None, allow_tokenizer_mismatch: bool = False,
                  max_batch_size: int | None = None, **unused: Any) -> None:
-        super().__init__()
+        super().__init__()  # max_batch_size: the harness passes it; no automatic batch size
         if unused:
             raise ValueError(f"megapre lm-eval: unknown model argument(s) "
                              f"{', '.join(sorted(unused))}; see megapre/inference/lm_eval_model.py")
