@@ -145,6 +145,7 @@ def main() -> None:
             "data": ["sentencepiece", "zstandard", "pyarrow", "tiktoken", "orjson"],
             "logging": ["tensorboard", "wandb"],
             "plot": ["matplotlib"],
+            "eval": ["lm-eval", "scikit-learn"],
             "test": ["pytest", "ninja", "pybind11", "megatron-core>=0.12", "regex"],
         },
         entry_points={"console_scripts": [
@@ -162,6 +163,7 @@ def main() -> None:
             "megapre-checkpoint = megapre.cli.checkpoint:main",
             "megapre-bert-samples = megapre.cli.bert_samples:main",
             "megapre-plot = megapre.cli.plot_metrics:main",
+            "megapre-lm-eval = megapre.cli.lm_eval:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
