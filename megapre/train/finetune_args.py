@@ -101,6 +101,8 @@ def finetune_defaults(base: PretrainConfig) -> FinetuneConfig:
     """A FinetuneConfig holding `base`'s model and tokenizer and fine-tuning defaults elsewhere."""
     cfg = FinetuneConfig()
     cfg.model = copy.deepcopy(base.model)
+    # the position table is the checkpoint's, whatever --seq-length fine-tuning uses
+    cfg.model.max_position_embeddings = base.model.max_position_embeddings or base.model.seq_length
     for name in BASE_DATA:
         setattr(cfg.data, name, getattr(base.data, name))
     cfg.train.micro_batch_size = 32

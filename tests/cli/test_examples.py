@@ -15,7 +15,7 @@ from conftest import SHARED_DATA, write_counting_corpus
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 SCRIPTS = ["quickstart.sh", "pretrain_gpt.sh", "pretrain_bert.sh", "slurm_multinode.sbatch",
-           "shakespeare_char.sh"]
+           "shakespeare_char.sh", "finetune_sst2.sh"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -56,6 +56,8 @@ def test_shakespeare_missing_text_is_named(tmp_path):
     ("quickstart.sh", {"QUICKSTART_STEPS": "ten", "QUICKSTART_TINY": "1"}),
     ("quickstart.sh", {"QUICKSTART_TP": "0"}),
     ("shakespeare_char.sh", {"SHAKESPEARE_ITERS": "50"}),
+    ("finetune_sst2.sh", {"EPOCHS": "two"}),
+    ("finetune_sst2.sh", {"LORA_RANK": "-4"}),
 ])
 def test_bad_settings_are_named_before_any_work(script, env, tmp_path):
     # shakespeare_char.sh gets a text that exists (this file) so only the setting can be wrong,
@@ -156,3 +158,26 @@ def test_quickstart_tiny_runs_end_to_end(tmp_path):
     sample = json.loads((work / "run" / "sample.json").read_text())["samples"][0]
     assert sample["prompt"] == "The function returns" and sample["ids"]
     assert "  sample " in out and "  evaluate " in out
+
+
+@pytest.mark.slow
+def test_finetune_sst2_tiny_runs_end_to_end(tmp_path):
+    """Books -> WordPiece vocabulary -> sentence dataset -> BERT pretraining -> SST-2 fine-tuning
+    -> report -> evaluate, on slices of the shared data; then LoRA on the same pretrained model."""
+    for name in ("gutenberg/gutenberg_en_24MiB.txt", "sst2/train.tsv", "sst2/test.tsv"):
+        if not (SHARED_DATA / name).is_file():
+            pytest.skip(f"{SHARED_DATA / name} is absent")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TINY": "1", "EPOCHS": "1",
+           "DATA_DIR": str(SHARED_DATA), "OMP_NUM_THREADS": "1"}
+    work = tmp_path / "run"
+    proc = subprocess.run(["bash", str(EXAMPLES / "finetune_sst2.sh"), str(work)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SST-2 dev accuracy" in proc.stdout
+    report = json.loads((work / "sst2" / "report.json").read_text())
+    assert set(report) == {"valid", "test"} and report["test"]["examples"] == 399
+    lora = subprocess.run(["bash", str(EXAMPLES / "finetune_sst2.sh"), str(work)],
+                          env={**env, "PRETRAINED": str(work / "bert"), "LORA_RANK": "4"},
+                          capture_output=True, text=True, timeout=900)
+    assert lora.returncode == 0, lora.stdout[-2000:] + lora.stderr[-3000:]
+    assert "LoRA:" in lora.stdout and (work / "sst2-lora4" / "report.json").is_file()
