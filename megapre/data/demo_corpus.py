@@ -6,12 +6,18 @@ quickstart; real runs use real corpora.
 
     python tools/make_demo_corpus.py --output demo.jsonl [--sources stdlib,torch,numpy] [--max-mb 8]
 
+The same sources give a labelled task for fine-tuning, also present on every machine: which
+library (stdlib, torch, numpy) documents a docstring paragraph (`write_task`; whole modules go to
+one split, so no test paragraph comes from a module seen in training).
+
 (front end: megapre/cli/make_demo_corpus.py)
 """
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
+import random
 import json
 import os
 import sys
@@ -94,3 +100,58 @@ def write_corpus(output: Path, sources: list[str], max_bytes: int, min_chars: in
         if tmp.exists():
             tmp.unlink()
     return {"documents": docs, "characters": chars, "output": str(output)}
+
+
+TASK_SPLITS = (("train", 80), ("valid", 10), ("test", 10))  # percent of modules
+
+
+def _split_of(module: str) -> str:
+    """train / valid / test by a hash of the module's path: stable across machines and runs."""
+    bucket = int(hashlib.sha256(module.encode()).hexdigest(), 16) % 100
+    for name, share in TASK_SPLITS:
+        if bucket < share:
+            return name
+        bucket -= share
+    return TASK_SPLITS[-1][0]
+
+
+def task_rows(sources: list[str], min_chars: int = 60, max_chars: int = 600) -> Iterator[dict]:
+    """{"text", "label", "source", "split"} for the first paragraph of every docstring."""
+    for doc in documents(sources, min_chars=200):
+        label, module = doc["source"].split(":", 1)
+        for para in dict.fromkeys(p.strip() for p in doc["text"].split("\n\n")):
+            if min_chars <= len(para) <= max_chars:
+                yield {"text": para, "label": label, "source": doc["source"],
+                       "split": _split_of(doc["source"])}
+
+
+def write_task(prefix: Path, sources: list[str], rows_per_label: int, seed: int = 0) -> dict:
+    """PREFIX.{train,valid,test}.jsonl with up to `rows_per_label` training rows per library
+    (valid/test: an eighth of that each), shuffled with `seed`; temp files then rename."""
+    by_split: dict[str, dict[str, list[dict]]] = {name: {} for name, _ in TASK_SPLITS}
+    for row in task_rows(sources):
+        by_split[row.pop("split")].setdefault(row["label"], []).append(row)
+    if not by_split["train"]:
+        raise RuntimeError(f"no docstrings found in sources {sources}")
+    rng = random.Random(seed)
+    counts = {}
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    for name, _ in TASK_SPLITS:
+        cap = rows_per_label if name == "train" else max(rows_per_label // 8, 1)
+        rows = []
+        for label in sorted(by_split[name]):
+            group = by_split[name][label]
+            rng.shuffle(group)
+            rows += group[:cap]
+        rng.shuffle(rows)
+        out = prefix.with_name(f"{prefix.name}.{name}.jsonl")
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                           encoding="utf-8")
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        counts[name] = len(rows)
+    return counts

@@ -60,3 +60,12 @@ def test_walkthrough_runs_as_written(tmp_path):
     assert (tmp_path / "ckpt" / "iter_0000150").is_dir(), "step 6 did not train on to 150"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("iteration") == 150 for r in records), "the resumed run did not append its metrics"
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["test"]["names"] == ["numpy", "stdlib", "torch"]
+    assert report["test"]["accuracy"] > 0.5  # three balanced classes: chance is 1/3
+    task = json.loads(next(line for line in proc.stdout.splitlines()
+                           if line.startswith("{") and '"confusion_matrix"' in line))
+    assert task["confusion_matrix"] == report["test"]["confusion_matrix"]
+    ppl = json.loads(next(line for line in proc.stdout.splitlines()
+                          if line.startswith("{") and '"word_ppl"' in line))
+    assert ppl["tokens"] > 1000 and ppl["word_ppl"] > ppl["token_ppl"] > 1
