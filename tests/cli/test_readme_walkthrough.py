@@ -1,5 +1,5 @@
 """README's "From text to a trained model" block, run exactly as written (in a scratch directory
-that links `tools/` and `examples/` from this checkout): the commands must work when pasted in
+that links `tools/`, `examples/` and README.md from this checkout): the commands must work when pasted in
 order, each using what the one before it wrote."""
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_walkthrough_runs_as_written(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    for name in ("tools", "examples"):
+    for name in ("tools", "examples", "README.md"):
         (tmp_path / name).symlink_to(ROOT / name)
     bindir = tmp_path / "bin"
     bindir.mkdir()
