@@ -30,11 +30,11 @@ from megapre.model.heads import HeadConfig
 
 from . import task_eval, task_weights
 from .finetune_args import FinetuneConfig, validate_finetune
-from .loop import _StopFlag
 from .metrics import MetricsLogger, format_duration
 from .optim import build_optimizer, schedule_from_args, schedule_state, set_lr
 from .runtime import build_runtime
 from .step import StepConfig, TrainStep
+from .stop_flag import StopFlag
 from .task_report import format_report, metrics_record, write_predictions, write_report
 from .task_stages import Adaptation, TaskAdapter
 
@@ -162,7 +162,7 @@ class Finetuner:
         self.reporting = task_eval.is_reporting_rank(self.model)
         self.logger = MetricsLogger(self.reporting, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         # last: nothing after a restored checkpoint may draw random numbers
         self.iteration, self.base_fingerprint = load_task_weights(
             rt, cfg, resume, self.saved_task, self.optimizer, self._print)

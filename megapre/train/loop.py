@@ -28,6 +28,9 @@ from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_
 from .optim import build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
+from .stop_flag import StopFlag
+
+_StopFlag = StopFlag  # the name tests and older code import
 
 
 @dataclass
@@ -37,46 +40,6 @@ class TrainState:
     skipped_total: int = 0
     skipped_in_a_row: int = 0
     extra: dict = field(default_factory=dict)
-
-
-class _StopFlag:
-    """SIGTERM (the scheduler's warning) or a first Ctrl-C (SIGINT) asks for a checkpoint and a
-    clean exit at the end of the current step. A repeated signal (torchrun forwards the one its
-    process group already got) changes nothing, except a second Ctrl-C pressed more than
-    `ESCALATE_S` after the first, which interrupts at once (KeyboardInterrupt)."""
-
-    ESCALATE_S = 2.0
-
-    def __init__(self) -> None:
-        self.signum = 0  # the first stop signal received, 0 while none
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    @property
-    def raised(self) -> bool:
-        return self.signum != 0
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread (tests): no handler
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        """The handlers from before the run: a process that goes on after the trainer (a
-        notebook, a test session) must stop on SIGTERM again."""
-        for sig, previous in self._previous.items():
-            with contextlib.suppress(ValueError, TypeError):
-                signal.signal(sig, previous)
-        self._previous.clear()
-
-    def _handle(self, signum, frame) -> None:
-        now = time.monotonic()
-        if not self.signum:
-            self.signum, self._first_at = signum, now
-            return
-        if signum == signal.SIGINT and now - self._first_at > self.ESCALATE_S:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            raise KeyboardInterrupt
 
 
 class Trainer:
@@ -112,7 +75,7 @@ class Trainer:
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
         self.peak, self.peak_source = device_peak_tflops(self.device)
         self.flops_token = flops_per_token(self.model_cfg, cfg.model.seq_length)
-        self.stop = _StopFlag()
+        self.stop = StopFlag()
         self.stop.install()
         # Last: nothing after a restored checkpoint may draw from the global generators, or the
         # resumed run's dropout masks would be off by those draws.
