@@ -163,12 +163,28 @@ class Finetuner:
         self.logger = MetricsLogger(self.reporting, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
         self.stop = StopFlag()
+        self.save_lock = self._lock_save_dir()
         # last: nothing after a restored checkpoint may draw random numbers
-        self.iteration, self.base_fingerprint = load_task_weights(
-            rt, cfg, resume, self.saved_task, self.optimizer, self._print)
+        try:
+            self.iteration, self.base_fingerprint = load_task_weights(
+                rt, cfg, resume, self.saved_task, self.optimizer, self._print)
+        except BaseException:
+            self.close()
+            raise
         self.stop.install()
 
     # -- set-up ------------------------------------------------------------------------------
+    def _lock_save_dir(self):
+        """One run per --save directory, as for pretraining."""
+        if not self.cfg.checkpoint.save:
+            return None
+        from .checkpoint_lock import lock_save_dir
+
+        lock, notes = lock_save_dir(self.cfg.checkpoint.save, self.device)
+        for note in notes:
+            self._print(f"WARNING: {note}")
+        return lock
+
     def _pad_id(self) -> int:
         return pad_id(self.tokenizer)
 
@@ -330,6 +346,9 @@ class Finetuner:
             print(f"[megapre] {text}", flush=True)
 
     def close(self) -> None:
+        if getattr(self, "save_lock", None) is not None:
+            self.save_lock.release()
+            self.save_lock = None
         self.stop.restore()
         self.mesh.destroy()
 
