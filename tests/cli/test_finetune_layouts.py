@@ -54,3 +54,24 @@ def test_torchrun_layout_equals_single_process(layout, task, single, tmp_path):
     assert (tmp_path / "pred.tsv").read_text().splitlines()[0] == \
         (single.parent / "pred.tsv").read_text().splitlines()[0]
     assert len((tmp_path / "pred.tsv").read_text().splitlines()) == 49
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["pp2", "tp2"])
+def test_evaluate_task_data_in_another_layout(layout, task, single, tmp_path):
+    """The single-process fine-tuned checkpoint scored by `torchrun -m megapre.evaluate
+    --task-data` in another layout gives the run's own test report."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "megapre.evaluate", "--load", str(single), "--task-data",
+           str(task["test"]), "--device", "cpu", "--output-json", str(out), *LAYOUTS[layout]]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    want = json.loads((single / "report.json").read_text())["test"]
+    assert got["layout"][layout[:2]] == 2
+    assert got["confusion_matrix"] == want["confusion_matrix"]
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    assert "confusion matrix" in proc.stdout
