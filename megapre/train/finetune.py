@@ -407,7 +407,8 @@ class Finetuned:
 
 def open_finetuned(path: Path, adjust=None) -> Finetuned:
     """Build the task model of fine-tuned checkpoint `path` (LoRA adapters on their base) with
-    its saved config, after `adjust(cfg)` sets this job's layout, batch sizes and device."""
+    its saved config, after `adjust(cfg)` sets this job's layout, batch sizes and device (a
+    global batch left None becomes micro-batch x DP x PP: one micro-batch per pipeline stage)."""
     from .checkpoint import read_config, read_meta
     from .finetune_args import finetune_from_dict
 
@@ -421,6 +422,11 @@ def open_finetuned(path: Path, adjust=None) -> Finetuned:
     cfg.checkpoint.load = str(path)
     cfg.checkpoint.save = None
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    p = cfg.parallel
+    if cfg.train.global_batch_size is None:  # enough micro-batches to fill the pipeline
+        stages = p.pipeline_model_parallel_size
+        dp = max(world // (p.tensor_model_parallel_size * stages), 1)
+        cfg.train.global_batch_size = cfg.train.micro_batch_size * dp * stages
     cfg = validate_finetune(cfg, world).config
     labels = LabelSet.from_dict(task_state["labels"])
     rt, _, _ = build_task_runtime(cfg, labels)
