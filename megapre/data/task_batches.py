@@ -122,7 +122,7 @@ class TaskBatches:
             raise ValueError(f"epoch must be >= 0, got {epoch}")
         if self._order is not None and self._order[0] == epoch:
             return self._order[1]
-        n, G = len(self.data), self.plan.global_batch_size
+        n = len(self.data)
         order = np.random.default_rng([self.plan.seed, epoch]).permutation(n)
         if self.plan.bucket_by_length and self.steps_per_epoch:
             order = self._bucketed(order, np.random.default_rng([self.plan.seed, epoch, 1]))

@@ -6,8 +6,6 @@ import json
 import random
 from pathlib import Path
 
-import pytest
-
 from conftest import COUNTING_VOCAB, write_counting_corpus
 from megapre.cli import finetune as finetune_cli
 
