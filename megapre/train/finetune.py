@@ -34,7 +34,7 @@ from .metrics import MetricsLogger, format_duration
 from .optim import build_optimizer, schedule_from_args, schedule_state, set_lr
 from .runtime import build_runtime
 from .step import StepConfig, TrainStep
-from .stop_flag import StopFlag
+from .stop_flag import StopFlag, agreed_stop
 from .task_report import format_report, metrics_record, write_predictions, write_report
 from .task_stages import Adaptation, TaskAdapter
 
@@ -327,19 +327,16 @@ class Finetuner:
 
     def _should_exit(self) -> str | None:
         t = self.cfg.train
-        flags = [float(self.stop.signum), float(t.exit_duration_in_mins is not None and
-                                                time.time() - self.start_time >
-                                                60 * t.exit_duration_in_mins),
-                 float(t.exit_interval is not None and self.iteration % t.exit_interval == 0
-                       and self.iteration < self.train_iters)]
-        vec = torch.tensor(flags, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        for name, v in zip(("signal", "exit-duration-in-mins", "exit-interval"), vec.tolist()):
-            if v > 0:
-                self._print(f"stopping at iteration {self.iteration}: {name}")
-                return name
-        return None
+        reason = agreed_stop(
+            self.stop.signum,
+            t.exit_duration_in_mins is not None and
+            time.time() - self.start_time > 60 * t.exit_duration_in_mins,
+            t.exit_interval is not None and self.iteration % t.exit_interval == 0
+            and self.iteration < self.train_iters,
+            self.device)
+        if reason:
+            self._print(f"stopping at iteration {self.iteration}: {reason}")
+        return reason
 
     def _print(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -28,7 +27,7 @@ from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_
 from .optim import build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
-from .stop_flag import StopFlag
+from .stop_flag import StopFlag, agreed_stop
 
 _StopFlag = StopFlag  # the name tests and older code import
 
@@ -321,23 +320,15 @@ class Trainer:
 
     def _should_exit(self) -> str | None:
         t = self.cfg.train
-        flags = [float(self.stop.signum)]
-        flags.append(float(t.exit_duration_in_mins is not None and
-                           time.time() - self.start_time > 60 * t.exit_duration_in_mins))
-        flags.append(float(t.exit_interval is not None and self.state.iteration % t.exit_interval == 0))
-        vec = torch.tensor(flags, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-        got = vec.tolist()
-        if got[0] > 0:  # the signal's number (max over ranks): name it
-            got[0], names = 1.0, (signal.Signals(int(got[0])).name,)
-        else:
-            names = ("signal",)
-        for name, v in zip(names + ("exit-duration-in-mins", "exit-interval"), got):
-            if v > 0:
-                self._print(f"stopping at iteration {self.state.iteration}: {name}")
-                return name
-        return None
+        reason = agreed_stop(
+            self.stop.signum,
+            t.exit_duration_in_mins is not None and
+            time.time() - self.start_time > 60 * t.exit_duration_in_mins,
+            t.exit_interval is not None and self.state.iteration % t.exit_interval == 0,
+            self.device)
+        if reason:
+            self._print(f"stopping at iteration {self.state.iteration}: {reason}")
+        return reason
 
     def _print(self, text: str) -> None:
         if not dist.is_initialized() or dist.get_rank() == 0:

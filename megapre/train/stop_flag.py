@@ -46,3 +46,22 @@ class StopFlag:
         if signum == signal.SIGINT and now - self._first_at > self.ESCALATE_S:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
+
+
+def agreed_stop(signum: int, duration_expired: bool, interval_hit: bool, device) -> str | None:
+    """The reason every rank stops now (max over ranks, so no rank leaves a collective behind):
+    the received signal's name, "exit-duration-in-mins" or "exit-interval"; None to go on."""
+    import torch
+    import torch.distributed as dist
+
+    vec = torch.tensor([float(signum), float(duration_expired), float(interval_hit)],
+                       device=device)
+    if dist.is_initialized():
+        dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+    got = vec.tolist()
+    if got[0] > 0:  # the signal's number (max over ranks): name it
+        return signal.Signals(int(got[0])).name
+    for name, v in zip(("exit-duration-in-mins", "exit-interval"), got[1:]):
+        if v > 0:
+            return name
+    return None
