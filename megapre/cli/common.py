@@ -99,6 +99,16 @@ def prog_name(module: str) -> str:
     return module
 
 
+def emit_record(record: dict, output_json: Path | None) -> None:
+    """A program's result: one sorted JSON line on stdout, and the same object in --output-json.
+    Call it on the rank that reports."""
+    import json
+
+    print(json.dumps(record, sort_keys=True), flush=True)
+    if output_json is not None:
+        write_json_atomic(output_json, record)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
     path = Path(path)

@@ -20,7 +20,6 @@ Exit codes: 0 done, 2 bad input (the message names the flag or file), 1 anything
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -39,8 +38,8 @@ from megapre.train.data import batches, samples_per_split
 from megapre.train.runtime import build_runtime
 from megapre.train.step import EvalStep, StepConfig
 
-from .common import (apply_common, autocast, checkpoint_parser, is_main_rank, run_cli,
-                     write_json_atomic)
+from .common import (apply_common, autocast, checkpoint_parser, emit_record, is_main_rank,
+                     run_cli)
 from .evaluate_task import add_task_flags, evaluate_task
 from .flags import add_section_flags, section_values
 
@@ -152,9 +151,7 @@ def evaluate(args: argparse.Namespace) -> int:
                   "dataset_samples": len(dataset),
                   "layout": {"tp": rt.mesh.tp_size, "pp": rt.mesh.pp_size, "dp": rt.mesh.dp_size}}
         if is_main_rank():
-            print(json.dumps(record, sort_keys=True), flush=True)
-            if args.output_json is not None:
-                write_json_atomic(args.output_json, record)
+            emit_record(record, args.output_json)
     finally:
         rt.close()
     return 0
@@ -235,9 +232,7 @@ def evaluate_text_file(args: argparse.Namespace) -> int:
                   "document_start": "eod" if rt.tokenizer.eod is not None else "none",
                   "layout": {"tp": rt.mesh.tp_size, "pp": rt.mesh.pp_size, "dp": rt.mesh.dp_size}}
         if is_main_rank():
-            print(json.dumps(record, sort_keys=True), flush=True)
-            if args.output_json is not None:
-                write_json_atomic(args.output_json, record)
+            emit_record(record, args.output_json)
     finally:
         rt.close()
     return 0

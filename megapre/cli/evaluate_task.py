@@ -7,9 +7,8 @@ report table and one JSON line (rank holding the last stage); --output-json writ
 from __future__ import annotations
 
 import argparse
-import json
 
-from .common import apply_common, write_json_atomic
+from .common import apply_common, emit_record
 
 
 def add_task_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,9 +57,7 @@ def evaluate_task(args: argparse.Namespace) -> int:
                       "layout": {"tp": ft.runtime.mesh.tp_size, "pp": ft.runtime.mesh.pp_size,
                                  "dp": ft.runtime.mesh.dp_size}}
             print(format_report(report, ", ".join(args.task_data)), flush=True)
-            print(json.dumps(record, sort_keys=True), flush=True)
-            if args.output_json is not None:
-                write_json_atomic(args.output_json, record)
+            emit_record(record, args.output_json)
     finally:
         ft.close()
     return 0
