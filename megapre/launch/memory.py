@@ -36,7 +36,9 @@ bias (added in fp32), else e)::
 Outside the layers: the first stage keeps the embedding dropout mask; the last stage keeps the
 final norm's input and output and the cross-entropy's fp32 softmax of the logits
 (4 * s*b*V/t) while the logits themselves (e * s*b*V/t) are alive; BERT's LM head adds its
-dense, GELU and norm outputs (3 * e * s*b*h).
+dense and GELU outputs (2 * e * s*b*h) and computes the logits (and the softmax) only at the
+predicted positions: s is then round(mask_prob * s) + 1 per sample, plus the gathered norm output
+of those rows (e * rows*h).
 
 Recomputation: 'full' keeps only each layer's input (4 * s_n*b*h) and rebuilds one layer at a
 time in backward (+ one layer's activations); 'selective' drops the s^2 terms (probs, dropout)
@@ -258,14 +260,21 @@ def embedding_activation_bytes(cfg: TransformerConfig, sh: _Shape) -> int:
     return ids + (sh.mh * sh.s_n * sh.b * cfg.hidden_size if cfg.hidden_dropout > 0 else 0)
 
 
-def head_activation_bytes(cfg: TransformerConfig, kind: str, sh: _Shape) -> int:
+def logit_rows(kind: str, s: int, b: int, mask_prob: float) -> int:
+    """Positions whose vocabulary logits a training step computes: all for GPT; for BERT the
+    predicted ones only, at most round(mask_prob * s) + 1 per sample (the masking budget)."""
+    return min(s, int(mask_prob * s + 0.5) + 1) * b if kind == "bert" else s * b
+
+
+def head_activation_bytes(cfg: TransformerConfig, kind: str, sh: _Shape,
+                          mask_prob: float = 0.15) -> int:
     s, b, h = sh.s, sh.b, cfg.hidden_size
     vocab_local = cfg.padded_vocab_size(sh.tp) // sh.tp
     n = 4 * sh.s_n * b * h + 8 * sh.s_n * b + sh.e * s * b * h  # final norm in, stats, out
-    n += (4 + sh.e) * s * b * vocab_local  # softmax kept by the loss + the live logits
-    if kind == "bert":
-        n += 3 * sh.e * s * b * h
-    return n
+    rows = logit_rows(kind, s, b, mask_prob)
+    if kind == "bert":  # dense and GELU outputs + the predicted rows' gathered norm output
+        n += 2 * sh.e * s * b * h + sh.e * rows * h
+    return n + (4 + sh.e) * rows * vocab_local  # softmax kept by the loss + the live logits
 
 
 def in_flight(schedule: str, pp: int, stage: int, num_microbatches: int, virtual: int) -> float:
@@ -328,12 +337,13 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     largest = max(e * sh.s * sh.b * mc.ffn_hidden_size // tp,
                   e * sh.b * (mc.num_attention_heads // tp) * sh.s ** 2
                   if attention_backend(mc, device, masked) == "fused" else 0,
-                  4 * sh.s * sh.b * mc.padded_vocab_size(tp) // tp)
+                  4 * logit_rows(kind, sh.s, sh.b, checked.data.mask_prob)
+                  * mc.padded_vocab_size(tp) // tp)
     stages = []
     for stage in sorted({0, pp - 1}):
         n = stage_params(mc, kind, tp, pp, stage, binary)
         extra = (embedding_activation_bytes(mc, sh) if stage == 0 else 0) + (
-            head_activation_bytes(mc, kind, sh) if stage == pp - 1 else 0)
+            head_activation_bytes(mc, kind, sh, checked.data.mask_prob) if stage == pp - 1 else 0)
         flight = in_flight(p.pipeline_schedule, pp, stage, num_mb, virtual)
         def held(per_layer: int, once: int = 0) -> int:
             return int(flight * (layers_per_stage * per_layer + extra)) + once
@@ -346,7 +356,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
             activations_selective_recompute=held(layer_sel, layer - layer_sel),
             transient=2 * largest))
     total, non_emb = total_params(mc, kind, binary)
-    fpt = flops_per_token(mc, mc.seq_length)
+    fpt = flops_per_token(mc, mc.seq_length, predicted_fraction=checked.data.mask_prob
+                          if kind == "bert" else 1.0)
     step = fpt * t.global_batch_size * mc.seq_length
     return MemoryEstimate(total, non_emb, mc.padded_vocab_size(tp), world_size, tp, pp, dp,
                           num_mb, t.recompute_granularity, stages, fpt, step, step / world_size,

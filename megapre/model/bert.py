@@ -4,6 +4,7 @@ sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final
     input_ids, tokentype_ids [b, s], padding_mask [b, s] (True = pad)
       -> embedding (+ token types) -> layers -> final norm
       -> LM head: dense + GELU + LayerNorm -> logits vs word table + bias -> masked-LM loss [b, s]
+         (training: the logits of the predicted positions only)
       -> binary head: tanh(dense(h[CLS])) -> 2 logits
     or, fine-tuning (`task_head`): -> pooled [CLS] -> classifier -> logits [b, classes]
 """
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre import ops
-from megapre.parallel.comm import gather_from_sp
+from megapre.parallel.comm import copy_to_tp, gather_from_sp
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
@@ -60,14 +61,30 @@ class BertHeads(nn.Module):
 
     def forward(self, h: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [s(/tp), b, hidden] after the final norm -> (sharded LM logits, binary logits [b, 2])."""
-        binary = None
-        if self.binary is not None:
-            full = h
-            if self.mesh.sequence_parallel:  # [CLS] lives on TP rank 0's chunk; gather it
-                full = gather_from_sp(h, self.mesh.tp_group, 0, grad_is_partial=False)
-            binary = self.binary(torch.tanh(self.pooler(full[0])))
-        t = self.norm(F.gelu(self.dense(h)))
-        return parallel_logits(t, word, self.mesh, self.bias), binary
+        return parallel_logits(self.transform(h), word, self.mesh, self.bias), self.binary_logits(h)
+
+    def binary_logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        if self.binary is None:
+            return None
+        if self.mesh.sequence_parallel:  # [CLS] lives on TP rank 0's chunk; gather it
+            h = gather_from_sp(h, self.mesh.tp_group, 0, grad_is_partial=False)
+        return self.binary(torch.tanh(self.pooler(h[0])))
+
+    def transform(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(h)))
+
+    def predicted_logits(self, h: torch.Tensor, word: torch.Tensor, where: torch.Tensor
+                         ) -> torch.Tensor:
+        """Sharded logits [n, vocab/tp] of the n positions where `where` [s, b] is True only.
+        Why: about 15% of the tokens are predicted, and the vocabulary-wide product is the
+        largest matmul of a small BERT (as the original BERT gathers masked positions first).
+        `where` is the same on every TP rank (the labels are), so the shards line up."""
+        t = self.transform(h)
+        if self.mesh.sequence_parallel:
+            t = gather_from_sp(t, self.mesh.tp_group, 0, grad_is_partial=True)
+        else:
+            t = copy_to_tp(t, self.mesh.tp_group)
+        return F.linear(t[where], word, self.bias)
 
 
 class BertModel(nn.Module):
@@ -108,11 +125,13 @@ class BertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None,
                 tokentype_ids: torch.Tensor | None = None,
                 padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                hidden_states: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+                hidden_states: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                predicted: torch.Tensor | None = None):
         """padding_mask [b, s] bool, True = padding (never attended to). Not last stage: hidden
         states. Last stage: (per-token LM loss [b, s] if labels else sharded logits,
         binary logits [b, 2] or None). Labels of unmasked positions are ignored by the caller's
-        loss mask; pass any valid id there. With a task head: logits [b, classes] (`lengths`
+        loss mask; pass any valid id there. `predicted` [b, s] bool (with labels): compute the
+        LM head only there; the loss is 0 elsewhere. With a task head: logits [b, classes] (`lengths`
         [b] only matters for mean pooling)."""
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
         if self.embedding is not None:
@@ -126,7 +145,20 @@ class BertModel(nn.Module):
             return x
         if self.task_head is not None:
             return self.heads(self.final_norm(x), lengths)
+        if labels is not None and predicted is not None:
+            return self._predicted_loss(self.final_norm(x), labels, predicted)
         logits, binary = self.heads(self.final_norm(x), self.shared_embedding_weight())
         if labels is None:
             return logits, binary
         return token_loss(logits, labels, self.mesh, self.cfg.vocab_size), binary
+
+    def _predicted_loss(self, h: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token LM loss [b, s] computed at the `predicted` positions only, + binary logits."""
+        binary = self.heads.binary_logits(h)
+        where = predicted.t()  # [s, b], as the hidden states
+        logits = self.heads.predicted_logits(h, self.shared_embedding_weight(), where)
+        picked = token_loss(logits[:, None], labels.t()[where][None], self.mesh,
+                            self.cfg.vocab_size)[0]
+        loss = torch.zeros(where.shape, dtype=picked.dtype, device=picked.device)
+        return loss.masked_scatter(where, picked).t(), binary

@@ -73,7 +73,9 @@ class Trainer:
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
         self.peak, self.peak_source = device_peak_tflops(self.device)
-        self.flops_token = flops_per_token(self.model_cfg, cfg.model.seq_length)
+        self.flops_token = flops_per_token(
+            self.model_cfg, cfg.model.seq_length,
+            predicted_fraction=cfg.data.mask_prob if cfg.model.model == "bert" else 1.0)
         self.stop = StopFlag()
         self.stop.install()
         # Last: nothing after a restored checkpoint may draw from the global generators, or the

@@ -26,14 +26,17 @@ GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 3
                    ("A800", 312.0), ("L40S", 362.0), ("A10", 125.0), ("V100", 125.0))
 
 
-def flops_per_token(cfg: TransformerConfig, seq_length: int, training: bool = True) -> float:
+def flops_per_token(cfg: TransformerConfig, seq_length: int, training: bool = True,
+                    predicted_fraction: float = 1.0) -> float:
+    """Model FLOPs per token. `predicted_fraction`: the share of positions whose vocabulary
+    logits are computed (BERT training: the masked ones, --mask-prob)."""
     h, hd = cfg.hidden_size, cfg.head_dim
     nh, ng, f = cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
     qkv = 2 * h * (nh + 2 * ng) * hd
     attn = 2 * 2 * seq_length * nh * hd
     proj = 2 * nh * hd * h
     mlp = 2 * h * f * (3 if cfg.activation == "swiglu" else 2)
-    logits = 2 * h * cfg.padded_vocab_size(1)
+    logits = 2 * h * cfg.padded_vocab_size(1) * predicted_fraction
     forward = cfg.num_layers * (qkv + attn + proj + mlp) + logits
     return 3.0 * forward if training else float(forward)
 

@@ -71,7 +71,8 @@ class BertChunk(nn.Module):
         pad = None if padding_mask is None else padding_mask == 0  # model: True = padding
         out = self.model(input_ids=x if first else None, tokentype_ids=types if first else None,
                          padding_mask=pad, labels=labels.clamp(min=0) if last else None,
-                         hidden_states=None if first else x)
+                         hidden_states=None if first else x,
+                         predicted=labels >= 0 if last else None)
         if not last:
             return out.to(PIPE_DTYPE)
         lm, binary = out

@@ -32,6 +32,21 @@ def _batch():
     return ids[:, :-1], ids[:, 1:]
 
 
+def _predicted() -> torch.Tensor:
+    """Masked-LM positions [B, S]: a few per sample, none on sample 1's padding."""
+    where = torch.zeros(B, S, dtype=torch.bool)
+    where[0, [0, 3, 7]] = True
+    where[1, [2, 4]] = True
+    return where
+
+
+def _bert_forward(model: BertModel, ids, labels, predicted: torch.Tensor | None):
+    pad = torch.zeros(B, S, dtype=torch.bool)
+    pad[1, 5:] = True
+    types = (torch.arange(S) >= S // 2).long().expand(B, S)
+    return model(ids, types, pad, labels, predicted=predicted)
+
+
 def _run(kind: str, cfg_kw: dict, mesh: ParallelMesh):
     cfg = _cfg(**cfg_kw)
     ids, labels = _batch()
@@ -41,10 +56,8 @@ def _run(kind: str, cfg_kw: dict, mesh: ParallelMesh):
         extra = torch.zeros(())
     else:
         model = BertModel(cfg, mesh, seed=11)
-        pad = torch.zeros(B, S, dtype=torch.bool)
-        pad[1, 5:] = True
-        types = (torch.arange(S) >= S // 2).long().expand(B, S)
-        loss, binary = model(ids, types, pad, labels)
+        predicted = _predicted() if kind == "bert-predicted" else None
+        loss, binary = _bert_forward(model, ids, labels, predicted)
         extra = binary.float().square().sum()
     (loss.mean() + extra).backward()
     sync_sequence_parallel_grads(model, mesh)
@@ -74,6 +87,7 @@ CASES = [
                  normalization="RMSNorm", add_bias_linear=False)),
     ("gpt", dict(untie_embeddings_and_output_weights=True, attention_backend="sdpa")),
     ("bert", {}),
+    ("bert-predicted", {}),
 ]
 
 
@@ -90,3 +104,21 @@ def test_tensor_parallel_matches_single_process(kind, cfg_kw, sp):
         for name in ref_w:
             assert_close(weights[name], ref_w[name], rtol=0, atol=0, msg=name)
             assert_close(grads[name], ref_g[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bert_predicted_positions_equal_the_full_head():
+    """The LM head computed at the masked positions only gives the full head's loss there, 0
+    elsewhere, and the same gradients for the masked loss."""
+    ids, labels = _batch()
+    where = _predicted()
+    results = []
+    for predicted in (None, where):
+        model = BertModel(_cfg(), ParallelMesh.single(device="cpu"), seed=11)
+        loss, binary = _bert_forward(model, ids, labels, predicted)
+        ((loss * where).sum() + binary.square().sum()).backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_g), (part, part_g) = results
+    assert_close(part, full * where, **TOL)
+    assert (part[~where] == 0).all()
+    for name, g in full_g.items():
+        assert_close(part_g[name], g, rtol=1e-5, atol=1e-7, msg=name)

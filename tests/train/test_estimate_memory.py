@@ -17,7 +17,8 @@ from conftest import SHARED_DATA  # noqa: E402
 from megapre.model.config import TransformerConfig  # noqa: E402
 from megapre.cli.estimate_memory import main  # noqa: E402
 from megapre.cli.flags import parse_config  # noqa: E402
-from megapre.launch.memory import estimate, layer_params, stage_params, total_params  # noqa: E402
+from megapre.launch.memory import (estimate, layer_params, logit_rows, stage_params,  # noqa: E402
+                                   total_params)
 from megapre.train.metrics import flops_per_token  # noqa: E402
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "8",
@@ -248,13 +249,17 @@ def test_whole_model_activations_match_autograd(extra):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    rows = logit_rows(kind, 32, 2, cfg.data.mask_prob)  # BERT: the masking budget's maximum
+    labels = ids.clone()
+    if kind == "bert":  # predicted at the first rows/2 positions of each sample, -1 elsewhere
+        labels[:, rows // 2:] = -1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         if kind == "gpt":
-            chunk(ids, labels=ids)
+            chunk(ids, labels=labels)
         else:
             chunk(ids, types=torch.zeros_like(ids), padding_mask=torch.ones_like(ids),
-                  labels=ids)
-    live_logits = 4 * 32 * 2 * mc.padded_vocab_size(1)  # alive at the peak, not saved
+                  labels=labels)
+    live_logits = 4 * rows * mc.padded_vocab_size(1)  # alive at the peak, not saved
     est = estimate(cfg, 1, 1000).stages[0].activations_per_microbatch - live_logits
     assert est == pytest.approx(sum(seen.values()), rel=0.01)
 
