@@ -156,6 +156,7 @@ def main() -> None:
             "megapre-merge-datasets = megapre.cli.merge_datasets:main",
             "megapre-build-index = megapre.cli.build_index:main",
             "megapre-make-demo-corpus = megapre.cli.make_demo_corpus:main",
+            "megapre-make-authorship-task = megapre.cli.make_authorship_task:main",
             "megapre-evaluate = megapre.cli.evaluate:main",
             "megapre-generate = megapre.cli.generate:main",
             "megapre-sweep = megapre.cli.sweep:main",

@@ -8,6 +8,8 @@ Data (../shared/data beside the repo, or --data-dir):
   SST-2    sst2/train.tsv (60,614 rows, header `sentence<TAB>label`) -> sst2/test.tsv (872 rows, the
            official GLUE dev set: report it as "SST-2 dev accuracy"). sst2/dev.tsv is not used.
   AG News  agnews/train.tsv (10,001 rows, no header, `text<TAB>label`) -> agnews/test.tsv (7,600).
+  Authorship  train.tsv/test.tsv of tools/make_authorship_task.py (--authorship-dir; Gutenberg
+           passages labelled by author, each author's last book held out).
 Files are read GLUE style: one example per line, fields split on tabs, no quoting.
 
 Model (scikit-learn): TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2; otherwise
@@ -56,6 +58,8 @@ TASKS = {
     "sst2": Task("sst2", "SST-2", "sst2/train.tsv", "sst2/test.tsv", True, "SST-2 dev accuracy"),
     "agnews": Task("agnews", "AG News", "agnews/train.tsv", "agnews/test.tsv", False,
                    "AG News test accuracy"),
+    "authorship": Task("authorship", "Authorship", "authorship/train.tsv", "authorship/test.tsv",
+                       True, "Gutenberg authorship accuracy (held-out books)"),
 }
 
 # google-research/bert README, table of GLUE test-set scores of the smaller BERTs. Published, not measured.
@@ -160,7 +164,13 @@ def main() -> None:
     ap.add_argument("--c-grid", default="1,4,16", help="C values tried by cross-validation")
     ap.add_argument("--reports", action="store_true", help="also print each full task report")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers (and full reports) here")
+    ap.add_argument("--authorship-dir", type=Path, default=None,
+                    help="the task 'authorship': DIR/{train,test}.tsv of tools/make_authorship_task.py")
     args = ap.parse_args()
+    if args.authorship_dir is not None:
+        d = args.authorship_dir.resolve()
+        TASKS["authorship"] = Task("authorship", "Authorship", str(d / "train.tsv"),
+                                   str(d / "test.tsv"), True, TASKS["authorship"].metric)
     keys = [k.strip() for k in args.tasks.split(",") if k.strip()]
     bad = [k for k in keys if k not in TASKS]
     if bad or not keys:

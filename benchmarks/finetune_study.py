@@ -2,8 +2,9 @@
 from random initialization with one recipe, on SST-2 and AG News, over several seeds, and print
 test accuracy and macro-F1 as mean +- std beside the TF-IDF baseline (finetune_baseline.py).
 
-    python benchmarks/finetune_study.py --pretrained CKPT [--tasks sst2,agnews] [--seeds 1,2,3]
-        [--modes pretrained,random,lora] [--out DIR] [--json OUT]
+    python benchmarks/finetune_study.py --pretrained CKPT [--tasks sst2,agnews,authorship]
+        [--seeds 1,2,3] [--modes pretrained,random,lora] [--out DIR] [--json OUT]
+        [--authorship-dir DIR]   # the Gutenberg authorship task of tools/make_authorship_task.py
 
 Every run is `python -m megapre.finetune` in a fresh process (the command is printed), so the
 numbers are exactly what a user gets from the CLI; each run's report.json stays in --out.
@@ -30,6 +31,9 @@ TASKS = {  # files under --data-dir, columns, and the recipe's per-task sequence
     "agnews": {"train": "agnews/train.tsv", "valid": None, "test": "agnews/test.tsv",
                "keys": ["--text-key", "0", "--label-key", "1"], "seq": 128,
                "test_name": "AG News test"},
+    "authorship": {"train": "authorship/train.tsv", "valid": None, "test": "authorship/test.tsv",
+                   "keys": ["--text-key", "text", "--label-key", "label"], "seq": 128,
+                   "test_name": "Gutenberg authorship (held-out books)"},
 }
 MODES = {"pretrained": [], "random": ["--random-init"],
          "lora": ["--lora-rank", "2", "--lora-alpha", "4"]}  # <= 2% of a 4x128 BERT incl. head
@@ -124,7 +128,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="finetune_study")
     p.add_argument("--json", help="write every run and the summary here")
+    p.add_argument("--authorship-dir", help="train.tsv/test.tsv of tools/make_authorship_task.py "
+                   "(the task 'authorship'; default DATA_DIR/authorship)")
     args = p.parse_args(argv)
+    if args.authorship_dir:
+        for split in ("train", "test"):
+            TASKS["authorship"][split] = str(Path(args.authorship_dir).resolve() / f"{split}.tsv")
+    for task in args.tasks.split(","):
+        if task not in TASKS:
+            p.error(f"--tasks: unknown {task!r}; choose from {','.join(TASKS)}")
+        missing = [f for f in (TASKS[task]["train"], TASKS[task]["test"])
+                   if not (Path(args.data_dir) / f).is_file()]
+        if missing:
+            hint = (" (build it: python tools/make_authorship_task.py ... --out-dir DIR, then "
+                    "--authorship-dir DIR)" if task == "authorship" else "")
+            p.error(f"--tasks {task}: {Path(args.data_dir) / missing[0]} does not exist{hint}")
     print(f"CPU: {cpu_name()}; torch threads: default; recipe: {args.epochs} epochs, micro-batch "
           f"{args.micro_batch_size}, lr {args.lr} (10% warmup, linear decay), bucketed batches",
           flush=True)
