@@ -5,6 +5,7 @@ test accuracy and macro-F1 as mean +- std beside the TF-IDF baseline (finetune_b
     python benchmarks/finetune_study.py --pretrained CKPT [--tasks sst2,agnews,authorship]
         [--seeds 1,2,3] [--modes pretrained,random,lora] [--out DIR] [--json OUT]
         [--authorship-dir DIR]   # the Gutenberg authorship task of tools/make_authorship_task.py
+    python benchmarks/finetune_study.py --summarize A.json B.json   # one table from several runs
 
 Every run is `python -m megapre.finetune` in a fresh process (the command is printed), so the
 numbers are exactly what a user gets from the CLI; each run's report.json stays in --out.
@@ -116,7 +117,20 @@ def print_table(summary: list[dict]) -> None:
                   f"({TASKS[task]['test_name']})")
 
 
+def merged(paths: list[str]) -> int:
+    """One table from the --json files of several invocations (e.g. the inits run apart)."""
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())["runs"]]
+    print_table(summarize(rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--summarize"]:
+        if len(argv) < 2:
+            raise SystemExit("--summarize JSON [JSON ...]: give the --json files of earlier runs")
+        return merged(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained", required=True, help="megapre BERT pretraining checkpoint")
     p.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
