@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = (" (build it: python tools/make_authorship_task.py ... --out-dir DIR, then "
                     "--authorship-dir DIR)" if task == "authorship" else "")
             p.error(f"--tasks {task}: {Path(args.data_dir) / missing[0]} does not exist{hint}")
-    print(f"CPU: {cpu_name()}; torch threads: default; recipe: {args.epochs} epochs, micro-batch "
+    threads = os.environ.get("OMP_NUM_THREADS", "default")
+    print(f"CPU: {cpu_name()}; torch threads: {threads}; recipe: {args.epochs} epochs, micro-batch "
           f"{args.micro_batch_size}, lr {args.lr} (10% warmup, linear decay), bucketed batches",
           flush=True)
     rows = []
