@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
                                args.seed)
         task, dropped = build_task(corpus, books, cfg)
     except (ValueError, UnicodeDecodeError) as e:
-        print(f"make_authorship_task: error: {e}", file=sys.stderr)
+        print(f"{prog_name('make_authorship_task.py')}: error: {e}", file=sys.stderr)
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in task.items():
         write_tsv(args.out_dir / f"{split}.tsv", rows)
     authors = sorted({a for _, a in task["train"]})
-    print(f"make_authorship_task: {len(authors)} authors, {len(task['train'])} training and "
+    print(f"{prog_name('make_authorship_task.py')}: {len(authors)} authors, {len(task['train'])} training and "
           f"{len(task['test'])} test passages of {args.words} words in {args.out_dir} "
           f"(each author's last book held out for test.tsv; {dropped} of its passages dropped "
           "as a training book holds the same text)")

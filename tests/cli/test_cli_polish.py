@@ -70,6 +70,7 @@ CONSOLE_SCRIPTS = {  # console script -> the module whose main() it runs
     "megapre-preprocess-data": "preprocess_data", "megapre-merge-datasets": "merge_datasets",
     "megapre-build-index": "build_index", "megapre-train-tokenizer": "train_tokenizer",
     "megapre-make-demo-corpus": "make_demo_corpus", "megapre-checkpoint": "checkpoint",
+    "megapre-make-authorship-task": "make_authorship_task",
     "megapre-bert-samples": "bert_samples", "megapre-sweep": "sweep", "megapre-plot": "plot_metrics",
     "megapre-estimate-memory": "estimate_memory", "megapre-pretrain": "pretrain",
     "megapre-evaluate": "evaluate", "megapre-generate": "generate"}

@@ -60,7 +60,7 @@ def test_cli_writes_tsv_the_finetuner_reads(tmp_path, capsys):
     out = tmp_path / "task"
     assert main(["--corpus", str(corpus), "--manifest", str(manifest), "--out-dir", str(out),
                  "--words", "40", "--max-train", "4", "--max-test", "2"]) == 0
-    assert "2 authors, 8 training and 4 test passages" in capsys.readouterr().out
+    assert ": 2 authors, 8 training and 4 test passages" in capsys.readouterr().out
     read = read_task_file(out / "train.tsv", TaskColumns(text_key="text"))
     assert len(read.examples) == 8 and read.skipped_empty == 0
     assert sorted({e.label for e in read.examples}) == ["Ann", "Bob"]
