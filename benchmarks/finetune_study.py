@@ -37,6 +37,7 @@ TASKS = {  # files under --data-dir, columns, and the recipe's per-task sequence
                    "test_name": "Gutenberg authorship (held-out books)"},
 }
 MODES = {"pretrained": [], "random": ["--random-init"],
+         "probe": ["--freeze-backbone"], "random-probe": ["--random-init", "--freeze-backbone"],
          "lora": ["--lora-rank", "2", "--lora-alpha", "4"]}  # <= 2% of a 4x128 BERT incl. head
 
 
