@@ -28,6 +28,7 @@ the small BERTs, not measured here, and on the hidden test set rather than the d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import sys
@@ -169,8 +170,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.authorship_dir is not None:
         d = args.authorship_dir.resolve()
-        TASKS["authorship"] = Task("authorship", "Authorship", str(d / "train.tsv"),
-                                   str(d / "test.tsv"), True, TASKS["authorship"].metric)
+        TASKS["authorship"] = dataclasses.replace(TASKS["authorship"], train=str(d / "train.tsv"),
+                                                  test=str(d / "test.tsv"))
     keys = [k.strip() for k in args.tasks.split(",") if k.strip()]
     bad = [k for k in keys if k not in TASKS]
     if bad or not keys:

@@ -44,18 +44,19 @@ def read_manifest(path: Path, corpus_bytes: int) -> list[Book]:
                          f"{HEADER!r}")
     if not body.endswith("\n"):
         body += "\n"
+    def malformed(pos: int) -> ValueError:
+        line = text.count("\n", 0, len(head) + 1 + pos) + 1
+        return ValueError(f"{path}: line {line} is not 'author<TAB>file<TAB>sha1<TAB>bytes'")
+
     books, pos, offset = [], 0, 0
     for m in _RECORD.finditer(body):
         if m.start() != pos:
-            line = text.count("\n", 0, len(head) + 1 + pos) + 1
-            raise ValueError(f"{path}: line {line} is not 'author<TAB>file<TAB>sha1<TAB>bytes'")
+            raise malformed(pos)
         size = int(m.group(4))
-        books.append(Book(m.group(1).strip(), m.group(2).strip(), offset,
-                          offset + size))
+        books.append(Book(m.group(1).strip(), m.group(2).strip(), offset, offset + size))
         offset, pos = offset + size, m.end()
     if body[pos:].strip():
-        line = text.count("\n", 0, len(head) + 1 + pos) + 1
-        raise ValueError(f"{path}: line {line} is not 'author<TAB>file<TAB>sha1<TAB>bytes'")
+        raise malformed(pos)
     if not books:
         raise ValueError(f"{path}: no book records after the header")
     if offset != corpus_bytes:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre import ops
-from megapre.parallel.comm import copy_to_tp, gather_from_sp
+from megapre.parallel.comm import gather_from_sp
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
@@ -77,14 +77,8 @@ class BertHeads(nn.Module):
                          ) -> torch.Tensor:
         """Sharded logits [n, vocab/tp] of the n positions where `where` [s, b] is True only.
         Why: about 15% of the tokens are predicted, and the vocabulary-wide product is the
-        largest matmul of a small BERT (as the original BERT gathers masked positions first).
-        `where` is the same on every TP rank (the labels are), so the shards line up."""
-        t = self.transform(h)
-        if self.mesh.sequence_parallel:
-            t = gather_from_sp(t, self.mesh.tp_group, 0, grad_is_partial=True)
-        else:
-            t = copy_to_tp(t, self.mesh.tp_group)
-        return F.linear(t[where], word, self.bias)
+        largest matmul of a small BERT (as the original BERT gathers masked positions first)."""
+        return parallel_logits(self.transform(h), word, self.mesh, self.bias, where)
 
 
 class BertModel(nn.Module):

@@ -11,13 +11,15 @@ from megapre.parallel.mesh import ParallelMesh
 
 
 def parallel_logits(h: torch.Tensor, weight: torch.Tensor, mesh: ParallelMesh,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """[s(/tp), b, h] x this rank's vocab rows [vocab/tp, h] -> [s, b, vocab/tp]."""
+                    bias: torch.Tensor | None = None, where: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """[s(/tp), b, h] x this rank's vocab rows [vocab/tp, h] -> [s, b, vocab/tp], or [n, vocab/tp]
+    for the n positions where `where` [s, b] is True (the same mask on every TP rank)."""
     if mesh.sequence_parallel:
         h = gather_from_sp(h, mesh.tp_group, 0, grad_is_partial=True)
     else:
         h = copy_to_tp(h, mesh.tp_group)
-    return F.linear(h, weight, bias)
+    return F.linear(h if where is None else h[where], weight, bias)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, mesh: ParallelMesh, vocab_size: int,
