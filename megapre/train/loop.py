@@ -57,7 +57,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)
-        self.schedule = schedule_from_args(o, cfg.train.train_iters)
+        self.schedule = schedule_from_args(o, cfg.train.train_iters, cfg.train.global_batch_size,
+                                           cfg.train.train_samples is not None)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
                               cfg.train.clip_grad, self.plan.pipeline_schedule)
         self.loss_scaler = (DynamicLossScaler(cfg.train.initial_loss_scale,

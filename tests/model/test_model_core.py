@@ -98,8 +98,10 @@ def test_config_defaults_and_padding():
     cfg = TransformerConfig(hidden_size=256, num_attention_heads=8, vocab_size=50257)
     assert cfg.ffn_hidden_size == 1024 and cfg.num_query_groups == 8 and cfg.head_dim == 32
     assert cfg.padded_vocab_size(1) == 50304 and cfg.padded_vocab_size(4) == 50688
-    swiglu = TransformerConfig(hidden_size=4096, num_attention_heads=32, activation="swiglu")
-    assert swiglu.ffn_hidden_size == 11008
+    # Megatron's SwiGLU rule int((4h * 2/3) / 64) * 64, rounded down (the h=512 -> 1344)
+    for hidden, ffn in ((512, 1344), (4096, 10880), (768, 2048)):
+        swiglu = TransformerConfig(hidden_size=hidden, num_attention_heads=8, activation="swiglu")
+        assert swiglu.ffn_hidden_size == ffn
     cfg.validate(tensor_parallel=4, pipeline_parallel=3)
 
 
