@@ -171,6 +171,9 @@ def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
         for name, value in section_values(args, section).items():
             setattr(getattr(cfg, section), name, _split_words(value) if isinstance(value, list)
                     else value)
+    if cfg.checkpoint.use_checkpoint_args:
+        from megapre.train.checkpoint_args import apply_checkpoint_args
+        notes.append(apply_checkpoint_args(cfg))
     note = megatron_flags.noop_note(megatron_flags.collect(args))
     notes += [note] if note else []
     notes += _ignored_vocab_size(cfg)

@@ -96,9 +96,25 @@ NOOPS: dict[str, Entry] = {
                                                    _at_most_one),
     "--cp-comm-type": Entry("megapre's context parallelism is a p2p ring", _only("p2p")),
     "--grad-reduce-in-bf16": Entry("megapre reduces gradients in fp32"),
+    "--ckpt-format": Entry("megapre writes torch.distributed.checkpoint (torch_dist) checkpoints",
+                           _only("torch_dist", "torch")),
+    "--optimizer": Entry("megapre's optimizer is Megatron's adam (AdamW)", _only("adam")),
+    "--tensorboard-log-interval": Entry("megapre logs every --log-interval steps to every sink"),
     "--profile": Entry("use torch.profiler around megapre.pretrain"),
     "--profile-step-start": Entry("use torch.profiler around megapre.pretrain"),
     "--profile-step-end": Entry("use torch.profiler around megapre.pretrain"),
+}
+
+# Honoured by construction: megapre always behaves the way these switches ask.
+BUILTIN: dict[str, str] = {
+    "--attention-softmax-in-fp32": "megapre's attention softmax always runs in fp32",
+    "--apply-query-key-layer-scaling": "it keeps fp16 scores from overflowing; megapre's fp32 "
+                                       "softmax does the same",
+    "--calculate-per-token-loss": "megapre's loss is always the token mean over the global batch",
+    "--log-throughput": "megapre always logs tokens/s, TFLOP/s and MFU",
+    "--log-validation-ppl-to-tensorboard": "validation perplexity goes to every metrics sink",
+    "--log-memory-to-tensorboard": "GPU memory goes to every metrics sink",
+    "--log-timers-to-tensorboard": "step time goes to every metrics sink",
 }
 
 _MOE = "mixture-of-experts is not supported by megapre"
@@ -157,6 +173,8 @@ REFUSED: dict[str, str] = {
                             "Megatron's default)",
     "--tiktoken-pattern": "the TikTokenizer is not supported",
     "--num-experts-per-token": _MOE,
+    "--apply-layernorm-1p": "zero-centred norm weights are not supported yet",
+    "--save-retain-interval": "retained-checkpoint intervals are not supported (use --keep-last)",
 }
 
 # Megatron's spelling -> (section.field, value) where megapre names the setting differently.
@@ -177,6 +195,11 @@ def add_megatron_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None
     for name, (dest, value, text) in ALIASES.items():
         aliases.add_argument(name, dest=dest, action="store_const", const=value,
                              default=argparse.SUPPRESS, help=text)
+    builtin = parser.add_argument_group("Megatron switches megapre always honours")
+    for name, text in BUILTIN.items():
+        if name not in taken:
+            builtin.add_argument(name, dest="megatron_builtin." + name, action="store_true",
+                                 default=argparse.SUPPRESS, help=text)
     noops = parser.add_argument_group(
         "Megatron flags accepted as no-ops (implementation or CUDA tuning selectors)")
     for name, entry in NOOPS.items():
@@ -233,6 +256,7 @@ def readme_table() -> str:
     """The README's table of these flags (tests check the README carries it verbatim)."""
     rows = ["| Megatron flag | megapre |", "|---|---|"]
     rows += [f"| `{n}` | {text} |" for n, (_, _, text) in ALIASES.items()]
+    rows += [f"| `{n}` | honoured: {text} |" for n, text in BUILTIN.items()]
     rows += [f"| `{n}` | no-op: {e.why} |" for n, e in NOOPS.items()]
     rows += [f"| `{n}{'*' if n.endswith('-') else ''}` | refused: {why} |"
              for n, why in REFUSED.items()]

@@ -98,6 +98,19 @@ class TrainArgs:
     loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
     max_skipped_iters: int = _f(20, "stop after this many consecutive NaN/inf steps")
     recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))
+    recompute_method: str | None = _f(None, "full recompute: uniform (checkpoint groups of "
+                                      "--recompute-num-layers layers) or block (only the first "
+                                      "--recompute-num-layers layers of each pipeline chunk)",
+                                      choices=(None, "uniform", "block"))
+    recompute_num_layers: int | None = _f(None, "layers per recompute group (uniform) or "
+                                          "recomputed layers per chunk (block)")
+    deterministic_mode: bool = _f(False, "deterministic algorithms only "
+                                  "(torch.use_deterministic_algorithms)")
+    manual_gc: bool = _f(False, "disable Python's automatic garbage collector; collect every "
+                         "--manual-gc-interval steps instead (avoids stragglers across ranks)")
+    manual_gc_interval: int = _f(0, "--manual-gc: steps between collections (0: never between "
+                                 "steps)")
+    manual_gc_eval: bool = _f(True, "--manual-gc: collect before and after each evaluation")
     eval_interval: int = _f(1000, "validate every N steps")
     eval_iters: int = _f(100, "validation batches per evaluation")
     exit_duration_in_mins: float | None = _f(None, "save and exit after this many minutes")
@@ -145,6 +158,8 @@ class CheckpointArgs:
     override_opt_param_scheduler: bool = _f(
         False, "on resume, use the lr schedule flags of this command line even where the "
         "checkpoint's differ", flag="--override-opt_param-scheduler")
+    use_checkpoint_args: bool = _f(False, "take the model's architecture flags from the "
+                                   "checkpoint in --load (Megatron's flag)")
     use_checkpoint_opt_param_scheduler: bool = _f(
         False, "on resume, use the lr schedule saved in the checkpoint (ignore the schedule "
         "flags)", flag="--use-checkpoint-opt_param-scheduler")
@@ -157,6 +172,10 @@ class LogArgs:
     metrics_path: str | None = _f(None, "JSONL metrics file (one object per logged step)")
     wandb_project: str | None = _f(None, "log to Weights & Biases when installed")
     wandb_exp_name: str | None = _f(None, "W&B run name")
+    wandb_entity: str | None = _f(None, "W&B entity (team or user)")
+    wandb_save_dir: str | None = _f(None, "W&B local directory")
+    log_params_norm: bool = _f(False, "log the global L2 norm of the parameters")
+    log_num_zeros_in_grad: bool = _f(False, "log how many gradient elements are exactly zero")
 
 
 SECTIONS = {"model": ModelArgs, "parallel": ParallelArgs, "train": TrainArgs,
@@ -315,6 +334,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     dp = layout.data_parallel_size(world_size, tp, pp)
     vp = _virtual_stages(cfg)
     _check_gqa(cfg.model)
+    _check_recompute(cfg.train)
     cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
     if p.pipeline_schedule == "interleaved" and vp is None:
         raise ConfigError(f"--pipeline-schedule interleaved needs {layout.VIRTUAL_FLAG}")
@@ -336,9 +356,12 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the final decay)")
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
-    if not (d.data_path or d.train_data_path):
+    if d.mock_data:
+        _check_mock_data(cfg)
+    elif not (d.data_path or d.train_data_path):
         raise ConfigError("no data: give --data-path (blend) or --train-data-path; "
-                          "tools/preprocess_data.py makes the .bin/.idx files")
+                          "tools/preprocess_data.py makes the .bin/.idx files (or --mock-data "
+                          "to try a launch line)")
     if d.data_path and d.train_data_path:
         raise ConfigError("give either --data-path (split by --split) or --train/valid/test-data-path, not both")
     c = cfg.checkpoint
@@ -370,6 +393,33 @@ def _virtual_stages(cfg: PretrainConfig) -> int | None:
                           f"--num-virtual-stages-per-pipeline-rank {chunks} x "
                           f"--pipeline-model-parallel-size {pp}")
     return chunks
+
+
+def recompute_spec(t: TrainArgs) -> str | None:
+    """The model's recompute spec (megapre.model.transformer.parse_recompute) from Megatron's
+    three flags."""
+    if t.recompute_granularity != "full" or t.recompute_method is None:
+        return t.recompute_granularity
+    return f"full:{t.recompute_method}:{t.recompute_num_layers or 1}"
+
+
+def _check_recompute(t: TrainArgs) -> None:
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ConfigError(f"--recompute-method {t.recompute_method} needs "
+                          "--recompute-granularity full")
+    if t.recompute_num_layers is not None and t.recompute_num_layers < 1:
+        raise ConfigError(f"--recompute-num-layers must be >= 1, got {t.recompute_num_layers}")
+    if t.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {t.manual_gc_interval}")
+
+
+def _check_mock_data(cfg: PretrainConfig) -> None:
+    d = cfg.data
+    if cfg.model.model != "gpt":
+        raise ConfigError("--mock-data is GPT-only (BERT needs sentence-split data)")
+    if d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path:
+        raise ConfigError("--mock-data replaces the data: drop --data-path / "
+                          "--train-data-path, or drop --mock-data")
 
 
 def _check_gqa(m: ModelArgs) -> None:
