@@ -150,6 +150,8 @@ def main() -> None:
         },
         entry_points={"console_scripts": [
             "megapre-pretrain = megapre.cli.pretrain:main",
+            "megapre-pretrain-gpt = megapre.cli.megatron_entry:gpt",
+            "megapre-pretrain-bert = megapre.cli.megatron_entry:bert",
             "megapre-finetune = megapre.cli.finetune:main",
             "megapre-preprocess-data = megapre.cli.preprocess_data:main",
             "megapre-train-tokenizer = megapre.cli.train_tokenizer:main",

@@ -150,9 +150,11 @@ def _split_words(values: list) -> list:
 
 
 def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
-                 notes: list[str] | None = None) -> PretrainConfig:
+                 notes: list[str] | None = None,
+                 unset_defaults: dict[str, Any] | None = None) -> PretrainConfig:
     """Defaults, then the --config file, then flags. Lines worth telling the user (no-op
-    Megatron flags, ignored YAML sections) are appended to `notes`."""
+    Megatron flags, ignored YAML sections) are appended to `notes`. `unset_defaults` fills
+    fields ('data.tokenizer_type') still None after all that, as Megatron's args_defaults."""
     argv = list(sys.argv[1:] if argv is None else argv)
     notes = [] if notes is None else notes
     cfg = PretrainConfig()
@@ -171,6 +173,10 @@ def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
         for name, value in section_values(args, section).items():
             setattr(getattr(cfg, section), name, _split_words(value) if isinstance(value, list)
                     else value)
+    for key, value in (unset_defaults or {}).items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is None:
+            setattr(getattr(cfg, section), name, value)
     if cfg.checkpoint.use_checkpoint_args:
         from megapre.train.checkpoint_args import apply_checkpoint_args
         notes.append(apply_checkpoint_args(cfg))

@@ -94,6 +94,8 @@ NOOPS: dict[str, Entry] = {
                                           _at_most_one),
     "--num-distributed-optimizer-instances": Entry("one instance is megapre's layout",
                                                    _at_most_one),
+    "--tiktoken-pattern": Entry("read only by Megatron's TikTokenizer, which megapre does not "
+                                "have (--tokenizer-type TikTokenizer is refused)"),
     "--cp-comm-type": Entry("megapre's context parallelism is a p2p ring", _only("p2p")),
     "--grad-reduce-in-bf16": Entry("megapre reduces gradients in fp32"),
     "--ckpt-format": Entry("megapre writes torch.distributed.checkpoint (torch_dist) checkpoints",
@@ -164,16 +166,12 @@ REFUSED: dict[str, str] = {
                            "--global-batch-size)",
     "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
                                 "uses --global-batch-size)",
-    "--decoupled-lr": "a separate lr for the embedding and output layers is not supported",
-    "--decoupled-min-lr": "a separate lr for the embedding and output layers is not supported",
     "--qk-layernorm": "query/key layer norm is not supported",
     "--apply-wd-to-qk-layernorm": "query/key layer norm is not supported",
     "--squared-relu": "the squared-ReLU MLP is not supported (GELU or --swiglu)",
     "--rotary-interleaved": "interleaved RoPE is not supported (megapre rotates halves, "
                             "Megatron's default)",
-    "--tiktoken-pattern": "the TikTokenizer is not supported",
     "--num-experts-per-token": _MOE,
-    "--apply-layernorm-1p": "zero-centred norm weights are not supported yet",
     "--save-retain-interval": "retained-checkpoint intervals are not supported (use --keep-last)",
 }
 

@@ -11,14 +11,18 @@ import sys
 from megapre.cli.common import prog_name, run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    prog = prog_name("megapre.pretrain")
+def main(argv: list[str] | None = None, unset_defaults: dict | None = None,
+         prog: str = "megapre.pretrain") -> int:
+    """`unset_defaults`: settings for fields no flag or file gave (Megatron's entry scripts
+    default the tokenizer this way; see pretrain_gpt.py)."""
+    prog = prog_name(prog)
     built: list = []
-    rc = run_cli(prog, lambda: _build(argv, prog, built))
+    rc = run_cli(prog, lambda: _build(argv, prog, built, unset_defaults))
     return rc or _train(built[0], prog)
 
 
-def _build(argv: list[str] | None, prog: str, out: list) -> int:
+def _build(argv: list[str] | None, prog: str, out: list, unset_defaults: dict | None = None
+           ) -> int:
     """Parse, validate and set up (input errors here are one line, exit 2). The config is checked
     and its banner printed before torch is imported, so both come within a second or two."""
     import os
@@ -27,7 +31,7 @@ def _build(argv: list[str] | None, prog: str, out: list) -> int:
     from megapre.train.banner import emit, plan_run
 
     notes: list[str] = []
-    cfg = parse_config(argv, prog=prog, notes=notes)
+    cfg = parse_config(argv, prog=prog, notes=notes, unset_defaults=unset_defaults)
     emit([f"note: {n}" for n in notes])
     planned = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     from megapre.train.loop import Trainer

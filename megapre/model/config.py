@@ -47,6 +47,7 @@ class TransformerConfig:
     seq_length: int = 1024
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
+    layernorm_zero_centered_gamma: bool = False  # norm weights stored as gamma - 1 (--apply-layernorm-1p)
     activation: str = "gelu"
     position_embedding_type: str = "learned_absolute"
     rotary_base: float = 10000.0

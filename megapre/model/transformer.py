@@ -37,10 +37,9 @@ from .rope import apply_rope
 def make_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
     """LayerNorm or RMSNorm (fused kernels). Under sequence parallelism each TP rank sees a
     different slice of the sequence, so the weight grads are partial and are summed over TP."""
-    if cfg.normalization == "RMSNorm":
-        norm = ops.RMSNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
-    else:
-        norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
+    kind = ops.RMSNorm if cfg.normalization == "RMSNorm" else ops.LayerNorm
+    norm = kind(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device,
+                zero_centered_gamma=cfg.layernorm_zero_centered_gamma)
     for p in norm.parameters():
         p.sequence_parallel = mesh.sequence_parallel
     return norm

@@ -21,25 +21,40 @@ def _hidden(normalized_shape) -> int:
     return int(shape[0])
 
 
+def _gamma(h: int, zero_centered: bool, kw: dict) -> torch.Tensor:
+    """The norm's scale parameter at init: ones, or zeros when it is stored zero-centred."""
+    return torch.zeros(h, **kw) if zero_centered else torch.ones(h, **kw)
+
+
+def _scale(weight: torch.Tensor | None, zero_centered: bool) -> torch.Tensor | None:
+    """Megatron's --apply-layernorm-1p: the stored weight is gamma - 1, so weight decay pulls
+    gamma towards 1 rather than 0, and the kernel gets 1 + weight."""
+    return weight + 1 if zero_centered and weight is not None else weight
+
+
 class LayerNorm(nn.Module):
     """Drop-in for torch.nn.LayerNorm (last dim); forward(x, residual=None) fuses the residual add."""
 
     def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None):
+                 bias: bool = True, device=None, dtype=None, zero_centered_gamma: bool = False):
         super().__init__()
         h = _hidden(normalized_shape)
         self.normalized_shape = (h,)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
+        self.zero_centered_gamma = zero_centered_gamma
         kw = dict(device=device, dtype=dtype)
-        self.weight = nn.Parameter(torch.ones(h, **kw)) if elementwise_affine else None
+        self.weight = nn.Parameter(_gamma(h, zero_centered_gamma, kw)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(h, **kw)) if elementwise_affine and bias else None
 
     def forward(self, x, residual=None):
-        return layer_norm(x, self.weight, self.bias, self.eps, residual)
+        return layer_norm(x, _scale(self.weight, self.zero_centered_gamma), self.bias, self.eps,
+                          residual)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine="
+                f"{self.elementwise_affine}" + (", zero_centered_gamma=True"
+                                                if self.zero_centered_gamma else ""))
 
 
 class RMSNorm(nn.Module):
@@ -48,22 +63,26 @@ class RMSNorm(nn.Module):
     it from the op-math type, not finfo(x.dtype), which would be 65536x larger for bf16)."""
 
     def __init__(self, normalized_shape, eps: float | None = 1e-6, elementwise_affine: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, zero_centered_gamma: bool = False):
         super().__init__()
         h = _hidden(normalized_shape)
         self.normalized_shape = (h,)
         self.eps = eps
         self.elementwise_affine = elementwise_affine
-        self.weight = nn.Parameter(torch.ones(h, device=device, dtype=dtype)) if elementwise_affine else None
+        self.zero_centered_gamma = zero_centered_gamma
+        kw = dict(device=device, dtype=dtype)
+        self.weight = nn.Parameter(_gamma(h, zero_centered_gamma, kw)) if elementwise_affine else None
 
     def forward(self, x, residual=None):
         eps = self.eps
         if eps is None:
             eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
-        return rms_norm(x, self.weight, eps, residual)
+        return rms_norm(x, _scale(self.weight, self.zero_centered_gamma), eps, residual)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine="
+                f"{self.elementwise_affine}" + (", zero_centered_gamma=True"
+                                                if self.zero_centered_gamma else ""))
 
 
 class FusedScaleMaskSoftmax(nn.Module):

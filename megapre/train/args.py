@@ -44,6 +44,9 @@ class ModelArgs:
     max_position_embeddings: int | None = _f(None, "learned position table size (default: --seq-length)")
     normalization: str = _f("LayerNorm", "norm layer", choices=("LayerNorm", "RMSNorm"))
     norm_epsilon: float = _f(1e-5, "epsilon of the norm layers")
+    apply_layernorm_1p: bool = _f(False, "norm weights stored zero-centred (gamma - 1), so weight "
+                                  "decay pulls gamma towards 1 (Megatron's flag; LayerNorm and "
+                                  "RMSNorm)")
     swiglu: bool = _f(False, "SwiGLU MLP instead of GELU")
     position_embedding_type: str = _f("learned_absolute", "position encoding",
                                       choices=("learned_absolute", "rope", "none"))
@@ -133,6 +136,9 @@ class OptimArgs:
     lr_wsd_decay_iters: int | None = _f(None, "WSD: steps of the final decay phase")
     lr_wsd_decay_style: str = _f("linear", "WSD: shape of the final decay",
                                  choices=("linear", "cosine", "exponential", "minus_sqrt"))
+    decoupled_lr: float | None = _f(None, "peak lr of the word embedding and output layer (their "
+                                    "own schedule of the same shape; Megatron's flag)")
+    decoupled_min_lr: float | None = _f(None, "final lr of --decoupled-lr (default --min-lr)")
     weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and norms)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -217,7 +223,8 @@ class PretrainConfig:
             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
             max_position_embeddings=m.max_position_embeddings or m.seq_length,
             seq_length=m.seq_length, normalization=m.normalization,
-            layernorm_epsilon=m.norm_epsilon, activation="swiglu" if m.swiglu else "gelu",
+            layernorm_epsilon=m.norm_epsilon, layernorm_zero_centered_gamma=m.apply_layernorm_1p,
+            activation="swiglu" if m.swiglu else "gelu",
             position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
             untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
@@ -350,6 +357,11 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     _check_counts(cfg)
     if not 0 <= o.min_lr <= o.lr:
         raise ConfigError(f"--min-lr {o.min_lr} must be in [0, --lr {o.lr}]")
+    if o.decoupled_min_lr is not None and o.decoupled_lr is None:
+        raise ConfigError("--decoupled-min-lr needs --decoupled-lr")
+    if o.decoupled_lr is not None and not 0 <= (o.decoupled_min_lr or 0.0) <= o.decoupled_lr:
+        raise ConfigError(f"--decoupled-min-lr {o.decoupled_min_lr} must be in [0, "
+                          f"--decoupled-lr {o.decoupled_lr}]")
     if o.lr_warmup_iters < 0:
         raise ConfigError("--lr-warmup-iters must be >= 0")
     if o.lr_decay_style == "WSD" and o.lr_wsd_decay_iters is None:
@@ -483,3 +495,10 @@ def _missing(module: str) -> bool:
         return importlib.util.find_spec(module) is None
     except ImportError:  # a parent package is missing, or the module fails to import
         return True
+
+
+def decoupled_bounds(o: OptimArgs) -> tuple[float, float] | None:
+    """(max, min) lr of the embedding and output layer under --decoupled-lr, else None."""
+    if o.decoupled_lr is None:
+        return None
+    return o.decoupled_lr, o.min_lr if o.decoupled_min_lr is None else o.decoupled_min_lr

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megapre.parallel.param_stats import global_param_norm, global_zeros_in_grad
 
 from . import banner
-from .args import PretrainConfig, RunPlan, recompute_spec
+from .args import PretrainConfig, RunPlan, decoupled_bounds, recompute_spec
 from .data import batches, build_splits
 from .gc_control import ManualGC
 from .loss_scale import DynamicLossScaler
@@ -59,7 +59,8 @@ class Trainer:
         self._banner_model()
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
-                                         (o.adam_beta1, o.adam_beta2), o.adam_eps)
+                                         (o.adam_beta1, o.adam_beta2), o.adam_eps,
+                                         decoupled=decoupled_bounds(o))
         self.schedule = schedule_from_args(o, cfg.train.train_iters, cfg.train.global_batch_size,
                                            cfg.train.train_samples is not None)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
@@ -217,14 +218,18 @@ class Trainer:
         window = _Window()
         exit_reason = "finished"
         while st.iteration < t.train_iters:
-            lr = self.schedule(st.iteration)
-            set_lr(self.optimizer, lr)
+            # As megatron-core's scheduler, which only steps on successful updates: skipped
+            # steps (fp16 overflow, NaN) do not advance the learning-rate schedule
+            done = st.iteration - st.skipped_total
+            lr = self.schedule(done)
+            set_lr(self.optimizer, lr, self.schedule, done)
             t0 = time.perf_counter()
+            scale_before = self.loss_scaler.scale if self.loss_scaler is not None else None
             with self._autocast():
                 result = self.step(data)
             st.iteration += 1
             st.consumed_samples += t.global_batch_size
-            self._account_skip(result.skipped)
+            self._account_skip(result.skipped, scale_before)
             self.gc.after_step(st.iteration)
             window.add(result, time.perf_counter() - t0, t.global_batch_size * cfg.model.seq_length)
             summary["train_loss"] = result.loss
@@ -277,8 +282,18 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _account_skip(self, skipped: bool) -> None:
+    def _account_skip(self, skipped: bool, scale_before: float | None = None) -> None:
+        """Count a skipped step; too many in a row stop the run. An fp16 overflow that made the
+        loss scaler back off is the scaler finding its level (from Megatron's 2^32 that takes
+        a few dozen steps), not divergence: it is reported but not counted."""
         st = self.state
+        scaler = self.loss_scaler
+        if skipped and scaler is not None and scale_before is not None \
+                and scaler.scale < scale_before:
+            st.skipped_total += 1
+            self._print(f"iteration {st.iteration}: fp16 gradients overflowed at loss scale "
+                        f"{scale_before:g}; step skipped, scale now {scaler.scale:g}")
+            return
         if skipped:
             st.skipped_total += 1
             st.skipped_in_a_row += 1

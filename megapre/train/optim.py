@@ -14,28 +14,41 @@ import torch
 from torch import nn
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+# Megatron's "embedding or output" parameters, which --decoupled-lr gives their own lr.
+EMBEDDING_OR_OUTPUT = ("embedding.word.weight", "output_layer.weight", "output_word.weight")
+
+
+def param_groups(model: nn.Module, weight_decay: float,
+                 decoupled: tuple[float, float] | None = None) -> list[dict]:
+    """Decay / no-decay groups; with `decoupled` = (max_lr, min_lr) (Megatron's --decoupled-lr
+    and --decoupled-min-lr) the word embedding and output layer form groups of their own that
+    carry that schedule's bounds (see `set_lr`)."""
+    buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.dim() < 2 or name.endswith(".bias") or "norm" in name.lower()
-        (no_decay if exempt else decay).append(p)
+        outer = decoupled is not None and name.endswith(EMBEDDING_OR_OUTPUT)
+        buckets.setdefault((exempt, outer), []).append(p)
     groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+    for exempt, outer in ((False, False), (True, False), (False, True), (True, True)):
+        if (exempt, outer) in buckets:
+            group = {"params": buckets[exempt, outer],
+                     "weight_decay": 0.0 if exempt else weight_decay}
+            if outer:
+                group["max_lr"], group["min_lr"] = decoupled
+            groups.append(group)
     return groups
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.AdamW:
+                    eps: float = 1e-8, decoupled: tuple[float, float] | None = None
+                    ) -> torch.optim.AdamW:
     """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
     pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
     CPU for small models), the same element-wise math per parameter whatever the layout."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=True)
+    return torch.optim.AdamW(param_groups(model, weight_decay, decoupled), lr=lr, betas=betas,
+                             eps=eps, fused=True)
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,16 @@ def schedule_from_args(optim, train_iters: int, global_batch_size: int | None = 
                       optim.lr_wsd_decay_iters or 0, optim.lr_wsd_decay_style)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, schedule: LRSchedule | None = None,
+           iteration: int | None = None) -> None:
+    """`lr` for every group; a group with its own bounds (--decoupled-lr) follows `schedule`'s
+    shape between them at `iteration`, as megatron-core's scheduler does per group."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if "max_lr" in group and schedule is not None:
+            group["lr"] = dataclasses.replace(schedule, lr=group["max_lr"],
+                                              min_lr=group["min_lr"])(iteration)
+        else:
+            group["lr"] = lr
 
 
 # The flags behind each LRSchedule field, for messages.

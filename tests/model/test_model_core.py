@@ -213,3 +213,24 @@ def test_recompute_spec_is_checked():
     for bad in ("full:blocks:2", "full:uniform:0", "partial", "full:uniform"):
         with pytest.raises(ValueError, match="--recompute-method"):
             parse_recompute(bad)
+
+
+@pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
+def test_zero_centered_gamma_norm_equals_plain_norm(kind):
+    """--apply-layernorm-1p: stored weight gamma - 1 gives the plain norm's output with gamma,
+    and the same gradient for it."""
+    from megapre import ops
+
+    torch.manual_seed(0)
+    gamma = torch.randn(16)
+    plain, centred = getattr(ops, kind)(16), getattr(ops, kind)(16, zero_centered_gamma=True)
+    assert torch.equal(centred.weight, torch.zeros(16))  # init: gamma = 1
+    with torch.no_grad():
+        plain.weight.copy_(gamma)
+        centred.weight.copy_(gamma - 1)
+    x = torch.randn(3, 5, 16)
+    out_p, out_c = plain(x), centred(x)
+    torch.testing.assert_close(out_c, out_p)
+    out_p.square().sum().backward()
+    out_c.square().sum().backward()
+    torch.testing.assert_close(centred.weight.grad, plain.weight.grad)

@@ -117,7 +117,7 @@ def test_in_flight_microbatches_follow_the_schedule():
 
 
 def test_recompute_orders_activation_memory():
-    cfg = parse_config(BASE + ["--attention-backend", "fused"])
+    cfg = parse_config(BASE + ["--attention-backend", "unfused"])
     st = estimate(cfg, 1, 1000).stages[0]
     assert st.activations_full_recompute < st.activations_selective_recompute < st.activations
     sdpa = estimate(parse_config(BASE + ["--attention-backend", "sdpa"]), 1, 1000).stages[0]

@@ -175,3 +175,29 @@ def test_every_data_flag_reaches_the_data_layer():
     default = parse_config(BASE).data.cache()
     assert default.enabled and not default.node_local and not parse_config(BASE).data.blend() \
         .megatron_compatible_blend
+
+
+def test_decoupled_lr_groups_follow_their_own_bounds():
+    """--decoupled-lr / --decoupled-min-lr: the word embedding and output layer get the
+    schedule's shape between their own bounds; every other group the main one."""
+    from megapre.model.config import TransformerConfig
+    from megapre.train.optim import set_lr
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, vocab_size=50,
+                            seq_length=8, max_position_embeddings=8,
+                            untie_embeddings_and_output_weights=True)
+    model = GPTModel(cfg, ParallelMesh.single(device="cpu"))
+    opt = build_optimizer(model, 1e-3, 0.1, decoupled=(5e-3, 5e-4))
+    outer = [g for g in opt.param_groups if "max_lr" in g]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for g in outer for p in g["params"]) == [
+        "embedding.word.weight", "output_layer.weight"]
+    schedule = LRSchedule(1e-3, 1e-4, warmup=2, decay_iters=10, style="cosine")
+    for it in (0, 1, 5, 12):
+        set_lr(opt, schedule(it), schedule, it)
+        for g in opt.param_groups:
+            want = (LRSchedule(5e-3, 5e-4, 2, 10, "cosine")(it) if "max_lr" in g
+                    else schedule(it))
+            assert g["lr"] == pytest.approx(want, rel=1e-12)
+    with pytest.raises(ConfigError, match="--decoupled-min-lr needs --decoupled-lr"):
+        validate(parse_config(BASE + ["--decoupled-min-lr", "1e-5"]), 1)
