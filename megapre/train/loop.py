@@ -24,7 +24,7 @@ from .data import batches, build_splits
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
                       format_eval_line, format_train_line, memory_stats, throughput)
-from .optim import build_optimizer, schedule_from_args, set_lr
+from .optim import ShardingArgs, build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
 from .stop_flag import StopFlag, agreed_stop
@@ -56,7 +56,8 @@ class Trainer:
         self._banner_model()
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
-                                         (o.adam_beta1, o.adam_beta2), o.adam_eps)
+                                         (o.adam_beta1, o.adam_beta2), o.adam_eps,
+                                         ShardingArgs.of(cfg.parallel))
         self.schedule = schedule_from_args(o, cfg.train.train_iters)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
                               cfg.train.clip_grad, self.plan.pipeline_schedule)

@@ -29,29 +29,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8, sharding: ShardingArgs | None = None):
-    """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
-    pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
-    CPU for small models), the same element-wise math per parameter whatever the layout.
-
-    `sharding` with `use_distributed_optimizer`: the same AdamW with its state sharded over DP
-    (megapre/parallel/distributed_optimizer.py); `model` is then a ParallelModel built with
-    `ddp=False`."""
-    groups = param_groups(model, weight_decay)
-    if sharding is None or not sharding.use_distributed_optimizer:
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
-    from megapre.parallel.distributed_optimizer import DistributedOptimizer
-
-    opt = DistributedOptimizer(groups, model.mesh, lr=lr, betas=betas, eps=eps,
-                               bucket_size=sharding.ddp_bucket_size,
-                               overlap_grad_reduce=sharding.overlap_grad_reduce,
-                               overlap_param_gather=sharding.overlap_param_gather,
-                               model_order=list(model.parameters()))
-    opt.attach_param_gather_hooks(model.chunks)
-    return opt
-
-
 @dataclass(frozen=True)
 class ShardingArgs:
     """How the optimizer state is laid out over DP (the fields of ParallelArgs with these names;
@@ -65,6 +42,34 @@ class ShardingArgs:
     @classmethod
     def of(cls, parallel) -> "ShardingArgs":
         return cls(**{f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls)})
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
+                    eps: float = 1e-8, sharding: ShardingArgs | None = None):
+    """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
+    pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
+    CPU for small models), the same element-wise math per parameter whatever the layout.
+
+    `sharding` with `use_distributed_optimizer`: the same AdamW with its state sharded over DP
+    (megapre/parallel/distributed_optimizer.py); `model` is then a ParallelModel built with
+    `ddp=False`."""
+    groups = param_groups(model, weight_decay)
+    if sharding is None or not sharding.use_distributed_optimizer:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megapre.parallel.distributed_optimizer import DistributedOptimizer
+
+    if any(isinstance(c, DistributedDataParallel) for c in model.chunks):
+        raise ValueError("--use-distributed-optimizer reduces the gradients itself: build the "
+                         "model with ParallelModel.build(..., ddp=False)")
+    opt = DistributedOptimizer(groups, model.mesh, lr=lr, betas=betas, eps=eps,
+                               bucket_size=sharding.ddp_bucket_size,
+                               overlap_grad_reduce=sharding.overlap_grad_reduce,
+                               overlap_param_gather=sharding.overlap_param_gather,
+                               model_order=list(model.parameters()))
+    opt.attach_param_gather_hooks(model.chunks)
+    return opt
 
 
 @dataclass(frozen=True)
