@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from layout_cases import Layout, micro_batches, model_config, preload_worker_modules
+from megapre.cli.flags import parse_config
+from megapre.launch.memory import estimate
 from megapre.parallel import ParallelConfig, ParallelMesh
 from megapre.parallel.testing import run_distributed
 from megapre.train.optim import ShardingArgs, build_optimizer
@@ -56,8 +58,25 @@ def run_variant(kind: str, mesh: ParallelMesh, sharding: ShardingArgs,
 def worker(rank: int, world: int, layout: Layout, kinds: tuple[str, ...]) -> dict:
     mesh = ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp,
                                             pipeline_parallel=layout.pp), device="cpu")
-    return {(kind, name): run_variant(kind, mesh, sharding, layout.schedule)
-            for kind in kinds for name, sharding in VARIANTS.items()}
+    out = {(kind, name): run_variant(kind, mesh, sharding, layout.schedule)
+           for kind in kinds for name, sharding in VARIANTS.items()}
+    out["pp_rank"] = mesh.pp_rank
+    return out
+
+
+def estimated_optimizer_bytes(kind: str, layout: Layout, stage: int, sharded: bool) -> int:
+    """The memory estimator's per-rank AdamW bytes for the tests' tiny model in `layout`."""
+    cfg = model_config()
+    flags = ["--model", kind, "--num-layers", str(cfg.num_layers),
+             "--hidden-size", str(cfg.hidden_size),
+             "--num-attention-heads", str(cfg.num_attention_heads),
+             "--seq-length", str(cfg.seq_length), "--make-vocab-size-divisible-by", "8",
+             "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL),
+             "--tensor-model-parallel-size", str(layout.tp),
+             "--pipeline-model-parallel-size", str(layout.pp)]
+    est = estimate(parse_config(flags + (["--use-distributed-optimizer"] if sharded else [])),
+                   layout.world, cfg.vocab_size)
+    return next(st.optimizer for st in est.stages if st.stage == stage)
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +106,14 @@ def test_distributed_optimizer_matches_single_process(layout, kinds, reference):
                     where = f"{kind} {layout} {name} rank {rank} step {i}"
                     assert _rel(loss, rl) <= RTOL, f"{where}: loss {loss} vs {rl}"
                     assert _rel(norm, rn) <= RTOL, f"{where}: grad norm {norm} vs {rn}"
-            # AdamW's two fp32 moments: 8 bytes per parameter behind DDP, 8/DP sharded (the
-            # buckets' padding to a multiple of DP is the only excess)
             overlapped = per[(kind, "distopt-overlap")]["launched"]
             assert all(n == total > 1 for n, total in overlapped), overlapped
+            # AdamW's two fp32 moments held by this rank: 8 bytes per parameter behind DDP,
+            # 1/DP of that sharded; the memory estimator predicts both (within 10%: the
+            # buckets' padding to a multiple of DP is the only difference)
             full, sharded = per[(kind, "ddp")], per[(kind, "distopt")]
-            assert full["state_bytes"] == 8 * full["params"]
-            expect = 8 * sharded["params"] / layout.dp
+            stage = per["pp_rank"]
+            assert full["state_bytes"] == estimated_optimizer_bytes(kind, layout, stage, False)
+            expect = estimated_optimizer_bytes(kind, layout, stage, True)
             assert abs(sharded["state_bytes"] - expect) <= 0.10 * expect, (rank, sharded, expect)
+            assert sharded["state_bytes"] <= full["state_bytes"] / layout.dp + 8 * layout.dp
