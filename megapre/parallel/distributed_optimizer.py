@@ -82,8 +82,9 @@ class _Buffer:
 class DistributedOptimizer:
     """AdamW over `param_groups` (torch's format: dicts with "params" and options such as
     "weight_decay") whose state is sharded over `mesh`'s DP group; see the module doc.
-    `model_order`: the model's parameters in forward order (the buckets take them in reverse);
-    `bucket_size`: elements per bucket (Megatron's --ddp-bucket-size).
+    `modules`: the model chunks, whose parameter order (forward order) the buckets follow in
+    reverse and whose forwards wait for the overlapped all-gathers (needed for
+    overlap_param_gather); `bucket_size`: elements per bucket (Megatron's --ddp-bucket-size).
 
     Used like a torch optimizer by the step: `zero_grad()`, then backward, then
     `finish_grad_sync()`, `clip_grad_norm_()`, `step()`. `param_groups` are the inner AdamW's
@@ -93,7 +94,7 @@ class DistributedOptimizer:
     def __init__(self, param_groups: list[dict], mesh: ParallelMesh, *, lr: float = 1e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, bucket_size: int | None = None,
                  overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
-                 model_order: Iterable[torch.Tensor] | None = None) -> None:
+                 modules: Iterable[nn.Module] | None = None) -> None:
         self.mesh = mesh
         self.dp_group = mesh.dp_group if group_size(mesh.dp_group) > 1 else None
         self.dp_size = mesh.dp_size if self.dp_group is not None else 1
@@ -105,8 +106,12 @@ class DistributedOptimizer:
         self.params = [p for g in param_groups for p in g["params"]]
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("a parameter appears in two parameter groups")
-        if model_order is not None:  # buckets follow the model, so backward fills them in turn
-            rank = {id(p): i for i, p in enumerate(model_order)}
+        modules = list(modules or [])
+        if self.overlap_param_gather and not modules:
+            raise ValueError("overlap_param_gather needs the model's modules (their forwards "
+                             "wait for the parameter all-gathers)")
+        if modules:  # buckets follow the model, so backward fills them one after another
+            rank = {id(p): i for i, p in enumerate(p for m in modules for p in m.parameters())}
             self.params.sort(key=lambda p: rank.get(id(p), len(rank)))
         self.buffers: list[_Buffer] = []
         self.buckets: list[_Bucket] = []
@@ -131,6 +136,8 @@ class DistributedOptimizer:
         if self.overlap_grad_reduce:
             self._hooks += [p.register_post_accumulate_grad_hook(self._grad_ready)
                             for p in self.params]
+        if self.overlap_param_gather:
+            self._attach_param_gather_hooks(modules)
         self.zero_grad()
 
     # -- layout ----------------------------------------------------------------------------
@@ -201,9 +208,9 @@ class DistributedOptimizer:
     # -- gradients -------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradient buffer (`set_to_none` is ignored: the grads stay buffer views, as
-        with DDP's gradient_as_bucket_view) and re-arm the bucket counters."""
+        with DDP's gradient_as_bucket_view) and re-arm the bucket counters. Parameter
+        all-gathers still in flight keep going (the forward waits for them)."""
         del set_to_none
-        self.finish_param_sync()
         for buf in self.buffers:
             buf.grads.zero_()
         for p in self.params:
@@ -308,12 +315,9 @@ class DistributedOptimizer:
                 b.param_work.wait()
                 b.param_work = None
 
-    def attach_param_gather_hooks(self, modules: Iterable[nn.Module]) -> None:
-        """With overlap_param_gather: each module that owns parameters waits for their buckets
-        right before its forward, so the gathers overlap the step's tail and the forward of the
-        layers before it."""
-        if not self.overlap_param_gather:
-            return
+    def _attach_param_gather_hooks(self, modules: list[nn.Module]) -> None:
+        """Each module that owns parameters waits for their buckets right before its forward,
+        so the gathers overlap the step's tail and the forward of the layers before it."""
         for root in modules:
             for m in root.modules():
                 own = [p for p in m.parameters(recurse=False) if id(p) in self._bucket_of]

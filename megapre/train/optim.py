@@ -67,8 +67,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
                                bucket_size=sharding.ddp_bucket_size,
                                overlap_grad_reduce=sharding.overlap_grad_reduce,
                                overlap_param_gather=sharding.overlap_param_gather,
-                               model_order=list(model.parameters()))
-    opt.attach_param_gather_hooks(model.chunks)
+                               modules=list(model.chunks))
     return opt
 
 
