@@ -1,5 +1,6 @@
 """The distributed optimizer (--use-distributed-optimizer, ZeRO-1) trains exactly like torch's
-AdamW behind DDP: in DP2, TP2 x DP2 and PP2 x DP2 (tied word embedding across stages), losses
+AdamW behind DDP: in DP2, TP2 x DP2, PP2 x DP2 (tied word embedding across stages) and
+TP2 x PP2 x DP2 with sequence parallelism and interleaved 1F1B, losses
 and global grad norms of a few steps with clipping and decay / no-decay groups equal the
 single-process run within 1e-5 relative, with and without overlapped grad reduce-scatter and
 param all-gather (small buckets, so several of them are in flight). Each rank's AdamW state is
@@ -57,7 +58,9 @@ def run_variant(kind: str, mesh: ParallelMesh, sharding: ShardingArgs,
 
 def worker(rank: int, world: int, layout: Layout, kinds: tuple[str, ...]) -> dict:
     mesh = ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp,
-                                            pipeline_parallel=layout.pp), device="cpu")
+                                            pipeline_parallel=layout.pp,
+                                            virtual_pipeline=layout.vp,
+                                            sequence_parallel=layout.sp), device="cpu")
     out = {(kind, name): run_variant(kind, mesh, sharding, layout.schedule)
            for kind in kinds for name, sharding in VARIANTS.items()}
     out["pp_rank"] = mesh.pp_rank
@@ -90,9 +93,12 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,kinds", [(Layout(dp=2), ("gpt", "bert")),
                                           (Layout(tp=2, dp=2), ("gpt",)),
-                                          (Layout(pp=2, dp=2), ("gpt",))],
+                                          (Layout(pp=2, dp=2), ("gpt",)),
+                                          (Layout(tp=2, pp=2, dp=2, vp=2, sp=True),
+                                           ("gpt", "bert"))],
                          ids=lambda v: str(v) if isinstance(v, Layout) else "+".join(v))
 def test_distributed_optimizer_matches_single_process(layout, kinds, reference):
     results = run_distributed(worker, layout.world, layout, kinds, timeout_s=300)

@@ -71,6 +71,7 @@ def _close(got: list[float], want: list[float]) -> None:
         assert abs(a - b) <= RTOL * abs(b), (got, want)
 
 
+@pytest.mark.slow
 def test_distributed_save_loads_without_it(single, tmp_path):
     path = str(tmp_path)
     ranks = run_distributed(worker, 2, None, path, 0, FIRST, timeout_s=240)
@@ -81,6 +82,7 @@ def test_distributed_save_loads_without_it(single, tmp_path):
     _close(resumed["losses"], single["losses"][FIRST:])
 
 
+@pytest.mark.slow
 def test_plain_save_loads_into_distributed(single):
     ranks = run_distributed(worker, 2, single["path"], None, FIRST, THEN, timeout_s=240)
     for r in ranks:
