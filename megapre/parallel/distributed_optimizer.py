@@ -128,7 +128,8 @@ class DistributedOptimizer:
                     masters.append(piece.master)
             groups.append({"params": masters, **options})
         # (a stage with nothing to train still takes part in the collectives)
-        self.optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=betas, eps=eps, fused=True)
+        self.optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=lr, betas=betas,
+                                           eps=eps, fused=True)
         self.has_state = False  # AdamW has taken a step or loaded state (same on every rank)
         self._expected_backwards = 1
         self._next_launch = 0
