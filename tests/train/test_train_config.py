@@ -175,3 +175,17 @@ def test_every_data_flag_reaches_the_data_layer():
     default = parse_config(BASE).data.cache()
     assert default.enabled and not default.node_local and not parse_config(BASE).data.blend() \
         .megatron_compatible_blend
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
+])
+def test_distributed_optimizer_flags_are_checked(extra, match):
+    with pytest.raises(ConfigError, match=match.replace("-", r"\-")):
+        validate(parse_config(BASE + extra), 2)
+    plan = validate(parse_config(BASE + ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                         "--overlap-param-gather", "--ddp-bucket-size", "1000"]), 2)
+    p = plan.config.parallel
+    assert (p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather,
+            p.ddp_bucket_size) == (True, True, True, 1000)
