@@ -21,7 +21,12 @@ per rank the AdamW state shrinks from 8 to 8/DP bytes per parameter (plus bucket
 
 Checkpoints see the non-distributed layout: `full_param_state` assembles a parameter's
 exp_avg / exp_avg_sq / step over DP and `load_param_state` takes back this rank's slices, so a
-checkpoint moves freely between DP sizes and to and from torch's AdamW.
+checkpoint moves freely between DP sizes and to and from torch's AdamW. (While a checkpoint is
+written or read, each rank briefly holds the whole stage's AdamW state, as without sharding.)
+
+Collectives are torch.distributed's reduce_scatter_tensor and all_gather_into_tensor, in place
+on the buffers; gloo implements both on CPU tensors (checked on torch 2.14), so the CPU tests run
+the same code as NCCL.
 """
 from __future__ import annotations
 
