@@ -7,7 +7,11 @@
 Weights, grads and AdamW state are exact byte counts of what megapre allocates (fp32 master
 weights even under --bf16/--fp16 autocast; fp32 grads; exp_avg + exp_avg_sq in fp32). Under
 autocast the step additionally keeps a half-precision copy of every matrix it multiplies with
-(autocast's weight cache), 2 bytes per matrix parameter.
+(autocast's weight cache), 2 bytes per matrix parameter. --use-distributed-optimizer shards the
+AdamW state over DP: 8 * ceil(n / DP) bytes per rank (bucket padding aside). The fp32 weights are
+the master copy the forward reads, so they stay whole on every rank (Megatron shards a separate
+fp32 master beside bf16 weights; megapre has no such copy to shard), and the grad buffer is whole
+too (the reduce-scatter reads all of it).
 
 Activations: what autograd keeps for backward, per transformer layer and micro-batch, derived
 from megapre's ops (s = seq length, b = micro-batch, h = hidden, a = heads, d = head dim,
@@ -109,6 +113,7 @@ class MemoryEstimate:
     flops_per_rank_per_step: float
     device: str = "cuda"  # the device type the estimate assumed
     attention_backend: str = "sdpa"  # the core attention it assumed on that device
+    distributed_optimizer: bool = False  # AdamW state sharded over DP
 
     @property
     def most_loaded(self) -> StageMemory:
@@ -309,6 +314,12 @@ def _mask_bytes(cfg: PretrainConfig, e: int) -> int:
     return 1 if _device(cfg) == "cuda" else e
 
 
+def optimizer_bytes(params: int, dp: int, distributed: bool) -> int:
+    """AdamW's exp_avg + exp_avg_sq (fp32) of `params` elements on one rank: all of them, or
+    this rank's 1/DP share under the distributed optimizer."""
+    return 8 * (-(-params // dp) if distributed else params)
+
+
 def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEstimate:
     """Per-rank numbers for `cfg` launched on `world_size` processes (validates like the run)."""
     checked = copy.deepcopy(cfg)
@@ -348,7 +359,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
         def held(per_layer: int, once: int = 0) -> int:
             return int(flight * (layers_per_stage * per_layer + extra)) + once
         stages.append(StageMemory(
-            stage=stage, params=n, weights=4 * n, grads=4 * n, optimizer=8 * n,
+            stage=stage, params=n, weights=4 * n, grads=4 * n,
+            optimizer=optimizer_bytes(n, dp, p.use_distributed_optimizer),
             autocast_cache=2 * matrix_params(mc, kind, tp, pp, stage) if autocast else 0,
             activations_per_microbatch=layers_per_stage * layer + extra,
             in_flight_microbatches=flight, activations=held(layer),
@@ -361,7 +373,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     step = fpt * t.global_batch_size * mc.seq_length
     return MemoryEstimate(total, non_emb, mc.padded_vocab_size(tp), world_size, tp, pp, dp,
                           num_mb, t.recompute_granularity, stages, fpt, step, step / world_size,
-                          device, attention_backend(mc, device, masked))
+                          device, attention_backend(mc, device, masked),
+                          p.use_distributed_optimizer)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -382,7 +395,9 @@ def report(est: MemoryEstimate) -> str:
         lines += [f"pipeline stage {st.stage} (per rank): {st.params:,} parameters",
                   f"  weights (fp32)         {_fmt(st.weights)}",
                   f"  grads (fp32)           {_fmt(st.grads)}",
-                  f"  AdamW state (2 x fp32) {_fmt(st.optimizer)}"]
+                  f"  AdamW state (2 x fp32) {_fmt(st.optimizer)}"
+                  + (f" (1/{est.dp}: distributed optimizer)" if est.distributed_optimizer
+                     else "")]
         if st.autocast_cache:
             lines.append(f"  autocast weight cache  {_fmt(st.autocast_cache)}")
         lines += [f"  activations/micro-batch {_fmt(st.activations_per_microbatch)} x "
@@ -399,4 +414,21 @@ def report(est: MemoryEstimate) -> str:
               f"--recompute-granularity {est.recompute or 'none'}",
               f"FLOPs: {est.flops_per_token:.4g}/token, {est.flops_per_step:.4g}/step, "
               f"{est.flops_per_rank_per_step:.4g}/step per rank"]
+    if est.dp > 1:
+        lines.append(distributed_optimizer_line(est))
     return "\n".join(lines)
+
+
+def distributed_optimizer_line(est: MemoryEstimate) -> str:
+    """What --use-distributed-optimizer does (or did) to the most loaded rank's peak."""
+    st = est.most_loaded
+    full = optimizer_bytes(st.params, 1, False)
+    sharded = optimizer_bytes(st.params, est.dp, True)
+    peak = est.peak_bytes()
+    if est.distributed_optimizer:
+        return (f"--use-distributed-optimizer: AdamW state {_fmt(sharded).strip()} per rank "
+                f"instead of {_fmt(full).strip()}; peak {_fmt(peak).strip()} instead of "
+                f"{_fmt(peak - sharded + full).strip()}")
+    return (f"with --use-distributed-optimizer: AdamW state {_fmt(sharded).strip()} per rank "
+            f"instead of {_fmt(full).strip()}; peak {_fmt(peak - full + sharded).strip()} "
+            f"instead of {_fmt(peak).strip()}")

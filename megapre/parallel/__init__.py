@@ -12,6 +12,7 @@ _EXPORTS = {
     "comm": ("all_reduce_grads", "copy_to_tp", "gather_from_sp", "gather_from_tp",
              "reduce_from_tp", "reduce_scatter_to_sp", "scatter_to_sp", "scatter_to_tp"),
     "cross_entropy": ("vocab_parallel_cross_entropy",),
+    "distributed_optimizer": ("DistributedOptimizer",),
     "layers": ("ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
                "full_state_dict", "gather_full_param", "load_full_param", "normal_init",
                "padded_vocab_size", "sync_sequence_parallel_grads"),

@@ -6,7 +6,9 @@ by the token count of the whole batch over all DP ranks), so the DP reduction mu
 gradients, not average them: a comm hook replaces DDP's default divide-by-world-size. The result
 is the gradient of the global-batch mean loss, identical to one process running the whole batch.
 
-FSDP2 (`fully_shard`) is not offered: see `FSDP_NOTE`.
+--use-distributed-optimizer replaces DDP by distributed_optimizer.py (the model is then built
+unwrapped): the same SUM, as a reduce-scatter into DP-sharded AdamW state. FSDP2 (`fully_shard`)
+is not offered: see `FSDP_NOTE`.
 """
 from __future__ import annotations
 

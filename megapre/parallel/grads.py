@@ -9,7 +9,8 @@ The norm must be the one the single-process model would compute, whatever the la
 * each pipeline stage holds different layers: summed over PP;
 * the last stage's copy of a tied word embedding duplicates the first stage's: the caller
   leaves it out of `params`;
-* after the DP reduction every DP rank holds the same gradients: DP is not summed.
+* after the DP reduction every DP rank holds the same gradients: DP is not summed (the
+  distributed optimizer's ranks each hold a slice instead: `reduce_grad_norm(sum_dp=True)`).
 
 Call after `sync_sequence_parallel_grads`, the DP reduction and the tied-embedding sync.
 """
@@ -42,11 +43,20 @@ def global_grad_norm(params: Iterable[torch.Tensor], mesh: ParallelMesh) -> floa
             sharded.append(p.grad.detach())
         else:
             replicated.append(p.grad.detach())
+    return reduce_grad_norm(sharded, replicated, mesh)
+
+
+def reduce_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor],
+                     mesh: ParallelMesh, sum_dp: bool = False) -> float:
+    """The global norm from this rank's gradients of TP-sharded and TP-replicated parameters.
+    `sum_dp`: each DP rank holds a different part of the gradients (the distributed optimizer's
+    owned slices), so the squares are summed over DP too."""
     device = mesh.device
     total = _sum_of_squares(sharded, device)
     if mesh.tp_rank == 0:
         total = total + _sum_of_squares(replicated, device)
-    for group in (mesh.tp_group, mesh.pp_group):
+    groups = (mesh.tp_group, mesh.pp_group) + ((mesh.dp_group,) if sum_dp else ())
+    for group in groups:
         if group_size(group) > 1:
             dist.all_reduce(total, group=group)
     return math.sqrt(float(total))

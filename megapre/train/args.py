@@ -83,6 +83,18 @@ class ParallelArgs:
                                        "virtual stages, else 1f1b)",
                                        choices=(None, "1f1b", "gpipe", "interleaved"))
     distributed_timeout_minutes: float = _f(10.0, "process-group timeout")
+    use_distributed_optimizer: bool = _f(
+        False, "shard the AdamW state over data-parallel ranks (ZeRO-1): gradients "
+        "reduce-scattered, updated parameters all-gathered; optimizer memory / DP")
+    overlap_grad_reduce: bool = _f(
+        False, "with --use-distributed-optimizer: start each bucket's reduce-scatter during "
+        "backward (DDP always overlaps its all-reduce)")
+    overlap_param_gather: bool = _f(
+        False, "with --use-distributed-optimizer: all-gather updated parameters in the "
+        "background, waited for at the next forward")
+    ddp_bucket_size: int | None = _f(
+        None, "elements per gradient bucket (default: DDP's 25 MB; distributed optimizer: one "
+        "bucket, or max(40M, 1M x DP) with --overlap-grad-reduce)")
 
 
 @dataclass
@@ -332,6 +344,14 @@ def _check_checkpoint_args(c: CheckpointArgs) -> None:
                           "starts a new lr schedule from this command line; drop one")
 
 
+def check_distributed_optimizer(p: ParallelArgs) -> None:
+    """Megatron's rules for the distributed optimizer's flags."""
+    if p.overlap_param_gather and not p.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
+        raise ConfigError(f"--ddp-bucket-size must be >= 1 element, got {p.ddp_bucket_size}")
+
+
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> RunPlan:
     """Check everything that can be checked before any process group exists (layout rules come
     from megapre.parallel.layout, model rules from TransformerConfig.validate)."""
@@ -339,6 +359,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     layout.check_parallel_sizes(tp, pp)
     dp = layout.data_parallel_size(world_size, tp, pp)
+    check_distributed_optimizer(p)
     vp = _virtual_stages(cfg)
     _check_gqa(cfg.model)
     _check_recompute(cfg.train)

@@ -32,7 +32,7 @@ from . import task_eval, task_weights
 from .args import recompute_spec
 from .finetune_args import FinetuneConfig, validate_finetune
 from .metrics import MetricsLogger, format_duration
-from .optim import build_optimizer, schedule_from_args, schedule_state, set_lr
+from .optim import ShardingArgs, build_optimizer, schedule_from_args, schedule_state, set_lr
 from .runtime import build_runtime
 from .step import StepConfig, TrainStep
 from .stop_flag import StopFlag, agreed_stop
@@ -155,7 +155,8 @@ class Finetuner:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.train_iters = t.train_iters or cfg.task.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
-                                         (o.adam_beta1, o.adam_beta2), o.adam_eps)
+                                         (o.adam_beta1, o.adam_beta2), o.adam_eps,
+                                         ShardingArgs.of(cfg.parallel))
         self.schedule = schedule_from_args(o, self.train_iters)
         self.step = TrainStep(self.model, self.optimizer,
                               StepConfig(t.micro_batch_size, t.global_batch_size, t.clip_grad,

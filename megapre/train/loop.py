@@ -27,7 +27,7 @@ from .gc_control import ManualGC
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
                       format_eval_line, format_train_line, memory_stats, throughput)
-from .optim import build_optimizer, schedule_from_args, set_lr
+from .optim import ShardingArgs, build_optimizer, schedule_from_args, set_lr
 from .runtime import build_runtime
 from .step import EvalStep, StepConfig, TrainStep
 from .stop_flag import StopFlag, agreed_stop
@@ -60,7 +60,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps,
-                                         decoupled=decoupled_bounds(o))
+                                         decoupled=decoupled_bounds(o),
+                                         sharding=ShardingArgs.of(cfg.parallel))
         self.schedule = schedule_from_args(o, cfg.train.train_iters, cfg.train.global_batch_size,
                                            cfg.train.train_samples is not None)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,

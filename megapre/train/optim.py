@@ -41,14 +41,47 @@ def param_groups(model: nn.Module, weight_decay: float,
     return groups
 
 
+@dataclass(frozen=True)
+class ShardingArgs:
+    """How the optimizer state is laid out over DP (the fields of ParallelArgs with these names;
+    see megapre.train.args)."""
+
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    ddp_bucket_size: int | None = None
+
+    @classmethod
+    def of(cls, parallel) -> "ShardingArgs":
+        return cls(**{f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls)})
+
+
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8, decoupled: tuple[float, float] | None = None
-                    ) -> torch.optim.AdamW:
+                    eps: float = 1e-8, decoupled: tuple[float, float] | None = None,
+                    sharding: ShardingArgs | None = None):
     """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
     pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
-    CPU for small models), the same element-wise math per parameter whatever the layout."""
-    return torch.optim.AdamW(param_groups(model, weight_decay, decoupled), lr=lr, betas=betas,
-                             eps=eps, fused=True)
+    CPU for small models), the same element-wise math per parameter whatever the layout.
+
+    `decoupled`: see `param_groups`. `sharding` with `use_distributed_optimizer`: the same AdamW
+    with its state sharded over DP (megapre/parallel/distributed_optimizer.py); `model` is then
+    a ParallelModel built with `ddp=False`."""
+    groups = param_groups(model, weight_decay, decoupled)
+    if sharding is None or not sharding.use_distributed_optimizer:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    from torch.nn.parallel import DistributedDataParallel
+
+    from megapre.parallel.distributed_optimizer import DistributedOptimizer
+
+    if any(isinstance(c, DistributedDataParallel) for c in model.chunks):
+        raise ValueError("--use-distributed-optimizer reduces the gradients itself: build the "
+                         "model with ParallelModel.build(..., ddp=False)")
+    opt = DistributedOptimizer(groups, model.mesh, lr=lr, betas=betas, eps=eps,
+                               bucket_size=sharding.ddp_bucket_size,
+                               overlap_grad_reduce=sharding.overlap_grad_reduce,
+                               overlap_param_gather=sharding.overlap_param_gather,
+                               modules=list(model.chunks))
+    return opt
 
 
 @dataclass(frozen=True)

@@ -37,27 +37,27 @@ class ParallelModel(nn.Module):
     def build(cls, kind: str, cfg: TransformerConfig, mesh: ParallelMesh, *, seed: int = 1234,
               tracker: RNGTracker | None = None, recompute_granularity: str | None = None,
               label_smoothing: float = 0.0, add_binary_head: bool = True,
-              ddp_bucket_cap_mb: float = 25.0) -> "ParallelModel":
+              ddp_bucket_cap_mb: float = 25.0, ddp: bool = True) -> "ParallelModel":
         adapter = ModelAdapter(kind, cfg, mesh, add_binary_head=add_binary_head)
         return cls.from_adapter(adapter, seed=seed, tracker=tracker,
                                 recompute_granularity=recompute_granularity,
                                 label_smoothing=label_smoothing,
-                                ddp_bucket_cap_mb=ddp_bucket_cap_mb)
+                                ddp_bucket_cap_mb=ddp_bucket_cap_mb, ddp=ddp)
 
     @classmethod
     def from_adapter(cls, adapter, *, seed: int = 1234, tracker: RNGTracker | None = None,
                      recompute_granularity: str | None = None, label_smoothing: float = 0.0,
-                     ddp_bucket_cap_mb: float = 25.0) -> "ParallelModel":
+                     ddp_bucket_cap_mb: float = 25.0, ddp: bool = True) -> "ParallelModel":
         """This rank's chunks as `adapter` (a pretraining ModelAdapter or a fine-tuning
-        TaskAdapter) builds them."""
+        TaskAdapter) builds them. `ddp=False` leaves them unwrapped: the distributed optimizer
+        then does the DP gradient reduction."""
         mesh = adapter.mesh
         specs = adapter.chunks()
-        chunks = [wrap_data_parallel(
-                      adapter.build(s, seed=seed, tracker=tracker,
-                                    recompute_granularity=recompute_granularity,
-                                    label_smoothing=label_smoothing),
-                      mesh, bucket_cap_mb=ddp_bucket_cap_mb)
-                  for s in specs]
+        chunks = [adapter.build(s, seed=seed, tracker=tracker,
+                                recompute_granularity=recompute_granularity,
+                                label_smoothing=label_smoothing) for s in specs]
+        if ddp:
+            chunks = [wrap_data_parallel(c, mesh, bucket_cap_mb=ddp_bucket_cap_mb) for c in chunks]
         return cls(adapter, specs, chunks)
 
     @property

@@ -66,14 +66,18 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
         sequence_parallel=p.sequence_parallel, timeout_s=p.distributed_timeout_minutes * 60),
         device)
     tracker = set_random_seed(cfg.train.seed, mesh)
+    # the distributed optimizer reduces gradients itself (no DDP wrapper then)
+    wrap = {"ddp": not p.use_distributed_optimizer}
+    if p.ddp_bucket_size is not None:
+        wrap["ddp_bucket_cap_mb"] = p.ddp_bucket_size * 4 / 2**20  # fp32 elements
     if adapter is not None:
         model = ParallelModel.from_adapter(adapter(model_cfg, mesh), seed=cfg.train.seed,
                                            tracker=tracker,
-                                           recompute_granularity=recompute_granularity)
+                                           recompute_granularity=recompute_granularity, **wrap)
     else:
         model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
                                     tracker=tracker, recompute_granularity=recompute_granularity,
-                                    add_binary_head=cfg.model.bert_binary_head)
+                                    add_binary_head=cfg.model.bert_binary_head, **wrap)
     return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)
 
 

@@ -18,6 +18,9 @@ depend on the layout that wrote it:
 
 AdamW state (exp_avg, exp_avg_sq, step, any other per-parameter tensor) is named
 `optim.<param name>.<state key>` and laid out exactly like its parameter, so it reshards too.
+The distributed optimizer's DP-sharded state is assembled into those same per-parameter tensors
+on save and sliced back on load (collective over DP), so a checkpoint loads with or without
+--use-distributed-optimizer and under any DP size.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from megapre.model.config import TransformerConfig
 from megapre.parallel.comm import group_size
+from megapre.parallel.distributed_optimizer import STATE_NAMES, DistributedOptimizer
 from megapre.parallel.mesh import ParallelMesh
 
 MODEL_PREFIX = "model."
@@ -116,7 +120,12 @@ def _dtensor(local: torch.Tensor, dim: int, mesh: ParallelMesh, shape: tuple[int
 
 def optimizer_states(optimizer: torch.optim.Optimizer | None, slot: ParamSlot
                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(state name, tensor) of `slot`'s parameter; full tensors assembled over DP for a
+    DistributedOptimizer (a collective: every DP rank asks for the same slots in order)."""
     if optimizer is None:
+        return
+    if isinstance(optimizer, DistributedOptimizer):
+        yield from optimizer.full_param_state(slot.param).items()
         return
     for name, value in optimizer.state.get(slot.param, {}).items():
         if torch.is_tensor(value):
@@ -126,7 +135,9 @@ def optimizer_states(optimizer: torch.optim.Optimizer | None, slot: ParamSlot
 def save_state_dict(models: list[nn.Module], optimizer: torch.optim.Optimizer | None,
                     mesh: ParallelMesh, cfg: TransformerConfig, keep: KeyFilter | None = None
                     ) -> dict[str, torch.Tensor]:
-    """Checkpoint entries of this rank (collective over TP for the vocabulary tables)."""
+    """Checkpoint entries of this rank (collective over TP for the vocabulary tables, and over
+    DP for a DistributedOptimizer's state)."""
+    _settle(optimizer)
     out: dict[str, torch.Tensor] = {}
     for slot in param_slots(models, keep):
         if slot.tied_copy:
@@ -180,10 +191,14 @@ def load_targets(models: list[nn.Module], optimizer: torch.optim.Optimizer | Non
     """Entries this rank needs (of the parameters `keep` accepts). `saved_states` (param key ->
     optimizer state names found in the checkpoint) lets a fresh optimizer, which has no state
     yet, get buffers to load into."""
+    _settle(optimizer)
     targets = []
     for slot in param_slots(models, keep):
         targets.append(_load_target(MODEL_PREFIX + slot.key, slot, slot.param, mesh, cfg))
         if optimizer is None:
+            continue
+        if isinstance(optimizer, DistributedOptimizer):
+            targets += _sharded_state_targets(optimizer, slot, mesh, cfg, saved_states)
             continue
         state = optimizer.state[slot.param]
         for name in (saved_states or {}).get(slot.key, []):
@@ -193,6 +208,35 @@ def load_targets(models: list[nn.Module], optimizer: torch.optim.Optimizer | Non
             targets.append(_load_target(f"{OPTIM_PREFIX}{slot.key}.{name}", slot, value, mesh,
                                         cfg))
     return targets
+
+
+def _settle(optimizer) -> None:
+    """A DistributedOptimizer's parameter all-gathers still in flight (--overlap-param-gather)
+    finish before the parameters are read or overwritten."""
+    if isinstance(optimizer, DistributedOptimizer):
+        optimizer.finish_param_sync()
+
+
+def _sharded_state_targets(optimizer: DistributedOptimizer, slot: ParamSlot, mesh: ParallelMesh,
+                           cfg: TransformerConfig, saved_states: dict[str, list[str]] | None
+                           ) -> list[LoadTarget]:
+    """Full-parameter buffers (TP shard, as torch's AdamW would hold them) that DCP fills; each
+    finish hands this rank's DP slices to the optimizer. An optimizer that already has state
+    asks for all of it (so a checkpoint without it is reported, as for torch's AdamW)."""
+    names = list((saved_states or {}).get(slot.key, []))
+    if optimizer.has_state:
+        names += [n for n in ("step", *STATE_NAMES) if n not in names]
+    out = []
+    for name in names:
+        buf = torch.zeros((), dtype=torch.float32, device=slot.param.device) if name == "step" \
+            else torch.zeros_like(slot.param, dtype=torch.float32)
+        inner = _load_target(f"{OPTIM_PREFIX}{slot.key}.{name}", slot, buf, mesh, cfg)
+
+        def finish(inner=inner, name=name, buf=buf, param=slot.param) -> None:
+            inner.finish()
+            optimizer.load_param_state(param, name, buf)
+        out.append(LoadTarget(inner.key, inner.value, inner.shape, finish))
+    return out
 
 
 def _fresh_state(optimizer: torch.optim.Optimizer, slot: ParamSlot, name: str) -> torch.Tensor:
@@ -224,6 +268,7 @@ def full_state(models: list[nn.Module], optimizer: torch.optim.Optimizer | None,
                mesh: ParallelMesh, cfg: TransformerConfig) -> dict[str, torch.Tensor]:
     """This rank's entries as full, unpadded tensors under their checkpoint names (collective over
     TP). Every rank of a stage returns the same dict; union over stages = the whole model."""
+    _settle(optimizer)
     out = {}
     for slot in param_slots(models):
         if slot.tied_copy:

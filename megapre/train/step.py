@@ -6,6 +6,10 @@
     -> sequence-parallel grad sync (TP) -> tied-embedding grad sync (first + last stage)
     -> global grad norm, clipping -> optimizer step (skipped when the norm is not finite)
 
+With a DistributedOptimizer (megapre/parallel/distributed_optimizer.py) the chunks are not
+DDP-wrapped: the optimizer reduce-scatters the gradients instead of DDP's all-reduce, computes
+the norm from the owned slices and all-gathers the updated parameters.
+
 Each micro-batch's loss is its share of the global-batch mean (normalized by the loss-mask count
 of the whole batch over all DP ranks, megapre/train/losses.py), so the gradients and the returned
 loss are exactly those of one process running the whole batch, whatever the layout. The step owns
@@ -28,6 +32,7 @@ import torch.distributed as dist
 
 from megapre.parallel.comm import group_size
 from megapre.parallel.data_parallel import maybe_no_sync
+from megapre.parallel.distributed_optimizer import DistributedOptimizer
 from megapre.parallel.grads import clip_grad_norm_
 from megapre.parallel.layers import sync_sequence_parallel_grads
 from megapre.parallel.layout import num_microbatches, resolve_schedule
@@ -91,7 +96,10 @@ class TrainStep:
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
         mbs = self._prepare(batch_iter, train=True)
+        sharded = self.optimizer if isinstance(self.optimizer, DistributedOptimizer) else None
         self.optimizer.zero_grad(set_to_none=True)
+        if sharded is not None:
+            sharded.start_grad_sync(self.num_microbatches)
         if self.pipeline is not None:
             self.pipeline.run([m.first_args for m in mbs], [m.kwargs for m in mbs],
                               [m.target for m in mbs])
@@ -100,13 +108,22 @@ class TrainStep:
         parts = self._take_parts()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if sharded is not None:
+            sharded.finish_grad_sync()
         if self.loss_scaler is not None:
             self.loss_scaler.unscale_(params)
         for model in self.model.models:
             sync_sequence_parallel_grads(model, self.mesh)
-        sync_tied_embedding_grads(self.model.tied_embedding_weight(), self.mesh)
-        grad_norm = clip_grad_norm_(params, self.config.clip_grad, self.mesh,
-                                    exclude=self.model.tied_copies())
+        tied = self.model.tied_embedding_weight()
+        if sharded is not None:
+            sharded.all_reduce_full_grad(tied)
+        sync_tied_embedding_grads(tied, self.mesh)
+        if sharded is not None:
+            grad_norm = sharded.clip_grad_norm_(self.config.clip_grad,
+                                                exclude=self.model.tied_copies())
+        else:
+            grad_norm = clip_grad_norm_(params, self.config.clip_grad, self.mesh,
+                                        exclude=self.model.tied_copies())
         skipped = not math.isfinite(grad_norm)
         if not skipped:
             self.optimizer.step()

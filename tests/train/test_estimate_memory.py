@@ -358,3 +358,32 @@ def test_estimate_within_15_percent_of_measured_peak(case):
 
 if __name__ == "__main__":
     _child(json.loads(sys.argv[1]))
+
+
+GPT3_175B = ["--num-layers", "96", "--hidden-size", "12288", "--num-attention-heads", "96",
+             "--seq-length", "2048", "--micro-batch-size", "1", "--global-batch-size", "1536",
+             "--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "16",
+             "--bf16", "--sequence-parallel", "--recompute-granularity", "selective"]
+
+
+def test_distributed_optimizer_on_175b_over_1024_gpus(capsys):
+    """GPT-3 175B on 1024 GPUs (TP8 x PP16 x DP8): --use-distributed-optimizer cuts each rank's
+    AdamW state to 1/8 (10.9 -> 1.36 GiB on the first stage), the peak by the difference, and
+    the report says so with and without the flag."""
+    plain = estimate(parse_config(GPT3_175B), 1024, 50257)
+    sharded = estimate(parse_config(GPT3_175B + ["--use-distributed-optimizer"]), 1024, 50257)
+    assert plain.dp == 8 and sharded.distributed_optimizer
+    for a, b in zip(plain.stages, sharded.stages):
+        assert b.optimizer == 8 * -(-a.params // 8) and a.optimizer == 8 * a.params
+        assert (a.weights, a.grads) == (b.weights, b.grads)  # fp32 master weights stay whole
+    saved = plain.stages[0].optimizer - sharded.stages[0].optimizer
+    assert plain.peak_bytes() - sharded.peak_bytes() == saved
+    assert 9.5 * 2**30 < saved < 9.6 * 2**30
+    assert main(GPT3_175B + ["--world-size", "1024", "--vocab-size", "50257"]) == 0
+    out = capsys.readouterr().out
+    assert "with --use-distributed-optimizer: AdamW state 1.363 GiB per rank instead of " \
+           "10.902 GiB; peak 33.504 GiB instead of 43.044 GiB" in out
+    assert main(GPT3_175B + ["--world-size", "1024", "--vocab-size", "50257",
+                             "--use-distributed-optimizer"]) == 0
+    out = capsys.readouterr().out
+    assert "1.363 GiB (1/8: distributed optimizer)" in out and "peak    33.504 GiB" in out

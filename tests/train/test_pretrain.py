@@ -158,3 +158,39 @@ def test_bert_pretraining_on_real_sentences(tmp_path):
     assert all("sop_loss" in r and "lm_loss" in r for r in train)
     assert abs(train[-1]["loss"] - train[-1]["lm_loss"] - train[-1]["sop_loss"]) < 1e-4
     assert [e["split"] for e in evals] == ["valid", "test"]
+
+
+@pytest.mark.slow
+def test_torchrun_distributed_optimizer_matches_single_process(corpus, tmp_path):
+    """--use-distributed-optimizer with overlapped reduce-scatter and param all-gather (DP2)
+    trains like one process; its checkpoint resumes in one process without the flag."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    short = ["--train-iters", "6", "--eval-interval", "6", "--log-interval", "3"]
+    p1 = _run([sys.executable, "-m", "megapre.pretrain", *_args(corpus, one, *short)], one)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p2 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "2", "-m", "megapre.pretrain", *_args(corpus, two, *short),
+               "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+               "--ddp-bucket-size", "4000", "--save", str(two / "ckpt")], two)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    (t1, e1), (t2, e2) = _metrics(one), _metrics(two)
+    assert len(t1) == len(t2) == 2 and len(e1) == len(e2) == 2
+    for a, b in zip(t1 + e1, t2 + e2):
+        assert a["iteration"] == b["iteration"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    p3 = _run([sys.executable, "-m", "megapre.pretrain",
+               *_args(corpus, resumed, "--train-iters", "8", "--eval-interval", "100",
+                      "--log-interval", "1", "--load", str(two / "ckpt"))], resumed)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert [r["iteration"] for r in _metrics(resumed)[0]] == [7, 8]
+
+
+def test_overlap_param_gather_needs_the_distributed_optimizer(corpus, tmp_path):
+    proc = _run([sys.executable, "-m", "megapre.pretrain",
+                 *_args(corpus, tmp_path, "--overlap-param-gather")], tmp_path)
+    assert proc.returncode == 2
+    assert "--overlap-param-gather needs --use-distributed-optimizer" in proc.stderr
+    assert "Traceback" not in proc.stderr

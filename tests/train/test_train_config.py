@@ -201,3 +201,17 @@ def test_decoupled_lr_groups_follow_their_own_bounds():
             assert g["lr"] == pytest.approx(want, rel=1e-12)
     with pytest.raises(ConfigError, match="--decoupled-min-lr needs --decoupled-lr"):
         validate(parse_config(BASE + ["--decoupled-min-lr", "1e-5"]), 1)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--use-distributed-optimizer", "--ddp-bucket-size", "0"], "--ddp-bucket-size"),
+])
+def test_distributed_optimizer_flags_are_checked(extra, match):
+    with pytest.raises(ConfigError, match=match.replace("-", r"\-")):
+        validate(parse_config(BASE + extra), 2)
+    plan = validate(parse_config(BASE + ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                                         "--overlap-param-gather", "--ddp-bucket-size", "1000"]), 2)
+    p = plan.config.parallel
+    assert (p.use_distributed_optimizer, p.overlap_grad_reduce, p.overlap_param_gather,
+            p.ddp_bucket_size) == (True, True, True, 1000)
