@@ -16,6 +16,7 @@ from torch import nn
 
 from megapre import ops
 from megapre.parallel.comm import gather_from_sp
+from megapre.parallel.layout import check_context_parallel
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
@@ -88,6 +89,7 @@ class BertModel(nn.Module):
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        check_context_parallel(mesh.cp_size, cfg.seq_length, model="bert")
         if cfg.untie_embeddings_and_output_weights:
             raise ValueError("BERT ties its masked-LM output to the word embeddings; drop "
                              "--untie-embeddings-and-output-weights")

@@ -9,9 +9,9 @@ The norm must be the one the single-process model would compute, whatever the la
 * each pipeline stage holds different layers: summed over PP;
 * the last stage's copy of a tied word embedding duplicates the first stage's: the caller
   leaves it out of `params`;
-* after the DP reduction every DP rank holds the same gradients: DP is not summed.
+* after the DP x CP reduction every DP and CP rank holds the same gradients: neither is summed.
 
-Call after `sync_sequence_parallel_grads`, the DP reduction and the tied-embedding sync.
+Call after `sync_sequence_parallel_grads`, the DP x CP reduction and the tied-embedding sync.
 """
 from __future__ import annotations
 
