@@ -74,11 +74,9 @@ class CoreAttention(nn.Module):
         if self.training and self.dropout_p > 0:
             raise ValueError("context parallelism draws no attention-dropout masks: set "
                              "--attention-dropout 0 with --context-parallel-size > 1")
-        sq, b, nh, d = q.shape
-        qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # k/v keep their own heads
-        ctx = ring_attention(qb, kb, vb, self.context, scale=self.scale, causal=causal,
-                             mask=mask)
-        return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * d)
+        sq, b, nh, d = q.shape  # k/v travel the ring with their own (grouped) heads
+        ctx = ring_attention(q, k, v, self.context, scale=self.scale, causal=causal, mask=mask)
+        return ctx.view(sq, b, nh * d)
 
     def _fused(self, q, k, v, mask, causal):
         scores = torch.matmul(q, k.transpose(-1, -2))

@@ -209,7 +209,7 @@ def _ring_backward(q, k, v, out, lse, mask, dout, ring: ContextGroup, scale: flo
     b, nh, sl, d = q.shape
     c, groups, dt = sl // 2, nh // k.shape[1], _acc(q)
     dout = dout.to(dt)
-    delta = (dout * out).sum(-1)  # rowsum(dO * O), the softmax backward's correction
+    delta = (dout * out.to(dt)).sum(-1)  # rowsum(dO * O), the softmax backward's correction
     lse = lse.masked_fill(lse == float("-inf"), 0.0)  # fully masked rows: p = exp(-inf) = 0
     dq = torch.zeros(b, nh, sl, d, dtype=dt, device=q.device)
     kv = torch.stack([k, v])
@@ -242,22 +242,31 @@ def _ring_backward(q, k, v, out, lse, mask, dout, ring: ContextGroup, scale: flo
     return dq, dkv[0], dkv[1]
 
 
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(1, 2, 0, 3)  # [s, b, heads, d] -> [b, heads, s, d] (a view)
+
+
 class _RingAttention(torch.autograd.Function):
+    """Saves its inputs, its output (which the caller's [s, b, h] context is a view of, so it
+    costs no extra memory) and the fp32 log-sum-exp: nothing of size s x s."""
+
     @staticmethod
     def forward(ctx, q, k, v, mask, ring, scale, causal):
         with torch.autocast(q.device.type, enabled=False):
-            out, lse = _ring_forward(q, k, v, mask, ring, scale, causal)
+            out, lse = _ring_forward(*map(_heads_first, (q, k, v)), mask, ring, scale, causal)
+        out = out.permute(2, 0, 1, 3).to(q.dtype).contiguous()  # [s, b, heads, d]
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.ring, ctx.scale, ctx.causal = ring, scale, causal
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = _ring_backward(q, k, v, out, lse, mask, dout, ctx.ring, ctx.scale,
-                                        ctx.causal)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+            dq, dk, dv = _ring_backward(*map(_heads_first, (q, k, v, out)), lse, mask,
+                                        _heads_first(dout), ctx.ring, ctx.scale, ctx.causal)
+        grads = [g.permute(2, 0, 1, 3).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v))]
+        return (*grads, None, None, None, None)
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: ContextGroup, *,
@@ -265,12 +274,13 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: Cont
                    ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v over the whole sequence, from this rank's zig-zag share.
 
-    q [b, heads, s/cp, d]; k, v [b, kv heads, s/cp, d] (heads a multiple of kv heads); mask
-    bool [b or 1, 1, s/cp or 1, s or 1], True = masked, rows this rank's queries and columns the
-    full sequence in true order (added to the causal mask when `causal`). Collective over the
-    ring: every CP rank calls it with the same shapes. Returns [b, heads, s/cp, d].
+    q [s/cp, b, heads, d]; k, v [s/cp, b, kv heads, d] (heads a multiple of kv heads; Megatron's
+    sequence-first layout); mask bool [b or 1, 1, s/cp or 1, s or 1], True = masked, rows this
+    rank's queries and columns the full sequence in true order (added to the causal mask when
+    `causal`). Collective over the ring: every CP rank calls it with the same shapes. Returns
+    [s/cp, b, heads, d], contiguous.
     """
-    if q.shape[2] % 2:
+    if q.shape[0] % 2:
         raise ValueError(f"ring attention needs an even local sequence (two zig-zag chunks), "
-                         f"got {q.shape[2]}")
+                         f"got {q.shape[0]}")
     return _RingAttention.apply(q, k, v, mask, ring, scale, causal)

@@ -50,7 +50,8 @@ class Trainer:
         tokenizer, self.plan = planned or banner.plan_run(cfg, world)
         self.cfg = cfg = self.plan.config
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
-                           recompute_granularity=cfg.train.recompute_granularity)
+                           recompute_granularity=cfg.train.recompute_granularity,
+                           context_parallel=True)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
         self._banner_model()
@@ -69,7 +70,8 @@ class Trainer:
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
-        owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+        owner = (self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+                 and self.mesh.cp_rank == 0)
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
         self.peak, self.peak_source = device_peak_tflops(self.device)

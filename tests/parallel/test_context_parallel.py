@@ -57,14 +57,20 @@ def _grads(out, dout, tensors):
     return torch.autograd.grad((out * dout).sum(), tensors)
 
 
+def _ring(q, k, v, ring, causal, mask):
+    """ring_attention on [b, heads, s, d] tensors (its layout is [s, b, heads, d])."""
+    seq_first = [t.permute(2, 0, 1, 3) for t in (q, k, v)]
+    out = ring_attention(*seq_first, ring, scale=1 / math.sqrt(8), causal=causal, mask=mask)
+    return out.permute(1, 2, 0, 3)
+
+
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
 def test_ring_of_one_matches_full_attention(causal, masked):
     q, k, v, mask, dout = _inputs(0)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     m = mask if masked else None
-    out = ring_attention(q, k, v, ContextGroup.single(), scale=1 / math.sqrt(8), causal=causal,
-                         mask=m)
+    out = _ring(q, k, v, ContextGroup.single(), causal, m)
     ref = _reference(q, k, v, causal, m)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(_grads(out, dout, (q, k, v)), _grads(ref, dout, (q, k, v))):
@@ -83,7 +89,7 @@ def _ring_worker(rank: int, world: int) -> dict:
             q, k, v, mask, dout = _inputs(1 + cp)
             local = [split_sequence(t, 2, cp, ring.rank).requires_grad_() for t in (q, k, v)]
             m = split_sequence(mask, 2, cp, ring.rank) if masked else None
-            o = ring_attention(*local, ring, scale=1 / math.sqrt(8), causal=causal, mask=m)
+            o = _ring(*local, ring, causal, m)
             grads = _grads(o, split_sequence(dout, 2, cp, ring.rank), local)
             out[(cp, causal, masked)] = (o.detach(), *grads)
     return out
