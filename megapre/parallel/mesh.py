@@ -122,8 +122,9 @@ class ParallelMesh:
         self.tp_group = groups["tp"]
         self.pp_group = groups["pp"]
         self.dp_group = groups["dp"]
-        self.cp_group = groups["cp"]
-        self.dp_cp_group = groups["dp_cp"]  # gradient reduction: parameters replicated over both
+        # (a groups dict without the CP entries, as before CP existed, means CP = 1)
+        self.cp_group = groups.get("cp")
+        self.dp_cp_group = groups.get("dp_cp", self.dp_group)  # grads: replicated over DP and CP
         self.embedding_group = embedding_group
         self.device_mesh = device_mesh
 
