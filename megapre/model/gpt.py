@@ -102,8 +102,9 @@ class GPTModel(nn.Module):
         """First stage: input_ids [b, s]; later stages: hidden_states [s(/tp), b, h] from the
         previous stage. attention_mask (optional, bool, True = masked) [b or 1, 1, s, s] adds to
         the causal mask (e.g. document boundaries); under context parallelism its rows are this
-        rank's tokens and its columns the whole sequence [b or 1, 1, s/cp, s]. Returns the hidden states (not last stage),
-        the per-token loss [b, s] when labels are given, else sharded logits [s, b, vocab/tp];
+        rank's tokens and its columns the whole sequence [b or 1, 1, s/cp, s]. Returns the
+        hidden states (not last stage), the per-token loss [b, s] when labels are given, else
+        sharded logits [s, b, vocab/tp];
         with a task head, logits [b, classes] pooled at `lengths` [b] (real tokens per sample,
         right padding, which causal attention never lets a real token see)."""
         if self.embedding is not None:

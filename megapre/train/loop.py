@@ -92,8 +92,9 @@ class Trainer:
         total = total_params(self.model_cfg, m.model, m.bert_binary_head)[0]
         on_rank = sum(p.numel() for p in self.model.parameters())
         masked = m.model == "bert" or self.cfg.data.reset_attention_mask
-        backend = resolve_backend(m.attention_backend, self.device.type,
-                                  m.attention_dropout > 0, masked)
+        backend = ("ring (context parallel)" if self.mesh.cp_size > 1 else
+                   resolve_backend(m.attention_backend, self.device.type,
+                                   m.attention_dropout > 0, masked))
         banner.emit(banner.model_lines(total, on_rank, self.device, backend))
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -8,8 +8,8 @@
 
 Each micro-batch's loss is its share of the global-batch mean (normalized by the loss-mask count
 of the whole batch over all DP and CP ranks, megapre/train/losses.py; a CP rank counts and sums
-the tokens of its sequence share), so the gradients and the returned
-loss are exactly those of one process running the whole batch, whatever the layout. The step owns
+the tokens of its sequence share), so the gradients and the returned loss are exactly those of
+one process running the whole batch, whatever the layout. The step owns
 what the pure losses leave out: the normalizers of each batch, fp16 loss scaling, and the
 per-micro-batch loss parts it sums for logging.
 
