@@ -43,8 +43,7 @@ class GPTModel(nn.Module):
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
-        check_context_parallel(mesh.cp_size, cfg.seq_length, model="gpt",
-                               attention_dropout=cfg.attention_dropout)
+        check_context_parallel(mesh.cp_size, cfg.seq_length, cfg.attention_dropout)
         self.cfg, self.mesh = cfg, mesh
         self.stage = stage or ChunkSpec.whole(cfg.num_layers)
         self.label_smoothing = label_smoothing

@@ -269,6 +269,27 @@ class _RingAttention(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+class _BroadcastFromFirst(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, ring):
+        ctx.ring = ring
+        out = x.detach().clone().contiguous()
+        dist.broadcast(out, ring.ranks[0], group=ring.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.ring.group)
+        return (grad if ctx.ring.rank == 0 else torch.zeros_like(grad)), None
+
+
+def broadcast_from_first(x: torch.Tensor, ring: ContextGroup) -> torch.Tensor:
+    """CP rank 0's `x` on every CP rank (e.g. BERT's [CLS] state, token 0 of the sequence);
+    backward sums every rank's gradient into CP rank 0's input (the others' get zeros)."""
+    return _BroadcastFromFirst.apply(x, ring)
+
+
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring: ContextGroup, *,
                    scale: float, causal: bool, mask: torch.Tensor | None = None
                    ) -> torch.Tensor:

@@ -47,17 +47,13 @@ def data_parallel_size(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     return world_size // model_parallel
 
 
-def check_context_parallel(cp: int, seq_length: int, *, model: str = "gpt",
-                           attention_dropout: float = 0.0) -> None:
+def check_context_parallel(cp: int, seq_length: int, attention_dropout: float = 0.0) -> None:
     """Context parallelism cuts each sequence into 2 x CP chunks (zig-zag, so causal attention
-    costs every CP rank the same), which must be equal; the ring attention is GPT's causal one
-    and draws no attention-dropout masks (its backward recomputes the probabilities)."""
+    costs every CP rank the same), which must be equal; the ring attention draws no
+    attention-dropout masks (its backward recomputes the probabilities)."""
     check_positive(CP_FLAG, cp)
     if cp == 1:
         return
-    if model != "gpt":
-        raise ConfigError(f"{CP_FLAG} {cp} supports --model gpt only (got {model}); run BERT "
-                          f"with {CP_FLAG} 1")
     if seq_length % (2 * cp):
         raise ConfigError(f"{CP_FLAG} {cp} needs --seq-length {seq_length} divisible by 2 x {cp} "
                           f"= {2 * cp} (the zig-zag split cuts each sequence into {2 * cp} equal "

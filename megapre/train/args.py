@@ -60,7 +60,7 @@ class ParallelArgs:
     tensor_model_parallel_size: int = _f(1, "TP size")
     pipeline_model_parallel_size: int = _f(1, "PP size")
     context_parallel_size: int = _f(1, "CP size: split every sequence over this many ranks "
-                                    "(zig-zag chunks, ring attention; GPT, --attention-dropout 0)")
+                                    "(zig-zag chunks, ring attention; needs --attention-dropout 0)")
     num_layers_per_virtual_pipeline_stage: int | None = _f(None, "layers per virtual stage (interleaved 1F1B)")
     sequence_parallel: bool = _f(False, "shard norms/dropout over the sequence within TP")
     pipeline_schedule: str = _f("1f1b", "pipeline schedule", choices=("1f1b", "gpipe", "interleaved"))
@@ -264,8 +264,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     layout.check_parallel_sizes(tp, pp)
     cp = p.context_parallel_size
-    layout.check_context_parallel(cp, cfg.model.seq_length, model=cfg.model.model,
-                                  attention_dropout=cfg.model.attention_dropout)
+    layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
     dp = layout.data_parallel_size(world_size, tp, pp, cp)
     vp = layout.virtual_stages(cfg.model.num_layers, p.num_layers_per_virtual_pipeline_stage, pp)
     cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)

@@ -61,8 +61,7 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
     layout.check_parallel_sizes(tp, pp, virtual_pipeline)
-    layout.check_context_parallel(cp, cfg.model.seq_length, model=cfg.model.model,
-                                  attention_dropout=cfg.model.attention_dropout)
+    layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
     layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp, cp)
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
     model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel)

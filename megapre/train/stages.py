@@ -16,7 +16,9 @@ Micro-batch fields (the names of megapre.data's samples, batched along dim 0):
 
 Under context parallelism every CP rank receives the whole micro-batch (the same as its DP
 peers) and keeps its zig-zag share of the sequence (Megatron's get_batch_on_this_cp_rank):
-tokens, labels, loss mask and positions [b, s/cp], attention-mask rows [b, 1, s/cp, s].
+GPT's tokens, labels, loss mask and positions [b, s/cp], attention-mask rows [b, 1, s/cp, s];
+BERT's text, types, labels and loss mask [b, s/cp], with the padding mask whole (the keys).
+Every CP rank computes BERT's sentence-order loss of the same samples, so each adds 1/CP of it.
 """
 from __future__ import annotations
 
@@ -107,6 +109,8 @@ class ModelAdapter:
 
     def loss(self, output, target, norm: Normalizers):
         """This micro-batch's share of the global-batch loss (megapre/train/losses.py)."""
+        if self.kind == "bert" and self.mesh.cp_size > 1:  # see the module doc
+            norm = Normalizers(norm.tokens, norm.samples * self.mesh.cp_size)
         return self._loss_fn(output, target, norm)
 
     def part_names(self) -> set[str]:
@@ -142,24 +146,26 @@ class ModelAdapter:
         mb = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         if self.kind == "gpt":
             _require(mb, ("tokens", "labels", "loss_mask"), "GPT")
-            mb = self._context_share(mb)
+            mb = self._context_share(mb, ("tokens", "labels", "loss_mask", "position_ids"))
             kwargs = {"labels": mb["labels"]}
             for name in ("position_ids", "attention_mask"):
                 if mb.get(name) is not None:
                     kwargs[name] = mb[name]
             return MicroBatch((mb["tokens"],), kwargs, mb["loss_mask"])
         _require(mb, ("text", "types", "labels", "loss_mask", "padding_mask", "is_random"), "BERT")
+        mb = self._context_share(mb, ("text", "types", "labels", "loss_mask"))
         kwargs = {"types": mb["types"], "padding_mask": mb["padding_mask"],
                   "labels": mb["labels"]}
         return MicroBatch((mb["text"],), kwargs, (mb["loss_mask"], mb["is_random"].reshape(-1)))
 
-    def _context_share(self, mb: dict[str, Any]) -> dict[str, Any]:
-        """This CP rank's zig-zag share of a GPT micro-batch (the whole one without CP)."""
+    def _context_share(self, mb: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """This CP rank's zig-zag share of the fields `names` and of GPT's attention-mask rows
+        (the whole micro-batch without CP)."""
         cp, rank = self.mesh.cp_size, self.mesh.cp_rank
         if cp == 1:
             return mb
         out = dict(mb)
-        for name in ("tokens", "labels", "loss_mask", "position_ids"):
+        for name in names:
             if mb.get(name) is not None:
                 out[name] = split_sequence(mb[name], 1, cp, rank)
         mask = mb.get("attention_mask")

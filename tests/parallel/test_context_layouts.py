@@ -1,8 +1,9 @@
-"""Context parallelism keeps the layout contract: GPT trained with the sequence split over CP
+"""Context parallelism keeps the layout contract: a model trained with the sequence split over CP
 ranks (zig-zag, ring attention), alone and with TP (+ sequence parallel), PP and DP, gives the
 single process's losses and global grad norms to 1e-5 relative for 10 AdamW steps, then the same
-forward-only evaluation loss. Two models: learned positions with multi-head attention, and RoPE
-with grouped-query attention and SwiGLU (true positions reach the rotation)."""
+forward-only evaluation loss. Three models: GPT with learned positions and multi-head attention,
+GPT with RoPE, grouped-query attention and SwiGLU (true positions reach the rotation), and BERT
+(bidirectional ring with a padding mask, [CLS] broadcast to the sentence-order head)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,11 @@ from megapre.parallel.testing import run_distributed
 STEPS, MICRO, GLOBAL = 10, 2, 8
 RTOL = 1e-5
 MODELS = {
-    "learned": model_config(),
-    "rope-gqa": dataclasses.replace(model_config(), position_embedding_type="rope",
-                                    num_query_groups=2, activation="swiglu",
-                                    ffn_hidden_size=64),
+    "gpt-learned": ("gpt", model_config()),
+    "gpt-rope-gqa": ("gpt", dataclasses.replace(model_config(), position_embedding_type="rope",
+                                                num_query_groups=2, activation="swiglu",
+                                                ffn_hidden_size=64)),
+    "bert": ("bert", model_config()),
 }
 LAYOUTS = [
     Layout(cp=2),
@@ -32,8 +34,8 @@ LAYOUTS = [
 
 def _worker(rank: int, world: int, layout: Layout) -> dict[str, list[tuple[float, float]]]:
     mesh = layout_mesh(layout)
-    return {name: train("gpt", mesh, STEPS, MICRO, GLOBAL, layout.schedule, cfg=cfg)
-            for name, cfg in MODELS.items()}
+    return {name: train(kind, mesh, STEPS, MICRO, GLOBAL, layout.schedule, cfg=cfg)
+            for name, (kind, cfg) in MODELS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,8 @@ def reference():
     torch.set_num_threads(1)
     try:
         mesh = ParallelMesh.single(device="cpu")
-        return {name: train("gpt", mesh, STEPS, MICRO, GLOBAL, cfg=cfg)
-                for name, cfg in MODELS.items()}
+        return {name: train(kind, mesh, STEPS, MICRO, GLOBAL, cfg=cfg)
+                for name, (kind, cfg) in MODELS.items()}
     finally:
         torch.set_num_threads(threads)
 
