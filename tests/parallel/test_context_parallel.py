@@ -112,3 +112,52 @@ def test_ring_attention_across_ranks_matches_full_attention():
             for r in (2, 3):
                 assert torch.equal(results[r][(2, causal, masked)][0],
                                    results[r - 2][(2, causal, masked)][0])
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4, 8])
+def test_zigzag_balances_causal_work(cp):
+    """Megatron's point of the zig-zag split: under a causal mask every CP rank computes the same
+    number of half-blocks over a whole ring (a contiguous split would give rank r about r times
+    rank 0's work), and only the two diagonal ones need the triangular mask."""
+    from megapre.parallel.context import _blocks
+
+    for rank in range(cp):
+        work = [blk for src in range(cp) for blk in _blocks(rank, src, cp, causal=True)]
+        assert len(work) == 2 * cp + 1, (rank, work)
+        assert sum(diag for *_, diag in work) == 2
+    assert all(len(list(_blocks(r, s, cp, causal=False))) == 4
+               for r in range(cp) for s in range(cp))
+
+
+def _describe_cp_mesh(rank: int, world: int) -> dict:
+    from megapre.parallel import ParallelConfig, ParallelMesh
+
+    mesh = ParallelMesh.init(ParallelConfig(pipeline_parallel=2, context_parallel=2))
+    members = {}
+    for name in ("tp", "cp", "dp", "pp", "dp_cp"):
+        group = getattr(mesh, f"{name}_group")
+        out = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, torch.tensor([rank]), group=group)
+        members[name] = [int(t) for t in out]
+    return dict(coord=(mesh.pp_rank, mesh.dp_rank, mesh.cp_rank, mesh.tp_rank),
+                dm=tuple(mesh.device_mesh.get_coordinate()), members=members,
+                ranks={n: getattr(mesh, f"{n}_ranks") for n in ("tp", "cp", "dp", "pp", "dp_cp")},
+                emb=mesh.embedding_ranks, sizes=(mesh.dp_size, mesh.dp_cp_size))
+
+
+@pytest.mark.slow
+def test_mesh_with_context_parallel_follows_megatron_order():
+    """CP2 x DP2 x PP2 on 8 ranks: cp = r % 2, dp = (r // 2) % 2, pp = r // 4 (TP 1; TP's place
+    innermost is in test_parallel_mesh's grid formula); every group holds the ranks its name says,
+    and gradients reduce over DP x CP."""
+    infos = run_distributed(_describe_cp_mesh, 8, timeout_s=120)
+    for r, info in enumerate(infos):
+        cp, dp, pp = r % 2, (r // 2) % 2, r // 4
+        assert info["coord"] == info["dm"] == (pp, dp, cp, 0)
+        expect = {"tp": [r], "cp": [pp * 4 + dp * 2 + c for c in range(2)],
+                  "dp": [pp * 4 + d * 2 + cp for d in range(2)],
+                  "dp_cp": [pp * 4 + i for i in range(4)],
+                  "pp": [p * 4 + dp * 2 + cp for p in range(2)]}
+        for name, ranks in expect.items():
+            assert info["members"][name] == info["ranks"][name] == ranks, (r, name, info)
+        assert info["emb"] == expect["pp"] and info["sizes"] == (2, 4)
