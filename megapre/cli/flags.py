@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import sys
 import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from megapre.cli import megatron_flags
+from megapre.cli.megatron_config import is_megatron_config, megatron_argv
 from megapre.flag_fields import flag
 from megapre.train.args import SECTIONS, PretrainConfig, apply_settings, load_config_file
 
@@ -42,7 +45,12 @@ def _names(name: str, meta: dict) -> list[str]:
 
 class FlagParser(argparse.ArgumentParser):
     """An ArgumentParser whose 'unrecognized arguments' error suggests the closest flag
-    (`--hiden-size`: did you mean `--hidden-size`?)."""
+    (`--hiden-size`: did you mean `--hidden-size`?). Abbreviations are off, as in Megatron:
+    otherwise `--loss-scale 1024` would silently set --loss-scale-window."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # type: ignore[override]
         prefix = "unrecognized arguments: "
@@ -115,21 +123,68 @@ def build_parser(prog: str = "megapre.pretrain") -> argparse.ArgumentParser:
     p = FlagParser(
         prog=prog, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
         description="Pretrain a GPT or BERT model with tensor, pipeline and data parallelism. "
-                    "Flags follow Megatron-LM; --config reads a YAML/JSON file that flags override.",
+                    "Flags follow Megatron-LM; --config reads a YAML/JSON file (megapre's, or a "
+                    "Megatron functional-test model_config.yaml) that flags override.",
         formatter_class=argparse.HelpFormatter)  # defaults: add_section_flags
-    p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by section)")
+    p.add_argument("--config", type=Path, help="YAML or JSON file of flag values (flat, or by "
+                   "section), or a Megatron model_config.yaml (its MODEL_ARGS)")
     for section, cls in SECTIONS.items():
         add_section_flags(p, section, cls)
+    taken = {o for a in p._actions for o in a.option_strings}
+    megatron_flags.add_megatron_flags(p, taken)
     return p
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain") -> PretrainConfig:
-    """Defaults, then --config file, then flags."""
-    args = build_parser(prog).parse_args(argv)
+def _config_path(argv: list[str]) -> Path | None:
+    """The last --config of the command line (read before the full parse: a Megatron YAML
+    becomes flags that go through it)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", type=Path)
+    return pre.parse_known_args(argv)[0].config
+
+
+def _split_words(values: list) -> list:
+    """List flags split words with spaces: Megatron's harness passes `$DATA_BLEND` (weights
+    and prefixes) as one quoted word."""
+    return [w for v in values for w in (v.split() if isinstance(v, str) else [v])]
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
+                 notes: list[str] | None = None) -> PretrainConfig:
+    """Defaults, then the --config file, then flags. Lines worth telling the user (no-op
+    Megatron flags, ignored YAML sections) are appended to `notes`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    notes = [] if notes is None else notes
     cfg = PretrainConfig()
-    if getattr(args, "config", None) is not None:
-        apply_settings(cfg, load_config_file(args.config), args.config)
+    path = _config_path(argv)
+    if path is not None:
+        data = load_config_file(path)
+        if is_megatron_config(data):
+            words, more = megatron_argv(data, path)
+            argv = words + argv
+            notes += more
+        else:
+            apply_settings(cfg, data, path)
+    megatron_flags.check_refused_words(argv)
+    args = build_parser(prog).parse_args(argv)
     for section in SECTIONS:
         for name, value in section_values(args, section).items():
-            setattr(getattr(cfg, section), name, value)
+            setattr(getattr(cfg, section), name, _split_words(value) if isinstance(value, list)
+                    else value)
+    if cfg.checkpoint.use_checkpoint_args:
+        from megapre.train.checkpoint_args import apply_checkpoint_args
+        notes.append(apply_checkpoint_args(cfg))
+    note = megatron_flags.noop_note(megatron_flags.collect(args))
+    notes += [note] if note else []
+    notes += _ignored_vocab_size(cfg)
     return cfg
+
+
+def _ignored_vocab_size(cfg: PretrainConfig) -> list[str]:
+    """Megatron scripts pass --vocab-size with tokenizers that know their own size (the Llama-3
+    example with HuggingFaceTokenizer): dropped with a note, as Megatron ignores it."""
+    d = cfg.data
+    if d.vocab_size is None or d.tokenizer_type in (None, "NullTokenizer"):
+        return []
+    size, d.vocab_size = d.vocab_size, None
+    return [f"--vocab-size {size} ignored: {d.tokenizer_type} knows its vocabulary size"]

@@ -24,9 +24,11 @@ def _build(argv: list[str] | None, prog: str, out: list) -> int:
     import os
 
     from megapre.cli.flags import parse_config
-    from megapre.train.banner import plan_run
+    from megapre.train.banner import emit, plan_run
 
-    cfg = parse_config(argv, prog=prog)
+    notes: list[str] = []
+    cfg = parse_config(argv, prog=prog, notes=notes)
+    emit([f"note: {n}" for n in notes])
     planned = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     from megapre.train.loop import Trainer
 

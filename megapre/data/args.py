@@ -17,6 +17,8 @@ from megapre.flag_fields import flag_field as _f
 @dataclass
 class DataArgs:
     data_path: list[str] = _f([], "blend: 'W1 PREFIX1 W2 PREFIX2 ...' or prefixes weighted by size")
+    mock_data: bool = _f(False, "GPT: a synthetic corpus instead of --data-path (megatron-core's "
+                         "mock documents), to try a launch line before preprocessing")
     split: str = _f("969,30,1", "train,valid,test proportions of --data-path")
     train_data_path: list[str] = _f([], "separate training blend")
     valid_data_path: list[str] = _f([], "separate validation blend")

@@ -20,7 +20,8 @@ def parse_split(split: str | Sequence[float]) -> tuple[float, float, float]:
     Missing trailing parts are 0 (`"99,1"` has no test split), as in Megatron.
     """
     if isinstance(split, str):
-        parts = [p for p in re.split(r"[,/\s]+", split.strip()) if p]
+        # Quotes are stripped: a launch script's "--split '99,1,0'" reaches us with them.
+        parts = [p for p in re.split(r"[,/\s]+", split.strip().strip("'\"")) if p]
         try:
             values = [float(p) for p in parts]
         except ValueError:

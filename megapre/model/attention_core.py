@@ -1,6 +1,7 @@
 """Core attention on the local heads: softmax(q k^T / sqrt(d) + mask) v.
 
-Two interchangeable backends, chosen by ``TransformerConfig.attention_backend``:
+Two interchangeable backends, chosen by ``TransformerConfig.attention_backend`` (``sdpa-flash``
+and ``sdpa-efficient`` are ``sdpa`` preferring one of torch's kernels, Megatron's flash / fused):
 ``fused`` materializes the scores and runs megapre's fused scale-mask-softmax kernel (exact,
 any length, fully masked rows give zeros); ``sdpa`` calls torch's
 ``scaled_dot_product_attention`` (flash / memory-efficient kernels on GPUs, a flash kernel on
@@ -38,6 +39,21 @@ def resolve_backend(backend: str, device_type: str, dropout_active: bool, masked
     return "fused" if device_type == "cpu" and (dropout_active or masked) else "sdpa"
 
 
+def _preferring(backend: str) -> ContextManager:
+    """SDPA with Megatron's --attention-backend preference: flash or memory-efficient kernel
+    first, falling back (to the other, then the math path) where the preferred kernel does not
+    take these inputs (no memory-efficient kernel on CPUs, no flash kernel for some masks)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"sdpa-flash": SDPBackend.FLASH_ATTENTION,
+             "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}.get(backend)
+    if first is None:
+        return contextlib.nullcontext()
+    order = [first] + [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                   SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH) if b != first]
+    return sdpa_kernel(order, set_priority=True)
+
+
 class CoreAttention(nn.Module):
     def __init__(self, head_dim: int, attention_dropout: float, backend: str = "auto",
                  dropout_rng: Callable[[], ContextManager] | None = None,
@@ -64,8 +80,10 @@ class CoreAttention(nn.Module):
             v = v.repeat_interleave(nh // v.shape[2], dim=2)
         qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         dropout_active = self.training and self.dropout_p > 0
-        if resolve_backend(self.backend, q.device.type, dropout_active, mask is not None) == "sdpa":
-            ctx = self._sdpa(qb, kb, vb, mask, causal)
+        backend = resolve_backend(self.backend, q.device.type, dropout_active, mask is not None)
+        if backend.startswith("sdpa"):
+            with _preferring(backend):
+                ctx = self._sdpa(qb, kb, vb, mask, causal)
         else:
             ctx = self._fused(qb, kb, vb, mask, causal)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * d)

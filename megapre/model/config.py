@@ -16,7 +16,17 @@ from megapre.parallel.layout import check_model_split
 NORMS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned_absolute", "rope", "none")
-ATTENTION_BACKENDS = ("auto", "fused", "sdpa")
+def swiglu_ffn_hidden_size(hidden_size: int) -> int:
+    """Megatron's default SwiGLU width: int((4 * h * 2 / 3) / 64) * 64."""
+    return int((4 * hidden_size * 2 / 3) / 64) * 64
+
+
+def legacy_swiglu_ffn_hidden_size(hidden_size: int) -> int:
+    """megapre's default before config version 2 (8h/3 rounded up to 256), for old configs."""
+    return int(math.ceil(8 * hidden_size / 3 / 256) * 256)
+
+
+ATTENTION_BACKENDS = ("auto", "fused", "sdpa", "sdpa-flash", "sdpa-efficient")
 
 
 def _flag(name: str) -> str:
@@ -64,10 +74,10 @@ class TransformerConfig:
             self.add_qkv_bias = self.add_bias_linear
 
     def default_ffn_hidden_size(self) -> int:
-        """4h for GELU; for SwiGLU 8h/3 rounded up to a multiple of 256 (keeps the parameter count
-        of the 4h GELU MLP; LLaMA's rule: 4096 -> 11008)."""
+        """4h for GELU; for SwiGLU Megatron's rule, 2/3 of 4h rounded down to a multiple of 64
+        (about the parameter count of the 4h GELU MLP; h=512 -> 1344)."""
         if self.activation == "swiglu":
-            return int(math.ceil(8 * self.hidden_size / 3 / 256) * 256)
+            return swiglu_ffn_hidden_size(self.hidden_size)
         return 4 * self.hidden_size
 
     @property

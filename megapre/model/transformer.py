@@ -15,6 +15,8 @@ generators with it, so the init name, the module path and the checkpoint key are
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 
 import torch
@@ -161,31 +163,65 @@ class TransformerLayer(nn.Module):
         return h + self.dropout2(self.mlp(normed))
 
 
+def parse_recompute(spec: str | None) -> tuple[str | None, str, int]:
+    """(granularity, method, layers) of a recompute spec: None, 'selective', 'full', or
+    'full:uniform:N' / 'full:block:N' (Megatron's --recompute-method / --recompute-num-layers;
+    plain 'full' is 'full:uniform:1'). One string so it passes unchanged through the builders."""
+    if spec is None or spec == "selective":
+        return spec, "uniform", 1
+    parts = spec.split(":")
+    if parts[0] != "full" or len(parts) not in (1, 3) or (
+            len(parts) == 3 and (parts[1] not in ("uniform", "block") or not parts[2].isdigit()
+                                 or int(parts[2]) < 1)):
+        raise ValueError(f"--recompute-granularity={spec!r} must be 'full' or 'selective' (or "
+                         "unset); --recompute-method uniform|block with --recompute-num-layers "
+                         "N >= 1")
+    return ("full", "uniform", 1) if len(parts) == 1 else ("full", parts[1], int(parts[2]))
+
+
 class TransformerStack(nn.Module):
     """Layers [first, last) of the model (a pipeline stage's share), keyed by global index, with
-    optional activation recomputation: 'full' reruns each layer in backward, 'selective' only the
-    attention core. `prefix` is the stack's path in the model ('decoder', 'encoder')."""
+    optional activation recomputation (`parse_recompute`): 'full' reruns layers in backward,
+    in groups of N ('uniform': one saved input per group) or only the first N of this chunk
+    ('block'); 'selective' only the attention core. `prefix` is the stack's path in the model
+    ('decoder', 'encoder')."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, first: int, last: int,
                  seed: int, tracker: RNGTracker | None, recompute_granularity: str | None = None,
                  *, prefix: str) -> None:
         super().__init__()
-        if recompute_granularity not in (None, "full", "selective"):
-            raise ValueError(f"--recompute-granularity={recompute_granularity!r} must be 'full' "
-                             "or 'selective' (or unset)")
+        granularity, self.recompute_method, self.recompute_layers = \
+            parse_recompute(recompute_granularity)
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, mesh, i, seed, tracker, prefix=f"{prefix}.layers.{i}")
             for i in range(first, last)})
-        self.full_recompute = recompute_granularity == "full"
+        self.full_recompute = granularity == "full"
         self.tracker = tracker
         for layer in self.layers.values():
-            layer.attention.recompute_core = recompute_granularity == "selective"
+            layer.attention.recompute_core = granularity == "selective"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layers.values():
-            if self.full_recompute and self.training:
-                x = recompute(layer, x, mask, causal=causal, rope=rope, tracker=self.tracker)
-            else:
+        layers = list(self.layers.values())
+        if not (self.full_recompute and self.training):
+            for layer in layers:
                 x = layer(x, mask, causal=causal, rope=rope)
+            return x
+        n = self.recompute_layers
+        if self.recompute_method == "block":
+            for i, layer in enumerate(layers):
+                x = (recompute(layer, x, mask, causal=causal, rope=rope, tracker=self.tracker)
+                     if i < n else layer(x, mask, causal=causal, rope=rope))
+            return x
+        for start in range(0, len(layers), n):
+            group = functools.partial(_run_layers, layers[start:start + n])
+            x = recompute(group, x, mask, causal=causal, rope=rope, tracker=self.tracker)
         return x
+
+
+def _run_layers(layers: list[nn.Module], x: torch.Tensor, mask: torch.Tensor | None = None, *,
+                causal: bool = False, rope: torch.Tensor | None = None) -> torch.Tensor:
+    """Consecutive layers as one recompute unit."""
+    for layer in layers:
+        x = layer(x, mask, causal=causal, rope=rope)
+    return x

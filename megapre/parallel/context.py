@@ -16,8 +16,9 @@ s x s is kept) and walks the ring again: dQ accumulates locally, while each bloc
 behind its K/V, collecting every rank's contribution, and arrives at its owner after CP hops.
 
 Grouped-query K/V travel with their own (fewer) heads and are expanded per block. Computation is
-plain torch matmuls with fp32 (fp64 for fp64 inputs) softmax statistics and accumulators (autocast off inside), so it is
-exact in fp32 on any device. Attention dropout is not drawn (refused by the layout rules).
+plain torch matmuls with fp32 (fp64 for fp64 inputs) softmax statistics and accumulators,
+autocast off inside, so it is exact in fp32 on any device. Attention dropout is not drawn
+(refused by the layout rules).
 """
 from __future__ import annotations
 

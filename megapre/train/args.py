@@ -17,8 +17,14 @@ from pathlib import Path
 from megapre.data.args import DataArgs
 from megapre.data.tokenizers import TokenizerConfig
 from megapre.flag_fields import flag, flag_field as _f
-from megapre.model.config import ConfigError, TransformerConfig
+from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_ffn_hidden_size
 from megapre.parallel import layout
+
+# --attention-backend values (Megatron's, plus megapre's sdpa) -> TransformerConfig's backend.
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
+MODEL_ATTENTION = {"auto": "auto", "flash": "sdpa-flash", "fused": "sdpa-efficient",
+                   "unfused": "fused", "local": "fused", "sdpa": "sdpa"}
+CONFIG_VERSION = 2  # 2: Megatron's --attention-backend values and --group-query-attention
 
 
 @dataclass
@@ -27,8 +33,12 @@ class ModelArgs:
     num_layers: int = _f(12, "transformer layers")
     hidden_size: int = _f(768, "hidden size")
     num_attention_heads: int = _f(12, "attention heads")
-    num_query_groups: int | None = _f(None, "key/value heads for grouped-query attention (default: = heads)")
-    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default 4*hidden; 8/3*hidden for swiglu)")
+    group_query_attention: bool = _f(False, "grouped-query attention with --num-query-groups "
+                                     "key/value heads (as in Megatron, --num-query-groups alone "
+                                     "does not switch it on)")
+    num_query_groups: int | None = _f(None, "key/value heads under --group-query-attention")
+    ffn_hidden_size: int | None = _f(None, "MLP hidden size (default 4*hidden; with --swiglu "
+                                     "Megatron's int(4*hidden*2/3 / 64)*64)")
     kv_channels: int | None = _f(None, "per-head dim (default hidden / heads)")
     seq_length: int = _f(1024, "tokens per sample")
     max_position_embeddings: int | None = _f(None, "learned position table size (default: --seq-length)")
@@ -43,11 +53,12 @@ class ModelArgs:
     untie_embeddings_and_output_weights: bool = _f(False, "separate output layer (GPT only)")
     hidden_dropout: float = _f(0.1, "dropout on the residual stream")
     attention_dropout: float = _f(0.1, "dropout on attention probabilities")
-    attention_backend: str = _f("auto", "core attention: sdpa (torch's flash kernels), fused "
-                                "(megapre's scale-mask-softmax) or auto (sdpa, except fused on "
-                                "CPUs for masked attention (BERT, --reset-attention-mask) or "
-                                "while training with --attention-dropout > 0)",
-                                choices=("auto", "fused", "sdpa"))
+    attention_backend: str = _f("auto", "core attention, Megatron's values: flash / fused "
+                                "(torch SDPA, preferring its flash / memory-efficient kernel), "
+                                "unfused / local (megapre's scale-mask-softmax kernel), sdpa "
+                                "(SDPA's own choice), auto (SDPA, except the kernel on CPUs for "
+                                "masked attention or while training with --attention-dropout > 0)",
+                                choices=ATTENTION_BACKENDS)
     bias_gelu_fusion: bool = _f(True, "GELU MLP: add fc1's bias inside megapre's fused GELU kernel "
                                 "(--no-bias-gelu-fusion: torch's bias add + GELU)")
     init_method_std: float = _f(0.02, "std of the normal weight init")
@@ -61,9 +72,15 @@ class ParallelArgs:
     pipeline_model_parallel_size: int = _f(1, "PP size")
     context_parallel_size: int = _f(1, "CP size: split every sequence over this many ranks "
                                     "(zig-zag chunks, ring attention; needs --attention-dropout 0)")
-    num_layers_per_virtual_pipeline_stage: int | None = _f(None, "layers per virtual stage (interleaved 1F1B)")
+    num_layers_per_virtual_pipeline_stage: int | None = _f(
+        None, "layers per virtual stage (selects the interleaved 1F1B schedule)")
+    num_virtual_stages_per_pipeline_rank: int | None = _f(
+        None, "model chunks per pipeline rank (selects interleaved 1F1B; or give "
+        "--num-layers-per-virtual-pipeline-stage)")
     sequence_parallel: bool = _f(False, "shard norms/dropout over the sequence within TP")
-    pipeline_schedule: str = _f("1f1b", "pipeline schedule", choices=("1f1b", "gpipe", "interleaved"))
+    pipeline_schedule: str | None = _f(None, "pipeline schedule (default: interleaved with "
+                                       "virtual stages, else 1f1b)",
+                                       choices=(None, "1f1b", "gpipe", "interleaved"))
     distributed_timeout_minutes: float = _f(10.0, "process-group timeout")
 
 
@@ -71,17 +88,33 @@ class ParallelArgs:
 class TrainArgs:
     micro_batch_size: int = _f(4, "samples per micro-batch per DP rank")
     global_batch_size: int | None = _f(None, "samples per optimizer step (default: micro * DP)")
-    train_iters: int = _f(1000, "optimizer steps")
+    train_iters: int | None = _f(None, "optimizer steps (default 1000 unless --train-samples)")
+    train_samples: int | None = _f(None, "samples to train on instead of --train-iters "
+                                   "(iterations = samples / --global-batch-size)")
     seed: int = _f(1234, "random seed")
     clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)")
     bf16: bool = _f(False, "bf16 autocast, fp32 master weights")
     fp16: bool = _f(False, "fp16 autocast with dynamic loss scaling")
-    initial_loss_scale: float = _f(2.0 ** 16, "fp16: starting loss scale")
+    initial_loss_scale: float = _f(2.0 ** 32, "fp16: starting loss scale (default 2^32, as "
+                                   "Megatron)")
     loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
     max_skipped_iters: int = _f(20, "stop after this many consecutive NaN/inf steps")
     recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))
+    recompute_method: str | None = _f(None, "full recompute: uniform (checkpoint groups of "
+                                      "--recompute-num-layers layers) or block (only the first "
+                                      "--recompute-num-layers layers of each pipeline chunk)",
+                                      choices=(None, "uniform", "block"))
+    recompute_num_layers: int | None = _f(None, "layers per recompute group (uniform) or "
+                                          "recomputed layers per chunk (block)")
+    deterministic_mode: bool = _f(False, "deterministic algorithms only "
+                                  "(torch.use_deterministic_algorithms)")
+    manual_gc: bool = _f(False, "disable Python's automatic garbage collector; collect every "
+                         "--manual-gc-interval steps instead (avoids stragglers across ranks)")
+    manual_gc_interval: int = _f(0, "--manual-gc: steps between collections (0: never between "
+                                 "steps)")
+    manual_gc_eval: bool = _f(True, "--manual-gc: collect before and after each evaluation")
     eval_interval: int = _f(1000, "validate every N steps")
-    eval_iters: int = _f(10, "validation micro-batches per evaluation")
+    eval_iters: int = _f(100, "validation batches per evaluation")
     exit_duration_in_mins: float | None = _f(None, "save and exit after this many minutes")
     exit_interval: int | None = _f(None, "save and exit at an iteration multiple of this")
     device: str = _f("auto", "cuda, cpu or auto")
@@ -91,11 +124,14 @@ class TrainArgs:
 class OptimArgs:
     lr: float = _f(3e-4, "peak learning rate")
     min_lr: float = _f(0.0, "final learning rate of the decay")
-    lr_decay_style: str = _f("cosine", "schedule after warmup",
+    lr_decay_style: str = _f("linear", "schedule after warmup (default linear, as Megatron)",
                              choices=("cosine", "linear", "constant", "WSD", "inverse-square-root"))
     lr_warmup_iters: int = _f(0, "linear warmup steps")
     lr_warmup_fraction: float | None = _f(None, "warmup as a fraction of --lr-decay-iters")
     lr_decay_iters: int | None = _f(None, "steps over which the lr decays (default --train-iters)")
+    lr_warmup_samples: int = _f(0, "warmup in samples (with --train-samples)")
+    lr_decay_samples: int | None = _f(None, "decay in samples (with --train-samples; default "
+                                      "--train-samples)")
     lr_wsd_decay_iters: int | None = _f(None, "WSD: steps of the final decay phase")
     lr_wsd_decay_style: str = _f("linear", "WSD: shape of the final decay",
                                  choices=("linear", "cosine", "exponential", "minus_sqrt"))
@@ -124,6 +160,8 @@ class CheckpointArgs:
     override_opt_param_scheduler: bool = _f(
         False, "on resume, use the lr schedule flags of this command line even where the "
         "checkpoint's differ", flag="--override-opt_param-scheduler")
+    use_checkpoint_args: bool = _f(False, "take the model's architecture flags from the "
+                                   "checkpoint in --load (Megatron's flag)")
     use_checkpoint_opt_param_scheduler: bool = _f(
         False, "on resume, use the lr schedule saved in the checkpoint (ignore the schedule "
         "flags)", flag="--use-checkpoint-opt_param-scheduler")
@@ -136,6 +174,10 @@ class LogArgs:
     metrics_path: str | None = _f(None, "JSONL metrics file (one object per logged step)")
     wandb_project: str | None = _f(None, "log to Weights & Biases when installed")
     wandb_exp_name: str | None = _f(None, "W&B run name")
+    wandb_entity: str | None = _f(None, "W&B entity (team or user)")
+    wandb_save_dir: str | None = _f(None, "W&B local directory")
+    log_params_norm: bool = _f(False, "log the global L2 norm of the parameters")
+    log_num_zeros_in_grad: bool = _f(False, "log how many gradient elements are exactly zero")
 
 
 SECTIONS = {"model": ModelArgs, "parallel": ParallelArgs, "train": TrainArgs,
@@ -153,7 +195,7 @@ class PretrainConfig:
     log: LogArgs = field(default_factory=LogArgs)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "config_version": CONFIG_VERSION}
 
     def tokenizer_config(self) -> TokenizerConfig:
         """The tokenizer the data was preprocessed with (also saved with every checkpoint)."""
@@ -171,7 +213,8 @@ class PretrainConfig:
         m = self.model
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size,
-            num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+            num_attention_heads=m.num_attention_heads,
+            num_query_groups=m.num_query_groups if m.group_query_attention else None,
             ffn_hidden_size=m.ffn_hidden_size, kv_channels=m.kv_channels, vocab_size=vocab_size,
             make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
             max_position_embeddings=m.max_position_embeddings or m.seq_length,
@@ -181,7 +224,7 @@ class PretrainConfig:
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
             untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
             hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout,
-            attention_backend=m.attention_backend, bias_activation_fusion=m.bias_gelu_fusion,
+            attention_backend=MODEL_ATTENTION[m.attention_backend], bias_activation_fusion=m.bias_gelu_fusion,
             init_method_std=m.init_method_std)
 
 
@@ -206,16 +249,43 @@ def load_config_file(path: Path) -> dict:
 
 
 def apply_settings(cfg: PretrainConfig, data: dict, path: Path) -> None:
-    """Accept sectioned ({'model': {...}}) or flat ({'num_layers': 2}) files; dashes allowed."""
+    """Accept sectioned ({'model': {...}}) or flat ({'num_layers': 2}) files; dashes allowed.
+    A file without `config_version` (saved before version 2) keeps its old meaning: see
+    `_upgrade`."""
+    flat = _flatten(data, path)
+    version = flat.pop("config_version", 1)
     owners = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
-    for key, value in data.items():
-        key = key.replace("-", "_")
-        if key in SECTIONS and isinstance(value, dict):
-            apply_settings(cfg, {k: v for k, v in value.items()}, path)
-            continue
+    for key, value in (_upgrade(flat) if version < CONFIG_VERSION else flat).items():
         if key not in owners:
             raise ConfigError(f"--config {path}: unknown setting {key!r} (see --help for names)")
         setattr(getattr(cfg, owners[key]), key, value)
+
+
+def _flatten(data: dict, path: Path) -> dict:
+    flat: dict = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(_flatten(value, path))
+        else:
+            flat[key] = value
+    return flat
+
+
+def _upgrade(flat: dict) -> dict:
+    """A version-1 config (megapre before Megatron's flag meanings): attention_backend 'fused'
+    was megapre's scale-mask-softmax kernel (now 'unfused'; 'fused' is Megatron's SDPA
+    memory-efficient path), num_query_groups alone switched grouped-query attention on, and
+    SwiGLU's default width was 8h/3 rounded up to 256."""
+    out = dict(flat)
+    if out.get("attention_backend") == "fused":
+        out["attention_backend"] = "unfused"
+    if out.get("num_query_groups") is not None and "group_query_attention" not in out:
+        out["group_query_attention"] = True
+    if out.get("swiglu") and out.get("ffn_hidden_size") is None:  # the old default width
+        out["ffn_hidden_size"] = legacy_swiglu_ffn_hidden_size(
+            out.get("hidden_size", ModelArgs.hidden_size))
+    return out
 
 
 def from_dict(data: dict) -> PretrainConfig:
@@ -266,12 +336,15 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     cp = p.context_parallel_size
     layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
     dp = layout.data_parallel_size(world_size, tp, pp, cp)
-    vp = layout.virtual_stages(cfg.model.num_layers, p.num_layers_per_virtual_pipeline_stage, pp)
+    vp = _virtual_stages(cfg)
+    _check_gqa(cfg.model)
+    _check_recompute(cfg.train)
     cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
     if p.pipeline_schedule == "interleaved" and vp is None:
         raise ConfigError(f"--pipeline-schedule interleaved needs {layout.VIRTUAL_FLAG}")
     layout.check_positive("--micro-batch-size", t.micro_batch_size)
     gbs = t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp
+    train_iters = _train_iters(cfg, gbs)
     num_mb = layout.num_microbatches(t.micro_batch_size, gbs, dp)
     schedule = layout.resolve_schedule(p.pipeline_schedule if pp > 1 else None, pp, vp)
     if schedule is not None:
@@ -287,9 +360,12 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the final decay)")
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
-    if not (d.data_path or d.train_data_path):
+    if d.mock_data:
+        _check_mock_data(cfg)
+    elif not (d.data_path or d.train_data_path):
         raise ConfigError("no data: give --data-path (blend) or --train-data-path; "
-                          "tools/preprocess_data.py makes the .bin/.idx files")
+                          "tools/preprocess_data.py makes the .bin/.idx files (or --mock-data "
+                          "to try a launch line)")
     if d.data_path and d.train_data_path:
         raise ConfigError("give either --data-path (split by --split) or --train/valid/test-data-path, not both")
     c = cfg.checkpoint
@@ -302,7 +378,74 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--keep-last must be >= 1")
     resolved = copy.deepcopy(cfg)
     resolved.train.global_batch_size = gbs
+    resolved.train.train_iters = train_iters
     return RunPlan(resolved, dp, vp, schedule, num_mb)
+
+
+def _virtual_stages(cfg: PretrainConfig) -> int | None:
+    """Model chunks per pipeline rank, from either of Megatron's two flags; either selects the
+    interleaved schedule (megapre.parallel.layout.resolve_schedule)."""
+    p, num_layers = cfg.parallel, cfg.model.num_layers
+    pp, chunks = p.pipeline_model_parallel_size, p.num_virtual_stages_per_pipeline_rank
+    if chunks is None:
+        return layout.virtual_stages(num_layers, p.num_layers_per_virtual_pipeline_stage, pp)
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        raise ConfigError("give --num-layers-per-virtual-pipeline-stage or "
+                          "--num-virtual-stages-per-pipeline-rank, not both")
+    if chunks < 1 or num_layers % (chunks * pp):
+        raise ConfigError(f"--num-layers {num_layers} is not divisible by "
+                          f"--num-virtual-stages-per-pipeline-rank {chunks} x "
+                          f"--pipeline-model-parallel-size {pp}")
+    return chunks
+
+
+def recompute_spec(t: TrainArgs) -> str | None:
+    """The model's recompute spec (megapre.model.transformer.parse_recompute) from Megatron's
+    three flags."""
+    if t.recompute_granularity != "full" or t.recompute_method is None:
+        return t.recompute_granularity
+    return f"full:{t.recompute_method}:{t.recompute_num_layers or 1}"
+
+
+def _check_recompute(t: TrainArgs) -> None:
+    if t.recompute_method is not None and t.recompute_granularity != "full":
+        raise ConfigError(f"--recompute-method {t.recompute_method} needs "
+                          "--recompute-granularity full")
+    if t.recompute_num_layers is not None and t.recompute_num_layers < 1:
+        raise ConfigError(f"--recompute-num-layers must be >= 1, got {t.recompute_num_layers}")
+    if t.manual_gc_interval < 0:
+        raise ConfigError(f"--manual-gc-interval must be >= 0, got {t.manual_gc_interval}")
+
+
+def _check_mock_data(cfg: PretrainConfig) -> None:
+    d = cfg.data
+    if cfg.model.model != "gpt":
+        raise ConfigError("--mock-data is GPT-only (BERT needs sentence-split data)")
+    if d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path:
+        raise ConfigError("--mock-data replaces the data: drop --data-path / "
+                          "--train-data-path, or drop --mock-data")
+
+
+def _check_gqa(m: ModelArgs) -> None:
+    if m.group_query_attention and m.num_query_groups is None:
+        raise ConfigError("--group-query-attention needs --num-query-groups N (key/value heads)")
+
+
+def _train_iters(cfg: PretrainConfig, gbs: int) -> int:
+    """--train-iters, or --train-samples // global batch (Megatron's rule); exactly one."""
+    t, o = cfg.train, cfg.optim
+    if t.train_samples is not None and t.train_iters is not None:
+        raise ConfigError("give --train-iters or --train-samples, not both")
+    if t.train_samples is None:
+        if o.lr_warmup_samples or o.lr_decay_samples is not None:
+            raise ConfigError("--lr-warmup-samples / --lr-decay-samples go with --train-samples; "
+                              "with --train-iters use --lr-warmup-iters / --lr-decay-iters")
+        return 1000 if t.train_iters is None else t.train_iters
+    if o.lr_warmup_iters or o.lr_decay_iters is not None:
+        raise ConfigError("--lr-warmup-iters / --lr-decay-iters go with --train-iters; with "
+                          "--train-samples use --lr-warmup-samples / --lr-decay-samples")
+    _at_least("train_samples", t.train_samples, gbs)
+    return t.train_samples // gbs
 
 
 def _at_least(name: str, value: float | None, low: float, strict: bool = False) -> None:
@@ -316,7 +459,7 @@ def _check_counts(cfg: PretrainConfig) -> None:
     """Intervals, counts and durations: a value that cannot mean anything is an error naming
     its flag (a negative --exit-duration-in-mins would stop the run after its first step)."""
     t = cfg.train
-    for name, low in (("train_iters", 1), ("eval_interval", 1), ("eval_iters", 0),
+    for name, low in (("train_iters", 1), ("train_samples", 1), ("eval_interval", 1), ("eval_iters", 0),
                       ("exit_interval", 1), ("max_skipped_iters", 0), ("loss_scale_window", 1),
                       ("clip_grad", 0)):
         _at_least(name, getattr(t, name), low)

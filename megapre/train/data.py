@@ -9,6 +9,7 @@ batches, but every rank of a stage builds the same loader so DP ranks split the 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ from megapre.data.bert_dataset import BertDatasetConfig, bert_special_ids
 from megapre.data.blend import build_bert_datasets, build_gpt_datasets
 from megapre.data.errors import DataError
 from megapre.data.gpt_dataset import GPTDatasetConfig
+from megapre.data.mock import mock_directory, write_mock_corpus
 from megapre.data.notify import warn
 from megapre.data.sampler import build_data_loader
 from megapre.data.split import samples_per_split as _samples_per_split
@@ -58,7 +60,8 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
                                reset_position_ids=d.reset_position_ids,
                                reset_attention_mask=d.reset_attention_mask, cache=cache,
                                vocab_size=tokenizer.vocab_size)
-        found = build_gpt_datasets(d.blend(), gpt, counts, open_dataset=opener, group=group)
+        found = build_gpt_datasets(_blend(cfg, tokenizer), gpt, counts, open_dataset=opener,
+                                   group=group)
     else:
         bert_cfg = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
                                      short_seq_prob=d.short_seq_prob,
@@ -71,6 +74,15 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
                         f"(now {d.split!r}) or pass --train-data-path")
     _say_if_validation_off(cfg, found.get("valid"), counts[1])
     return Splits(found["train"], found.get("valid"), found.get("test"))
+
+
+def _blend(cfg: PretrainConfig, tokenizer: Tokenizer) -> Any:
+    """--data-path's blend, or under --mock-data the synthetic corpus split by --split."""
+    if not cfg.data.mock_data:
+        return cfg.data.blend()
+    prefix = write_mock_corpus(mock_directory(cfg.data.data_cache_path), tokenizer.vocab_size,
+                               tokenizer.eod)
+    return dataclasses.replace(cfg.data.blend(), data_path=[prefix])
 
 
 def _say_if_validation_off(cfg: PretrainConfig, valid: Any, wanted: int) -> None:

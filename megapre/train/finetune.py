@@ -29,6 +29,7 @@ from megapre.errors import ConfigError
 from megapre.model.heads import HeadConfig
 
 from . import task_eval, task_weights
+from .args import recompute_spec
 from .finetune_args import FinetuneConfig, validate_finetune
 from .metrics import MetricsLogger, format_duration
 from .optim import build_optimizer, schedule_from_args, schedule_state, set_lr
@@ -91,7 +92,7 @@ def build_task_runtime(cfg: FinetuneConfig, labels: LabelSet, tokenizer=None):
     lora = cfg.lora
     adaptation = Adaptation(freeze_backbone=cfg.task.freeze_backbone, lora=lora)
     rt = build_runtime(cfg, tokenizer=tokenizer,
-                       recompute_granularity=cfg.train.recompute_granularity,
+                       recompute_granularity=recompute_spec(cfg.train),
                        adapter=lambda mc, mesh: TaskAdapter(cfg.model.model, mc, mesh, head,
                                                             adaptation))
     return rt, head, lora
@@ -161,7 +162,9 @@ class Finetuner:
                                          self.plan.pipeline_schedule))
         self.reporting = task_eval.is_reporting_rank(self.model)
         self.logger = MetricsLogger(self.reporting, cfg.log.metrics_path, cfg.log.tensorboard_dir,
-                                    cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
+                                    cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict(),
+                                    wandb_entity=cfg.log.wandb_entity,
+                                    wandb_dir=cfg.log.wandb_save_dir)
         self.stop = StopFlag()
         self.save_lock = self._lock_save_dir()
         # last: nothing after a restored checkpoint may draw random numbers

@@ -18,9 +18,12 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from megapre.parallel.param_stats import global_param_norm, global_zeros_in_grad
+
 from . import banner
-from .args import PretrainConfig, RunPlan
+from .args import PretrainConfig, RunPlan, recompute_spec
 from .data import batches, build_splits
+from .gc_control import ManualGC
 from .loss_scale import DynamicLossScaler
 from .metrics import (MetricsLogger, device_peak_tflops, eval_record, flops_per_token,
                       format_eval_line, format_train_line, memory_stats, throughput)
@@ -50,7 +53,7 @@ class Trainer:
         tokenizer, self.plan = planned or banner.plan_run(cfg, world)
         self.cfg = cfg = self.plan.config
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
-                           recompute_granularity=cfg.train.recompute_granularity,
+                           recompute_granularity=recompute_spec(cfg.train),
                            context_parallel=True)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
@@ -58,7 +61,8 @@ class Trainer:
         o = cfg.optim
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps)
-        self.schedule = schedule_from_args(o, cfg.train.train_iters)
+        self.schedule = schedule_from_args(o, cfg.train.train_iters, cfg.train.global_batch_size,
+                                           cfg.train.train_samples is not None)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
                               cfg.train.clip_grad, self.plan.pipeline_schedule)
         self.loss_scaler = (DynamicLossScaler(cfg.train.initial_loss_scale,
@@ -67,13 +71,17 @@ class Trainer:
         self.step = TrainStep(self.model, self.optimizer, step_cfg, loss_scaler=self.loss_scaler)
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
+        t = cfg.train
+        self.gc = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
         owner = (self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
                  and self.mesh.cp_rank == 0)
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
-                                    cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict())
+                                    cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict(),
+                                    wandb_entity=cfg.log.wandb_entity,
+                                    wandb_dir=cfg.log.wandb_save_dir)
         self.peak, self.peak_source = device_peak_tflops(self.device)
         self.flops_token = flops_per_token(
             self.model_cfg, cfg.model.seq_length,
@@ -220,6 +228,7 @@ class Trainer:
             st.iteration += 1
             st.consumed_samples += t.global_batch_size
             self._account_skip(result.skipped)
+            self.gc.after_step(st.iteration)
             window.add(result, time.perf_counter() - t0, t.global_batch_size * cfg.model.seq_length)
             summary["train_loss"] = result.loss
             if st.iteration % cfg.log.log_interval == 0 or st.iteration == t.train_iters:
@@ -246,6 +255,7 @@ class Trainer:
         elif exit_reason != "finished" and not cfg.checkpoint.save:
             self._print(f"{exit_reason}: no --save directory was given, so nothing was saved "
                         f"(iteration {st.iteration} is lost)")
+        self.gc.close()
         summary.update(iteration=st.iteration, consumed_samples=st.consumed_samples,
                        skipped_iters=st.skipped_total, exit_reason=exit_reason,
                        elapsed_s=time.time() - self.start_time)
@@ -296,7 +306,7 @@ class Trainer:
         data = batches(dataset, start, self.cfg, self.mesh.dp_rank, self.mesh.dp_size,
                        self.device, num_workers=0)
         total, parts_sum = 0.0, {}
-        with self._autocast():
+        with self._autocast(), self.gc.evaluation():
             for _ in range(t.eval_iters):
                 loss, parts = self.evaluator(data)
                 total += loss
@@ -321,7 +331,19 @@ class Trainer:
                   **memory_stats(self.device)}
         if self.loss_scaler is not None:
             record["loss_scale"] = self.loss_scaler.scale
+        record.update(self._model_stats())
         self.logger.log(record, console=format_train_line(record))
+
+    def _model_stats(self) -> dict[str, float]:
+        """--log-params-norm / --log-num-zeros-in-grad (collectives: every rank calls this)."""
+        log, out = self.cfg.log, {}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if log.log_params_norm:
+            out["params_norm"] = global_param_norm(params, self.mesh, self.model.tied_copies())
+        if log.log_num_zeros_in_grad:
+            out["num_zeros_in_grad"] = global_zeros_in_grad(params, self.mesh,
+                                                            self.model.tied_copies())
+        return out
 
     def _should_exit(self) -> str | None:
         t = self.cfg.train
@@ -340,6 +362,7 @@ class Trainer:
             print(f"[megapre] {text}", flush=True)
 
     def close(self) -> None:
+        self.gc.close()
         if self.cfg.checkpoint.save:
             from .checkpoint import wait_for_pending_save
 

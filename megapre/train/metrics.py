@@ -102,7 +102,8 @@ class MetricsLogger:
     def __init__(self, enabled: bool, metrics_path: str | None = None,
                  tensorboard_dir: str | None = None, wandb_project: str | None = None,
                  wandb_name: str | None = None, config: dict | None = None,
-                 stream: TextIO | None = None) -> None:
+                 stream: TextIO | None = None, wandb_entity: str | None = None,
+                 wandb_dir: str | None = None) -> None:
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stdout  # as of now, not of import
 
@@ -122,7 +123,8 @@ class MetricsLogger:
                 import wandb
             except ImportError as e:
                 raise ConfigError("--wandb-project needs the wandb package: pip install wandb") from e
-            self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config)
+            self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config,
+                                     entity=wandb_entity, dir=wandb_dir)
 
     def start(self, resumed: bool) -> str | None:
         """Open the metrics file: append when `resumed`, else rotate an old one first. Returns
@@ -204,6 +206,10 @@ def format_train_line(r: dict[str, Any]) -> str:
               f"skipped {r.get('skipped_iters', 0)}"]
     if "loss_scale" in r:
         parts.append(f"loss scale {r['loss_scale']:.1f}")
+    if "params_norm" in r:
+        parts.append(f"params norm {r['params_norm']:.3f}")
+    if "num_zeros_in_grad" in r:
+        parts.append(f"num zeros {r['num_zeros_in_grad']}")
     return " | ".join(parts)
 
 

@@ -40,33 +40,36 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """lr(iteration): linear warmup from 0 to `lr` over `warmup` steps, then `style` from `lr`
-    down to `min_lr` over the remaining `decay_iters - warmup` steps, then `min_lr`.
+    """lr(iteration), megatron-core's OptimizerParamScheduler to the formula: the update of
+    iteration k uses lr * k / warmup while k < warmup (so the first step's lr is 0), then `style`
+    from `lr` down to `min_lr` over the remaining `decay_iters - warmup` steps, then `min_lr`.
 
     WSD (warmup-stable-decay): constant `lr` until the last `wsd_decay_iters` of `decay_iters`,
-    then `wsd_style` down to `min_lr`. inverse-square-root: lr * sqrt(warmup / step) after warmup.
+    then `wsd_style` down to `min_lr`. inverse-square-root: lr * sqrt(warmup / k) after warmup.
+    Sample-based runs (--train-samples) give the lengths in iterations as samples / global batch
+    (fractions allowed), which is Megatron's samples formula exactly.
     """
 
     lr: float
     min_lr: float
-    warmup: int
-    decay_iters: int
-    style: str = "cosine"
-    wsd_decay_iters: int = 0
+    warmup: float
+    decay_iters: float
+    style: str = "linear"
+    wsd_decay_iters: float = 0
     wsd_style: str = "linear"
 
     def __call__(self, it: int) -> float:
-        if self.warmup > 0 and it < self.warmup:
-            return self.lr * (it + 1) / self.warmup
+        if self.warmup > 0 and it <= self.warmup:
+            return self.lr * it / self.warmup
         if self.style == "constant":
             return self.lr
-        if self.style == "inverse-square-root":
-            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup, 1) / (it + 1)))
-        if it >= self.decay_iters:
+        if it > self.decay_iters:
             return self.min_lr
+        if self.style == "inverse-square-root":
+            return max(self.min_lr, self.lr * math.sqrt(max(self.warmup, 1) / max(it, 1)))
         if self.style == "WSD":
             start = self.decay_iters - self.wsd_decay_iters
-            if it < start:
+            if it <= start:
                 return self.lr
             return self._decay((it - start) / max(self.wsd_decay_iters, 1), self.wsd_style)
         frac = (it - self.warmup) / max(self.decay_iters - self.warmup, 1)
@@ -79,8 +82,7 @@ class LRSchedule:
         elif style == "cosine":
             coeff = 0.5 * (1.0 + math.cos(math.pi * frac))
         elif style == "exponential":
-            coeff = (self.min_lr / self.lr) ** frac if self.min_lr > 0 else 1.0 - frac
-            return self.lr * coeff
+            coeff = 2.0 * 0.5 ** frac - 1.0
         elif style == "minus_sqrt":
             coeff = 1.0 - math.sqrt(frac)
         else:
@@ -88,13 +90,21 @@ class LRSchedule:
         return self.min_lr + (self.lr - self.min_lr) * coeff
 
 
-def schedule_from_args(optim, train_iters: int) -> LRSchedule:
-    """Build the schedule from OptimArgs (megapre.train.args)."""
-    decay_iters = optim.lr_decay_iters or train_iters
-    warmup = optim.lr_warmup_iters
-    if optim.lr_warmup_fraction is not None:
-        warmup = int(optim.lr_warmup_fraction * decay_iters)
-    return LRSchedule(optim.lr, optim.min_lr, warmup, decay_iters, optim.lr_decay_style,
+def schedule_from_args(optim, train_iters: int, global_batch_size: int | None = None,
+                       sample_based: bool = False) -> LRSchedule:
+    """Build the schedule from OptimArgs (megapre.train.args). A sample-based run
+    (--train-samples) reads --lr-warmup-samples / --lr-decay-samples; an iteration-based one
+    the -iters flags, as in Megatron."""
+    if sample_based:
+        gbs = float(global_batch_size or 1)
+        decay = (optim.lr_decay_samples or train_iters * gbs) / gbs
+        warmup = optim.lr_warmup_samples / gbs
+    else:
+        decay = optim.lr_decay_iters or train_iters
+        warmup = optim.lr_warmup_iters
+    if optim.lr_warmup_fraction is not None:  # Megatron does not round it either
+        warmup = optim.lr_warmup_fraction * decay
+    return LRSchedule(optim.lr, optim.min_lr, warmup, decay, optim.lr_decay_style,
                       optim.lr_wsd_decay_iters or 0, optim.lr_wsd_decay_style)
 
 

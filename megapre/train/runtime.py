@@ -66,6 +66,8 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
     model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel)
     device = resolve_device(cfg.train.device)
+    if cfg.train.deterministic_mode:
+        _deterministic(device)
     mesh = ParallelMesh.init(ParallelConfig(
         tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=virtual_pipeline,
         sequence_parallel=p.sequence_parallel, context_parallel=cp,
@@ -81,3 +83,11 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
                                     tracker=tracker, recompute_granularity=recompute_granularity,
                                     add_binary_head=cfg.model.bert_binary_head)
     return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)
+
+
+def _deterministic(device) -> None:
+    """--deterministic-mode: only deterministic kernels (torch raises where an op has none);
+    cuBLAS needs a fixed workspace for that, set unless the user chose one."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)

@@ -98,8 +98,10 @@ def test_config_defaults_and_padding():
     cfg = TransformerConfig(hidden_size=256, num_attention_heads=8, vocab_size=50257)
     assert cfg.ffn_hidden_size == 1024 and cfg.num_query_groups == 8 and cfg.head_dim == 32
     assert cfg.padded_vocab_size(1) == 50304 and cfg.padded_vocab_size(4) == 50688
-    swiglu = TransformerConfig(hidden_size=4096, num_attention_heads=32, activation="swiglu")
-    assert swiglu.ffn_hidden_size == 11008
+    # Megatron's SwiGLU rule int((4h * 2/3) / 64) * 64, rounded down (the issue's h=512 -> 1344)
+    for hidden, ffn in ((512, 1344), (4096, 10880), (768, 2048)):
+        swiglu = TransformerConfig(hidden_size=hidden, num_attention_heads=8, activation="swiglu")
+        assert swiglu.ffn_hidden_size == ffn
     cfg.validate(tensor_parallel=4, pipeline_parallel=3)
 
 
@@ -173,3 +175,41 @@ def test_one_name_per_parameter(kind):
     for name, p in tail.items():
         if name != "output_word.weight":  # the tied copy, saved under embedding.word.weight
             assert torch.equal(p, whole[name]), name
+
+
+@pytest.mark.parametrize("spec", ["full", "full:uniform:2", "full:uniform:3", "full:block:1",
+                                  "full:block:4", "selective"])
+def test_recompute_methods_keep_losses_and_grads(spec):
+    """Megatron's --recompute-method uniform|block with --recompute-num-layers: the same loss
+    and gradients as no recomputation, dropout masks included (the RNG is replayed)."""
+    from megapre.model.gpt import GPTModel
+    from megapre.parallel import ParallelMesh, set_random_seed
+
+    cfg = TransformerConfig(num_layers=4, hidden_size=32, num_attention_heads=4, vocab_size=50,
+                            seq_length=8, max_position_embeddings=8, hidden_dropout=0.2,
+                            attention_dropout=0.2)
+    mesh = ParallelMesh.single(device="cpu")
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    def run(recompute):
+        tracker = set_random_seed(5, mesh)
+        model = GPTModel(cfg, mesh, seed=5, tracker=tracker, recompute_granularity=recompute)
+        model.train()
+        loss = model(ids, labels=ids).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = run(None)
+    loss, grads = run(spec)
+    assert torch.equal(loss, ref_loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_recompute_spec_is_checked():
+    from megapre.model.transformer import parse_recompute
+
+    assert parse_recompute("full:block:2") == ("full", "block", 2)
+    for bad in ("full:blocks:2", "full:uniform:0", "partial", "full:uniform"):
+        with pytest.raises(ValueError, match="--recompute-method"):
+            parse_recompute(bad)

@@ -66,7 +66,10 @@ def test_single_process_learns_and_logs(corpus, tmp_path):
 def test_torchrun_tp2_dp2_matches_single_process(corpus, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
     one.mkdir(), four.mkdir()
-    short = ["--train-iters", "10", "--eval-interval", "10"]
+    # Divisible by 24: the vocabulary pads to 48 rows under TP1 and TP2 alike, so the padded
+    # rows (counted by the norm and the zeros, as Megatron counts them) are the same
+    short = ["--train-iters", "10", "--eval-interval", "10", "--log-params-norm",
+             "--log-num-zeros-in-grad", "--make-vocab-size-divisible-by", "24"]
     p1 = _run([sys.executable, "-m", "megapre.pretrain", *_args(corpus, one, *short)], one)
     assert p1.returncode == 0, p1.stderr[-3000:]
     p4 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -79,6 +82,36 @@ def test_torchrun_tp2_dp2_matches_single_process(corpus, tmp_path):
     for a, b in zip(t1 + e1, t4 + e4):
         assert a["iteration"] == b["iteration"]
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for a, b in zip(t1, t4):  # whole-model statistics, each element counted once
+        assert b["params_norm"] == pytest.approx(a["params_norm"], rel=1e-5)
+        # 8 padded rows x 32 are exactly zero; beyond them a gradient element that cancels to
+        # exactly 0.0 in one summation order may not in another
+        assert min(a["num_zeros_in_grad"], b["num_zeros_in_grad"]) >= 8 * 32
+        assert abs(b["num_zeros_in_grad"] - a["num_zeros_in_grad"]) <= 2
+
+
+def test_megatron_style_run_on_mock_data(tmp_path):
+    """Megatron's synthetic-data launch: --mock-data with a sample-based schedule, manual GC,
+    deterministic mode and uniform full recomputation; the loss falls on the counting documents."""
+    flags = ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
+             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+             "--global-batch-size", "8", "--train-samples", "160", "--lr-warmup-samples", "16",
+             "--lr", "3e-3", "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size",
+             "100", "--split", "'99,1,0'", "--eval-iters", "1", "--eval-interval", "10",
+             "--log-interval", "5", "--manual-gc", "--manual-gc-interval", "5",
+             "--deterministic-mode", "--recompute-granularity", "full", "--recompute-method",
+             "uniform", "--recompute-num-layers", "2", "--use-mcore-models", "--num-workers", "0",
+             "--device", "cpu", "--data-cache-path", str(tmp_path / "cache"),
+             "--metrics-path", str(tmp_path / "metrics.jsonl")]
+    proc = _run([sys.executable, "-m", "megapre.pretrain", *flags], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no-ops" in proc.stdout and "--use-mcore-models" in proc.stdout
+    train, evals = _metrics(tmp_path)
+    assert [r["iteration"] for r in train] == [5, 10, 15, 20]  # 160 samples / 8
+    # iteration 5 logs the lr of update 4: warmup 16/8 = 2, then linear decay over 20 - 2
+    assert train[0]["lr"] == pytest.approx(3e-3 * (1 - (4 - 2) / 18), rel=1e-9)
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3, [r["loss"] for r in train]
+    assert (tmp_path / "cache" / "mock").is_dir()
 
 
 def test_bad_flag_exits_2_and_names_it(corpus, tmp_path):

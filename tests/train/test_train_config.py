@@ -84,15 +84,69 @@ def test_no_data_is_an_error():
 
 def test_schedules():
     cos = LRSchedule(1.0, 0.1, warmup=10, decay_iters=110, style="cosine")
-    assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
+    # Megatron's warmup: the update of iteration k uses lr * k / warmup, so the first is 0
+    assert cos(0) == 0.0 and cos(9) == pytest.approx(0.9) and cos(10) == pytest.approx(1.0)
     assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == 0.1
     lin = LRSchedule(1.0, 0.0, warmup=0, decay_iters=100, style="linear")
     assert lin(25) == pytest.approx(0.75)
     wsd = LRSchedule(1.0, 0.0, warmup=5, decay_iters=100, style="WSD", wsd_decay_iters=20)
-    assert wsd(50) == 1.0 and wsd(79) == 1.0 and wsd(90) == pytest.approx(0.5)
+    assert wsd(50) == 1.0 and wsd(80) == 1.0 and wsd(90) == pytest.approx(0.5)
     assert LRSchedule(1.0, 0.0, 0, 10, "constant")(1000) == 1.0
     isr = LRSchedule(1.0, 0.0, 4, 100, "inverse-square-root")
-    assert isr(15) == pytest.approx(math.sqrt(4 / 16))
+    assert isr(16) == pytest.approx(math.sqrt(4 / 16))
+
+
+class _FakeOptimizer:
+    """What megatron-core's scheduler touches: param_groups with lr / weight_decay."""
+
+    def __init__(self):
+        self.param_groups = [{"params": [], "lr": 0.0, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("style,warmup,decay,wsd", [
+    ("linear", 10, 100, None), ("cosine", 7, 53, None), ("constant", 5, 40, None),
+    ("inverse-square-root", 8, 60, None), ("cosine", 0, 30, None),
+    ("WSD", 4, 50, ("linear", 20)), ("WSD", 4, 50, ("cosine", 13)),
+    ("WSD", 4, 50, ("exponential", 10)), ("WSD", 4, 50, ("minus_sqrt", 10))])
+def test_schedule_equals_megatron_core(style, warmup, decay, wsd):
+    """Every iteration's lr equals megatron-core's OptimizerParamScheduler (steps counted in
+    samples, global batch 8, stepped once per iteration after the update as Megatron's loop
+    does)."""
+    sched_mod = pytest.importorskip("megatron.core.optimizer_param_scheduler",
+                                    reason="megatron-core is in requirements-dev.txt")
+    gbs, lr, min_lr = 8, 3e-4, 3e-5
+    wsd_style, wsd_iters = wsd or ("linear", 0)
+    ref = sched_mod.OptimizerParamScheduler(
+        _FakeOptimizer(), init_lr=0.0, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup * gbs,
+        lr_decay_steps=decay * gbs, lr_decay_style=style, start_wd=0.1, end_wd=0.1,
+        wd_incr_steps=decay * gbs, wd_incr_style="constant",
+        wsd_decay_steps=wsd_iters * gbs if wsd else None, lr_wsd_decay_style=wsd_style)
+    ours = LRSchedule(lr, min_lr, warmup, decay, style, wsd_iters, wsd_style)
+    for it in range(decay + 10):
+        assert ours(it) == pytest.approx(ref.get_lr(ref.optimizer.param_groups[0]), rel=1e-12,
+                                         abs=1e-15), it
+        ref.step(increment=gbs)
+
+
+def test_sample_based_schedule_equals_megatron_core():
+    """--train-samples / --lr-warmup-samples / --lr-decay-samples: warmup and decay lengths that
+    are not whole iterations, as Megatron counts them."""
+    sched_mod = pytest.importorskip("megatron.core.optimizer_param_scheduler",
+                                    reason="megatron-core is in requirements-dev.txt")
+    from megapre.train.args import OptimArgs
+    from megapre.train.optim import schedule_from_args
+
+    gbs = 12
+    o = OptimArgs(lr=1e-3, min_lr=1e-4, lr_decay_style="cosine", lr_warmup_samples=100,
+                  lr_decay_samples=1000)
+    ours = schedule_from_args(o, train_iters=100, global_batch_size=gbs, sample_based=True)
+    ref = sched_mod.OptimizerParamScheduler(
+        _FakeOptimizer(), init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=100,
+        lr_decay_steps=1000, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+        wd_incr_steps=1000, wd_incr_style="constant")
+    for it in range(100):
+        assert ours(it) == pytest.approx(ref.get_lr(ref.optimizer.param_groups[0]), rel=1e-12), it
+        ref.step(increment=gbs)
 
 
 def test_no_weight_decay_on_biases_and_norms():
