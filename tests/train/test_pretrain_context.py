@@ -1,6 +1,7 @@
 """`megapre.pretrain --context-parallel-size 2` under torchrun (CP2 x DP2) trains and evaluates
 like one process, with document-reset positions and attention masks (the ring gets each rank's
-mask rows over the whole sequence's columns) and RoPE at true positions."""
+mask rows over the whole sequence's columns) and RoPE at true positions; its checkpoint is
+evaluated by `megapre.evaluate` in one process (inference runs without CP)."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def test_torchrun_cp2_dp2_matches_single_process(tmp_path):
     assert p1.returncode == 0, p1.stderr[-3000:]
     p4 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "4", "-m", "megapre.pretrain", *_args(corpus, four),
-               "--context-parallel-size", "2"], four)
+               "--context-parallel-size", "2", "--save", str(four / "ckpt")], four)
     assert p4.returncode == 0, p4.stderr[-3000:]
     assert "CP 2 x PP 1 x DP 2" in p4.stdout
     m1, m4 = _metrics(one), _metrics(four)
@@ -59,3 +60,10 @@ def test_torchrun_cp2_dp2_matches_single_process(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         if "grad_norm" in a:
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    ev = _run([sys.executable, "-m", "megapre.evaluate", "--load", str(four / "ckpt"),
+               "--eval-split", "test", "--eval-iters", "2", "--device", "cpu",
+               "--output-json", str(four / "eval.json")], four)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    record = json.loads((four / "eval.json").read_text())
+    assert record["iteration"] == 10 and record["layout"]["dp"] == 1
+    assert record["loss"] == pytest.approx(m1[-1]["loss"], rel=1e-5)  # the run's test loss
