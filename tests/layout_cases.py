@@ -33,13 +33,16 @@ class Layout:
     vp: int | None = None
     sp: bool = False
     schedule: str | None = None
+    cp: int = 1
 
     @property
     def world(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     def __str__(self) -> str:
         s = f"tp{self.tp}-pp{self.pp}-dp{self.dp}"
+        if self.cp > 1:
+            s += f"-cp{self.cp}"
         if self.vp:
             s += f"-vp{self.vp}"
         if self.sp:
@@ -108,10 +111,14 @@ def train(kind: str, mesh: ParallelMesh, steps: int, micro: int, global_size: in
     return out
 
 
+def layout_mesh(layout: Layout) -> ParallelMesh:
+    return ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
+                                            virtual_pipeline=layout.vp,
+                                            sequence_parallel=layout.sp,
+                                            context_parallel=layout.cp), device="cpu")
+
+
 def layout_worker(rank: int, world: int, layout: Layout, kinds: tuple[str, ...], steps: int,
                   micro: int, global_size: int) -> dict[str, list[tuple[float, float]]]:
-    mesh = ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp,
-                                            pipeline_parallel=layout.pp,
-                                            virtual_pipeline=layout.vp,
-                                            sequence_parallel=layout.sp), device="cpu")
+    mesh = layout_mesh(layout)
     return {k: train(k, mesh, steps, micro, global_size, layout.schedule) for k in kinds}

@@ -147,6 +147,7 @@ class MegapreLM(TemplateLM):
         """This job's layout, device, precision and tokenizer paths over the run's config."""
         p = cfg.parallel
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
+        p.context_parallel_size = 1  # context parallelism is a pretraining layout
         p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule = None, "1f1b"
         p.sequence_parallel = False  # sequences of any length: no sequence sharding
         cfg.train.device = device

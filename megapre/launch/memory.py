@@ -44,6 +44,12 @@ dense and GELU outputs (2 * e * s*b*h) and computes the logits (and the softmax)
 predicted positions: s is then round(mask_prob * s) + 1 per sample, plus the gathered norm output
 of those rows (e * rows*h).
 
+Context parallelism (--context-parallel-size c): every rank holds s/c tokens of each sequence,
+so every s above is s/c (activations 1/c of the CP-free run's), and attention is the ring
+(megapre/parallel/context.py): it keeps its inputs as 'selective' below does (grouped-query k/v
+are not expanded) and the log-sum-exp (4 * b*(a/t)*s/c); its s x s blocks exist one at a time,
+in the working set.
+
 Recomputation: 'full' keeps only each layer's input (4 * s_n*b*h) and rebuilds one layer at a
 time in backward (+ one layer's activations); 'selective' drops the s^2 terms (probs, dropout)
 and the expanded k/v of the attention core, keeping its inputs (the qkv output, plus rotated
@@ -113,7 +119,8 @@ class MemoryEstimate:
     flops_per_rank_per_step: float
     device: str = "cuda"  # the device type the estimate assumed
     attention_backend: str = "sdpa"  # the core attention it assumed on that device
-    distributed_optimizer: bool = False  # AdamW state sharded over DP
+    distributed_optimizer: bool = False  # AdamW state sharded over DP x CP
+    cp: int = 1  # context-parallel size: each rank holds 1/cp of every sequence
 
     @property
     def most_loaded(self) -> StageMemory:
@@ -219,11 +226,13 @@ class _Shape:
 
 
 def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool = False,
-                           device: str = "cpu", masked: bool = False) -> int:
-    """Bytes one layer keeps for backward for one micro-batch (formula in the module doc);
-    `device` ('cpu' or 'cuda') and `masked` (attention gets a mask: BERT's padding,
-    --reset-attention-mask) resolve attention_backend='auto'."""
-    fused = attention_backend(cfg, device, masked) == "fused"
+                           device: str = "cpu", masked: bool = False, cp: int = 1) -> int:
+    """Bytes one layer keeps for backward for one micro-batch (formula in the module doc; `sh.s`
+    is this rank's share of the sequence under context parallelism `cp`); `device` ('cpu' or
+    'cuda') and `masked` (attention gets a mask: BERT's padding, --reset-attention-mask)
+    resolve attention_backend='auto'."""
+    backend = attention_backend(cfg, device, masked, cp)
+    fused, ring = backend == "fused", backend == "ring"
     s, b, t, e, m = sh.s, sh.b, sh.tp, sh.e, sh.m
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     a, g = cfg.num_attention_heads, cfg.num_query_groups
@@ -234,12 +243,15 @@ def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool =
     rope = cfg.position_embedding_type == "rope"
     if rope:  # cos and sin of the q and k rotations
         n += 2 * 2 * 4 * s * (int(d * cfg.rotary_percent) // 2 * 2)
+    # the core's inputs as a recompute (or the ring, which expands k/v per block) keeps them:
+    # views of the qkv output, rotated q and k, or (grouped-query) q copied to merge its group
+    # and head dims
+    inputs = qkv_out + (e * s * b * (a + g) * d // t if rope else
+                        e * s * b * a * d // t if g < a else 0)
     if selective:
-        n += qkv_out  # the core's inputs: views of the qkv output, rotated q and k,
-        if rope:      # or (grouped-query) q copied to merge its group and head dims
-            n += e * s * b * (a + g) * d // t
-        elif g < a:
-            n += e * s * b * a * d // t
+        n += inputs
+    elif ring:
+        n += inputs + 4 * b * (a // t) * s  # + the log-sum-exp; its output is the context
     else:
         if g == a:  # q, k, v are views of the qkv output; RoPE adds rotated q and k
             n += qkv_out + (2 * e * s * b * a * d // t if rope else 0)
@@ -297,10 +309,14 @@ def in_flight(schedule: str, pp: int, stage: int, num_microbatches: int, virtual
 
 # -- the estimate ----------------------------------------------------------------------------
 
-def attention_backend(cfg: TransformerConfig, device: str, masked: bool = False) -> str:
-    """The attention backend a training step runs ('fused' or 'sdpa') on this device type.
-    (An explicit 'sdpa' with attention dropout or a mask on a CPU runs torch's fallback paths,
-    whose extra tensors this estimate does not count; 'auto' never picks them.)"""
+def attention_backend(cfg: TransformerConfig, device: str, masked: bool = False,
+                      cp: int = 1) -> str:
+    """The attention backend a training step runs ('fused', 'sdpa', or 'ring' under context
+    parallelism) on this device type. (An explicit 'sdpa' with attention dropout or a mask on a
+    CPU runs torch's fallback paths, whose extra tensors this estimate does not count; 'auto'
+    never picks them.)"""
+    if cp > 1:
+        return "ring"
     return resolve_backend(cfg.attention_backend, device, cfg.attention_dropout > 0, masked)
 
 
@@ -328,7 +344,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     plan = validate(checked, world_size, vocab_size)
     checked, dp = plan.config, plan.dp_size
     p, t = checked.parallel, checked.train
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.context_parallel_size)
     kind = checked.model.model
     binary = kind == "bert" and checked.model.bert_binary_head
     mc = checked.transformer_config(vocab_size)
@@ -337,17 +354,21 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     virtual = mc.num_layers // (per * pp) if per else 1
     autocast = t.bf16 or t.fp16
     e = 2 if autocast else 4
-    sh = _Shape(mc.seq_length, t.micro_batch_size, tp, p.sequence_parallel, e,
+    sh = _Shape(mc.seq_length // cp, t.micro_batch_size, tp, p.sequence_parallel, e,
                 _mask_bytes(checked, e), _mask_bytes(checked, 4 if mc.add_bias_linear else e))
     device = _device(checked)
     masked = kind == "bert" or checked.data.reset_attention_mask
-    layer = layer_activation_bytes(mc, sh, device=device, masked=masked)
-    layer_sel = layer_activation_bytes(mc, sh, selective=True, device=device, masked=masked)
+    backend = attention_backend(mc, device, masked, cp)
+    layer = layer_activation_bytes(mc, sh, device=device, masked=masked, cp=cp)
+    layer_sel = layer_activation_bytes(mc, sh, selective=True, device=device, masked=masked,
+                                       cp=cp)
     layer_input = 4 * sh.s_n * sh.b * mc.hidden_size
     layers_per_stage = mc.num_layers // pp
     largest = max(e * sh.s * sh.b * mc.ffn_hidden_size // tp,
                   e * sh.b * (mc.num_attention_heads // tp) * sh.s ** 2
-                  if attention_backend(mc, device, masked) == "fused" else 0,
+                  if backend == "fused" else 0,
+                  4 * sh.b * (mc.num_attention_heads // tp) * (sh.s // 2) ** 2  # a ring half-block
+                  if backend == "ring" else 0,
                   4 * logit_rows(kind, sh.s, sh.b, checked.data.mask_prob)
                   * mc.padded_vocab_size(tp) // tp)
     stages = []
@@ -360,7 +381,7 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
             return int(flight * (layers_per_stage * per_layer + extra)) + once
         stages.append(StageMemory(
             stage=stage, params=n, weights=4 * n, grads=4 * n,
-            optimizer=optimizer_bytes(n, dp, p.use_distributed_optimizer),
+            optimizer=optimizer_bytes(n, dp * cp, p.use_distributed_optimizer),
             autocast_cache=2 * matrix_params(mc, kind, tp, pp, stage) if autocast else 0,
             activations_per_microbatch=layers_per_stage * layer + extra,
             in_flight_microbatches=flight, activations=held(layer),
@@ -373,8 +394,7 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     step = fpt * t.global_batch_size * mc.seq_length
     return MemoryEstimate(total, non_emb, mc.padded_vocab_size(tp), world_size, tp, pp, dp,
                           num_mb, t.recompute_granularity, stages, fpt, step, step / world_size,
-                          device, attention_backend(mc, device, masked),
-                          p.use_distributed_optimizer)
+                          device, backend, p.use_distributed_optimizer, cp)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -386,17 +406,20 @@ def _fmt(n: float) -> str:
 def report(est: MemoryEstimate) -> str:
     lines = [f"parameters: {est.total_params:,} total, {est.non_embedding_params:,} "
              f"non-embedding (vocabulary padded to {est.padded_vocab_size} for TP={est.tp})",
-             f"layout: world {est.world_size} = TP {est.tp} x PP {est.pp} x DP {est.dp}; "
+             f"layout: world {est.world_size} = TP {est.tp} x "
+             + (f"CP {est.cp} x " if est.cp > 1 else "") + f"PP {est.pp} x DP {est.dp}; "
              f"{est.num_microbatches} micro-batches per step per DP rank",
              f"assumed: device {est.device}" + (" (--device cpu estimates a CPU run)"
                                                 if est.device == "cuda" else "")
-             + f", attention backend {est.attention_backend} (--attention-backend)"]
+             + f", attention backend {est.attention_backend} ("
+             + ("ring attention of --context-parallel-size" if est.cp > 1
+                else "--attention-backend") + ")"]
     for st in est.stages:
         lines += [f"pipeline stage {st.stage} (per rank): {st.params:,} parameters",
                   f"  weights (fp32)         {_fmt(st.weights)}",
                   f"  grads (fp32)           {_fmt(st.grads)}",
                   f"  AdamW state (2 x fp32) {_fmt(st.optimizer)}"
-                  + (f" (1/{est.dp}: distributed optimizer)" if est.distributed_optimizer
+                  + (f" (1/{est.dp * est.cp}: distributed optimizer)" if est.distributed_optimizer
                      else "")]
         if st.autocast_cache:
             lines.append(f"  autocast weight cache  {_fmt(st.autocast_cache)}")
@@ -414,7 +437,7 @@ def report(est: MemoryEstimate) -> str:
               f"--recompute-granularity {est.recompute or 'none'}",
               f"FLOPs: {est.flops_per_token:.4g}/token, {est.flops_per_step:.4g}/step, "
               f"{est.flops_per_rank_per_step:.4g}/step per rank"]
-    if est.dp > 1:
+    if est.dp * est.cp > 1:
         lines.append(distributed_optimizer_line(est))
     return "\n".join(lines)
 
@@ -423,7 +446,7 @@ def distributed_optimizer_line(est: MemoryEstimate) -> str:
     """What --use-distributed-optimizer does (or did) to the most loaded rank's peak."""
     st = est.most_loaded
     full = optimizer_bytes(st.params, 1, False)
-    sharded = optimizer_bytes(st.params, est.dp, True)
+    sharded = optimizer_bytes(st.params, est.dp * est.cp, True)  # over DP x CP
     peak = est.peak_bytes()
     if est.distributed_optimizer:
         return (f"--use-distributed-optimizer: AdamW state {_fmt(sharded).strip()} per rank "

@@ -9,6 +9,10 @@ CPUs that skips the causal upper triangle). ``auto`` (the default) picks per cal
 ``resolve_backend``. Tensors are
 [s, b, heads, head_dim] as in Megatron; grouped-query attention repeats each key/value head
 for its group of query heads.
+
+Under context parallelism (a ``context`` ring is given) each rank holds a zig-zag share of the
+sequence and attention runs as megapre.parallel.context's ring: plain-torch block attention with
+an online softmax, exact in fp32, whatever the backend setting.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre import ops
+from megapre.parallel.context import ContextGroup, ring_attention
 
 
 def resolve_backend(backend: str, device_type: str, dropout_active: bool, masked: bool) -> str:
@@ -51,7 +56,8 @@ def _preferring(backend: str) -> ContextManager:
 
 class CoreAttention(nn.Module):
     def __init__(self, head_dim: int, attention_dropout: float, backend: str = "auto",
-                 dropout_rng: Callable[[], ContextManager] | None = None) -> None:
+                 dropout_rng: Callable[[], ContextManager] | None = None,
+                 context: ContextGroup | None = None) -> None:
         super().__init__()
         self.scale = 1.0 / math.sqrt(head_dim)
         self.dropout_p = attention_dropout
@@ -59,12 +65,16 @@ class CoreAttention(nn.Module):
         # Attention-probability dropout runs on TP-sharded heads: the caller passes the RNG
         # tracker's fork so each TP rank draws its own mask (identical masks would correlate).
         self.dropout_rng = dropout_rng or contextlib.nullcontext
+        self.context = context  # the CP ring, None without context parallelism
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None, *, causal: bool = False) -> torch.Tensor:
         """q [sq, b, nh, d]; k, v [sk, b, ng, d]; mask bool [b or 1, 1, sq, sk], True = masked.
-        Returns [sq, b, nh * d]."""
+        Returns [sq, b, nh * d]. Under context parallelism sq = sk = this rank's s/cp tokens
+        and the mask's columns are the whole sequence (megapre.parallel.context)."""
         sq, b, nh, d = q.shape
+        if self.context is not None:
+            return self._ring(q, k, v, mask, causal)
         if k.shape[2] != nh:
             k = k.repeat_interleave(nh // k.shape[2], dim=2)
             v = v.repeat_interleave(nh // v.shape[2], dim=2)
@@ -77,6 +87,14 @@ class CoreAttention(nn.Module):
         else:
             ctx = self._fused(qb, kb, vb, mask, causal)
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, nh * d)
+
+    def _ring(self, q, k, v, mask, causal):
+        if self.training and self.dropout_p > 0:
+            raise ValueError("context parallelism draws no attention-dropout masks: set "
+                             "--attention-dropout 0 with --context-parallel-size > 1")
+        sq, b, nh, d = q.shape  # k/v travel the ring with their own (grouped) heads
+        ctx = ring_attention(q, k, v, self.context, scale=self.scale, causal=causal, mask=mask)
+        return ctx.view(sq, b, nh * d)
 
     def _fused(self, q, k, v, mask, causal):
         scores = torch.matmul(q, k.transpose(-1, -2))

@@ -7,6 +7,11 @@ sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final
          (training: the logits of the predicted positions only)
       -> binary head: tanh(dense(h[CLS])) -> 2 logits
     or, fine-tuning (`task_head`): -> pooled [CLS] -> classifier -> logits [b, classes]
+
+Under context parallelism each CP rank holds a zig-zag share of the sequence (true positions
+for the position table; the padding mask keeps the whole sequence's columns, for the ring's
+key blocks). [CLS] is token 0, on CP rank 0: its final state is broadcast over the CP group
+(backward sums the gradients back to it), so every CP rank computes the same binary logits.
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from torch import nn
 
 from megapre import ops
 from megapre.parallel.comm import gather_from_sp
+from megapre.parallel.context import ContextGroup, broadcast_from_first, zigzag_positions
+from megapre.parallel.layout import check_context_parallel
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
@@ -68,7 +75,11 @@ class BertHeads(nn.Module):
             return None
         if self.mesh.sequence_parallel:  # [CLS] lives on TP rank 0's chunk; gather it
             h = gather_from_sp(h, self.mesh.tp_group, 0, grad_is_partial=False)
-        return self.binary(torch.tanh(self.pooler(h[0])))
+        cls = h[0]
+        ring = ContextGroup.from_mesh(self.mesh)
+        if ring is not None:  # ... and on CP rank 0's share of the sequence
+            cls = broadcast_from_first(cls, ring)
+        return self.binary(torch.tanh(self.pooler(cls)))
 
     def transform(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.dense(h)))
@@ -88,6 +99,7 @@ class BertModel(nn.Module):
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        check_context_parallel(mesh.cp_size, cfg.seq_length, cfg.attention_dropout)
         if cfg.untie_embeddings_and_output_weights:
             raise ValueError("BERT ties its masked-LM output to the word embeddings; drop "
                              "--untie-embeddings-and-output-weights")
@@ -121,7 +133,8 @@ class BertModel(nn.Module):
                 padding_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 hidden_states: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
                 predicted: torch.Tensor | None = None):
-        """padding_mask [b, s] bool, True = padding (never attended to). Not last stage: hidden
+        """padding_mask [b, s] bool, True = padding (never attended to; under context
+        parallelism the whole sequence's, while the other inputs are s/cp). Not last stage: hidden
         states. Last stage: (per-token LM loss [b, s] if labels else sharded logits,
         binary logits [b, 2] or None). Labels of unmasked positions are ignored by the caller's
         loss mask; pass any valid id there. `predicted` [b, s] bool (with labels): compute the
@@ -129,7 +142,12 @@ class BertModel(nn.Module):
         [b] only matters for mean pooling)."""
         mask = None if padding_mask is None else padding_mask[:, None, None, :]
         if self.embedding is not None:
-            x = self.embedding(input_ids, None, tokentype_ids)
+            positions = None
+            if self.mesh.cp_size > 1:
+                s = input_ids.shape[1] * self.mesh.cp_size
+                positions = zigzag_positions(s, self.mesh.cp_size, self.mesh.cp_rank,
+                                             input_ids.device)[None]
+            x = self.embedding(input_ids, positions, tokentype_ids)
         else:
             if hidden_states is None:
                 raise ValueError("this pipeline stage has no embedding: pass hidden_states")

@@ -10,13 +10,19 @@ output layer: final norm -> pooled hidden state -> logits [b, classes] (megapre/
 With tied embeddings (the default) the output layer multiplies by the word table; a last stage
 that is not also the first keeps its own copy of the table (built from the same generator) whose
 gradient the pipeline sums with the first stage's (`shared_embedding_weight`).
+
+Under context parallelism every tensor along the sequence holds this CP rank's zig-zag share
+(s/cp tokens, megapre.parallel.context); positions default to those tokens' true positions, so
+learned position embeddings and RoPE see what one process running the whole sequence sees.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from megapre.parallel.context import zigzag_positions
 from megapre.parallel.layers import ColumnParallelLinear
+from megapre.parallel.layout import check_context_parallel
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
@@ -37,6 +43,7 @@ class GPTModel(nn.Module):
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
         cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        check_context_parallel(mesh.cp_size, cfg.seq_length, cfg.attention_dropout)
         self.cfg, self.mesh = cfg, mesh
         self.stage = stage or ChunkSpec.whole(cfg.num_layers)
         self.label_smoothing = label_smoothing
@@ -69,11 +76,19 @@ class GPTModel(nn.Module):
             return self.embedding.word.weight
         return self.output_word.weight if self.output_word is not None else None
 
+    def _positions(self, s: int, device) -> torch.Tensor:
+        """Default positions of this rank's s tokens: 0..s-1, or under context parallelism the
+        true positions of its zig-zag share of the s * cp-token sequence."""
+        cp = self.mesh.cp_size
+        if cp == 1:
+            return torch.arange(s, device=device)
+        return zigzag_positions(s * cp, cp, self.mesh.cp_rank, device)
+
     def _rope(self, s: int, position_ids: torch.Tensor | None, device) -> torch.Tensor | None:
         if self.rope_dim is None:
             return None
         if position_ids is None:
-            return rope_frequencies(torch.arange(s, device=device), self.rope_dim,
+            return rope_frequencies(self._positions(s, device), self.rope_dim,
                                     self.cfg.rotary_base)
         pos = position_ids.t()  # [s, b]
         ang = rope_frequencies(pos.reshape(-1), self.rope_dim, self.cfg.rotary_base)
@@ -85,13 +100,18 @@ class GPTModel(nn.Module):
                 lengths: torch.Tensor | None = None) -> torch.Tensor:
         """First stage: input_ids [b, s]; later stages: hidden_states [s(/tp), b, h] from the
         previous stage. attention_mask (optional, bool, True = masked) [b or 1, 1, s, s] adds to
-        the causal mask (e.g. document boundaries). Returns the hidden states (not last stage),
-        the per-token loss [b, s] when labels are given, else sharded logits [s, b, vocab/tp];
+        the causal mask (e.g. document boundaries); under context parallelism its rows are this
+        rank's tokens and its columns the whole sequence [b or 1, 1, s/cp, s]. Returns the
+        hidden states (not last stage), the per-token loss [b, s] when labels are given, else
+        sharded logits [s, b, vocab/tp];
         with a task head, logits [b, classes] pooled at `lengths` [b] (real tokens per sample,
         right padding, which causal attention never lets a real token see)."""
         if self.embedding is not None:
-            x = self.embedding(input_ids, position_ids)
             s = input_ids.shape[1]
+            pos = position_ids
+            if pos is None and self.mesh.cp_size > 1:
+                pos = self._positions(s, input_ids.device)[None]
+            x = self.embedding(input_ids, pos)
         else:
             if hidden_states is None:
                 raise ValueError("this pipeline stage has no embedding: pass hidden_states")

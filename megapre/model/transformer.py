@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre import ops
+from megapre.parallel.context import ContextGroup
 from megapre.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.random import RNGTracker, recompute
@@ -81,7 +82,8 @@ class SelfAttention(nn.Module):
             cfg.hidden_size, qkv_out, mesh, bias=cfg.add_qkv_bias,
             init_method=init.normal(seed, f"{prefix}.qkv.weight", std))
         self.core = CoreAttention(cfg.head_dim, cfg.attention_dropout, cfg.attention_backend,
-                                  dropout_rng=tracker.fork if tracker is not None else None)
+                                  dropout_rng=tracker.fork if tracker is not None else None,
+                                  context=ContextGroup.from_mesh(mesh))
         self.proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, mesh,
             bias=cfg.add_bias_linear,

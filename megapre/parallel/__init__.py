@@ -1,5 +1,6 @@
-"""Megatron-style parallelism: the (pp, dp, tp) mesh, autograd collectives, tensor-parallel layers,
-vocab-parallel cross entropy and the model-parallel RNG tracker.
+"""Megatron-style parallelism: the (pp, dp, cp, tp) mesh, autograd collectives, tensor-parallel
+layers, vocab-parallel cross entropy, context parallelism's ring attention and the model-parallel
+RNG tracker.
 
 The names below are importable from here (`from megapre.parallel import ParallelMesh`); they load
 on first use, so the torch-free layout rules (layout.py) can be imported, and a run's flags checked
@@ -11,6 +12,8 @@ import importlib
 _EXPORTS = {
     "comm": ("all_reduce_grads", "copy_to_tp", "gather_from_sp", "gather_from_tp",
              "reduce_from_tp", "reduce_scatter_to_sp", "scatter_to_sp", "scatter_to_tp"),
+    "context": ("ContextGroup", "merge_sequence", "ring_attention", "split_sequence",
+                "zigzag_positions"),
     "cross_entropy": ("vocab_parallel_cross_entropy",),
     "distributed_optimizer": ("DistributedOptimizer",),
     "layers": ("ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",

@@ -1,8 +1,9 @@
-"""Data parallelism over the mesh's DP group: torch DDP (bucketed all-reduce overlapped with
+"""Data parallelism over the mesh's DP x CP group (parameters are replicated over both; without
+context parallelism that is the DP group): torch DDP (bucketed all-reduce overlapped with
 backward), with gradient accumulation that communicates only on the last micro-batch.
 
 The losses fed to backward are each micro-batch's share of the *global-batch* mean (normalized
-by the token count of the whole batch over all DP ranks), so the DP reduction must **sum**
+by the token count of the whole batch over all DP and CP ranks), so the reduction must **sum**
 gradients, not average them: a comm hook replaces DDP's default divide-by-world-size. The result
 is the gradient of the global-batch mean loss, identical to one process running the whole batch.
 
@@ -43,23 +44,25 @@ def _sum_allreduce_hook(group, bucket):
 
 def wrap_data_parallel(module: nn.Module, mesh: ParallelMesh, *,
                        bucket_cap_mb: float = 25.0) -> nn.Module:
-    """DDP over the DP group when DP > 1 (the module unchanged otherwise).
+    """DDP over the DP x CP group when it has more than one rank (the module unchanged
+    otherwise).
 
     `find_unused_parameters=False`: every parameter of a stage takes part in every step (a
     parameter that does not would hang DDP's reducer; build the model without it instead).
     Parameters are already equal on all DP ranks (layout-independent init), so DDP's initial
     broadcast only confirms it.
     """
-    if mesh.dp_size == 1 or mesh.dp_group is None:
+    group = mesh.dp_cp_group
+    if mesh.dp_cp_size == 1 or group is None:
         return module
     if not any(p.requires_grad for p in module.parameters()):
         return module  # a frozen stage (linear probe, LoRA without layers here): nothing to reduce
-    ddp = DistributedDataParallel(module, process_group=mesh.dp_group,
+    ddp = DistributedDataParallel(module, process_group=group,
                                   bucket_cap_mb=bucket_cap_mb, find_unused_parameters=False,
                                   gradient_as_bucket_view=True,
                                   device_ids=[mesh.device.index] if mesh.device.type == "cuda"
                                   else None)
-    ddp.register_comm_hook(mesh.dp_group, _sum_allreduce_hook)
+    ddp.register_comm_hook(group, _sum_allreduce_hook)
     return ddp
 
 

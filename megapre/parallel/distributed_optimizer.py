@@ -101,9 +101,11 @@ class DistributedOptimizer:
                  overlap_grad_reduce: bool = False, overlap_param_gather: bool = False,
                  modules: Iterable[nn.Module] | None = None) -> None:
         self.mesh = mesh
-        self.dp_group = mesh.dp_group if group_size(mesh.dp_group) > 1 else None
-        self.dp_size = mesh.dp_size if self.dp_group is not None else 1
-        self.dp_rank = mesh.dp_rank if self.dp_group is not None else 0
+        # Parameters are replicated over DP and CP (context parallelism splits the sequence),
+        # so state is sharded, and gradients summed, over the combined DP x CP group.
+        self.dp_group = mesh.dp_cp_group if group_size(mesh.dp_cp_group) > 1 else None
+        self.dp_size = mesh.dp_cp_size if self.dp_group is not None else 1
+        self.dp_rank = mesh.dp_cp_rank if self.dp_group is not None else 0
         self.overlap_grad_reduce = overlap_grad_reduce and self.dp_group is not None
         self.overlap_param_gather = overlap_param_gather and self.dp_group is not None
         if bucket_size is None:

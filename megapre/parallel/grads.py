@@ -9,10 +9,10 @@ The norm must be the one the single-process model would compute, whatever the la
 * each pipeline stage holds different layers: summed over PP;
 * the last stage's copy of a tied word embedding duplicates the first stage's: the caller
   leaves it out of `params`;
-* after the DP reduction every DP rank holds the same gradients: DP is not summed (the
-  distributed optimizer's ranks each hold a slice instead: `reduce_grad_norm(sum_dp=True)`).
+* after the DP x CP reduction every DP and CP rank holds the same gradients: neither is summed
+  (the distributed optimizer's ranks each hold a slice instead: `reduce_grad_norm(sum_dp=True)`).
 
-Call after `sync_sequence_parallel_grads`, the DP reduction and the tied-embedding sync.
+Call after `sync_sequence_parallel_grads`, the DP x CP reduction and the tied-embedding sync.
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def reduce_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor]
     total = _sum_of_squares(sharded, device)
     if mesh.tp_rank == 0:
         total = total + _sum_of_squares(replicated, device)
-    groups = (mesh.tp_group, mesh.pp_group) + ((mesh.dp_group,) if sum_dp else ())
+    groups = (mesh.tp_group, mesh.pp_group) + ((mesh.dp_cp_group,) if sum_dp else ())
     for group in groups:
         if group_size(group) > 1:
             dist.all_reduce(total, group=group)

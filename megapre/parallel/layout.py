@@ -1,4 +1,4 @@
-"""Every rule of a (TP, PP, virtual PP, DP, SP) layout, in one place, with errors that name the
+"""Every rule of a (TP, CP, PP, virtual PP, DP, SP) layout, in one place, with errors that name the
 flags to change.
 
 The pretraining validator, the process mesh, the pipeline cutter, the schedules, the training step
@@ -11,6 +11,7 @@ from megapre.errors import ConfigError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 VIRTUAL_FLAG = "--num-layers-per-virtual-pipeline-stage"
+CP_FLAG = "--context-parallel-size"
 
 
 def check_positive(flag: str, value: object) -> None:
@@ -32,15 +33,35 @@ def check_parallel_sizes(tp: int, pp: int, virtual: int | None = None) -> None:
             "pipeline stages")
 
 
-def data_parallel_size(world_size: int, tp: int, pp: int) -> int:
-    """World size / (TP x PP)."""
-    model_parallel = tp * pp
+def data_parallel_size(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
+    """World size / (TP x CP x PP)."""
+    model_parallel = tp * pp * cp
     if world_size % model_parallel:
+        sizes = f"--tensor-model-parallel-size {tp} x "
+        if cp > 1:
+            sizes += f"{CP_FLAG} {cp} x "
         raise ConfigError(
-            f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+            f"world size {world_size} is not divisible by {sizes}"
             f"--pipeline-model-parallel-size {pp} = {model_parallel}; launch a multiple of "
-            f"{model_parallel} processes (torchrun --nproc-per-node) or change TP/PP")
+            f"{model_parallel} processes (torchrun --nproc-per-node) or change the sizes")
     return world_size // model_parallel
+
+
+def check_context_parallel(cp: int, seq_length: int, attention_dropout: float = 0.0) -> None:
+    """Context parallelism cuts each sequence into 2 x CP chunks (zig-zag, so causal attention
+    costs every CP rank the same), which must be equal; the ring attention draws no
+    attention-dropout masks (its backward recomputes the probabilities)."""
+    check_positive(CP_FLAG, cp)
+    if cp == 1:
+        return
+    if seq_length % (2 * cp):
+        raise ConfigError(f"{CP_FLAG} {cp} needs --seq-length {seq_length} divisible by 2 x {cp} "
+                          f"= {2 * cp} (the zig-zag split cuts each sequence into {2 * cp} equal "
+                          "chunks)")
+    if attention_dropout > 0:
+        raise ConfigError(f"{CP_FLAG} {cp} needs --attention-dropout 0 (got {attention_dropout}):"
+                          " ring attention recomputes the probabilities in backward and draws no "
+                          "dropout masks")
 
 
 def virtual_stages(num_layers: int, layers_per_virtual_stage: int | None, pp: int) -> int | None:

@@ -1,8 +1,14 @@
-"""The (pp, dp, tp) process mesh: which ranks talk to which, in Megatron's default rank order.
+"""The (pp, dp, cp, tp) process mesh: which ranks talk to which, in Megatron's default rank order.
 
-Rank r of a TP x PP x DP job sits at tp = r % TP, dp = (r // TP) % DP, pp = r // (TP * DP): tensor
-parallel is innermost so a TP group shares a node (the chattiest collectives stay on NVLink), and a
-job laid out by Megatron-LM keeps the same rank -> shard assignment here.
+Rank r of a TP x CP x DP x PP job sits at tp = r % TP, cp = (r // TP) % CP, dp = (r // (TP * CP))
+% DP, pp = r // (TP * CP * DP): tensor parallel is innermost so a TP group shares a node (the
+chattiest collectives stay on NVLink), context parallel next (its ring passes K/V blocks every
+layer), and a job laid out by Megatron-LM keeps the same rank -> shard assignment here. Without
+context parallelism (CP = 1) this is the (pp, dp, tp) order.
+
+Parameters are replicated over CP as over DP: gradients are summed over the combined DP x CP group
+(`dp_cp_group`, Megatron's "data parallel with context parallel" group), while data is split over
+DP only (the CP ranks of a DP rank read the same samples and keep their own sequence chunks).
 
 Every process group is created once, here, and handed out by one `ParallelMesh` object; nothing
 below this module looks up global state. A single process without torch.distributed gets a mesh
@@ -23,9 +29,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megapre.errors import ConfigError
 
-from .layout import check_parallel_sizes, data_parallel_size
+from .layout import check_parallel_sizes, check_positive, data_parallel_size
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -36,18 +42,22 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over TP
+    context_parallel: int = 1  # split every sequence over this many ranks (ring attention)
     timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
 
     def __post_init__(self) -> None:
         check_parallel_sizes(self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline)
+        check_positive("--context-parallel-size", self.context_parallel)
         if not self.timeout_s > 0:
             raise ValueError(f"process-group timeout must be > 0 seconds, got {self.timeout_s}")
 
 
-def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int) -> torch.Tensor:
-    """Global ranks arranged as a [pp, dp, tp] tensor (row-major, so TP is innermost)."""
-    dp = data_parallel_size(world_size, tensor_parallel, pipeline_parallel)
-    return torch.arange(world_size).reshape(pipeline_parallel, dp, tensor_parallel)
+def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int,
+              context_parallel: int = 1) -> torch.Tensor:
+    """Global ranks arranged as a [pp, dp, cp, tp] tensor (row-major, so TP is innermost)."""
+    dp = data_parallel_size(world_size, tensor_parallel, pipeline_parallel, context_parallel)
+    return torch.arange(world_size).reshape(pipeline_parallel, dp, context_parallel,
+                                            tensor_parallel)
 
 
 def default_device() -> torch.device:
@@ -89,7 +99,7 @@ def _init_default_group(backend: str, timeout: timedelta) -> None:
 
 
 class ParallelMesh:
-    """Process groups and coordinates of this rank in the (pp, dp, tp) mesh.
+    """Process groups and coordinates of this rank in the (pp, dp, cp, tp) mesh.
 
     Build it with `ParallelMesh.init(config)` (joins or starts torch.distributed when launched by
     torchrun) or `ParallelMesh.single()` for one process. Groups of size-1 dimensions still exist
@@ -104,13 +114,17 @@ class ParallelMesh:
         self.rank = rank
         self.world_size = world_size
         self.dp_size = data_parallel_size(world_size, config.tensor_parallel,
-                                          config.pipeline_parallel)
-        self._grid = rank_grid(world_size, config.tensor_parallel, config.pipeline_parallel)
-        pp, dp, tp = (int(c) for c in (self._grid == rank).nonzero()[0])
-        self.pp_rank, self.dp_rank, self.tp_rank = pp, dp, tp
+                                          config.pipeline_parallel, config.context_parallel)
+        self._grid = rank_grid(world_size, config.tensor_parallel, config.pipeline_parallel,
+                               config.context_parallel)
+        pp, dp, cp, tp = (int(c) for c in (self._grid == rank).nonzero()[0])
+        self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = pp, dp, cp, tp
         self.tp_group = groups["tp"]
         self.pp_group = groups["pp"]
         self.dp_group = groups["dp"]
+        # (a groups dict without the CP entries, as before CP existed, means CP = 1)
+        self.cp_group = groups.get("cp")
+        self.dp_cp_group = groups.get("dp_cp", self.dp_group)  # grads: replicated over DP and CP
         self.embedding_group = embedding_group
         self.device_mesh = device_mesh
 
@@ -118,11 +132,13 @@ class ParallelMesh:
     @classmethod
     def single(cls, config: ParallelConfig | None = None,
                device: torch.device | str | None = None) -> "ParallelMesh":
-        """A one-process mesh (all sizes 1, no groups); TP/PP in `config` must be 1."""
+        """A one-process mesh (all sizes 1, no groups); TP/PP/CP in `config` must be 1."""
         config = config or ParallelConfig()
-        data_parallel_size(1, config.tensor_parallel, config.pipeline_parallel)
+        data_parallel_size(1, config.tensor_parallel, config.pipeline_parallel,
+                           config.context_parallel)
         dev = torch.device(device) if device is not None else default_device()
-        return cls(config, dev, 0, 1, {"pp": None, "dp": None, "tp": None}, None, None)
+        return cls(config, dev, 0, 1, dict.fromkeys(("pp", "dp", "cp", "tp", "dp_cp")), None,
+                   None)
 
     @classmethod
     def init(cls, config: ParallelConfig, device: torch.device | str | None = None) -> "ParallelMesh":
@@ -143,13 +159,19 @@ class ParallelMesh:
             # can abort ("terminate called without an active exception").
             atexit.register(_destroy_process_group)
         world, rank = dist.get_world_size(), dist.get_rank()
-        grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel)
+        grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel,
+                         config.context_parallel)
         timeout = timedelta(seconds=config.timeout_s)
         groups = {name: _subgroups(grid, dim, timeout, name)
                   for dim, name in enumerate(MESH_DIMS)}
+        groups["dp_cp"] = (groups["dp"] if config.context_parallel == 1
+                           else _dp_cp_subgroups(grid, timeout))
         embedding = _embedding_group(grid, timeout)
-        device_mesh = DeviceMesh.from_group([groups[n] for n in MESH_DIMS], dev.type,
-                                            mesh=grid, mesh_dim_names=MESH_DIMS)
+        # The DeviceMesh names "cp" only when CP > 1: a CP-free job keeps its (pp, dp, tp) mesh.
+        dims = MESH_DIMS if config.context_parallel > 1 else ("pp", "dp", "tp")
+        device_mesh = DeviceMesh.from_group([groups[n] for n in dims], dev.type,
+                                            mesh=grid if len(dims) == 4 else grid.squeeze(2),
+                                            mesh_dim_names=dims)
         return cls(config, dev, rank, world, groups, embedding, device_mesh)
 
     def destroy(self) -> None:
@@ -165,6 +187,15 @@ class ParallelMesh:
     @property
     def pp_size(self) -> int:
         return self.config.pipeline_parallel
+
+    @property
+    def cp_size(self) -> int:
+        return self.config.context_parallel
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks that hold the same parameters of a stage's TP shard (gradients summed over)."""
+        return self.dp_size * self.cp_size
 
     @property
     def virtual_pipeline(self) -> int | None:
@@ -183,25 +214,40 @@ class ParallelMesh:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
-    def rank_of(self, pp: int, dp: int, tp: int) -> int:
-        """Global rank at mesh coordinate (pp, dp, tp)."""
-        return int(self._grid[pp, dp, tp])
+    def rank_of(self, pp: int, dp: int, tp: int, cp: int | None = None) -> int:
+        """Global rank at mesh coordinate (pp, dp, cp, tp); cp defaults to this rank's."""
+        return int(self._grid[pp, dp, self.cp_rank if cp is None else cp, tp])
 
     @property
     def tp_ranks(self) -> list[int]:
-        return self._grid[self.pp_rank, self.dp_rank, :].tolist()
+        return self._grid[self.pp_rank, self.dp_rank, self.cp_rank, :].tolist()
+
+    @property
+    def cp_ranks(self) -> list[int]:
+        """The ring of this rank's sequence chunks, in CP rank order."""
+        return self._grid[self.pp_rank, self.dp_rank, :, self.tp_rank].tolist()
 
     @property
     def dp_ranks(self) -> list[int]:
-        return self._grid[self.pp_rank, :, self.tp_rank].tolist()
+        return self._grid[self.pp_rank, :, self.cp_rank, self.tp_rank].tolist()
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This rank's place in the DP x CP group (its ranks ascend as (dp, cp) does)."""
+        return self.dp_rank * self.cp_size + self.cp_rank
+
+    @property
+    def dp_cp_ranks(self) -> list[int]:
+        return self._grid[self.pp_rank, :, :, self.tp_rank].reshape(-1).tolist()
 
     @property
     def pp_ranks(self) -> list[int]:
-        return self._grid[:, self.dp_rank, self.tp_rank].tolist()
+        return self._grid[:, self.dp_rank, self.cp_rank, self.tp_rank].tolist()
 
     @property
     def embedding_ranks(self) -> list[int]:
-        """First and last pipeline stage of this (dp, tp) column: they share tied embeddings."""
+        """First and last pipeline stage of this (dp, cp, tp) column: they share tied
+        embeddings."""
         return sorted({self.pp_ranks[0], self.pp_ranks[-1]})
 
     @property
@@ -210,7 +256,8 @@ class ParallelMesh:
 
     def __repr__(self) -> str:
         return (f"ParallelMesh(rank={self.rank}/{self.world_size}, pp={self.pp_rank}/{self.pp_size},"
-                f" dp={self.dp_rank}/{self.dp_size}, tp={self.tp_rank}/{self.tp_size},"
+                f" dp={self.dp_rank}/{self.dp_size}, cp={self.cp_rank}/{self.cp_size},"
+                f" tp={self.tp_rank}/{self.tp_size},"
                 f" device={self.device})")
 
 
@@ -226,9 +273,17 @@ def _subgroups(grid: torch.Tensor, dim: int, timeout: timedelta, name: str) -> P
     return group
 
 
+def _dp_cp_subgroups(grid: torch.Tensor, timeout: timedelta) -> ProcessGroup:
+    """This rank's DP x CP group: every (dp, cp) rank of one (pp, tp) coordinate."""
+    pp, dp, cp, tp = grid.shape
+    lines = grid.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp).tolist()
+    group, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, group_desc="mesh_dp_cp")
+    return group
+
+
 def _embedding_group(grid: torch.Tensor, timeout: timedelta) -> ProcessGroup | None:
-    """Group of first + last pipeline stage per (dp, tp); None on middle stages."""
-    pairs = [sorted({int(grid[0, d, t]), int(grid[-1, d, t])})
-             for d in range(grid.shape[1]) for t in range(grid.shape[2])]
+    """Group of first + last pipeline stage per (dp, cp, tp); None on middle stages."""
+    columns = grid.reshape(grid.shape[0], -1)
+    pairs = [sorted({int(columns[0, i]), int(columns[-1, i])}) for i in range(columns.shape[1])]
     group, _ = dist.new_subgroups_by_enumeration(pairs, timeout=timeout, group_desc="embedding")
     return group

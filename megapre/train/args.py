@@ -73,6 +73,8 @@ class ModelArgs:
 class ParallelArgs:
     tensor_model_parallel_size: int = _f(1, "TP size")
     pipeline_model_parallel_size: int = _f(1, "PP size")
+    context_parallel_size: int = _f(1, "CP size: split every sequence over this many ranks "
+                                    "(zig-zag chunks, ring attention; needs --attention-dropout 0)")
     num_layers_per_virtual_pipeline_stage: int | None = _f(
         None, "layers per virtual stage (selects the interleaved 1F1B schedule)")
     num_virtual_stages_per_pipeline_rank: int | None = _f(
@@ -358,7 +360,9 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     p, t, o, d = cfg.parallel, cfg.train, cfg.optim, cfg.data
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     layout.check_parallel_sizes(tp, pp)
-    dp = layout.data_parallel_size(world_size, tp, pp)
+    cp = p.context_parallel_size
+    layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
+    dp = layout.data_parallel_size(world_size, tp, pp, cp)
     check_distributed_optimizer(p)
     vp = _virtual_stages(cfg)
     _check_gqa(cfg.model)

@@ -58,7 +58,9 @@ def config_lines(plan: RunPlan, world_size: int, tokenizer: Any) -> list[str]:
     return _lines([
         ("model", f"{m.model}, {m.num_layers} layers, hidden {m.hidden_size}, "
                   f"{m.num_attention_heads} heads, seq {m.seq_length}"),
-        ("layout", f"world {world_size} = TP {p.tensor_model_parallel_size} x PP "
+        ("layout", f"world {world_size} = TP {p.tensor_model_parallel_size} x "
+                   + (f"CP {p.context_parallel_size} x " if p.context_parallel_size > 1 else "")
+                   + f"PP "
                    f"{p.pipeline_model_parallel_size} x DP {plan.dp_size}; VP "
                    f"{plan.virtual_pipeline or '-'}; schedule {plan.pipeline_schedule or '-'}; "
                    f"global batch {plan.global_batch_size} = micro {t.micro_batch_size} x "

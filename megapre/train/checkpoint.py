@@ -249,8 +249,13 @@ def find_tracker(model) -> RNGTracker | None:
 
 
 def _layout(mesh: ParallelMesh) -> dict[str, Any]:
-    return {"tp": mesh.tp_size, "pp": mesh.pp_size, "dp": mesh.dp_size,
-            "vp": mesh.virtual_pipeline, "world": mesh.world_size}
+    """The layout that wrote a checkpoint (RNG states are restored only in the same one); "cp"
+    appears only under context parallelism, so CP-free checkpoints compare as before."""
+    out = {"tp": mesh.tp_size, "pp": mesh.pp_size, "dp": mesh.dp_size,
+           "vp": mesh.virtual_pipeline, "world": mesh.world_size}
+    if mesh.cp_size > 1:
+        out["cp"] = mesh.cp_size
+    return out
 
 
 def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimizer=None,

@@ -53,7 +53,8 @@ class Trainer:
         tokenizer, self.plan = planned or banner.plan_run(cfg, world)
         self.cfg = cfg = self.plan.config
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
-                           recompute_granularity=recompute_spec(cfg.train))
+                           recompute_granularity=recompute_spec(cfg.train),
+                           context_parallel=True)
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
         self._banner_model()
@@ -77,7 +78,8 @@ class Trainer:
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
-        owner = self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+        owner = (self.mesh.is_last_stage and self.mesh.tp_rank == 0 and self.mesh.dp_rank == 0
+                 and self.mesh.cp_rank == 0)
         self.logger = MetricsLogger(owner, cfg.log.metrics_path, cfg.log.tensorboard_dir,
                                     cfg.log.wandb_project, cfg.log.wandb_exp_name, cfg.to_dict(),
                                     wandb_entity=cfg.log.wandb_entity,
@@ -100,8 +102,9 @@ class Trainer:
         total = total_params(self.model_cfg, m.model, m.bert_binary_head)[0]
         on_rank = sum(p.numel() for p in self.model.parameters())
         masked = m.model == "bert" or self.cfg.data.reset_attention_mask
-        backend = resolve_backend(m.attention_backend, self.device.type,
-                                  m.attention_dropout > 0, masked)
+        backend = ("ring (context parallel)" if self.mesh.cp_size > 1 else
+                   resolve_backend(m.attention_backend, self.device.type,
+                                   m.attention_dropout > 0, masked))
         banner.emit(banner.model_lines(total, on_rank, self.device, backend))
 
     # -- checkpoints ------------------------------------------------------------------------

@@ -23,7 +23,10 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def rng_file_name(mesh: ParallelMesh) -> str:
-    return f"rank_{mesh.pp_rank}_{mesh.dp_rank}_{mesh.tp_rank}.pt"
+    """One file per rank; the CP coordinate is named only under context parallelism, so
+    checkpoints of CP-free runs keep their names."""
+    cp = f"{mesh.cp_rank}_" if mesh.cp_size > 1 else ""
+    return f"rank_{mesh.pp_rank}_{mesh.dp_rank}_{cp}{mesh.tp_rank}.pt"
 
 
 def capture(mesh: ParallelMesh, tracker: RNGTracker | None) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ evaluation and generation use it as is, so weights, names and loss normalization
 training run's.
 
 An inference layout is chosen by the command line, not by the checkpoint: checkpoints load under
-any TP/PP, and inference never uses virtual pipeline stages.
+any TP/PP/CP, and inference never uses virtual pipeline stages. Context parallelism is a
+pretraining layout (the training step splits its micro-batches); other programs refuse it.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from megapre.data.tokenizers import Tokenizer, build_tokenizer
+from megapre.errors import ConfigError
 from megapre.model.config import TransformerConfig
 from megapre.parallel import ParallelConfig, ParallelMesh, layout, set_random_seed
 from megapre.parallel.mesh import resolve_device
@@ -44,18 +46,23 @@ class Runtime:
 def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
                   virtual_pipeline: int | None = None,
                   recompute_granularity: str | None = None,
-                  adapter: Callable[[TransformerConfig, ParallelMesh], Any] | None = None
-                  ) -> Runtime:
+                  adapter: Callable[[TransformerConfig, ParallelMesh], Any] | None = None,
+                  context_parallel: bool = False) -> Runtime:
     """Tokenizer (unless given), mesh (joins torchrun's process group) and a freshly initialized
     model in the layout of `cfg` (with `virtual_pipeline` model chunks per pipeline rank).
     `adapter(model_cfg, mesh)` builds another model kind's ModelAdapter (fine-tuning's
-    TaskAdapter); the default is the pretraining model of `cfg.model.model`."""
+    TaskAdapter); the default is the pretraining model of `cfg.model.model`. Only a caller that
+    feeds the training step (`context_parallel=True`) may run --context-parallel-size > 1."""
     p = cfg.parallel
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    if cp != 1 and not (context_parallel and adapter is None):
+        raise ConfigError(f"--context-parallel-size {cp} is for pretraining (megapre-pretrain); "
+                          "run this program with --context-parallel-size 1")
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg.tokenizer_config())
     layout.check_parallel_sizes(tp, pp, virtual_pipeline)
-    layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp)
+    layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
+    layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp, cp)
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
     model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel)
     device = resolve_device(cfg.train.device)
@@ -63,7 +70,8 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
         _deterministic(device)
     mesh = ParallelMesh.init(ParallelConfig(
         tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=virtual_pipeline,
-        sequence_parallel=p.sequence_parallel, timeout_s=p.distributed_timeout_minutes * 60),
+        sequence_parallel=p.sequence_parallel, context_parallel=cp,
+        timeout_s=p.distributed_timeout_minutes * 60),
         device)
     tracker = set_random_seed(cfg.train.seed, mesh)
     # the distributed optimizer reduces gradients itself (no DDP wrapper then)

@@ -13,6 +13,12 @@ Micro-batch fields (the names of megapre.data's samples, batched along dim 0):
           attention_mask [b, 1, s, s] bool, True = masked (optional)
     BERT  text, types, labels (-1 = not predicted), loss_mask, padding_mask (1 = real token)
           [b, s] int; is_random [b] int (sentence-order label)
+
+Under context parallelism every CP rank receives the whole micro-batch (the same as its DP
+peers) and keeps its zig-zag share of the sequence (Megatron's get_batch_on_this_cp_rank):
+GPT's tokens, labels, loss mask and positions [b, s/cp], attention-mask rows [b, 1, s/cp, s];
+BERT's text, types, labels and loss mask [b, s/cp], with the padding mask whole (the keys).
+Every CP rank computes BERT's sentence-order loss of the same samples, so each adds 1/CP of it.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from torch import nn
 from megapre.model.bert import BertModel
 from megapre.model.config import TransformerConfig
 from megapre.model.gpt import GPTModel
+from megapre.parallel.context import split_sequence
 from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec, local_chunks
 from megapre.parallel.random import RNGTracker
@@ -102,6 +109,8 @@ class ModelAdapter:
 
     def loss(self, output, target, norm: Normalizers):
         """This micro-batch's share of the global-batch loss (megapre/train/losses.py)."""
+        if self.kind == "bert" and self.mesh.cp_size > 1:  # see the module doc
+            norm = Normalizers(norm.tokens, norm.samples * self.mesh.cp_size)
         return self._loss_fn(output, target, norm)
 
     def part_names(self) -> set[str]:
@@ -137,20 +146,38 @@ class ModelAdapter:
         mb = {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in mb.items()}
         if self.kind == "gpt":
             _require(mb, ("tokens", "labels", "loss_mask"), "GPT")
+            mb = self._context_share(mb, ("tokens", "labels", "loss_mask", "position_ids"))
             kwargs = {"labels": mb["labels"]}
             for name in ("position_ids", "attention_mask"):
                 if mb.get(name) is not None:
                     kwargs[name] = mb[name]
             return MicroBatch((mb["tokens"],), kwargs, mb["loss_mask"])
         _require(mb, ("text", "types", "labels", "loss_mask", "padding_mask", "is_random"), "BERT")
+        mb = self._context_share(mb, ("text", "types", "labels", "loss_mask"))
         kwargs = {"types": mb["types"], "padding_mask": mb["padding_mask"],
                   "labels": mb["labels"]}
         return MicroBatch((mb["text"],), kwargs, (mb["loss_mask"], mb["is_random"].reshape(-1)))
 
+    def _context_share(self, mb: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """This CP rank's zig-zag share of the fields `names` and of GPT's attention-mask rows
+        (the whole micro-batch without CP)."""
+        cp, rank = self.mesh.cp_size, self.mesh.cp_rank
+        if cp == 1:
+            return mb
+        out = dict(mb)
+        for name in names:
+            if mb.get(name) is not None:
+                out[name] = split_sequence(mb[name], 1, cp, rank)
+        mask = mb.get("attention_mask")
+        if mask is not None and mask.shape[2] > 1:  # rows: our queries; columns: every key
+            out["attention_mask"] = split_sequence(mask, 2, cp, rank)
+        return out
+
     def local_counts(self, mbs: list[MicroBatch]) -> torch.Tensor:
-        """[loss tokens, samples] of this rank's micro-batches (summed over DP by the step)."""
+        """[loss tokens, samples] of this rank's micro-batches (summed over DP x CP by the
+        step; a sample counts once, on CP rank 0, since every CP rank holds a share of it)."""
         tokens = sum(float(self._loss_mask(m).float().sum()) for m in mbs)
-        samples = sum(m.first_args[0].shape[0] for m in mbs)
+        samples = sum(m.first_args[0].shape[0] for m in mbs) if self.mesh.cp_rank == 0 else 0
         return torch.tensor([tokens, float(samples)], dtype=torch.float64)
 
     def _loss_mask(self, mb: MicroBatch) -> torch.Tensor:
@@ -166,7 +193,7 @@ class ModelAdapter:
         """(first chunk input, hidden states between chunks, last chunk output) of one
         micro-batch, as tensors on the meta device (only shapes and dtypes matter)."""
         cfg, mesh = self.cfg, self.mesh
-        s, b = cfg.seq_length, micro_batch
+        s, b = cfg.seq_length // mesh.cp_size, micro_batch  # this CP rank's share
         s_local = s // mesh.tp_size if mesh.sequence_parallel else s
         meta = torch.device("meta")
         ids = torch.empty(b, s, dtype=torch.long, device=meta)

@@ -1,4 +1,4 @@
-"""One optimizer step over a global batch, in any (TP, PP, DP) layout:
+"""One optimizer step over a global batch, in any (TP, CP, PP, DP) layout:
 
     num_microbatches = global_batch / (micro_batch x DP) micro-batches per DP rank
     -> forward + backward of each (pipeline schedule when PP > 1, else gradient accumulation with
@@ -11,8 +11,9 @@ DDP-wrapped: the optimizer reduce-scatters the gradients instead of DDP's all-re
 the norm from the owned slices and all-gathers the updated parameters.
 
 Each micro-batch's loss is its share of the global-batch mean (normalized by the loss-mask count
-of the whole batch over all DP ranks, megapre/train/losses.py), so the gradients and the returned
-loss are exactly those of one process running the whole batch, whatever the layout. The step owns
+of the whole batch over all DP and CP ranks, megapre/train/losses.py; a CP rank counts and sums
+the tokens of its sequence share), so the gradients and the returned loss are exactly those of
+one process running the whole batch, whatever the layout. The step owns
 what the pure losses leave out: the normalizers of each batch, fp16 loss scaling, and the
 per-micro-batch loss parts it sums for logging.
 
@@ -158,8 +159,8 @@ class TrainStep:
         put the chunks in train or eval mode."""
         mbs = self._take(batch_iter)
         counts = self.adapter.local_counts(mbs).to(self.mesh.device)  # nccl: device tensors
-        if group_size(self.mesh.dp_group) > 1:
-            dist.all_reduce(counts, group=self.mesh.dp_group)
+        if group_size(self.mesh.dp_cp_group) > 1:
+            dist.all_reduce(counts, group=self.mesh.dp_cp_group)
         self._norm = self.adapter.normalizers(counts)
         self._scale = self.loss_scaler.scale if (train and self.loss_scaler is not None) else 1.0
         self._parts = []
@@ -186,6 +187,7 @@ class TrainStep:
                     "or add data)") from None
             split = self.adapter.split(mb)
             b, s = split.first_args[0].shape[:2]
+            s *= self.mesh.cp_size  # the split kept this CP rank's share of the sequence
             if b != self.config.micro_batch_size:
                 raise ValueError(f"micro-batch {i} has {b} samples, expected "
                                  f"--micro-batch-size {self.config.micro_batch_size}")
@@ -206,14 +208,14 @@ class TrainStep:
                 self._loss(out, mb.target).backward()
 
     def _reduce_loss(self, parts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
-        """Sum this rank's loss shares over DP, then hand the last stage's value to every
+        """Sum this rank's loss shares over DP x CP, then hand the last stage's value to every
         pipeline rank (others contribute zeros)."""
         names = sorted(self._expected_parts())  # same list on every rank
         dev = self.mesh.device
         vec = torch.stack([parts[n].to(dev, torch.float64) if n in parts
                            else torch.zeros((), dtype=torch.float64, device=dev) for n in names])
-        if self.mesh.is_last_stage and group_size(self.mesh.dp_group) > 1:
-            dist.all_reduce(vec, group=self.mesh.dp_group)
+        if self.mesh.is_last_stage and group_size(self.mesh.dp_cp_group) > 1:
+            dist.all_reduce(vec, group=self.mesh.dp_cp_group)
         if group_size(self.mesh.pp_group) > 1:
             if not self.mesh.is_last_stage:
                 vec.zero_()

@@ -87,7 +87,15 @@ def test_init_from_torchrun_environment():
 def test_rank_grid_formula():
     grid = rank_grid(16, tensor_parallel=2, pipeline_parallel=4)
     for r in range(16):
-        assert grid[r // 4, (r // 2) % 2, r % 2] == r
+        assert grid[r // 4, (r // 2) % 2, 0, r % 2] == r
+
+
+def test_rank_grid_formula_with_context_parallel():
+    """Megatron's order with CP: tp innermost, then cp, then dp, then pp."""
+    grid = rank_grid(32, tensor_parallel=2, pipeline_parallel=2, context_parallel=4)
+    assert grid.shape == (2, 2, 4, 2)  # (pp, dp, cp, tp)
+    for r in range(32):
+        assert grid[r // 16, (r // 8) % 2, (r // 2) % 4, r % 2] == r
 
 
 def test_single_process_mesh_has_unit_sizes():

@@ -173,16 +173,23 @@ LAYER_CASES = {
 }
 
 
-def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None) -> int:
-    """Bytes of the distinct storages autograd saves for one layer's backward (no weights)."""
+def _saved_bytes(cfg: TransformerConfig, b: int, dtype, recompute: str | None,
+                 ring: bool = False) -> int:
+    """Bytes of the distinct storages autograd saves for one layer's backward (no weights);
+    `ring`: attention as context parallelism's ring (a ring of one saves what a rank of a
+    longer ring saves for its share of the sequence)."""
     import torch
 
     from megapre.model.transformer import TransformerStack
+    from megapre.parallel.context import ContextGroup
     from megapre.parallel.mesh import ParallelMesh
     from megapre.model.rope import rope_frequencies
 
     stack = TransformerStack(cfg, ParallelMesh.single(device="cpu"), 0, 1, 1, None, recompute,
                              prefix="decoder")
+    if ring:
+        for layer in stack.layers.values():
+            layer.attention.core.context = ContextGroup.single()
     stack.train()
     params = {p.untyped_storage().data_ptr() for p in stack.parameters()}
     seen: dict[int, int] = {}
@@ -222,6 +229,44 @@ def test_layer_activation_formula_matches_autograd(name, half):
         # selective: the recompute keeps the core's inputs and output, not the s^2 terms
         assert layer_activation_bytes(cfg, sh, selective=True) == \
             _saved_bytes(cfg, 2, dtype, "selective")
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("name", ["gelu-nodropout", "swiglu-gqa-rms", "rope-mha"])
+def test_ring_attention_layer_formula_matches_autograd(name, half):
+    """Context parallelism's layer: what the ring attention saves (inputs, log-sum-exp, its
+    output shared with the context) for this rank's share of the sequence."""
+    import torch
+
+    from megapre.launch.memory import _Shape, layer_activation_bytes
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, vocab_size=256,
+                            seq_length=32, max_position_embeddings=32, **LAYER_CASES[name])
+    e = 2 if half else 4
+    sh = _Shape(32, 2, 1, False, e, e, 4 if cfg.add_bias_linear else e)  # 32 local tokens
+    dtype = torch.bfloat16 if half else None
+    assert layer_activation_bytes(cfg, sh, cp=2) == _saved_bytes(cfg, 2, dtype, None, ring=True)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_context_parallel_divides_activations(cp, capsys):
+    """Each CP rank holds 1/CP of every sequence: the activation terms (all recompute modes)
+    are exactly 1/CP of the CP-free run's (multi-head attention, where the ring keeps what
+    sdpa keeps); weights and optimizer state are replicated, unchanged."""
+    flags = BASE + ["--attention-dropout", "0", "--vocab-size", "1000"]
+    one = estimate(parse_config(flags), 2, 1000).stages[0]
+    est = estimate(parse_config(flags + ["--context-parallel-size", str(cp)]), 2 * cp, 1000)
+    st = est.stages[0]
+    assert est.cp == cp and est.attention_backend == "ring" and est.dp == 2
+    for name in ("activations", "activations_full_recompute", "activations_selective_recompute",
+                 "activations_per_microbatch"):
+        assert getattr(st, name) * cp == getattr(one, name), name
+    assert (st.weights, st.grads, st.optimizer) == (one.weights, one.grads, one.optimizer)
+    assert main(flags + ["--context-parallel-size", str(cp), "--world-size", str(2 * cp)]) == 0
+    assert f"TP 1 x CP {cp} x PP 1 x DP 2" in capsys.readouterr().out
+    assert main(flags + ["--context-parallel-size", "3", "--world-size", "6"]) == 2
+    assert "--context-parallel-size 3 needs --seq-length 32 divisible by 2 x 3" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra", [[], ["--hidden-dropout", "0"], ["--model", "bert"],
