@@ -50,7 +50,10 @@ def megatron_argv(data: dict, path: Path, env: dict[str, str] | None = None) -> 
     """(command-line words of MODEL_ARGS, notes). A value with spaces stays one word, as the
     harness quotes it; list flags split it (see flags.parse_config)."""
     env = dict(os.environ) if env is None else env
-    args = data.get("MODEL_ARGS") or {}
+    args = data.get("MODEL_ARGS")
+    if not args:
+        raise ConfigError(f"--config {path}: its MODEL_ARGS section is empty: the file describes "
+                          "no training run")
     if not isinstance(args, dict):
         raise ConfigError(f"--config {path}: MODEL_ARGS must be a mapping of flags to values")
     words: list[str] = []

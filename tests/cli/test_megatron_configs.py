@@ -22,7 +22,7 @@ ENV = {name: f"/data/{name.lower()}" for name in (
 ENV.update(DATA_BLEND="0.5 /data/a_text_document 0.5 /data/b_text_document", REPEAT="1")
 # Where the test fixtures stand today: refusals name features megapre lacks (see the table in
 # megapre/cli/megatron_flags.py); raise this as features land, never lower it.
-MIN_ACCEPTED = 68
+MIN_ACCEPTED = 115
 
 
 def _model_args(path: Path) -> dict:
@@ -64,6 +64,10 @@ def test_every_config_parses_or_is_refused_by_name(monkeypatch):
             accepted.append(path.stem)
             continue
         flag = message.split(":")[0].split()[0]
+        if flag == "--config":  # one inference case of the suite has no MODEL_ARGS at all
+            assert "MODEL_ARGS section is empty" in message and not _model_args(path), message
+            refused[path.stem] = message
+            continue
         assert flag in _model_args(path), f"{path.name}: refusal names {flag!r}: {message}"
         known = megatron_flags.refused_reason(flag) is not None or flag in megatron_flags.NOOPS
         assert known, f"{path.name}: {message}"
