@@ -160,10 +160,8 @@ REFUSED: dict[str, str] = {
     "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
     "--decoder-first-pipeline-num-layers": "uneven pipeline splits are not supported",
     "--decoder-last-pipeline-num-layers": "uneven pipeline splits are not supported",
-    "--step-batch-size-schedule": "batch-size schedules are not supported yet (give a fixed "
-                                  "--global-batch-size)",
-    "--rampup-batch-size": "batch-size ramp-up is not supported yet (give a fixed "
-                           "--global-batch-size)",
+    "--rampup-batch-size": "batch-size ramp-up is not supported (Megatron deprecated it: use "
+                           "--step-batch-size-schedule)",
     "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
                                 "uses --global-batch-size)",
     "--qk-layernorm": "query/key layer norm is not supported",

@@ -106,6 +106,9 @@ class TrainArgs:
     train_iters: int | None = _f(None, "optimizer steps (default 1000 unless --train-samples)")
     train_samples: int | None = _f(None, "samples to train on instead of --train-iters "
                                    "(iterations = samples / --global-batch-size)")
+    step_batch_size_schedule: list[str] = _f(
+        [], "global batch size by tokens consumed, TOKENS:BATCH ... from 0 (e.g. 0:16 2.4B:320 "
+        "12B:1536; K/M/B/T suffixes; quoted or not); the last is the run's --global-batch-size")
     seed: int = _f(1234, "random seed")
     clip_grad: float = _f(1.0, "clip the global grad norm to this (0 = off)")
     bf16: bool = _f(False, "bf16 autocast, fp32 master weights")
@@ -372,11 +375,16 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError(f"--pipeline-schedule interleaved needs {layout.VIRTUAL_FLAG}")
     layout.check_positive("--micro-batch-size", t.micro_batch_size)
     gbs = t.global_batch_size if t.global_batch_size is not None else t.micro_batch_size * dp
+    schedule_sizes = []
+    if t.step_batch_size_schedule:
+        gbs, schedule_sizes = _batch_schedule(cfg, dp)
     train_iters = _train_iters(cfg, gbs)
     num_mb = layout.num_microbatches(t.micro_batch_size, gbs, dp)
     schedule = layout.resolve_schedule(p.pipeline_schedule if pp > 1 else None, pp, vp)
     if schedule is not None:
-        layout.check_schedule(schedule, pp, vp, num_mb)
+        for size in sorted({gbs, *schedule_sizes}):
+            layout.check_schedule(schedule, pp, vp, layout.num_microbatches(
+                t.micro_batch_size, size, dp))
     if t.bf16 and t.fp16:
         raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
     _check_counts(cfg)
@@ -457,6 +465,28 @@ def _check_mock_data(cfg: PretrainConfig) -> None:
     if d.data_path or d.train_data_path or d.valid_data_path or d.test_data_path:
         raise ConfigError("--mock-data replaces the data: drop --data-path / "
                           "--train-data-path, or drop --mock-data")
+
+
+def batch_schedule(cfg: PretrainConfig):
+    """The run's --step-batch-size-schedule (megapre.train.batch_schedule), or None."""
+    from .batch_schedule import BatchSchedule
+
+    words = cfg.train.step_batch_size_schedule
+    return BatchSchedule.parse(" ".join(words), cfg.model.seq_length) if words else None
+
+
+def _batch_schedule(cfg: PretrainConfig, dp: int) -> tuple[int, list[int]]:
+    """(nominal global batch, every size of the schedule), checked against the layout. Megatron
+    refuses --global-batch-size beside a schedule; megapre accepts it when it equals the last
+    size (Megatron's own GPT-3 example passes both)."""
+    t = cfg.train
+    schedule = batch_schedule(cfg)
+    schedule.check(t.micro_batch_size, dp)
+    if t.global_batch_size is not None and t.global_batch_size != schedule.final:
+        raise ConfigError(f"--global-batch-size {t.global_batch_size} differs from the last size of "
+                          f"--step-batch-size-schedule ({schedule.final}); drop one or make them "
+                          "agree")
+    return schedule.final, [bs for _, bs in schedule.steps]
 
 
 def _check_gqa(m: ModelArgs) -> None:

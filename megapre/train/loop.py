@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megapre.parallel.param_stats import global_param_norm, global_zeros_in_grad
 
 from . import banner
-from .args import PretrainConfig, RunPlan, decoupled_bounds, recompute_spec
+from .args import PretrainConfig, RunPlan, batch_schedule, decoupled_bounds, recompute_spec
 from .data import batches, build_splits
 from .gc_control import ManualGC
 from .loss_scale import DynamicLossScaler
@@ -40,6 +40,7 @@ class TrainState:
     iteration: int = 0
     consumed_samples: int = 0
     skipped_total: int = 0
+    skipped_samples: int = 0  # samples of skipped steps: they do not advance the lr schedule
     skipped_in_a_row: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -75,6 +76,7 @@ class Trainer:
         self.state = TrainState()
         t = cfg.train
         self.gc = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
+        self.batches = batch_schedule(cfg)  # --step-batch-size-schedule, or None
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
@@ -157,6 +159,8 @@ class Trainer:
             self.state.consumed_samples = int(info["consumed_samples"])
             extra = info.get("extra", {}) or {}
             self.state.skipped_total = int(extra.get("skipped_total", 0))
+            self.state.skipped_samples = int(extra.get(
+                "skipped_samples", self.state.skipped_total * self.cfg.train.global_batch_size))
             if self.loss_scaler is not None and extra.get("loss_scaler"):
                 self.loss_scaler.load_state_dict(extra["loss_scaler"])
             self._resume_schedule(extra.get("lr_schedule"))
@@ -202,6 +206,7 @@ class Trainer:
                         consumed_samples=self.state.consumed_samples,
                         config=self.cfg.to_dict(), tracker=self.tracker,
                         extra={"skipped_total": self.state.skipped_total,
+                               "skipped_samples": self.state.skipped_samples,
                                "loss_scaler": (self.loss_scaler.state_dict()
                                                if self.loss_scaler is not None else None),
                                "lr_schedule": schedule_state(self.schedule)},
@@ -222,20 +227,22 @@ class Trainer:
         window = _Window()
         exit_reason = "finished"
         while st.iteration < t.train_iters:
-            # As megatron-core's scheduler, which only steps on successful updates: skipped
-            # steps (fp16 overflow, NaN) do not advance the learning-rate schedule
-            done = st.iteration - st.skipped_total
+            # As megatron-core's scheduler, which counts samples and only steps on successful
+            # updates: skipped steps (fp16 overflow, NaN) do not advance the lr schedule
+            done = (st.consumed_samples - st.skipped_samples) / t.global_batch_size
             lr = self.schedule(done)
             set_lr(self.optimizer, lr, self.schedule, done)
             t0 = time.perf_counter()
             scale_before = self.loss_scaler.scale if self.loss_scaler is not None else None
+            batch = self.batches.at(st.consumed_samples) if self.batches else t.global_batch_size
+            self.step.set_global_batch_size(batch)
             with self._autocast():
                 result = self.step(data)
             st.iteration += 1
-            st.consumed_samples += t.global_batch_size
-            self._account_skip(result.skipped, scale_before)
+            st.consumed_samples += batch
+            self._account_skip(result.skipped, scale_before, batch)
             self.gc.after_step(st.iteration)
-            window.add(result, time.perf_counter() - t0, t.global_batch_size * cfg.model.seq_length)
+            window.add(result, time.perf_counter() - t0, batch * cfg.model.seq_length)
             summary["train_loss"] = result.loss
             if st.iteration % cfg.log.log_interval == 0 or st.iteration == t.train_iters:
                 self._log_train(window.take(), lr)
@@ -286,7 +293,8 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.float16)
         return contextlib.nullcontext()
 
-    def _account_skip(self, skipped: bool, scale_before: float | None = None) -> None:
+    def _account_skip(self, skipped: bool, scale_before: float | None = None,
+                      samples: int = 0) -> None:
         """Count a skipped step; too many in a row stop the run. An fp16 overflow that made the
         loss scaler back off is the scaler finding its level (from Megatron's 2^32 that takes
         a few dozen steps), not divergence: it is reported but not counted."""
@@ -295,11 +303,13 @@ class Trainer:
         if skipped and scaler is not None and scale_before is not None \
                 and scaler.scale < scale_before:
             st.skipped_total += 1
+            st.skipped_samples += samples
             self._print(f"iteration {st.iteration}: fp16 gradients overflowed at loss scale "
                         f"{scale_before:g}; step skipped, scale now {scaler.scale:g}")
             return
         if skipped:
             st.skipped_total += 1
+            st.skipped_samples += samples
             st.skipped_in_a_row += 1
             self._print(f"iteration {st.iteration}: loss or gradients not finite; step skipped "
                         f"({st.skipped_in_a_row} in a row)")

@@ -81,12 +81,27 @@ class TrainStep:
         self._scale = 1.0
         self._parts: list[Parts] = []
         self.pipeline: PipelineRunner | None = None
-        schedule = resolve_schedule(config.pipeline_schedule, mesh.pp_size, mesh.virtual_pipeline)
-        if schedule is not None:
-            first, hidden, last = self.adapter.examples(config.micro_batch_size)
-            self.pipeline = PipelineRunner(list(model.chunks), model.specs, mesh, schedule,
-                                           self.num_microbatches, self._loss,
-                                           first, hidden, last)
+        self._pipelines: dict[int, PipelineRunner] = {}
+        self._schedule = resolve_schedule(config.pipeline_schedule, mesh.pp_size,
+                                          mesh.virtual_pipeline)
+        self.pipeline = self._pipeline(self.num_microbatches)
+
+    def _pipeline(self, num_microbatches: int) -> PipelineRunner | None:
+        """The pipeline schedule for this many micro-batches (one per count, built once)."""
+        if self._schedule is None:
+            return None
+        if num_microbatches not in self._pipelines:
+            first, hidden, last = self.adapter.examples(self.config.micro_batch_size)
+            self._pipelines[num_microbatches] = PipelineRunner(
+                list(self.model.chunks), self.model.specs, self.mesh, self._schedule,
+                num_microbatches, self._loss, first, hidden, last)
+        return self._pipelines[num_microbatches]
+
+    def set_global_batch_size(self, global_batch_size: int) -> None:
+        """The next steps' global batch (--step-batch-size-schedule changes it mid-run)."""
+        self.num_microbatches = num_microbatches(self.config.micro_batch_size, global_batch_size,
+                                                 self.mesh.dp_size)
+        self.pipeline = self._pipeline(self.num_microbatches)
 
     def _loss(self, output, target) -> torch.Tensor:
         """One micro-batch's loss share, recorded for logging and scaled for backward."""
