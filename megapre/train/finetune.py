@@ -156,7 +156,7 @@ class Finetuner:
         self.train_iters = t.train_iters or cfg.task.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps,
-                                         ShardingArgs.of(cfg.parallel))
+                                         sharding=ShardingArgs.of(cfg.parallel))
         self.schedule = schedule_from_args(o, self.train_iters)
         self.step = TrainStep(self.model, self.optimizer,
                               StepConfig(t.micro_batch_size, t.global_batch_size, t.clip_grad,

@@ -57,7 +57,7 @@ class ShardingArgs:
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
-                    eps: float = 1e-8, decoupled: tuple[float, float] | None = None,
+                    eps: float = 1e-8, *, decoupled: tuple[float, float] | None = None,
                     sharding: ShardingArgs | None = None):
     """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
     pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
