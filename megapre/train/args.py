@@ -116,6 +116,10 @@ class TrainArgs:
     initial_loss_scale: float = _f(2.0 ** 32, "fp16: starting loss scale (default 2^32, as "
                                    "Megatron)")
     loss_scale_window: int = _f(1000, "fp16: steps without overflow before the scale doubles")
+    loss_scale: float | None = _f(None, "fp16: a fixed loss scale instead of dynamic scaling")
+    min_loss_scale: float = _f(1.0, "fp16: the dynamic scale never goes below this")
+    hysteresis: int = _f(2, "fp16: overflows before the first halving of the scale (refilled "
+                         "when the scale grows; Megatron's default 2)")
     max_skipped_iters: int = _f(20, "stop after this many consecutive NaN/inf steps")
     recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))
     recompute_method: str | None = _f(None, "full recompute: uniform (checkpoint groups of "
@@ -526,7 +530,8 @@ def _check_counts(cfg: PretrainConfig) -> None:
                       ("exit_interval", 1), ("max_skipped_iters", 0), ("loss_scale_window", 1),
                       ("clip_grad", 0)):
         _at_least(name, getattr(t, name), low)
-    for name in ("exit_duration_in_mins", "initial_loss_scale"):
+    _at_least("hysteresis", t.hysteresis, 1)
+    for name in ("exit_duration_in_mins", "initial_loss_scale", "loss_scale", "min_loss_scale"):
         _at_least(name, getattr(t, name), 0, strict=True)
     _at_least("log_interval", cfg.log.log_interval, 1)
     _at_least("distributed_timeout_minutes", cfg.parallel.distributed_timeout_minutes, 0, strict=True)

@@ -68,9 +68,7 @@ class Trainer:
                                            cfg.train.train_samples is not None)
         step_cfg = StepConfig(cfg.train.micro_batch_size, cfg.train.global_batch_size,
                               cfg.train.clip_grad, self.plan.pipeline_schedule)
-        self.loss_scaler = (DynamicLossScaler(cfg.train.initial_loss_scale,
-                                              cfg.train.loss_scale_window)
-                            if cfg.train.fp16 else None)
+        self.loss_scaler = _loss_scaler(cfg.train)
         self.step = TrainStep(self.model, self.optimizer, step_cfg, loss_scaler=self.loss_scaler)
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
         self.state = TrainState()
@@ -301,11 +299,12 @@ class Trainer:
         st = self.state
         scaler = self.loss_scaler
         if skipped and scaler is not None and scale_before is not None \
-                and scaler.scale < scale_before:
+                and scale_before > scaler.min_scale:
             st.skipped_total += 1
             st.skipped_samples += samples
             self._print(f"iteration {st.iteration}: fp16 gradients overflowed at loss scale "
                         f"{scale_before:g}; step skipped, scale now {scaler.scale:g}")
+            st.skipped_in_a_row = 0
             return
         if skipped:
             st.skipped_total += 1
@@ -426,3 +425,13 @@ class _Window:
         self.steps, self.seconds, self.tokens, self.loss_sum, self.counted = 0, 0.0, 0, 0.0, 0
         self.parts, self.grad_norm = {}, float("nan")
         return out
+
+
+def _loss_scaler(t) -> DynamicLossScaler | None:
+    """fp16's loss scaler from Megatron's flags (None without --fp16)."""
+    if not t.fp16:
+        return None
+    if t.loss_scale is not None:
+        return DynamicLossScaler.static(t.loss_scale)
+    return DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window,
+                             min_scale=t.min_loss_scale, hysteresis=t.hysteresis)

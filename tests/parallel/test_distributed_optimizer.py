@@ -123,3 +123,23 @@ def test_distributed_optimizer_matches_single_process(layout, kinds, reference):
             expect = estimated_optimizer_bytes(kind, layout, stage, True)
             assert abs(sharded["state_bytes"] - expect) <= 0.10 * expect, (rank, sharded, expect)
             assert sharded["state_bytes"] <= full["state_bytes"] / layout.dp + 8 * layout.dp
+
+
+def _context_worker(rank: int, world: int) -> dict:
+    mesh = ParallelMesh.init(ParallelConfig(context_parallel=2), device="cpu")
+    return {name: run_variant("gpt", mesh, sharding) for name, sharding in VARIANTS.items()}
+
+
+@pytest.mark.slow
+def test_context_parallel_shards_over_dp_x_cp():
+    """CP2 x DP2: parameters are replicated over DP and CP, so the distributed optimizer
+    reduce-scatters gradients and shards AdamW over the 4 ranks of DP x CP, as Megatron does;
+    losses and norms equal one process."""
+    preload_worker_modules()
+    ref = run_variant("gpt", ParallelMesh.single(device="cpu"), ShardingArgs())
+    for got in run_distributed(_context_worker, 4, timeout_s=300):
+        for name in VARIANTS:
+            for (loss, norm), (rl, rn) in zip(got[name]["losses"], ref["losses"]):
+                assert loss == pytest.approx(rl, rel=RTOL), name
+                assert norm == pytest.approx(rn, rel=RTOL, abs=1e-12), name
+        assert got["distopt"]["state_bytes"] < ref["state_bytes"] / 3  # about a quarter each

@@ -28,6 +28,26 @@ def test_scaler_schedule():
     assert tiny.scale == 1.0  # never below min_scale
 
 
+def test_hysteresis_and_static_scale_as_megatron():
+    """megatron-core's DynamicGradScaler with hysteresis 2: the first overflow only spends the
+    hysteresis, later ones halve the scale until a growth refills it; --loss-scale is fixed."""
+    s = DynamicLossScaler(scale=2.0 ** 32, growth_interval=2, hysteresis=2)
+    s.update(overflow=True)
+    assert s.scale == 2.0 ** 32
+    s.update(overflow=True)
+    s.update(overflow=True)
+    assert s.scale == 2.0 ** 30
+    s.update(overflow=False)
+    s.update(overflow=False)  # growth: doubles and refills the hysteresis
+    assert s.scale == 2.0 ** 31
+    s.update(overflow=True)
+    assert s.scale == 2.0 ** 31
+    fixed = DynamicLossScaler.static(512.0)
+    for overflow in (True, False, False, True):
+        fixed.update(overflow)
+    assert fixed.scale == 512.0
+
+
 def _step(scaler):
     mesh = ParallelMesh.single(device="cpu")
     model = ParallelModel.build("gpt", model_config(), mesh, seed=5)
