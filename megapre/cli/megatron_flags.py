@@ -164,11 +164,6 @@ REFUSED: dict[str, str] = {
                            "--step-batch-size-schedule)",
     "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
                                 "uses --global-batch-size)",
-    "--qk-layernorm": "query/key layer norm is not supported",
-    "--apply-wd-to-qk-layernorm": "query/key layer norm is not supported",
-    "--squared-relu": "the squared-ReLU MLP is not supported (GELU or --swiglu)",
-    "--rotary-interleaved": "interleaved RoPE is not supported (megapre rotates halves, "
-                            "Megatron's default)",
     "--num-experts-per-token": _MOE,
     "--save-retain-interval": "retained-checkpoint intervals are not supported (use --keep-last)",
 }

@@ -15,7 +15,7 @@ import torch
 
 from megapre.model.gpt import GPTModel
 from megapre.model.lm_head import parallel_logits
-from megapre.model.rope import apply_rope, rope_frequencies
+from megapre.model.rope import rope_frequencies
 from megapre.model.transformer import TransformerLayer
 
 
@@ -38,13 +38,7 @@ def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
                 rope: torch.Tensor | None) -> torch.Tensor:
     """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]."""
     att = layer.attention
-    qkv = att.qkv(layer.norm1(x))
-    s, b = qkv.shape[:2]
-    qkv = qkv.view(s, b, att.groups, att.q_per_group + 2, att.head_dim)
-    q = qkv[:, :, :, : att.q_per_group].reshape(s, b, att.groups * att.q_per_group, att.head_dim)
-    k, v = qkv[:, :, :, att.q_per_group], qkv[:, :, :, att.q_per_group + 1]
-    if rope is not None:
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+    q, k, v = att.heads(layer.norm1(x), rope)
     k, v = cache.extend(layer.layer_number, k, v)
     a = att.proj(att.core(q, k, v, None, causal=True))
     normed, h = layer.norm2(a, residual=x)
@@ -69,7 +63,7 @@ def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None =
     rope = None
     if model.rope_dim is not None:
         rope = rope_frequencies(torch.arange(start, start + s, device=x.device), model.rope_dim,
-                                model.cfg.rotary_base)
+                                model.cfg.rotary_base, model.cfg.rotary_interleaved)
     for layer in model.decoder.layers.values():
         x = _layer_step(layer, x, cache, rope)
     if not model.stage.is_last:

@@ -14,7 +14,7 @@ from megapre.errors import ConfigError
 from megapre.parallel.layout import check_model_split
 
 NORMS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu")
+ACTIVATIONS = ("gelu", "swiglu", "squared_relu")
 POSITIONS = ("learned_absolute", "rope", "none")
 def swiglu_ffn_hidden_size(hidden_size: int) -> int:
     """Megatron's default SwiGLU width: int((4 * h * 2 / 3) / 64) * 64."""
@@ -47,6 +47,8 @@ class TransformerConfig:
     seq_length: int = 1024
     normalization: str = "LayerNorm"
     layernorm_epsilon: float = 1e-5
+    rotary_interleaved: bool = False  # RoPE rotates adjacent channel pairs (--rotary-interleaved)
+    qk_layernorm: bool = False  # norm over head_dim on queries and keys (--qk-layernorm)
     layernorm_zero_centered_gamma: bool = False  # norm weights stored as gamma - 1 (--apply-layernorm-1p)
     activation: str = "gelu"
     position_embedding_type: str = "learned_absolute"

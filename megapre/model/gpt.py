@@ -89,9 +89,10 @@ class GPTModel(nn.Module):
             return None
         if position_ids is None:
             return rope_frequencies(self._positions(s, device), self.rope_dim,
-                                    self.cfg.rotary_base)
+                                    self.cfg.rotary_base, self.cfg.rotary_interleaved)
         pos = position_ids.t()  # [s, b]
-        ang = rope_frequencies(pos.reshape(-1), self.rope_dim, self.cfg.rotary_base)
+        ang = rope_frequencies(pos.reshape(-1), self.rope_dim, self.cfg.rotary_base,
+                               self.cfg.rotary_interleaved)
         return ang.view(*pos.shape, -1)
 
     def forward(self, input_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,

@@ -46,6 +46,16 @@ def make_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
     return norm
 
 
+def _head_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
+    """The norm layer over one head's channels (--qk-layernorm), replicated over TP."""
+    kind = ops.RMSNorm if cfg.normalization == "RMSNorm" else ops.LayerNorm
+    norm = kind(cfg.head_dim, eps=cfg.layernorm_epsilon, device=mesh.device,
+                zero_centered_gamma=cfg.layernorm_zero_centered_gamma)
+    for p in norm.parameters():
+        p.tp_partial_grad = mesh.tp_size > 1
+    return norm
+
+
 class Dropout(nn.Module):
     """Dropout on the residual stream. When the stream is sequence-sharded the ranks hold
     different tokens, so the mask comes from the tracker's per-TP-rank stream (as Megatron)."""
@@ -91,9 +101,17 @@ class SelfAttention(nn.Module):
                                     init.scaled_std(std, cfg.num_layers)))
         self.recompute_core = False
         self.tracker = tracker
+        self.rotary_interleaved = cfg.rotary_interleaved
+        # Megatron's --qk-layernorm: one norm over head_dim for all query heads, one for all key
+        # heads; each TP rank sees only its heads, so their grads are partial sums over TP
+        self.q_norm = self.k_norm = None
+        if cfg.qk_layernorm:
+            self.q_norm, self.k_norm = _head_norm(cfg, mesh), _head_norm(cfg, mesh)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, causal: bool,
-                rope: torch.Tensor | None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, rope: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [s, b, heads, d], k and v [s, b, groups, d] of this rank's heads: projected, normed
+        (--qk-layernorm) and rotated (RoPE). Shared by training and the KV-cache decoder."""
         qkv = self.qkv(x)
         s, b = qkv.shape[:2]
         qkv = qkv.view(s, b, self.groups, self.q_per_group + 2, self.head_dim)
@@ -102,8 +120,16 @@ class SelfAttention(nn.Module):
         q, k, v = torch.split(qkv, [self.q_per_group, 1, 1], dim=3)
         q = q.reshape(s, b, self.groups * self.q_per_group, self.head_dim)
         k, v = k.squeeze(3), v.squeeze(3)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+            q = apply_rope(q, rope, self.rotary_interleaved)
+            k = apply_rope(k, rope, self.rotary_interleaved)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, *, causal: bool,
+                rope: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = self.heads(x, rope)
         if self.recompute_core:  # selective recompute: the s^2 activations are cheap to redo
             ctx = recompute(self.core, q, k, v, mask, causal=causal, tracker=self.tracker)
         else:
@@ -112,7 +138,7 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """fc2(act(fc1(x))); SwiGLU adds a gate projection: fc2(silu(gate(x)) * fc1(x)). Gate and
+    """fc2(act(fc1(x))), act GELU or ReLU^2; SwiGLU adds a gate projection: fc2(silu(gate(x)) * fc1(x)). Gate and
     fc1 are separate column-parallel layers so each TP rank's slices of both line up for any TP."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, prefix: str, seed: int) -> None:
@@ -120,8 +146,9 @@ class MLP(nn.Module):
         std = cfg.init_method_std
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
         self.swiglu = cfg.activation == "swiglu"
+        self.squared_relu = cfg.activation == "squared_relu"
         # GELU MLP: the fused kernel adds fc1's bias and applies GELU in one pass
-        self.fused_gelu = not self.swiglu and cfg.bias_activation_fusion
+        self.fused_gelu = cfg.activation == "gelu" and cfg.bias_activation_fusion
         self.fc1 = ColumnParallelLinear(h, f, mesh, bias=cfg.add_bias_linear,
                                         init_method=init.normal(seed, f"{prefix}.fc1.weight", std),
                                         skip_bias_add=self.fused_gelu)
@@ -136,6 +163,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return self.fc2(F.silu(self.gate(x)) * self.fc1(x))
+        if self.squared_relu:  # Megatron's --squared-relu (Primer)
+            return self.fc2(F.relu(self.fc1(x)).square())
         if self.fused_gelu:
             return self.fc2(ops.bias_gelu(self.fc1(x), self.fc1.bias))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))

@@ -48,10 +48,15 @@ class ModelArgs:
                                   "decay pulls gamma towards 1 (Megatron's flag; LayerNorm and "
                                   "RMSNorm)")
     swiglu: bool = _f(False, "SwiGLU MLP instead of GELU")
+    squared_relu: bool = _f(False, "ReLU^2 MLP instead of GELU (Megatron's --squared-relu)")
+    qk_layernorm: bool = _f(False, "norm (--normalization) over each head's channels of queries "
+                            "and keys before RoPE")
     position_embedding_type: str = _f("learned_absolute", "position encoding",
                                       choices=("learned_absolute", "rope", "none"))
     rotary_base: float = _f(10000.0, "RoPE base")
     rotary_percent: float = _f(1.0, "fraction of each head's dims that RoPE rotates")
+    rotary_interleaved: bool = _f(False, "RoPE rotates adjacent channel pairs (2i, 2i+1) instead "
+                                  "of the two halves")
     disable_bias_linear: bool = _f(False, "no biases in the linear layers")
     untie_embeddings_and_output_weights: bool = _f(False, "separate output layer (GPT only)")
     hidden_dropout: float = _f(0.1, "dropout on the residual stream")
@@ -161,6 +166,7 @@ class OptimArgs:
                                     "own schedule of the same shape; Megatron's flag)")
     decoupled_min_lr: float | None = _f(None, "final lr of --decoupled-lr (default --min-lr)")
     weight_decay: float = _f(0.01, "AdamW weight decay (not on biases and norms)")
+    apply_wd_to_qk_layernorm: bool = _f(False, "weight decay on the --qk-layernorm weights too")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
     adam_eps: float = _f(1e-8, "AdamW epsilon")
@@ -245,7 +251,8 @@ class PretrainConfig:
             max_position_embeddings=m.max_position_embeddings or m.seq_length,
             seq_length=m.seq_length, normalization=m.normalization,
             layernorm_epsilon=m.norm_epsilon, layernorm_zero_centered_gamma=m.apply_layernorm_1p,
-            activation="swiglu" if m.swiglu else "gelu",
+            activation="swiglu" if m.swiglu else ("squared_relu" if m.squared_relu else "gelu"),
+            rotary_interleaved=m.rotary_interleaved, qk_layernorm=m.qk_layernorm,
             position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
             untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
@@ -373,6 +380,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     check_distributed_optimizer(p)
     vp = _virtual_stages(cfg)
     _check_gqa(cfg.model)
+    _check_activation(cfg.model)
     _check_recompute(cfg.train)
     cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
     if p.pipeline_schedule == "interleaved" and vp is None:
@@ -491,6 +499,11 @@ def _batch_schedule(cfg: PretrainConfig, dp: int) -> tuple[int, list[int]]:
                           f"--step-batch-size-schedule ({schedule.final}); drop one or make them "
                           "agree")
     return schedule.final, [bs for _, bs in schedule.steps]
+
+
+def _check_activation(m: ModelArgs) -> None:
+    if m.swiglu and m.squared_relu:
+        raise ConfigError("--swiglu and --squared-relu exclude each other; give one")
 
 
 def _check_gqa(m: ModelArgs) -> None:

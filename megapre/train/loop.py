@@ -63,6 +63,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, o.lr, o.weight_decay,
                                          (o.adam_beta1, o.adam_beta2), o.adam_eps,
                                          decoupled=decoupled_bounds(o),
+                                         decay_qk_norm=o.apply_wd_to_qk_layernorm,
                                          sharding=ShardingArgs.of(cfg.parallel))
         self.schedule = schedule_from_args(o, cfg.train.train_iters, cfg.train.global_batch_size,
                                            cfg.train.train_samples is not None)

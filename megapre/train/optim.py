@@ -16,18 +16,23 @@ from torch import nn
 
 # Megatron's "embedding or output" parameters, which --decoupled-lr gives their own lr.
 EMBEDDING_OR_OUTPUT = ("embedding.word.weight", "output_layer.weight", "output_word.weight")
+QK_NORM_WEIGHTS = ("attention.q_norm.weight", "attention.k_norm.weight")
 
 
 def param_groups(model: nn.Module, weight_decay: float,
-                 decoupled: tuple[float, float] | None = None) -> list[dict]:
+                 decoupled: tuple[float, float] | None = None,
+                 decay_qk_norm: bool = False) -> list[dict]:
     """Decay / no-decay groups; with `decoupled` = (max_lr, min_lr) (Megatron's --decoupled-lr
     and --decoupled-min-lr) the word embedding and output layer form groups of their own that
-    carry that schedule's bounds (see `set_lr`)."""
+    carry that schedule's bounds (see `set_lr`). `decay_qk_norm`: Megatron's
+    --apply-wd-to-qk-layernorm (the query/key norm weights decay like matrices)."""
     buckets: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         exempt = p.dim() < 2 or name.endswith(".bias") or "norm" in name.lower()
+        if decay_qk_norm and name.endswith(QK_NORM_WEIGHTS):
+            exempt = False
         outer = decoupled is not None and name.endswith(EMBEDDING_OR_OUTPUT)
         buckets.setdefault((exempt, outer), []).append(p)
     groups = []
@@ -58,7 +63,7 @@ class ShardingArgs:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.999),
                     eps: float = 1e-8, *, decoupled: tuple[float, float] | None = None,
-                    sharding: ShardingArgs | None = None):
+                    decay_qk_norm: bool = False, sharding: ShardingArgs | None = None):
     """AdamW over the decay / no-decay groups, with torch's fused kernel (CPU and CUDA): one
     pass per parameter group instead of a dozen element-wise ops per tensor (4x faster on the
     CPU for small models), the same element-wise math per parameter whatever the layout.
@@ -66,7 +71,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
     `decoupled`: see `param_groups`. `sharding` with `use_distributed_optimizer`: the same AdamW
     with its state sharded over DP (megapre/parallel/distributed_optimizer.py); `model` is then
     a ParallelModel built with `ddp=False`."""
-    groups = param_groups(model, weight_decay, decoupled)
+    groups = param_groups(model, weight_decay, decoupled, decay_qk_norm)
     if sharding is None or not sharding.use_distributed_optimizer:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     from torch.nn.parallel import DistributedDataParallel

@@ -234,3 +234,18 @@ def test_zero_centered_gamma_norm_equals_plain_norm(kind):
     out_p.square().sum().backward()
     out_c.square().sum().backward()
     torch.testing.assert_close(centred.weight.grad, plain.weight.grad)
+
+
+def test_interleaved_rope_rotates_adjacent_pairs():
+    """--rotary-interleaved: channels (2i, 2i+1) rotate as the complex number x_2i + i x_2i+1
+    by position * base^(-2i/d) (RoFormer's original layout); the rest of the head passes."""
+    torch.manual_seed(0)
+    s, d, rot = 5, 8, 6
+    x = torch.randn(s, 2, 3, d)
+    angles = rope_frequencies(torch.arange(s), rot, 100.0, interleaved=True)
+    out = apply_rope(x, angles, interleaved=True)
+    theta = torch.arange(s)[:, None].float() * 100.0 ** (-torch.arange(0, rot, 2).float() / rot)
+    pairs = torch.view_as_complex(x[..., :rot].reshape(s, 2, 3, rot // 2, 2).contiguous())
+    want = torch.view_as_real(pairs * torch.polar(torch.ones_like(theta), theta)[:, None, None])
+    torch.testing.assert_close(out[..., :rot], want.reshape(s, 2, 3, rot))
+    torch.testing.assert_close(out[..., rot:], x[..., rot:])
