@@ -165,7 +165,6 @@ REFUSED: dict[str, str] = {
     "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
                                 "uses --global-batch-size)",
     "--num-experts-per-token": _MOE,
-    "--save-retain-interval": "retained-checkpoint intervals are not supported (use --keep-last)",
 }
 
 # Megatron's spelling -> (section.field, value) where megapre names the setting differently.

@@ -178,6 +178,8 @@ class CheckpointArgs:
     load: str | None = _f(None, "checkpoint directory to resume from")
     save_interval: int | None = _f(None, "save every N steps")
     keep_last: int | None = _f(None, "keep only the last K checkpoints")
+    save_retain_interval: int | None = _f(None, "keep only the checkpoints at multiples of this "
+                                          "iteration, and the latest (Megatron's flag)")
     async_save: bool = _f(False, "write checkpoints in the background")
     no_load_optim: bool = _f(False, "load weights only")
     no_load_rng: bool = _f(False, "do not restore RNG states")
@@ -427,6 +429,9 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError(f"--save-interval must be >= 1, got {c.save_interval}")
     if c.save_interval is not None and c.save is None:
         raise ConfigError("--save-interval needs --save DIR")
+    _at_least("save_retain_interval", c.save_retain_interval, 1)
+    if c.save_retain_interval is not None and c.save is None:
+        raise ConfigError("--save-retain-interval needs --save DIR")
     if c.keep_last is not None and c.keep_last < 1:
         raise ConfigError("--keep-last must be >= 1")
     resolved = copy.deepcopy(cfg)

@@ -263,14 +263,15 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
                     config: dict | None = None, extra: dict | None = None,
                     tracker: RNGTracker | None = None, async_save: bool = False,
                     keep_last: int | None = None, tokenizer: dict | None = None,
-                    select: Callable[[str], bool] | None = None) -> Path:
+                    select: Callable[[str], bool] | None = None,
+                    retain_interval: int | None = None) -> Path:
     """Save model, optimizer (None: weights only), per-rank RNG states (of the default
     generators, `tracker` (found in the model when not given), numpy and `random`), the
     consumed-samples count, `config` (the resolved PretrainConfig dict, written as config.json)
     `extra` (JSON values and tensors: loss-scaler state, skip counters, ...) and `tokenizer` (its
     describe(), checked against the tokenizer of a later load). `select` keeps only the parameters
     whose names it accepts (and their optimizer state): LoRA adapters saved alone.
-    Collective: every rank calls it.
+    `keep_last` / `retain_interval`: see `prune_checkpoints`. Collective: every rank calls it.
 
     Returns the final directory (complete once this returns, or, with `async_save`, once the
     next save or `wait_for_pending_save()` returns)."""
@@ -303,7 +304,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
             with _quiet_single_process():
                 dcp.save(state, storage_writer=writer, no_dist=not _distributed())
             if _is_writer():
-                _publish(root, tmp, final, iteration, keep_last, nonce)
+                _publish(root, tmp, final, iteration, (keep_last, retain_interval), nonce)
             _barrier()
             return final
     except (OSError, CheckpointException) as e:
@@ -323,7 +324,7 @@ def save_checkpoint(save_dir: str | os.PathLike, iteration: int, model, optimize
             if fut.exception() is not None:
                 _PENDING.error = _save_failed(fut.exception(), tmp, iteration)
             elif _is_writer():
-                _publish(root, tmp, final, iteration, keep_last, nonce)
+                _publish(root, tmp, final, iteration, (keep_last, retain_interval), nonce)
         except BaseException as e:  # reported by wait_for_pending_save
             _PENDING.error = e
         finally:
@@ -378,8 +379,8 @@ def _save_failed(error: BaseException, tmp: Path, iteration: int) -> BaseExcepti
     return err
 
 
-def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int | None,
-             nonce: str) -> None:
+def _publish(root: Path, tmp: Path, final: Path, iteration: int,
+             keep: tuple[int | None, int | None], nonce: str) -> None:
     """Rank 0, after every rank's data and DCP's metadata are written: move the checkpoint into
     place, then point `latest` at it, then prune."""
     _fsync_dir(tmp)
@@ -392,12 +393,14 @@ def _publish(root: Path, tmp: Path, final: Path, iteration: int, keep_last: int 
     _write_text_atomic(root / LATEST_FILE, f"{iteration}\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-    prune_checkpoints(root, keep_last, iteration)
+    prune_checkpoints(root, keep[0], iteration, keep[1])
 
 
-def prune_checkpoints(root: Path, keep_last: int | None, latest: int) -> list[Path]:
-    """Delete leftovers of interrupted saves and all but the newest `keep_last` checkpoints
-    (never the one `latest` names). Returns what was removed."""
+def prune_checkpoints(root: Path, keep_last: int | None, latest: int,
+                      retain_interval: int | None = None) -> list[Path]:
+    """Delete leftovers of interrupted saves, all but the newest `keep_last` checkpoints, and
+    (Megatron's --save-retain-interval) those whose iteration is not a multiple of
+    `retain_interval`; never the one `latest` names. Returns what was removed."""
     removed = []
     for p in root.iterdir():
         if _LEFTOVER.match(p.name) and p.is_dir():
@@ -408,6 +411,12 @@ def prune_checkpoints(root: Path, keep_last: int | None, latest: int) -> list[Pa
                       if (m := ITER_DIR.match(p.name)) and p.is_dir())
         for it, p in done[:-keep_last]:
             if it != latest:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    if retain_interval is not None:
+        for p in root.iterdir():
+            m = ITER_DIR.match(p.name)
+            if m and p.is_dir() and int(m.group(1)) % retain_interval and int(m.group(1)) != latest:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

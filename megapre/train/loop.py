@@ -210,6 +210,7 @@ class Trainer:
                                                if self.loss_scaler is not None else None),
                                "lr_schedule": schedule_state(self.schedule)},
                         async_save=c.async_save, keep_last=c.keep_last,
+                        retain_interval=c.save_retain_interval,
                         tokenizer=self.tokenizer.describe())
         self._print(f"saved checkpoint at iteration {self.state.iteration} to {c.save}")
 

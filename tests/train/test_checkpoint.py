@@ -165,6 +165,15 @@ def test_keep_last_and_resave(tmp_path, mesh):
         save_checkpoint(tmp_path, 5, model, opt, mesh, keep_last=0)
 
 
+def test_save_retain_interval_keeps_multiples_and_the_latest(tmp_path, mesh):
+    """Megatron's --save-retain-interval: only iterations divisible by it survive, plus the
+    checkpoint `latest` names."""
+    model, opt, _ = _trained("gpt", mesh)
+    for it in (2, 4, 6, 8, 10):
+        save_checkpoint(tmp_path, it, model, opt, mesh, retain_interval=4)
+    assert _iters(tmp_path) == ["iter_0000004", "iter_0000008", "iter_0000010", ckpt.LATEST_FILE]
+
+
 def test_async_save_snapshots_state(tmp_path, mesh):
     model, opt, step = _trained("gpt", mesh)
     saved = _state(model, opt, mesh)
