@@ -154,8 +154,6 @@ REFUSED: dict[str, str] = {
     "--fim-": "fill-in-the-middle data is not supported",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
     "--error-injection-": "Megatron's rerun-state error injection is not supported",
-    "--use-tp-pp-dp-mapping": "megapre lays ranks out in Megatron's default order only "
-                              "(tp innermost, then cp, dp, pp)",
     "--account-for-embedding-in-pipeline-split": "uneven pipeline splits are not supported",
     "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
     "--decoder-first-pipeline-num-layers": "uneven pipeline splits are not supported",

@@ -44,6 +44,7 @@ class ParallelConfig:
     sequence_parallel: bool = False  # shard norms/dropout activations along the sequence over TP
     context_parallel: int = 1  # split every sequence over this many ranks (ring attention)
     timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
+    tp_pp_dp_order: bool = False  # Megatron's --use-tp-pp-dp-mapping: pp inside dp
 
     def __post_init__(self) -> None:
         check_parallel_sizes(self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline)
@@ -53,11 +54,16 @@ class ParallelConfig:
 
 
 def rank_grid(world_size: int, tensor_parallel: int, pipeline_parallel: int,
-              context_parallel: int = 1) -> torch.Tensor:
-    """Global ranks arranged as a [pp, dp, cp, tp] tensor (row-major, so TP is innermost)."""
+              context_parallel: int = 1, tp_pp_dp_order: bool = False) -> torch.Tensor:
+    """Global ranks arranged as a [pp, dp, cp, tp] tensor. Megatron's default order counts tp
+    fastest, then cp, dp, pp (row-major here); its --use-tp-pp-dp-mapping order counts tp, cp,
+    pp, then dp (pipeline stages of one replica on neighbouring ranks)."""
     dp = data_parallel_size(world_size, tensor_parallel, pipeline_parallel, context_parallel)
-    return torch.arange(world_size).reshape(pipeline_parallel, dp, context_parallel,
-                                            tensor_parallel)
+    ranks = torch.arange(world_size)
+    if tp_pp_dp_order:
+        return ranks.reshape(dp, pipeline_parallel, context_parallel,
+                             tensor_parallel).transpose(0, 1).contiguous()
+    return ranks.reshape(pipeline_parallel, dp, context_parallel, tensor_parallel)
 
 
 def default_device() -> torch.device:
@@ -116,7 +122,7 @@ class ParallelMesh:
         self.dp_size = data_parallel_size(world_size, config.tensor_parallel,
                                           config.pipeline_parallel, config.context_parallel)
         self._grid = rank_grid(world_size, config.tensor_parallel, config.pipeline_parallel,
-                               config.context_parallel)
+                               config.context_parallel, config.tp_pp_dp_order)
         pp, dp, cp, tp = (int(c) for c in (self._grid == rank).nonzero()[0])
         self.pp_rank, self.dp_rank, self.cp_rank, self.tp_rank = pp, dp, cp, tp
         self.tp_group = groups["tp"]
@@ -160,7 +166,7 @@ class ParallelMesh:
             atexit.register(_destroy_process_group)
         world, rank = dist.get_world_size(), dist.get_rank()
         grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel,
-                         config.context_parallel)
+                         config.context_parallel, config.tp_pp_dp_order)
         timeout = timedelta(seconds=config.timeout_s)
         groups = {name: _subgroups(grid, dim, timeout, name)
                   for dim, name in enumerate(MESH_DIMS)}

@@ -86,6 +86,9 @@ class ParallelArgs:
         None, "model chunks per pipeline rank (selects interleaved 1F1B; or give "
         "--num-layers-per-virtual-pipeline-stage)")
     sequence_parallel: bool = _f(False, "shard norms/dropout over the sequence within TP")
+    use_tp_pp_dp_mapping: bool = _f(False, "rank order tp, cp, pp, dp (a replica's pipeline "
+                                    "stages on neighbouring ranks) instead of Megatron's default "
+                                    "tp, cp, dp, pp")
     pipeline_schedule: str | None = _f(None, "pipeline schedule (default: interleaved with "
                                        "virtual stages, else 1f1b)",
                                        choices=(None, "1f1b", "gpipe", "interleaved"))

@@ -37,3 +37,25 @@ def test_megatron_model_options_match_single_process(layout):
         for (loss, norm), (rl, rn) in zip(got, ref):
             assert loss == pytest.approx(rl, rel=1e-5)
             assert norm == pytest.approx(rn, rel=1e-5, abs=1e-12)
+
+
+def _order_worker(rank: int, world: int) -> tuple[list[tuple[float, float]], tuple[int, int]]:
+    from megapre.parallel import ParallelConfig
+
+    mesh = ParallelMesh.init(ParallelConfig(pipeline_parallel=2, tp_pp_dp_order=True),
+                             device="cpu")
+    return train("gpt", mesh, STEPS, MICRO, 2 * GLOBAL, lr=LR), (mesh.pp_rank, mesh.dp_rank)
+
+
+@pytest.mark.slow
+def test_tp_pp_dp_rank_order_matches_single_process():
+    """--use-tp-pp-dp-mapping, PP2 x DP2: ranks 0,1 are the stages of replica 0 and 2,3 of
+    replica 1; training equals one process."""
+    preload_worker_modules()
+    ref = train("gpt", ParallelMesh.single(device="cpu"), STEPS, MICRO, 2 * GLOBAL, lr=LR)
+    results = run_distributed(_order_worker, 4, timeout_s=240)
+    assert [coords for _, coords in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    for got, _ in results:
+        for (loss, norm), (rl, rn) in zip(got, ref):
+            assert loss == pytest.approx(rl, rel=1e-5)
+            assert norm == pytest.approx(rn, rel=1e-5, abs=1e-12)

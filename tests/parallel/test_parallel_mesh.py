@@ -98,6 +98,15 @@ def test_rank_grid_formula_with_context_parallel():
         assert grid[r // 16, (r // 8) % 2, (r // 2) % 4, r % 2] == r
 
 
+def test_rank_grid_formula_tp_pp_dp_order():
+    """Megatron's --use-tp-pp-dp-mapping: tp innermost, then cp, then pp, then dp."""
+    grid = rank_grid(32, tensor_parallel=2, pipeline_parallel=2, context_parallel=2,
+                     tp_pp_dp_order=True)
+    assert grid.shape == (2, 4, 2, 2)  # (pp, dp, cp, tp)
+    for r in range(32):
+        assert grid[(r // 4) % 2, r // 8, (r // 2) % 2, r % 2] == r
+
+
 def test_single_process_mesh_has_unit_sizes():
     mesh = ParallelMesh.init(ParallelConfig())  # no torch.distributed, no torchrun env
     assert not dist.is_initialized()
