@@ -32,7 +32,8 @@ def _build(argv: list[str] | None, prog: str, out: list, unset_defaults: dict | 
 
     notes: list[str] = []
     cfg = parse_config(argv, prog=prog, notes=notes, unset_defaults=unset_defaults)
-    emit([f"note: {n}" for n in notes])
+    if notes:
+        emit([f"note: {n}" for n in notes])
     planned = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     from megapre.train.loop import Trainer
 
