@@ -20,11 +20,13 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_abbreviations_are_refused():
-    """argparse's prefix matching would read --loss-scale 1024 as --loss-scale-window."""
-    with pytest.raises(SystemExit):
-        parse_config(BASE + ["--loss-scale", "1024"])
-    with pytest.raises(SystemExit):
-        parse_config(BASE + ["--micro-batch", "2"])
+    """argparse's prefix matching once read --loss-scale 1024 as --loss-scale-window; now
+    --loss-scale is Megatron's fixed loss scale and prefixes are refused."""
+    cfg = parse_config(BASE + ["--loss-scale", "1024"])
+    assert cfg.train.loss_scale == 1024 and cfg.train.loss_scale_window == 1000
+    for abbreviated in (["--loss-scale-win", "5"], ["--micro-batch", "2"], ["--hidden", "64"]):
+        with pytest.raises(SystemExit):
+            parse_config(BASE + abbreviated)
 
 
 def test_noop_flags_are_listed_in_one_note():
