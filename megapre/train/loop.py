@@ -325,6 +325,7 @@ class Trainer:
     def _evaluate(self, split: str) -> float:
         dataset = getattr(self.splits, split)
         t = self.cfg.train
+        self.step.set_global_batch_size(t.global_batch_size)  # not a schedule's smaller size
         # Each evaluation reads its own fresh window of the split: evaluation k at iteration i
         # starts where the previous ones stopped, as Megatron's validation iterator does.
         start = 0 if split == "test" else \
