@@ -2,7 +2,9 @@
 configs, deterministic global batches split per DP rank, and a training run in one layout."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -14,6 +16,18 @@ from megapre.train.step import StepConfig, TrainStep
 VOCAB, SEQ = 61, 8
 WORKER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.distributed.pipelining",
                   "megapre.train.step"]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """The single-process reference run on one thread, as each spawned rank runs (the same
+    kernels, so the same float rounding)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def preload_worker_modules() -> None:

@@ -143,12 +143,6 @@ def _config_path(argv: list[str]) -> Path | None:
     return pre.parse_known_args(argv)[0].config
 
 
-def _split_words(values: list) -> list:
-    """List flags split words with spaces: Megatron's harness passes `$DATA_BLEND` (weights
-    and prefixes) as one quoted word."""
-    return [w for v in values for w in (v.split() if isinstance(v, str) else [v])]
-
-
 def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
                  notes: list[str] | None = None,
                  unset_defaults: dict[str, Any] | None = None) -> PretrainConfig:
@@ -171,8 +165,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
     args = build_parser(prog).parse_args(argv)
     for section in SECTIONS:
         for name, value in section_values(args, section).items():
-            setattr(getattr(cfg, section), name, _split_words(value) if isinstance(value, list)
-                    else value)
+            setattr(getattr(cfg, section), name, value)
     for key, value in (unset_defaults or {}).items():
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) is None:

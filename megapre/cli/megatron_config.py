@@ -42,13 +42,14 @@ def _words(flag: str, value: Any, path: Path, env: dict[str, str]) -> list[str]:
         return [flag] + [_substitute(str(v), flag, path, env) for v in value]
     text = _substitute(str(value), flag, path, env).strip()
     if text.startswith("[") and text.endswith("]"):
-        return [flag] + text[1:-1].split()
-    return [flag, text]
+        text = text[1:-1]
+    # The harness quotes a value with spaces into one word; its flags that take one (a blend in
+    # $DATA_BLEND, a batch-size schedule) all take several values, so the words are split here.
+    return [flag, *text.split()]
 
 
 def megatron_argv(data: dict, path: Path, env: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
-    """(command-line words of MODEL_ARGS, notes). A value with spaces stays one word, as the
-    harness quotes it; list flags split it (see flags.parse_config)."""
+    """(command-line words of MODEL_ARGS, notes)."""
     env = dict(os.environ) if env is None else env
     args = data.get("MODEL_ARGS")
     if not args:

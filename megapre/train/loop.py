@@ -75,7 +75,7 @@ class Trainer:
         self.state = TrainState()
         t = cfg.train
         self.gc = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
-        self.batches = batch_schedule(cfg)  # --step-batch-size-schedule, or None
+        self.batch_sizes = batch_schedule(cfg)  # --step-batch-size-schedule, or None
         self.splits = build_splits(cfg, self.tokenizer, group=None)
         banner.emit(banner.data_lines(self.splits, cfg.train.train_iters * self.plan.global_batch_size
                                   * cfg.model.seq_length))
@@ -234,7 +234,8 @@ class Trainer:
             set_lr(self.optimizer, lr, self.schedule, done)
             t0 = time.perf_counter()
             scale_before = self.loss_scaler.scale if self.loss_scaler is not None else None
-            batch = self.batches.at(st.consumed_samples) if self.batches else t.global_batch_size
+            batch = (self.batch_sizes.at(st.consumed_samples) if self.batch_sizes
+                     else t.global_batch_size)
             self.step.set_global_batch_size(batch)
             with self._autocast():
                 result = self.step(data)
@@ -299,28 +300,25 @@ class Trainer:
         loss scaler back off is the scaler finding its level (from Megatron's 2^32 that takes
         a few dozen steps), not divergence: it is reported but not counted."""
         st = self.state
-        scaler = self.loss_scaler
-        if skipped and scaler is not None and scale_before is not None \
-                and scale_before > scaler.min_scale:
-            st.skipped_total += 1
-            st.skipped_samples += samples
-            self._print(f"iteration {st.iteration}: fp16 gradients overflowed at loss scale "
-                        f"{scale_before:g}; step skipped, scale now {scaler.scale:g}")
+        if not skipped:
             st.skipped_in_a_row = 0
             return
-        if skipped:
-            st.skipped_total += 1
-            st.skipped_samples += samples
-            st.skipped_in_a_row += 1
-            self._print(f"iteration {st.iteration}: loss or gradients not finite; step skipped "
-                        f"({st.skipped_in_a_row} in a row)")
-            if st.skipped_in_a_row > self.cfg.train.max_skipped_iters:
-                raise RuntimeError(
-                    f"{st.skipped_in_a_row} consecutive steps had NaN/inf loss or gradients "
-                    f"(--max-skipped-iters {self.cfg.train.max_skipped_iters}); the run diverged: "
-                    "lower --lr, raise --lr-warmup-iters, or check the data")
-        else:
+        st.skipped_total += 1
+        st.skipped_samples += samples
+        scaler = self.loss_scaler
+        if scaler is not None and scale_before is not None and scale_before > scaler.min_scale:
             st.skipped_in_a_row = 0
+            self._print(f"iteration {st.iteration}: fp16 gradients overflowed at loss scale "
+                        f"{scale_before:g}; step skipped, scale now {scaler.scale:g}")
+            return
+        st.skipped_in_a_row += 1
+        self._print(f"iteration {st.iteration}: loss or gradients not finite; step skipped "
+                    f"({st.skipped_in_a_row} in a row)")
+        if st.skipped_in_a_row > self.cfg.train.max_skipped_iters:
+            raise RuntimeError(
+                f"{st.skipped_in_a_row} consecutive steps had NaN/inf loss or gradients "
+                f"(--max-skipped-iters {self.cfg.train.max_skipped_iters}); the run diverged: "
+                "lower --lr, raise --lr-warmup-iters, or check the data")
 
     def _evaluate(self, split: str) -> float:
         dataset = getattr(self.splits, split)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
-from layout_cases import Layout, layout_mesh, model_config, preload_worker_modules, train
+from layout_cases import (Layout, layout_mesh, model_config, one_thread, preload_worker_modules,
+                          train)
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
 
@@ -43,14 +43,10 @@ def _worker(rank: int, world: int, layout: Layout, names: tuple[str, ...]
 @pytest.fixture(scope="module")
 def reference():
     preload_worker_modules()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         mesh = ParallelMesh.single(device="cpu")
         return {name: train(kind, mesh, STEPS, MICRO, GLOBAL, cfg=cfg)
                 for name, (kind, cfg) in MODELS.items()}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rel(a: float, b: float) -> float:

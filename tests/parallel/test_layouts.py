@@ -8,9 +8,8 @@ One spawn per layout runs both models; the tiny shapes keep the 8-process layout
 from __future__ import annotations
 
 import pytest
-import torch
 
-from layout_cases import Layout, layout_worker, preload_worker_modules, train
+from layout_cases import Layout, layout_worker, one_thread, preload_worker_modules, train
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
 
@@ -36,13 +35,9 @@ LAYOUTS = [
 @pytest.fixture(scope="module")
 def reference():
     preload_worker_modules()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return {k: train(k, ParallelMesh.single(device="cpu"), STEPS, MICRO, GLOBAL)
                 for k in KINDS}
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rel(a: float, b: float) -> float:

@@ -5,9 +5,8 @@ Batches are padded to their longest sample (to --seq-length under pipeline paral
 from __future__ import annotations
 
 import pytest
-import torch
 
-from layout_cases import Layout, preload_worker_modules
+from layout_cases import Layout, one_thread, preload_worker_modules
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
 
@@ -22,13 +21,9 @@ LAYOUTS = [Layout(tp=2), Layout(pp=2), Layout(dp=2), Layout(tp=2, pp=2),
 @pytest.fixture(scope="module")
 def reference():
     preload_worker_modules()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         return {k: train(k, ParallelMesh.single(device="cpu"), STEPS, MICRO, GLOBAL)
                 for k in KINDS}
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=str)
