@@ -57,8 +57,8 @@ _LOGGER = "telemetry service megapre does not report to (see --metrics-path)"
 _DATA_SPEED = "dataset-build speed-up; megapre builds the same samples either way"
 _FP32_GRADS = "megapre accumulates and reduces every gradient in fp32"
 _FP32_STATE = "megapre keeps fp32 master weights, gradients and Adam state"
-_TOKENIZER_ASSETS = "megapre records its tokenizer settings in the checkpoint; extra files change " \
-                    "nothing it loads"
+_TOKENIZER_ASSETS = ("megapre records its tokenizer settings in the checkpoint; extra files "
+                     "change nothing it loads")
 
 
 def _rope_or_none(cfg: Any) -> bool:
@@ -263,7 +263,7 @@ REFUSED: dict[str, str] = {
     "--head-lr-mult": "a separate head learning rate is not supported",
     **_refused("weight-decay schedules are not supported (use --weight-decay)",
                "--start-weight-decay", "--end-weight-decay"),
-    "--no-weight-decay-cond-type": "use --apply-wd-to-qk-layernorm",
+    "--no-weight-decay-cond-type": "megapre spells it --apply-wd-to-qk-layernorm",
     "--data-parallel-random-init": "per-data-parallel-rank seeds are not supported",
     "--enable-mhc-connections": "mHC residual connections are not supported",
     "--mhc-": "mHC residual connections are not supported",
@@ -352,8 +352,8 @@ REFUSED: dict[str, str] = {
     "--decrease-batch-size-if-needed": "megapre never changes the global batch size to fit the "
                                        "data-parallel size",
     "--start-eval-at-iter": "delaying evaluation is not supported",
-    "--skip-train": "evaluation-only runs are megapre.evaluate",
-    "--lr-wsd-decay-samples": "use --lr-wsd-decay-iters",
+    "--skip-train": "evaluation-only runs are not part of megapre.pretrain (see megapre.evaluate)",
+    "--lr-wsd-decay-samples": "a WSD decay in samples is not supported (use --lr-wsd-decay-iters)",
     "--padded-vocab-size": "megapre pads the vocabulary by --make-vocab-size-divisible-by",
     **_refused("megapre always pads the vocabulary (set --make-vocab-size-divisible-by)",
                "--no-pad-vocab-size", "--disable-pad-vocab-size"),
@@ -367,7 +367,8 @@ REFUSED: dict[str, str] = {
     "--override-ckpt-iteration": "overriding the loaded iteration is not supported",
     "--exit-on-missing-checkpoint": "megapre starts from scratch (with a note) when --load holds "
                                     "no checkpoint",
-    "--pretrained-checkpoint": "use --load with --finetune",
+    "--pretrained-checkpoint": "megapre.pretrain fine-tunes from --load with --finetune (or see "
+                             "megapre.finetune)",
     "--use-mp-args-from-checkpoint-args": "megapre's --use-checkpoint-args takes the "
                                           "architecture; the parallel layout stays the command "
                                           "line's",
