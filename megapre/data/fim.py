@@ -87,12 +87,17 @@ class FIMTokenIds:
     split: int | None = None
 
 
+def check_tokenizer_type(tokenizer_type: str | None) -> None:
+    """FIM cuts text at characters: a tokenizer with no text (ids only) cannot do it."""
+    if tokenizer_type in NO_TEXT_TOKENIZERS:
+        raise ConfigError(f"--fim-data: {tokenizer_type} has no text to cut into prefix, middle "
+                          "and suffix; use the tokenizer the text was preprocessed with")
+
+
 def resolve_token_ids(tokenizer: Any, config: FIMConfig) -> FIMTokenIds:
     """The FIM ids of `tokenizer` (built with config.sentinels() as added tokens); ConfigError
     naming the flag when a token is not one token of its vocabulary."""
-    if tokenizer.name in NO_TEXT_TOKENIZERS:
-        raise ConfigError(f"--fim-data: {tokenizer.name} has no text to cut into prefix, middle "
-                          "and suffix; use the tokenizer the text was preprocessed with")
+    check_tokenizer_type(tokenizer.name)
     flags = {"prefix": config.prefix_token, "middle": config.middle_token,
              "suffix": config.suffix_token, "pad": config.pad_token}
     ids = {part: _token_id(tokenizer, f"--fim-{part}-token", text) for part, text in flags.items()}
@@ -134,10 +139,10 @@ class FIMTransform:
         self.ids = resolve_token_ids(tokenizer, config)
 
     def __call__(self, tokens: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
-        pieces = _split_keeping(tokens, self.ids.eod, lambda piece: self._piece(piece, rng))
+        pieces = _split_keeping(tokens, self.ids.eod, lambda piece: self.piece(piece, rng))
         return self._fit(np.concatenate(pieces), len(tokens))
 
-    def _piece(self, piece: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
+    def piece(self, piece: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         """One document's tokens: whole, or (--fim-split-sample) fragment by fragment."""
         split, c = self.ids.split, self.config
         if split is None or not (piece == split).any():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megapre.data.args import DataArgs
+from megapre.data.fim import check_tokenizer_type
 from megapre.data.tokenizers import TokenizerConfig
 from megapre.flag_fields import flag, flag_field as _f
 from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_ffn_hidden_size
@@ -489,6 +490,8 @@ def _check_fim(cfg: PretrainConfig) -> None:
     if d.fim_data and cfg.model.model != "gpt":
         raise ConfigError(f"--fim-data is GPT-only (--model {cfg.model.model} trains on masked "
                           "sentence pairs)")
+    if d.fim_data:
+        check_tokenizer_type(d.tokenizer_type)
     if d.fim_data and d.mock_data:
         raise ConfigError("--fim-data with --mock-data: the mock corpus is random ids with no "
                           "text to rearrange (Megatron refuses it too); give --data-path")

@@ -26,7 +26,10 @@ def single_token_id(tokenizer: Tokenizer, text: str) -> int | None:
         idx = getattr(tokenizer, name)
         if idx is not None and _decodes_to(tokenizer, idx, text):
             return idx
-    ids = tokenizer.encode(text)
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError:  # a tokenizer whose text is ids (NullTokenizer) cannot spell it
+        return None
     if len(ids) == 1 and _decodes_to(tokenizer, ids[0], text):
         return ids[0]
     return None
