@@ -318,3 +318,24 @@ def test_fim_with_null_tokenizer_is_refused_by_validate(tmp_path):
             and argv[i - 1] not in ("--vocab-file", "--merge-file")]
     with pytest.raises(ConfigError, match="^--fim-data: NullTokenizer has no text"):
         validate(parse_config(argv), 1)
+
+
+def test_a_vocabulary_that_has_the_sentinels_keeps_its_ids(tmp_path):
+    """A tokenizer that already spells the sentinels (as StarCoder's does) gets nothing appended:
+    FIM uses its ids, and the tokenizer's fingerprint is unchanged."""
+    hf = pytest.importorskip("tokenizers")
+    model = hf.Tokenizer(hf.models.BPE())
+    model.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", *SENTINELS],
+                                     initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer=trainer)
+    model.save(str(tmp_path / "tokenizer.json"))
+    config = TokenizerConfig("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "tokenizer.json"))
+    plain = build_tokenizer(config)
+    fim = build_tokenizer(TokenizerConfig(**{**config.__dict__, "added_tokens": SENTINELS}))
+    assert fim.vocab_size == plain.vocab_size and fim.added == {}
+    assert fim.fingerprint() == plain.fingerprint()
+    ids = resolve_token_ids(fim, FIMConfig())
+    assert [ids.prefix, ids.middle, ids.suffix, ids.pad] == [fim.token_ids[s] for s in SENTINELS]
+    assert [plain.decode([i]) for i in (ids.prefix, ids.pad)] == ["<fim_prefix>", "<fim_pad>"]

@@ -88,6 +88,9 @@ class AddedTokensTokenizer(Tokenizer):
         return np.concatenate([self.base.continuation_mask(), np.zeros(len(self.added), bool)])
 
     def fingerprint(self) -> str:
+        """The base's when nothing was appended (the ids are the base's), else over both."""
+        if not self.added:
+            return self.base.fingerprint()
         key = {"base": self.base.fingerprint(), "added_tokens": self.added}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
