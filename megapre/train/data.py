@@ -40,7 +40,8 @@ class Splits:
 def samples_per_split(cfg: PretrainConfig) -> list[int]:
     """Megatron's train_valid_test_num_samples: enough for every step and every evaluation."""
     t = cfg.train
-    return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size)
+    return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size,
+                              t.eval_global_batch_size)
 
 
 def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -> Splits:
