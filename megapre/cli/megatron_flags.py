@@ -140,7 +140,6 @@ REFUSED: dict[str, str] = {
     "--attention-output-gate": "gated attention output is not supported",
     "--hierarchical-context-parallel-sizes": "hierarchical context parallelism is not supported",
     "--export-": "ModelOpt export/distillation is not supported",
-    "--fim-": "fill-in-the-middle data is not supported",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
     "--account-for-embedding-in-pipeline-split": "uneven pipeline splits are not supported",
     "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
@@ -163,7 +162,6 @@ ALIASES: dict[str, tuple[str, object, str]] = {
     "--recompute-activations": ("train.recompute_granularity", "selective",
                                 "selective recomputation (= --recompute-granularity selective)"),
 }
-
 
 
 def _merge(core: dict, families: dict) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megapre.data.args import DataArgs
+from megapre.data.fim import check_tokenizer_type
 from megapre.data.tokenizers import TokenizerConfig
 from megapre.flag_fields import flag, flag_field as _f
 from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_ffn_hidden_size
@@ -262,9 +263,11 @@ class PretrainConfig:
             raise ConfigError("--tokenizer-type is required (e.g. GPT2BPETokenizer with "
                               "--vocab-file and --merge-file, or the tokenizer the data was "
                               "preprocessed with)")
+        fim = d.fim_data and self.model.model == "gpt"
         return TokenizerConfig(tokenizer_type=d.tokenizer_type, vocab_file=d.vocab_file,
                                merge_file=d.merge_file, tokenizer_model=d.tokenizer_model,
-                               vocab_size=d.vocab_size)
+                               vocab_size=d.vocab_size,
+                               added_tokens=d.fim(self.train.seed).sentinels() if fim else ())
 
     def transformer_config(self, vocab_size: int) -> TransformerConfig:
         """The model description for megapre.model, with the tokenizer's vocabulary size."""
@@ -441,6 +444,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the final decay)")
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
+    _check_fim(cfg)
     if d.mock_data:
         _check_mock_data(cfg)
     elif not (d.data_path or d.train_data_path):
@@ -514,6 +518,21 @@ def _check_recompute(t: TrainArgs) -> None:
         raise ConfigError(f"--recompute-num-layers must be >= 1, got {t.recompute_num_layers}")
     if t.manual_gc_interval < 0:
         raise ConfigError(f"--manual-gc-interval must be >= 0, got {t.manual_gc_interval}")
+
+
+def _check_fim(cfg: PretrainConfig) -> None:
+    """FIM rates are probabilities (checked even without --fim-data, as a typo is a typo); FIM
+    rearranges GPT text, so BERT and the mock corpus (random ids, no text) refuse it."""
+    d = cfg.data
+    d.fim(cfg.train.seed)
+    if d.fim_data and cfg.model.model != "gpt":
+        raise ConfigError(f"--fim-data is GPT-only (--model {cfg.model.model} trains on masked "
+                          "sentence pairs)")
+    if d.fim_data:
+        check_tokenizer_type(d.tokenizer_type)
+    if d.fim_data and d.mock_data:
+        raise ConfigError("--fim-data with --mock-data: the mock corpus is random ids with no "
+                          "text to rearrange (Megatron refuses it too); give --data-path")
 
 
 def _check_mock_data(cfg: PretrainConfig) -> None:
