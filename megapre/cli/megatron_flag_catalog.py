@@ -156,7 +156,7 @@ NOOPS: dict[str, Entry] = {
     "--no-initialization": Entry("megapre always initializes; --load then overwrites the "
                                  "weights"),
     "--exit-signal": Entry("megapre saves and stops on SIGTERM and SIGINT",
-                           only("SIGTERM", "SIGINT", "15", "2")),
+                           only("SIGTERM", "SIGINT")),
     "--no-position-embedding": Entry(
         "Megatron ignores it with rope positions and refuses it otherwise",
         when=_rope_or_none),
