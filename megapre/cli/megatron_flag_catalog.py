@@ -167,7 +167,8 @@ NOOPS: dict[str, Entry] = {
     **_noops(_TOKENIZER_ASSETS, "--no-save-tokenizer-assets",
              "--disable-save-tokenizer-assets"),
     "--disable-use-tokenizer-model-from-checkpoint-args": Entry(
-        "megapre's tokenizer comes from the tokenizer flags"),
+        "with --use-checkpoint-args megapre takes the checkpoint's tokenizer only when no "
+        "--tokenizer-type is given"),
     "--vocab-extra-ids": Entry("T5 span-masking tokens; megapre has no T5", only("0")),
     "--cpu-offloading-num-layers": Entry("CPU activation offloading is not supported; 0 is the "
                                          "only value", only("0")),
