@@ -72,7 +72,10 @@ def _write_checkpoint(args: ImportArgs, hf: dict, family, cfg: PretrainConfig,
         raise ConfigError(f"{args.hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                           f"the model's vocab_size is {vocab}; they must match (a tokenizer of "
                           "another model?)")
-    rt = build_runtime(cfg, tokenizer=tokenizer)
+    from megapre.model import init
+
+    with init.skipped():  # every weight is overwritten below
+        rt = build_runtime(cfg, tokenizer=tokenizer)
     try:
         model = rt.model.models[0]
         _load_weights(args.hf_dir, hf, family, model, cfg)
@@ -131,7 +134,10 @@ def hf_export(args: ExportArgs) -> tuple[Path, str | None]:
     m = dataclasses.asdict(cfg.model)
     family = family_for_export(m)
     _single_process(cfg)
-    rt = build_runtime(cfg)
+    from megapre.model import init
+
+    with init.skipped():  # the checkpoint's weights replace them
+        rt = build_runtime(cfg)
     try:
         checkpoint_io.load_weights(path, rt)
         model = rt.model.models[0]
