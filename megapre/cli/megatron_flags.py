@@ -154,10 +154,6 @@ REFUSED: dict[str, str] = {
     "--fim-": "fill-in-the-middle data is not supported",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
     "--error-injection-": "Megatron's rerun-state error injection is not supported",
-    "--account-for-embedding-in-pipeline-split": "uneven pipeline splits are not supported",
-    "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
-    "--decoder-first-pipeline-num-layers": "uneven pipeline splits are not supported",
-    "--decoder-last-pipeline-num-layers": "uneven pipeline splits are not supported",
     "--rampup-batch-size": "batch-size ramp-up is not supported (Megatron deprecated it: use "
                            "--step-batch-size-schedule)",
     "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
