@@ -288,3 +288,17 @@ def test_checkpoints_move_between_uneven_and_pp1(pp, vp, split, tmp_path):
                                          timeout_s=300))
     loaded = _last_logits(run_distributed(load_worker, pp, pp, vp, split, single, timeout_s=300))
     assert torch.equal(loaded, saved), (loaded - saved).abs().max()
+
+
+def test_banner_shows_the_layers_per_stage():
+    from megapre.data.tokenizers import build_tokenizer
+    from megapre.train import banner
+
+    cfg = parse_config(BASE + ["--pipeline-model-parallel-size", "2", "--tokenizer-type",
+                               "NullTokenizer", "--vocab-size", "39",
+                               "--account-for-embedding-in-pipeline-split",
+                               "--account-for-loss-in-pipeline-split",
+                               "--num-virtual-stages-per-pipeline-rank", "1"])
+    tok = build_tokenizer(cfg.tokenizer_config())
+    layout_line = banner.config_lines(validate(cfg, 2, tok.vocab_size), 2, tok)[1]
+    assert "layers per stage 4/4; " in layout_line, layout_line
