@@ -10,24 +10,36 @@
     process to 1e-5.
 (d) Checkpoints stay layout-independent: saved under an uneven split, loaded under PP1 (and the
     other way round), the logits are identical.
+(e) The flags reach the run: megapre.pretrain under torchrun trains like one process, and the
+    banner shows the layers per stage.
 """
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from conftest import COUNTING_VOCAB, write_counting_corpus
 from layout_cases import (micro_batches, model_config, one_thread, preload_worker_modules,
                           train)
 from megapre.cli.flags import parse_config
+from megapre.data.tokenizers import build_tokenizer
 from megapre.errors import ConfigError
 from megapre.launch.memory import stage_params, total_params
 from megapre.parallel import ParallelConfig, ParallelMesh
 from megapre.parallel.layout import StageSplit, chunk_layers, chunk_ranges
 from megapre.parallel.pipeline import local_chunks
 from megapre.parallel.testing import run_distributed
+from megapre.train import banner
 from megapre.train.args import validate
 from megapre.train.checkpoint import load_checkpoint, save_checkpoint
+from megapre.train.loop import Trainer
 from megapre.train.parallel_model import ParallelModel
 from megapre.train.step import StepConfig, TrainStep
 
@@ -118,8 +130,8 @@ def test_flags_reach_the_layout():
 
 
 @pytest.mark.parametrize("flags,named", [
-    (["--decoder-first-pipeline-num-layers", "2"], ["--decoder-first-pipeline-num-layers 2",
-                                                     "--pipeline-model-parallel-size >= 2 (got 1)"]),
+    (["--decoder-first-pipeline-num-layers", "2"],
+     ["--decoder-first-pipeline-num-layers 2", "--pipeline-model-parallel-size >= 2 (got 1)"]),
     (["--pipeline-model-parallel-size", "4", "--decoder-first-pipeline-num-layers", "1",
       "--decoder-last-pipeline-num-layers", "2"], ["--decoder-last-pipeline-num-layers 2",
                                                    "--num-layers 8"]),
@@ -291,9 +303,6 @@ def test_checkpoints_move_between_uneven_and_pp1(pp, vp, split, tmp_path):
 
 
 def test_banner_shows_the_layers_per_stage():
-    from megapre.data.tokenizers import build_tokenizer
-    from megapre.train import banner
-
     cfg = parse_config(BASE + ["--pipeline-model-parallel-size", "2", "--tokenizer-type",
                                "NullTokenizer", "--vocab-size", "39",
                                "--account-for-embedding-in-pipeline-split",
@@ -302,3 +311,50 @@ def test_banner_shows_the_layers_per_stage():
     tok = build_tokenizer(cfg.tokenizer_config())
     layout_line = banner.config_lines(validate(cfg, 2, tok.vocab_size), 2, tok)[1]
     assert "layers per stage 4/4; " in layout_line, layout_line
+
+
+# -- the whole program ---------------------------------------------------------------------------
+
+def _cli_args(corpus: str, work, *extra: str) -> list[str]:
+    return ["--model", "gpt", "--num-layers", "6", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0",
+            "--log-interval", "1", "--data-path", corpus, "--split", "100,0,0",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
+            "--make-vocab-size-divisible-by", "8", "--num-workers", "0", "--device", "cpu",
+            "--data-cache-path", str(work / "cache"),
+            "--metrics-path", str(work / "metrics.jsonl"), *extra]
+
+
+def _cli_losses(work) -> list[float]:
+    rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "split" not in r and "loss" in r]
+
+
+@pytest.mark.slow
+def test_torchrun_pretrain_with_megatron_split_flags(tmp_path):
+    """megapre.pretrain under torchrun, PP2 x 2 virtual stages with the embedding and loss
+    counted (chunks of 1+2 / 2+1 layers), trains like one process: the flags reach the mesh."""
+    corpus = write_counting_corpus(str(tmp_path / "count_text_document"))
+    single, piped = tmp_path / "single", tmp_path / "pp2"
+    with one_thread():
+        trainer = Trainer(parse_config(_cli_args(corpus, single)))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "megapre.pretrain", *_cli_args(
+               corpus, piped, "--pipeline-model-parallel-size", "2",
+               "--num-virtual-stages-per-pipeline-rank", "2",
+               "--account-for-embedding-in-pipeline-split",
+               "--account-for-loss-in-pipeline-split")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "layers per stage 1+2/2+1; " in run.stdout, run.stdout[-3000:]
+    ref, got = _cli_losses(single), _cli_losses(piped)
+    assert len(got) == len(ref) == 3
+    assert all(_close(a, b) for a, b in zip(got, ref)), (got, ref)
