@@ -190,6 +190,8 @@ LAYOUTS = [
     (2, 2, EL, ("gpt",)),  # [[1, 2], [2, 1]], interleaved
     (4, 2, EL, ("gpt",)),  # [[0, 1], [1, 1], [1, 1], [1, 0]]: chunks of embedding / head only
 ]
+LAYOUT_IDS = ["pp2-first2", "pp4-first1-last1", "pp2-embedding-loss", "pp2-vp2-embedding-loss",
+              "pp4-vp2-embedding-loss"]
 
 
 def train_worker(rank, world, pp, vp, split, kinds):
@@ -212,9 +214,7 @@ def _close(a: float, b: float) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pp,vp,split,kinds", LAYOUTS,
-                         ids=lambda v: v.flags().replace("--", "") if isinstance(v, StageSplit)
-                         else str(v))
+@pytest.mark.parametrize("pp,vp,split,kinds", LAYOUTS, ids=LAYOUT_IDS)
 def test_uneven_layout_matches_single_process(pp, vp, split, kinds, reference):
     results = run_distributed(train_worker, pp, pp, vp, split, kinds, timeout_s=300)
     for rank, per_kind in enumerate(results):
