@@ -70,8 +70,7 @@ def apply_common(cfg: "PretrainConfig", args: argparse.Namespace) -> "PretrainCo
     p.tensor_model_parallel_size = args.tensor_model_parallel_size
     p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
     p.context_parallel_size = 1  # a run trained with context parallelism evaluates without it
-    p.num_layers_per_virtual_pipeline_stage = None
-    p.num_virtual_stages_per_pipeline_rank = None
+    p.even_pipeline()
     p.pipeline_schedule = "1f1b"
     cfg.train.device = args.device
     cfg.train.bf16, cfg.train.fp16 = bool(args.bf16), False

@@ -142,10 +142,6 @@ REFUSED: dict[str, str] = {
     "--hierarchical-context-parallel-sizes": "hierarchical context parallelism is not supported",
     "--export-": "ModelOpt export/distillation is not supported",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
-    "--account-for-embedding-in-pipeline-split": "uneven pipeline splits are not supported",
-    "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
-    "--decoder-first-pipeline-num-layers": "uneven pipeline splits are not supported",
-    "--decoder-last-pipeline-num-layers": "uneven pipeline splits are not supported",
     "--rampup-batch-size": "batch-size ramp-up is not supported (Megatron deprecated it: use "
                            "--step-batch-size-schedule)",
     "--eval-micro-batch-size": "a separate evaluation micro-batch size is not supported "

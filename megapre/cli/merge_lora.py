@@ -45,6 +45,7 @@ def merge(args: argparse.Namespace) -> int:
         p = cfg.parallel
         p.tensor_model_parallel_size = args.tensor_model_parallel_size
         p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
+        p.even_pipeline()  # the merge's own layout
         p.sequence_parallel = False
         cfg.train.device = args.device
         cfg.train.global_batch_size = None

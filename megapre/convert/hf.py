@@ -161,7 +161,7 @@ def _single_process(cfg: PretrainConfig) -> None:
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
     p.context_parallel_size = 1
     p.sequence_parallel = False
-    p.num_layers_per_virtual_pipeline_stage = None
+    p.even_pipeline()  # a run saved with virtual stages or an uneven split converts too
     cfg.train.device = "cpu"
 
 

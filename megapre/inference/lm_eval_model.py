@@ -148,7 +148,8 @@ class MegapreLM(TemplateLM):
         p = cfg.parallel
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
         p.context_parallel_size = 1  # context parallelism is a pretraining layout
-        p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule = None, "1f1b"
+        p.even_pipeline()
+        p.pipeline_schedule = "1f1b"
         p.sequence_parallel = False  # sequences of any length: no sequence sharding
         cfg.train.device = device
         cfg.train.bf16, cfg.train.fp16 = bf16 in (True, "True", "true", "1", 1), False

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 from megapre.model.attention_core import resolve_backend
 from megapre.model.config import TransformerConfig
-
+from megapre.parallel.layout import EVEN, StageSplit, stage_layers
 from megapre.train.args import PretrainConfig, validate
 from megapre.train.metrics import flops_per_token
 
@@ -176,9 +176,9 @@ def head_params(cfg: TransformerConfig, kind: str, tp: int, has_embedding: bool,
 
 
 def stage_params(cfg: TransformerConfig, kind: str, tp: int, pp: int, stage: int,
-                 binary_head: bool = True) -> int:
+                 binary_head: bool = True, split: StageSplit = EVEN) -> int:
     """Elements held by one rank of pipeline stage `stage` (all its virtual chunks)."""
-    n = cfg.num_layers // pp * layer_params(cfg, tp)
+    n = stage_layers(cfg.num_layers, pp, split)[stage] * layer_params(cfg, tp)
     first, last = stage == 0, stage == pp - 1
     if first:
         n += embedding_params(cfg, kind, tp)
@@ -196,13 +196,14 @@ def total_params(cfg: TransformerConfig, kind: str, binary_head: bool = True) ->
     return whole, whole - emb
 
 
-def matrix_params(cfg: TransformerConfig, kind: str, tp: int, pp: int, stage: int) -> int:
+def matrix_params(cfg: TransformerConfig, kind: str, tp: int, pp: int, stage: int,
+                  split: StageSplit = EVEN) -> int:
     """Parameters autocast casts to half precision (weights of every matmul)."""
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     a, g = cfg.num_attention_heads, cfg.num_query_groups
     per_layer = ((a + 2 * g) * d * h + h * a * d
                  + (3 if cfg.activation == "swiglu" else 2) * h * f) // tp
-    n = cfg.num_layers // pp * per_layer
+    n = stage_layers(cfg.num_layers, pp, split)[stage] * per_layer
     if stage == pp - 1:
         n += cfg.padded_vocab_size(tp) // tp * h + (2 * h * h if kind == "bert" else 0)
     return n
@@ -350,8 +351,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     binary = kind == "bert" and checked.model.bert_binary_head
     mc = checked.transformer_config(vocab_size)
     num_mb = t.global_batch_size // (t.micro_batch_size * dp)
-    per = checked.parallel.num_layers_per_virtual_pipeline_stage
-    virtual = mc.num_layers // (per * pp) if per else 1
+    virtual, split = plan.virtual_pipeline or 1, p.stage_split()
+    layers = stage_layers(mc.num_layers, pp, split)
     autocast = t.bf16 or t.fp16
     e = 2 if autocast else 4
     sh = _Shape(mc.seq_length // cp, t.micro_batch_size, tp, p.sequence_parallel, e,
@@ -363,7 +364,6 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     layer_sel = layer_activation_bytes(mc, sh, selective=True, device=device, masked=masked,
                                        cp=cp)
     layer_input = 4 * sh.s_n * sh.b * mc.hidden_size
-    layers_per_stage = mc.num_layers // pp
     largest = max(e * sh.s * sh.b * mc.ffn_hidden_size // tp,
                   e * sh.b * (mc.num_attention_heads // tp) * sh.s ** 2
                   if backend == "fused" else 0,
@@ -372,8 +372,9 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
                   4 * logit_rows(kind, sh.s, sh.b, checked.data.mask_prob)
                   * mc.padded_vocab_size(tp) // tp)
     stages = []
-    for stage in sorted({0, pp - 1}):
-        n = stage_params(mc, kind, tp, pp, stage, binary)
+    middle = {1} if split != EVEN and pp > 2 else set()  # uneven: middle stages differ
+    for stage in sorted({0, pp - 1} | middle):
+        n, layers_per_stage = stage_params(mc, kind, tp, pp, stage, binary, split), layers[stage]
         extra = (embedding_activation_bytes(mc, sh) if stage == 0 else 0) + (
             head_activation_bytes(mc, kind, sh, checked.data.mask_prob) if stage == pp - 1 else 0)
         flight = in_flight(p.pipeline_schedule, pp, stage, num_mb, virtual)
@@ -382,7 +383,7 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
         stages.append(StageMemory(
             stage=stage, params=n, weights=4 * n, grads=4 * n,
             optimizer=optimizer_bytes(n, dp * cp, p.use_distributed_optimizer),
-            autocast_cache=2 * matrix_params(mc, kind, tp, pp, stage) if autocast else 0,
+            autocast_cache=2 * matrix_params(mc, kind, tp, pp, stage, split) if autocast else 0,
             activations_per_microbatch=layers_per_stage * layer + extra,
             in_flight_microbatches=flight, activations=held(layer),
             activations_full_recompute=held(layer_input, layer),

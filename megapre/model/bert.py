@@ -98,7 +98,8 @@ class BertModel(nn.Module):
                  add_binary_head: bool = True, recompute_granularity: str | None = None,
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
-        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel,
+                     mesh.stage_split)
         check_context_parallel(mesh.cp_size, cfg.seq_length, cfg.attention_dropout)
         if cfg.untie_embeddings_and_output_weights:
             raise ValueError("BERT ties its masked-LM output to the word embeddings; drop "

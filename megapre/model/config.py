@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from megapre.errors import ConfigError
-from megapre.parallel.layout import check_model_split
+from megapre.parallel.layout import EVEN, StageSplit, check_model_split
 
 NORMS = ("LayerNorm", "RMSNorm")
 ACTIVATIONS = ("gelu", "swiglu", "squared_relu")
@@ -95,7 +95,8 @@ class TransformerConfig:
         return int(math.ceil(self.vocab_size / multiple) * multiple)
 
     def validate(self, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                 virtual_stages: int | None = None, sequence_parallel: bool = False) -> None:
+                 virtual_stages: int | None = None, sequence_parallel: bool = False,
+                 stage_split: StageSplit = EVEN) -> None:
         """Raise ConfigError naming the flag when the model or its layout cannot work."""
         _positive(self, ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
                          "ffn_hidden_size", "kv_channels", "vocab_size", "seq_length",
@@ -125,7 +126,7 @@ class TransformerConfig:
                           num_query_groups=self.num_query_groups,
                           ffn_hidden_size=self.ffn_hidden_size, seq_length=self.seq_length,
                           tp=tensor_parallel, pp=pipeline_parallel, virtual=virtual_stages,
-                          sequence_parallel=sequence_parallel)
+                          sequence_parallel=sequence_parallel, split=stage_split)
 
 
 def _positive(cfg: TransformerConfig, names: tuple[str, ...]) -> None:

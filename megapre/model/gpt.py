@@ -42,7 +42,8 @@ class GPTModel(nn.Module):
                  recompute_granularity: str | None = None, label_smoothing: float = 0.0,
                  task_head: HeadConfig | None = None) -> None:
         super().__init__()
-        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel)
+        cfg.validate(mesh.tp_size, mesh.pp_size, mesh.virtual_pipeline, mesh.sequence_parallel,
+                     mesh.stage_split)
         check_context_parallel(mesh.cp_size, cfg.seq_length, cfg.attention_dropout)
         self.cfg, self.mesh = cfg, mesh
         self.stage = stage or ChunkSpec.whole(cfg.num_layers)

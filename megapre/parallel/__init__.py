@@ -19,7 +19,7 @@ _EXPORTS = {
     "layers": ("ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
                "full_state_dict", "gather_full_param", "load_full_param", "normal_init",
                "padded_vocab_size", "sync_sequence_parallel_grads"),
-    "layout": ("check_model_split",),
+    "layout": ("StageSplit", "check_model_split"),
     "mesh": ("ParallelConfig", "ParallelMesh"),
     "random": ("MODEL_PARALLEL_RNG", "RNGTracker", "recompute", "set_random_seed"),
 }

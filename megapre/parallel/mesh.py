@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megapre.errors import ConfigError
 
-from .layout import check_parallel_sizes, check_positive, data_parallel_size
+from .layout import EVEN, StageSplit, check_parallel_sizes, check_positive, data_parallel_size
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 
@@ -45,6 +45,7 @@ class ParallelConfig:
     context_parallel: int = 1  # split every sequence over this many ranks (ring attention)
     timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
     tp_pp_dp_order: bool = False  # Megatron's --use-tp-pp-dp-mapping: pp inside dp
+    stage_split: StageSplit = EVEN  # Megatron's uneven pipeline split (layout.chunk_layers)
 
     def __post_init__(self) -> None:
         check_parallel_sizes(self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline)
@@ -206,6 +207,11 @@ class ParallelMesh:
     @property
     def virtual_pipeline(self) -> int | None:
         return self.config.virtual_pipeline
+
+    @property
+    def stage_split(self) -> StageSplit:
+        """How layers are shared over pipeline stages (even unless Megatron's uneven options)."""
+        return self.config.stage_split
 
     @property
     def sequence_parallel(self) -> bool:

@@ -1,7 +1,8 @@
 """Pipeline parallelism: which layers each rank holds, and the schedule that runs micro-batches
 through them (torch.distributed.pipelining's GPipe, 1F1B and interleaved 1F1B; they run on gloo).
 
-The model is cut into `pp x virtual` chunks of equal layer ranges. Chunk c of pipeline rank p runs
+The model is cut into `pp x virtual` chunks of layer ranges (equal, unless Megatron's uneven split
+options say otherwise: megapre.parallel.layout.chunk_ranges). Chunk c of pipeline rank p runs
 virtual stage `c * pp + p` (Megatron's interleaving): with PP 2 x 2 virtual stages and 8 layers,
 rank 0 holds layers 0-1 and 4-5, rank 1 holds 2-3 and 6-7, so a micro-batch crosses the ranks
 twice and the pipeline bubble shrinks by the number of chunks. Virtual stage 0 owns the
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layout import check_layer_split, check_schedule
+from .layout import EVEN, StageSplit, check_schedule, chunk_ranges
 from .mesh import ParallelMesh
 
 
@@ -51,16 +52,15 @@ class ChunkSpec:
         return self.stage_index == self.num_stages - 1
 
 
-def local_chunks(num_layers: int, pp_size: int, pp_rank: int,
-                 virtual: int | None = None) -> list[ChunkSpec]:
+def local_chunks(num_layers: int, pp_size: int, pp_rank: int, virtual: int | None = None,
+                 split: StageSplit = EVEN) -> list[ChunkSpec]:
     """The chunks pipeline rank `pp_rank` holds, in execution order (chunk 0 first)."""
     v = virtual or 1
-    stages = pp_size * v
-    per = check_layer_split(num_layers, pp_size, virtual)
+    ranges = chunk_ranges(num_layers, pp_size, virtual, split)
     if not 0 <= pp_rank < pp_size:
         raise ValueError(f"pipeline rank {pp_rank} outside [0, {pp_size})")
-    return [ChunkSpec(s, stages, s * per, (s + 1) * per)
-            for s in (c * pp_size + pp_rank for c in range(v))]
+    return [ChunkSpec(c * pp_size + pp_rank, pp_size * v, first, last)
+            for c, (first, last) in enumerate(ranges[pp_rank])]
 
 
 LossFn = Callable[..., torch.Tensor]

@@ -86,6 +86,18 @@ class ParallelArgs:
     num_virtual_stages_per_pipeline_rank: int | None = _f(
         None, "model chunks per pipeline rank (selects interleaved 1F1B; or give "
         "--num-layers-per-virtual-pipeline-stage)")
+    decoder_first_pipeline_num_layers: int | None = _f(
+        None, "transformer layers on the first pipeline stage; the other stages share the rest "
+        "evenly (Megatron's uneven pipeline split)")
+    decoder_last_pipeline_num_layers: int | None = _f(
+        None, "transformer layers on the last pipeline stage; the other stages share the rest "
+        "evenly")
+    account_for_embedding_in_pipeline_split: bool = _f(
+        False, "the embedding counts as one layer of the even pipeline split: the first stage "
+        "(its first virtual chunk) holds one transformer layer fewer")
+    account_for_loss_in_pipeline_split: bool = _f(
+        False, "the output layer and loss count as one layer of the even pipeline split: the "
+        "last stage (its last virtual chunk) holds one transformer layer fewer")
     sequence_parallel: bool = _f(False, "shard norms/dropout over the sequence within TP")
     use_tp_pp_dp_mapping: bool = _f(False, "rank order tp, cp, pp, dp (a replica's pipeline "
                                     "stages on neighbouring ranks) instead of Megatron's default "
@@ -106,6 +118,23 @@ class ParallelArgs:
     ddp_bucket_size: int | None = _f(
         None, "elements per gradient bucket (default: DDP's 25 MB; distributed optimizer: one "
         "bucket, or max(40M, 1M x DP) with --overlap-grad-reduce)")
+
+    def stage_split(self) -> layout.StageSplit:
+        """The four uneven-split flags as the layout rules take them."""
+        return layout.StageSplit(self.decoder_first_pipeline_num_layers,
+                                 self.decoder_last_pipeline_num_layers,
+                                 self.account_for_embedding_in_pipeline_split,
+                                 self.account_for_loss_in_pipeline_split)
+
+    def even_pipeline(self) -> None:
+        """Drop the virtual stages and uneven-split flags: a job that loads a checkpoint into a
+        layout of its own (evaluation, generation) splits its layers evenly."""
+        self.num_layers_per_virtual_pipeline_stage = None
+        self.num_virtual_stages_per_pipeline_rank = None
+        self.decoder_first_pipeline_num_layers = None
+        self.decoder_last_pipeline_num_layers = None
+        self.account_for_embedding_in_pipeline_split = False
+        self.account_for_loss_in_pipeline_split = False
 
 
 @dataclass
@@ -412,7 +441,8 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     _check_gqa(cfg.model)
     _check_activation(cfg.model)
     _check_recompute(cfg.train)
-    cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel)
+    cfg.transformer_config(vocab_size or 1024).validate(tp, pp, vp, p.sequence_parallel,
+                                                         p.stage_split())
     if p.pipeline_schedule == "interleaved" and vp is None:
         raise ConfigError(f"--pipeline-schedule interleaved needs {layout.VIRTUAL_FLAG}")
     layout.check_positive("--micro-batch-size", t.micro_batch_size)
@@ -490,11 +520,15 @@ def _virtual_stages(cfg: PretrainConfig) -> int | None:
     interleaved schedule (megapre.parallel.layout.resolve_schedule)."""
     p, num_layers = cfg.parallel, cfg.model.num_layers
     pp, chunks = p.pipeline_model_parallel_size, p.num_virtual_stages_per_pipeline_rank
+    split = p.stage_split()
     if chunks is None:
-        return layout.virtual_stages(num_layers, p.num_layers_per_virtual_pipeline_stage, pp)
+        return layout.virtual_stages(num_layers, p.num_layers_per_virtual_pipeline_stage, pp,
+                                     split)
     if p.num_layers_per_virtual_pipeline_stage is not None:
         raise ConfigError("give --num-layers-per-virtual-pipeline-stage or "
                           "--num-virtual-stages-per-pipeline-rank, not both")
+    if chunks >= 1 and split != layout.EVEN:
+        return chunks  # layout.chunk_layers checks the uneven split
     if chunks < 1 or num_layers % (chunks * pp):
         raise ConfigError(f"--num-layers {num_layers} is not divisible by "
                           f"--num-virtual-stages-per-pipeline-rank {chunks} x "

@@ -10,6 +10,7 @@ import numpy as np
 
 from megapre.data.notify import is_main_process
 from megapre.data.tokenizers import build_tokenizer
+from megapre.parallel import layout
 
 from .args import PretrainConfig, RunPlan, check_logging, validate
 from .checkpoint_names import looks_like_checkpoint
@@ -63,6 +64,7 @@ def config_lines(plan: RunPlan, world_size: int, tokenizer: Any) -> list[str]:
                    + f"PP "
                    f"{p.pipeline_model_parallel_size} x DP {plan.dp_size}; VP "
                    f"{plan.virtual_pipeline or '-'}; schedule {plan.pipeline_schedule or '-'}; "
+                   + _uneven_stages(plan) +
                    f"global batch {plan.global_batch_size} = micro {t.micro_batch_size} x "
                    f"{plan.num_microbatches} micro-batches x DP {plan.dp_size}"),
         ("training", f"{t.train_iters} iterations, {plan.global_batch_size * m.seq_length:,} "
@@ -73,6 +75,18 @@ def config_lines(plan: RunPlan, world_size: int, tokenizer: Any) -> list[str]:
         ("load", _load_text(c.load)),
         ("metrics", log.metrics_path or "- (console only; --metrics-path FILE keeps them)"),
     ])
+
+
+def _uneven_stages(plan: RunPlan) -> str:
+    """'layers per stage 1/3/3/1; ' under Megatron's uneven pipeline split, else ''."""
+    p = plan.config.parallel
+    split = p.stage_split()
+    if split == layout.EVEN:
+        return ""
+    counts = layout.chunk_layers(plan.config.model.num_layers, p.pipeline_model_parallel_size,
+                                 plan.virtual_pipeline, split)
+    per_stage = "/".join("+".join(map(str, chunks)) for chunks in counts)
+    return f"layers per stage {per_stage}; "
 
 
 def _load_text(load: str | None) -> str:

@@ -64,14 +64,15 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
     layout.data_parallel_size(int(os.environ.get("WORLD_SIZE", "1")), tp, pp, cp)
     model_cfg = cfg.transformer_config(tokenizer.vocab_size)
-    model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel)
+    model_cfg.validate(tp, pp, virtual_pipeline, p.sequence_parallel, p.stage_split())
     device = resolve_device(cfg.train.device)
     if cfg.train.deterministic_mode:
         _deterministic(device)
     mesh = ParallelMesh.init(ParallelConfig(
         tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=virtual_pipeline,
         sequence_parallel=p.sequence_parallel, context_parallel=cp,
-        timeout_s=p.distributed_timeout_minutes * 60, tp_pp_dp_order=p.use_tp_pp_dp_mapping),
+        timeout_s=p.distributed_timeout_minutes * 60, tp_pp_dp_order=p.use_tp_pp_dp_mapping,
+        stage_split=p.stage_split()),
         device)
     tracker = set_random_seed(cfg.train.seed, mesh)
     # the distributed optimizer reduces gradients itself (no DDP wrapper then)

@@ -125,7 +125,7 @@ class ModelAdapter:
     # -- building --------------------------------------------------------------------------
     def chunks(self) -> list[ChunkSpec]:
         return local_chunks(self.cfg.num_layers, self.mesh.pp_size, self.mesh.pp_rank,
-                            self.mesh.virtual_pipeline)
+                            self.mesh.virtual_pipeline, self.mesh.stage_split)
 
     def build(self, spec: ChunkSpec, *, seed: int, tracker: RNGTracker | None = None,
               recompute_granularity: str | None = None, label_smoothing: float = 0.0
