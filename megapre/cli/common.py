@@ -70,6 +70,7 @@ def apply_common(cfg: "PretrainConfig", args: argparse.Namespace) -> "PretrainCo
     p.tensor_model_parallel_size = args.tensor_model_parallel_size
     p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
     p.context_parallel_size = 1  # a run trained with context parallelism evaluates without it
+    p.num_distributed_optimizer_instances = 1  # a training layout: no optimizer here
     p.num_layers_per_virtual_pipeline_stage = None
     p.num_virtual_stages_per_pipeline_rank = None
     p.pipeline_schedule = "1f1b"

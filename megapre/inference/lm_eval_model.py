@@ -148,6 +148,7 @@ class MegapreLM(TemplateLM):
         p = cfg.parallel
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
         p.context_parallel_size = 1  # context parallelism is a pretraining layout
+        p.num_distributed_optimizer_instances = 1  # so is the optimizer's (none here)
         p.num_layers_per_virtual_pipeline_stage, p.pipeline_schedule = None, "1f1b"
         p.sequence_parallel = False  # sequences of any length: no sequence sharding
         cfg.train.device = device

@@ -253,3 +253,26 @@ def test_instances_config_and_single_process_mesh():
     assert two == pytest.approx(2 * one, abs=8)
     mesh = ParallelMesh.single(device="cpu")
     assert (mesh.optimizer_shard_size, mesh.optimizer_instances) == (1, 1)
+
+
+
+def test_evaluation_of_a_two_instance_run_drops_the_optimizer_layout():
+    """evaluate / generate / lm-eval start from the run's saved config on their own layout;
+    the optimizer instances of training must not make one process refuse it."""
+    import argparse
+    import copy
+
+    from megapre.cli.common import apply_common
+    from megapre.inference.lm_eval_model import MegapreLM
+
+    saved = _config(4, "--num-distributed-optimizer-instances", "2",
+                    "--use-distributed-optimizer").config
+    args = argparse.Namespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                              device="cpu", bf16=False, vocab_file=None, merge_file=None,
+                              tokenizer_model=None)
+    evaluated = apply_common(copy.deepcopy(saved), args)
+    scored = copy.deepcopy(saved)
+    MegapreLM._apply_job(scored, 1, 1, "cpu", False, {})
+    for cfg in (evaluated, scored):
+        assert cfg.parallel.num_distributed_optimizer_instances == 1
+        assert validate(cfg, 1, 64).dp_size == 1
