@@ -51,7 +51,8 @@ def param_groups(model: nn.Module, weight_decay: float,
 @dataclass(frozen=True)
 class ShardingArgs:
     """How the optimizer state is laid out over DP (the fields of ParallelArgs with these names;
-    see megapre.train.args)."""
+    see megapre.train.args). The number of optimizer instances is not here: it shapes the
+    process groups, so the mesh carries it (ParallelConfig.optimizer_instances)."""
 
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
