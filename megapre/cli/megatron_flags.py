@@ -89,7 +89,6 @@ NOOPS: dict[str, Entry] = {
     "--straggler-minmax-count": Entry(_DIAG),
     "--check-weight-hash-across-dp-replicas-interval": Entry(_DIAG),
     "--log-progress": Entry("megapre's --metrics-path records progress"),
-    "--rerun-mode": Entry(_DIAG, _only("disabled")),
     "--expert-model-parallel-size": Entry("no experts: a size of 1 is the only layout",
                                           _at_most_one),
     "--tiktoken-pattern": Entry("read only by Megatron's TikTokenizer, which megapre does not "
@@ -149,17 +148,16 @@ REFUSED: dict[str, str] = {
     "--attention-output-gate": "gated attention output is not supported",
     "--hierarchical-context-parallel-sizes": "hierarchical context parallelism is not supported",
     "--export-": "ModelOpt export/distillation is not supported",
-    "--fim-": "fill-in-the-middle data is not supported",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
-    "--error-injection-": "Megatron's rerun-state error injection is not supported",
     "--account-for-embedding-in-pipeline-split": "uneven pipeline splits are not supported",
     "--account-for-loss-in-pipeline-split": "uneven pipeline splits are not supported",
     "--decoder-first-pipeline-num-layers": "uneven pipeline splits are not supported",
     "--decoder-last-pipeline-num-layers": "uneven pipeline splits are not supported",
     "--rampup-batch-size": "batch-size ramp-up is not supported (Megatron deprecated it: use "
                            "--step-batch-size-schedule)",
-    "--eval-global-batch-size": "a separate evaluation batch size is not supported (evaluation "
-                                "uses --global-batch-size)",
+    "--eval-micro-batch-size": "a separate evaluation micro-batch size is not supported "
+                               "(validation uses --micro-batch-size; --eval-global-batch-size "
+                               "sets its batch)",
     "--num-experts-per-token": _MOE,
 }
 

@@ -3,7 +3,9 @@ megapre.pretrain` is one process). Flags follow Megatron-LM; `--help` lists them
 At the end the summary is printed as a table; its JSON is written beside --metrics-path
 (metrics.summary.json). Exit codes: 0 finished (or stopped cleanly by SIGTERM/SIGINT /
 --exit-duration-in-mins after saving), 2 configuration error (the message names the flag),
-1 anything else (a checkpoint that cannot be written is one line naming the path)."""
+1 anything else (a checkpoint that cannot be written is one line naming the path); under
+--rerun-mode validate_results 16 (resume from the saved checkpoint on other hardware) and 17
+(a rejected result was diagnosed), as Megatron."""
 from __future__ import annotations
 
 import sys
@@ -45,6 +47,7 @@ def _train(trainer, prog: str) -> int:
     from megapre.errors import ConfigError
     from megapre.train.checkpoint import CheckpointSaveError
     from megapre.train.metrics import format_summary, ordered_summary, write_summary
+    from megapre.train.rerun import RerunExit
 
     try:
         summary = trainer.train()
@@ -54,6 +57,8 @@ def _train(trainer, prog: str) -> int:
     except ConfigError as e:  # bad data met mid-run (a sample's ids), maybe in a loader worker
         print(f"{prog}: error: {_own_message(e)}", file=sys.stderr, flush=True)
         return 2
+    except RerunExit as e:  # --rerun-mode: 16 resume elsewhere, 17 diagnosed
+        return e.halt.exit_code
     finally:
         trainer.close()
     if trainer.logger.enabled:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megapre.data.blend import BlendConfig
+from megapre.data.fim import FIMConfig
 from megapre.data.index_cache import CacheConfig
 from megapre.flag_fields import flag_field as _f
 
@@ -46,6 +47,22 @@ class DataArgs:
     reset_attention_mask: bool = _f(False, "no attention across document boundaries")
     mask_prob: float = _f(0.15, "BERT: fraction of tokens masked")
     short_seq_prob: float = _f(0.1, "BERT: probability of a shorter sample")
+    # Fill-in-the-middle (megapre/data/fim.py); Megatron's flags and defaults.
+    fim_data: bool = _f(False, "GPT: fill-in-the-middle samples (PSM/SPM) over --data-path; "
+                        "sentinels the tokenizer lacks are added to its vocabulary")
+    fim_rate: float = _f(0.5, "FIM: probability that a document piece is rearranged")
+    fim_spm_rate: float = _f(0.5, "FIM: probability that a rearranged piece is SPM, not PSM")
+    fim_split_sample: str | None = _f(None, "FIM: token at which a piece is split into fragments "
+                                      "rearranged separately (needs --fim-fragment-rate)")
+    fim_fragment_rate: float | None = _f(None, "FIM: rate of each fragment under "
+                                         "--fim-split-sample")
+    fim_no_prefix: str | None = _f(None, "FIM: leave pieces whose text starts with this as they are")
+    fim_prefix_token: str = _f("<fim_prefix>", "FIM prefix sentinel")
+    fim_middle_token: str = _f("<fim_middle>", "FIM middle sentinel")
+    fim_suffix_token: str = _f("<fim_suffix>", "FIM suffix sentinel")
+    fim_pad_token: str = _f("<fim_pad>", "FIM padding token (no loss)")
+    fim_eod_token: str = _f("<|endoftext|>", "FIM: the token between documents (a tokenizer "
+                            "that spells its EOD otherwise uses its own)")
 
     def blend(self) -> BlendConfig:
         """Which corpora feed which split."""
@@ -54,6 +71,14 @@ class DataArgs:
                            valid_data_path=self.valid_data_path or None,
                            test_data_path=self.test_data_path or None,
                            megatron_compatible_blend=self.megatron_compatible_blend)
+
+    def fim(self, seed: int) -> FIMConfig:
+        """The FIM settings (checked: rates in [0, 1]), with the run's --seed."""
+        return FIMConfig(rate=self.fim_rate, spm_rate=self.fim_spm_rate,
+                         split_sample=self.fim_split_sample, fragment_rate=self.fim_fragment_rate,
+                         no_prefix=self.fim_no_prefix, prefix_token=self.fim_prefix_token,
+                         middle_token=self.fim_middle_token, suffix_token=self.fim_suffix_token,
+                         pad_token=self.fim_pad_token, eod_token=self.fim_eod_token, seed=seed)
 
     def cache(self) -> CacheConfig:
         """Where and how the sample indices are cached."""

@@ -160,9 +160,11 @@ def _default_opener(prefix: str) -> Any:
 
 def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: Sequence[int | None],
                        open_dataset: Opener | None = None, group: Any = None,
+                       wrap: Callable[[GPTDataset], Any] | None = None,
                        ) -> dict[str, GPTDataset | BlendedDataset | None]:
     """The train/valid/test datasets of a run. num_samples: samples wanted per split (Megatron's
-    train_valid_test_num_samples); 0 or a split with no share in --split gives None."""
+    train_valid_test_num_samples); 0 or a split with no share in --split gives None. `wrap`
+    turns each corpus's GPTDataset into the dataset blended (FIM samples: megapre.data.fim)."""
     fractions = parse_split(blend.split)
     open_dataset = open_dataset or _default_opener
     opened: dict[str, Any] = {}
@@ -184,7 +186,8 @@ def build_gpt_datasets(blend: BlendConfig, gpt: GPTDatasetConfig, num_samples: S
                 raise DataError(f"the {name} split of {', '.join(prefixes)} is empty (no tokens in its "
                                  f"documents); give it a larger share in --split or more data")
         weights = normalize(weights)
-        result[name] = _split_dataset(name, datasets, ranges, weights, want, blend, gpt, group)
+        result[name] = _split_dataset(name, datasets, ranges, weights, want, blend, gpt, group,
+                                      wrap or (lambda d: d))
     return result
 
 
@@ -230,13 +233,13 @@ def _tokens_in(dataset: Any, document_range: tuple[int, int]) -> int:
 
 def _split_dataset(name: str, datasets: list[Any], ranges: list[tuple[int, int]], weights: list[float],
                    want: int | None, blend: BlendConfig, gpt: GPTDatasetConfig, group: Any,
-                   ) -> GPTDataset | BlendedDataset:
+                   wrap: Callable[[GPTDataset], Any]) -> GPTDataset | BlendedDataset:
     if len(datasets) == 1:
-        return GPTDataset(datasets[0], name, ranges[0], want, gpt, group)
+        return wrap(GPTDataset(datasets[0], name, ranges[0], want, gpt, group))
     if want is None:
         raise ValueError(f"the {name} split blends {len(datasets)} datasets: give its number of samples")
     sizes = samples_per_dataset(want, weights)
-    parts = [GPTDataset(d, name, r, n, gpt, group)
+    parts = [wrap(GPTDataset(d, name, r, n, gpt, group))
              for d, r, n, w in zip(datasets, ranges, sizes, weights) if w > 0]
     kept = [w for w in weights if w > 0]
     return BlendedDataset(parts, kept, want, gpt.cache, name, blend.megatron_compatible_blend, group)

@@ -77,7 +77,10 @@ def check_document_range(document_range: Sequence[int] | None, num_documents: in
     return begin, end
 
 def samples_per_split(train_iters: int, eval_interval: int, eval_iters: int,
-                      global_batch_size: int) -> list[int]:
-    """Megatron's train_valid_test_num_samples: enough for every step and every evaluation."""
+                      global_batch_size: int, eval_global_batch_size: int | None = None
+                      ) -> list[int]:
+    """Megatron's train_valid_test_num_samples: enough for every step and every evaluation
+    (validation batches of --eval-global-batch-size, default the training batch)."""
     evals = (train_iters // eval_interval + 1) * eval_iters
-    return [train_iters * global_batch_size, evals * global_batch_size, eval_iters * global_batch_size]
+    eval_gbs = eval_global_batch_size or global_batch_size
+    return [train_iters * global_batch_size, evals * eval_gbs, eval_iters * eval_gbs]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megapre.data.args import DataArgs
+from megapre.data.fim import check_tokenizer_type
 from megapre.data.tokenizers import TokenizerConfig
 from megapre.flag_fields import flag, flag_field as _f
 from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_ffn_hidden_size
@@ -134,6 +135,26 @@ class TrainArgs:
     hysteresis: int = _f(2, "fp16: overflows before the first halving of the scale (refilled "
                          "when the scale grows; Megatron's default 2)")
     max_skipped_iters: int = _f(20, "stop after this many consecutive NaN/inf steps")
+    rerun_mode: str = _f("disabled", "validate_results: re-run a step whose loss or grad norm is "
+                         "NaN/Inf (or spiky, see below) to tell a transient fault from a faulty "
+                         "device or a correct result (exit 16: resume from the saved checkpoint "
+                         "elsewhere; 17: diagnosed); report_stats: run every step twice and "
+                         "report how far results differ; disabled: megapre skips non-finite "
+                         "steps (--max-skipped-iters)", choices=("disabled", "validate_results",
+                                                                 "report_stats"))
+    check_for_nan_in_loss_and_grad: bool = _f(True, "--rerun-mode: check losses and the grad "
+                                              "norm for NaN/Inf")
+    check_for_spiky_loss: bool = _f(False, "--rerun-mode: a loss 10x the largest of the first "
+                                    "100 is checked (not fatal)")
+    check_for_large_grads: bool = _f(False, "--rerun-mode: a grad norm 10x the largest of the "
+                                     "first 100 is checked (not fatal)")
+    error_injection_rate: int = _f(0, "--rerun-mode validate_results: fake a fault in about one "
+                                   "validation in N (tests the path; 0: never)")
+    error_injection_type: str = _f("transient_error", "the fault --error-injection-rate fakes",
+                                   choices=("correct_result", "transient_error",
+                                            "persistent_error"))
+    result_rejected_tracker_filename: str | None = _f(
+        None, "append each rejected result to this file (Megatron's tracker format)")
     recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))
     recompute_method: str | None = _f(None, "full recompute: uniform (checkpoint groups of "
                                       "--recompute-num-layers layers) or block (only the first "
@@ -150,6 +171,8 @@ class TrainArgs:
     manual_gc_eval: bool = _f(True, "--manual-gc: collect before and after each evaluation")
     eval_interval: int = _f(1000, "validate every N steps")
     eval_iters: int = _f(100, "validation batches per evaluation")
+    eval_global_batch_size: int | None = _f(None, "samples per validation batch (default "
+                                            "--global-batch-size; Megatron's flag)")
     exit_duration_in_mins: float | None = _f(None, "save and exit after this many minutes")
     exit_interval: int | None = _f(None, "save and exit at an iteration multiple of this")
     device: str = _f("auto", "cuda, cpu or auto")
@@ -245,9 +268,11 @@ class PretrainConfig:
             raise ConfigError("--tokenizer-type is required (e.g. GPT2BPETokenizer with "
                               "--vocab-file and --merge-file, or the tokenizer the data was "
                               "preprocessed with)")
+        fim = d.fim_data and self.model.model == "gpt"
         return TokenizerConfig(tokenizer_type=d.tokenizer_type, vocab_file=d.vocab_file,
                                merge_file=d.merge_file, tokenizer_model=d.tokenizer_model,
-                               vocab_size=d.vocab_size)
+                               vocab_size=d.vocab_size,
+                               added_tokens=d.fim(self.train.seed).sentinels() if fim else ())
 
     def transformer_config(self, vocab_size: int) -> TransformerConfig:
         """The model description for megapre.model, with the tokenizer's vocabulary size."""
@@ -406,9 +431,10 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         gbs, schedule_sizes = _batch_schedule(cfg, dp)
     train_iters = _train_iters(cfg, gbs)
     num_mb = layout.num_microbatches(t.micro_batch_size, gbs, dp)
+    eval_gbs = _eval_batch_size(t, gbs, dp)
     schedule = layout.resolve_schedule(p.pipeline_schedule if pp > 1 else None, pp, vp)
     if schedule is not None:
-        for size in sorted({gbs, *schedule_sizes}):
+        for size in sorted({gbs, eval_gbs, *schedule_sizes}):
             layout.check_schedule(schedule, pp, vp, layout.num_microbatches(
                 t.micro_batch_size, size, dp))
     if t.bf16 and t.fp16:
@@ -427,6 +453,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the final decay)")
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
+    _check_fim(cfg)
     if d.mock_data:
         _check_mock_data(cfg)
     elif not (d.data_path or d.train_data_path):
@@ -450,6 +477,21 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     resolved.train.global_batch_size = gbs
     resolved.train.train_iters = train_iters
     return RunPlan(resolved, dp, vp, schedule, num_mb)
+
+
+def _eval_batch_size(t: TrainArgs, gbs: int, dp: int) -> int:
+    """--eval-global-batch-size (default: the training batch), split into whole micro-batches
+    per DP rank as the training batch is."""
+    if t.eval_global_batch_size is None:
+        return gbs
+    flag = "--eval-global-batch-size"
+    layout.check_positive(flag, t.eval_global_batch_size)
+    per_step = t.micro_batch_size * dp
+    if t.eval_global_batch_size % per_step:
+        raise ConfigError(f"{flag} {t.eval_global_batch_size} is not divisible by "
+                          f"--micro-batch-size {t.micro_batch_size} x data-parallel size {dp} "
+                          f"= {per_step}; use a multiple of {per_step}")
+    return t.eval_global_batch_size
 
 
 def _virtual_stages(cfg: PretrainConfig) -> int | None:
@@ -485,6 +527,21 @@ def _check_recompute(t: TrainArgs) -> None:
         raise ConfigError(f"--recompute-num-layers must be >= 1, got {t.recompute_num_layers}")
     if t.manual_gc_interval < 0:
         raise ConfigError(f"--manual-gc-interval must be >= 0, got {t.manual_gc_interval}")
+
+
+def _check_fim(cfg: PretrainConfig) -> None:
+    """FIM rates are probabilities (checked even without --fim-data, as a typo is a typo); FIM
+    rearranges GPT text, so BERT and the mock corpus (random ids, no text) refuse it."""
+    d = cfg.data
+    d.fim(cfg.train.seed)
+    if d.fim_data and cfg.model.model != "gpt":
+        raise ConfigError(f"--fim-data is GPT-only (--model {cfg.model.model} trains on masked "
+                          "sentence pairs)")
+    if d.fim_data:
+        check_tokenizer_type(d.tokenizer_type)
+    if d.fim_data and d.mock_data:
+        raise ConfigError("--fim-data with --mock-data: the mock corpus is random ids with no "
+                          "text to rearrange (Megatron refuses it too); give --data-path")
 
 
 def _check_mock_data(cfg: PretrainConfig) -> None:
@@ -561,6 +618,11 @@ def _check_counts(cfg: PretrainConfig) -> None:
                       ("clip_grad", 0)):
         _at_least(name, getattr(t, name), low)
     _at_least("hysteresis", t.hysteresis, 1)
+    _at_least("error_injection_rate", t.error_injection_rate, 0)
+    if t.error_injection_rate and t.rerun_mode != "validate_results":
+        raise ConfigError(f"--error-injection-rate {t.error_injection_rate} fakes faults for "
+                          f"--rerun-mode validate_results (got --rerun-mode {t.rerun_mode}); add "
+                          "it or drop the injection")
     for name in ("exit_duration_in_mins", "initial_loss_scale", "loss_scale", "min_loss_scale"):
         _at_least(name, getattr(t, name), 0, strict=True)
     _at_least("log_interval", cfg.log.log_interval, 1)

@@ -18,6 +18,7 @@ import torch
 from megapre.data.bert_dataset import BertDatasetConfig, bert_special_ids
 from megapre.data.blend import build_bert_datasets, build_gpt_datasets
 from megapre.data.errors import DataError
+from megapre.data.fim import FIMDataset, FIMTransform
 from megapre.data.gpt_dataset import GPTDatasetConfig
 from megapre.data.mock import mock_directory, write_mock_corpus
 from megapre.data.notify import warn
@@ -39,7 +40,8 @@ class Splits:
 def samples_per_split(cfg: PretrainConfig) -> list[int]:
     """Megatron's train_valid_test_num_samples: enough for every step and every evaluation."""
     t = cfg.train
-    return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size)
+    return _samples_per_split(t.train_iters, t.eval_interval, t.eval_iters, t.global_batch_size,
+                              t.eval_global_batch_size)
 
 
 def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -> Splits:
@@ -53,7 +55,9 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
         bert_special_ids(tokenizer)      # before any index is built
     # Sentence order prediction pairs sentences: document-level data has none to pair.
     pairs = bert and cfg.model.bert_binary_head
-    opener = CheckedOpener(tokenizer, DataCheckConfig(d.allow_tokenizer_mismatch, need_sentences=pairs))
+    # The data was made with the tokenizer before any FIM sentinels were appended to it.
+    opener = CheckedOpener(getattr(tokenizer, "base", tokenizer),
+                           DataCheckConfig(d.allow_tokenizer_mismatch, need_sentences=pairs))
     if not bert:
         gpt = GPTDatasetConfig(seq_length=cfg.model.seq_length, seed=cfg.train.seed,
                                eod_token=tokenizer.eod, eod_mask_loss=d.eod_mask_loss,
@@ -61,7 +65,7 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
                                reset_attention_mask=d.reset_attention_mask, cache=cache,
                                vocab_size=tokenizer.vocab_size)
         found = build_gpt_datasets(_blend(cfg, tokenizer), gpt, counts, open_dataset=opener,
-                                   group=group)
+                                   group=group, wrap=_fim_wrapper(cfg, tokenizer))
     else:
         bert_cfg = BertDatasetConfig(seq_length=cfg.model.seq_length, mask_prob=d.mask_prob,
                                      short_seq_prob=d.short_seq_prob,
@@ -74,6 +78,14 @@ def build_splits(cfg: PretrainConfig, tokenizer: Tokenizer, group: Any = None) -
                         f"(now {d.split!r}) or pass --train-data-path")
     _say_if_validation_off(cfg, found.get("valid"), counts[1])
     return Splits(found["train"], found.get("valid"), found.get("test"))
+
+
+def _fim_wrapper(cfg: PretrainConfig, tokenizer: Tokenizer) -> Any:
+    """--fim-data: each corpus's GPT samples become FIM samples (megapre.data.fim); else None."""
+    if not cfg.data.fim_data:
+        return None
+    transform = FIMTransform(tokenizer, cfg.data.fim(cfg.train.seed))
+    return lambda dataset: FIMDataset(dataset, transform)
 
 
 def _blend(cfg: PretrainConfig, tokenizer: Tokenizer) -> Any:

@@ -73,6 +73,8 @@ class Trainer:
         self.loss_scaler = _loss_scaler(cfg.train)
         self.step = TrainStep(self.model, self.optimizer, step_cfg, loss_scaler=self.loss_scaler)
         self.evaluator = EvalStep(self.model, step_cfg, step=self.step)
+        self.rerun = self._rerun_machine()
+        self.step.rerun = self.rerun
         self.state = TrainState()
         t = cfg.train
         self.gc = ManualGC(t.manual_gc, t.manual_gc_interval, t.manual_gc_eval)
@@ -120,6 +122,8 @@ class Trainer:
         self.save_lock = self._lock_save_dir() if c.save else None
         try:
             self._load(c)
+            if self.rerun is not None and self.rerun.phase == 0:
+                self.rerun.iteration = self.state.iteration
         except BaseException:
             if self.save_lock is not None:
                 self.save_lock.release()
@@ -164,6 +168,7 @@ class Trainer:
             if self.loss_scaler is not None and extra.get("loss_scaler"):
                 self.loss_scaler.load_state_dict(extra["loss_scaler"])
             self._resume_schedule(extra.get("lr_schedule"))
+            self._resume_rerun(extra.get("rerun"))
         self.load_info.update(resumed_from=str(info["path"]), started_from_scratch=False,
                               resumed_iteration=int(info["iteration"]))
         self._print(f"loaded checkpoint {info['path']} at iteration {info['iteration']}")
@@ -209,7 +214,8 @@ class Trainer:
                                "skipped_samples": self.state.skipped_samples,
                                "loss_scaler": (self.loss_scaler.state_dict()
                                                if self.loss_scaler is not None else None),
-                               "lr_schedule": schedule_state(self.schedule)},
+                               "lr_schedule": schedule_state(self.schedule),
+                               "rerun": self._rerun_state()},
                         async_save=c.async_save, keep_last=c.keep_last,
                         retain_interval=c.save_retain_interval,
                         tokenizer=self.tokenizer.describe())
@@ -240,6 +246,8 @@ class Trainer:
             self.step.set_global_batch_size(batch)
             with self._autocast():
                 result = self.step(data)
+            if result.halt is not None:
+                self._halt(result.halt)
             st.iteration += 1
             st.consumed_samples += batch
             self._account_skip(result.skipped, scale_before, batch)
@@ -248,6 +256,8 @@ class Trainer:
             summary["train_loss"] = result.loss
             if st.iteration % cfg.log.log_interval == 0 or st.iteration == t.train_iters:
                 self._log_train(window.take(), lr)
+                if self.rerun is not None and self.rerun.mode == "report_stats":
+                    self._report_determinism()
             if self.splits.valid is not None and t.eval_iters > 0 and \
                     st.iteration % t.eval_interval == 0:
                 summary["valid_loss"] = self._evaluate("valid")
@@ -324,12 +334,14 @@ class Trainer:
     def _evaluate(self, split: str) -> float:
         dataset = getattr(self.splits, split)
         t = self.cfg.train
-        self.step.set_global_batch_size(t.global_batch_size)  # not a schedule's smaller size
+        # --eval-global-batch-size, else the nominal batch (not a schedule's smaller size)
+        gbs = t.eval_global_batch_size or t.global_batch_size
+        self.step.set_global_batch_size(gbs)
         # Each evaluation reads its own fresh window of the split: evaluation k at iteration i
         # starts where the previous ones stopped, as Megatron's validation iterator does.
         start = 0 if split == "test" else \
-            (self.state.iteration // t.eval_interval - 1) * t.eval_iters * t.global_batch_size
-        start = max(start, 0) % max(len(dataset) - t.eval_iters * t.global_batch_size + 1, 1)
+            (self.state.iteration // t.eval_interval - 1) * t.eval_iters * gbs
+        start = max(start, 0) % max(len(dataset) - t.eval_iters * gbs + 1, 1)
         data = batches(dataset, start, self.cfg, self.mesh.dp_rank, self.mesh.dp_size,
                        self.device, num_workers=0)
         total, parts_sum = 0.0, {}
@@ -344,6 +356,100 @@ class Trainer:
                              {k: v / t.eval_iters for k, v in parts_sum.items()})
         self.logger.log(record, console=format_eval_line(record))
         return loss
+
+    # -- --rerun-mode ---------------------------------------------------------------------------
+    def _rerun_machine(self):
+        """Megatron's rerun state machine, or None (--rerun-mode disabled costs nothing)."""
+        t = self.cfg.train
+        if t.rerun_mode == "disabled":
+            return None
+        from . import rng_state
+        from .rerun import RerunConfig, RerunMachine
+
+        cfg = RerunConfig(t.rerun_mode, t.check_for_nan_in_loss_and_grad, t.check_for_spiky_loss,
+                          t.check_for_large_grads, t.error_injection_rate, t.error_injection_type,
+                          t.result_rejected_tracker_filename)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return RerunMachine(cfg, rank, self._any_rank,
+                            capture=lambda: rng_state.capture(self.mesh, self.tracker),
+                            restore=lambda s: rng_state.restore(s, self.mesh, self.tracker),
+                            log=lambda text: print(f"[megapre] {text}", flush=True))
+
+    def _any_rank(self, flags: list[bool]) -> list[bool]:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return list(flags)
+        t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
+
+    def _layout(self) -> list[int]:
+        m = self.mesh
+        return [m.world_size, m.tp_size, m.pp_size, m.dp_size, m.cp_size]
+
+    def _rerun_state(self) -> dict | None:
+        """Every rank's rerun state, gathered into the checkpoint's metadata (collective)."""
+        if self.rerun is None:
+            return None
+        states = [self.rerun.state_dict()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            states = [None] * dist.get_world_size()
+            dist.all_gather_object(states, self.rerun.state_dict())
+        return {"mode": self.rerun.mode, "layout": self._layout(), "ranks": states}
+
+    def _resume_rerun(self, saved: dict | None) -> None:
+        from .rerun import Phase
+
+        pending = saved is not None and any(r["phase"] != Phase.IDLE for r in saved["ranks"])
+        if self.rerun is None:
+            if pending:
+                self._print("WARNING: the checkpoint waits for a re-run of its next step, but "
+                            "--rerun-mode is disabled: the saved rerun state is ignored")
+            return
+        if saved is None:
+            return
+        if saved["layout"] != self._layout():
+            self._print("WARNING: the parallel layout changed since the checkpoint (world, TP, "
+                        f"PP, DP, CP {saved['layout']} -> {self._layout()}): its rerun state is "
+                        "ignored")
+            return
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.rerun.load_state_dict(saved["ranks"][rank])
+        if pending:
+            self._print(f"re-running iteration {self.rerun.iteration} from the checkpoint to "
+                        "settle the diagnosis of its unexpected result")
+
+    def _halt(self, halt) -> None:
+        """Save the state before the step when asked, then exit with Megatron's code."""
+        from .rerun import EXIT_FAILED_VALIDATION, Halt, RerunExit
+
+        if halt.checkpoint and not self.cfg.checkpoint.save:
+            halt = Halt(EXIT_FAILED_VALIDATION, False,
+                        "no --save directory to keep the step for a re-run on other hardware; "
+                        "exiting without updating the weights")
+        if halt.checkpoint:
+            self.save()
+        self._print(f"--rerun-mode {self.cfg.train.rerun_mode}: {halt.message} "
+                    f"(exit code {halt.exit_code})")
+        raise RerunExit(halt)
+
+    def _report_determinism(self) -> None:
+        """--rerun-mode report_stats: how far re-runs differed, over all ranks (collective)."""
+        stats = [self.rerun.take_stats()]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            stats = [None] * dist.get_world_size()
+            dist.all_gather_object(stats, self.rerun.take_stats())
+        merged: dict[str, dict[str, float]] = {}
+        for rank_stats in stats:
+            for check, s in rank_stats.items():
+                m = merged.setdefault(check, {"count": 0, "sum": 0.0, "max": 0.0})
+                m["count"] += s["count"]
+                m["sum"] += s["mean"] * s["count"]
+                m["max"] = max(m["max"], s["max"])
+        for check, m in sorted(merged.items()):
+            mean = m["sum"] / m["count"] if m["count"] else 0.0
+            self._print(f"determinism at iteration {self.state.iteration}: '{check}': "
+                        f"{m['count']} re-runs, relative difference mean {mean:.3g} max "
+                        f"{m['max']:.3g}")
 
     def _log_train(self, w: dict, lr: float) -> None:
         tp = throughput(w["tokens"], w["seconds"], self.flops_token, self.mesh.world_size, self.peak)

@@ -42,6 +42,7 @@ from megapre.parallel.pipeline import PipelineRunner, sync_tied_embedding_grads
 from .loss_scale import DynamicLossScaler
 from .losses import Normalizers, Parts
 from .parallel_model import ParallelModel
+from .rerun import Halt, RerunMachine
 from .stages import MicroBatch
 
 
@@ -60,7 +61,8 @@ class StepResult(NamedTuple):
     loss: float  # global-batch mean loss (BERT: masked-LM + sentence-order)
     grad_norm: float  # global L2 norm before clipping
     parts: dict[str, float]  # loss components (GPT: 'lm loss'; BERT: + 'sop loss')
-    skipped: bool  # optimizer step skipped (non-finite grad norm)
+    skipped: bool  # optimizer step skipped (non-finite grad norm, or halted)
+    halt: Halt | None = None  # --rerun-mode: save (maybe) and exit instead of updating
 
 
 class TrainStep:
@@ -80,6 +82,8 @@ class TrainStep:
         self._norm = Normalizers(1.0, 1.0)
         self._scale = 1.0
         self._parts: list[Parts] = []
+        self.rerun: RerunMachine | None = None  # --rerun-mode (set by the training loop)
+        self._validating = False
         self.pipeline: PipelineRunner | None = None
         self._pipelines: dict[int, PipelineRunner] = {}
         self._schedule = resolve_schedule(config.pipeline_schedule, mesh.pp_size,
@@ -104,15 +108,36 @@ class TrainStep:
         self.pipeline = self._pipeline(self.num_microbatches)
 
     def _loss(self, output, target) -> torch.Tensor:
-        """One micro-batch's loss share, recorded for logging and scaled for backward."""
+        """One micro-batch's loss share, recorded for logging (and checked under --rerun-mode)
+        and scaled for backward."""
         loss, parts = self.adapter.loss(output, target, self._norm)
         self._parts.append(parts)
+        if self._validating:
+            self.rerun.check_loss(float(loss.detach()))
         return loss * self._scale if self._scale != 1.0 else loss
 
     # -- the step ---------------------------------------------------------------------------
     def __call__(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> StepResult:
         mbs = self._prepare(batch_iter, train=True)
         sharded = self.optimizer if isinstance(self.optimizer, DistributedOptimizer) else None
+        runs = self.rerun.runs() if self.rerun is not None else range(1)
+        for _ in runs:  # --rerun-mode runs a step again, same batch, same random streams
+            parts, grad_norm = self._gradients(mbs, sharded)
+        loss, named = self._reduce_loss(parts)
+        halt = self.rerun.halt() if self.rerun is not None else None
+        if halt is not None:  # no update: the step is saved (maybe) and re-run after a restart
+            return StepResult(loss, grad_norm, named, True, halt)
+        skipped = not math.isfinite(grad_norm)
+        if not skipped:
+            self.optimizer.step()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=skipped)
+        return StepResult(loss, grad_norm, named, skipped)
+
+    def _gradients(self, mbs: list[MicroBatch], sharded: DistributedOptimizer | None
+                   ) -> tuple[dict[str, torch.Tensor], float]:
+        """Forward and backward of the micro-batches, gradient syncs, global norm and clipping:
+        the step up to the update. Returns this rank's loss parts and the grad norm."""
         self.optimizer.zero_grad(set_to_none=True)
         if sharded is not None:
             sharded.start_grad_sync(self.num_microbatches)
@@ -140,13 +165,10 @@ class TrainStep:
         else:
             grad_norm = clip_grad_norm_(params, self.config.clip_grad, self.mesh,
                                         exclude=self.model.tied_copies())
-        skipped = not math.isfinite(grad_norm)
-        if not skipped:
-            self.optimizer.step()
-        if self.loss_scaler is not None:
-            self.loss_scaler.update(overflow=skipped)
-        loss, named = self._reduce_loss(parts)
-        return StepResult(loss, grad_norm, named, skipped)
+        # fp16 overflows are the loss scaler's to handle, not a fault to attribute
+        if self.rerun is not None and self.loss_scaler is None:
+            self.rerun.check_grad_norm(grad_norm)
+        return parts, grad_norm
 
     @torch.no_grad()
     def evaluate(self, batch_iter: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -178,6 +200,7 @@ class TrainStep:
             dist.all_reduce(counts, group=self.mesh.dp_cp_group)
         self._norm = self.adapter.normalizers(counts)
         self._scale = self.loss_scaler.scale if (train and self.loss_scaler is not None) else 1.0
+        self._validating = train and self.rerun is not None
         self._parts = []
         for chunk in self.model.chunks:
             chunk.train(train)

@@ -28,6 +28,10 @@ class TokenizerConfig:
     merge_file: str | None = None
     tokenizer_model: str | None = None  # SentencePiece .model, HF tokenizer.json (file or directory)
     vocab_size: int | None = None  # NullTokenizer
+    # Tokens appended to the vocabulary where it lacks them (FIM sentinels, see added.py); not a
+    # flag of its own: --fim-data fills it, so every program that rebuilds the run's tokenizer
+    # from its config (resume, generate, evaluate) gets the same vocabulary.
+    added_tokens: tuple[str, ...] = ()
 
 
 class TokenizerError(DataError):
@@ -149,7 +153,7 @@ class Tokenizer(abc.ABC):
                 key: {"path": str(path), "sha256": digest, "bytes": size}
                 for key, (path, digest, size) in self._files.items()
             },
-            "config": asdict(self.config),
+            "config": {k: v for k, v in asdict(self.config).items() if k != "added_tokens"},
         }
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:

@@ -13,9 +13,11 @@ re-exports it.
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from functools import partial
 from typing import Callable
 
+from megapre.data.tokenizer.added import AddedTokensTokenizer
 from megapre.data.tokenizer.base import TokenizerConfig, TokenizerError, Tokenizer
 from megapre.data.tokenizer.gpt2 import GPT2BPETokenizer
 from megapre.data.tokenizer.hf import BertWordPieceTokenizer, HuggingFaceTokenizer
@@ -38,7 +40,8 @@ TOKENIZER_TYPES: dict[str, Callable[[TokenizerConfig], Tokenizer]] = {
 
 
 def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
-    """The tokenizer `config` names; errors name the flag or file at fault and the fix."""
+    """The tokenizer `config` names (with its `added_tokens` appended where the vocabulary
+    lacks them); errors name the flag or file at fault and the fix."""
     make = TOKENIZER_TYPES.get(config.tokenizer_type)
     if make is None:
         close = difflib.get_close_matches(str(config.tokenizer_type), TOKENIZER_TYPES, n=1, cutoff=0.6)
@@ -47,4 +50,6 @@ def build_tokenizer(config: TokenizerConfig) -> Tokenizer:
             f"--tokenizer-type {config.tokenizer_type!r} is not supported{hint}; "
             f"valid types: {', '.join(TOKENIZER_TYPES)}"
         )
-    return make(config)
+    if not config.added_tokens:
+        return make(config)
+    return AddedTokensTokenizer(make(replace(config, added_tokens=())), config.added_tokens)
