@@ -146,6 +146,7 @@ def main() -> None:
             "logging": ["tensorboard", "wandb"],
             "plot": ["matplotlib"],
             "eval": ["lm-eval", "scikit-learn"],
+            "interop": ["transformers", "safetensors"],
             "test": ["pytest", "ninja", "pybind11", "megatron-core>=0.12", "regex"],
         },
         entry_points={"console_scripts": [
@@ -167,6 +168,7 @@ def main() -> None:
             "megapre-bert-samples = megapre.cli.bert_samples:main",
             "megapre-plot = megapre.cli.plot_metrics:main",
             "megapre-lm-eval = megapre.cli.lm_eval:main",
+            "megapre-convert = megapre.cli.convert:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

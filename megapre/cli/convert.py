@@ -1,0 +1,67 @@
+"""`megapre-convert` (also `python -m megapre.convert`): checkpoints in and out of megapre.
+
+    megapre-convert hf-import --hf-dir HF_DIR --save CKPT      # GPT-2 / Llama -> megapre
+    megapre-convert hf-export --load CKPT --hf-dir OUT [--dtype bf16]
+
+An imported checkpoint is layout-independent: continue pretraining or fine-tune it under any
+--tensor/--pipeline-model-parallel-size with `--load CKPT` (or `--finetune`). Errors are one
+line naming the file or flag (exit 2); nothing half-written is left at the destination.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .common import prog_name, run_cli
+
+PROG = "megapre.convert"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog_name(PROG), description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    imp = sub.add_parser("hf-import", help="a Hugging Face model directory -> a megapre checkpoint",
+                         allow_abbrev=False)
+    imp.add_argument("--hf-dir", required=True, type=Path, metavar="DIR",
+                     help="config.json + model.safetensors (or shards) + tokenizer files")
+    imp.add_argument("--save", required=True, type=Path, metavar="CKPT",
+                     help="new (or empty) checkpoint directory")
+    imp.add_argument("--null-tokenizer", action="store_true",
+                     help="no tokenizer files: token ids only (NullTokenizer, last id = EOD)")
+    exp = sub.add_parser("hf-export", help="a megapre checkpoint -> a Hugging Face directory",
+                         allow_abbrev=False)
+    exp.add_argument("--load", required=True, type=Path, metavar="CKPT",
+                     help="checkpoint directory (its latest iteration unless --iteration)")
+    exp.add_argument("--iteration", type=int, default=None)
+    exp.add_argument("--hf-dir", required=True, type=Path, metavar="OUT",
+                     help="output directory (replaced atomically once complete)")
+    exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                     help="weights' dtype in the safetensors files")
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from megapre.convert import hf
+
+    if args.command == "hf-import":
+        out = hf.hf_import(hf.ImportArgs(args.hf_dir, args.save, args.null_tokenizer))
+        print(f"imported {args.hf_dir} -> {out} (load it with --load {out}, in any layout)",
+              flush=True)
+        return 0
+    out, note = hf.hf_export(hf.ExportArgs(args.load, args.hf_dir, args.iteration, args.dtype))
+    if note:
+        print(f"note: {note}", flush=True)
+    print(f"exported {args.load} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))",
+          flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli(prog_name(PROG), lambda: _run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from megapre.cli.convert import main
+
+sys.exit(main())

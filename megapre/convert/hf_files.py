@@ -1,0 +1,158 @@
+"""Reading and writing Hugging Face model directories: config.json plus safetensors weights (one
+file, or shards listed in model.safetensors.index.json). Tensors are read lazily, one at a time,
+so a conversion holds about one copy of the model; every tensor of the directory must be used,
+or the conversion names the ones it would silently drop."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from megapre.model.config import ConfigError
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# Buffers older transformers saved with GPT-2 (causal masks), not weights.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def _safetensors():
+    try:
+        import safetensors.torch  # noqa: F401
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ConfigError("converting Hugging Face weights needs the safetensors package: "
+                          "pip install megapre[interop]") from e
+    return safe_open
+
+
+def read_config(hf_dir: Path) -> dict:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise ConfigError(f"--hf-dir {hf_dir}: no such directory")
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing: --hf-dir must be a Hugging Face model directory "
+                          "(config.json and model.safetensors)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+class WeightReader:
+    """`take(name)`: one tensor (float32, CPU) by name; `unused()` lists what was never taken."""
+
+    def __init__(self, hf_dir: Path, prefixes: tuple[str, ...]) -> None:
+        self.dir, self.prefixes = hf_dir, prefixes
+        safe_open = _safetensors()
+        self._stack = ExitStack()
+        self._where: dict[str, object] = {}
+        for file in self._files():
+            try:
+                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                self.close()
+                raise ConfigError(f"{file}: not a readable safetensors file ({e}); re-download "
+                                  "or re-save it") from None
+            for key in handle.keys():
+                self._where[key] = (handle, file)
+        self._taken: set[str] = set()
+
+    def _files(self) -> list[Path]:
+        index = self.dir / INDEX
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [self.dir / s for s in shards]
+        else:
+            files = [self.dir / WEIGHTS]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            bins = sorted(p.name for p in self.dir.glob("*.bin"))
+            hint = (f" (found {', '.join(bins)}: re-save the model with safe_serialization=True)"
+                    if bins else "")
+            raise ConfigError(f"weights missing: {', '.join(missing)}{hint}")
+        return files
+
+    def take(self, name: str) -> torch.Tensor:
+        names = [name[1:]] if name.startswith("@") else [p + name for p in self.prefixes]
+        for key in names:
+            if key in self._where:
+                handle, file = self._where[key]
+                try:
+                    tensor = handle.get_tensor(key)
+                except Exception as e:
+                    raise ConfigError(f"{file}: cannot read tensor {key} ({e}); the file is "
+                                      "truncated or corrupt") from None
+                self._taken.add(key)
+                return tensor.float() if tensor.is_floating_point() else tensor
+        raise ConfigError(f"{self.dir}: weight {names[0]} is missing (the config describes a "
+                          "tensor the weight files do not hold)")
+
+    def unused(self) -> list[str]:
+        return sorted(k for k in self._where if k not in self._taken
+                      and not k.endswith(IGNORED_SUFFIXES))
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def write_dir(out: Path, files: dict[str, bytes], tensors: Iterable[tuple[str, torch.Tensor]],
+              extra: Iterable[Path] = (), shard_bytes: int = 5 * 2**30) -> None:
+    """Write a Hugging Face directory at `out` atomically: everything goes to a temporary sibling
+    that is renamed into place at the end (an existing `out` is replaced only then)."""
+    save_file = _save_file()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        for path in extra:
+            shutil.copy2(path, tmp / path.name)
+        _write_shards(tmp, tensors, save_file, shard_bytes)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save_file():
+    _safetensors()
+    from safetensors.torch import save_file
+    return save_file
+
+
+def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], save_file,
+                  shard_bytes: int) -> None:
+    """model.safetensors, or numbered shards plus the index when larger than `shard_bytes`."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors:
+        t = t.detach().contiguous()
+        if size and size + t.numel() * t.element_size() > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.numel() * t.element_size()
+    if len(shards) == 1:
+        save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(tmp / file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in shard})
+    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}, indent=1))

@@ -1,0 +1,78 @@
+"""Tokenizer files across the Hugging Face door.
+
+Import: a directory's tokenizer.json (-> HuggingFaceTokenizer) or GPT-2 style vocab.json +
+merges.txt (-> GPT2BPETokenizer) is copied into the checkpoint directory, so the checkpoint keeps
+working when the Hugging Face directory moves. Export: the checkpoint's tokenizer files are
+written beside the weights with a tokenizer_config.json naming the transformers class that reads
+them, so `AutoTokenizer.from_pretrained(OUT)` works."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from megapre.model.config import ConfigError
+
+TOKENIZER_DIR = "hf_tokenizer"
+_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+
+
+def import_tokenizer(hf_dir: Path, save_dir: Path, null_vocab: int | None) -> dict:
+    """The data-args fields of the imported tokenizer; its files go to save_dir/hf_tokenizer.
+    `null_vocab`: no tokenizer files wanted (--null-tokenizer): ids 0..vocab-1, the last EOD."""
+    if null_vocab is not None:
+        return {"tokenizer_type": "NullTokenizer", "vocab_size": null_vocab - 1}
+    dest = save_dir / TOKENIZER_DIR
+    if (hf_dir / "tokenizer.json").is_file():
+        _copy(hf_dir, dest, ["tokenizer.json", *_SIDE_FILES])
+        return {"tokenizer_type": "HuggingFaceTokenizer",
+                "tokenizer_model": str((dest / "tokenizer.json").resolve())}
+    if (hf_dir / "vocab.json").is_file() and (hf_dir / "merges.txt").is_file():
+        _copy(hf_dir, dest, ["vocab.json", "merges.txt"])
+        return {"tokenizer_type": "GPT2BPETokenizer",
+                "vocab_file": str((dest / "vocab.json").resolve()),
+                "merge_file": str((dest / "merges.txt").resolve())}
+    raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, or vocab.json + "
+                      "merges.txt); add them, or pass --null-tokenizer to import the weights "
+                      "with token ids only")
+
+
+def _copy(src: Path, dest: Path, names: list[str]) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+
+
+def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, bytes], list[Path],
+                                                                        str | None]:
+    """(generated files, files to copy, a note when AutoTokenizer will not load OUT)."""
+    kind = data["tokenizer_type"]
+    if tokenizer.describe().get("added_tokens"):
+        return {}, [], (f"tokenizer not exported: {kind} with added tokens "
+                        f"({', '.join(tokenizer.describe()['added_tokens'])}) has no transformers "
+                        "equivalent here; weights and config are")
+    if kind == "GPT2BPETokenizer":
+        cfg = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length,
+               "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+               "unk_token": "<|endoftext|>"}
+        # Megatron's names (gpt2-vocab.json, gpt2-merges.txt) become transformers' names
+        return {"tokenizer_config.json": _json(cfg),
+                "vocab.json": Path(data["vocab_file"]).read_bytes(),
+                "merges.txt": Path(data["merge_file"]).read_bytes()}, [], None
+    if kind == "HuggingFaceTokenizer":
+        path = Path(data["tokenizer_model"])
+        path = path / "tokenizer.json" if path.is_dir() else path
+        side = [path.parent / n for n in _SIDE_FILES if (path.parent / n).is_file()]
+        generated = {} if side else {"tokenizer_config.json": _json(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length})}
+        if path.name != "tokenizer.json":
+            generated["tokenizer.json"] = path.read_bytes()
+            return generated, side, None
+        return generated, [path, *side], None
+    return {}, [], (f"tokenizer not exported: --tokenizer-type {kind} has no transformers "
+                    "tokenizer here; weights and config are")
+
+
+def _json(obj: dict) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
