@@ -272,12 +272,13 @@ def test_instances_config_and_single_process_mesh():
 
 
 def test_evaluation_of_a_two_instance_run_drops_the_optimizer_layout():
-    """evaluate / generate / lm-eval start from the run's saved config on their own layout;
-    the optimizer instances of training must not make one process refuse it."""
+    """evaluate / generate / lm-eval / hf-export start from the run's saved config on their
+    own layout; the optimizer instances of training must not make one process refuse it."""
     import argparse
     import copy
 
     from megapre.cli.common import apply_common
+    from megapre.convert.hf import _single_process
     from megapre.inference.lm_eval_model import MegapreLM
 
     saved = _config(4, "--num-distributed-optimizer-instances", "2",
@@ -288,6 +289,8 @@ def test_evaluation_of_a_two_instance_run_drops_the_optimizer_layout():
     evaluated = apply_common(copy.deepcopy(saved), args)
     scored = copy.deepcopy(saved)
     MegapreLM._apply_job(scored, 1, 1, "cpu", False, {})
-    for cfg in (evaluated, scored):
+    exported = copy.deepcopy(saved)
+    _single_process(exported)
+    for cfg in (evaluated, scored, exported):
         assert cfg.parallel.num_distributed_optimizer_instances == 1
         assert validate(cfg, 1, 64).dp_size == 1
