@@ -82,8 +82,9 @@ NOOPS: dict[str, Entry] = {
     "--async-strategy": Entry(_CKPT, _only("nvrx", "mcore")),
     "--auto-detect-ckpt-format": Entry(_CKPT),
     "--verify-integrity": Entry(_CKPT),
-    "--no-use-tokenizer-model-from-checkpoint-args": Entry("megapre's tokenizer comes from the "
-                                                           "tokenizer flags"),
+    "--no-use-tokenizer-model-from-checkpoint-args": Entry(
+        "with --use-checkpoint-args megapre takes the checkpoint's tokenizer only when no "
+        "--tokenizer-type is given"),
     "--timing-log-level": Entry(_DIAG),
     "--timing-log-option": Entry(_DIAG),
     "--straggler-minmax-count": Entry(_DIAG),

@@ -67,6 +67,15 @@ class TokenScorer:
             out = self._broadcast(out, tuple(inputs.shape), greedy)
         return out
 
+    @torch.no_grad()
+    def logits(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Full-vocabulary logits [b, s, vocab] (padding columns dropped) of `inputs` [b, s] on
+        the last pipeline stage, None on the others (collective over the replica)."""
+        for chunk in self.model.chunks:
+            chunk.eval()
+        x, model = self._forward(inputs)
+        return None if x is None else model.gathered_logits(x).float().cpu()
+
     def _forward(self, inputs: torch.Tensor):
         """Sharded logits [s, b, vocab/tp] and the last stage's model on the last stage,
         (None, None) on the others."""

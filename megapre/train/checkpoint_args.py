@@ -1,7 +1,8 @@
 """Megatron's --use-checkpoint-args: the model's architecture comes from the checkpoint in
 --load (its saved run config), not from the command line, so a resumed or fine-tuned run
 cannot silently build a different shape. Layout, schedule and data flags stay the command
-line's: megapre checkpoints load under any layout."""
+line's: megapre checkpoints load under any layout. The tokenizer comes from the checkpoint too
+when the command line names none (Megatron's --use-tokenizer-model-from-checkpoint-args)."""
 from __future__ import annotations
 
 import dataclasses
@@ -37,5 +38,23 @@ def apply_checkpoint_args(cfg) -> str | None:
         if f.name not in KEEP_FROM_COMMAND_LINE and ours != theirs:
             setattr(cfg.model, f.name, theirs)
             changed.append(f"--{f.name.replace('_', '-')} {theirs} (was {ours})")
+    changed += _tokenizer_args(cfg, from_dict(saved))
     what = "; ".join(changed) if changed else "the command line already matched"
     return f"--use-checkpoint-args: model arguments from {path}: {what}"
+
+
+TOKENIZER_FIELDS = ("tokenizer_type", "tokenizer_model", "vocab_file", "merge_file", "vocab_size")
+
+
+def _tokenizer_args(cfg, saved) -> list[str]:
+    """As Megatron (which forces them), the checkpoint's tokenizer, but only where the command
+    line names none: an explicit --tokenizer-type is never overridden."""
+    if cfg.data.tokenizer_type is not None or saved.data.tokenizer_type is None:
+        return []
+    out = []
+    for name in TOKENIZER_FIELDS:
+        value = getattr(saved.data, name)
+        if value is not None and getattr(cfg.data, name) != value:
+            setattr(cfg.data, name, value)
+            out.append(f"--{name.replace('_', '-')} {value}")
+    return out
