@@ -1,7 +1,8 @@
 """How many of Megatron-LM's 216 GPT/BERT functional-test configs (tests/fixtures/megatron_configs,
 commit d98e8a64dd) megapre runs unchanged, and why the others are refused: each config goes
 through `--config` and the validator with placeholder paths, as tests/cli/test_megatron_configs.py
-does. Prints a table of refusals by the flag that stopped them.
+does. Prints a table of refusals by the flag that stopped them, and how megapre answers each of
+the 877 flags of Megatron's parser (megapre/cli/megatron_flag_names.py).
 
     python benchmarks/megatron_config_coverage.py [--list]
 """
@@ -23,6 +24,7 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="also list every refused config")
     args = parser.parse_args()
     from cli.test_megatron_configs import CONFIGS, ENV, _outcome
+    from megapre.cli.megatron_flags import coverage_line
 
     os.environ.update(ENV)
     accepted, by_flag = [], collections.defaultdict(list)
@@ -39,6 +41,7 @@ def main() -> int:
     for flag, hits in sorted(by_flag.items(), key=lambda kv: (-len(kv[1]), kv[0])):
         reason = hits[0][1].split(": ", 1)[-1]
         print(f"| {len(hits)} | `{flag}` | {reason} |")
+    print(coverage_line())
     if args.list:
         for flag, hits in sorted(by_flag.items()):
             for path, _ in hits:

@@ -48,13 +48,17 @@ class FlagParser(argparse.ArgumentParser):
     (`--hiden-size`: did you mean `--hidden-size`?). Abbreviations are off, as in Megatron:
     otherwise `--loss-scale 1024` would silently set --loss-scale-window."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, megatron_fallback: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # megapre.pretrain's parser: a Megatron flag no table lists is refused by name
+        self.megatron_fallback = megatron_fallback
 
     def error(self, message: str):  # type: ignore[override]
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
+            if self.megatron_fallback:
+                megatron_flags.check_unrecognized(message[len(prefix):].split())
             known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
             hints = []
             for word in message[len(prefix):].split():
@@ -122,6 +126,7 @@ def section_values(args: argparse.Namespace, section: str) -> dict[str, Any]:
 def build_parser(prog: str = "megapre.pretrain") -> argparse.ArgumentParser:
     p = FlagParser(
         prog=prog, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]",
+        megatron_fallback=True,
         description="Pretrain a GPT or BERT model with tensor, pipeline and data parallelism. "
                     "Flags follow Megatron-LM; --config reads a YAML/JSON file (megapre's, or a "
                     "Megatron functional-test model_config.yaml) that flags override.",
@@ -173,7 +178,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "megapre.pretrain",
     if cfg.checkpoint.use_checkpoint_args:
         from megapre.train.checkpoint_args import apply_checkpoint_args
         notes.append(apply_checkpoint_args(cfg))
-    note = megatron_flags.noop_note(megatron_flags.collect(args))
+    note = megatron_flags.noop_note(megatron_flags.collect(args, cfg))
     notes += [note] if note else []
     notes += _ignored_vocab_size(cfg)
     return cfg

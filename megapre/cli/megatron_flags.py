@@ -1,44 +1,34 @@
 """Megatron-LM flags that megapre does not map onto a config field: the ones it accepts as
 no-ops (they select a Megatron implementation or CUDA tuning; megapre has one implementation
 of each), the ones it refuses (features it does not have), and Megatron's spellings of settings
-megapre names differently. One table, so the parser, the startup note and the README agree.
+megapre names differently. One table, so the parser, the startup note and the README agree;
+the long tail of Megatron's flags is kept by family in megatron_flag_catalog.py and merged here
+(each flag in one place).
 
 A Megatron launch line therefore parses as it is: each of its flags is honoured (a config
 field, see --help), listed here as a no-op (one note at startup names them), or refused with one
-line naming the flag (exit 2). Anything else is an unknown flag, with a did-you-mean hint.
+line naming the flag (exit 2). A flag of Megatron's full list (megatron_flag_names.py) that no
+table names gets a generic refusal; anything else is an unknown flag, with a did-you-mean hint.
 """
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
-from typing import Callable
+from collections import Counter
+from typing import Any
 
+from megapre.cli import megatron_flag_catalog as catalog
+from megapre.cli.megatron_flag_catalog import CKPT as _CKPT
+from megapre.cli.megatron_flag_catalog import CUDA as _CUDA
+from megapre.cli.megatron_flag_catalog import DIAG as _DIAG
+from megapre.cli.megatron_flag_catalog import IMPL as _IMPL
+from megapre.cli.megatron_flag_catalog import TAKES_VALUE, Entry
+from megapre.cli.megatron_flag_catalog import at_most_one as _at_most_one
+from megapre.cli.megatron_flag_catalog import only as _only
+from megapre.cli.megatron_flag_names import MEGATRON_FLAGS, SOURCE_COMMIT
 from megapre.errors import ConfigError
 
 NOOP_DEST = "megatron_noop."
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One Megatron flag: `accept(values)` says whether these values are a no-op here (None:
-    always); a refused flag's `why` says what megapre lacks."""
-
-    why: str
-    accept: Callable[[list[str]], bool] | None = None
-
-
-def _only(*ok: str) -> Callable[[list[str]], bool]:
-    return lambda values: all(v in ok for v in values)
-
-
-def _at_most_one(values: list[str]) -> bool:
-    return all(v.lstrip("-").isdigit() and int(v) <= 1 for v in values)
-
-
-_IMPL = "selects a Megatron implementation; megapre has one"
-_CUDA = "CUDA/NCCL tuning; megapre's path has no such switch"
-_CKPT = "checkpoint-writer tuning; megapre's checkpoints are always resharding torch_dist"
-_DIAG = "Megatron diagnostics"
+GENERIC = "a Megatron-LM flag megapre does not implement"
 
 # Accepted and ignored, listed at startup. Keys are flags as Megatron spells them.
 NOOPS: dict[str, Entry] = {
@@ -173,13 +163,40 @@ ALIASES: dict[str, tuple[str, object, str]] = {
 }
 
 
+def _merge(core: dict, families: dict) -> None:
+    """Add the catalog's families to a core table: one place per flag, so a clash is a bug."""
+    clash = core.keys() & families.keys()
+    if clash:
+        raise AssertionError(f"Megatron flags listed twice: {sorted(clash)}")
+    core.update(families)
+
+
+_merge(NOOPS, catalog.NOOPS)
+_merge(BUILTIN, catalog.BUILTIN)
+_merge(REFUSED, catalog.REFUSED)
+_merge(ALIASES, catalog.ALIASES)
+
+
+def _add_alias(group: argparse._ArgumentGroup, parser: argparse.ArgumentParser, name: str,
+               dest: str, value: object, text: str) -> None:
+    """A switch setting `dest` to `value`, or (TAKES_VALUE) another spelling of the flag that
+    sets `dest`, parsed exactly as that flag is."""
+    if value is not TAKES_VALUE:
+        group.add_argument(name, dest=dest, action="store_const", const=value,
+                           default=argparse.SUPPRESS, help=text)
+        return
+    [target] = [a for a in parser._actions if a.dest == dest]
+    group.add_argument(name, dest=dest, type=target.type, nargs=target.nargs,
+                       choices=target.choices, metavar=target.metavar,
+                       default=argparse.SUPPRESS, help=text)
+
+
 def add_megatron_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None:
     """The no-op, refused and alias flags (those megapre's own fields do not already define).
     No-ops and refusals take any number of values, so switches and valued flags both parse."""
     aliases = parser.add_argument_group("Megatron spellings")
     for name, (dest, value, text) in ALIASES.items():
-        aliases.add_argument(name, dest=dest, action="store_const", const=value,
-                             default=argparse.SUPPRESS, help=text)
+        _add_alias(aliases, parser, name, dest, value, text)
     builtin = parser.add_argument_group("Megatron switches megapre always honours")
     for name, text in BUILTIN.items():
         if name not in taken:
@@ -191,7 +208,6 @@ def add_megatron_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None
         if name not in taken:
             noops.add_argument(name, dest=NOOP_DEST + name, nargs="*", metavar="V",
                                default=argparse.SUPPRESS, help=entry.why)
-
 
 def refused_reason(flag: str) -> str | None:
     """Why megapre refuses `flag` (exact name or a refused family prefix), or None."""
@@ -214,9 +230,19 @@ def check_refused_words(argv: list[str]) -> None:
                 raise ConfigError(f"{name}: {why}")
 
 
-def collect(args: argparse.Namespace) -> list[str]:
+def check_unrecognized(words: list[str]) -> None:
+    """The parser's fallback for words it does not know: a Megatron flag no table lists is
+    refused by name (it is Megatron's, not a typo), anything else stays argparse's error."""
+    for word in words:
+        name = word.split("=")[0]
+        if name in MEGATRON_FLAGS:
+            raise ConfigError(f"{name}: {GENERIC}")
+
+
+def collect(args: argparse.Namespace, cfg: Any = None) -> list[str]:
     """The no-op flags that were given; ConfigError for one given a value megapre cannot
-    honour (`--transformer-impl inference_optimized`)."""
+    honour (`--transformer-impl inference_optimized`) or one the parsed `cfg` makes
+    meaningful (`--no-position-embedding` with learned positions)."""
     given = []
     for key, values in sorted(vars(args).items()):
         if key.startswith(NOOP_DEST):
@@ -225,6 +251,8 @@ def collect(args: argparse.Namespace) -> list[str]:
             if entry.accept is not None and not entry.accept([str(v) for v in values]):
                 shown = " ".join(str(v) for v in values)
                 raise ConfigError(f"{name} {shown}: not supported by megapre ({entry.why})")
+            if entry.when is not None and cfg is not None and not entry.when(cfg):
+                raise ConfigError(f"{name}: not supported by megapre ({entry.why})")
             given.append(name)
     return given
 
@@ -237,12 +265,55 @@ def noop_note(given: list[str]) -> str | None:
             "need): " + ", ".join(given))
 
 
+def classify(flag: str, ours: set[str]) -> str:
+    """Where `flag` stands: 'alias' (alias or built in), 'noop', 'honoured' (a megapre
+    field), 'refused' (a named missing feature), 'generic' (a Megatron flag no table lists)
+    or 'unknown'."""
+    if flag in ALIASES or flag in BUILTIN:
+        return "alias"
+    if flag in NOOPS:
+        return "noop"
+    if flag in ours:
+        return "honoured"
+    if refused_reason(flag) is not None:
+        return "refused"
+    return "generic" if flag in MEGATRON_FLAGS else "unknown"
+
+
+def coverage() -> Counter:
+    """How megapre answers each of Megatron's flags, by `classify` category."""
+    from megapre.cli.flags import build_parser
+
+    ours = {o for a in build_parser()._actions for o in a.option_strings}
+    return Counter(classify(flag, ours) for flag in MEGATRON_FLAGS)
+
+
+def coverage_line(counts: Counter | None = None) -> str:
+    """The one-line summary the coverage benchmark prints and the README quotes."""
+    c = coverage() if counts is None else counts
+    return (f"Megatron flags ({SOURCE_COMMIT}): {c['honoured']} honoured, {c['alias']} "
+            f"aliases/builtin, {c['noop']} no-ops, {c['refused']} refused by feature, "
+            f"{c['generic']} refused generically")
+
+
+def _grouped(rows: list[tuple[str, str]]) -> list[str]:
+    """One table row per reason: the flags that share it, in table order."""
+    by_reason: dict[str, list[str]] = {}
+    for flag, reason in rows:
+        by_reason.setdefault(reason, []).append(f"`{flag}`")
+    return [f"| {', '.join(flags)} | {reason} |" for reason, flags in by_reason.items()]
+
+
 def readme_table() -> str:
-    """The README's table of these flags (tests check the README carries it verbatim)."""
+    """The README's table of these flags, one row per reason (tests check the README carries
+    it verbatim); prefix families are starred, the generic fallback is one counted row."""
     rows = ["| Megatron flag | megapre |", "|---|---|"]
     rows += [f"| `{n}` | {text} |" for n, (_, _, text) in ALIASES.items()]
-    rows += [f"| `{n}` | honoured: {text} |" for n, text in BUILTIN.items()]
-    rows += [f"| `{n}` | no-op: {e.why} |" for n, e in NOOPS.items()]
-    rows += [f"| `{n}{'*' if n.endswith('-') else ''}` | refused: {why} |"
-             for n, why in REFUSED.items()]
+    rows += _grouped([(n, f"honoured: {text}") for n, text in BUILTIN.items()])
+    rows += _grouped([(n, f"no-op: {e.why}") for n, e in NOOPS.items()])
+    rows += _grouped([(n + ("*" if n.endswith("-") else ""), f"refused: {why}")
+                      for n, why in REFUSED.items()])
+    generic = coverage()["generic"]
+    rows.append(f"| any other of Megatron's {len(MEGATRON_FLAGS)} flags ({generic} at "
+                f"{SOURCE_COMMIT}) | refused: {GENERIC} |")
     return "\n".join(rows)

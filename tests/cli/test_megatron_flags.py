@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megapre.cli import megatron_flags
+from megapre.cli.megatron_flag_names import MEGATRON_FLAGS
 from megapre.cli.flags import build_parser, parse_config
 from megapre.errors import ConfigError
 from megapre.train.args import from_dict, validate
@@ -191,3 +192,76 @@ def test_no_megatron_table_entry_shadows_a_megapre_flag():
 
 def test_readme_carries_the_table():
     assert megatron_flags.readme_table() in README.read_text()
+
+
+def _megapre_fields() -> set[str]:
+    """megapre's own config flags (not the Megatron table's aliases, switches or no-ops)."""
+    return {o for a in build_parser()._actions for o in a.option_strings
+            if not (a.dest.startswith(megatron_flags.NOOP_DEST) or a.dest.startswith("megatron_"))
+            and o not in megatron_flags.ALIASES}
+
+
+def test_every_megatron_flag_has_one_answer():
+    """Each of the 877 flags of Megatron's parser is honoured, an alias, built in, a no-op or
+    refused (by feature or generically), never argparse's 'unrecognized', and in one group."""
+    ours = {o for a in build_parser()._actions for o in a.option_strings}
+    fields = _megapre_fields()
+    assert len(MEGATRON_FLAGS) == 877
+    for flag in sorted(MEGATRON_FLAGS):
+        assert megatron_flags.classify(flag, ours) != "unknown", flag
+        groups = [flag in megatron_flags.ALIASES, flag in megatron_flags.BUILTIN,
+                  flag in megatron_flags.NOOPS, megatron_flags.refused_reason(flag) is not None,
+                  flag in fields]
+        assert sum(groups) <= 1, (flag, groups)
+    counts = megatron_flags.coverage()
+    assert sum(counts.values()) == 877 and counts["unknown"] == 0
+    line = megatron_flags.coverage_line(counts)
+    assert line.startswith("Megatron flags (d98e8a64dd): ") and "refused generically" in line
+
+
+def test_no_noop_is_a_megapre_flag():
+    fields = _megapre_fields()
+    for table in (megatron_flags.NOOPS, megatron_flags.BUILTIN):
+        assert not set(table) & fields
+
+
+@pytest.mark.parametrize("extra,reason", [
+    (["--batch-size", "4"], "use --micro-batch-size"),
+    (["--mamba-state-dim", "16"], "Mamba and hybrid models are not supported"),
+    (["--add-qkv-bias"], "a QKV-only bias is not supported")])
+def test_cli_refuses_catalog_flags_with_their_reason(extra, reason):
+    proc = subprocess.run([sys.executable, "-m", "megapre.pretrain", *BASE, *extra],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert extra[0] in line and reason in line
+
+
+def test_unlisted_megatron_flag_gets_the_generic_refusal(monkeypatch):
+    """A Megatron flag that no table names (here one taken out of it) is refused by name;
+    a word that is no Megatron flag stays argparse's error."""
+    monkeypatch.delitem(megatron_flags.REFUSED, "--batch-size")
+    with pytest.raises(ConfigError, match="^--batch-size: a Megatron-LM flag megapre does not"):
+        parse_config(BASE + ["--batch-size", "4"])
+    with pytest.raises(SystemExit):
+        parse_config(BASE + ["--not-a-megatron-flag"])
+
+
+def test_catalog_aliases_builtins_and_conditional_noops():
+    cfg = parse_config(["--encoder-num-layers", "3", "--hidden-size", "64",
+                        "--num-attention-heads", "4", "--encoder-seq-length", "48",
+                        "--data-path", "A", "--persistent-save-interval", "7", "--save", "/c",
+                        "--disable-manual-gc-eval", "--accumulate-allreduce-grads-in-fp32",
+                        "--use-cpu-initialization", "--exit-signal-handler"])
+    assert (cfg.model.num_layers, cfg.model.seq_length) == (3, 48)
+    assert cfg.checkpoint.save_interval == 7 and cfg.train.manual_gc_eval is False
+    rope = parse_config(BASE + ["--position-embedding-type", "rope", "--no-position-embedding"])
+    assert rope.model.position_embedding_type == "rope"
+    with pytest.raises(ConfigError, match="^--no-position-embedding"):
+        parse_config(BASE + ["--no-position-embedding"])
+    for extra in (["--rope-type", "yarn"], ["--softmax-type", "off-by-one"],
+                  ["--lr-warmup-init", "1e-5"], ["--exp-avg-dtype", "bf16"]):
+        with pytest.raises(ConfigError, match=f"^{extra[0]}"):
+            parse_config(BASE + extra)
+    parse_config(BASE + ["--rope-type", "rope", "--lr-warmup-init", "0.0", "--exp-avg-dtype",
+                         "fp32", "--mid-level-dataset-surplus", "0.005"])
