@@ -71,6 +71,7 @@ def apply_common(cfg: "PretrainConfig", args: argparse.Namespace) -> "PretrainCo
     p.pipeline_model_parallel_size = args.pipeline_model_parallel_size
     p.context_parallel_size = 1  # a run trained with context parallelism evaluates without it
     p.even_pipeline()
+    p.num_distributed_optimizer_instances = 1  # a training layout: no optimizer here
     p.pipeline_schedule = "1f1b"
     cfg.train.device = args.device
     cfg.train.bf16, cfg.train.fp16 = bool(args.bf16), False

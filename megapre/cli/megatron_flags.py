@@ -82,8 +82,6 @@ NOOPS: dict[str, Entry] = {
     "--log-progress": Entry("megapre's --metrics-path records progress"),
     "--expert-model-parallel-size": Entry("no experts: a size of 1 is the only layout",
                                           _at_most_one),
-    "--num-distributed-optimizer-instances": Entry("one instance is megapre's layout",
-                                                   _at_most_one),
     "--tiktoken-pattern": Entry("read only by Megatron's TikTokenizer, which megapre does not "
                                 "have (--tokenizer-type TikTokenizer is refused)"),
     "--cp-comm-type": Entry("megapre's context parallelism is a p2p ring", _only("p2p")),

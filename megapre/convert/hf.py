@@ -160,6 +160,7 @@ def _single_process(cfg: PretrainConfig) -> None:
     p = cfg.parallel
     p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
     p.context_parallel_size = 1
+    p.num_distributed_optimizer_instances = 1  # training's optimizer layout: no optimizer here
     p.sequence_parallel = False
     p.even_pipeline()  # a run saved with virtual stages or an uneven split converts too
     cfg.train.device = "cpu"

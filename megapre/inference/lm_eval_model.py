@@ -149,6 +149,7 @@ class MegapreLM(TemplateLM):
         p.tensor_model_parallel_size, p.pipeline_model_parallel_size = tp, pp
         p.context_parallel_size = 1  # context parallelism is a pretraining layout
         p.even_pipeline()
+        p.num_distributed_optimizer_instances = 1  # so is the optimizer's (none here)
         p.pipeline_schedule = "1f1b"
         p.sequence_parallel = False  # sequences of any length: no sequence sharding
         cfg.train.device = device

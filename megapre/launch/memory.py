@@ -119,8 +119,14 @@ class MemoryEstimate:
     flops_per_rank_per_step: float
     device: str = "cuda"  # the device type the estimate assumed
     attention_backend: str = "sdpa"  # the core attention it assumed on that device
-    distributed_optimizer: bool = False  # AdamW state sharded over DP x CP
+    distributed_optimizer: bool = False  # AdamW state sharded over DP x CP / instances
     cp: int = 1  # context-parallel size: each rank holds 1/cp of every sequence
+    optimizer_instances: int = 1  # --num-distributed-optimizer-instances
+
+    @property
+    def optimizer_shard(self) -> int:
+        """Ranks the distributed optimizer shards AdamW over: DP x CP / instances."""
+        return self.dp * self.cp // self.optimizer_instances
 
     @property
     def most_loaded(self) -> StageMemory:
@@ -333,7 +339,8 @@ def _mask_bytes(cfg: PretrainConfig, e: int) -> int:
 
 def optimizer_bytes(params: int, dp: int, distributed: bool) -> int:
     """AdamW's exp_avg + exp_avg_sq (fp32) of `params` elements on one rank: all of them, or
-    this rank's 1/DP share under the distributed optimizer."""
+    this rank's 1/`dp` share under the distributed optimizer (`dp`: the ranks of one optimizer
+    instance, DP x CP / --num-distributed-optimizer-instances)."""
     return 8 * (-(-params // dp) if distributed else params)
 
 
@@ -382,7 +389,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
             return int(flight * (layers_per_stage * per_layer + extra)) + once
         stages.append(StageMemory(
             stage=stage, params=n, weights=4 * n, grads=4 * n,
-            optimizer=optimizer_bytes(n, dp * cp, p.use_distributed_optimizer),
+            optimizer=optimizer_bytes(n, dp * cp // p.num_distributed_optimizer_instances,
+                                      p.use_distributed_optimizer),
             autocast_cache=2 * matrix_params(mc, kind, tp, pp, stage, split) if autocast else 0,
             activations_per_microbatch=layers_per_stage * layer + extra,
             in_flight_microbatches=flight, activations=held(layer),
@@ -395,7 +403,8 @@ def estimate(cfg: PretrainConfig, world_size: int, vocab_size: int) -> MemoryEst
     step = fpt * t.global_batch_size * mc.seq_length
     return MemoryEstimate(total, non_emb, mc.padded_vocab_size(tp), world_size, tp, pp, dp,
                           num_mb, t.recompute_granularity, stages, fpt, step, step / world_size,
-                          device, backend, p.use_distributed_optimizer, cp)
+                          device, backend, p.use_distributed_optimizer, cp,
+                          p.num_distributed_optimizer_instances)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -420,8 +429,8 @@ def report(est: MemoryEstimate) -> str:
                   f"  weights (fp32)         {_fmt(st.weights)}",
                   f"  grads (fp32)           {_fmt(st.grads)}",
                   f"  AdamW state (2 x fp32) {_fmt(st.optimizer)}"
-                  + (f" (1/{est.dp * est.cp}: distributed optimizer)" if est.distributed_optimizer
-                     else "")]
+                  + (f" (1/{est.optimizer_shard}: distributed optimizer)"
+                     if est.distributed_optimizer else "")]
         if st.autocast_cache:
             lines.append(f"  autocast weight cache  {_fmt(st.autocast_cache)}")
         lines += [f"  activations/micro-batch {_fmt(st.activations_per_microbatch)} x "
@@ -447,11 +456,14 @@ def distributed_optimizer_line(est: MemoryEstimate) -> str:
     """What --use-distributed-optimizer does (or did) to the most loaded rank's peak."""
     st = est.most_loaded
     full = optimizer_bytes(st.params, 1, False)
-    sharded = optimizer_bytes(st.params, est.dp * est.cp, True)  # over DP x CP
+    sharded = optimizer_bytes(st.params, est.optimizer_shard, True)  # DP x CP / instances
     peak = est.peak_bytes()
     if est.distributed_optimizer:
-        return (f"--use-distributed-optimizer: AdamW state {_fmt(sharded).strip()} per rank "
-                f"instead of {_fmt(full).strip()}; peak {_fmt(peak).strip()} instead of "
+        copies = (f" ({est.optimizer_instances} instances of DP x CP / "
+                  f"{est.optimizer_instances} = {est.optimizer_shard} ranks)"
+                  if est.optimizer_instances > 1 else "")
+        return (f"--use-distributed-optimizer{copies}: AdamW state {_fmt(sharded).strip()} per "
+                f"rank instead of {_fmt(full).strip()}; peak {_fmt(peak).strip()} instead of "
                 f"{_fmt(peak - sharded + full).strip()}")
     return (f"with --use-distributed-optimizer: AdamW state {_fmt(sharded).strip()} per rank "
             f"instead of {_fmt(full).strip()}; peak {_fmt(peak - full + sharded).strip()} "

@@ -17,7 +17,18 @@ shares of the global-batch mean. AdamW runs on one "piece" per (parameter, owned
 intersection, in the parameter's own group, so weight decay is exact per element and the update
 is element for element the one torch.optim.AdamW computes on the whole parameter. Parameters
 are fp32 in megapre (autocast computes in bf16/fp16), so the parameter buffer is the master copy:
-per rank the AdamW state shrinks from 8 to 8/DP bytes per parameter (plus bucket padding).
+per rank the AdamW state shrinks from 8 to 8/DP bytes per parameter (plus bucket padding;
+8 x N / DP with N instances).
+
+With N optimizer instances (Megatron's --num-distributed-optimizer-instances, the mesh's
+`optimizer_shard_group` / `optimizer_instance_group`) "DP" above is one instance, DP x CP / N
+ranks: buckets are padded to a multiple of that, reduce-scattered and all-gathered within it,
+and after the reduce-scatter each owned slice is all-reduced (SUM) across the N ranks that own
+the same slice, so it holds the sum over all of DP x CP and every instance takes the same step.
+Statistics over the owned slices (grad norm, zeros, params norm) are summed within one instance
+only. With --overlap-grad-reduce the in-instance reduce-scatters start during backward, the
+cross-instance all-reduces when the step's last backward is done (each as soon as its bucket's
+reduce-scatter has finished), in bucket order on every rank.
 
 Checkpoints see the non-distributed layout: `full_param_state` assembles a parameter's
 exp_avg / exp_avg_sq / step over DP and `load_param_state` takes back this rank's slices, so a
@@ -70,9 +81,10 @@ class _Bucket:
     grad_work: object | None = None
     param_work: object | None = None
 
-    def shard(self, dp_rank: int, dp_size: int) -> tuple[int, int]:
-        size = (self.end - self.start) // dp_size
-        lo = self.start + dp_rank * size
+    def shard(self, shard_rank: int, shard_size: int) -> tuple[int, int]:
+        """The buffer range that rank `shard_rank` of `shard_size` owns."""
+        size = (self.end - self.start) // shard_size
+        lo = self.start + shard_rank * size
         return lo, lo + size
 
 
@@ -86,7 +98,8 @@ class _Buffer:
 
 class DistributedOptimizer:
     """AdamW over `param_groups` (torch's format: dicts with "params" and options such as
-    "weight_decay") whose state is sharded over `mesh`'s DP group; see the module doc.
+    "weight_decay") whose state is sharded over `mesh`'s DP x CP group (over each of its
+    optimizer instances when it has several); see the module doc.
     `modules`: the model chunks, whose parameter order (forward order) the buckets follow in
     reverse and whose forwards wait for the overlapped all-gathers (needed for
     overlap_param_gather); `bucket_size`: elements per bucket (Megatron's --ddp-bucket-size).
@@ -102,14 +115,16 @@ class DistributedOptimizer:
                  modules: Iterable[nn.Module] | None = None) -> None:
         self.mesh = mesh
         # Parameters are replicated over DP and CP (context parallelism splits the sequence),
-        # so state is sharded, and gradients summed, over the combined DP x CP group.
-        self.dp_group = mesh.dp_cp_group if group_size(mesh.dp_cp_group) > 1 else None
-        self.dp_size = mesh.dp_cp_size if self.dp_group is not None else 1
-        self.dp_rank = mesh.dp_cp_rank if self.dp_group is not None else 0
-        self.overlap_grad_reduce = overlap_grad_reduce and self.dp_group is not None
-        self.overlap_param_gather = overlap_param_gather and self.dp_group is not None
+        # so state is sharded, and gradients summed, over the combined DP x CP group: within
+        # one optimizer instance (all of DP x CP with one instance), then across instances.
+        self.shard_group = _group_or_none(mesh.optimizer_shard_group)
+        self.instance_group = _group_or_none(mesh.optimizer_instance_group)
+        self.shard_size = mesh.optimizer_shard_size if self.shard_group is not None else 1
+        self.shard_rank = mesh.optimizer_shard_rank if self.shard_group is not None else 0
+        self.overlap_grad_reduce = overlap_grad_reduce and self.shard_group is not None
+        self.overlap_param_gather = overlap_param_gather and self.shard_group is not None
         if bucket_size is None:
-            bucket_size = default_bucket_size(self.dp_size, overlap_grad_reduce)
+            bucket_size = default_bucket_size(mesh.dp_cp_size, overlap_grad_reduce)
         self.params = [p for g in param_groups for p in g["params"]]
         if len({id(p) for p in self.params}) != len(self.params):
             raise ValueError("a parameter appears in two parameter groups")
@@ -162,7 +177,7 @@ class DistributedOptimizer:
                 current.append(p)
                 if (bucket_size is not None and offset - start >= bucket_size) or \
                         i == len(members) - 1:
-                    end = start + _round_up(offset - start, self.dp_size)
+                    end = start + _round_up(offset - start, self.shard_size)
                     spans.append((start, end, current))
                     offset, start, current = end, end, []
             device = members[0].device
@@ -183,7 +198,7 @@ class DistributedOptimizer:
 
     def _owned_pieces(self, p: nn.Parameter) -> list[_Piece]:
         buf, start, end = self._range(p)
-        lo, hi = self._bucket_of[id(p)].shard(self.dp_rank, self.dp_size)
+        lo, hi = self._bucket_of[id(p)].shard(self.shard_rank, self.shard_size)
         lo, hi = max(lo, start), min(hi, end)
         if lo >= hi:
             return []
@@ -208,8 +223,14 @@ class DistributedOptimizer:
         """(parameter, gradient of its owned piece) for every piece on this rank."""
         return [(pc.param, pc.master.grad) for ps in self.pieces.values() for pc in ps]
 
+    def shard_params(self) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(parameter, its owned piece's values) for every piece on this rank: up to date right
+        after step(), while the all-gathers of the other pieces may still be in flight."""
+        return [(pc.param, pc.master) for ps in self.pieces.values() for pc in ps]
+
     def state_bytes(self) -> int:
-        """Bytes of AdamW state this rank holds (the memory the sharding divides by DP)."""
+        """Bytes of AdamW state this rank holds (the memory the sharding divides by DP x CP /
+        instances)."""
         return sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
                    for t in s.values() if torch.is_tensor(t))
 
@@ -237,49 +258,64 @@ class DistributedOptimizer:
     def _grad_ready(self, p: torch.Tensor) -> None:
         bucket = self._bucket_of[id(p)]
         bucket.pending_grads -= 1
-        # Launch in bucket order only, so every DP rank issues the same collectives in the
-        # same order whatever order its hooks fired in.
+        # Launch in bucket order only, so every rank of the instance issues the same
+        # collectives in the same order whatever order its hooks fired in.
         while self._next_launch < len(self.buckets) and \
                 self.buckets[self._next_launch].pending_grads <= 0:
             self._launch_reduce(self.buckets[self._next_launch], async_op=True)
             self._next_launch += 1
 
+    def _owned_grads(self, bucket: _Bucket) -> torch.Tensor:
+        lo, hi = bucket.shard(self.shard_rank, self.shard_size)
+        return self.buffers[bucket.buffer].grads[lo:hi]
+
     def _launch_reduce(self, bucket: _Bucket, async_op: bool) -> None:
+        """The in-instance reduce-scatter of one bucket (none when an instance is one rank)."""
+        if self.shard_group is None:
+            return
         grads = self.buffers[bucket.buffer].grads
-        lo, hi = bucket.shard(self.dp_rank, self.dp_size)
         bucket.grad_work = dist.reduce_scatter_tensor(
-            grads[lo:hi], grads[bucket.start:bucket.end], group=self.dp_group, async_op=async_op)
+            self._owned_grads(bucket), grads[bucket.start:bucket.end], group=self.shard_group,
+            async_op=async_op)
 
     def finish_grad_sync(self) -> None:
         """After the step's last backward: each bucket's reduce-scatter is done (launched here
-        for those the hooks did not launch). This rank's owned slices then hold the DP sum."""
-        if self.dp_group is None:
-            return
+        for those the hooks did not launch), then its owned slice is all-reduced across the
+        instances. This rank's owned slices then hold the DP x CP sum."""
         while self._next_launch < len(self.buckets):
             self._launch_reduce(self.buckets[self._next_launch], async_op=self.overlap_grad_reduce)
             self._next_launch += 1
+        across = []
         for b in self.buckets:
             if b.grad_work is not None and self.overlap_grad_reduce:
                 b.grad_work.wait()
             b.grad_work = None
+            if self.instance_group is not None:  # overlaps the later buckets' reduce-scatters
+                across.append(dist.all_reduce(self._owned_grads(b), group=self.instance_group,
+                                              async_op=self.overlap_grad_reduce))
+        for work in across:
+            if work is not None:
+                work.wait()
 
     def all_reduce_full_grad(self, p: torch.Tensor | None) -> None:
         """Make `p.grad` the full DP sum on every DP rank (after finish_grad_sync only the owned
         slices hold it): for a gradient that is summed with another stage's copy next (the
-        tied word embedding), whose owned slices lie elsewhere in that stage's buffers."""
-        if p is None or self.dp_group is None:
+        tied word embedding), whose owned slices lie elsewhere in that stage's buffers. Within
+        the instance is enough: each instance's slices already hold the whole sum."""
+        if p is None or self.shard_group is None:
             return
         flat = p.grad.view(-1)
         keep = torch.zeros_like(flat)
         for pc in self.pieces[id(p)]:
             keep[pc.param_lo:pc.param_hi] = flat[pc.param_lo:pc.param_hi]
-        dist.all_reduce(keep, group=self.dp_group)
+        dist.all_reduce(keep, group=self.shard_group)
         flat.copy_(keep)
 
     def clip_grad_norm_(self, max_norm: float, exclude: Iterable[torch.Tensor] = ()) -> float:
         """The global grad norm (the one the whole model in one process has; `exclude`: tied
-        copies counted on another stage), from the owned slices summed over DP; clip them by it.
-        Returns the norm before clipping."""
+        copies counted on another stage), from the owned slices summed over one instance (the
+        other instances hold the same slices); clip them by it. Returns the norm before
+        clipping."""
         skip = {id(p) for p in exclude}
         sharded, replicated = [], []
         for p, g in self.shard_grads():
@@ -287,7 +323,7 @@ class DistributedOptimizer:
                 continue
             tp_sharded = getattr(p, "tensor_parallel_dim", None) is not None
             (sharded if tp_sharded and self.mesh.tp_size > 1 else replicated).append(g)
-        norm = reduce_grad_norm(sharded, replicated, self.mesh, sum_dp=True)
+        norm = reduce_grad_norm(sharded, replicated, self.mesh, shard_group=self.shard_group)
         if max_norm > 0 and norm == norm and norm != float("inf"):
             coef = max_norm / (norm + 1e-6)
             grads = [g for _, g in self.shard_grads()]
@@ -297,19 +333,20 @@ class DistributedOptimizer:
 
     # -- the update ------------------------------------------------------------------------
     def step(self) -> None:
-        """AdamW on the owned slices, then the updated slices to every DP rank."""
+        """AdamW on the owned slices, then the updated slices to every rank of the
+        instance."""
         self.optimizer.step()
         self.has_state = True
         self.start_param_sync()
 
     def start_param_sync(self) -> None:
-        if self.dp_group is None:
+        if self.shard_group is None:
             return
         for b in self.buckets:  # the last buckets hold the first layers: gathered first
             params = self.buffers[b.buffer].params
-            lo, hi = b.shard(self.dp_rank, self.dp_size)
+            lo, hi = b.shard(self.shard_rank, self.shard_size)
             b.param_work = dist.all_gather_into_tensor(
-                params[b.start:b.end], params[lo:hi], group=self.dp_group,
+                params[b.start:b.end], params[lo:hi], group=self.shard_group,
                 async_op=self.overlap_param_gather)
             if not self.overlap_param_gather:
                 b.param_work = None
@@ -336,7 +373,8 @@ class DistributedOptimizer:
     # -- checkpoints -----------------------------------------------------------------------
     def full_param_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         """AdamW's state of parameter `p` as torch.optim.AdamW holds it ({} before the first
-        step). Collective over DP: every DP rank calls it for the same parameters in order."""
+        step). Collective over the instance: its ranks call it for the same parameters in
+        order (every instance holds the same state)."""
         if not self.has_state:
             return {}
         out = {}
@@ -344,14 +382,14 @@ class DistributedOptimizer:
             full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
             for pc in self.pieces[id(p)]:
                 full[pc.param_lo:pc.param_hi] = self.optimizer.state[pc.master][name]
-            if self.dp_group is not None:
-                dist.all_reduce(full, group=self.dp_group)  # each element has one owner
+            if self.shard_group is not None:  # each element has one owner in the instance
+                dist.all_reduce(full, group=self.shard_group)
             out[name] = full.view_as(p)
         step = torch.zeros((), dtype=torch.float32, device=p.device)
         for pc in self.pieces[id(p)]:
             step = self.optimizer.state[pc.master]["step"].detach().clone()
-        if self.dp_group is not None:
-            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.dp_group)
+        if self.shard_group is not None:
+            dist.all_reduce(step, op=dist.ReduceOp.MAX, group=self.shard_group)
         out["step"] = step
         return out
 
@@ -365,6 +403,11 @@ class DistributedOptimizer:
             else:
                 state[name] = flat[pc.param_lo:pc.param_hi].to(pc.master.dtype, copy=True)
         self.has_state = True
+
+
+def _group_or_none(group):
+    """A group of more than one rank, else None (nothing to communicate)."""
+    return group if group_size(group) > 1 else None
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -10,7 +10,9 @@ The norm must be the one the single-process model would compute, whatever the la
 * the last stage's copy of a tied word embedding duplicates the first stage's: the caller
   leaves it out of `params`;
 * after the DP x CP reduction every DP and CP rank holds the same gradients: neither is summed
-  (the distributed optimizer's ranks each hold a slice instead: `reduce_grad_norm(sum_dp=True)`).
+  (the distributed optimizer's ranks each hold a slice of their optimizer instance instead:
+  `reduce_grad_norm(shard_group=...)` sums over the instance, whose copies elsewhere are not
+  counted again).
 
 Call after `sync_sequence_parallel_grads`, the DP x CP reduction and the tied-embedding sync.
 """
@@ -21,6 +23,8 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+
+from torch.distributed import ProcessGroup
 
 from .comm import group_size
 from .mesh import ParallelMesh
@@ -47,15 +51,15 @@ def global_grad_norm(params: Iterable[torch.Tensor], mesh: ParallelMesh) -> floa
 
 
 def reduce_grad_norm(sharded: list[torch.Tensor], replicated: list[torch.Tensor],
-                     mesh: ParallelMesh, sum_dp: bool = False) -> float:
+                     mesh: ParallelMesh, shard_group: ProcessGroup | None = None) -> float:
     """The global norm from this rank's gradients of TP-sharded and TP-replicated parameters.
-    `sum_dp`: each DP rank holds a different part of the gradients (the distributed optimizer's
-    owned slices), so the squares are summed over DP too."""
+    `shard_group`: the ranks that each hold a different part of the gradients (the distributed
+    optimizer's owned slices in one instance), so the squares are summed over it too."""
     device = mesh.device
     total = _sum_of_squares(sharded, device)
     if mesh.tp_rank == 0:
         total = total + _sum_of_squares(replicated, device)
-    groups = (mesh.tp_group, mesh.pp_group) + ((mesh.dp_cp_group,) if sum_dp else ())
+    groups = (mesh.tp_group, mesh.pp_group, shard_group)
     for group in groups:
         if group_size(group) > 1:
             dist.all_reduce(total, group=group)

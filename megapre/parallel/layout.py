@@ -92,6 +92,23 @@ def data_parallel_size(world_size: int, tp: int, pp: int, cp: int = 1) -> int:
     return world_size // model_parallel
 
 
+INSTANCES_FLAG = "--num-distributed-optimizer-instances"
+
+
+def optimizer_shard_size(dp_cp: int, instances: int, distributed: bool = True) -> int:
+    """Ranks one distributed-optimizer instance shards its state over: DP x CP / N. Megatron's
+    rules: N divides DP x CP, and N > 1 needs --use-distributed-optimizer (without it every rank
+    already holds the whole state, so there is nothing to split into instances)."""
+    check_positive(INSTANCES_FLAG, instances)
+    if instances > 1 and not distributed:
+        raise ConfigError(f"{INSTANCES_FLAG} {instances} needs --use-distributed-optimizer "
+                          "(the instances are copies of its sharded state)")
+    if dp_cp % instances:
+        raise ConfigError(f"{INSTANCES_FLAG} {instances} must divide the data-parallel x "
+                          f"context-parallel size {dp_cp}; use a divisor of {dp_cp}")
+    return dp_cp // instances
+
+
 def check_context_parallel(cp: int, seq_length: int, attention_dropout: float = 0.0) -> None:
     """Context parallelism cuts each sequence into 2 x CP chunks (zig-zag, so causal attention
     costs every CP rank the same), which must be equal; the ring attention draws no

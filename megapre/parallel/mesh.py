@@ -10,6 +10,12 @@ Parameters are replicated over CP as over DP: gradients are summed over the comb
 (`dp_cp_group`, Megatron's "data parallel with context parallel" group), while data is split over
 DP only (the CP ranks of a DP rank read the same samples and keep their own sequence chunks).
 
+With N distributed-optimizer instances (Megatron's --num-distributed-optimizer-instances) each
+DP x CP group is cut into N contiguous runs of DP x CP / N ranks, Megatron's split: the
+distributed optimizer shards its state within a run (`optimizer_shard_group`) and all-reduces
+each reduced shard across the runs (`optimizer_instance_group`: the N ranks holding the same
+shard), so sharding traffic stays inside an instance, e.g. a node.
+
 Every process group is created once, here, and handed out by one `ParallelMesh` object; nothing
 below this module looks up global state. A single process without torch.distributed gets a mesh
 whose sizes are all 1 and whose groups are None (the collectives in comm.py treat that as "no
@@ -29,7 +35,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from megapre.errors import ConfigError
 
-from .layout import EVEN, StageSplit, check_parallel_sizes, check_positive, data_parallel_size
+from .layout import (EVEN, INSTANCES_FLAG, StageSplit, check_parallel_sizes, check_positive,
+                     data_parallel_size, optimizer_shard_size)
 
 MESH_DIMS = ("pp", "dp", "cp", "tp")
 
@@ -46,10 +53,12 @@ class ParallelConfig:
     timeout_s: float = 1800.0  # collective timeout of every process group this mesh creates
     tp_pp_dp_order: bool = False  # Megatron's --use-tp-pp-dp-mapping: pp inside dp
     stage_split: StageSplit = EVEN  # Megatron's uneven pipeline split (layout.chunk_layers)
+    optimizer_instances: int = 1  # --num-distributed-optimizer-instances (divides DP x CP)
 
     def __post_init__(self) -> None:
         check_parallel_sizes(self.tensor_parallel, self.pipeline_parallel, self.virtual_pipeline)
         check_positive("--context-parallel-size", self.context_parallel)
+        check_positive(INSTANCES_FLAG, self.optimizer_instances)
         if not self.timeout_s > 0:
             raise ValueError(f"process-group timeout must be > 0 seconds, got {self.timeout_s}")
 
@@ -132,6 +141,11 @@ class ParallelMesh:
         # (a groups dict without the CP entries, as before CP existed, means CP = 1)
         self.cp_group = groups.get("cp")
         self.dp_cp_group = groups.get("dp_cp", self.dp_group)  # grads: replicated over DP and CP
+        self.optimizer_shard_size = optimizer_shard_size(self.dp_cp_size,
+                                                         config.optimizer_instances)
+        # one instance: the shard group is DP x CP itself and there is nothing across instances
+        self.optimizer_shard_group = groups.get("dp_cp_intra", self.dp_cp_group)
+        self.optimizer_instance_group = groups.get("dp_cp_inter")
         self.embedding_group = embedding_group
         self.device_mesh = device_mesh
 
@@ -166,6 +180,10 @@ class ParallelMesh:
             # can abort ("terminate called without an active exception").
             atexit.register(_destroy_process_group)
         world, rank = dist.get_world_size(), dist.get_rank()
+        # before any group exists, so a bad N fails alike on every rank
+        optimizer_shard_size(data_parallel_size(world, config.tensor_parallel,
+                                                config.pipeline_parallel, config.context_parallel)
+                             * config.context_parallel, config.optimizer_instances)
         grid = rank_grid(world, config.tensor_parallel, config.pipeline_parallel,
                          config.context_parallel, config.tp_pp_dp_order)
         timeout = timedelta(seconds=config.timeout_s)
@@ -173,6 +191,9 @@ class ParallelMesh:
                   for dim, name in enumerate(MESH_DIMS)}
         groups["dp_cp"] = (groups["dp"] if config.context_parallel == 1
                            else _dp_cp_subgroups(grid, timeout))
+        if config.optimizer_instances > 1:
+            groups["dp_cp_intra"], groups["dp_cp_inter"] = _instance_subgroups(
+                grid, config.optimizer_instances, timeout)
         embedding = _embedding_group(grid, timeout)
         # The DeviceMesh names "cp" only when CP > 1: a CP-free job keeps its (pp, dp, tp) mesh.
         dims = MESH_DIMS if config.context_parallel > 1 else ("pp", "dp", "tp")
@@ -253,6 +274,31 @@ class ParallelMesh:
         return self._grid[self.pp_rank, :, :, self.tp_rank].reshape(-1).tolist()
 
     @property
+    def optimizer_instances(self) -> int:
+        return self.config.optimizer_instances
+
+    @property
+    def optimizer_shard_rank(self) -> int:
+        """This rank's place in its distributed-optimizer instance (which shard it owns)."""
+        return self.dp_cp_rank % self.optimizer_shard_size
+
+    @property
+    def optimizer_instance(self) -> int:
+        """Which of the N distributed-optimizer instances this rank belongs to."""
+        return self.dp_cp_rank // self.optimizer_shard_size
+
+    @property
+    def optimizer_shard_ranks(self) -> list[int]:
+        """The ranks of this rank's instance: a contiguous run of `dp_cp_ranks`."""
+        lo = self.optimizer_instance * self.optimizer_shard_size
+        return self.dp_cp_ranks[lo:lo + self.optimizer_shard_size]
+
+    @property
+    def optimizer_instance_ranks(self) -> list[int]:
+        """The rank owning this rank's shard in every instance (the gradient all-reduce)."""
+        return self.dp_cp_ranks[self.optimizer_shard_rank::self.optimizer_shard_size]
+
+    @property
     def pp_ranks(self) -> list[int]:
         return self._grid[:, self.dp_rank, self.cp_rank, self.tp_rank].tolist()
 
@@ -291,6 +337,21 @@ def _dp_cp_subgroups(grid: torch.Tensor, timeout: timedelta) -> ProcessGroup:
     lines = grid.permute(0, 3, 1, 2).reshape(pp * tp, dp * cp).tolist()
     group, _ = dist.new_subgroups_by_enumeration(lines, timeout=timeout, group_desc="mesh_dp_cp")
     return group
+
+
+def _instance_subgroups(grid: torch.Tensor, instances: int, timeout: timedelta
+                        ) -> tuple[ProcessGroup, ProcessGroup]:
+    """This rank's distributed-optimizer groups: its instance (a contiguous run of DP x CP /
+    `instances` ranks of its DP x CP group, as Megatron cuts it) and the ranks at its place in
+    every instance. All intra groups are created first, then all inter groups, on every rank."""
+    pp, dp, cp, tp = grid.shape
+    runs = grid.permute(0, 3, 1, 2).reshape(pp * tp, instances, dp * cp // instances)
+    intra, _ = dist.new_subgroups_by_enumeration(runs.reshape(-1, runs.shape[-1]).tolist(),
+                                                 timeout=timeout, group_desc="mesh_dp_cp_intra")
+    inter, _ = dist.new_subgroups_by_enumeration(runs.transpose(1, 2).reshape(-1, instances)
+                                                 .tolist(), timeout=timeout,
+                                                 group_desc="mesh_dp_cp_inter")
+    return intra, inter
 
 
 def _embedding_group(grid: torch.Tensor, timeout: timedelta) -> ProcessGroup | None:

@@ -118,6 +118,11 @@ class ParallelArgs:
     ddp_bucket_size: int | None = _f(
         None, "elements per gradient bucket (default: DDP's 25 MB; distributed optimizer: one "
         "bucket, or max(40M, 1M x DP) with --overlap-grad-reduce)")
+    num_distributed_optimizer_instances: int = _f(
+        1, "with --use-distributed-optimizer: split DP x CP into this many equal groups of "
+        "consecutive ranks, each holding a full copy of the sharded AdamW state; gradients "
+        "reduce-scattered within a group, then all-reduced across groups (optimizer memory / "
+        "(DP x CP / N))")
 
     def stage_split(self) -> layout.StageSplit:
         """The four uneven-split flags as the layout rules take them."""
@@ -419,12 +424,16 @@ def _check_checkpoint_args(c: CheckpointArgs) -> None:
                           "starts a new lr schedule from this command line; drop one")
 
 
-def check_distributed_optimizer(p: ParallelArgs) -> None:
-    """Megatron's rules for the distributed optimizer's flags."""
+def check_distributed_optimizer(p: ParallelArgs, dp: int) -> None:
+    """Megatron's rules for the distributed optimizer's flags (`dp`: the data-parallel size,
+    which the optimizer instances must split evenly together with CP)."""
     if p.overlap_param_gather and not p.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
     if p.ddp_bucket_size is not None and p.ddp_bucket_size < 1:
         raise ConfigError(f"--ddp-bucket-size must be >= 1 element, got {p.ddp_bucket_size}")
+    layout.optimizer_shard_size(dp * p.context_parallel_size,
+                                p.num_distributed_optimizer_instances,
+                                p.use_distributed_optimizer)
 
 
 def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None) -> RunPlan:
@@ -436,7 +445,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     cp = p.context_parallel_size
     layout.check_context_parallel(cp, cfg.model.seq_length, cfg.model.attention_dropout)
     dp = layout.data_parallel_size(world_size, tp, pp, cp)
-    check_distributed_optimizer(p)
+    check_distributed_optimizer(p, dp)
     vp = _virtual_stages(cfg)
     _check_gqa(cfg.model)
     _check_activation(cfg.model)

@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 
+from megapre.parallel.distributed_optimizer import DistributedOptimizer
 from megapre.parallel.param_stats import global_param_norm, global_zeros_in_grad
 
 from . import banner
@@ -470,11 +471,13 @@ class Trainer:
         """--log-params-norm / --log-num-zeros-in-grad (collectives: every rank calls this)."""
         log, out = self.cfg.log, {}
         params = [p for p in self.model.parameters() if p.requires_grad]
+        sharded = self.optimizer if isinstance(self.optimizer, DistributedOptimizer) else None
         if log.log_params_norm:
-            out["params_norm"] = global_param_norm(params, self.mesh, self.model.tied_copies())
+            out["params_norm"] = global_param_norm(params, self.mesh, self.model.tied_copies(),
+                                                   sharded)
         if log.log_num_zeros_in_grad:
             out["num_zeros_in_grad"] = global_zeros_in_grad(params, self.mesh,
-                                                            self.model.tied_copies())
+                                                            self.model.tied_copies(), sharded)
         return out
 
     def _should_exit(self) -> str | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megapre.parallel import layout
+
 
 # Megatron's "embedding or output" parameters, which --decoupled-lr gives their own lr.
 EMBEDDING_OR_OUTPUT = ("embedding.word.weight", "output_layer.weight", "output_word.weight")
@@ -49,7 +51,8 @@ def param_groups(model: nn.Module, weight_decay: float,
 @dataclass(frozen=True)
 class ShardingArgs:
     """How the optimizer state is laid out over DP (the fields of ParallelArgs with these names;
-    see megapre.train.args)."""
+    see megapre.train.args). The number of optimizer instances is not here: it shapes the
+    process groups, so the mesh carries it (ParallelConfig.optimizer_instances)."""
 
     use_distributed_optimizer: bool = False
     overlap_grad_reduce: bool = False
@@ -70,9 +73,14 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9
 
     `decoupled`: see `param_groups`. `sharding` with `use_distributed_optimizer`: the same AdamW
     with its state sharded over DP (megapre/parallel/distributed_optimizer.py); `model` is then
-    a ParallelModel built with `ddp=False`."""
+    a ParallelModel built with `ddp=False`. Its number of optimizer instances is the mesh's
+    (--num-distributed-optimizer-instances: the groups are the mesh's)."""
     groups = param_groups(model, weight_decay, decoupled, decay_qk_norm)
-    if sharding is None or not sharding.use_distributed_optimizer:
+    distributed = sharding is not None and sharding.use_distributed_optimizer
+    mesh = getattr(model, "mesh", None)
+    if mesh is not None:  # instances of a non-distributed optimizer would be plain copies
+        layout.optimizer_shard_size(mesh.dp_cp_size, mesh.optimizer_instances, distributed)
+    if not distributed:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
     from torch.nn.parallel import DistributedDataParallel
 

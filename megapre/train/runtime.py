@@ -72,7 +72,8 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
         tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=virtual_pipeline,
         sequence_parallel=p.sequence_parallel, context_parallel=cp,
         timeout_s=p.distributed_timeout_minutes * 60, tp_pp_dp_order=p.use_tp_pp_dp_mapping,
-        stage_split=p.stage_split()),
+        stage_split=p.stage_split(),
+        optimizer_instances=p.num_distributed_optimizer_instances),
         device)
     tracker = set_random_seed(cfg.train.seed, mesh)
     # the distributed optimizer reduces gradients itself (no DDP wrapper then)

@@ -2,6 +2,9 @@
 with --use-distributed-optimizer they load in one process with torch's AdamW, and the reverse
 (into DP2 with overlapped communication); every parameter and AdamW state equals the saved one
 and the next steps give the losses of an uninterrupted single-process run (1e-5 relative).
+Saved with --num-distributed-optimizer-instances 2 on DP4 the checkpoint is the same: it resumes
+in one process (torch's AdamW) and under DP2 with one instance, and a plain checkpoint resumes
+into DP4 with two instances.
 """
 from __future__ import annotations
 
@@ -44,8 +47,9 @@ def _run(mesh: ParallelMesh, sharding: ShardingArgs, load: str | None, save: str
 
 
 def worker(rank: int, world: int, load: str | None, save: str | None, first: int,
-           steps: int) -> dict:
-    mesh = ParallelMesh.init(ParallelConfig(), device="cpu")  # DP = world
+           steps: int, instances: int = 1) -> dict:
+    mesh = ParallelMesh.init(ParallelConfig(optimizer_instances=instances),
+                             device="cpu")  # DP = world
     return _run(mesh, SHARDED, load, save, first, steps)
 
 
@@ -86,5 +90,27 @@ def test_distributed_save_loads_without_it(single, tmp_path):
 def test_plain_save_loads_into_distributed(single):
     ranks = run_distributed(worker, 2, single["path"], None, FIRST, THEN, timeout_s=240)
     for r in ranks:
+        _same_state(r["loaded"], single["saved"])
+        _close(r["losses"], single["losses"][FIRST:])
+
+
+@pytest.mark.slow
+def test_two_instance_save_resumes_elsewhere(single, tmp_path):
+    """DP4 with two optimizer instances saves the non-distributed layout (each instance's
+    shards assembled within it, the same on every rank); it resumes with one instance in one
+    process and in DP2 with the next losses of the uninterrupted run, and the plain checkpoint
+    resumes into two instances."""
+    path = str(tmp_path)
+    ranks = run_distributed(worker, 4, None, path, 0, FIRST, 2, timeout_s=300)
+    _close(ranks[0]["losses"], single["losses"][:FIRST])
+    for r in ranks[1:]:  # every instance saves the same whole state
+        _same_state(r["saved"], ranks[0]["saved"])
+    resumed = _run(ParallelMesh.single(device="cpu"), ShardingArgs(), path, None, FIRST, THEN)
+    _same_state(resumed["loaded"], ranks[0]["saved"])
+    _close(resumed["losses"], single["losses"][FIRST:])
+    for r in run_distributed(worker, 2, path, None, FIRST, THEN, timeout_s=240):
+        _same_state(r["loaded"], ranks[0]["saved"])
+        _close(r["losses"], single["losses"][FIRST:])
+    for r in run_distributed(worker, 4, single["path"], None, FIRST, THEN, 2, timeout_s=300):
         _same_state(r["loaded"], single["saved"])
         _close(r["losses"], single["losses"][FIRST:])

@@ -1,5 +1,6 @@
 """The pretraining program end to end: `python -m megapre.pretrain` learns, logs the metrics a
-user reads, evaluates, and under torchrun (TP2, DP2) gives the single process's losses."""
+user reads, evaluates, and under torchrun (TP2, DP2; DP4 with two distributed-optimizer
+instances) gives the single process's losses."""
 from __future__ import annotations
 
 import json
@@ -88,6 +89,35 @@ def test_torchrun_tp2_dp2_matches_single_process(corpus, tmp_path):
         # exactly 0.0 in one summation order may not in another
         assert min(a["num_zeros_in_grad"], b["num_zeros_in_grad"]) >= 8 * 32
         assert abs(b["num_zeros_in_grad"] - a["num_zeros_in_grad"]) <= 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_optimizer_instances_match_single_process(corpus, tmp_path):
+    """DP4 with --use-distributed-optimizer --num-distributed-optimizer-instances 2 (and both
+    overlaps) through the whole program: the losses, params norm and zero-gradient count of
+    one process (the statistics taken once per shard, not once per instance)."""
+    one, four = tmp_path / "one", tmp_path / "four"
+    one.mkdir(), four.mkdir()
+    short = ["--train-iters", "10", "--eval-interval", "10", "--log-params-norm",
+             "--log-num-zeros-in-grad"]
+    p1 = _run([sys.executable, "-m", "megapre.pretrain", *_args(corpus, one, *short)], one)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    p4 = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+               "4", "-m", "megapre.pretrain", *_args(corpus, four, *short),
+               "--use-distributed-optimizer", "--num-distributed-optimizer-instances", "2",
+               "--overlap-grad-reduce", "--overlap-param-gather", "--ddp-bucket-size", "2000"],
+              four)
+    assert p4.returncode == 0, p4.stderr[-3000:]
+    (t1, e1), (t4, e4) = _metrics(one), _metrics(four)
+    assert len(t1) == len(t4) == 2 and len(e1) == len(e4) == 2
+    for a, b in zip(t1 + e1, t4 + e4):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    for a, b in zip(t1, t4):
+        assert b["params_norm"] == pytest.approx(a["params_norm"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        # a gradient element that cancels to exactly 0.0 in one summation order may not in
+        # another (a key bias's); counted per instance it would double
+        assert abs(b["num_zeros_in_grad"] - a["num_zeros_in_grad"]) <= 4
 
 
 def test_megatron_style_run_on_mock_data(tmp_path):
