@@ -1,0 +1,75 @@
+"""The Hugging Face door's parity table: for GPT-2 and Llama models built from configs (random
+weights x3, tokenizer trained on the spot), import with megapre-convert and compare megapre's
+logits with transformers' in TP1, TP2 and PP2 (max |diff| / max |logit|), the one-batch loss,
+and whether 32 greedy tokens agree (benchmarks/bench_convert.py times a 1.3B conversion).
+
+    python benchmarks/hf_parity.py
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tests" / "convert"), str(ROOT / "tests"), str(ROOT)]
+
+from hf_cases import hf_dir  # noqa: E402
+from test_hf_convert import _layout_logits, _open, _relative  # noqa: E402
+
+from megapre.cli.convert import main as convert  # noqa: E402
+from megapre.inference.generator import TextGenerator  # noqa: E402
+from megapre.inference.logprobs import TokenScorer  # noqa: E402
+from megapre.inference.sampling import SamplingConfig  # noqa: E402
+from megapre.parallel.testing import run_distributed  # noqa: E402
+
+
+def _one_process(ckpt: Path, model, ids: torch.Tensor) -> tuple[float, float, bool]:
+    rt = _open(ckpt)
+    try:
+        logits = TokenScorer(rt.model).logits(ids)
+        m = rt.model.models[0].eval()
+        with torch.no_grad():
+            loss = float(m(input_ids=ids[:, :-1], labels=ids[:, 1:]).mean())
+        gen = TextGenerator(rt.model, rt.tokenizer.vocab_size, rt.tokenizer.eod, 64)
+        ours = gen.generate([ids[0, :8].tolist()], 32, SamplingConfig(greedy=True), seed=0,
+                            stop_at_eod=False)[0].ids
+    finally:
+        rt.mesh.destroy()
+    with torch.no_grad():
+        ref = model(ids)
+        ref_loss = float(model(ids, labels=ids).loss)
+        ref_gen = model.generate(ids[:1, :8], max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)[0, 8:]
+    return _relative(logits, ref.logits), abs(loss - ref_loss), ours == ref_gen.tolist()
+
+
+def main() -> int:
+    print("| family | TP1 logits | TP2 logits | PP2 logits | loss |diff| | greedy 32 equal |")
+    print("|---|---:|---:|---:|---:|---|")
+    for kind in ("gpt2", "llama"):
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(tmp)
+            model = hf_dir(kind, work / "hf")
+            assert convert(["hf-import", "--hf-dir", str(work / "hf"), "--save",
+                            str(work / "ck")]) == 0
+            ids = torch.randint(0, model.config.vocab_size, (2, 32),
+                                generator=torch.Generator().manual_seed(7))
+            rel1, dloss, same = _one_process(work / "ck", model, ids)
+            with torch.no_grad():
+                ref = model(ids).logits
+            rel = {}
+            for tp, pp in ((2, 1), (1, 2)):
+                got = [x for x in run_distributed(_layout_logits, 2, str(work / "ck"), tp, pp,
+                                                  ids, backend=None, timeout_s=300)
+                       if x is not None]
+                rel[(tp, pp)] = max(_relative(x, ref) for x in got)
+        print(f"| {kind} | {rel1:.1e} | {rel[(2, 1)]:.1e} | {rel[(1, 2)]:.1e} | {dloss:.1e} | "
+              f"{same} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
