@@ -103,7 +103,7 @@ class WeightReader:
 
 
 def write_dir(out: Path, files: dict[str, bytes], tensors: Iterable[tuple[str, torch.Tensor]],
-              extra: Iterable[Path] = (), shard_bytes: int = 5 * 2**30) -> None:
+              extra: Iterable[Path] = (), shard_bytes: int = 2 * 2**30) -> None:
     """Write a Hugging Face directory at `out` atomically: everything goes to a temporary sibling
     that is renamed into place at the end (an existing `out` is replaced only then)."""
     save_file = _save_file()
@@ -135,24 +135,35 @@ def _save_file():
 
 def _write_shards(tmp: Path, tensors: Iterable[tuple[str, torch.Tensor]], save_file,
                   shard_bytes: int) -> None:
-    """model.safetensors, or numbered shards plus the index when larger than `shard_bytes`."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
+    """model.safetensors, or numbered shards plus the index when larger than `shard_bytes`.
+    Each shard is written as soon as it is full, so the converted copies held at once are one
+    shard's (the total number of shards is known only at the end: they are renamed then)."""
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        part = tmp / f"shard-{len(written):05d}.part"
+        save_file(shard, str(part), metadata={"format": "pt"})
+        written.append((part, list(shard)))
+
     for name, t in tensors:
         t = t.detach().contiguous()
-        if size and size + t.numel() * t.element_size() > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += t.numel() * t.element_size()
-    if len(shards) == 1:
-        save_file(shards[0], str(tmp / WEIGHTS), metadata={"format": "pt"})
+        nbytes = t.numel() * t.element_size()
+        if shard and size + nbytes > shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(tmp / WEIGHTS)
         return
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(tmp / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in shard})
-    total = sum(t.numel() * t.element_size() for s in shards for t in s.values())
+    for i, (part, names) in enumerate(written):
+        file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        part.rename(tmp / file)
+        weight_map.update({k: file for k in names})
     (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                          "weight_map": weight_map}, indent=1))

@@ -298,3 +298,23 @@ def test_export_replaces_its_output_only_when_complete(imported, tmp_path):
     bad = _cli("hf-export", "--load", str(tmp_path / "nowhere"), "--hf-dir", str(out),
                cwd=tmp_path)
     assert bad.returncode == 2 and (out / "model.safetensors").is_file()
+
+
+def test_sharded_directories_write_and_read_back(tmp_path):
+    """Shards are written one at a time with transformers' names and index, and read back."""
+    from megapre.convert import hf_files
+
+    tensors = {f"layer.{i}.weight": torch.randn(64, 64) for i in range(5)}
+    hf_files.write_dir(tmp_path / "out", {"config.json": b"{}"}, tensors.items(),
+                       shard_bytes=3 * 64 * 64 * 4)
+    index = json.loads((tmp_path / "out" / hf_files.INDEX).read_text())
+    assert sorted(set(index["weight_map"].values())) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert not list((tmp_path / "out").glob("*.part"))
+    reader = hf_files.WeightReader(tmp_path / "out", ("",))
+    try:
+        for name, t in tensors.items():
+            assert torch.equal(reader.take(name), t)
+        assert reader.unused() == []
+    finally:
+        reader.close()
