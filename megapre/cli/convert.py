@@ -2,6 +2,8 @@
 
     megapre-convert hf-import --hf-dir HF_DIR --save CKPT      # GPT-2 / Llama -> megapre
     megapre-convert hf-export --load CKPT --hf-dir OUT [--dtype bf16]
+    megapre-convert mcore-import --load MEGATRON_DIR --save CKPT [--iteration N]
+                                                  # Megatron-LM torch_dist / legacy -> megapre
 
 An imported checkpoint is layout-independent: continue pretraining or fine-tune it under any
 --tensor/--pipeline-model-parallel-size with `--load CKPT` (or `--finetune`). Errors are one
@@ -39,12 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (replaced atomically once complete)")
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="weights' dtype in the safetensors files")
+    _add_mcore_import(sub)
     return p
+
+
+def _add_mcore_import(sub) -> None:
+    from .tokenizer_flags import add_tokenizer_flags
+
+    imp = sub.add_parser("mcore-import", allow_abbrev=False,
+                         help="a Megatron-LM (megatron-core GPTModel) checkpoint -> a megapre "
+                              "checkpoint")
+    imp.add_argument("--load", required=True, type=Path, metavar="MEGATRON_DIR",
+                     help="Megatron-LM --save directory (torch_dist or legacy "
+                          "model_optim_rng.pt), or one iter_XXXXXXX directory")
+    imp.add_argument("--save", required=True, type=Path, metavar="CKPT",
+                     help="new (or empty) checkpoint directory")
+    imp.add_argument("--iteration", type=int, default=None,
+                     help="default: latest_checkpointed_iteration.txt")
+    add_tokenizer_flags(imp, required=False).description = (
+        "default: the tokenizer in the checkpoint's saved args")
+
+
+def _mcore_import(args: argparse.Namespace) -> int:
+    from megapre.convert import mcore
+
+    tok = {k: getattr(args, k) for k in mcore.TOKENIZER_KEYS}
+    out = mcore.mcore_import(mcore.ImportArgs(args.load, args.save, args.iteration, tok))
+    print(f"imported {args.load} -> {out} (load it with --load {out}, in any layout)",
+          flush=True)
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     from megapre.convert import hf
 
+    if args.command == "mcore-import":
+        return _mcore_import(args)
     if args.command == "hf-import":
         out = hf.hf_import(hf.ImportArgs(args.hf_dir, args.save, args.null_tokenizer))
         print(f"imported {args.hf_dir} -> {out} (load it with --load {out}, in any layout)",

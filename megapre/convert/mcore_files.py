@@ -1,0 +1,236 @@
+"""Reading a Megatron-LM / megatron-core checkpoint without running Megatron: its run args and
+its model tensors under megatron-core's per-layer names (`decoder.layers.{i}....`).
+
+Two formats are read (facts of the format, found by saving them):
+  torch_dist  iter_XXXXXXX/metadata.json {"sharded_backend": "torch_dist"}, .metadata, *.distcp,
+              common.pt; layer tensors stored stacked ([num_layers, ...] under
+              `decoder.layers.<name>`), `_extra_state` as byte blobs.
+  legacy      iter_XXXXXXX/mp_rank_TT[_PPP]/model_optim_rng.pt: one pickle per rank holding
+              'args' (argparse.Namespace) and 'model' (that rank's state dict).
+Pickles are opened with torch's weights_only loader: argparse.Namespace is rebuilt, every other
+class a file names is replaced by an inert stand-in, so nothing in the file runs code."""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from megapre.model.config import ConfigError
+from megapre.train import checkpoint as ckpt
+
+LATEST = "latest_checkpointed_iteration.txt"
+LEGACY_FILE = "model_optim_rng.pt"
+RANK_DIR = re.compile(r"^mp_rank_(\d\d)(?:_(\d\d\d))?$")
+
+
+def is_megatron_dir(path: Path) -> bool:
+    """A Megatron-LM checkpoint root or iteration directory (for --load's message)."""
+    if _is_iteration(path):
+        return True
+    try:
+        text = (path / LATEST).read_text().strip()
+    except OSError:
+        return False
+    name = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else ""
+    return bool(name) and _is_iteration(path / name)
+
+
+def _is_iteration(path: Path) -> bool:
+    return (path / "metadata.json").is_file() or bool(_rank_dirs(path))
+
+
+def _rank_dirs(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return []
+    return sorted(p for p in path.iterdir() if RANK_DIR.match(p.name) and p.is_dir())
+
+
+def resolve(load: Path, iteration: int | None) -> Path:
+    """The iteration directory to read: --iteration, else latest_checkpointed_iteration.txt."""
+    if not load.is_dir():
+        raise ConfigError(f"--load {load}: no such directory")
+    if iteration is not None:
+        path = load / f"iter_{iteration:07d}"
+        if not path.is_dir():
+            raise ConfigError(f"--load {load}: no iteration {iteration} ({path.name} missing)")
+        return path
+    if _is_iteration(load):
+        return load  # an iteration directory itself
+    try:
+        text = (load / LATEST).read_text().strip()
+    except OSError:
+        raise ConfigError(f"--load {load}: not a Megatron checkpoint (no {LATEST}, metadata.json "
+                          "or mp_rank_* directories); give --iteration N or the iter_XXXXXXX "
+                          "directory") from None
+    if text == "release":
+        return load / "release"
+    if not text.isdigit():
+        raise ConfigError(f"{load / LATEST}: {text!r} is not an iteration number")
+    path = load / f"iter_{int(text):07d}"
+    if not path.is_dir():
+        raise ConfigError(f"{load / LATEST} names iteration {int(text)} but {path.name} is "
+                          "missing")
+    return path
+
+
+def format_of(path: Path) -> str:
+    """'torch_dist' or 'legacy'; other sharded backends (zarr, ...) are refused by name."""
+    meta = path / "metadata.json"
+    if meta.is_file():
+        try:
+            backend = json.loads(meta.read_text()).get("sharded_backend")
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{meta}: unreadable ({e})") from None
+        if backend != "torch_dist":
+            raise ConfigError(f"{meta}: sharded_backend {backend!r} is not supported; "
+                              "mcore-import reads torch_dist and legacy model_optim_rng.pt")
+        return "torch_dist"
+    if _rank_dirs(path):
+        return "legacy"
+    raise ConfigError(f"{path}: unknown checkpoint format (neither metadata.json of "
+                      "dist_checkpointing nor mp_rank_*/model_optim_rng.pt)")
+
+
+# -- pickles -------------------------------------------------------------------------------------
+class _Inert:
+    """Stands in for any class a pickle names except argparse.Namespace: keeps its arguments and
+    state, runs nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state) -> None:
+        self.state = state
+
+
+def load_pickle(path: Path) -> dict:
+    """A torch.save file through weights_only loading with Namespace allowed, the rest inert."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        allowed = [(argparse.Namespace if n == "argparse.Namespace" else _Inert, n)
+                   for n in names]
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError,
+            AttributeError, TypeError) as e:
+        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def args_of(state: dict) -> dict | None:
+    args = state.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else None
+
+
+# -- torch_dist ----------------------------------------------------------------------------------
+class _Unpickler(ckpt._MetadataUnpickler):
+    """dist_checkpointing's .metadata also holds the save plans (torch's planner records)."""
+
+    PLANNER = {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData"}
+
+    def find_class(self, module: str, name: str):
+        if module == "torch.distributed.checkpoint.planner" and name in self.PLANNER:
+            return pickle.Unpickler.find_class(self, module, name)
+        return super().find_class(module, name)
+
+
+class _Reader(ckpt.SafeFileSystemReader):
+    def read_metadata(self, *args, **kwargs):
+        saved = ckpt._MetadataUnpickler
+        ckpt._MetadataUnpickler = _Unpickler
+        try:
+            return super().read_metadata(*args, **kwargs)
+        finally:
+            ckpt._MetadataUnpickler = saved
+
+
+def read_torch_dist(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(args, tensors by per-layer name); stacked layer tensors are split per layer."""
+    common = path / "common.pt"
+    args = args_of(load_pickle(common)) if common.is_file() else None
+    reader = _Reader(path)
+    try:
+        metadata = reader.read_metadata()
+        targets = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+                   for k, m in metadata.state_dict_metadata.items()
+                   if hasattr(m, "size") and "_extra_state" not in k}
+        dcp.load(targets, storage_reader=reader, no_dist=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # torch raises CheckpointException, RuntimeError, OSError ...
+        raise ConfigError(f"{path}: cannot read the tensors ({_first_line(e)})") from None
+    return args, _unstack(targets)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:200]
+
+
+def _unstack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, t in tensors.items():
+        if key.startswith("decoder.layers.") and not key[len("decoder.layers."):][:1].isdigit():
+            rest = key[len("decoder.layers."):]
+            for i, layer in enumerate(t.unbind(0)):
+                out[f"decoder.layers.{i}.{rest}"] = layer
+        else:
+            out[key] = t
+    return out
+
+
+# -- legacy --------------------------------------------------------------------------------------
+def read_legacy(path: Path, glu: bool | None = None) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """(args, tensors) from mp_rank_* files; tensor-parallel shards are joined, pipeline
+    stages refused."""
+    ranks = _rank_dirs(path)
+    if any(RANK_DIR.match(r.name).group(2) for r in ranks):
+        raise ConfigError(f"{path}: a pipeline-parallel legacy checkpoint (mp_rank_TT_PPP) is not "
+                          "supported; save it again with torch_dist (--ckpt-format torch_dist) "
+                          "or pipeline size 1")
+    states = []
+    for r in ranks:
+        f = r / LEGACY_FILE
+        if not f.is_file():
+            raise ConfigError(f"{r}: {LEGACY_FILE} missing")
+        states.append(load_pickle(f))
+    args = args_of(states[0])
+    models = []
+    for r, s in zip(ranks, states):
+        model = s.get("model")
+        if not isinstance(model, dict):
+            raise ConfigError(f"{r / LEGACY_FILE}: no 'model' state dict (a multi-model "
+                              "checkpoint with model0, model1 ... is not supported)")
+        models.append({k: v for k, v in model.items() if isinstance(v, torch.Tensor)})
+    if glu is None:
+        glu = bool(args and args.get("swiglu"))
+    return args, models[0] if len(models) == 1 else join_tp(models, glu)
+
+
+def join_tp(shards: list[dict[str, torch.Tensor]], glu: bool) -> dict[str, torch.Tensor]:
+    """One state from tensor-parallel shards: column-parallel weights along dim 0 (a GLU fc1's
+    shard is [gate_shard; up_shard]), row-parallel weights along dim 1, the rest replicated."""
+    out = {}
+    for key, first in shards[0].items():
+        parts = [s[key] for s in shards]
+        if key.endswith(("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight",
+                         "output_layer.weight")):
+            out[key] = torch.cat(parts, 0)
+        elif key.endswith(("linear_fc1.weight", "linear_fc1.bias")):
+            if glu:
+                halves = [p.chunk(2, 0) for p in parts]
+                out[key] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], 0)
+            else:
+                out[key] = torch.cat(parts, 0)
+        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            out[key] = torch.cat(parts, 1)
+        else:
+            out[key] = first
+    return out
