@@ -118,10 +118,17 @@ def load_pickle(path: Path) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, ValueError,
             AttributeError, TypeError) as e:
-        raise ConfigError(f"{path}: unreadable ({str(e).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{path}: unreadable ({_reason(e)})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of torch's (long, multi-line) load errors."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+    return next((x for x in lines if "GLOBAL" in x or x.lower().startswith("error")),
+                lines[0])[:200]
 
 
 def args_of(state: dict) -> dict | None:

@@ -460,6 +460,7 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None
         raise CheckpointNotFoundError(f"--load {root}: no such directory")
     if iteration is None and _complete(root):
         return root
+    _refuse_megatron(root)
     if iteration is None:
         iteration = latest_iteration(root)
     if iteration is None:
@@ -488,6 +489,18 @@ def resolve_checkpoint(load_dir: str | os.PathLike, iteration: int | None = None
             f"checkpoint {path} is incomplete: {', '.join(missing)} missing (a save that did "
             f"not finish?). Load an older one with its iteration, or delete it")
     return path
+
+
+def _refuse_megatron(root: Path) -> None:
+    """A Megatron-LM checkpoint is not a damaged megapre one: say what it is and how to convert
+    it (its files differ, so the generic message would call it incomplete)."""
+    from megapre.convert.mcore_files import is_megatron_dir
+
+    if is_megatron_dir(root):
+        raise CorruptCheckpointError(
+            f"--load {root} is a Megatron-LM (megatron-core) checkpoint, not a megapre one; "
+            f"convert it once with `megapre-convert mcore-import --load {root} --save NEW` and "
+            "load NEW")
 
 
 # -- reading metadata without unpickling arbitrary objects --------------------------------------
@@ -569,6 +582,8 @@ def find_latest(load_dir: str | os.PathLike) -> Path | None:
     root = Path(load_dir)
     if not root.is_dir():
         return None
+    if not _complete(root):
+        _refuse_megatron(root)
     if not _complete(root) and latest_iteration(root) is None and not any(
             ITER_DIR.match(p.name) and _complete(p) for p in root.iterdir()):
         return None

@@ -1,0 +1,240 @@
+"""megapre-convert mcore-import: megatron-core GPT models (GPT-2-like: LayerNorm, learned
+positions, biases, tanh GELU, tied; Llama-like: RMSNorm, SwiGLU, RoPE, GQA, untied, no biases)
+saved by megatron-core itself (torch_dist, and the legacy model_optim_rng.pt, also split over two
+tensor-parallel ranks) come in with megatron-core's logits (<= 1e-4 relative) in TP1, TP2 and
+PP2; bad input is one line (exit 2) and leaves nothing behind; `megapre.pretrain --load` on a
+Megatron-LM directory says how to convert it."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="the reference checkpoints are made by megatron-core")
+
+import mcore_cases  # noqa: E402
+from megapre.cli.convert import main as convert  # noqa: E402
+from megapre.parallel.testing import run_distributed  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def megatron(request, tmp_path_factory):
+    """(kind, directory with torch_dist/, legacy/ and reference.pt), made in a subprocess."""
+    out = tmp_path_factory.mktemp(f"mcore_{request.param}")
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(out), request.param],
+                   check=True, cwd=ROOT, timeout=600, capture_output=True)
+    return request.param, out
+
+
+def _import(src: Path, save: Path, *extra: str) -> Path:
+    assert convert(["mcore-import", "--load", str(src), "--save", str(save), *extra]) == 0
+    return save
+
+
+def _logits(rank: int, world: int, ckpt: str, tp: int, pp: int, ids: torch.Tensor):
+    from megapre.inference import checkpoint_io
+    from megapre.inference.logprobs import TokenScorer
+    from megapre.train.runtime import build_runtime
+
+    torch.set_num_threads(1)
+    path = checkpoint_io.resolve(ckpt)
+    cfg = checkpoint_io.saved_config(path)
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.train.device = "cpu"
+    rt = build_runtime(cfg)
+    try:
+        checkpoint_io.load_weights(path, rt)
+        return TokenScorer(rt.model).logits(ids)
+    finally:
+        rt.mesh.destroy()
+
+
+def _check(ckpt: Path, ref_dir: Path, tp: int = 1, pp: int = 1) -> None:
+    ref = torch.load(ref_dir / "reference.pt")
+    if tp * pp == 1:
+        got = [_logits(0, 1, str(ckpt), 1, 1, mcore_cases.ids())]
+    else:
+        got = [x for x in run_distributed(_logits, tp * pp, str(ckpt), tp, pp, mcore_cases.ids(),
+                                          backend=None, timeout_s=300) if x is not None]
+    assert got, "no rank returned logits"
+    for logits in got:
+        assert logits.shape == ref.shape
+        assert _relative(logits, ref) <= 1e-4, (ckpt, tp, pp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["torch_dist", "legacy"])
+def test_logits_match_megatron_core(megatron, fmt, tmp_path):
+    kind, out = megatron
+    ckpt = _import(out / fmt, tmp_path / "ckpt")
+    _check(ckpt, out)
+    from megapre.convert.hf import saved_model_args
+
+    m = saved_model_args(ckpt)
+    assert m["swiglu"] == (kind == "llama") and m["num_layers"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_logits_match_in_parallel_layouts(megatron, tp, pp, tmp_path):
+    kind, out = megatron
+    _check(_import(out / "torch_dist", tmp_path / "ckpt"), out, tp, pp)
+
+
+def _split_tp2(src: Path, dest: Path, glu: bool) -> None:
+    """The legacy file as Megatron-LM writes it under TP2: column-parallel rows split (a GLU
+    fc1 per rank [gate_shard; up_shard]), row-parallel columns split, the rest replicated."""
+    from megapre.convert.mcore_files import load_pickle
+
+    state = load_pickle(src / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt")
+    shards: list[dict] = [{}, {}]
+    for key, t in state["model"].items():
+        if not isinstance(t, torch.Tensor):
+            parts = [t, t]
+        elif key.endswith(("linear_fc1.weight", "linear_fc1.bias")) and glu:
+            gate, up = t.chunk(2, 0)
+            parts = [torch.cat([g, u]) for g, u in zip(gate.chunk(2, 0), up.chunk(2, 0))]
+        elif key.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
+                           "linear_fc1.bias", "word_embeddings.weight", "output_layer.weight")):
+            parts = list(t.chunk(2, 0))
+        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            parts = list(t.chunk(2, 1))
+        else:
+            parts = [t, t]
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone() if isinstance(part, torch.Tensor) else part
+    for rank, shard in enumerate(shards):
+        d = dest / "iter_0000005" / f"mp_rank_{rank:02d}"
+        d.mkdir(parents=True)
+        torch.save({**state, "model": shard}, d / "model_optim_rng.pt")
+    (dest / "latest_checkpointed_iteration.txt").write_text("5")
+
+
+@pytest.mark.slow
+def test_legacy_tensor_parallel_shards_are_joined(megatron, tmp_path):
+    kind, out = megatron
+    _split_tp2(out / "legacy", tmp_path / "tp2", glu=kind == "llama")
+    _check(_import(tmp_path / "tp2", tmp_path / "ckpt"), out)
+
+
+def _legacy_with(tmp_path: Path, name: str, **changes) -> Path:
+    """A hand-built legacy checkpoint (random weights, GPT-2-like args) with `changes` to its
+    args; tensors are what the args describe."""
+    a = mcore_cases.megatron_args("gpt2")
+    for k, v in changes.items():
+        setattr(a, k, v)
+    root = tmp_path / name
+    d = root / "iter_0000005" / "mp_rank_00"
+    d.mkdir(parents=True)
+    torch.save({"args": a, "iteration": 5, "checkpoint_version": 3.0,
+                "model": {"embedding.word_embeddings.weight": torch.zeros(128, 64)}},
+               d / "model_optim_rng.pt")
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
+    return root
+
+
+def _fails(capsys, tmp_path: Path, load: Path, match: str, *extra: str) -> None:
+    save = tmp_path / "out"
+    assert convert(["mcore-import", "--load", str(load), "--save", str(save), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert not save.exists()
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    unknown = tmp_path / "unknown" / "iter_0000005"
+    unknown.mkdir(parents=True)
+    (unknown.parent / "latest_checkpointed_iteration.txt").write_text("5")
+    _fails(capsys, tmp_path, unknown.parent, "unknown checkpoint format")
+    _fails(capsys, tmp_path, tmp_path / "unknown", "no iteration 7", "--iteration", "7")
+    (unknown.parent / "latest_checkpointed_iteration.txt").write_text("9")
+    _fails(capsys, tmp_path, unknown.parent, "iter_0000009 is missing")
+    moe = _legacy_with(tmp_path, "moe", num_experts=8)
+    _fails(capsys, tmp_path, moe, "mixture of experts")
+    mla = _legacy_with(tmp_path, "mla", multi_latent_attention=True)
+    _fails(capsys, tmp_path, mla, "multi-latent attention")
+    erf = _legacy_with(tmp_path, "erf", add_bias_linear=False)
+    _fails(capsys, tmp_path, erf, "erf")
+    f = moe / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
+    f.write_bytes(f.read_bytes()[:200])  # truncated
+    _fails(capsys, tmp_path, moe, "unreadable")
+    partial = _legacy_with(tmp_path, "partial")
+    _fails(capsys, tmp_path, partial, "no weights for")
+
+
+def test_pickled_code_is_never_run(tmp_path, capsys):
+    """A class or function other than argparse.Namespace in the pickle becomes an inert
+    stand-in; what torch's loader blocks outright (os, sys, ...) is a one-line error."""
+    root = _legacy_with(tmp_path, "evil")
+    f = root / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
+    torch.save({"args": argparse.Namespace(), "model": {}, "x": _Boom(tmp_path / "boom")}, f)
+    from megapre.convert.mcore_files import load_pickle
+
+    state = load_pickle(f)
+    assert type(state["x"]).__name__ == "_Inert"
+    assert state["x"].args == (__file__, str(tmp_path / "boom")) and \
+        not (tmp_path / "boom").exists()
+    torch.save({"args": argparse.Namespace(), "model": {}, "x": _System()}, f)
+    _fails(capsys, tmp_path, root, "blocked")
+
+
+class _Boom:
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+
+    def __reduce__(self):
+        return (shutil.copyfile, (__file__, str(self.dest)))
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+@pytest.mark.slow
+def test_torch_dist_truncated_and_missing_args(megatron, tmp_path, capsys):
+    kind, out = megatron
+    if kind != "gpt2":
+        pytest.skip("one model is enough")
+    bad = tmp_path / "bad"
+    shutil.copytree(out / "torch_dist", bad)
+    for f in (bad / "iter_0000005").glob("*.distcp"):
+        f.write_bytes(f.read_bytes()[:100])
+    _fails(capsys, tmp_path, bad, "cannot read the tensors")
+    noargs = tmp_path / "noargs"
+    shutil.copytree(out / "torch_dist", noargs)
+    torch.save({}, noargs / "iter_0000005" / "common.pt")
+    _fails(capsys, tmp_path, noargs, "no run args")
+
+
+def test_pretrain_load_names_the_conversion(tmp_path, capsys):
+    from conftest import write_counting_corpus
+    from megapre.cli.pretrain import main as pretrain
+
+    root = _legacy_with(tmp_path, "megatron")
+    corpus = write_counting_corpus(tmp_path / "count_text_document")
+    base = ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+            "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+            "--data-path", corpus, "--split", "90,5,5", "--tokenizer-type", "NullTokenizer",
+            "--vocab-size", "39", "--num-workers", "0", "--device", "cpu",
+            "--data-cache-path", str(tmp_path / "cache")]
+    for flag, where in (("--load", root), ("--load", root / "iter_0000005"),
+                        ("--finetune", root)):
+        extra = [flag, str(where)] if flag == "--load" else ["--load", str(where), "--finetune"]
+        assert pretrain(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and "Megatron-LM" in err[-1] and "megapre-convert mcore-import" in err[-1], err
