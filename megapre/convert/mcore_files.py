@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megapre.model.config import ConfigError
 from megapre.train import checkpoint as ckpt
@@ -171,13 +172,14 @@ def read_torch_dist(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:
         dcp.load(targets, storage_reader=reader, no_dist=True)
     except ConfigError:
         raise
-    except Exception as e:  # torch raises CheckpointException, RuntimeError, OSError ...
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise ConfigError(f"{path}: cannot read the tensors ({_first_line(e)})") from None
     return args, _unstack(targets)
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
+    """The last line of a (per-rank, multi-line) DCP error: the exception itself."""
+    text = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
     return (text[-1] if text else type(e).__name__)[:200]
 
 
