@@ -197,30 +197,55 @@ def _unstack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- legacy --------------------------------------------------------------------------------------
 def read_legacy(path: Path, glu: bool | None = None) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(args, tensors) from mp_rank_* files; tensor-parallel shards are joined, pipeline
-    stages refused."""
-    ranks = _rank_dirs(path)
-    if any(RANK_DIR.match(r.name).group(2) for r in ranks):
-        raise ConfigError(f"{path}: a pipeline-parallel legacy checkpoint (mp_rank_TT_PPP) is not "
-                          "supported; save it again with torch_dist (--ckpt-format torch_dist) "
-                          "or pipeline size 1")
-    states = []
-    for r in ranks:
+    """(args, tensors) from mp_rank_TT[_PPP] files: tensor-parallel shards are joined, pipeline
+    stages' layers renumbered after the previous stages'."""
+    stages: dict[int, list[Path]] = {}
+    for r in _rank_dirs(path):
+        tp, pp = RANK_DIR.match(r.name).groups()
+        stages.setdefault(int(pp or 0), []).append(r)
+    args, merged, offset = None, {}, 0
+    for pp in sorted(stages):
+        stage_args, shards = _read_stage(stages[pp])
+        args = args or stage_args
+        glu_here = bool(args and args.get("swiglu")) if glu is None else glu
+        joined = shards[0] if len(shards) == 1 else join_tp(shards, glu_here)
+        renumbered, count = _renumber(joined, offset)
+        merged.update(renumbered)
+        offset += count
+    return args, merged
+
+
+def _read_stage(ranks: list[Path]) -> tuple[dict | None, list[dict[str, torch.Tensor]]]:
+    """The run args and each tensor-parallel rank's tensors of one pipeline stage."""
+    args, models = None, []
+    for r in sorted(ranks):
         f = r / LEGACY_FILE
         if not f.is_file():
             raise ConfigError(f"{r}: {LEGACY_FILE} missing")
-        states.append(load_pickle(f))
-    args = args_of(states[0])
-    models = []
-    for r, s in zip(ranks, states):
-        model = s.get("model")
+        state = load_pickle(f)
+        args = args or args_of(state)
+        model = state.get("model")
         if not isinstance(model, dict):
-            raise ConfigError(f"{r / LEGACY_FILE}: no 'model' state dict (a multi-model "
-                              "checkpoint with model0, model1 ... is not supported)")
+            raise ConfigError(f"{f}: no 'model' state dict (a multi-model checkpoint with "
+                              "model0, model1 ... (virtual pipeline stages) is not supported)")
         models.append({k: v for k, v in model.items() if isinstance(v, torch.Tensor)})
-    if glu is None:
-        glu = bool(args and args.get("swiglu"))
-    return args, models[0] if len(models) == 1 else join_tp(models, glu)
+    return args, models
+
+
+LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+
+
+def _renumber(tensors: dict[str, torch.Tensor], offset: int
+              ) -> tuple[dict[str, torch.Tensor], int]:
+    """A pipeline stage numbers its layers from 0: shift them by the layers before it."""
+    out, seen = {}, set()
+    for key, t in tensors.items():
+        m = LAYER.match(key)
+        if m:
+            seen.add(int(m.group(1)))
+            key = f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}"
+        out[key] = t
+    return out, len(seen)
 
 
 def join_tp(shards: list[dict[str, torch.Tensor]], glu: bool) -> dict[str, torch.Tensor]:

@@ -1,9 +1,9 @@
 """megapre-convert mcore-import: megatron-core GPT models (GPT-2-like: LayerNorm, learned
 positions, biases, tanh GELU, tied; Llama-like: RMSNorm, SwiGLU, RoPE, GQA, untied, no biases)
-saved by megatron-core itself (torch_dist, and the legacy model_optim_rng.pt, also split over two
-tensor-parallel ranks) come in with megatron-core's logits (<= 1e-4 relative) in TP1, TP2 and
-PP2; bad input is one line (exit 2) and leaves nothing behind; `megapre.pretrain --load` on a
-Megatron-LM directory says how to convert it."""
+saved by megatron-core itself (torch_dist, and the legacy model_optim_rng.pt, also split over
+tensor- and pipeline-parallel ranks) come in with megatron-core's logits (<= 1e-4 relative) in
+TP1, TP2 and PP2; bad input is one line (exit 2) and leaves nothing behind; `megapre.pretrain
+--load` on a Megatron-LM directory says how to convert it."""
 from __future__ import annotations
 
 import argparse
@@ -94,40 +94,60 @@ def test_logits_match_in_parallel_layouts(megatron, tp, pp, tmp_path):
     _check(_import(out / "torch_dist", tmp_path / "ckpt"), out, tp, pp)
 
 
-def _split_tp2(src: Path, dest: Path, glu: bool) -> None:
-    """The legacy file as Megatron-LM writes it under TP2: column-parallel rows split (a GLU
-    fc1 per rank [gate_shard; up_shard]), row-parallel columns split, the rest replicated."""
+def _tp_shards(model: dict, tp: int, glu: bool) -> list[dict]:
+    """A state as Megatron-LM's TP ranks hold it: column-parallel rows split (a GLU fc1 per rank
+    [gate_shard; up_shard]), row-parallel columns split, the rest replicated."""
+    shards: list[dict] = [{} for _ in range(tp)]
+    for key, t in model.items():
+        if not isinstance(t, torch.Tensor):
+            parts = [t] * tp
+        elif key.endswith(("linear_fc1.weight", "linear_fc1.bias")) and glu:
+            gate, up = t.chunk(2, 0)
+            parts = [torch.cat([g, u]) for g, u in zip(gate.chunk(tp, 0), up.chunk(tp, 0))]
+        elif key.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
+                           "linear_fc1.bias", "word_embeddings.weight", "output_layer.weight")):
+            parts = list(t.chunk(tp, 0))
+        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            parts = list(t.chunk(tp, 1))
+        else:
+            parts = [t] * tp
+        for shard, part in zip(shards, parts):
+            shard[key] = part.clone() if isinstance(part, torch.Tensor) else part
+    return shards
+
+
+def _pp_stages(model: dict, pp: int, layers: int) -> list[dict]:
+    """Each stage its layers numbered from 0; the embedding first, the head last."""
+    per = layers // pp
+    stages: list[dict] = [{} for _ in range(pp)]
+    for key, t in model.items():
+        if key.startswith("decoder.layers."):
+            i, rest = key[len("decoder.layers."):].split(".", 1)
+            stages[int(i) // per][f"decoder.layers.{int(i) % per}.{rest}"] = t
+        else:
+            stages[0 if key.startswith("embedding.") else -1][key] = t
+    return stages
+
+
+def _split(src: Path, dest: Path, tp: int, pp: int, glu: bool) -> None:
+    """The TP1 legacy file rewritten as Megatron-LM's mp_rank_TT[_PPP] files."""
     from megapre.convert.mcore_files import load_pickle
 
     state = load_pickle(src / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt")
-    shards: list[dict] = [{}, {}]
-    for key, t in state["model"].items():
-        if not isinstance(t, torch.Tensor):
-            parts = [t, t]
-        elif key.endswith(("linear_fc1.weight", "linear_fc1.bias")) and glu:
-            gate, up = t.chunk(2, 0)
-            parts = [torch.cat([g, u]) for g, u in zip(gate.chunk(2, 0), up.chunk(2, 0))]
-        elif key.endswith(("linear_qkv.weight", "linear_qkv.bias", "linear_fc1.weight",
-                           "linear_fc1.bias", "word_embeddings.weight", "output_layer.weight")):
-            parts = list(t.chunk(2, 0))
-        elif key.endswith(("linear_proj.weight", "linear_fc2.weight")):
-            parts = list(t.chunk(2, 1))
-        else:
-            parts = [t, t]
-        for shard, part in zip(shards, parts):
-            shard[key] = part.clone() if isinstance(part, torch.Tensor) else part
-    for rank, shard in enumerate(shards):
-        d = dest / "iter_0000005" / f"mp_rank_{rank:02d}"
-        d.mkdir(parents=True)
-        torch.save({**state, "model": shard}, d / "model_optim_rng.pt")
+    for p, stage in enumerate(_pp_stages(state["model"], pp, 2)):
+        for t, shard in enumerate(_tp_shards(stage, tp, glu)):
+            d = dest / "iter_0000005" / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
+            d.mkdir(parents=True)
+            torch.save({**state, "model": shard}, d / "model_optim_rng.pt")
     (dest / "latest_checkpointed_iteration.txt").write_text("5")
 
 
 @pytest.mark.slow
-def test_legacy_tensor_parallel_shards_are_joined(megatron, tmp_path):
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
+def test_legacy_parallel_files_are_joined(megatron, tp, pp, tmp_path):
     kind, out = megatron
-    _split_tp2(out / "legacy", tmp_path / "tp2", glu=kind == "llama")
-    _check(_import(tmp_path / "tp2", tmp_path / "ckpt"), out)
+    _split(out / "legacy", tmp_path / "split", tp, pp, glu=kind == "llama")
+    _check(_import(tmp_path / "split", tmp_path / "ckpt"), out)
 
 
 def _legacy_with(tmp_path: Path, name: str, **changes) -> Path:
