@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import megapre.train.rerun as rerun
-from conftest import COUNTING_VOCAB, write_counting_corpus
+from conftest import tiny_gpt_flags, write_counting_corpus
 from megapre.cli.flags import parse_config
 from megapre.train.loop import Trainer
 
@@ -28,15 +28,8 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _args(corpus: str, work: Path, *extra: str) -> list[str]:
-    return ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "5", "--lr", "3e-3",
-            "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--eval-iters", "0",
-            "--log-interval", "1", "--data-path", corpus, "--split", "100,0,0",
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
-            "--make-vocab-size-divisible-by", "8", "--num-workers", "0", "--device", "cpu",
-            "--data-cache-path", str(work / "cache"),
-            "--metrics-path", str(work / "metrics.jsonl"), *extra]
+    return tiny_gpt_flags(corpus, work, *extra, train_iters=5, hidden_dropout=0.1,
+                          attention_dropout=0.1)
 
 
 def _losses(work: Path) -> list[float]:
