@@ -46,6 +46,23 @@ def write_counting_corpus(prefix, docs: int = 300, *, eod: int = 39, seed: int =
     return str(prefix)
 
 
+def tiny_gpt_flags(corpus: str, work, *extra: str, **settings) -> list[str]:
+    """megapre.pretrain flags of a 2-layer GPT on a counting corpus, on the CPU, one process's
+    worth of settings; `settings` override a flag's value by field name (global_batch_size=8),
+    `extra` flags are appended."""
+    values = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4, "seq_length": 32,
+              "micro_batch_size": 2, "global_batch_size": 4, "train_iters": 3, "lr": 3e-3,
+              "hidden_dropout": 0, "attention_dropout": 0, "eval_iters": 0, "log_interval": 1,
+              "split": "100,0,0", "vocab_size": COUNTING_VOCAB - 1,
+              "make_vocab_size_divisible_by": 8, "num_workers": 0, "device": "cpu", **settings}
+    flags = ["--model", "gpt", "--data-path", corpus, "--tokenizer-type", "NullTokenizer",
+             "--data-cache-path", str(work / "cache"), "--metrics-path",
+             str(work / "metrics.jsonl")]
+    for name, value in values.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags + list(extra)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

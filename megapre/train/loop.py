@@ -434,10 +434,11 @@ class Trainer:
 
     def _report_determinism(self) -> None:
         """--rerun-mode report_stats: how far re-runs differed, over all ranks (collective)."""
-        stats = [self.rerun.take_stats()]
+        mine = self.rerun.take_stats()
+        stats = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             stats = [None] * dist.get_world_size()
-            dist.all_gather_object(stats, self.rerun.take_stats())
+            dist.all_gather_object(stats, mine)
         merged: dict[str, dict[str, float]] = {}
         for rank_stats in stats:
             for check, s in rank_stats.items():

@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import COUNTING_VOCAB, write_counting_corpus
+from conftest import tiny_gpt_flags, write_counting_corpus
 from layout_cases import (micro_batches, model_config, one_thread, preload_worker_modules,
                           train)
 from megapre.cli.flags import parse_config
@@ -316,15 +316,7 @@ def test_banner_shows_the_layers_per_stage():
 # -- the whole program ---------------------------------------------------------------------------
 
 def _cli_args(corpus: str, work, *extra: str) -> list[str]:
-    return ["--model", "gpt", "--num-layers", "6", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "3", "--lr", "3e-3",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--eval-iters", "0",
-            "--log-interval", "1", "--data-path", corpus, "--split", "100,0,0",
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
-            "--make-vocab-size-divisible-by", "8", "--num-workers", "0", "--device", "cpu",
-            "--data-cache-path", str(work / "cache"),
-            "--metrics-path", str(work / "metrics.jsonl"), *extra]
+    return tiny_gpt_flags(corpus, work, *extra, num_layers=6)
 
 
 def _cli_losses(work) -> list[float]:

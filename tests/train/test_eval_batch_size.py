@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COUNTING_VOCAB, write_counting_corpus
+from conftest import tiny_gpt_flags, write_counting_corpus
 from megapre.cli.flags import parse_config
 from megapre.data.split import samples_per_split
 from megapre.model.config import ConfigError
@@ -27,15 +27,8 @@ def corpus(tmp_path_factory) -> str:
 
 
 def _args(corpus: str, work: Path, *extra: str) -> list[str]:
-    return ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "8", "--train-iters", "3", "--eval-interval", "3",
-            "--lr", "3e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
-            "--log-interval", "1", "--data-path", corpus, "--split", "80,10,10",
-            "--tokenizer-type", "NullTokenizer", "--vocab-size", str(COUNTING_VOCAB - 1),
-            "--make-vocab-size-divisible-by", "8", "--num-workers", "0", "--device", "cpu",
-            "--data-cache-path", str(work / "cache"),
-            "--metrics-path", str(work / "metrics.jsonl"), *extra]
+    return tiny_gpt_flags(corpus, work, *extra, global_batch_size=8, eval_interval=3,
+                          split="80,10,10")
 
 
 def _evals(work: Path) -> dict[str, float]:
