@@ -241,17 +241,11 @@ def test_torch_dist_truncated_and_missing_args(megatron, tmp_path, capsys):
 
 
 def test_pretrain_load_names_the_conversion(tmp_path, capsys):
-    from conftest import write_counting_corpus
+    from conftest import tiny_gpt_flags, write_counting_corpus
     from megapre.cli.pretrain import main as pretrain
 
     root = _legacy_with(tmp_path, "megatron")
-    corpus = write_counting_corpus(tmp_path / "count_text_document")
-    base = ["--model", "gpt", "--num-layers", "2", "--hidden-size", "32",
-            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-            "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
-            "--data-path", corpus, "--split", "90,5,5", "--tokenizer-type", "NullTokenizer",
-            "--vocab-size", "39", "--num-workers", "0", "--device", "cpu",
-            "--data-cache-path", str(tmp_path / "cache")]
+    base = tiny_gpt_flags(write_counting_corpus(tmp_path / "count_text_document"), tmp_path)
     for flag, where in (("--load", root), ("--load", root / "iter_0000005"),
                         ("--finetune", root)):
         extra = [flag, str(where)] if flag == "--load" else ["--load", str(where), "--finetune"]
