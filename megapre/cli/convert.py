@@ -4,6 +4,7 @@
     megapre-convert hf-export --load CKPT --hf-dir OUT [--dtype bf16]
     megapre-convert mcore-import --load MEGATRON_DIR --save CKPT [--iteration N]
                                                   # Megatron-LM torch_dist / legacy -> megapre
+    megapre-convert mcore-export --load CKPT --save MEGATRON_DIR   # -> Megatron-LM torch_dist
 
 An imported checkpoint is layout-independent: continue pretraining or fine-tune it under any
 --tensor/--pipeline-model-parallel-size with `--load CKPT` (or `--finetune`). Errors are one
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                      help="weights' dtype in the safetensors files")
     _add_mcore_import(sub)
+    exp = sub.add_parser("mcore-export", allow_abbrev=False,
+                         help="a megapre GPT checkpoint -> a Megatron-LM torch_dist checkpoint "
+                              "(needs megatron-core)")
+    exp.add_argument("--load", required=True, type=Path, metavar="CKPT",
+                     help="checkpoint directory (its latest iteration unless --iteration)")
+    exp.add_argument("--iteration", type=int, default=None)
+    exp.add_argument("--save", required=True, type=Path, metavar="MEGATRON_DIR",
+                     help="new (or empty) directory; written under a temporary name first")
     return p
 
 
@@ -77,6 +86,14 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "mcore-import":
         return _mcore_import(args)
+    if args.command == "mcore-export":
+        from megapre.convert import mcore_export
+
+        out = mcore_export.mcore_export(mcore_export.ExportArgs(args.load, args.save,
+                                                                args.iteration))
+        print(f"exported {args.load} -> {out} (Megatron-LM: --load {out} --ckpt-format "
+              "torch_dist)", flush=True)
+        return 0
     if args.command == "hf-import":
         out = hf.hf_import(hf.ImportArgs(args.hf_dir, args.save, args.null_tokenizer))
         print(f"imported {args.hf_dir} -> {out} (load it with --load {out}, in any layout)",

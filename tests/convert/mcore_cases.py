@@ -1,10 +1,11 @@
 """Megatron-LM checkpoints for the mcore-import tests, made by megatron-core itself on CPU.
 
-Run as a script (`python mcore_cases.py OUT KIND`) in its own process: it builds a megatron-core
+Run as a script (`python mcore_cases.py OUT KIND [LOAD]`) in its own process: it builds a megatron-core
 GPTModel (local layer spec) with random weights, saves it the way Megatron-LM's training loop does
 (torch_dist under OUT/torch_dist with the run args in common.pt, and the legacy
 mp_rank_00/model_optim_rng.pt under OUT/legacy) and writes the model's logits for fixed token ids
-to OUT/reference.pt. The CPU patches below (no CUDA device, no CUDA RNG tracker) live only in
+to OUT/reference.pt; with LOAD, megatron-core loads that torch_dist checkpoint into the model
+instead and writes its logits to OUT/loaded.pt. The CPU patches below (no CUDA device, no CUDA RNG tracker) live only in
 that process."""
 from __future__ import annotations
 
@@ -118,7 +119,17 @@ def save_legacy(model, a: argparse.Namespace, root: Path) -> None:
     (root / "latest_checkpointed_iteration.txt").write_text(str(ITERATION))
 
 
-def main(out: Path, kind: str) -> None:
+def load_logits(model, root: Path) -> torch.Tensor:
+    """The logits of `model` after megatron-core loads the torch_dist checkpoint `root`."""
+    from megatron.core import dist_checkpointing
+
+    it = (root / "latest_checkpointed_iteration.txt").read_text().strip()
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(root / f"iter_{int(it):07d}"))
+    model.load_state_dict(loaded, strict=False)
+    return logits(model)
+
+
+def main(out: Path, kind: str, load: Path | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 2000),
                       RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     import torch.distributed as dist
@@ -129,6 +140,13 @@ def main(out: Path, kind: str) -> None:
     _cpu_only()
     a = megatron_args(kind)
     model = build(a)
+    if load is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        torch.save(load_logits(model, load), out / "loaded.pt")
+        dist.destroy_process_group()
+        return
     torch.save(logits(model), out / "reference.pt")
     save_legacy(model, a, out / "legacy")
     save_torch_dist(model, a, out / "torch_dist")
@@ -136,4 +154,4 @@ def main(out: Path, kind: str) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -252,3 +252,49 @@ def test_pretrain_load_names_the_conversion(tmp_path, capsys):
         assert pretrain(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err and "Megatron-LM" in err[-1] and "megapre-convert mcore-import" in err[-1], err
+
+
+@pytest.mark.slow
+def test_export_loads_in_megatron_core_and_imports_back(megatron, tmp_path):
+    """megapre -> torch_dist through megatron-core's own save: megatron-core loads it with the
+    original logits, and mcore-import reads back the same weights bit for bit."""
+    kind, out = megatron
+    first = _import(out / "torch_dist", tmp_path / "first")
+    exported = tmp_path / "megatron"
+    subprocess.run([sys.executable, "-m", "megapre.convert", "mcore-export", "--load", str(first),
+                    "--save", str(exported)], check=True, cwd=ROOT, timeout=600,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(tmp_path), kind,
+                    str(exported)], check=True, cwd=ROOT, timeout=600, capture_output=True)
+    ref = torch.load(out / "reference.pt")
+    assert _relative(torch.load(tmp_path / "loaded.pt"), ref) <= 1e-6
+    again = _import(exported, tmp_path / "again")
+    from megapre.inference import checkpoint_io
+
+    a, b = (checkpoint_io.resolve(str(p)) for p in (first, again))
+    _check(again, out)
+    assert _weights(a) == _weights(b)
+
+
+def _weights(path: Path) -> dict:
+    from megapre.inference import checkpoint_io
+    from megapre.train.runtime import build_runtime
+
+    cfg = checkpoint_io.saved_config(path)
+    cfg.train.device = "cpu"
+    rt = build_runtime(cfg)
+    try:
+        checkpoint_io.load_weights(path, rt)
+        return {n: p.detach().clone().numpy().tobytes()
+                for n, p in rt.model.models[0].named_parameters()}
+    finally:
+        rt.mesh.destroy()
+
+
+def test_export_refuses_an_existing_directory(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    assert convert(["mcore-export", "--load", str(tmp_path / "missing"), "--save",
+                    str(tmp_path / "out")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert (tmp_path / "out" / "x").read_text() == "keep"
