@@ -44,7 +44,7 @@ UNSUPPORTED = {"num_experts": "mixture of experts (--num-experts)",
                "mtp_num_layers": "multi-token prediction (--mtp-num-layers)",
                "use_rope_scaling": "RoPE scaling (--use-rope-scaling)",
                "fp8_param_gather": "fp8 weights (--fp8-param-gather)",
-               "add_qkv_bias": None, "quick_geglu": "quick GeGLU (--quick-geglu)",
+               "quick_geglu": "quick GeGLU (--quick-geglu)",
                "heterogeneous_layers_config_path": "heterogeneous layers"}
 
 
@@ -90,13 +90,11 @@ def _quiet():
 
 def _refuse_features(a: dict, where: str) -> None:
     for key, what in UNSUPPORTED.items():
-        value = a.get(key)
-        if key == "add_qkv_bias":
-            if value and not a.get("add_bias_linear", True):
-                raise ConfigError(f"{where}: add_qkv_bias without add_bias_linear (qkv bias "
-                                  "only) is not supported by megapre")
-        elif value:
-            raise ConfigError(f"{where}: {what} ({key}={value!r}) is not supported by megapre")
+        if a.get(key):
+            raise ConfigError(f"{where}: {what} ({key}={a[key]!r}) is not supported by megapre")
+    if a.get("add_qkv_bias") and not a.get("add_bias_linear", True):
+        raise ConfigError(f"{where}: add_qkv_bias without add_bias_linear (a bias on qkv only) "
+                          "is not supported by megapre")
     for key in ("num_layers", "hidden_size", "num_attention_heads"):
         if not a.get(key):
             raise ConfigError(f"{where}: the saved args have no {key}")
@@ -159,8 +157,9 @@ def _tokenizer_fields(args: ImportArgs, margs: dict, save: Path) -> dict:
     """Tokenizer flags given, else the saved args'; its files are copied into the checkpoint so
     it keeps working when the Megatron run's files move."""
     given = {k: v for k, v in args.tokenizer.items() if v is not None}
-    fields = given if given.get("tokenizer_type") else {
-        k: margs.get(k) for k in TOKENIZER_KEYS if margs.get(k) is not None}
+    saved = {k: margs[k] for k in TOKENIZER_KEYS if margs.get(k) is not None}
+    other = given.get("tokenizer_type") not in (None, saved.get("tokenizer_type"))
+    fields = given if other else {**saved, **given}  # e.g. only --vocab-file: a moved file
     if not fields.get("tokenizer_type"):
         raise ConfigError(f"{args.load}: the saved args name no tokenizer; give --tokenizer-type "
                           "(and its files)")
@@ -254,6 +253,9 @@ def _load_weights(path: Path, tensors: dict[str, torch.Tensor], model: torch.nn.
             raise ConfigError(f"{path}: megapre's model has no {name} (the saved args and "
                               "weights disagree?)")
         if is_vocab_table(name):
+            if t.shape[0] < vocab:
+                raise ConfigError(f"{path}: the tokenizer has {vocab} tokens but {name} has "
+                                  f"{t.shape[0]} rows (the tokenizer of another model?)")
             t = t[:vocab]  # Megatron's padding rows; megapre pads to its own multiple
         write_padded(params[name], t.float(), name)
         done.add(name)

@@ -150,13 +150,7 @@ class _Unpickler(ckpt._MetadataUnpickler):
 
 
 class _Reader(ckpt.SafeFileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        saved = ckpt._MetadataUnpickler
-        ckpt._MetadataUnpickler = _Unpickler
-        try:
-            return super().read_metadata(*args, **kwargs)
-        finally:
-            ckpt._MetadataUnpickler = saved
+    unpickler = _Unpickler
 
 
 def read_torch_dist(path: Path) -> tuple[dict | None, dict[str, torch.Tensor]]:

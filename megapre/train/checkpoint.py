@@ -526,11 +526,13 @@ class _MetadataUnpickler(pickle.Unpickler):
 class SafeFileSystemReader(dcp.FileSystemReader):
     """FileSystemReader whose metadata load refuses anything but DCP's record types."""
 
+    unpickler = _MetadataUnpickler  # a reader of other savers' metadata allows their records
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         path = Path(self.path) / DCP_METADATA
         try:
             with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f).load()
+                metadata = self.unpickler(f).load()
         except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
             raise CorruptCheckpointError(f"cannot read DCP metadata {path}: {e}") from e
         if not isinstance(metadata, Metadata):

@@ -193,6 +193,10 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     _fails(capsys, tmp_path, moe, "unreadable")
     partial = _legacy_with(tmp_path, "partial")
     _fails(capsys, tmp_path, partial, "no weights for")
+    _fails(capsys, tmp_path, partial, "the tokenizer has 501 tokens", "--vocab-size", "500")
+    moved = _legacy_with(tmp_path, "moved", tokenizer_type="GPT2BPETokenizer",
+                         vocab_file="/nonexistent/vocab.json", merge_file="/nonexistent/m.txt")
+    _fails(capsys, tmp_path, moved, "give --vocab-file PATH")
 
 
 def test_pickled_code_is_never_run(tmp_path, capsys):
