@@ -35,7 +35,7 @@ def is_megatron_dir(path: Path) -> bool:
         return True
     try:
         text = (path / LATEST).read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # no file, or not text: megapre's own check names it
         return False
     name = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else ""
     return bool(name) and _is_iteration(path / name)
@@ -64,6 +64,8 @@ def resolve(load: Path, iteration: int | None) -> Path:
         return load  # an iteration directory itself
     try:
         text = (load / LATEST).read_text().strip()
+    except ValueError:
+        raise ConfigError(f"{load / LATEST}: not an iteration number (not text)") from None
     except OSError:
         raise ConfigError(f"--load {load}: not a Megatron checkpoint (no {LATEST}, metadata.json "
                           "or mp_rank_* directories); give --iteration N or the iter_XXXXXXX "
