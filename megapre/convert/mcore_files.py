@@ -95,6 +95,8 @@ def format_of(path: Path) -> str:
         return "torch_dist"
     if _rank_dirs(path):
         return "legacy"
+    if (path / "meta.json").is_file():
+        raise ConfigError(f"{path} is a megapre checkpoint already: load it with --load directly")
     raise ConfigError(f"{path}: unknown checkpoint format (neither metadata.json of "
                       "dist_checkpointing nor mp_rank_*/model_optim_rng.pt)")
 
