@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="the Hugging Face door needs transfor
                     "(pip install megapre[interop])")
 pytest.importorskip("safetensors")
 
+from conftest import SHARED_DATA  # noqa: E402
 from hf_cases import hf_dir, hf_model  # noqa: E402
 from megapre.cli.convert import main as convert  # noqa: E402
 from megapre.parallel.testing import run_distributed  # noqa: E402
@@ -165,11 +166,11 @@ def test_round_trips_are_bit_identical(imported, tmp_path):
     assert tok(text)["input_ids"] == list(ours.encode(text))
 
 
-@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2" /
-                         "vocab.json").is_file(), reason="needs ../shared/data/gpt2 (GPT-2 BPE)")
+@pytest.mark.skipif(not (SHARED_DATA / "gpt2" / "vocab.json").is_file(),
+                    reason="needs ../shared/data/gpt2 (GPT-2 BPE)")
 def test_gpt2_bpe_vocab_files_round_trip(tmp_path):
     """GPT-2's own vocab.json + merges.txt: GPT2BPETokenizer in megapre, GPT2Tokenizer out."""
-    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "gpt2"
+    shared = SHARED_DATA / "gpt2"
     hf = tmp_path / "hf"
     hf_model("gpt2", 50257).save_pretrained(hf)
     for name in ("vocab.json", "merges.txt"):
