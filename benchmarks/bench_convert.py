@@ -1,8 +1,8 @@
 """Conversion cost of a GPT-2-shaped model (default 1.3B parameters: 24 layers, hidden 2048, 16
 heads, vocab 50257, 2048 positions; random fp32 weights) against the floor a user would compare
 with: `safetensors.torch.load_file` + `save_file` of the same tensors. Every command runs in its
-own process (peak RSS from wait4); the page cache is warm for both sides (the source file is
-read once first).
+own process (peak RSS from wait4), after a sync of the previous one's writes, with the source
+file warm in the page cache.
 
     python benchmarks/bench_convert.py [--work DIR] [--layers 24 --hidden 2048]
 """
@@ -21,9 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 PEER = """
-import sys
+import os, sys
 from safetensors.torch import load_file, save_file
 save_file(load_file(sys.argv[1]), sys.argv[2], metadata={"format": "pt"})
+if len(sys.argv) > 3:  # durable, as megapre's checkpoint writer is (it fsyncs its files)
+    fd = os.open(sys.argv[2], os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
 """
 
 
@@ -56,8 +60,12 @@ def make_source(out: Path, layers: int, hidden: int, heads: int, vocab: int,
     return sum(t.numel() * 4 for t in tensors.values())
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GiB) of one command in its own process."""
+def run(cmd: list[str], warm: Path) -> tuple[float, float]:
+    """(seconds, peak RSS in GiB) of one command in its own process. The previous command's
+    writes are flushed first (otherwise their writeback throttles this one) and `warm` is read
+    so the source is in the page cache for every side alike."""
+    os.sync()
+    warm.read_bytes()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -83,16 +91,18 @@ def main() -> int:
         size = make_source(src, a.layers, a.hidden, a.heads, a.vocab, a.positions)
         gib = size / 2**30
         print(f"model: {size // 4 / 1e9:.2f}B parameters, {gib:.2f} GiB fp32", flush=True)
-        (src / "model.safetensors").read_bytes()  # warm the page cache for both sides
         py = sys.executable
+        st = src / "model.safetensors"
         rows = [("safetensors load_file + save_file (peer)",
-                 run([py, "-c", PEER, str(src / "model.safetensors"), str(work / "copy.st")])),
+                 run([py, "-c", PEER, str(st), str(work / "copy.st")], st)),
+                ("same + fsync of the written file",
+                 run([py, "-c", PEER, str(st), str(work / "copy2.st"), "fsync"], st)),
                 ("megapre-convert hf-import",
                  run([py, "-m", "megapre.convert", "hf-import", "--hf-dir", str(src), "--save",
-                      str(work / "ckpt"), "--null-tokenizer"])),
+                      str(work / "ckpt"), "--null-tokenizer"], st)),
                 ("megapre-convert hf-export",
                  run([py, "-m", "megapre.convert", "hf-export", "--load", str(work / "ckpt"),
-                      "--hf-dir", str(work / "out")]))]
+                      "--hf-dir", str(work / "out")], st))]
         peer = rows[0][1][0]
         print("| command | seconds | x peer | peak RSS GiB | x model size |")
         print("|---|---:|---:|---:|---:|")

@@ -84,7 +84,7 @@ class GPT2:
                 yield dst + m + ".bias", take(f"{src}{a}.bias")
             for a, m in (("attn.c_proj", "attention.proj"), ("mlp.c_fc", "mlp.fc1"),
                          ("mlp.c_proj", "mlp.fc2")):
-                yield dst + m + ".weight", take(f"{src}{a}.weight").t().contiguous()
+                yield dst + m + ".weight", take(f"{src}{a}.weight").t()  # copied once, on load
                 yield dst + m + ".bias", take(f"{src}{a}.bias")
         yield "final_norm.weight", take("ln_f.weight")
         yield "final_norm.bias", take("ln_f.bias")

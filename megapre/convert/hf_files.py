@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterable
 
@@ -46,22 +45,24 @@ def read_config(hf_dir: Path) -> dict:
 
 
 class WeightReader:
-    """`take(name)`: one tensor (float32, CPU) by name; `unused()` lists what was never taken."""
+    """`take(name)`: one tensor (float32, CPU) by name; `unused()` lists what was never taken.
+
+    Each take opens its file anew: safetensors maps the whole file, and every page a read touched
+    stays in the process's resident memory until the map closes, so one long-lived handle would
+    end a conversion holding the source model as well as the converted one."""
 
     def __init__(self, hf_dir: Path, prefixes: tuple[str, ...]) -> None:
         self.dir, self.prefixes = hf_dir, prefixes
-        safe_open = _safetensors()
-        self._stack = ExitStack()
-        self._where: dict[str, object] = {}
+        self._open = _safetensors()
+        self._where: dict[str, Path] = {}
         for file in self._files():
             try:
-                handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+                with self._open(str(file), framework="pt") as handle:
+                    keys = list(handle.keys())
             except Exception as e:  # safetensors raises its own error types for bad headers
-                self.close()
                 raise ConfigError(f"{file}: not a readable safetensors file ({e}); re-download "
                                   "or re-save it") from None
-            for key in handle.keys():
-                self._where[key] = (handle, file)
+            self._where.update({key: file for key in keys})
         self._taken: set[str] = set()
 
     def _files(self) -> list[Path]:
@@ -83,9 +84,10 @@ class WeightReader:
         names = [name[1:]] if name.startswith("@") else [p + name for p in self.prefixes]
         for key in names:
             if key in self._where:
-                handle, file = self._where[key]
+                file = self._where[key]
                 try:
-                    tensor = handle.get_tensor(key)
+                    with self._open(str(file), framework="pt") as handle:
+                        tensor = handle.get_tensor(key)
                 except Exception as e:
                     raise ConfigError(f"{file}: cannot read tensor {key} ({e}); the file is "
                                       "truncated or corrupt") from None
@@ -99,11 +101,11 @@ class WeightReader:
                       and not k.endswith(IGNORED_SUFFIXES))
 
     def close(self) -> None:
-        self._stack.close()
+        """Nothing stays open between takes; kept so callers can close in `finally`."""
 
 
 def write_dir(out: Path, files: dict[str, bytes], tensors: Iterable[tuple[str, torch.Tensor]],
-              extra: Iterable[Path] = (), shard_bytes: int = 2 * 2**30) -> None:
+              extra: Iterable[Path] = (), shard_bytes: int = 2**30) -> None:
     """Write a Hugging Face directory at `out` atomically: everything goes to a temporary sibling
     that is renamed into place at the end (an existing `out` is replaced only then)."""
     save_file = _save_file()

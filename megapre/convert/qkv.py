@@ -14,10 +14,13 @@ def fuse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int,
     """[heads*d, ...], [groups*d, ...], [groups*d, ...] -> megapre's [(heads+2*groups)*d, ...]
     (weights [out, in] or biases [out])."""
     rest = q.shape[1:]
-    qg = q.reshape(groups, -1, head_dim, *rest)
-    kg = k.reshape(groups, 1, head_dim, *rest)
-    vg = v.reshape(groups, 1, head_dim, *rest)
-    return torch.cat([qg, kg, vg], dim=1).reshape(-1, *rest).contiguous()
+    per = q.shape[0] // (groups * head_dim)
+    out = torch.empty((groups, per + 2, head_dim, *rest), dtype=q.dtype)
+    # one strided copy per part (the inputs may be transposed views of the source file)
+    out[:, :per].copy_(q.unflatten(0, (groups, per, head_dim)))
+    out[:, per].copy_(k.unflatten(0, (groups, head_dim)))
+    out[:, per + 1].copy_(v.unflatten(0, (groups, head_dim)))
+    return out.reshape(-1, *rest)
 
 
 def split(qkv: torch.Tensor, heads: int, groups: int, head_dim: int

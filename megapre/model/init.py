@@ -38,6 +38,9 @@ def _skip(tensor: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     return tensor
 
 
+_skip.skips_init = True  # layers then allocate without zero-filling (megapre.parallel.layers)
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 

@@ -62,6 +62,8 @@ def _shard_of_master(shape: tuple[int, ...], dim: int, init_method: InitMethod, 
     padding) are zero, so neither the weights nor the RNG state after init depend on how much
     padding the TP size required.
     """
+    if getattr(init_method, "skips_init", False):  # the caller overwrites every value
+        return _uninitialized(shape, dim, mesh, dtype, device)
     master = torch.zeros(shape, dtype=torch.float32)
     if init_rows is None:
         init_method(master)
@@ -72,6 +74,16 @@ def _shard_of_master(shape: tuple[int, ...], dim: int, init_method: InitMethod, 
         init_method(master[:init_rows])
     shard = master.to(dtype).chunk(mesh.tp_size, dim)[mesh.tp_rank]
     param = nn.Parameter(shard.to(device).contiguous())
+    param.tensor_parallel_dim = dim
+    return param
+
+
+def _uninitialized(shape: tuple[int, ...], dim: int, mesh: ParallelMesh, dtype: torch.dtype,
+                   device: torch.device) -> nn.Parameter:
+    """This rank's shard, allocated but never written (pages untouched until loaded into)."""
+    local = list(shape)
+    local[dim] //= mesh.tp_size
+    param = nn.Parameter(torch.empty(local, dtype=dtype, device=device))
     param.tensor_parallel_dim = dim
     return param
 
