@@ -147,6 +147,7 @@ def main() -> None:
             "plot": ["matplotlib"],
             "eval": ["lm-eval", "scikit-learn"],
             "interop": ["transformers", "safetensors"],
+            "megatron": ["megatron-core", "psutil"],  # megapre-convert mcore-export
             "test": ["pytest", "ninja", "pybind11", "megatron-core>=0.12", "regex"],
         },
         entry_points={"console_scripts": [

@@ -39,6 +39,7 @@ class ExportArgs:
 def mcore_export(args: ExportArgs) -> Path:
     """Write the Megatron-LM directory; returns it."""
     _refuse_existing(args.save)
+    _require_writer()
     state, m, data, vocab = _read(args)
     tmp = args.save.with_name(args.save.name + ".tmp-export")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -50,6 +51,24 @@ def mcore_export(args: ExportArgs) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return args.save
+
+
+def _require_writer() -> None:
+    """megatron-core's checkpoint writer needs psutil in its worker; without it the save hangs
+    rather than fails, so check first."""
+    absent = [name for name in ("megatron.core", "psutil") if _absent(name)]
+    if absent:
+        raise ConfigError(f"mcore-export writes with megatron-core's dist_checkpointing, which "
+                          f"needs {' and '.join(absent)}: pip install megatron-core psutil")
+
+
+def _absent(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package is missing
+        return True
 
 
 def _read(args: ExportArgs) -> tuple[dict[str, torch.Tensor], dict, dict, int]:
