@@ -29,7 +29,6 @@ class ImportArgs:
     hf_dir: Path
     save: Path
     null_tokenizer: bool = False
-    dtype: str = "fp32"  # weights are stored in fp32 (megapre's master copy)
 
 
 def hf_import(args: ImportArgs) -> Path:
@@ -93,24 +92,21 @@ def _load_weights(hf_dir: Path, hf: dict, family, model: torch.nn.Module,
     directory left unused is an error naming it."""
     params = dict(model.named_parameters())
     reader = hf_files.WeightReader(hf_dir, family.prefixes())
-    try:
-        done = set()
-        for name, tensor in family.import_weights(
-                hf, reader.take, cfg.model.untie_embeddings_and_output_weights):
-            if name not in params:
-                raise ConfigError(f"{hf_dir}: megapre's model has no {name} (family mapping and "
-                                  "model disagree)")
-            write_padded(params[name], tensor, name)
-            done.add(name)
-        left = sorted(set(params) - done)
-        if left:
-            raise ConfigError(f"{hf_dir}: no weights for {', '.join(left[:5])}")
-        unused = reader.unused()
-        if unused:
-            raise ConfigError(f"{hf_dir}: tensors this conversion does not understand: "
-                              f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
-    finally:
-        reader.close()
+    done = set()
+    for name, tensor in family.import_weights(
+            hf, reader.take, cfg.model.untie_embeddings_and_output_weights):
+        if name not in params:
+            raise ConfigError(f"{hf_dir}: megapre's model has no {name} (family mapping and "
+                              "model disagree)")
+        write_padded(params[name], tensor, name)
+        done.add(name)
+    left = sorted(set(params) - done)
+    if left:
+        raise ConfigError(f"{hf_dir}: no weights for {', '.join(left[:5])}")
+    unused = reader.unused()
+    if unused:
+        raise ConfigError(f"{hf_dir}: tensors this conversion does not understand: "
+                          f"{', '.join(unused[:5])}{' ...' if len(unused) > 5 else ''}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +174,7 @@ def _config_json(family, hf_cfg: dict, tokenizer, dtype: str) -> bytes:
     config = getattr(transformers, CONFIG_CLASSES[family.name])(
         **hf_cfg, **{k: v for k, v in ids.items() if v is not None},
         architectures=[family.architecture],
-        torch_dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype])
+        torch_dtype=str(DTYPES[dtype]).removeprefix("torch."))
     return (json.dumps(config.to_dict(), indent=1, default=str) + "\n").encode()
 
 

@@ -100,9 +100,6 @@ class WeightReader:
         return sorted(k for k in self._where if k not in self._taken
                       and not k.endswith(IGNORED_SUFFIXES))
 
-    def close(self) -> None:
-        """Nothing stays open between takes; kept so callers can close in `finally`."""
-
 
 def write_dir(out: Path, files: dict[str, bytes], tensors: Iterable[tuple[str, torch.Tensor]],
               extra: Iterable[Path] = (), shard_bytes: int = 2**30) -> None:

@@ -21,6 +21,8 @@ from megapre.flag_fields import flag, flag_field as _f
 from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_ffn_hidden_size
 from megapre.parallel import layout
 
+from . import rerun
+
 # --attention-backend values (Megatron's, plus megapre's sdpa) -> TransformerConfig's backend.
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
 MODEL_ATTENTION = {"auto": "auto", "flash": "sdpa-flash", "fused": "sdpa-efficient",
@@ -169,8 +171,7 @@ class TrainArgs:
                          "device or a correct result (exit 16: resume from the saved checkpoint "
                          "elsewhere; 17: diagnosed); report_stats: run every step twice and "
                          "report how far results differ; disabled: megapre skips non-finite "
-                         "steps (--max-skipped-iters)", choices=("disabled", "validate_results",
-                                                                 "report_stats"))
+                         "steps (--max-skipped-iters)", choices=rerun.MODES)
     check_for_nan_in_loss_and_grad: bool = _f(True, "--rerun-mode: check losses and the grad "
                                               "norm for NaN/Inf")
     check_for_spiky_loss: bool = _f(False, "--rerun-mode: a loss 10x the largest of the first "
@@ -180,8 +181,7 @@ class TrainArgs:
     error_injection_rate: int = _f(0, "--rerun-mode validate_results: fake a fault in about one "
                                    "validation in N (tests the path; 0: never)")
     error_injection_type: str = _f("transient_error", "the fault --error-injection-rate fakes",
-                                   choices=("correct_result", "transient_error",
-                                            "persistent_error"))
+                                   choices=rerun.INJECTION_TYPES)
     result_rejected_tracker_filename: str | None = _f(
         None, "append each rejected result to this file (Megatron's tracker format)")
     recompute_granularity: str | None = _f(None, "activation recomputation", choices=(None, "full", "selective"))

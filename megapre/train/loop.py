@@ -390,11 +390,8 @@ class Trainer:
         """Every rank's rerun state, gathered into the checkpoint's metadata (collective)."""
         if self.rerun is None:
             return None
-        states = [self.rerun.state_dict()]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            states = [None] * dist.get_world_size()
-            dist.all_gather_object(states, self.rerun.state_dict())
-        return {"mode": self.rerun.mode, "layout": self._layout(), "ranks": states}
+        return {"mode": self.rerun.mode, "layout": self._layout(),
+                "ranks": _gather(self.rerun.state_dict())}
 
     def _resume_rerun(self, saved: dict | None) -> None:
         from .rerun import Phase
@@ -434,11 +431,7 @@ class Trainer:
 
     def _report_determinism(self) -> None:
         """--rerun-mode report_stats: how far re-runs differed, over all ranks (collective)."""
-        mine = self.rerun.take_stats()
-        stats = [mine]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            stats = [None] * dist.get_world_size()
-            dist.all_gather_object(stats, mine)
+        stats = _gather(self.rerun.take_stats())
         merged: dict[str, dict[str, float]] = {}
         for rank_stats in stats:
             for check, s in rank_stats.items():
@@ -546,3 +539,12 @@ def _loss_scaler(t) -> DynamicLossScaler | None:
         return DynamicLossScaler.static(t.loss_scale)
     return DynamicLossScaler(t.initial_loss_scale, t.loss_scale_window,
                              min_scale=t.min_loss_scale, hysteresis=t.hysteresis)
+
+
+def _gather(obj: Any) -> list[Any]:
+    """Every rank's `obj`, by rank (collective when distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -313,9 +313,6 @@ def test_sharded_directories_write_and_read_back(tmp_path):
         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert not list((tmp_path / "out").glob("*.part"))
     reader = hf_files.WeightReader(tmp_path / "out", ("",))
-    try:
-        for name, t in tensors.items():
-            assert torch.equal(reader.take(name), t)
-        assert reader.unused() == []
-    finally:
-        reader.close()
+    for name, t in tensors.items():
+        assert torch.equal(reader.take(name), t)
+    assert reader.unused() == []
