@@ -102,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     out, note = hf.hf_export(hf.ExportArgs(args.load, args.hf_dir, args.iteration, args.dtype))
     if note:
         print(f"note: {note}", flush=True)
-    print(f"exported {args.load} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))",
+    print(f"exported {args.load} -> {out} ({hf.auto_class(out)}.from_pretrained({str(out)!r}))",
           flush=True)
     return 0
 

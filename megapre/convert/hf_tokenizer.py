@@ -1,10 +1,11 @@
 """Tokenizer files across the Hugging Face door.
 
-Import: a directory's tokenizer.json (-> HuggingFaceTokenizer) or GPT-2 style vocab.json +
-merges.txt (-> GPT2BPETokenizer) is copied into the checkpoint directory, so the checkpoint keeps
-working when the Hugging Face directory moves. Export: the checkpoint's tokenizer files are
-written beside the weights with a tokenizer_config.json naming the transformers class that reads
-them, so `AutoTokenizer.from_pretrained(OUT)` works."""
+Import: a directory's tokenizer.json (-> HuggingFaceTokenizer), GPT-2 style vocab.json +
+merges.txt (-> GPT2BPETokenizer) or BERT's vocab.txt (-> BertWordPiece[Lower]Case) is copied into
+the checkpoint directory, so the checkpoint keeps working when the Hugging Face directory moves.
+Export: the checkpoint's tokenizer files are written beside the weights with a
+tokenizer_config.json naming the transformers class that reads them, so
+`AutoTokenizer.from_pretrained(OUT)` works."""
 from __future__ import annotations
 
 import json
@@ -32,9 +33,30 @@ def import_tokenizer(hf_dir: Path, save_dir: Path, null_vocab: int | None) -> di
         return {"tokenizer_type": "GPT2BPETokenizer",
                 "vocab_file": str((dest / "vocab.json").resolve()),
                 "merge_file": str((dest / "merges.txt").resolve())}
-    raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, or vocab.json + "
-                      "merges.txt); add them, or pass --null-tokenizer to import the weights "
-                      "with token ids only")
+    if (hf_dir / "vocab.txt").is_file():
+        return _import_wordpiece(hf_dir, dest)
+    raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, vocab.json + "
+                      "merges.txt, or vocab.txt); add them, or pass --null-tokenizer to import "
+                      "the weights with token ids only")
+
+
+def _import_wordpiece(hf_dir: Path, dest: Path) -> dict:
+    """BERT's vocab.txt. megapre's BertWordPiece appends [BOS] and [EOS] when absent (as
+    Megatron), which would outgrow the model's vocabulary: a vocab.txt with both (as hf-export
+    writes) is used as is, any other becomes a tokenizer.json through transformers'
+    BertTokenizerFast (the same WordPiece, exactly the file's tokens)."""
+    path = hf_dir / "tokenizer_config.json"
+    lower = json.loads(path.read_text()).get("do_lower_case", True) if path.is_file() else True
+    tokens = set((hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n"))
+    if {"[BOS]", "[EOS]"} <= tokens:
+        _copy(hf_dir, dest, ["vocab.txt"])
+        return {"tokenizer_type": "BertWordPieceLowerCase" if lower else "BertWordPieceCase",
+                "vocab_file": str((dest / "vocab.txt").resolve())}
+    from transformers import BertTokenizerFast
+
+    BertTokenizerFast.from_pretrained(str(hf_dir), do_lower_case=lower).save_pretrained(str(dest))
+    return {"tokenizer_type": "HuggingFaceTokenizer",
+            "tokenizer_model": str((dest / "tokenizer.json").resolve())}
 
 
 def _copy(src: Path, dest: Path, names: list[str]) -> None:
@@ -60,6 +82,8 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
         return {"tokenizer_config.json": _json(cfg),
                 "vocab.json": Path(data["vocab_file"]).read_bytes(),
                 "merges.txt": Path(data["merge_file"]).read_bytes()}, [], None
+    if kind in ("BertWordPieceLowerCase", "BertWordPieceCase"):
+        return _wordpiece_files(data["vocab_file"], tokenizer, max_length), [], None
     if kind == "HuggingFaceTokenizer":
         path = Path(data["tokenizer_model"])
         path = path / "tokenizer.json" if path.is_dir() else path
@@ -72,6 +96,20 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
         return generated, [path, *side], None
     return {}, [], (f"tokenizer not exported: --tokenizer-type {kind} has no transformers "
                     "tokenizer here; weights and config are")
+
+
+def _wordpiece_files(vocab_file: str, tokenizer, max_length: int) -> dict[str, bytes]:
+    """vocab.txt and a BertTokenizer config. megapre's WordPiece appends [BOS] and [EOS] when
+    vocab.txt lacks them (as Megatron); they are written out too, so the exported tokenizer has
+    as many tokens as the model's vocabulary."""
+    lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    lines += [t for t in ("[BOS]", "[EOS]") if t not in set(lines)]
+    cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lower_case,
+           "model_max_length": max_length, "unk_token": "[UNK]", "sep_token": "[SEP]",
+           "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    return {"tokenizer_config.json": _json(cfg), "vocab.txt": ("\n".join(lines) + "\n").encode()}
 
 
 def _json(obj: dict) -> bytes:

@@ -45,7 +45,9 @@ UNSUPPORTED = {"num_experts": "mixture of experts (--num-experts)",
                "use_rope_scaling": "RoPE scaling (--use-rope-scaling)",
                "fp8_param_gather": "fp8 weights (--fp8-param-gather)",
                "quick_geglu": "quick GeGLU (--quick-geglu)",
-               "heterogeneous_layers_config_path": "heterogeneous layers"}
+               "heterogeneous_layers_config_path": "heterogeneous layers",
+               "apply_residual_connection_post_layernorm":
+                   "the residual taken after the norm (--apply-residual-connection-post-layernorm)"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,9 @@ def _refuse_model(m: dict) -> None:
     if m["model"] != "gpt":
         raise ConfigError(f"mcore-export: --model {m['model']} checkpoints are not supported "
                           "(GPT checkpoints are)")
+    if m["post_layernorm"] or m["erf_gelu"]:
+        raise ConfigError("mcore-export: megatron-core has no --post-layernorm blocks or exact "
+                          "(erf) GELU with its fused bias-GELU; export these with hf-export")
     if not m["swiglu"] and (m["squared_relu"] or m["disable_bias_linear"]):
         raise ConfigError("mcore-export: the MLP must be SwiGLU, or GELU with biases (megapre's "
                           "tanh GELU is megatron-core's fused bias-GELU)")
