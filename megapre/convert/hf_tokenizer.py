@@ -1,11 +1,19 @@
 """Tokenizer files across the Hugging Face door.
 
 Import: a directory's tokenizer.json (-> HuggingFaceTokenizer), GPT-2 style vocab.json +
-merges.txt (-> GPT2BPETokenizer) or BERT's vocab.txt (-> BertWordPiece[Lower]Case) is copied into
-the checkpoint directory, so the checkpoint keeps working when the Hugging Face directory moves.
-Export: the checkpoint's tokenizer files are written beside the weights with a
+merges.txt (-> GPT2BPETokenizer), a SentencePiece tokenizer.model (-> GPTSentencePieceTokenizer)
+or BERT's vocab.txt (hf_wordpiece.py) is copied into the checkpoint directory, so the checkpoint keeps working when the Hugging Face
+directory moves. Export: the checkpoint's tokenizer files are written beside the weights with a
 tokenizer_config.json naming the transformers class that reads them, so
-`AutoTokenizer.from_pretrained(OUT)` works."""
+`AutoTokenizer.from_pretrained(OUT)` works and gives megapre's ids.
+
+SentencePiece models go out as transformers' plain SentencePiece tokenizer
+(BertGenerationTokenizer: the model's pieces, no ids added around the text), not as
+LlamaTokenizer, whose conversion to a fast tokenizer assumes Llama's normalizer and changes the
+ids of models trained with other settings (whitespace, NFKC). Megatron's GPTSentencePieceTokenizer
+reads "<s>" in text as characters, so the export sets split_special_tokens; its BERT/T5 flavour
+(SentencePieceTokenizer) appends special tokens that it recognizes in text, exported as added
+tokens at their ids."""
 from __future__ import annotations
 
 import json
@@ -13,6 +21,8 @@ import shutil
 from pathlib import Path
 
 from megapre.model.config import ConfigError
+
+from .hf_wordpiece import KINDS as WORDPIECE, import_wordpiece, wordpiece_files
 
 TOKENIZER_DIR = "hf_tokenizer"
 _SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -33,30 +43,15 @@ def import_tokenizer(hf_dir: Path, save_dir: Path, null_vocab: int | None) -> di
         return {"tokenizer_type": "GPT2BPETokenizer",
                 "vocab_file": str((dest / "vocab.json").resolve()),
                 "merge_file": str((dest / "merges.txt").resolve())}
+    if (hf_dir / "tokenizer.model").is_file():
+        _copy(hf_dir, dest, ["tokenizer.model"])
+        return {"tokenizer_type": "GPTSentencePieceTokenizer",
+                "tokenizer_model": str((dest / "tokenizer.model").resolve())}
     if (hf_dir / "vocab.txt").is_file():
-        return _import_wordpiece(hf_dir, dest)
+        return import_wordpiece(hf_dir, dest)
     raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, vocab.json + "
-                      "merges.txt, or vocab.txt); add them, or pass --null-tokenizer to import "
-                      "the weights with token ids only")
-
-
-def _import_wordpiece(hf_dir: Path, dest: Path) -> dict:
-    """BERT's vocab.txt. megapre's BertWordPiece appends [BOS] and [EOS] when absent (as
-    Megatron), which would outgrow the model's vocabulary: a vocab.txt with both (as hf-export
-    writes) is used as is, any other becomes a tokenizer.json through transformers'
-    BertTokenizerFast (the same WordPiece, exactly the file's tokens)."""
-    path = hf_dir / "tokenizer_config.json"
-    lower = json.loads(path.read_text()).get("do_lower_case", True) if path.is_file() else True
-    tokens = set((hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n"))
-    if {"[BOS]", "[EOS]"} <= tokens:
-        _copy(hf_dir, dest, ["vocab.txt"])
-        return {"tokenizer_type": "BertWordPieceLowerCase" if lower else "BertWordPieceCase",
-                "vocab_file": str((dest / "vocab.txt").resolve())}
-    from transformers import BertTokenizerFast
-
-    BertTokenizerFast.from_pretrained(str(hf_dir), do_lower_case=lower).save_pretrained(str(dest))
-    return {"tokenizer_type": "HuggingFaceTokenizer",
-            "tokenizer_model": str((dest / "tokenizer.json").resolve())}
+                      "merges.txt, a SentencePiece tokenizer.model, or BERT's vocab.txt); add "
+                      "them, or pass --null-tokenizer to import the weights with token ids only")
 
 
 def _copy(src: Path, dest: Path, names: list[str]) -> None:
@@ -82,8 +77,6 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
         return {"tokenizer_config.json": _json(cfg),
                 "vocab.json": Path(data["vocab_file"]).read_bytes(),
                 "merges.txt": Path(data["merge_file"]).read_bytes()}, [], None
-    if kind in ("BertWordPieceLowerCase", "BertWordPieceCase"):
-        return _wordpiece_files(data["vocab_file"], tokenizer, max_length), [], None
     if kind == "HuggingFaceTokenizer":
         path = Path(data["tokenizer_model"])
         path = path / "tokenizer.json" if path.is_dir() else path
@@ -94,22 +87,44 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
             generated["tokenizer.json"] = path.read_bytes()
             return generated, side, None
         return generated, [path, *side], None
+    if kind in WORDPIECE:
+        return wordpiece_files(data["vocab_file"], tokenizer.lower_case, max_length), [], None
+    if kind in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
+        path = Path(data["tokenizer_model"])
+        return {"tokenizer_config.json": _json(_spm_config(path, tokenizer, max_length)),
+                "tokenizer.model": path.read_bytes()}, [], None
     return {}, [], (f"tokenizer not exported: --tokenizer-type {kind} has no transformers "
                     "tokenizer here; weights and config are")
 
 
-def _wordpiece_files(vocab_file: str, tokenizer, max_length: int) -> dict[str, bytes]:
-    """vocab.txt and a BertTokenizer config. megapre's WordPiece appends [BOS] and [EOS] when
-    vocab.txt lacks them (as Megatron); they are written out too, so the exported tokenizer has
-    as many tokens as the model's vocabulary."""
-    lines = Path(vocab_file).read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    lines += [t for t in ("[BOS]", "[EOS]") if t not in set(lines)]
-    cfg = {"tokenizer_class": "BertTokenizer", "do_lower_case": tokenizer.lower_case,
-           "model_max_length": max_length, "unk_token": "[UNK]", "sep_token": "[SEP]",
-           "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
-    return {"tokenizer_config.json": _json(cfg), "vocab.txt": ("\n".join(lines) + "\n").encode()}
+def _spm_config(path: Path, tokenizer, max_length: int) -> dict:
+    """tokenizer_config.json for a SentencePiece model: its own bos/eos/unk/pad pieces, and for
+    Megatron's BERT/T5 flavour the tokens it appends, at megapre's ids."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    n = sp.get_piece_size()
+    cfg: dict = {"tokenizer_class": "BertGenerationTokenizer", "model_max_length": max_length,
+                 "sep_token": None}  # the class's default separator would add a token
+    for key, idx in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                     ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())):
+        cfg[key] = sp.id_to_piece(idx) if 0 <= idx < n else None
+    if tokenizer.vocab_size == n:  # GPTSentencePieceTokenizer: pieces only, text is text
+        cfg["split_special_tokens"] = True
+        return cfg
+    # Megatron's flavour reads its appended tokens and the model's bos/eos/pad pieces in text as
+    # one id each, but not <unk>: transformers would, so the export names no unk token
+    cfg["unk_token"] = None
+    added = {i: t for t, i in tokenizer.special_tokens().items() if i >= n}
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                 "normalized": False, "single_word": False} for i, t in added.items()}
+    names = {"cls_token": tokenizer.cls, "sep_token": tokenizer.sep, "mask_token": tokenizer.mask,
+             "pad_token": tokenizer.pad, "bos_token": tokenizer.bos, "eos_token": tokenizer.eos}
+    for key, idx in names.items():
+        if idx is not None:
+            cfg[key] = added.get(idx) or sp.id_to_piece(idx)
+    return cfg
 
 
 def _json(obj: dict) -> bytes:
