@@ -253,3 +253,19 @@ def test_wordpiece_vocab_txt_round_trips(tmp_path):
     assert (tmp_path / "out" / "vocab.txt").read_bytes() == (vocab / "vocab.txt").read_bytes()
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert tok("Hello world")["input_ids"] == [101, 7592, 2088, 102]
+
+
+def test_tanh_gelu_bert_is_not_exported(imported, tmp_path, capsys):
+    """megapre's default (tanh) GELU has no transformers BERT: refused in one line, naming the
+    flag."""
+    kind, _, ckpt = imported
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    path = next(copy.glob("iter_*/config.json"))
+    cfg = json.loads(path.read_text())
+    cfg["model"]["erf_gelu"] = False
+    path.write_text(json.dumps(cfg))
+    assert convert(["hf-export", "--load", str(copy), "--hf-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--erf-gelu" in err[0], err
+    assert not (tmp_path / "out").exists()
