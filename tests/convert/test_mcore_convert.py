@@ -249,6 +249,53 @@ def test_torch_dist_truncated_and_missing_args(megatron, tmp_path, capsys):
     _fails(capsys, tmp_path, noargs, "no run args")
 
 
+def _launch_flags(a: argparse.Namespace) -> str:
+    """The launch-script flags that make Megatron-LM save args `a`."""
+    negative = {"add_bias_linear": "--disable-bias-linear",
+                "bias_gelu_fusion": "--no-bias-gelu-fusion"}
+    skip = {"iteration", "ckpt_format", "params_dtype", "padded_vocab_size", "num_experts"}
+    words = []
+    for key, value in vars(a).items():
+        flag = "--" + key.replace("_", "-")
+        if key in skip or value is None:
+            continue
+        if value is False:
+            words += [negative[key]] if key in negative else []
+        elif value is True:
+            words.append(flag)
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+def test_megatron_args_parse_like_megatron():
+    from megapre.convert.mcore import parse_megatron_args
+
+    got = parse_megatron_args("--num-layers 24 --norm-epsilon 1e-6 --swiglu "
+                              "--disable-bias-linear --no-bias-gelu-fusion --normalization "
+                              "RMSNorm --lr -3 --data-path '/a b/c'")
+    assert got == {"num_layers": 24, "norm_epsilon": 1e-6, "swiglu": True,
+                   "add_bias_linear": False, "bias_gelu_fusion": False,
+                   "normalization": "RMSNorm", "lr": -3, "data_path": "/a b/c"}
+
+
+@pytest.mark.slow
+def test_model_only_save_imports_with_launch_flags(megatron, tmp_path, capsys):
+    """megatron-core's dist_checkpointing outside Megatron-LM's loop stores no args: the launch
+    flags describe the model instead, and the logits still match."""
+    kind, out = megatron
+    noargs = tmp_path / "noargs"
+    shutil.copytree(out / "torch_dist", noargs)
+    torch.save({}, noargs / "iter_0000005" / "common.pt")
+    flags = _launch_flags(mcore_cases.megatron_args(kind))
+    ckpt = _import(noargs, tmp_path / "ckpt", "--megatron-args", flags)
+    _check(ckpt, out)
+    capsys.readouterr()
+    _fails(capsys, tmp_path, noargs, "--megatron-args")
+    _fails(capsys, tmp_path, noargs, "'num-layers' is not a --flag", "--megatron-args",
+           "num-layers 2 --hidden-size 64")
+
+
 def test_pretrain_load_names_the_conversion(tmp_path, capsys):
     from conftest import tiny_gpt_flags, write_counting_corpus
     from megapre.cli.pretrain import main as pretrain
