@@ -67,6 +67,11 @@ def _add_mcore_import(sub) -> None:
                      help="new (or empty) checkpoint directory")
     imp.add_argument("--iteration", type=int, default=None,
                      help="default: latest_checkpointed_iteration.txt")
+    imp.add_argument("--megatron-args", default=None, metavar="FLAGS",
+                     help="the model's Megatron-LM flags as one string, e.g. \"--num-layers 24 "
+                          "--hidden-size 2048 --num-attention-heads 16 --seq-length 2048 ...\": "
+                          "needed for a model-only save (no args stored); they override the "
+                          "saved args")
     add_tokenizer_flags(imp, required=False).description = (
         "default: the tokenizer in the checkpoint's saved args")
 
@@ -75,7 +80,8 @@ def _mcore_import(args: argparse.Namespace) -> int:
     from megapre.convert import mcore
 
     tok = {k: getattr(args, k) for k in mcore.TOKENIZER_KEYS}
-    out = mcore.mcore_import(mcore.ImportArgs(args.load, args.save, args.iteration, tok))
+    out = mcore.mcore_import(mcore.ImportArgs(args.load, args.save, args.iteration, tok,
+                                              args.megatron_args))
     print(f"imported {args.load} -> {out} (load it with --load {out}, in any layout)",
           flush=True)
     return 0

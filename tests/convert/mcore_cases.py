@@ -24,7 +24,7 @@ ITERATION = 5
 
 def megatron_args(kind: str) -> argparse.Namespace:
     """The run args Megatron-LM would save for the model `build` makes (its names)."""
-    common = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+    common = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32,
                   max_position_embeddings=32, tokenizer_type="NullTokenizer",
                   vocab_size=VOCAB - 1, padded_vocab_size=PADDED,
                   make_vocab_size_divisible_by=128, hidden_dropout=0.0, attention_dropout=0.0,
