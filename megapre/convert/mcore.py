@@ -154,19 +154,17 @@ def _refuse_features(a: dict, where: str) -> None:
             raise ConfigError(f"{where}: the saved args have no {key}")
 
 
-def _activation(a: dict, where: str) -> dict:
-    """megapre's GELU is the tanh approximation: Megatron computes that with --openai-gelu or
-    with its fused bias-GELU (bias_gelu_fusion and biases); plain GELU without biases is erf."""
+def _activation(a: dict) -> dict:
+    """Megatron's GELU is the tanh approximation with --openai-gelu or its fused bias-GELU
+    (bias_gelu_fusion and biases), megapre's default; otherwise it is the exact (erf) GELU,
+    megapre's --erf-gelu."""
     if a.get("swiglu"):
         return {"swiglu": True}
     if a.get("squared_relu"):
         return {"squared_relu": True}
     tanh = a.get("openai_gelu") or (a.get("bias_gelu_fusion", True) and
                                     a.get("add_bias_linear", True))
-    if not tanh:
-        raise ConfigError(f"{where}: the MLP activation is the exact (erf) GELU (no biases and no "
-                          "--openai-gelu); megapre's GELU is the tanh approximation")
-    return {}
+    return {} if tanh else {"erf_gelu": True}
 
 
 def model_args(a: dict, where: str) -> dict:
@@ -203,7 +201,7 @@ def model_args(a: dict, where: str) -> dict:
            "attention_dropout": float(a.get("attention_dropout", 0.1)),
            "init_method_std": float(a.get("init_method_std", 0.02)),
            "make_vocab_size_divisible_by": int(a.get("make_vocab_size_divisible_by") or 128)}
-    out.update(_activation(a, where))
+    out.update(_activation(a))
     return out
 
 

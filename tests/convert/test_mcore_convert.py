@@ -215,8 +215,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     _fails(capsys, tmp_path, moe, "mixture of experts")
     mla = _legacy_with(tmp_path, "mla", multi_latent_attention=True)
     _fails(capsys, tmp_path, mla, "multi-latent attention")
-    erf = _legacy_with(tmp_path, "erf", add_bias_linear=False)
-    _fails(capsys, tmp_path, erf, "erf")
+    post = _legacy_with(tmp_path, "post", apply_residual_connection_post_layernorm=True)
+    _fails(capsys, tmp_path, post, "apply_residual_connection_post_layernorm")
     f = moe / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
     f.write_bytes(f.read_bytes()[:200])  # truncated
     _fails(capsys, tmp_path, moe, "unreadable")
@@ -354,6 +354,28 @@ def test_export_loads_in_megatron_core_and_imports_back(megatron, tmp_path):
     a, b = (checkpoint_io.resolve(str(p)) for p in (first, again))
     _check(again, out)
     assert _weights(a) == _weights(b)
+
+
+@pytest.mark.slow
+def test_exact_gelu_comes_in_and_goes_out(tmp_path):
+    """megatron-core without the fused bias-GELU applies the exact (erf) GELU: it imports as
+    --erf-gelu with megatron-core's logits and exports back to the same model."""
+    out = tmp_path / "ref"
+    out.mkdir()
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(out), "gpt2-erf"],
+                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    ckpt = _import(out / "torch_dist", tmp_path / "ckpt")
+    from megapre.convert.hf import saved_model_args
+
+    assert saved_model_args(ckpt)["erf_gelu"] is True
+    _check(ckpt, out)
+    exported = tmp_path / "megatron"
+    subprocess.run([sys.executable, "-m", "megapre.convert", "mcore-export", "--load", str(ckpt),
+                    "--save", str(exported)], check=True, cwd=ROOT, timeout=300,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(tmp_path), "gpt2-erf",
+                    str(exported)], check=True, cwd=ROOT, timeout=300, capture_output=True)
+    assert _relative(torch.load(tmp_path / "loaded.pt"), torch.load(out / "reference.pt")) <= 1e-6
 
 
 def _weights(path: Path) -> dict:
