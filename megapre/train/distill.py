@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import random
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
+from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,6 +99,23 @@ def _check_teacher(tcfg: PretrainConfig, student: PretrainConfig, student_vocab:
     return vocab
 
 
+@contextlib.contextmanager
+def _rng_untouched() -> Iterator[None]:
+    """Building a model and loading a checkpoint without its RNG (which reseeds) may move the
+    global generators; the teacher must leave the student's streams (dropout, data order) as
+    they were."""
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
 def _freeze(model: ParallelModel) -> nn.Module:
     """The teacher's one chunk, in eval mode and without gradients."""
     (chunk,) = model.chunks
@@ -119,8 +138,9 @@ def load_lm_teacher(cfg: PretrainConfig, student_vocab: int, mesh: ParallelMesh)
     tcfg = saved_config(path)
     vocab = _check_teacher(tcfg, cfg, student_vocab, flag_value)
     mc = _teacher_model_config(tcfg, cfg, vocab, mesh, flag_value)
-    teacher = ParallelModel.build("gpt", mc, mesh, seed=tcfg.train.seed, ddp=False)
-    load_checkpoint(path, teacher, None, mesh, load_rng=False)
+    with _rng_untouched():
+        teacher = ParallelModel.build("gpt", mc, mesh, seed=tcfg.train.seed, ddp=False)
+        load_checkpoint(path, teacher, None, mesh, load_rng=False)
     return _freeze(teacher)
 
 
@@ -154,9 +174,10 @@ def load_task_teacher(cfg, labels, student_vocab: int, mesh: ParallelMesh) -> nn
     mc = _teacher_model_config(tcfg, cfg, vocab, mesh, flag_value)
     adapter = TaskAdapter(tcfg.model.model, mc, mesh, HeadConfig(**task["head"]),
                           Adaptation(lora=tcfg.lora))
-    teacher = ParallelModel.from_adapter(adapter, seed=tcfg.train.seed, ddp=False)
-    load_task_weights(SimpleNamespace(model=teacher, mesh=mesh, tracker=None), tcfg, path, task,
-                      None, lambda _: None)
+    with _rng_untouched():
+        teacher = ParallelModel.from_adapter(adapter, seed=tcfg.train.seed, ddp=False)
+        load_task_weights(SimpleNamespace(model=teacher, mesh=mesh, tracker=None), tcfg, path,
+                          task, None, lambda _: None)
     return _freeze(teacher)
 
 
