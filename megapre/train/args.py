@@ -493,7 +493,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
     _check_fim(cfg)
-    check_distill_layout(cfg.distill, pp, cp)
+    check_distill_layout(cfg.distill, cp)
     if d.mock_data:
         _check_mock_data(cfg)
     elif not (d.data_path or d.train_data_path):

@@ -44,7 +44,7 @@ from .args import PretrainConfig
 from .distill_args import TEACHER_FLAG, DistillArgs
 from .losses import KDWeights, Normalizers, distill_lm_loss, distill_task_loss
 from .parallel_model import ParallelModel
-from .stages import ModelAdapter
+from .stages import PIPE_DTYPE, MicroBatch, ModelAdapter
 from .task_stages import Adaptation, TaskAdapter, TaskChunk
 
 
@@ -59,8 +59,8 @@ def _teacher_path(flag_value: str) -> Path:
         raise ConfigError(f"{TEACHER_FLAG} {flag_value}: {str(e).splitlines()[0]}") from None
 
 
-def _teacher_model_config(tcfg: PretrainConfig, student: PretrainConfig, vocab_size: int,
-                          mesh: ParallelMesh, flag_value: str) -> TransformerConfig:
+def _teacher_model_config(tcfg: PretrainConfig, student: PretrainConfig, vocab_size: int
+                          ) -> TransformerConfig:
     """The teacher's TransformerConfig in the student's layout: the student's vocabulary padding
     (so both have the same logit slices per TP rank) and sequence length, no dropout."""
     tm = copy.deepcopy(tcfg.model)
@@ -70,13 +70,7 @@ def _teacher_model_config(tcfg: PretrainConfig, student: PretrainConfig, vocab_s
     tm.hidden_dropout = tm.attention_dropout = 0.0
     tcfg = copy.deepcopy(tcfg)
     tcfg.model = tm
-    mc = tcfg.transformer_config(vocab_size)
-    try:
-        mc.validate(mesh.tp_size, 1, None, mesh.sequence_parallel, mesh.stage_split)
-    except ConfigError as e:
-        raise ConfigError(f"{TEACHER_FLAG} {flag_value}: the teacher cannot run in this "
-                          f"layout: {e}") from None
-    return mc
+    return tcfg.transformer_config(vocab_size)
 
 
 def _check_teacher(tcfg: PretrainConfig, student: PretrainConfig, student_vocab: int,
@@ -116,9 +110,24 @@ def _rng_untouched() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-def _freeze(model: ParallelModel) -> nn.Module:
-    """The teacher's one chunk, in eval mode and without gradients."""
+def _whole(adapter: ModelAdapter, seed: int, flag_value: str) -> ParallelModel:
+    """The teacher as one chunk of all its layers on this rank (whatever the pipeline split of
+    the student): it runs on the last stage, from the token ids. Every rank builds and loads it
+    (the load is collective); the others drop it then."""
+    spec = ChunkSpec.whole(adapter.cfg.num_layers)
+    try:  # the model classes check the mesh's layout rules against the teacher's shape
+        return ParallelModel(adapter, [spec], [adapter.build(spec, seed=seed)])
+    except ConfigError as e:
+        raise ConfigError(f"{TEACHER_FLAG} {flag_value}: the teacher cannot run in this "
+                          f"layout: {e}") from None
+
+
+def _freeze(model: ParallelModel, mesh: ParallelMesh) -> nn.Module | None:
+    """The teacher's one chunk, in eval mode and without gradients; None on a rank without the
+    last pipeline stage (it only took part in the collective load)."""
     (chunk,) = model.chunks
+    if not mesh.is_last_stage:
+        return None
     chunk.eval()
     chunk.requires_grad_(False)
     return chunk
@@ -137,11 +146,11 @@ def load_lm_teacher(cfg: PretrainConfig, student_vocab: int, mesh: ParallelMesh)
     path = _teacher_path(flag_value)
     tcfg = saved_config(path)
     vocab = _check_teacher(tcfg, cfg, student_vocab, flag_value)
-    mc = _teacher_model_config(tcfg, cfg, vocab, mesh, flag_value)
+    mc = _teacher_model_config(tcfg, cfg, vocab)
     with _rng_untouched():
-        teacher = ParallelModel.build("gpt", mc, mesh, seed=tcfg.train.seed, ddp=False)
+        teacher = _whole(ModelAdapter("gpt", mc, mesh), tcfg.train.seed, flag_value)
         load_checkpoint(path, teacher, None, mesh, load_rng=False)
-    return _freeze(teacher)
+    return _freeze(teacher, mesh)
 
 
 def load_task_teacher(cfg, labels, student_vocab: int, mesh: ParallelMesh) -> nn.Module:
@@ -171,14 +180,14 @@ def load_task_teacher(cfg, labels, student_vocab: int, mesh: ParallelMesh) -> nn
     tcfg = finetune_from_dict(read_config(path) or {})
     tcfg.distill = DistillArgs()
     vocab = _check_teacher(tcfg, cfg, student_vocab, flag_value)
-    mc = _teacher_model_config(tcfg, cfg, vocab, mesh, flag_value)
+    mc = _teacher_model_config(tcfg, cfg, vocab)
     adapter = TaskAdapter(tcfg.model.model, mc, mesh, HeadConfig(**task["head"]),
                           Adaptation(lora=tcfg.lora))
     with _rng_untouched():
-        teacher = ParallelModel.from_adapter(adapter, seed=tcfg.train.seed, ddp=False)
+        teacher = _whole(adapter, tcfg.train.seed, flag_value)
         load_task_weights(SimpleNamespace(model=teacher, mesh=mesh, tracker=None), tcfg, path,
                           task, None, lambda _: None)
-    return _freeze(teacher)
+    return _freeze(teacher, mesh)
 
 
 def _no_grad_forward(bf16: bool, device: torch.device) -> contextlib.ExitStack:
@@ -208,29 +217,35 @@ class _FinalHidden:
 # -- pretraining -----------------------------------------------------------------------------
 
 class DistillChunk(nn.Module):
-    """A whole GPT (one chunk: no pipeline) with its teacher: returns per-token
-    (CE, KL[, hidden MSE]) [b, s]. `model` is the student, as in GPTChunk, so checkpoints and
-    ParallelModel see only the student."""
+    """A GPT pipeline chunk with its teacher: hidden states out on the way (as GPTChunk), and on
+    the last stage per-token (CE, KL[, hidden MSE]) [b, s], the teacher reading the token ids
+    (`teacher_ids`, given to every chunk). `model` is the student, as in GPTChunk, so checkpoints
+    and ParallelModel see only the student."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, kd: DistillArgs) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, kd: DistillArgs) -> None:
         super().__init__()
         self.model, self.kd = student, kd
         self._teacher = (teacher,)  # not a submodule: never saved, synced or optimized
         self._hidden = None
-        if kd.kd_hidden_weight > 0:
+        if student.stage.is_last and kd.kd_hidden_weight > 0:
             self._hidden = (_FinalHidden(student), _FinalHidden(teacher.model))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None):
+                attention_mask: torch.Tensor | None = None,
+                teacher_ids: torch.Tensor | None = None):
         m = self.model
-        inputs = dict(input_ids=x, position_ids=position_ids, attention_mask=attention_mask)
-        logits = m(**inputs)
-        ce = token_loss(logits, labels, m.mesh, m.cfg.vocab_size, m.label_smoothing)
+        first = m.stage.is_first
+        out = m(input_ids=x if first else None, hidden_states=None if first else x,
+                position_ids=position_ids, attention_mask=attention_mask)
+        if not m.stage.is_last:
+            return out.to(PIPE_DTYPE)
+        ce = token_loss(out, labels, m.mesh, m.cfg.vocab_size, m.label_smoothing)
         (teacher,) = self._teacher
-        with _no_grad_forward(self.kd.teacher_bf16, x.device):
-            t_logits = teacher.model(**inputs)
-        kl = vocab_parallel_kl_divergence(logits, t_logits.float(), m.mesh.tp_group,
+        with _no_grad_forward(self.kd.teacher_bf16, out.device):
+            t_logits = teacher.model(input_ids=teacher_ids, position_ids=position_ids,
+                                     attention_mask=attention_mask)
+        kl = vocab_parallel_kl_divergence(out, t_logits.float(), m.mesh.tp_group,
                                           vocab_size=m.cfg.vocab_size,
                                           temperature=self.kd.kd_temperature).t()
         if self._hidden is None:
@@ -258,8 +273,17 @@ class DistillAdapter(ModelAdapter):
     def build(self, spec: ChunkSpec, **kw) -> nn.Module:
         return DistillChunk(super().build(spec, **kw).model, self.teacher, self.kd)
 
+    def split(self, mb: dict[str, torch.Tensor]) -> MicroBatch:
+        out = super().split(mb)
+        out.kwargs["teacher_ids"] = out.first_args[0]
+        return out
+
     def loss(self, output, target, norm: Normalizers):
         return distill_lm_loss(output, target, norm, self.weights)
+
+    def examples(self, micro_batch: int):
+        first, hidden, (lm,) = super().examples(micro_batch)
+        return first, hidden, (lm,) * len(self.part_names())
 
     def part_names(self) -> set[str]:
         return {"lm loss", "kd loss"} | ({"hidden loss"} if self.weights.hidden > 0 else set())
@@ -283,19 +307,24 @@ def lm_adapter(cfg: PretrainConfig
 # -- fine-tuning -------------------------------------------------------------------------------
 
 class DistillTaskChunk(TaskChunk):
-    """A task chunk whose forward also returns the per-sample KL to its teacher's classes."""
+    """A task chunk whose last stage also returns the per-sample KL to its teacher's classes
+    (the teacher reads `teacher_ids`, the token ids given to every chunk)."""
 
-    def __init__(self, model: nn.Module, kind: str, teacher: nn.Module, kd: DistillArgs) -> None:
+    def __init__(self, model: nn.Module, kind: str, teacher: nn.Module | None,
+                 kd: DistillArgs) -> None:
         super().__init__(model, kind)
         self.kd = kd
         self._teacher = (teacher,)  # not a submodule: never saved, synced or optimized
 
     def forward(self, x: torch.Tensor, types: torch.Tensor | None = None,
-                padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+                padding_mask: torch.Tensor | None = None, lengths: torch.Tensor | None = None,
+                teacher_ids: torch.Tensor | None = None):
         logits = super().forward(x, types, padding_mask, lengths)
+        if not self.model.stage.is_last:
+            return logits  # hidden states on their way
         (teacher,) = self._teacher
-        with _no_grad_forward(self.kd.teacher_bf16, x.device):
-            t_logits = teacher(x, types, padding_mask, lengths)
+        with _no_grad_forward(self.kd.teacher_bf16, logits.device):
+            t_logits = teacher(teacher_ids, types, padding_mask, lengths)
         t = self.kd.kd_temperature
         log_q = F.log_softmax(logits.float() / t, dim=-1)
         log_p = F.log_softmax(t_logits.float() / t, dim=-1)
@@ -313,6 +342,17 @@ class DistillTaskAdapter(TaskAdapter):
     def build(self, spec: ChunkSpec, *, seed: int, tracker: RNGTracker | None = None, **kw):
         chunk = super().build(spec, seed=seed, tracker=tracker, **kw)
         return DistillTaskChunk(chunk.model, self.kind, self.teacher, self.kd)
+
+    def split(self, mb: dict[str, torch.Tensor]) -> MicroBatch:
+        out = super().split(mb)
+        out.kwargs["teacher_ids"] = out.first_args[0]
+        return out
+
+    def examples(self, micro_batch: int):
+        first, hidden, (logits,) = super().examples(micro_batch)
+        kl = torch.empty(micro_batch, dtype=torch.float32, device=torch.device("meta"),
+                         requires_grad=True)
+        return first, hidden, (logits, kl)
 
     def loss(self, output, target, norm: Normalizers):
         logits, kl = output

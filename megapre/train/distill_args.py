@@ -54,15 +54,12 @@ class DistillArgs:
                               "distil from)")
 
 
-def check_distill_layout(d: DistillArgs, pp: int, cp: int) -> None:
-    """The flag ranges, then what distillation does not run: the teacher runs beside the student
-    in one model chunk, so not across pipeline stages or context-parallel ranks."""
+def check_distill_layout(d: DistillArgs, cp: int) -> None:
+    """The flag ranges, then what distillation does not run: the teacher reads whole sequences
+    on the last pipeline stage, so not context-parallel shares."""
     d.validate()
     if not d.enabled:
         return
-    if pp > 1:
-        raise ConfigError(f"{TEACHER_FLAG} with --pipeline-model-parallel-size {pp}: "
-                          "distillation runs with pipeline parallelism 1 (use TP/DP)")
     if cp > 1:
         raise ConfigError(f"{TEACHER_FLAG} with --context-parallel-size {cp}: distillation runs "
                           "with context parallelism 1")

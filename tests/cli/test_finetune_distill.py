@@ -1,6 +1,6 @@
 """Knowledge distillation in fine-tuning: a BERT classifier learns from a fine-tuned teacher
-classifier of the same task (KL over the classes, weighted like the task loss); TP2 gives one
-process's losses; --kd-alpha 1 is plain fine-tuning exactly; a teacher without a matching head is
+classifier of the same task (KL over the classes, weighted like the task loss); TP2 and PP2
+give one process's losses; --kd-alpha 1 is plain fine-tuning exactly; a teacher without a matching head is
 refused in one line (exit 2)."""
 from __future__ import annotations
 
@@ -50,15 +50,20 @@ def test_alpha_one_is_plain_finetuning(task, teacher, tmp_path):  # noqa: F811
     assert _losses(tmp_path / "kd") == _losses(tmp_path / "plain")
 
 
-def _tp2_worker(rank: int, world: int, argv: list[str]) -> int:
+def _two_ranks(rank: int, world: int, argv: list[str]) -> int:
     return finetune_cli.main(argv)
 
 
-def test_tp2_matches_single_process(task, teacher, tmp_path):  # noqa: F811
-    assert finetune_cli.main(_kd(task, teacher, tmp_path / "one")) == 0
-    argv = _kd(task, teacher, tmp_path / "tp2", "--tensor-model-parallel-size", "2")
-    assert run_distributed(_tp2_worker, 2, argv, timeout_s=300) == [0, 0]
-    got, want = _losses(tmp_path / "tp2"), _losses(tmp_path / "one")
+@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", "2"),
+                                    ("--pipeline-model-parallel-size", "2")], ids=["tp2", "pp2"])
+def test_layout_matches_single_process(task, teacher, tmp_path, layout):  # noqa: F811
+    # 1F1B over two stages needs two micro-batches per step; the padding PP adds (to
+    # --seq-length) changes no loss
+    pad = ("--seq-length", "32", "--global-batch-size", "16")
+    assert finetune_cli.main(_kd(task, teacher, tmp_path / "one", *pad)) == 0
+    argv = _kd(task, teacher, tmp_path / "two", *pad, *layout)
+    assert run_distributed(_two_ranks, 2, argv, timeout_s=300) == [0, 0]
+    got, want = _losses(tmp_path / "two"), _losses(tmp_path / "one")
     assert len(got) == len(want) > 0
     assert got == pytest.approx(want, rel=1e-5)
 

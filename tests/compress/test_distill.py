@@ -1,6 +1,6 @@
-"""Knowledge distillation in pretraining (--teacher-checkpoint): a 1-layer GPT student learns
-from a 2-layer teacher trained briefly first. The per-iteration losses of TP2 (with and without
-sequence parallelism) and DP2 equal one process's; --kd-alpha 1 is plain training exactly; the
+"""Knowledge distillation in pretraining (--teacher-checkpoint): a 2-layer GPT student learns
+from a 4-layer teacher trained briefly first. The per-iteration losses of TP2 (with and without
+sequence parallelism), DP2, PP2 and TP2 x PP2 equal one process's; --kd-alpha 1 is plain training exactly; the
 teacher stays frozen and out of the student's checkpoints; a resumed run continues exactly; bad
 input is one line and exit 2."""
 from __future__ import annotations
@@ -23,7 +23,8 @@ def setup(tmp_path_factory) -> dict:
     work = tmp_path_factory.mktemp("distill")
     corpus = write_counting_corpus(str(work / "count_text_document"))
     teacher = work / "teacher"
-    _train(tiny_gpt_flags(corpus, work / "t", "--save", str(teacher), train_iters=15))
+    _train(tiny_gpt_flags(corpus, work / "t", "--save", str(teacher), train_iters=15,
+                          num_layers=4))
     return {"corpus": corpus, "teacher": str(teacher), "work": work}
 
 
@@ -43,7 +44,7 @@ def _train(flags: list[str]):
 def _student(setup: dict, out: Path, *extra: str, **settings) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     return tiny_gpt_flags(setup["corpus"], out, "--teacher-checkpoint", setup["teacher"], *extra,
-                          **{"num_layers": 1, **settings})
+                          **{"num_layers": 2, **settings})
 
 
 def _losses(out: Path) -> list[tuple[float, float]]:
@@ -57,7 +58,9 @@ def _layout_worker(rank: int, world: int, flags: list[str], out: str) -> None:
 
 LAYOUTS = {"tp2": ("--tensor-model-parallel-size", "2"),
            "tp2-sp": ("--tensor-model-parallel-size", "2", "--sequence-parallel"),
-           "dp2": ()}
+           "dp2": (),
+           "pp2": ("--pipeline-model-parallel-size", "2"),
+           "tp2-pp2": ("--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2")}
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
@@ -68,8 +71,9 @@ def test_layout_matches_single_process(setup, name):
         with one_thread():
             _train(_student(setup, ref, *KD))
     out = setup["work"] / name
-    # global batch 4 = micro 2 x 2: two micro-batches on one rank, one per DP rank under DP2
-    run_distributed(_layout_worker, 2, _student(setup, out, *KD, *LAYOUTS[name]), str(out),
+    # global batch 4 = micro 2 x 2: two micro-batches, one per DP rank under DP2
+    world = 4 if name == "tp2-pp2" else 2
+    run_distributed(_layout_worker, world, _student(setup, out, *KD, *LAYOUTS[name]), str(out),
                     timeout_s=300)
     got, want = _losses(out), _losses(ref)
     assert len(got) == len(want) == 3
@@ -82,7 +86,7 @@ def test_layout_matches_single_process(setup, name):
 
 def test_alpha_one_is_plain_training(setup, tmp_path):
     """Bit for bit, dropout masks included: the teacher's load leaves the random streams alone."""
-    _train(tiny_gpt_flags(setup["corpus"], tmp_path / "plain", num_layers=1, hidden_dropout=0.2))
+    _train(tiny_gpt_flags(setup["corpus"], tmp_path / "plain", num_layers=2, hidden_dropout=0.2))
     _train(_student(setup, tmp_path / "kd", "--kd-alpha", "1", "--kd-temperature", "3",
                     hidden_dropout=0.2))
     assert _losses(tmp_path / "kd") == _losses(tmp_path / "plain")
@@ -110,9 +114,9 @@ def test_teacher_frozen_and_absent_from_checkpoint(setup, tmp_path):
     after = _teacher_state(trainer)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # the student's checkpoint loads into a plain 1-layer GPT with no unused tensor
+    # the student's checkpoint loads into a plain 2-layer GPT with no unused tensor
     plain = Trainer(parse_config(tiny_gpt_flags(setup["corpus"], tmp_path / "plain",
-                                                num_layers=1)))
+                                                num_layers=2)))
     try:
         load_checkpoint(resolve_checkpoint(str(save)), plain.model, None, plain.mesh,
                         load_rng=False, strictness="raise_all")
