@@ -156,3 +156,22 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys, case):
     assert main(flags) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_teacher_bf16_is_close_to_fp32(setup, tmp_path):
+    _train(_student(setup, tmp_path / "fp32", *KD))
+    _train(_student(setup, tmp_path / "bf16", *KD, "--teacher-bf16"))
+    got, want = _losses(tmp_path / "bf16"), _losses(tmp_path / "fp32")
+    assert got != want  # the teacher really ran in bf16
+    assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in want], rel=2e-2)
+
+
+def test_megatron_spelling_of_the_teacher(setup, tmp_path, capsys):
+    from megapre.cli.flags import parse_config
+    from megapre.cli.pretrain import main
+
+    flags = tiny_gpt_flags(setup["corpus"], tmp_path, "--export-kd-teacher-load",
+                           setup["teacher"])
+    assert parse_config(flags).distill.teacher_checkpoint == setup["teacher"]
+    assert main([*flags, "--export-kd-cfg", "kd.yaml"]) == 2
+    assert "--export-kd-cfg" in capsys.readouterr().err
