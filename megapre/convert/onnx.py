@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -56,8 +57,8 @@ def onnx_export(args: OnnxArgs) -> Exported:
     path = checkpoint_io.resolve(str(args.load), args.iteration)
     with loaded(path, args.task_head) as (model, model_kind, vocab, fine_tuned):
         spec, kind = _spec(model, model_kind, vocab, fine_tuned, args.with_kv_cache)
-        proto = trace(spec, args.opset)
-    write_atomic(proto, args.output)
+        program = trace(spec, args.opset)
+    write_atomic(program, args.output)
     return Exported(args.output, kind, spec.input_names, spec.output_names)
 
 
@@ -154,7 +155,8 @@ def _spec(model, model_kind: str, vocab: int, fine_tuned: bool, kv_cache: bool
 
 
 def trace(spec: onnx_graph.GraphSpec, opset: int):
-    """The ONNX ModelProto of spec.module in export mode; refuses a custom-domain node."""
+    """The torch.onnx.ONNXProgram of spec.module in export mode; refuses a custom-domain
+    node."""
     from megapre.ops import export_mode
 
     dims: dict[str, torch.export.Dim] = {}
@@ -167,12 +169,11 @@ def trace(spec: onnx_graph.GraphSpec, opset: int):
             spec.module.eval(), spec.inputs, dynamo=True, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=shapes, opset_version=opset,
             verbose=False)
-    proto = program.model_proto
-    custom = sorted(custom_domains(proto))
+    custom = sorted(custom_domains(program.model))
     if custom:
         raise ConfigError(f"the traced graph uses non-standard operators ({', '.join(custom)}); "
                           "it would not run in a stock ONNX runtime")
-    return proto
+    return program
 
 
 @contextlib.contextmanager
@@ -190,24 +191,25 @@ def _quiet() -> Iterator[None]:
         registration.setLevel(level)
 
 
-def custom_domains(proto) -> set[str]:
-    """Operator domains of a ModelProto's nodes (functions' bodies included) beyond the standard
-    ONNX ones."""
-    nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
-    local = {f.domain for f in proto.functions}  # the exporter's own helper functions
+def custom_domains(model) -> set[str]:
+    """`domain::op` of an onnx_ir Model's nodes (subgraphs and functions' bodies included)
+    outside the standard ONNX domains; the exporter's own functions count as standard when
+    their bodies are."""
+    functions = list(model.functions.values())
+    local = {f.domain for f in functions}
+    nodes = [*model.graph.all_nodes(), *(n for f in functions for n in f.all_nodes())]
     return {f"{n.domain}::{n.op_type}" for n in nodes
             if n.domain not in STANDARD_DOMAINS and n.domain not in local}
 
 
-def write_atomic(proto, out: Path) -> None:
-    """Serialize to a temporary file beside `out`, then rename: nothing half-written there."""
-    import onnx
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
+def write_atomic(program, out: Path) -> None:
+    """Save an ONNXProgram in a temporary directory beside `out`, then move it in (a model past
+    protobuf's 2 GB limit keeps its weights in a data file beside it, moved first): nothing
+    half-written at `out`."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        onnx.save_model(proto, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        program.save(tmp / out.name)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == out.name):  # the model last
+            os.replace(f, out.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

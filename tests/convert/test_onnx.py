@@ -2,8 +2,8 @@
 other than the traced ones (dynamic axes), and held to megapre's eager forward (fused kernels)
 within 1e-4 relative (max |diff| / max |logits|, fp32): GPT with learned positions and the
 Llama-style variant (RoPE, SwiGLU, RMSNorm, GQA), each also with a KV cache (prompt on an empty
-past, then one step on the returned present); BERT's masked-LM + binary logits; a fine-tuned
-BERT classifier. Bad input is one line and exit 2."""
+past, then one step on the returned present); BERT's masked-LM + binary logits; fine-tuned
+BERT and GPT classifiers. Bad input is one line and exit 2."""
 from __future__ import annotations
 
 import sys
@@ -72,9 +72,10 @@ def bert_ckpts(tmp_path_factory) -> dict[str, Path]:
 def _export(ckpt: Path, out: Path, *flags: str) -> ort.InferenceSession:
     assert convert_cli.main(["onnx", "--load", str(ckpt), "--output", str(out), *flags]) == 0
     import onnx
+    import onnx_ir
 
+    assert onnx_export.custom_domains(onnx_ir.load(str(out))) == set()
     proto = onnx.load(str(out))
-    assert onnx_export.custom_domains(proto) == set()
     assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}
     assert "Softmax" in {n.op_type for n in proto.graph.node}
     return ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -174,6 +175,45 @@ def test_finetuned_classifier_logits(bert_ckpts, tmp_path, flags):
             assert _rel(got, ref) <= TOLERANCE
 
 
+@pytest.fixture(scope="module")
+def gpt_classifier(gpt_ckpts, tmp_path_factory) -> Path:
+    """A fine-tuned GPT classifier ("last" pooling) on ids-as-text rows."""
+    import json
+    import random
+
+    from megapre.cli import finetune as finetune_cli
+
+    work = tmp_path_factory.mktemp("onnx_gpt_cls")
+    rng = random.Random(0)
+    rows = []
+    for _ in range(32):
+        ids = [rng.randrange(39) for _ in range(rng.randint(2, 9))]
+        rows.append(json.dumps({"sentence": " ".join(map(str, ids)),
+                                "label": "high" if sum(ids) > 19 * len(ids) else "low"}))
+    (work / "train.jsonl").write_text("\n".join(rows) + "\n")
+    out = work / "ft"
+    assert finetune_cli.main(["--pretrained-checkpoint", str(gpt_ckpts["learned"]),
+                              "--train-data", str(work / "train.jsonl"), "--train-iters", "2",
+                              "--micro-batch-size", "4", "--lr", "1e-3", "--device", "cpu",
+                              "--save", str(out), "--metrics-path",
+                              str(work / "metrics.jsonl")]) == 0
+    return out
+
+
+def test_finetuned_gpt_classifier_pools_the_last_real_token(gpt_classifier, tmp_path):
+    sess = _export(gpt_classifier, tmp_path / "cls.onnx")
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask"]
+    with onnx_export.loaded(checkpoint_io.resolve(str(gpt_classifier)), True) as (
+            model, _, vocab, _):
+        for seed, (b, s) in enumerate(SIZES):
+            ids, _, mask = _bert_batch(vocab, b, s, seed)
+            with torch.no_grad():
+                ref = model(ids, lengths=mask.sum(-1))
+            got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+            assert got.shape == (b, 2)
+            assert _rel(got, ref) <= TOLERANCE
+
+
 def _one_line_error(capsys, argv: list[str], *needles: str) -> None:
     assert convert_cli.main(["onnx", *argv]) == 2
     err = capsys.readouterr().err.strip()
@@ -204,12 +244,3 @@ def test_unwritable_output_directory(gpt_ckpts, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(onnx_export.os, "access", lambda path, mode: Path(path) != locked)
     _one_line_error(capsys, ["--load", str(gpt_ckpts["learned"]), "--output",
                              str(locked / "m.onnx")], "not writable")
-
-
-def test_export_mode_is_scoped():
-    from megapre.ops import export_mode
-
-    assert not export_mode.active()
-    with export_mode.exporting():
-        assert export_mode.active()
-    assert not export_mode.active()
