@@ -98,7 +98,7 @@ def _load_weights(hf_dir: Path, hf: dict, family, model: torch.nn.Module,
         if name not in params:
             raise ConfigError(f"{hf_dir}: megapre's model has no {name} (family mapping and "
                               "model disagree)")
-        write_padded(params[name], tensor, name)
+        write_padded(params[name], tensor, name, adopt=True)
         done.add(name)
     left = sorted(set(params) - done)
     if left:

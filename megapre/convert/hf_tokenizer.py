@@ -1,10 +1,19 @@
 """Tokenizer files across the Hugging Face door.
 
-Import: a directory's tokenizer.json (-> HuggingFaceTokenizer) or GPT-2 style vocab.json +
-merges.txt (-> GPT2BPETokenizer) is copied into the checkpoint directory, so the checkpoint keeps
-working when the Hugging Face directory moves. Export: the checkpoint's tokenizer files are
-written beside the weights with a tokenizer_config.json naming the transformers class that reads
-them, so `AutoTokenizer.from_pretrained(OUT)` works."""
+Import: a directory's tokenizer.json (-> HuggingFaceTokenizer), GPT-2 style vocab.json +
+merges.txt (-> GPT2BPETokenizer) or a SentencePiece tokenizer.model (-> GPTSentencePieceTokenizer)
+is copied into the checkpoint directory, so the checkpoint keeps working when the Hugging Face
+directory moves. Export: the checkpoint's tokenizer files are written beside the weights with a
+tokenizer_config.json naming the transformers class that reads them, so
+`AutoTokenizer.from_pretrained(OUT)` works and gives megapre's ids.
+
+SentencePiece models go out as transformers' plain SentencePiece tokenizer
+(BertGenerationTokenizer: the model's pieces, no ids added around the text), not as
+LlamaTokenizer, whose conversion to a fast tokenizer assumes Llama's normalizer and changes the
+ids of models trained with other settings (whitespace, NFKC). Megatron's GPTSentencePieceTokenizer
+reads "<s>" in text as characters, so the export sets split_special_tokens; its BERT/T5 flavour
+(SentencePieceTokenizer) appends special tokens that it recognizes in text, exported as added
+tokens at their ids."""
 from __future__ import annotations
 
 import json
@@ -32,8 +41,12 @@ def import_tokenizer(hf_dir: Path, save_dir: Path, null_vocab: int | None) -> di
         return {"tokenizer_type": "GPT2BPETokenizer",
                 "vocab_file": str((dest / "vocab.json").resolve()),
                 "merge_file": str((dest / "merges.txt").resolve())}
-    raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, or vocab.json + "
-                      "merges.txt); add them, or pass --null-tokenizer to import the weights "
+    if (hf_dir / "tokenizer.model").is_file():
+        _copy(hf_dir, dest, ["tokenizer.model"])
+        return {"tokenizer_type": "GPTSentencePieceTokenizer",
+                "tokenizer_model": str((dest / "tokenizer.model").resolve())}
+    raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, vocab.json + "
+                      "merges.txt, or a SentencePiece tokenizer.model); add them, or pass --null-tokenizer to import the weights "
                       "with token ids only")
 
 
@@ -70,8 +83,42 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
             generated["tokenizer.json"] = path.read_bytes()
             return generated, side, None
         return generated, [path, *side], None
+    if kind in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
+        path = Path(data["tokenizer_model"])
+        return {"tokenizer_config.json": _json(_spm_config(path, tokenizer, max_length)),
+                "tokenizer.model": path.read_bytes()}, [], None
     return {}, [], (f"tokenizer not exported: --tokenizer-type {kind} has no transformers "
                     "tokenizer here; weights and config are")
+
+
+def _spm_config(path: Path, tokenizer, max_length: int) -> dict:
+    """tokenizer_config.json for a SentencePiece model: its own bos/eos/unk/pad pieces, and for
+    Megatron's BERT/T5 flavour the tokens it appends, at megapre's ids."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    n = sp.get_piece_size()
+    cfg: dict = {"tokenizer_class": "BertGenerationTokenizer", "model_max_length": max_length,
+                 "sep_token": None}  # the class's default separator would add a token
+    for key, idx in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                     ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id())):
+        cfg[key] = sp.id_to_piece(idx) if 0 <= idx < n else None
+    if tokenizer.vocab_size == n:  # GPTSentencePieceTokenizer: pieces only, text is text
+        cfg["split_special_tokens"] = True
+        return cfg
+    # Megatron's flavour reads its appended tokens and the model's bos/eos/pad pieces in text as
+    # one id each, but not <unk>: transformers would, so the export names no unk token
+    cfg["unk_token"] = None
+    added = {i: t for t, i in tokenizer.special_tokens().items() if i >= n}
+    cfg["added_tokens_decoder"] = {
+        str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                 "normalized": False, "single_word": False} for i, t in added.items()}
+    names = {"cls_token": tokenizer.cls, "sep_token": tokenizer.sep, "mask_token": tokenizer.mask,
+             "pad_token": tokenizer.pad, "bos_token": tokenizer.bos, "eos_token": tokenizer.eos}
+    for key, idx in names.items():
+        if idx is not None:
+            cfg[key] = added.get(idx) or sp.id_to_piece(idx)
+    return cfg
 
 
 def _json(obj: dict) -> bytes:

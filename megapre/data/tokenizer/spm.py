@@ -110,6 +110,10 @@ class SentencePieceTokenizer(Tokenizer):
                 out[i] = self.encode(t)
         return out
 
+    def special_tokens(self) -> dict[str, int]:
+        """The strings read as one special id when they occur in text (for exports)."""
+        return dict(self._special)
+
     def decode(self, ids: Sequence[int]) -> str:
         # As Megatron: each special token is written as " TOKEN " between the decoded pieces.
         ids = self._check_ids(ids)
