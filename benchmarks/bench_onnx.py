@@ -2,8 +2,8 @@
 model: by default 6 layers, hidden 512, 8 heads, GPT-2's vocabulary (50257, padded to 50304),
 learned positions, random fp32 weights; batch 1 at sequence 128 and 512; the same thread count
 on both sides (torch.set_num_threads / ORT intra-op threads, inter-op 1). Each timing is the
-median of --runs forward passes after --warmup ones; both sides return the [1, s, 50257]
-logits. Parity is max |ORT - eager| / max |eager|.
+median of --runs forward passes after --warmup ones, the two sides alternating; both return
+the [1, s, 50257] logits. Parity is max |ORT - eager| / max |eager|.
 
     python benchmarks/bench_onnx.py [--threads 2] [--runs 20] [--seqs 128 512]
 """
@@ -36,15 +36,19 @@ def build_model(layers: int, hidden: int, heads: int, vocab: int, positions: int
     return GPTModel(cfg, ParallelMesh.single(device="cpu"), seed=0).eval()
 
 
-def median_ms(fn: Callable[[], object], warmup: int, runs: int) -> float:
+def median_ms(fns: list[Callable[[], object]], warmup: int, runs: int) -> list[float]:
+    """Median milliseconds of each fn, the fns interleaved run by run so that a change in the
+    machine's background load (a shared host) hits them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def session(path: Path, threads: int):
@@ -80,12 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         for seq in args.seqs:
             ids = torch.randint(0, args.vocab, (1, seq),
                                 generator=torch.Generator().manual_seed(seq))
+            feed = {"input_ids": ids.numpy()}
             with torch.no_grad():
                 ref = eager(ids).numpy()
-                t_eager = median_ms(lambda: eager(ids), args.warmup, args.runs)
-            feed = {"input_ids": ids.numpy()}
-            got = sess.run(None, feed)[0]
-            t_ort = median_ms(lambda: sess.run(None, feed), args.warmup, args.runs)
+                got = sess.run(None, feed)[0]
+                t_eager, t_ort = median_ms([lambda: eager(ids), lambda: sess.run(None, feed)],
+                                           args.warmup, args.runs)
             parity = float(np.abs(got - ref).max() / np.abs(ref).max())
             print(f"{seq:>5} {t_eager:>10.1f} {t_ort:>10.1f} {t_eager / t_ort:>9.2f}x "
                   f"{parity:>10.1e}")
