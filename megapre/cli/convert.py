@@ -66,8 +66,9 @@ def _add_onnx(sub) -> None:
     exp.add_argument("--output", required=True, type=Path, metavar="FILE",
                      help="the .onnx file (replaced atomically once complete)")
     exp.add_argument("--with-kv-cache", action="store_true",
-                     help="GPT: past_key.{i}/past_value.{i} inputs, present_key.{i}/"
-                          "present_value.{i} outputs, for incremental decoding")
+                     help="GPT: attention_mask [batch, past + new] and past_key.{i}/"
+                          "past_value.{i} inputs, present_key.{i}/present_value.{i} outputs, "
+                          "for incremental (left-padded, batched) decoding")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later)")
     exp.add_argument("--task-head", action="store_true",
                      help="require a fine-tuned checkpoint and export its classifier (detected "

@@ -159,9 +159,10 @@ def trace(spec: onnx_graph.GraphSpec, opset: int):
     node."""
     from megapre.ops import export_mode
 
-    dims: dict[str, torch.export.Dim] = {}
-    shapes = tuple({axis: dims.setdefault(name, torch.export.Dim(name))
-                    for axis, name in spec.dynamic[n].items()} for n in spec.input_names)
+    dims = {name: torch.export.Dim.AUTO if "+" in name else torch.export.Dim(name)
+            for axes in spec.dynamic.values() for name in axes.values()}
+    shapes = tuple({axis: dims[name] for axis, name in spec.dynamic[n].items()}
+                   for n in spec.input_names)
     if spec.varargs_from is not None:  # torch.export sees *args as one tuple argument
         shapes = (*shapes[:spec.varargs_from], shapes[spec.varargs_from:])
     with export_mode.exporting(), torch.no_grad(), _quiet():
@@ -169,11 +170,23 @@ def trace(spec: onnx_graph.GraphSpec, opset: int):
             spec.module.eval(), spec.inputs, dynamo=True, input_names=spec.input_names,
             output_names=spec.output_names, dynamic_shapes=shapes, opset_version=opset,
             verbose=False)
+    _name_derived_axes(program.model, spec)
     custom = sorted(custom_domains(program.model))
     if custom:
         raise ConfigError(f"the traced graph uses non-standard operators ({', '.join(custom)}); "
                           "it would not run in a stock ONNX runtime")
     return program
+
+
+def _name_derived_axes(model, spec: onnx_graph.GraphSpec) -> None:
+    """Give the axes the exporter derived (named like s53) their spec names ("past_sequence +
+    sequence"), as the exporter names the outputs' derived axes."""
+    import onnx_ir as ir
+
+    for value, name in zip(model.graph.inputs, spec.input_names):
+        derived = {a: n for a, n in spec.dynamic[name].items() if "+" in n}
+        if derived:
+            value.shape = ir.Shape([derived.get(a, d) for a, d in enumerate(value.shape)])
 
 
 @contextlib.contextmanager

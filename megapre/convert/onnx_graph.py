@@ -22,7 +22,8 @@ class GraphSpec:
     inputs: tuple[torch.Tensor, ...]
     input_names: list[str]
     output_names: list[str]
-    dynamic: dict[str, dict[int, str]]  # input name -> {axis: symbolic name}
+    # input name -> {axis: symbolic name}; a name "a + b" is an axis the exporter derives
+    dynamic: dict[str, dict[int, str]]
     varargs_from: int | None = None  # inputs from here on fill the forward's *args
 
 
@@ -38,21 +39,27 @@ class GPTLogits(nn.Module):
 
 
 class GPTWithCache(nn.Module):
-    """(input_ids [b, s], past_key.0, past_value.0, ...) -> (logits [b, s, vocab],
-    present_key.0, present_value.0, ...). Positions start at the past length, read from
-    past_key.0's sequence axis (0 for the prompt)."""
+    """(input_ids [b, s], attention_mask [b, past + s], past_key.0, past_value.0, ...) ->
+    (logits [b, s, vocab], present_key.0, present_value.0, ...). The past length is
+    past_key.0's sequence axis (0 for the prompt). As in Hugging Face generation, a batch may
+    be left-padded: attention_mask 0 marks padding keys, and each token's position is the
+    number of real tokens before it (attention_mask.cumsum - 1)."""
 
     def __init__(self, model: nn.Module, vocab: int) -> None:
         super().__init__()
         self.model, self.vocab = model, vocab
         self.layer_ids = [int(i) for i in model.decoder.layers]
 
-    def forward(self, input_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
         cache = KVCache()
         for n, i in enumerate(self.layer_ids):  # [b, g, s, d] -> the cache's [s, b, g, d]
             cache.layers[i] = (past[2 * n].permute(2, 0, 1, 3), past[2 * n + 1].permute(2, 0, 1, 3))
         cache.length = past[0].shape[2]
-        logits = stage_step(self.model, cache, input_ids).transpose(0, 1)[..., :self.vocab]
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, cache.length:]
+        logits = stage_step(self.model, cache, input_ids, positions=positions,
+                            padding=attention_mask == 0)
+        logits = logits.transpose(0, 1)[..., :self.vocab]
         present = [t.permute(1, 2, 0, 3) for i in self.layer_ids for t in cache.layers[i]]
         return (logits, *present)
 
@@ -107,15 +114,19 @@ def gpt_cache_spec(model: nn.Module, vocab: int, batch: int = 2, seq: int = 5,
     module = GPTWithCache(model, vocab)
     att = next(iter(model.decoder.layers.values())).attention
     kv = torch.zeros(batch, att.groups, past, att.head_dim)
-    names, dynamic = ["input_ids"], {"input_ids": _BATCH_SEQ}
+    names = ["input_ids", "attention_mask"]
+    dynamic = {"input_ids": _BATCH_SEQ,
+               "attention_mask": {0: "batch", 1: "past_sequence + sequence"}}
     outputs = ["logits"]
     for i in range(len(module.layer_ids)):
         for kind in ("key", "value"):
             names.append(f"past_{kind}.{i}")
             outputs.append(f"present_{kind}.{i}")
             dynamic[names[-1]] = {0: "batch", 2: "past_sequence"}
-    inputs = (_ids(batch, seq, vocab), *[kv.clone() for _ in names[1:]])
-    return GraphSpec(module, inputs, names, outputs, dynamic, varargs_from=1)
+    ids = _ids(batch, seq, vocab)
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    inputs = (ids, mask, *[kv.clone() for _ in names[2:]])
+    return GraphSpec(module, inputs, names, outputs, dynamic, varargs_from=2)
 
 
 def bert_spec(model: nn.Module, vocab: int, batch: int = 2, seq: int = 5) -> GraphSpec:

@@ -2,7 +2,7 @@
 other than the traced ones (dynamic axes), and held to megapre's eager forward (fused kernels)
 within 1e-4 relative (max |diff| / max |logits|, fp32): GPT with learned positions and the
 Llama-style variant (RoPE, SwiGLU, RMSNorm, GQA), each also with a KV cache (prompt on an empty
-past, then one step on the returned present); BERT's masked-LM + binary logits; fine-tuned
+past, then one step on the returned present; and a left-padded batch); BERT's masked-LM + binary logits; fine-tuned
 BERT and GPT classifiers. Bad input is one line and exit 2."""
 from __future__ import annotations
 
@@ -114,22 +114,45 @@ def test_gpt_logits_match_eager(gpt_ckpts, tmp_path, variant):
 def test_gpt_kv_cache_prompt_then_step(gpt_ckpts, tmp_path, variant):
     sess = _export(gpt_ckpts[variant], tmp_path / "kv.onnx", "--with-kv-cache")
     inputs, outputs = sess.get_inputs(), [o.name for o in sess.get_outputs()]
-    assert [i.name for i in inputs][:3] == ["input_ids", "past_key.0", "past_value.0"]
+    assert [i.name for i in inputs][:4] == ["input_ids", "attention_mask", "past_key.0",
+                                            "past_value.0"]
     assert outputs[:3] == ["logits", "present_key.0", "present_value.0"]
     groups = 2 if variant == "llama" else 4
-    assert inputs[1].shape == ["batch", groups, "past_sequence", 8]
+    assert inputs[2].shape == ["batch", groups, "past_sequence", 8]
     with onnx_export.loaded(checkpoint_io.resolve(str(gpt_ckpts[variant])), False) as (
             model, _, vocab, _):
         for seed, (b, s) in enumerate(SIZES):
             ids = _ids(vocab, b, s + 1, seed)
             with torch.no_grad():
                 ref = model.gathered_logits(model(ids))
-            feed = {i.name: np.zeros((b, groups, 0, 8), np.float32) for i in inputs[1:]}
-            first = sess.run(None, {"input_ids": ids[:, :s].numpy(), **feed})
-            feed = {n.replace("present", "past"): t for n, t in zip(outputs[1:], first[1:])}
-            step = sess.run(None, {"input_ids": ids[:, s:].numpy(), **feed})
-            assert step[1].shape == (b, groups, s + 1, 8)
-            assert _rel(np.concatenate([first[0], step[0]], axis=1), ref) <= TOLERANCE
+            got = _prompt_then_step(sess, ids, torch.zeros(b, dtype=torch.long), groups)
+            assert got[1].shape == (b, groups, s + 1, 8)  # the present after the step
+            assert _rel(got[0], ref) <= TOLERANCE
+        # a left-padded batch (as batched generation feeds it): each sample's real tokens
+        # give the logits of that sample alone
+        ids, pads = _ids(vocab, 2, 7, 5), torch.tensor([0, 3])
+        got = _prompt_then_step(sess, ids, pads, groups)[0]
+        for i, pad in enumerate(pads.tolist()):
+            with torch.no_grad():
+                ref = model.gathered_logits(model(ids[i:i + 1, pad:]))
+            assert _rel(got[i:i + 1, pad:], ref) <= TOLERANCE
+
+
+def _prompt_then_step(sess, ids: torch.Tensor, pads: torch.Tensor, groups: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of ids [b, s + 1] fed as a prompt of s tokens (on an empty past; sample i
+    left-padded by pads[i]) and one step on the returned present; also that present's
+    present_key.0."""
+    b, s = ids.shape[0], ids.shape[1] - 1
+    mask = (torch.arange(s + 1)[None] >= pads[:, None]).long()
+    names = [o.name for o in sess.get_outputs()]
+    past = {i.name: np.zeros((b, groups, 0, 8), np.float32) for i in sess.get_inputs()[2:]}
+    first = sess.run(None, {"input_ids": ids[:, :s].numpy(),
+                            "attention_mask": mask[:, :s].numpy(), **past})
+    past = {n.replace("present", "past"): t for n, t in zip(names[1:], first[1:])}
+    step = sess.run(None, {"input_ids": ids[:, s:].numpy(), "attention_mask": mask.numpy(),
+                           **past})
+    return np.concatenate([first[0], step[0]], axis=1), step[1]
 
 
 def test_bert_masked_lm_and_binary_logits(bert_ckpts, tmp_path):
