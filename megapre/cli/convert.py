@@ -98,6 +98,11 @@ def _add_mcore_import(sub) -> None:
                      help="new (or empty) checkpoint directory")
     imp.add_argument("--iteration", type=int, default=None,
                      help="default: latest_checkpointed_iteration.txt")
+    imp.add_argument("--megatron-args", default=None, metavar="FLAGS",
+                     help="the model's Megatron-LM flags as one string, e.g. \"--num-layers 24 "
+                          "--hidden-size 2048 --num-attention-heads 16 --seq-length 2048 ...\": "
+                          "needed for a model-only save (no args stored); they override the "
+                          "saved args")
     add_tokenizer_flags(imp, required=False).description = (
         "default: the tokenizer in the checkpoint's saved args")
 
@@ -106,7 +111,8 @@ def _mcore_import(args: argparse.Namespace) -> int:
     from megapre.convert import mcore
 
     tok = {k: getattr(args, k) for k in mcore.TOKENIZER_KEYS}
-    out = mcore.mcore_import(mcore.ImportArgs(args.load, args.save, args.iteration, tok))
+    out = mcore.mcore_import(mcore.ImportArgs(args.load, args.save, args.iteration, tok,
+                                              args.megatron_args))
     print(f"imported {args.load} -> {out} (load it with --load {out}, in any layout)",
           flush=True)
     return 0
@@ -135,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     out, note = hf.hf_export(hf.ExportArgs(args.load, args.hf_dir, args.iteration, args.dtype))
     if note:
         print(f"note: {note}", flush=True)
-    print(f"exported {args.load} -> {out} (AutoModelForCausalLM.from_pretrained({str(out)!r}))",
+    print(f"exported {args.load} -> {out} ({hf.auto_class(out)}.from_pretrained({str(out)!r}))",
           flush=True)
     return 0
 

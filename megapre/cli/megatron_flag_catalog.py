@@ -188,6 +188,7 @@ BUILTIN: dict[str, str] = {
                                             "bf16/fp16), so gradients accumulate and reduce in "
                                             "fp32",
     "--fp32-residual-connection": "megapre's residual stream stays fp32 under autocast",
+    "--openai-gelu": "megapre's GELU is the tanh approximation (OpenAI's) unless --erf-gelu",
     "--use-cpu-initialization": "megapre draws every weight from a per-parameter CPU generator, "
                                 "so the initial model is the same for every parallel layout",
     "--load-main-params-from-ckpt": "megapre's parameters are the fp32 main copy: loading the "
@@ -243,9 +244,9 @@ REFUSED: dict[str, str] = {
     # model math megapre does not have
     "--activation-func-clamp-value": "clamping the activation input is not supported",
     "--add-qkv-bias": "a QKV-only bias is not supported (biases follow --disable-bias-linear)",
-    "--apply-residual-connection-post-layernorm": "BERT's post-layernorm residual ordering is "
-                                                  "not supported",
-    "--openai-gelu": "OpenAI's GeLU approximation is not supported",
+    "--apply-residual-connection-post-layernorm": "the residual taken after the norm is not "
+                                                  "supported (megapre's --post-layernorm is the "
+                                                  "original BERT's post-LN block)",
     "--quick-geglu": "quick GeGLU is not supported",
     "--qk-l2-norm": "query/key L2 norm is not supported (see --qk-layernorm)",
     **_refused("QK-clip is not supported", "--qk-clip", "--qk-clip-alpha", "--qk-clip-threshold"),

@@ -21,7 +21,8 @@ from .hf_families import family_for_export, family_of
 from .vocab import unpadded, write_padded
 
 # transformers classes for the export's config.json, by family
-CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig"}
+CONFIG_CLASSES = {"gpt2": "GPT2Config", "llama": "LlamaConfig", "bert": "BertConfig",
+                  "megatron-bert": "MegatronBertConfig"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ def hf_import(args: ImportArgs) -> Path:
     cfg = PretrainConfig()
     for key, value in family.model_args(hf).items():
         setattr(cfg.model, key, value)
-    cfg.model.model = "gpt"
+    cfg.model.model = family.model
     cfg.train.device = "cpu"
     _refuse_existing(args.save)
     args.save.mkdir(parents=True, exist_ok=True)
@@ -169,13 +170,25 @@ def _config_json(family, hf_cfg: dict, tokenizer, dtype: str) -> bytes:
     except ImportError as e:
         raise ConfigError("hf-export writes config.json with transformers: pip install "
                           "megapre[interop]") from e
-    ids = {"bos_token_id": getattr(tokenizer, "bos", None) or tokenizer.eod,
-           "eos_token_id": tokenizer.eod}
+    if family.model == "bert":
+        ids = {"pad_token_id": getattr(tokenizer, "pad", None)}
+    else:
+        ids = {"bos_token_id": getattr(tokenizer, "bos", None) or tokenizer.eod,
+               "eos_token_id": tokenizer.eod}
     config = getattr(transformers, CONFIG_CLASSES[family.name])(
         **hf_cfg, **{k: v for k, v in ids.items() if v is not None},
         architectures=[family.architecture],
         torch_dtype=str(DTYPES[dtype]).removeprefix("torch."))
     return (json.dumps(config.to_dict(), indent=1, default=str) + "\n").encode()
+
+
+AUTO_CLASSES = {"ForPreTraining": "AutoModelForPreTraining", "ForMaskedLM": "AutoModelForMaskedLM"}
+
+
+def auto_class(hf_dir: Path) -> str:
+    """The transformers Auto class that loads an export (for the closing message)."""
+    arch = json.loads((hf_dir / "config.json").read_text())["architectures"][0]
+    return next((v for k, v in AUTO_CLASSES.items() if arch.endswith(k)), "AutoModelForCausalLM")
 
 
 def saved_model_args(path: Path) -> dict:

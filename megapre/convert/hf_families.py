@@ -14,6 +14,7 @@ import torch
 from megapre.model.config import ConfigError
 
 from . import qkv
+from .hf_bert import MODEL_TYPES as BERT_TYPES, BertFamily, bert_for_export, bert_of
 
 Take = Callable[[str], torch.Tensor]
 Named = Iterator[tuple[str, torch.Tensor]]
@@ -42,6 +43,7 @@ class GPT2:
 
     name = "gpt2"
     architecture = "GPT2LMHeadModel"
+    model = "gpt"
 
     def model_args(self, hf: dict) -> dict:
         act = hf.get("activation_function", "gelu_new")
@@ -98,8 +100,9 @@ class GPT2:
         _refuse(m["group_query_attention"], "GPT-2 has no grouped-query attention")
         _refuse(m["kv_channels"] not in (None, m["hidden_size"] // m["num_attention_heads"]),
                 "GPT-2 needs --kv-channels = hidden / heads")
-        _refuse(m["apply_layernorm_1p"] or m["qk_layernorm"],
-                "GPT-2 has no --apply-layernorm-1p or --qk-layernorm")
+        _refuse(m["apply_layernorm_1p"] or m["qk_layernorm"] or m["post_layernorm"] or
+                m["erf_gelu"], "GPT-2 has no --apply-layernorm-1p, --qk-layernorm, "
+                "--post-layernorm or --erf-gelu")
         h = m["hidden_size"]
         return {"vocab_size": vocab_size, "n_positions": m["max_position_embeddings"] or
                 m["seq_length"], "n_embd": h, "n_layer": m["num_layers"],
@@ -140,6 +143,7 @@ class Llama:
 
     name = "llama"
     architecture = "LlamaForCausalLM"
+    model = "gpt"
 
     def model_args(self, hf: dict) -> dict:
         act = hf.get("hidden_act", "silu")
@@ -193,8 +197,8 @@ class Llama:
         _refuse(m["rotary_percent"] != 1.0 or m["rotary_interleaved"],
                 "Llama's RoPE rotates every channel by halves: --rotary-percent 1 without "
                 "--rotary-interleaved")
-        _refuse(m["apply_layernorm_1p"] or m["qk_layernorm"],
-                "Llama has no --apply-layernorm-1p or --qk-layernorm")
+        _refuse(m["apply_layernorm_1p"] or m["qk_layernorm"] or m["post_layernorm"],
+                "Llama has no --apply-layernorm-1p, --qk-layernorm or --post-layernorm")
         heads = m["num_attention_heads"]
         h = m["hidden_size"]
         return {"vocab_size": vocab_size, "hidden_size": h,
@@ -230,25 +234,30 @@ class Llama:
             yield "lm_head.weight", state["output_layer.weight"]
 
 
+Family = GPT2 | Llama | BertFamily
 FAMILIES = {"gpt2": GPT2(), "llama": Llama()}
-SUPPORTED = "GPT2LMHeadModel (model_type gpt2), LlamaForCausalLM (model_type llama)"
+SUPPORTED = ("GPT2LMHeadModel (model_type gpt2), LlamaForCausalLM (model_type llama), "
+             "MegatronBertForPreTraining / ForMaskedLM (model_type megatron-bert), "
+             "BertForPreTraining / ForMaskedLM (model_type bert)")
 
 
-def family_of(hf: dict, path: str) -> GPT2 | Llama:
+def family_of(hf: dict, path: str) -> Family:
     """The family of a config.json; unsupported architectures are named with the supported."""
     kind = hf.get("model_type")
     if kind in FAMILIES:
         return FAMILIES[kind]
+    if kind in BERT_TYPES:
+        return bert_of(hf, path)
     arch = ", ".join(hf.get("architectures") or []) or "no architectures"
     raise ConfigError(f"{path}: model_type {kind!r} ({arch}) is not supported; megapre converts "
                       f"{SUPPORTED}")
 
 
-def family_for_export(m: dict) -> GPT2 | Llama:
-    """GPT-2 for learned positions + LayerNorm, Llama for RoPE + RMSNorm + SwiGLU."""
-    if m["model"] != "gpt":
-        raise ConfigError(f"hf-export: --model {m['model']} checkpoints have no Hugging Face "
-                          "family here yet (GPT checkpoints export as GPT-2 or Llama)")
+def family_for_export(m: dict) -> Family:
+    """GPT-2 for learned positions + LayerNorm, Llama for RoPE + RMSNorm + SwiGLU; BERT as
+    MegatronBert (pre-LN) or Bert (--post-layernorm)."""
+    if m["model"] == "bert":
+        return bert_for_export(m)
     if m["position_embedding_type"] == "learned_absolute":
         return FAMILIES["gpt2"]
     if m["position_embedding_type"] == "rope":

@@ -17,8 +17,11 @@ from megapre.model.config import ConfigError
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-# Buffers older transformers saved with GPT-2 (causal masks), not weights.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# Buffers older transformers saved (GPT-2's causal masks, BERT's position ids), not weights, and
+# BERT's copies of its tied word table and output bias, which transformers re-ties on load.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq",
+                    "embeddings.position_ids", "cls.predictions.decoder.weight",
+                    "cls.predictions.decoder.bias")
 
 
 def _safetensors():

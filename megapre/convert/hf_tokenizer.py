@@ -1,8 +1,8 @@
 """Tokenizer files across the Hugging Face door.
 
 Import: a directory's tokenizer.json (-> HuggingFaceTokenizer), GPT-2 style vocab.json +
-merges.txt (-> GPT2BPETokenizer) or a SentencePiece tokenizer.model (-> GPTSentencePieceTokenizer)
-is copied into the checkpoint directory, so the checkpoint keeps working when the Hugging Face
+merges.txt (-> GPT2BPETokenizer), a SentencePiece tokenizer.model (-> GPTSentencePieceTokenizer)
+or BERT's vocab.txt (hf_wordpiece.py) is copied into the checkpoint directory, so the checkpoint keeps working when the Hugging Face
 directory moves. Export: the checkpoint's tokenizer files are written beside the weights with a
 tokenizer_config.json naming the transformers class that reads them, so
 `AutoTokenizer.from_pretrained(OUT)` works and gives megapre's ids.
@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 
 from megapre.model.config import ConfigError
+
+from .hf_wordpiece import KINDS as WORDPIECE, import_wordpiece, wordpiece_files
 
 TOKENIZER_DIR = "hf_tokenizer"
 _SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -45,9 +47,11 @@ def import_tokenizer(hf_dir: Path, save_dir: Path, null_vocab: int | None) -> di
         _copy(hf_dir, dest, ["tokenizer.model"])
         return {"tokenizer_type": "GPTSentencePieceTokenizer",
                 "tokenizer_model": str((dest / "tokenizer.model").resolve())}
+    if (hf_dir / "vocab.txt").is_file():
+        return import_wordpiece(hf_dir, dest)
     raise ConfigError(f"--hf-dir {hf_dir}: no tokenizer files (tokenizer.json, vocab.json + "
-                      "merges.txt, or a SentencePiece tokenizer.model); add them, or pass --null-tokenizer to import the weights "
-                      "with token ids only")
+                      "merges.txt, a SentencePiece tokenizer.model, or BERT's vocab.txt); add "
+                      "them, or pass --null-tokenizer to import the weights with token ids only")
 
 
 def _copy(src: Path, dest: Path, names: list[str]) -> None:
@@ -83,6 +87,8 @@ def export_tokenizer(data: dict, tokenizer, max_length: int) -> tuple[dict[str, 
             generated["tokenizer.json"] = path.read_bytes()
             return generated, side, None
         return generated, [path, *side], None
+    if kind in WORDPIECE:
+        return wordpiece_files(data["vocab_file"], tokenizer.lower_case, max_length), [], None
     if kind in ("GPTSentencePieceTokenizer", "SentencePieceTokenizer"):
         path = Path(data["tokenizer_model"])
         return {"tokenizer_config.json": _json(_spm_config(path, tokenizer, max_length)),

@@ -1,8 +1,10 @@
 """mcore-import: a megatron-core GPTModel checkpoint (Megatron-LM's torch_dist or legacy
 model_optim_rng.pt) -> a megapre checkpoint.
 
-The architecture and tokenizer come from the run args saved with the checkpoint (tokenizer flags
-on the command line override them). Like hf-import, the model is built once in one process, every
+The architecture and tokenizer come from the run args saved with the checkpoint, or, for a
+model-only save (megatron-core's dist_checkpointing used outside Megatron-LM's training loop), from
+the launch script's Megatron-LM flags given as one string (`--megatron-args`, which also overrides
+saved args); tokenizer flags on the command line override both. Like hf-import, the model is built once in one process, every
 tensor is copied in and an iteration-0 checkpoint is saved with its run config and tokenizer, so
 it loads under any layout. megatron-core's fused qkv rows are already megapre's per-group layout;
 a SwiGLU fc1 holds [gate; up] (the activation applies to its first half)."""
@@ -45,7 +47,9 @@ UNSUPPORTED = {"num_experts": "mixture of experts (--num-experts)",
                "use_rope_scaling": "RoPE scaling (--use-rope-scaling)",
                "fp8_param_gather": "fp8 weights (--fp8-param-gather)",
                "quick_geglu": "quick GeGLU (--quick-geglu)",
-               "heterogeneous_layers_config_path": "heterogeneous layers"}
+               "heterogeneous_layers_config_path": "heterogeneous layers",
+               "apply_residual_connection_post_layernorm":
+                   "the residual taken after the norm (--apply-residual-connection-post-layernorm)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,7 @@ class ImportArgs:
     save: Path
     iteration: int | None = None
     tokenizer: dict = dataclasses.field(default_factory=dict)  # flags given: override the args
+    megatron_args: str | None = None  # Megatron-LM flags as one string: override the saved args
 
 
 def mcore_import(args: ImportArgs) -> Path:
@@ -63,10 +68,12 @@ def mcore_import(args: ImportArgs) -> Path:
     with _quiet():
         margs, tensors = (mcore_files.read_torch_dist(path) if kind == "torch_dist"
                           else mcore_files.read_legacy(path))
+    if args.megatron_args is not None:
+        margs = {**(margs or {}), **parse_megatron_args(args.megatron_args)}
     if margs is None:
         raise ConfigError(f"{path}: no run args saved with the weights (a model-only save); "
-                          "mcore-import needs the architecture from them: save with Megatron-LM's "
-                          "training loop, which stores 'args'")
+                          "give the model's Megatron-LM flags: --megatron-args \"--num-layers N "
+                          "--hidden-size H --num-attention-heads A ...\"")
     cfg = PretrainConfig()
     for key, value in model_args(margs, str(path)).items():
         setattr(cfg.model, key, value)
@@ -80,6 +87,53 @@ def mcore_import(args: ImportArgs) -> Path:
         shutil.rmtree(args.save, ignore_errors=True)  # it was new or empty: nothing is lost
         raise
     return args.save
+
+
+# flags whose Megatron-LM destination is not the flag's own name
+NEGATIVE_FLAGS = {"disable_bias_linear": "add_bias_linear",
+                  "no_position_embedding": "add_position_embedding"}
+
+
+def parse_megatron_args(text: str) -> dict:
+    """Megatron-LM's args (its dest names) from launch flags in one string: `--name value`
+    (int, float or text), `--switch` (True), `--no-name` / `--disable-bias-linear` (False).
+    Flags that do not describe the model or tokenizer (--lr, --data-path ...) are read and
+    ignored like the rest of Megatron's saved args."""
+    import shlex
+
+    try:
+        words = shlex.split(text)
+    except ValueError as e:
+        raise ConfigError(f"--megatron-args: {e} (quote it as one shell string)") from None
+    out: dict = {}
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if not word.startswith("--") or len(word) < 3:
+            raise ConfigError(f"--megatron-args: {word!r} is not a --flag (values follow their "
+                              "flag: '--num-layers 24')")
+        name = word[2:].replace("-", "_")
+        if i + 1 < len(words) and not words[i + 1].startswith("--"):
+            out[name] = _value(words[i + 1])
+            i += 2
+            continue
+        if name in NEGATIVE_FLAGS:
+            out[NEGATIVE_FLAGS[name]] = False
+        elif name.startswith("no_"):
+            out[name[3:]] = False
+        else:
+            out[name] = True
+        i += 1
+    return out
+
+
+def _value(word: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(word)
+        except ValueError:
+            pass
+    return word
 
 
 def _quiet():
@@ -100,19 +154,17 @@ def _refuse_features(a: dict, where: str) -> None:
             raise ConfigError(f"{where}: the saved args have no {key}")
 
 
-def _activation(a: dict, where: str) -> dict:
-    """megapre's GELU is the tanh approximation: Megatron computes that with --openai-gelu or
-    with its fused bias-GELU (bias_gelu_fusion and biases); plain GELU without biases is erf."""
+def _activation(a: dict) -> dict:
+    """Megatron's GELU is the tanh approximation with --openai-gelu or its fused bias-GELU
+    (bias_gelu_fusion and biases), megapre's default; otherwise it is the exact (erf) GELU,
+    megapre's --erf-gelu."""
     if a.get("swiglu"):
         return {"swiglu": True}
     if a.get("squared_relu"):
         return {"squared_relu": True}
     tanh = a.get("openai_gelu") or (a.get("bias_gelu_fusion", True) and
                                     a.get("add_bias_linear", True))
-    if not tanh:
-        raise ConfigError(f"{where}: the MLP activation is the exact (erf) GELU (no biases and no "
-                          "--openai-gelu); megapre's GELU is the tanh approximation")
-    return {}
+    return {} if tanh else {"erf_gelu": True}
 
 
 def model_args(a: dict, where: str) -> dict:
@@ -149,7 +201,7 @@ def model_args(a: dict, where: str) -> dict:
            "attention_dropout": float(a.get("attention_dropout", 0.1)),
            "init_method_std": float(a.get("init_method_std", 0.02)),
            "make_vocab_size_divisible_by": int(a.get("make_vocab_size_divisible_by") or 128)}
-    out.update(_activation(a, where))
+    out.update(_activation(a))
     return out
 
 

@@ -100,9 +100,13 @@ def _refuse_model(m: dict) -> None:
     if m["model"] != "gpt":
         raise ConfigError(f"mcore-export: --model {m['model']} checkpoints are not supported "
                           "(GPT checkpoints are)")
-    if not m["swiglu"] and (m["squared_relu"] or m["disable_bias_linear"]):
-        raise ConfigError("mcore-export: the MLP must be SwiGLU, or GELU with biases (megapre's "
-                          "tanh GELU is megatron-core's fused bias-GELU)")
+    if m["post_layernorm"]:
+        raise ConfigError("mcore-export: megatron-core has no --post-layernorm blocks; export "
+                          "this model with hf-export")
+    if m["squared_relu"] or (not (m["swiglu"] or m["erf_gelu"]) and m["disable_bias_linear"]):
+        raise ConfigError("mcore-export: the MLP must be SwiGLU, exact GELU (--erf-gelu), or "
+                          "tanh GELU with biases (megapre's tanh GELU is megatron-core's fused "
+                          "bias-GELU)")
 
 
 def megatron_args(m: dict, data: dict, vocab: int, padded: int) -> argparse.Namespace:
@@ -118,7 +122,7 @@ def megatron_args(m: dict, data: dict, vocab: int, padded: int) -> argparse.Name
         normalization=m["normalization"], norm_epsilon=m["norm_epsilon"],
         apply_layernorm_1p=m["apply_layernorm_1p"], qk_layernorm=m["qk_layernorm"],
         swiglu=m["swiglu"], squared_relu=False, openai_gelu=False,
-        bias_gelu_fusion=not m["swiglu"], add_bias_linear=not m["disable_bias_linear"],
+        bias_gelu_fusion=not (m["swiglu"] or m["erf_gelu"]), add_bias_linear=not m["disable_bias_linear"],
         position_embedding_type=m["position_embedding_type"], rotary_base=m["rotary_base"],
         rotary_percent=m["rotary_percent"], rotary_interleaved=m["rotary_interleaved"],
         untie_embeddings_and_output_weights=m["untie_embeddings_and_output_weights"],

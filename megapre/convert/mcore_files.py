@@ -195,26 +195,35 @@ def _unstack(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # -- legacy --------------------------------------------------------------------------------------
 def read_legacy(path: Path, glu: bool | None = None) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(args, tensors) from mp_rank_TT[_PPP] files: tensor-parallel shards are joined, pipeline
-    stages' layers renumbered after the previous stages'."""
+    """(args, tensors) from mp_rank_TT[_PPP] files: tensor-parallel shards are joined, and the
+    layers of each chunk renumbered after the chunks before it. A stage holds one chunk
+    ('model'), or with virtual pipeline stages several ('model0', 'model1', ...): chunk v of
+    stage p is the (v * stages + p)-th run of layers (Megatron's interleaved assignment)."""
     stages: dict[int, list[Path]] = {}
     for r in _rank_dirs(path):
         tp, pp = RANK_DIR.match(r.name).groups()
         stages.setdefault(int(pp or 0), []).append(r)
-    args, merged, offset = None, {}, 0
+    args, chunks = None, {}
     for pp in sorted(stages):
         stage_args, shards = _read_stage(stages[pp])
         args = args or stage_args
         glu_here = bool(args and args.get("swiglu")) if glu is None else glu
-        joined = shards[0] if len(shards) == 1 else join_tp(shards, glu_here)
-        renumbered, count = _renumber(joined, offset)
+        for v in range(len(shards[0])):
+            parts = [rank[v] for rank in shards]
+            chunks[(v, pp)] = parts[0] if len(parts) == 1 else join_tp(parts, glu_here)
+    if len({v for v, _ in chunks}) * len(stages) != len(chunks):
+        raise ConfigError(f"{path}: the pipeline stages hold different numbers of virtual "
+                          "stages (model0, model1 ...); the checkpoint is incomplete")
+    merged, offset = {}, 0
+    for key in sorted(chunks):  # (v, pp): every stage's chunk 0, then every stage's chunk 1 ...
+        renumbered, count = _renumber(chunks[key], offset)
         merged.update(renumbered)
         offset += count
     return args, merged
 
 
-def _read_stage(ranks: list[Path]) -> tuple[dict | None, list[dict[str, torch.Tensor]]]:
-    """The run args and each tensor-parallel rank's tensors of one pipeline stage."""
+def _read_stage(ranks: list[Path]) -> tuple[dict | None, list[list[dict[str, torch.Tensor]]]]:
+    """The run args and, per tensor-parallel rank, the tensors of each of its model chunks."""
     args, models = None, []
     for r in sorted(ranks):
         f = r / LEGACY_FILE
@@ -222,11 +231,16 @@ def _read_stage(ranks: list[Path]) -> tuple[dict | None, list[dict[str, torch.Te
             raise ConfigError(f"{r}: {LEGACY_FILE} missing")
         state = load_pickle(f)
         args = args or args_of(state)
-        model = state.get("model")
-        if not isinstance(model, dict):
-            raise ConfigError(f"{f}: no 'model' state dict (a multi-model checkpoint with "
-                              "model0, model1 ... (virtual pipeline stages) is not supported)")
-        models.append({k: v for k, v in model.items() if isinstance(v, torch.Tensor)})
+        names = ["model"] if "model" in state else sorted(
+            (k for k in state if re.fullmatch(r"model\d+", k)), key=lambda k: int(k[5:]))
+        if not names or not all(isinstance(state[n], dict) for n in names):
+            raise ConfigError(f"{f}: no 'model' state dict (nor model0, model1 ... of virtual "
+                              "pipeline stages)")
+        if models and len(names) != len(models[0]):
+            raise ConfigError(f"{f}: {len(names)} model chunks, but the stage's first rank has "
+                              f"{len(models[0])}")
+        models.append([{k: v for k, v in state[n].items() if isinstance(v, torch.Tensor)}
+                       for n in names])
     return args, models
 
 

@@ -39,11 +39,13 @@ def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
     """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]; `mask` [b, 1, 1,
     cached + s_new] bool, True = a padding key, adds to the causal mask."""
     att = layer.attention
-    q, k, v = att.heads(layer.norm1(x), rope)
-    k, v = cache.extend(layer.layer_number, k, v)
-    a = att.proj(att.core(q, k, v, mask, causal=True))
-    normed, h = layer.norm2(a, residual=x)
-    return h + layer.mlp(normed)
+
+    def attend(y: torch.Tensor) -> torch.Tensor:
+        q, k, v = att.heads(y, rope)
+        k, v = cache.extend(layer.layer_number, k, v)
+        return att.proj(att.core(q, k, v, mask, causal=True))
+
+    return layer.block(x, attend)
 
 
 @torch.no_grad()

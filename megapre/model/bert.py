@@ -1,5 +1,6 @@
 """BERT: a bidirectional encoder with a masked-LM head (tied to the word table) and an optional
-sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final norm).
+sentence-order / next-sentence head, as in Megatron's BERT (pre-LN blocks, final norm), or with
+--post-layernorm as the original BERT (a norm after the embeddings, post-LN blocks, no final norm).
 
     input_ids, tokentype_ids [b, s], padding_mask [b, s] (True = pad)
       -> embedding (+ token types) -> layers -> final norm
@@ -32,7 +33,7 @@ from .config import TransformerConfig
 from .embedding import Embedding, word_embedding
 from .heads import ClassificationHead, HeadConfig
 from .lm_head import parallel_logits, token_loss
-from .transformer import TransformerStack, make_norm
+from .transformer import TransformerStack, final_norm
 
 
 def _replicated_linear(h_in: int, h_out: int, mesh: ParallelMesh, seed: int, name: str,
@@ -113,7 +114,7 @@ class BertModel(nn.Module):
         self.final_norm = self.heads = self.output_word = None
         self.task_head = task_head
         if self.stage.is_last:
-            self.final_norm = make_norm(cfg, mesh)
+            self.final_norm = final_norm(cfg, mesh)
             if task_head is not None:
                 self.heads = ClassificationHead(task_head, cfg.hidden_size, mesh, seed,
                                                 cfg.init_method_std)

@@ -14,7 +14,7 @@ from megapre.errors import ConfigError
 from megapre.parallel.layout import EVEN, StageSplit, check_model_split
 
 NORMS = ("LayerNorm", "RMSNorm")
-ACTIVATIONS = ("gelu", "swiglu", "squared_relu")
+ACTIVATIONS = ("gelu", "gelu_erf", "swiglu", "squared_relu")  # gelu: tanh approximation
 POSITIONS = ("learned_absolute", "rope", "none")
 def swiglu_ffn_hidden_size(hidden_size: int) -> int:
     """Megatron's default SwiGLU width: int((4 * h * 2 / 3) / 64) * 64."""
@@ -50,6 +50,7 @@ class TransformerConfig:
     rotary_interleaved: bool = False  # RoPE rotates adjacent channel pairs (--rotary-interleaved)
     qk_layernorm: bool = False  # norm over head_dim on queries and keys (--qk-layernorm)
     layernorm_zero_centered_gamma: bool = False  # norm weights stored as gamma - 1 (--apply-layernorm-1p)
+    post_layernorm: bool = False  # original BERT: norm after each residual add (--post-layernorm)
     activation: str = "gelu"
     position_embedding_type: str = "learned_absolute"
     rotary_base: float = 10000.0

@@ -1,5 +1,6 @@
 """Input side of the model: vocab-parallel word embeddings + learned positions (+ BERT's token
-types), then dropout; the output of this module is the residual stream [s, b, h] (or this rank's
+types), a norm with --post-layernorm (the original BERT's: its blocks end, not start, with one),
+then dropout; the output of this module is the residual stream [s, b, h] (or this rank's
 [s/tp, b, h] slice under sequence parallelism)."""
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from megapre.parallel.random import RNGTracker
 
 from . import init
 from .config import TransformerConfig
-from .transformer import Dropout
+from .transformer import Dropout, make_norm
 
 
 def word_embedding(cfg: TransformerConfig, mesh: ParallelMesh, seed: int) -> VocabParallelEmbedding:
@@ -42,6 +43,7 @@ class Embedding(nn.Module):
             self.tokentype = nn.Embedding(num_tokentypes, cfg.hidden_size, device=mesh.device)
             init.fill_normal_(self.tokentype.weight, seed, "embedding.tokentype.weight", std)
         self.max_positions = cfg.max_position_embeddings
+        self.norm = make_norm(cfg, mesh) if cfg.post_layernorm else None
         self.dropout = Dropout(cfg.hidden_dropout, mesh, tracker)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -61,4 +63,6 @@ class Embedding(nn.Module):
             x = x + self.tokentype(tokentype_ids.t())
         if self.mesh.sequence_parallel:
             x = scatter_to_sp(x, self.mesh.tp_group, 0)
+        if self.norm is not None:
+            x = self.norm(x)
         return self.dropout(x)

@@ -33,7 +33,7 @@ from .embedding import Embedding, word_embedding
 from .heads import ClassificationHead, HeadConfig
 from .lm_head import full_logits, parallel_logits, token_loss
 from .rope import rope_frequencies
-from .transformer import TransformerStack, make_norm
+from .transformer import TransformerStack, final_norm
 
 
 class GPTModel(nn.Module):
@@ -54,7 +54,7 @@ class GPTModel(nn.Module):
         self.final_norm = self.output_layer = self.output_word = self.heads = None
         self.task_head = task_head
         if self.stage.is_last:
-            self.final_norm = make_norm(cfg, mesh)
+            self.final_norm = final_norm(cfg, mesh)
             if task_head is not None:
                 self.heads = ClassificationHead(task_head, cfg.hidden_size, mesh, seed,
                                                 cfg.init_method_std)

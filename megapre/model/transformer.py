@@ -1,11 +1,17 @@
-"""The pre-LN transformer block on tensor-parallel layers, shared by GPT and BERT.
+"""The transformer block on tensor-parallel layers, shared by GPT and BERT: pre-LN (Megatron)
 
     h   = x + dropout(attention(norm1(x)))
     out = h + dropout(mlp(norm2(h)))
 
+or, with --post-layernorm, post-LN (the original BERT; the models then add a norm after the
+embeddings and drop the final norm)
+
+    h   = norm1(x + dropout(attention(x)))
+    out = norm2(h + dropout(mlp(h)))
+
 Activations are [s, b, hidden] (Megatron's layout); under sequence parallelism the norms and
 dropouts see this rank's [s/tp, b, hidden] slice and the column/row-parallel layers gather and
-reduce-scatter the sequence. The second residual add and norm2 are one fused kernel
+reduce-scatter the sequence. A residual add and the norm after it are one fused kernel
 (megapre.ops norm with `residual=`).
 
 Names: a stack keeps its layers in a ModuleDict keyed by the *global* layer index, so a module's
@@ -15,9 +21,9 @@ generators with it, so the init name, the module path and the checkpoint key are
 """
 from __future__ import annotations
 
-import functools
-
 import contextlib
+import functools
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,11 @@ def make_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
     for p in norm.parameters():
         p.sequence_parallel = mesh.sequence_parallel
     return norm
+
+
+def final_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
+    """The norm after the last layer; post-LN blocks already end with one (identity then)."""
+    return nn.Identity() if cfg.post_layernorm else make_norm(cfg, mesh)
 
 
 def _head_norm(cfg: TransformerConfig, mesh: ParallelMesh) -> nn.Module:
@@ -149,6 +160,7 @@ class MLP(nn.Module):
         self.squared_relu = cfg.activation == "squared_relu"
         # GELU MLP: the fused kernel adds fc1's bias and applies GELU in one pass
         self.fused_gelu = cfg.activation == "gelu" and cfg.bias_activation_fusion
+        self.approximate = "none" if cfg.activation == "gelu_erf" else "tanh"  # the kernel: tanh
         self.fc1 = ColumnParallelLinear(h, f, mesh, bias=cfg.add_bias_linear,
                                         init_method=init.normal(seed, f"{prefix}.fc1.weight", std),
                                         skip_bias_add=self.fused_gelu)
@@ -167,7 +179,7 @@ class MLP(nn.Module):
             return self.fc2(F.relu(self.fc1(x)).square())
         if self.fused_gelu:
             return self.fc2(ops.bias_gelu(self.fc1(x), self.fc1.bias))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
 
 class TransformerLayer(nn.Module):
@@ -181,12 +193,22 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, mesh, f"{prefix}.mlp", seed)
         self.dropout1 = Dropout(cfg.hidden_dropout, mesh, tracker)
         self.dropout2 = Dropout(cfg.hidden_dropout, mesh, tracker)
+        self.post_layernorm = cfg.post_layernorm
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
-        a = self.dropout1(self.attention(self.norm1(x), mask, causal=causal, rope=rope))
-        # under autocast a bias-free projection returns bf16/fp16 while the residual stream
-        # stays fp32; the fused add + norm takes one dtype
+        return self.block(x, lambda y: self.attention(y, mask, causal=causal, rope=rope))
+
+    def block(self, x: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
+              ) -> torch.Tensor:
+        """The norms and residual adds around `attend` (attention of its input) and the MLP;
+        one place for both orderings, which the KV-cache decoder reuses with its own attend.
+        Under autocast a bias-free projection returns bf16/fp16 while the residual stream stays
+        fp32; the fused add + norm takes one dtype."""
+        if self.post_layernorm:
+            h = self.norm1(self.dropout1(attend(x)).to(x.dtype), residual=x)[0]
+            return self.norm2(self.dropout2(self.mlp(h)).to(h.dtype), residual=h)[0]
+        a = self.dropout1(attend(self.norm1(x)))
         normed, h = self.norm2(a.to(x.dtype), residual=x)
         return h + self.dropout2(self.mlp(normed))
 

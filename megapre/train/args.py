@@ -52,6 +52,12 @@ class ModelArgs:
                                   "RMSNorm)")
     swiglu: bool = _f(False, "SwiGLU MLP instead of GELU")
     squared_relu: bool = _f(False, "ReLU^2 MLP instead of GELU (Megatron's --squared-relu)")
+    erf_gelu: bool = _f(False, "exact (erf) GELU in the MLP instead of the tanh approximation, as "
+                        "transformers' hidden_act 'gelu' (BERT); no fused bias-GELU kernel")
+    post_layernorm: bool = _f(False, "post-LN blocks as the original BERT: norm after each "
+                              "residual add, a norm after the embeddings, no final norm "
+                              "(Megatron's --apply-residual-connection-post-layernorm is another "
+                              "ordering)")
     qk_layernorm: bool = _f(False, "norm (--normalization) over each head's channels of queries "
                             "and keys before RoPE")
     position_embedding_type: str = _f("learned_absolute", "position encoding",
@@ -315,7 +321,7 @@ class PretrainConfig:
             max_position_embeddings=m.max_position_embeddings or m.seq_length,
             seq_length=m.seq_length, normalization=m.normalization,
             layernorm_epsilon=m.norm_epsilon, layernorm_zero_centered_gamma=m.apply_layernorm_1p,
-            activation="swiglu" if m.swiglu else ("squared_relu" if m.squared_relu else "gelu"),
+            activation=activation_of(m), post_layernorm=m.post_layernorm,
             rotary_interleaved=m.rotary_interleaved, qk_layernorm=m.qk_layernorm,
             position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,
@@ -609,9 +615,19 @@ def _batch_schedule(cfg: PretrainConfig, dp: int) -> tuple[int, list[int]]:
     return schedule.final, [bs for _, bs in schedule.steps]
 
 
+def activation_of(m: ModelArgs) -> str:
+    """TransformerConfig's activation from the three MLP switches (at most one is set)."""
+    if m.swiglu:
+        return "swiglu"
+    if m.squared_relu:
+        return "squared_relu"
+    return "gelu_erf" if m.erf_gelu else "gelu"
+
+
 def _check_activation(m: ModelArgs) -> None:
-    if m.swiglu and m.squared_relu:
-        raise ConfigError("--swiglu and --squared-relu exclude each other; give one")
+    given = [f for f in ("swiglu", "squared_relu", "erf_gelu") if getattr(m, f)]
+    if len(given) > 1:
+        raise ConfigError(f"{' and '.join(flag(f) for f in given)} exclude each other; give one")
 
 
 def _check_gqa(m: ModelArgs) -> None:

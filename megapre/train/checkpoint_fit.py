@@ -34,7 +34,8 @@ BENIGN = frozenset({"hidden_dropout", "attention_dropout", "attention_backend",
                     "make_vocab_size_divisible_by", "apply_query_key_layer_scaling",
                     "attention_softmax_in_fp32"})
 # TransformerConfig fields whose pretrain flag has another name.
-FLAG_OF = {"layernorm_epsilon": "--norm-epsilon", "activation": "--swiglu",
+FLAG_OF = {"layernorm_epsilon": "--norm-epsilon",
+           "activation": "--swiglu/--squared-relu/--erf-gelu",
            "add_bias_linear": "--disable-bias-linear", "add_qkv_bias": "--disable-bias-linear",
            "bias_activation_fusion": "--bias-gelu-fusion"}
 

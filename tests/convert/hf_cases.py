@@ -1,11 +1,16 @@
 """Hugging Face model directories for the conversion tests: random weights from configs (no
 downloads), scaled up so greedy decoding is not decided by near-ties, and a small BPE tokenizer
-trained here (tokenizer.json) whose size is the model's vocab_size."""
+trained here (tokenizer.json) whose size is the model's vocab_size; BERT directories take
+bert-base-uncased's tokenizer files from the shared data."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
+
+BERT_KINDS = ("megatron-bert", "bert")
+BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json")
 
 TEXT = ("the quick brown fox jumps over the lazy dog. a stitch in time saves nine. "
         "to be or not to be, that is the question. all that glitters is not gold. ") * 40
@@ -56,5 +61,37 @@ def hf_dir(kind: str, out: Path, *, tokenizer: bool = True, seed: int = 0, **ove
     """Save a model (and a tokenizer) as a Hugging Face directory; returns the model."""
     vocab = train_tokenizer(out) if tokenizer else 100
     model = hf_model(kind, vocab, seed, **overrides)
+    model.save_pretrained(out)
+    return model
+
+
+def bert_model(kind: str, vocab: int, seed: int = 0, masked_lm: bool = False, **overrides):
+    """A transformers BERT (MegatronBert pre-LN or Bert post-LN) *ForPreTraining, or *ForMaskedLM,
+    with random weights (eval mode, fp32, x3 matrices as hf_model, random biases and norms)."""
+    import transformers
+
+    prefix = "MegatronBert" if kind == "megatron-bert" else "Bert"
+    cfg = getattr(transformers, prefix + "Config")(**{
+        "vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 64, "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, prefix + ("ForMaskedLM" if masked_lm else "ForPreTraining"))(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+            else:  # biases and norms that are not zero and the identity
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def bert_dir(kind: str, out: Path, tokenizer_dir: Path, masked_lm: bool = False, **overrides):
+    """Save a BERT model with `tokenizer_dir`'s WordPiece files as a Hugging Face directory."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in BERT_TOKENIZER_FILES:
+        shutil.copy(tokenizer_dir / name, out / name)
+    vocab = sum(1 for _ in (tokenizer_dir / "vocab.txt").open(encoding="utf-8"))
+    model = bert_model(kind, vocab, masked_lm=masked_lm, **overrides)
     model.save_pretrained(out)
     return model

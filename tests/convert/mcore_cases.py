@@ -24,17 +24,17 @@ ITERATION = 5
 
 def megatron_args(kind: str) -> argparse.Namespace:
     """The run args Megatron-LM would save for the model `build` makes (its names)."""
-    common = dict(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=32,
+    common = dict(num_layers=4, hidden_size=64, num_attention_heads=4, seq_length=32,
                   max_position_embeddings=32, tokenizer_type="NullTokenizer",
                   vocab_size=VOCAB - 1, padded_vocab_size=PADDED,
                   make_vocab_size_divisible_by=128, hidden_dropout=0.0, attention_dropout=0.0,
                   init_method_std=0.02, kv_channels=16, apply_layernorm_1p=False,
                   qk_layernorm=False, num_experts=None, iteration=ITERATION,
                   ckpt_format="torch_dist", params_dtype=torch.float32)
-    if kind == "gpt2":
+    if kind in ("gpt2", "gpt2-erf"):  # gpt2-erf: no fused bias-GELU, so the exact GELU
         return argparse.Namespace(**common, ffn_hidden_size=256, normalization="LayerNorm",
                                   norm_epsilon=1e-5, swiglu=False, add_bias_linear=True,
-                                  bias_gelu_fusion=True, openai_gelu=False,
+                                  bias_gelu_fusion=kind == "gpt2", openai_gelu=False,
                                   position_embedding_type="learned_absolute",
                                   group_query_attention=False, num_query_groups=1,
                                   untie_embeddings_and_output_weights=False)

@@ -18,7 +18,7 @@ pytest.importorskip("transformers", reason="the Hugging Face door needs transfor
 pytest.importorskip("safetensors")
 
 from conftest import SHARED_DATA  # noqa: E402
-from hf_cases import hf_dir, hf_model  # noqa: E402
+from hf_cases import bert_model, hf_dir, hf_model  # noqa: E402
 from megapre.cli.convert import main as convert  # noqa: E402
 from megapre.parallel.testing import run_distributed  # noqa: E402
 
@@ -262,6 +262,20 @@ def test_scaled_rope_is_refused_by_name(tmp_path):
     cfg["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}
     (hf / "config.json").write_text(json.dumps(cfg))
     _fails(tmp_path, hf, "'llama3'", "--null-tokenizer")
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("hidden_act", "relu", "hidden_act 'relu'"),
+    ("position_embedding_type", "relative_key", "'relative_key'"),
+    ("type_vocab_size", 3, "type_vocab_size 3"),
+    ("architectures", ["BertForSequenceClassification"], "BertForPreTraining")])
+def test_unsupported_bert_settings_are_refused_by_name(tmp_path, key, value, needle):
+    hf = tmp_path / "hf"
+    bert_model("bert", 100).save_pretrained(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg[key] = value
+    (hf / "config.json").write_text(json.dumps(cfg))
+    _fails(tmp_path, hf, needle, "--null-tokenizer")
 
 
 def test_no_tokenizer_files_says_what_to_do(tmp_path):

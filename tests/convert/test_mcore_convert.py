@@ -86,7 +86,7 @@ def test_logits_match_megatron_core(megatron, fmt, tmp_path):
     from megapre.convert.hf import saved_model_args
 
     m = saved_model_args(ckpt)
-    assert m["swiglu"] == (kind == "llama") and m["num_layers"] == 2
+    assert m["swiglu"] == (kind == "llama") and m["num_layers"] == 4
 
 
 @pytest.mark.slow
@@ -118,29 +118,35 @@ def _tp_shards(model: dict, tp: int, glu: bool) -> list[dict]:
     return shards
 
 
-def _pp_stages(model: dict, pp: int, layers: int) -> list[dict]:
-    """Each stage its layers numbered from 0; the embedding first, the head last."""
-    per = layers // pp
-    stages: list[dict] = [{} for _ in range(pp)]
+def _chunks(model: dict, n: int, layers: int) -> list[dict]:
+    """The model cut into n runs of layers, each numbered from 0; the embedding in the first,
+    the head in the last."""
+    per = layers // n
+    chunks: list[dict] = [{} for _ in range(n)]
     for key, t in model.items():
         if key.startswith("decoder.layers."):
             i, rest = key[len("decoder.layers."):].split(".", 1)
-            stages[int(i) // per][f"decoder.layers.{int(i) % per}.{rest}"] = t
+            chunks[int(i) // per][f"decoder.layers.{int(i) % per}.{rest}"] = t
         else:
-            stages[0 if key.startswith("embedding.") else -1][key] = t
-    return stages
+            chunks[0 if key.startswith("embedding.") else -1][key] = t
+    return chunks
 
 
-def _split(src: Path, dest: Path, tp: int, pp: int, glu: bool) -> None:
-    """The TP1 legacy file rewritten as Megatron-LM's mp_rank_TT[_PPP] files."""
+def _split(src: Path, dest: Path, tp: int, pp: int, glu: bool, vp: int = 1) -> None:
+    """The TP1 legacy file rewritten as Megatron-LM's mp_rank_TT[_PPP] files; with virtual
+    stages (vp > 1) stage p holds chunks p, p + pp, ... as model0, model1, ..."""
     from megapre.convert.mcore_files import load_pickle
 
     state = load_pickle(src / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt")
-    for p, stage in enumerate(_pp_stages(state["model"], pp, 2)):
-        for t, shard in enumerate(_tp_shards(stage, tp, glu)):
+    chunks = _chunks(state.pop("model"), pp * vp, state["args"].num_layers)
+    for p in range(pp):
+        mine = [_tp_shards(chunks[v * pp + p], tp, glu) for v in range(vp)]
+        for t in range(tp):
             d = dest / "iter_0000005" / (f"mp_rank_{t:02d}" + (f"_{p:03d}" if pp > 1 else ""))
             d.mkdir(parents=True)
-            torch.save({**state, "model": shard}, d / "model_optim_rng.pt")
+            models = {"model": mine[0][t]} if vp == 1 else \
+                {f"model{v}": mine[v][t] for v in range(vp)}
+            torch.save({**state, **models}, d / "model_optim_rng.pt")
     (dest / "latest_checkpointed_iteration.txt").write_text("5")
 
 
@@ -150,6 +156,24 @@ def test_legacy_parallel_files_are_joined(megatron, tp, pp, tmp_path):
     kind, out = megatron
     _split(out / "legacy", tmp_path / "split", tp, pp, glu=kind == "llama")
     _check(_import(tmp_path / "split", tmp_path / "ckpt"), out)
+
+
+@pytest.mark.slow
+def test_legacy_virtual_pipeline_chunks_are_interleaved(megatron, tmp_path, capsys):
+    """--num-layers-per-virtual-pipeline-stage: each stage file holds model0, model1 (chunks
+    p and p + pp of the layers)."""
+    kind, out = megatron
+    _split(out / "legacy", tmp_path / "split", 2, 2, glu=kind == "llama", vp=2)
+    _check(_import(tmp_path / "split", tmp_path / "ckpt"), out)
+    capsys.readouterr()
+    from megapre.convert.mcore_files import load_pickle
+
+    for rank in ("mp_rank_00_001", "mp_rank_01_001"):  # the last stage lost its second chunk
+        f = tmp_path / "split" / "iter_0000005" / rank / "model_optim_rng.pt"
+        state = load_pickle(f)
+        del state["model1"]
+        torch.save(state, f)
+    _fails(capsys, tmp_path, tmp_path / "split", "different numbers of virtual stages")
 
 
 def _legacy_with(tmp_path: Path, name: str, **changes) -> Path:
@@ -191,8 +215,8 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     _fails(capsys, tmp_path, moe, "mixture of experts")
     mla = _legacy_with(tmp_path, "mla", multi_latent_attention=True)
     _fails(capsys, tmp_path, mla, "multi-latent attention")
-    erf = _legacy_with(tmp_path, "erf", add_bias_linear=False)
-    _fails(capsys, tmp_path, erf, "erf")
+    post = _legacy_with(tmp_path, "post", apply_residual_connection_post_layernorm=True)
+    _fails(capsys, tmp_path, post, "apply_residual_connection_post_layernorm")
     f = moe / "iter_0000005" / "mp_rank_00" / "model_optim_rng.pt"
     f.write_bytes(f.read_bytes()[:200])  # truncated
     _fails(capsys, tmp_path, moe, "unreadable")
@@ -249,6 +273,53 @@ def test_torch_dist_truncated_and_missing_args(megatron, tmp_path, capsys):
     _fails(capsys, tmp_path, noargs, "no run args")
 
 
+def _launch_flags(a: argparse.Namespace) -> str:
+    """The launch-script flags that make Megatron-LM save args `a`."""
+    negative = {"add_bias_linear": "--disable-bias-linear",
+                "bias_gelu_fusion": "--no-bias-gelu-fusion"}
+    skip = {"iteration", "ckpt_format", "params_dtype", "padded_vocab_size", "num_experts"}
+    words = []
+    for key, value in vars(a).items():
+        flag = "--" + key.replace("_", "-")
+        if key in skip or value is None:
+            continue
+        if value is False:
+            words += [negative[key]] if key in negative else []
+        elif value is True:
+            words.append(flag)
+        else:
+            words += [flag, str(value)]
+    return " ".join(words)
+
+
+def test_megatron_args_parse_like_megatron():
+    from megapre.convert.mcore import parse_megatron_args
+
+    got = parse_megatron_args("--num-layers 24 --norm-epsilon 1e-6 --swiglu "
+                              "--disable-bias-linear --no-bias-gelu-fusion --normalization "
+                              "RMSNorm --lr -3 --data-path '/a b/c'")
+    assert got == {"num_layers": 24, "norm_epsilon": 1e-6, "swiglu": True,
+                   "add_bias_linear": False, "bias_gelu_fusion": False,
+                   "normalization": "RMSNorm", "lr": -3, "data_path": "/a b/c"}
+
+
+@pytest.mark.slow
+def test_model_only_save_imports_with_launch_flags(megatron, tmp_path, capsys):
+    """megatron-core's dist_checkpointing outside Megatron-LM's loop stores no args: the launch
+    flags describe the model instead, and the logits still match."""
+    kind, out = megatron
+    noargs = tmp_path / "noargs"
+    shutil.copytree(out / "torch_dist", noargs)
+    torch.save({}, noargs / "iter_0000005" / "common.pt")
+    flags = _launch_flags(mcore_cases.megatron_args(kind))
+    ckpt = _import(noargs, tmp_path / "ckpt", "--megatron-args", flags)
+    _check(ckpt, out)
+    capsys.readouterr()
+    _fails(capsys, tmp_path, noargs, "--megatron-args")
+    _fails(capsys, tmp_path, noargs, "'num-layers' is not a --flag", "--megatron-args",
+           "num-layers 2 --hidden-size 64")
+
+
 def test_pretrain_load_names_the_conversion(tmp_path, capsys):
     from conftest import tiny_gpt_flags, write_counting_corpus
     from megapre.cli.pretrain import main as pretrain
@@ -283,6 +354,28 @@ def test_export_loads_in_megatron_core_and_imports_back(megatron, tmp_path):
     a, b = (checkpoint_io.resolve(str(p)) for p in (first, again))
     _check(again, out)
     assert _weights(a) == _weights(b)
+
+
+@pytest.mark.slow
+def test_exact_gelu_comes_in_and_goes_out(tmp_path):
+    """megatron-core without the fused bias-GELU applies the exact (erf) GELU: it imports as
+    --erf-gelu with megatron-core's logits and exports back to the same model."""
+    out = tmp_path / "ref"
+    out.mkdir()
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(out), "gpt2-erf"],
+                   check=True, cwd=ROOT, timeout=300, capture_output=True)
+    ckpt = _import(out / "torch_dist", tmp_path / "ckpt")
+    from megapre.convert.hf import saved_model_args
+
+    assert saved_model_args(ckpt)["erf_gelu"] is True
+    _check(ckpt, out)
+    exported = tmp_path / "megatron"
+    subprocess.run([sys.executable, "-m", "megapre.convert", "mcore-export", "--load", str(ckpt),
+                    "--save", str(exported)], check=True, cwd=ROOT, timeout=300,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run([sys.executable, str(HERE / "mcore_cases.py"), str(tmp_path), "gpt2-erf",
+                    str(exported)], check=True, cwd=ROOT, timeout=300, capture_output=True)
+    assert _relative(torch.load(tmp_path / "loaded.pt"), torch.load(out / "reference.pt")) <= 1e-6
 
 
 def _weights(path: Path) -> dict:

@@ -163,7 +163,8 @@ def test_greedy_batch_equals_argmax_loop(single, use_cache):
          "normalization": "RMSNorm", "untie_embeddings_and_output_weights": True,
          "add_bias_linear": False},
     {"position_embedding_type": "rope", "rotary_interleaved": True, "qk_layernorm": True,
-     "activation": "squared_relu", "layernorm_zero_centered_gamma": True}])
+     "activation": "squared_relu", "layernorm_zero_centered_gamma": True},
+    {"post_layernorm": True, "activation": "gelu_erf"}])
 def test_kv_cache_logits_equal_full_recompute(variant):
     model = _model(ParallelMesh.single(device="cpu"), **variant)
     gpt = model.models[0]

@@ -32,6 +32,15 @@ def test_flags_map_to_sections_and_round_trip():
     assert tc.activation == "swiglu" and tc.max_position_embeddings == 32
 
 
+def test_post_layernorm_and_erf_gelu_flags_reach_the_model():
+    cfg = parse_config(BASE + ["--model", "bert", "--post-layernorm", "--erf-gelu"])
+    tc = cfg.transformer_config(vocab_size=1000)
+    assert tc.post_layernorm and tc.activation == "gelu_erf"
+    assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # saved with checkpoints
+    with pytest.raises(ConfigError, match="--swiglu and --erf-gelu exclude each other"):
+        validate(parse_config(BASE + ["--erf-gelu", "--swiglu"]), world_size=1)
+
+
 def test_config_file_then_flags_override(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"model": {"num-layers": 6, "hidden_size": 96}, "lr": 0.5,
