@@ -70,6 +70,8 @@ def _noops(reason: str, *names: str) -> dict[str, Entry]:
 
 
 NOOPS: dict[str, Entry] = {
+    "--onnx-safe": Entry("training needs no exporter workarounds: megapre-convert onnx exports "
+                         "with standard ONNX ops"),
     **_noops(CUDA, "--cuda-graph-modules", "--cuda-graph-scope", "--cuda-graph-warmup-steps",
              "--external-cuda-graph", "--optimizer-cuda-graph", "--ddp-num-buckets",
              "--ddp-pad-buckets-for-high-nccl-busbw", "--create-all-gather-group",
@@ -277,7 +279,6 @@ REFUSED: dict[str, str] = {
     "--batch-invariant-mode": "batch-invariant kernels are not supported",
     **_refused("the NVIDIA Kitchen extension is not supported", "--use-kitchen-attention",
                "--kitchen-attention-backend"),
-    "--onnx-safe": "ONNX export is not supported",
     # rotary scaling and multimodal positions
     **_refused(_ROPE, "--use-rope-scaling", "--rope-scaling-factor",
                "--rotary-seq-len-interpolation-factor", "--no-yarn-correction-range-round-to-int"),
