@@ -1,5 +1,5 @@
-"""Knowledge distillation (--teacher-checkpoint): a frozen teacher runs beside the student in the
-same model chunk and the loss mixes the labels with the teacher's distribution
+"""Knowledge distillation (--teacher-checkpoint): a frozen teacher runs beside the student's
+last model chunk and the loss mixes the labels with the teacher's distribution
 (megapre/train/losses.py `distill_lm_loss`, `distill_task_loss`).
 
     pretraining  student GPT chunk -> sharded logits [s, b, vocab/tp] -> CE(labels) per token
@@ -9,11 +9,14 @@ same model chunk and the loss mixes the labels with the teacher's distribution
     fine-tuning  student classifier logits [b, C]; teacher: a fine-tuned classifier of the same
                  labels; KL over the classes per sample
 
-The teacher is built in the student's mesh (same TP and DP; PP and CP are refused by
-`check_distill_layout`), loads its own checkpoint (architecture from its saved config), is put
-in eval mode with `requires_grad_(False)` and runs under `torch.no_grad()`. It is held outside
-the module tree (`_teacher` is a tuple), so it is in no state dict, no DDP bucket, no optimizer
-and no student checkpoint; a resumed run loads it again from the flag.
+The teacher is built in the student's mesh, TP-sharded like it and replicated over DP. Under
+pipeline parallelism it is one chunk of all its layers on the last stage, reading the token ids
+that every chunk receives (`teacher_ids`), so the schedule is unchanged; the other stages take
+part in its (collective) load and drop it. Context parallelism is refused
+(`check_distill_layout`). It loads its own checkpoint (architecture from its saved config), is
+put in eval mode with `requires_grad_(False)` and runs under `torch.no_grad()`. It is held
+outside the module tree (`_teacher` is a tuple), so it is in no state dict, no DDP bucket, no
+optimizer and no student checkpoint; a resumed run loads it again from the flag.
 """
 from __future__ import annotations
 
