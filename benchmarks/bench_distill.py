@@ -1,12 +1,12 @@
 """Knowledge distillation, measured: a character-level GPT teacher (4 layers x 128) trained on a
-slice of the shared Gutenberg text, then a half-depth student (2 layers x 128) trained twice on
-the same tokens in the same order, alone and distilled from the teacher (--teacher-checkpoint,
---kd-alpha, --kd-temperature). The validation text (the last 10% of the slice, contiguous, as
+slice of the shared Gutenberg text (--teacher-iters steps), then a half-depth student (2 layers x
+128) trained twice on the same tokens in the same order (--iters steps), alone and distilled from
+the teacher (--teacher-checkpoint, --kd-alpha, --kd-temperature). The validation text (the last 10% of the slice, contiguous, as
 nanoGPT's prepare.py cuts) is scored whole by megapre.evaluate for the three models; the line
 to read is the share of the student-alone-to-teacher perplexity gap that distillation closes.
 
-    python benchmarks/bench_distill.py [--chars 2000000] [--iters 600] [--alpha 0.5]
-                                       [--temperature 2] [--work DIR]
+    python benchmarks/bench_distill.py [--chars 2000000] [--iters 600] [--teacher-iters 1500]
+                                       [--alpha 0.5] [--temperature 2] [--work DIR]
 
 Everything runs on the CPU through the public entry points (tools/train_tokenizer.py,
 tools/preprocess_data.py, megapre.pretrain, megapre.evaluate).
@@ -84,7 +84,8 @@ def perplexity(save: Path, valid: str, work: Path) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--chars", type=int, default=2_000_000)
-    p.add_argument("--iters", type=int, default=600)
+    p.add_argument("--iters", type=int, default=600, help="student steps")
+    p.add_argument("--teacher-iters", type=int, default=1500)
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
     p.add_argument("--work", type=Path, default=None)
@@ -94,24 +95,28 @@ def main() -> None:
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_distill_"))
     work.mkdir(parents=True, exist_ok=True)
     vocab, train, valid = prepare(CORPUS, a.chars, work)
-    runs = [("teacher (4 layers)", "teacher", 4, ()),
-            ("student alone (2 layers)", "alone", 2, ()),
+    runs = [(f"teacher (4 layers, {a.teacher_iters} steps)", "teacher", 4, a.teacher_iters, ()),
+            ("student alone (2 layers)", "alone", 2, a.iters, ()),
             (f"student distilled (2 layers, alpha {a.alpha}, T {a.temperature})", "distilled", 2,
-             ("--teacher-checkpoint", str(work / "teacher"), "--kd-alpha", str(a.alpha),
+             a.iters, ("--teacher-checkpoint", str(work / "teacher"), "--kd-alpha", str(a.alpha),
               "--kd-temperature", str(a.temperature)))]
     rows = []
-    for title, name, layers, extra in runs:
-        seconds = pretrain(layers, work / name, vocab, train, a.iters, *extra)
+    for title, name, layers, iters, extra in runs:
+        seconds = pretrain(layers, work / name, vocab, train, iters, *extra)
         rows.append((title, perplexity(work / name, valid, work), seconds))
-    print(f"\n{a.iters} steps x 12 x 64 characters of {CORPUS.name} (first {a.chars:,} chars, "
-          "90/10 cut); validation perplexity per character, whole validation text")
-    print(f"| model | valid ppl | train s |\n|---|---|---|")
+    print(f"\nstudents: {a.iters} steps x 12 x 64 characters of {CORPUS.name} (first "
+          f"{a.chars:,} chars, 90/10 cut); validation perplexity per character, whole "
+          "validation text")
+    print("| model | valid ppl | train s |\n|---|---|---|")
     for title, ppl, seconds in rows:
         print(f"| {title} | {ppl:.4f} | {seconds:.0f} |")
     teacher, alone, distilled = (ppl for _, ppl, _ in rows)
     if alone > teacher:
         print(f"gap closed by distillation: {100 * (alone - distilled) / (alone - teacher):.1f}% "
               f"of {alone - teacher:.4f}")
+    else:
+        print("the teacher is not better than the student alone: no gap to close (train it "
+              "longer: --teacher-iters)")
     print(f"outputs in {work}")
 
 
