@@ -56,9 +56,9 @@ class BertHeads(nn.Module):
         self.pooler = self.binary = None
         if add_binary_head:
             self.pooler = replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
-                                             f"{prefix}.pooler", std)
+                                            f"{prefix}.pooler", std)
             self.binary = replicated_linear(cfg.hidden_size, 2, mesh, seed, f"{prefix}.binary",
-                                             std)
+                                            std)
 
     def forward(self, h: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [s(/tp), b, hidden] after the final norm -> (sharded LM logits, binary logits [b, 2])."""

@@ -119,8 +119,8 @@ class TransformerConfig:
             raise ConfigError(
                 f"--hidden-size={self.hidden_size} is not divisible by --num-attention-heads="
                 f"{self.num_attention_heads}; change one of them or give --kv-channels explicitly")
-        if self.embedding_size is not None and not (
-                isinstance(self.embedding_size, int) and 0 < self.embedding_size < self.hidden_size):
+        e = self.embedding_size
+        if e is not None and not (isinstance(e, int) and 0 < e < self.hidden_size):
             raise ConfigError(f"--embedding-size={self.embedding_size!r} must be a positive "
                               f"integer below --hidden-size={self.hidden_size} (or unset)")
         _choice(self, "normalization", NORMS)
