@@ -214,6 +214,10 @@ ALIASES: dict[str, tuple[str, object, str]] = {
                              "sequence length (Megatron's older name of --seq-length)"),
     "--encoder-num-layers": ("model.num_layers", TAKES_VALUE,
                              "number of layers (Megatron's older name of --num-layers)"),
+    "--export-kd-teacher-load": ("distill.teacher_checkpoint", TAKES_VALUE,
+                                 "knowledge-distillation teacher (= --teacher-checkpoint, a "
+                                 "megapre checkpoint; ModelOpt's --export-kd-cfg YAML is refused: "
+                                 "use --kd-alpha, --kd-temperature, --kd-hidden-weight)"),
 }
 
 
