@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from megapre.model.gpt import GPTModel
-from megapre.model.lm_head import parallel_logits
 from megapre.model.rope import rope_frequencies
 from megapre.model.transformer import TransformerLayer
 
@@ -70,7 +69,4 @@ def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None =
         x = _layer_step(layer, x, cache, rope)
     if not model.stage.is_last:
         return x
-    x = model.final_norm(x)
-    weight = (model.output_layer.weight if model.output_layer is not None
-              else model.shared_embedding_weight())
-    return parallel_logits(x, weight, model.mesh)
+    return model.output_logits(model.final_norm(x))

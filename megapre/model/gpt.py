@@ -52,6 +52,7 @@ class GPTModel(nn.Module):
         self.decoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
                                         seed, tracker, recompute_granularity, prefix="decoder")
         self.final_norm = self.output_layer = self.output_word = self.heads = None
+        self.output_quant = None  # an int8 output layer (megapre.compress --quantize-lm-head)
         self.task_head = task_head
         if self.stage.is_last:
             self.final_norm = final_norm(cfg, mesh)
@@ -125,12 +126,18 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if self.heads is not None:
             return self.heads(x, lengths)
-        weight = (self.output_layer.weight if self.output_layer is not None
-                  else self.shared_embedding_weight())
-        logits = parallel_logits(x, weight, self.mesh)
+        logits = self.output_logits(x)
         if labels is None:
             return logits
         return token_loss(logits, labels, self.mesh, self.cfg.vocab_size, self.label_smoothing)
+
+    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Sharded logits [s, b, vocab/tp] of the final-normed hidden states (last stage)."""
+        if self.output_quant is not None:
+            return self.output_quant(x)
+        weight = (self.output_layer.weight if self.output_layer is not None
+                  else self.shared_embedding_weight())
+        return parallel_logits(x, weight, self.mesh)
 
     def gathered_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[b, s, vocab] logits without the padded columns (generation, evaluation)."""

@@ -80,6 +80,8 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     wrap = {"ddp": not p.use_distributed_optimizer}
     if p.ddp_bucket_size is not None:
         wrap["ddp_bucket_cap_mb"] = p.ddp_bucket_size * 4 / 2**20  # fp32 elements
+    if cfg.quantization is not None:
+        wrap["ddp"] = False  # int8 models only run forward: nothing for DDP to reduce
     if adapter is not None:
         model = ParallelModel.from_adapter(adapter(model_cfg, mesh), seed=cfg.train.seed,
                                            tracker=tracker,
@@ -88,7 +90,20 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
         model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
                                     tracker=tracker, recompute_granularity=recompute_granularity,
                                     add_binary_head=cfg.model.bert_binary_head, **wrap)
+    if cfg.quantization is not None:
+        _quantized_layers(cfg.quantization, model, mesh)
     return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)
+
+
+def _quantized_layers(record: dict, model: ParallelModel, mesh: ParallelMesh) -> None:
+    """A quantized checkpoint's run: give the model its int8 layers (empty; the checkpoint load
+    fills them) so the saved int8 weights and scales fit (megapre.compress)."""
+    from megapre.compress.config import QuantConfig
+    from megapre.compress.structure import quantize_model
+
+    qcfg = QuantConfig.from_record(record)
+    for piece in model.models:
+        quantize_model(piece, qcfg, mesh, quantize=False)
 
 
 def _deterministic(device) -> None:
