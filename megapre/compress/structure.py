@@ -44,6 +44,9 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, mesh: ParallelMesh,
     qcfg.validate()
     if is_quantized(model):
         raise ConfigError("the model is already quantized (quantize the float checkpoint)")
+    if qcfg.quantize_lm_head and not hasattr(model, "output_quant"):
+        raise ConfigError("--quantize-lm-head is for GPT checkpoints (this model has no GPT "
+                          "output layer); drop the flag")
     names = block_linears(model)
     for name in names:
         parent, child = _parent(model, name)
@@ -60,9 +63,6 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, mesh: ParallelMesh,
 
 
 def _quantize_head(model: nn.Module, mesh: ParallelMesh, quantize: bool) -> list[str]:
-    if not hasattr(model, "output_quant"):
-        raise ConfigError("--quantize-lm-head is for GPT checkpoints (this model has no GPT "
-                          "output layer); drop the flag")
     if getattr(model, "task_head", None) is not None or not model.stage.is_last:
         return []
     table = model.output_layer.weight if model.output_layer is not None \

@@ -119,3 +119,17 @@ def test_bad_input(case, tmp_path, capsys):
     quantized = tmp_path / "q"
     quantize(case, quantized, "weight-int8")
     _bad(case, tmp_path, capsys, "--load", str(quantized), match="already quantized")
+
+
+def test_training_refuses_a_quantized_checkpoint(case, tmp_path, capsys):
+    from conftest import tiny_gpt_flags
+    from megapre.cli.pretrain import main
+
+    quantized = tmp_path / "q"
+    quantize(case, quantized, "weight-int8")
+    capsys.readouterr()
+    flags = tiny_gpt_flags(case["corpus"], tmp_path, "--load", str(quantized), "--finetune",
+                           train_iters=1)
+    assert main(flags) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8-quantized" in err[0], err
