@@ -148,6 +148,7 @@ def main() -> None:
             "eval": ["lm-eval", "scikit-learn"],
             "interop": ["transformers", "safetensors"],
             "megatron": ["megatron-core", "psutil"],  # megapre-convert mcore-export
+            "onnx": ["onnx", "onnxruntime", "onnxscript"],  # megapre-convert onnx
             "test": ["pytest", "ninja", "pybind11", "megatron-core>=0.12", "regex"],
         },
         entry_points={"console_scripts": [

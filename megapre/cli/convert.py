@@ -5,6 +5,7 @@
     megapre-convert mcore-import --load MEGATRON_DIR --save CKPT [--iteration N]
                                                   # Megatron-LM torch_dist / legacy -> megapre
     megapre-convert mcore-export --load CKPT --save MEGATRON_DIR   # -> Megatron-LM torch_dist
+    megapre-convert onnx --load CKPT --output model.onnx [--with-kv-cache]  # -> ONNX (Runtime)
 
 An imported checkpoint is layout-independent: continue pretraining or fine-tune it under any
 --tensor/--pipeline-model-parallel-size with `--load CKPT` (or `--finetune`). Errors are one
@@ -51,7 +52,37 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--iteration", type=int, default=None)
     exp.add_argument("--save", required=True, type=Path, metavar="MEGATRON_DIR",
                      help="new (or empty) directory; written under a temporary name first")
+    _add_onnx(sub)
     return p
+
+
+def _add_onnx(sub) -> None:
+    exp = sub.add_parser("onnx", allow_abbrev=False,
+                         help="a megapre checkpoint -> one ONNX file (needs megapre[onnx])")
+    exp.add_argument("--load", required=True, type=Path, metavar="CKPT",
+                     help="checkpoint directory (its latest iteration unless --iteration); "
+                          "pretraining (GPT or BERT) or fine-tuned (classifier)")
+    exp.add_argument("--iteration", type=int, default=None)
+    exp.add_argument("--output", required=True, type=Path, metavar="FILE",
+                     help="the .onnx file (replaced atomically once complete)")
+    exp.add_argument("--with-kv-cache", action="store_true",
+                     help="GPT: attention_mask [batch, past + new] and past_key.{i}/"
+                          "past_value.{i} inputs, present_key.{i}/present_value.{i} outputs, "
+                          "for incremental (left-padded, batched) decoding")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18 or later)")
+    exp.add_argument("--task-head", action="store_true",
+                     help="require a fine-tuned checkpoint and export its classifier (detected "
+                          "without this flag too)")
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from megapre.convert import onnx
+
+    out = onnx.onnx_export(onnx.OnnxArgs(args.load, args.output, args.iteration,
+                                         args.with_kv_cache, args.opset, args.task_head))
+    print(f"exported {args.load} -> {out.path} ({out.kind}; inputs {', '.join(out.input_names)}; "
+          f"outputs {', '.join(out.output_names)})", flush=True)
+    return 0
 
 
 def _add_mcore_import(sub) -> None:
@@ -92,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "mcore-import":
         return _mcore_import(args)
+    if args.command == "onnx":
+        return _onnx(args)
     if args.command == "mcore-export":
         from megapre.convert import mcore_export
 

@@ -34,39 +34,57 @@ class KVCache:
 
 
 def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
-                rope: torch.Tensor | None) -> torch.Tensor:
-    """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]."""
+                rope: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]; `mask` [b, 1, 1,
+    cached + s_new] bool, True = a padding key, adds to the causal mask."""
     att = layer.attention
 
     def attend(y: torch.Tensor) -> torch.Tensor:
         q, k, v = att.heads(y, rope)
         k, v = cache.extend(layer.layer_number, k, v)
-        return att.proj(att.core(q, k, v, None, causal=True))
+        return att.proj(att.core(q, k, v, mask, causal=True))
 
     return layer.block(x, attend)
 
 
 @torch.no_grad()
 def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None = None,
-               hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+               hidden_states: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+               padding: torch.Tensor | None = None) -> torch.Tensor:
     """One pipeline stage on the new positions: token ids [b, s_new] (first stage) or hidden
     states [s_new, b, h]; returns hidden states, or sharded logits [s_new, b, vocab/tp] on the
-    last stage. The caller advances `cache.length` once every stage has run."""
+    last stage. The caller advances `cache.length` once every stage has run. Left-padded
+    batches (the ONNX graph's attention_mask) pass `positions` [b, s_new] of each sample's own
+    tokens and `padding` [b, cached + s_new] bool, True = a padding key; by default positions
+    continue from the cache length for every sample."""
     if model.mesh.sequence_parallel:
         raise ValueError("incremental decoding runs without --sequence-parallel")
     start = cache.length
     if model.embedding is not None:
         b, s = input_ids.shape
-        pos = torch.arange(start, start + s, device=input_ids.device)[None].expand(b, s)
+        pos = positions
+        if pos is None:
+            pos = torch.arange(start, start + s, device=input_ids.device)[None].expand(b, s)
         x = model.embedding(input_ids, pos)
     else:
         x, s = hidden_states, hidden_states.shape[0]
-    rope = None
-    if model.rope_dim is not None:
-        rope = rope_frequencies(torch.arange(start, start + s, device=x.device), model.rope_dim,
-                                model.cfg.rotary_base, model.cfg.rotary_interleaved)
+    rope = None if model.rope_dim is None else _rope(model, start, s, positions, x.device)
+    mask = None if padding is None else padding[:, None, None, :]
     for layer in model.decoder.layers.values():
-        x = _layer_step(layer, x, cache, rope)
+        x = _layer_step(layer, x, cache, rope, mask)
     if not model.stage.is_last:
         return x
     return model.output_logits(model.final_norm(x))
+
+
+def _rope(model: GPTModel, start: int, s: int, positions: torch.Tensor | None, device
+          ) -> torch.Tensor:
+    """RoPE angles of the new positions: [s, rot] shared, or [s, b, rot] per sample."""
+    cfg = model.cfg
+    if positions is None:
+        return rope_frequencies(torch.arange(start, start + s, device=device), model.rope_dim,
+                                cfg.rotary_base, cfg.rotary_interleaved)
+    pos = positions.t()  # [s, b]
+    angles = rope_frequencies(pos.reshape(-1), model.rope_dim, cfg.rotary_base,
+                              cfg.rotary_interleaved)
+    return angles.view(*pos.shape, -1)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre import ops
+from megapre.ops import export_mode
 from megapre.parallel.context import ContextGroup, ring_attention
 
 
@@ -34,6 +35,8 @@ def resolve_backend(backend: str, device_type: str, dropout_active: bool, masked
     on CPUs: with attention dropout SDPA falls back to its unfused math path (slower, three s x s
     float32 tensors kept for backward), and with a mask it keeps a float32 copy of the mask per
     layer, where the fused kernel reads the bool mask."""
+    if export_mode.active():  # plain matmul + softmax: one graph for every runtime
+        return "fused"
     if backend != "auto":
         return backend
     return "fused" if device_type == "cpu" and (dropout_active or masked) else "sdpa"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks, export_mode, reference
 from ._loader import STATE, compiled_for
 
 
@@ -50,6 +50,8 @@ if STATE.cpu:
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """gelu(x + bias, approximate='tanh') over the last dim's features, math in float32,
     result in x.dtype. `bias` ([x.shape[-1]], any float dtype) may be None: plain GELU."""
+    if export_mode.active():
+        return export_mode.bias_gelu(x, bias)
     _checks.floating("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least 1 dim (the bias is added over the last)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks, export_mode, reference
 from ._loader import STATE, compiled_for
 
 
@@ -89,6 +89,8 @@ def _norm(x, weight, bias, eps, residual, rms):
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None):
     """LayerNorm over the last dim of x. With `residual`, computes s = x + residual once and
     returns (layer_norm(s), s): the pre-LN block pattern in one pass over memory."""
+    if export_mode.active():
+        return export_mode.layer_norm(x, weight, bias, eps, residual)
     _check(x, weight, bias, residual)
     if not compiled_for(x.device):
         return reference.layer_norm(x, weight, bias, eps, residual)
@@ -97,6 +99,8 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None):
 
 def rms_norm(x, weight=None, eps: float = 1e-6, residual=None):
     """RMSNorm over the last dim of x; with `residual` returns (rms_norm(x + residual), x + residual)."""
+    if export_mode.active():
+        return export_mode.rms_norm(x, weight, eps, residual)
     _check(x, weight, None, residual)
     if not compiled_for(x.device):
         return reference.rms_norm(x, weight, eps, residual)

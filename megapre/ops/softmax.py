@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, reference
+from . import _checks, export_mode, reference
 from ._loader import STATE, compiled_for
 
 
@@ -60,6 +60,8 @@ def scale_mask_softmax(scores, mask=None, scale: float = 1.0, causal: bool = Fal
     """softmax(scores * scale) over the last dim, with keys where `mask` is True (or above the
     causal diagonal, aligned bottom-right when sq != sk) given probability 0. Rows with every
     key masked are zero in forward and backward. Returns probabilities in scores.dtype."""
+    if export_mode.active():
+        return export_mode.scale_mask_softmax(scores, mask, scale, causal)
     _check(scores, mask)
     if not compiled_for(scores.device):
         return reference.scale_mask_softmax(scores, mask, scale, causal)

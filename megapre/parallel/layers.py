@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megapre.ops import export_mode
+
 from .comm import (all_reduce_grads, copy_to_tp, gather_from_sp, gather_from_tp, group_size,
                    reduce_from_tp, reduce_scatter_to_sp, scatter_to_tp)
 from .mesh import ParallelMesh
@@ -234,7 +236,9 @@ class VocabParallelEmbedding(nn.Module):
                                        vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.check_ids:  # one host sync; out-of-range ids would otherwise just embed to 0
+        # one host sync; out-of-range ids would otherwise just embed to 0 (export mode: no
+        # syncs in a traced graph)
+        if self.check_ids and not export_mode.active():
             _check_ids(ids, self.vocab_size or self.num_embeddings)
         if group_size(self.group) == 1:
             return F.embedding(ids, self.weight)
