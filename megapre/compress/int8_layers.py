@@ -54,6 +54,18 @@ def row_absmax(x: torch.Tensor, group) -> torch.Tensor:
     return amax
 
 
+def quantize_full_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 of this rank's slice x [..., K/tp] with the scale of the full K row:
+    (int8 [..., K/tp], float32 scale [...]). The compiled quantizer takes each row's own absmax,
+    so the full-row absmax rides along as one extra column (it is >= every entry of the slice)
+    and is dropped after: the rounding is the kernel's, the scale the whole row's."""
+    if group_size(group) == 1:
+        return ops.quantize_per_token(x)
+    amax = row_absmax(x, group)
+    q, scale = ops.quantize_per_token(torch.cat([x.float(), amax.unsqueeze(-1)], -1))
+    return q[..., :-1].contiguous(), scale
+
+
 def _frozen(t: torch.Tensor, tp_dim: int | None) -> nn.Parameter:
     p = nn.Parameter(t.contiguous(), requires_grad=False)
     if tp_dim is not None:
@@ -141,9 +153,8 @@ class Int8RowParallelLinear(_Int8Mixin, RowParallelLinear):
         single = group_size(self.group) == 1
         bias = _like(self.bias, x) if single else None
         if self.mode == "w8a8":
-            amax = row_absmax(x, self.group)
-            y = ops.int8_gemm(quantize_with_amax(x, amax), amax / INT8_MAX, self.weight,
-                              self.weight_scale, bias, out_dtype=x.dtype)
+            xq, xs = quantize_full_rows(x, self.group)
+            y = ops.int8_gemm(xq, xs, self.weight, self.weight_scale, bias, out_dtype=x.dtype)
         else:
             y = ops.weight_only_int8_linear(x, self.weight, self.weight_scale, bias)
         if single:

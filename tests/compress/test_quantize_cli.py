@@ -133,3 +133,15 @@ def test_training_refuses_a_quantized_checkpoint(case, tmp_path, capsys):
     assert main(flags) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "int8-quantized" in err[0], err
+
+
+def test_module_entry_point():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "megapre.compress", "quantize", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--quantize-lm-head" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "megapre.compress", "quantize", "--load", "x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--save" in done.stderr
