@@ -8,6 +8,9 @@ the decode case), `w8a8` (also per-token dynamic int8 activations: int8 GEMMs), 
 (w8a8 after SmoothQuant's smoothing, which needs --calib-data). With --calib-data every method
 also reports the relative error of its logits against the float model's on those samples.
 
+A fine-tuned checkpoint (task head; LoRA adapters merged first) quantizes with weight-int8 or
+w8a8; its head stays floating point and megapre.evaluate --task-data scores the result.
+
 The quantized checkpoint is a normal megapre checkpoint (written atomically by the training
 checkpoint writer) whose run config records the quantization, so megapre.generate and
 megapre.evaluate build the int8 layers and load it in any TP/PP layout. Quantization itself runs
@@ -61,29 +64,6 @@ def check_job(job: QuantizeJob) -> None:
         raise ConfigError(f"--save {job.save} exists and is not empty; give a new directory")
 
 
-def _float_config(job: QuantizeJob):
-    """The checkpoint path and its run config, set to run here in one process."""
-    from megapre.inference import checkpoint_io
-
-    path = checkpoint_io.resolve(job.load)
-    cfg = checkpoint_io.saved_config(path)
-    if cfg.quantization is not None:
-        raise ConfigError(f"--load {job.load} is already quantized "
-                          f"({cfg.quantization.get('method')}); quantize the float checkpoint")
-    if cfg.model.model != "gpt" and (job.calib_data or job.quant.quantize_lm_head):
-        raise ConfigError("--calib-data and --quantize-lm-head are for GPT checkpoints; quantize "
-                          "this BERT checkpoint with --method weight-int8 or w8a8 alone")
-    p = cfg.parallel
-    p.tensor_model_parallel_size = p.pipeline_model_parallel_size = 1
-    p.context_parallel_size = 1
-    p.even_pipeline()
-    p.sequence_parallel = False
-    p.num_distributed_optimizer_instances = 1
-    cfg.train.device = job.device
-    cfg.train.bf16 = cfg.train.fp16 = False
-    return path, cfg
-
-
 def linear_bytes(model: nn.Module) -> int:
     """Bytes of the block linears' weights, scales and biases."""
     total = 0
@@ -111,30 +91,50 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm().clamp(min=1e-30))
 
 
+def _open(job: QuantizeJob):
+    """The float model of job.load, refusing what its kind cannot do."""
+    from megapre.inference import checkpoint_io
+
+    from .opened import is_fine_tuned, open_pretrained, open_task
+
+    path = checkpoint_io.resolve(job.load)
+    if is_fine_tuned(path):
+        if job.calib_data or job.quant.method == "smoothquant" or job.quant.quantize_lm_head:
+            raise ConfigError(f"--load {job.load} is a fine-tuned (task head) checkpoint: "
+                              "quantize it with --method weight-int8 or w8a8, without "
+                              "--calib-data and --quantize-lm-head (they run the language model)")
+        return open_task(path, job.load, job.device)
+    opened = open_pretrained(path, job.load, job.device)
+    if opened.cfg.model.model != "gpt" and (job.calib_data or job.quant.quantize_lm_head):
+        opened.runtime.close()
+        raise ConfigError("--calib-data and --quantize-lm-head are for GPT checkpoints; quantize "
+                          "this BERT checkpoint with --method weight-int8 or w8a8 alone")
+    return opened
+
+
 def quantize_checkpoint(job: QuantizeJob) -> dict:
     """Quantize job.load into job.save; returns a summary (method, layers, sizes, errors)."""
     from megapre.inference import checkpoint_io
     from megapre.train.checkpoint import save_checkpoint
-    from megapre.train.runtime import build_runtime
 
     from .calib import activation_absmax, calibration_ids
     from .smoothquant import smooth_model
     from .structure import quantize_model
 
     check_job(job)
-    path, cfg = _float_config(job)
-    rt = build_runtime(cfg)
+    opened = _open(job)
+    rt, cfg = opened.runtime, opened.cfg
     try:
-        checkpoint_io.check_tokenizer(path, rt.tokenizer, job.allow_tokenizer_mismatch)
+        checkpoint_io.check_tokenizer(opened.path, rt.tokenizer, job.allow_tokenizer_mismatch)
         ids = None
         if job.calib_data:
             ids = calibration_ids(job.calib_data, rt.tokenizer, cfg.model.seq_length,
                                   job.calib_samples, job.allow_tokenizer_mismatch)
-        info = checkpoint_io.load_weights(path, rt)
         model = rt.model.models[0]
         model.eval()
-        summary = {"method": job.quant.method, "load": str(path), "save": job.save,
-                   "iteration": info["iteration"], "linear_bytes_float": linear_bytes(model)}
+        summary = {"method": job.quant.method, "load": str(opened.path), "save": job.save,
+                   "iteration": opened.iteration, "fine_tuned": opened.fine_tuned,
+                   "linear_bytes_float": linear_bytes(model)}
         reference = _logits(model, ids) if ids is not None else None
         if job.quant.method == "smoothquant":
             summary["smoothed_layers"] = smooth_model(model, activation_absmax(model, ids),
@@ -147,9 +147,8 @@ def quantize_checkpoint(job: QuantizeJob) -> dict:
             summary["calib_samples"] = job.calib_samples
             summary["logits_rel_error"] = relative_error(_logits(model, ids), reference)
         cfg.quantization = job.quant.record()
-        save_checkpoint(job.save, info["iteration"], rt.model, None, rt.mesh,
-                        config=cfg.to_dict(), tracker=rt.tracker,
-                        extra={"quantized_from": str(path)},
+        save_checkpoint(job.save, opened.iteration, rt.model, None, rt.mesh,
+                        config=cfg.to_dict(), tracker=rt.tracker, extra=opened.extra,
                         tokenizer=rt.tokenizer.describe())
     finally:
         rt.close()
