@@ -70,6 +70,8 @@ def _noops(reason: str, *names: str) -> dict[str, Entry]:
 
 
 NOOPS: dict[str, Entry] = {
+    "--onnx-safe": Entry("training needs no exporter workarounds: megapre-convert onnx exports "
+                         "with standard ONNX ops"),
     **_noops(CUDA, "--cuda-graph-modules", "--cuda-graph-scope", "--cuda-graph-warmup-steps",
              "--external-cuda-graph", "--optimizer-cuda-graph", "--ddp-num-buckets",
              "--ddp-pad-buckets-for-high-nccl-busbw", "--create-all-gather-group",
@@ -212,6 +214,10 @@ ALIASES: dict[str, tuple[str, object, str]] = {
                              "sequence length (Megatron's older name of --seq-length)"),
     "--encoder-num-layers": ("model.num_layers", TAKES_VALUE,
                              "number of layers (Megatron's older name of --num-layers)"),
+    "--export-kd-teacher-load": ("distill.teacher_checkpoint", TAKES_VALUE,
+                                 "knowledge-distillation teacher (= --teacher-checkpoint, a "
+                                 "megapre checkpoint; ModelOpt's --export-kd-cfg YAML is refused: "
+                                 "use --kd-alpha, --kd-temperature, --kd-hidden-weight)"),
 }
 
 
@@ -273,7 +279,6 @@ REFUSED: dict[str, str] = {
     "--batch-invariant-mode": "batch-invariant kernels are not supported",
     **_refused("the NVIDIA Kitchen extension is not supported", "--use-kitchen-attention",
                "--kitchen-attention-backend"),
-    "--onnx-safe": "ONNX export is not supported",
     # rotary scaling and multimodal positions
     **_refused(_ROPE, "--use-rope-scaling", "--rope-scaling-factor",
                "--rotary-seq-len-interpolation-factor", "--no-yarn-correction-range-round-to-int"),

@@ -138,7 +138,7 @@ REFUSED: dict[str, str] = {
     "--linear-": "linear-attention layers are not supported",
     "--attention-output-gate": "gated attention output is not supported",
     "--hierarchical-context-parallel-sizes": "hierarchical context parallelism is not supported",
-    "--export-": "ModelOpt export/distillation is not supported",
+    "--export-": "ModelOpt export is not supported (distillation: --teacher-checkpoint)",
     "--use-mup": "muP is not supported", "--mup-": "muP is not supported",
     "--rampup-batch-size": "batch-size ramp-up is not supported (Megatron deprecated it: use "
                            "--step-batch-size-schedule)",
@@ -206,7 +206,10 @@ def add_megatron_flags(parser: argparse.ArgumentParser, taken: set[str]) -> None
                                default=argparse.SUPPRESS, help=entry.why)
 
 def refused_reason(flag: str) -> str | None:
-    """Why megapre refuses `flag` (exact name or a refused family prefix), or None."""
+    """Why megapre refuses `flag` (exact name or a refused family prefix), or None (an alias
+    is never refused, even inside a refused family)."""
+    if flag in ALIASES:
+        return None
     if flag in REFUSED:
         return REFUSED[flag]
     for prefix, why in REFUSED.items():

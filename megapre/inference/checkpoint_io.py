@@ -10,6 +10,7 @@ from pathlib import Path
 
 from megapre.model.config import ConfigError
 from megapre.train.args import PretrainConfig, from_dict
+from megapre.train.distill_args import DistillArgs
 
 
 def _checkpoint_module():
@@ -36,7 +37,9 @@ def saved_config(path: Path) -> PretrainConfig:
         data = json.loads(file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"cannot read the run config {file}: {e}") from e
-    return from_dict(data)
+    cfg = from_dict(data)
+    cfg.distill = DistillArgs()  # a distilled student runs without its teacher
+    return cfg
 
 
 def load_weights(path: Path, runtime) -> dict:

@@ -22,6 +22,7 @@ from megapre.model.config import ConfigError, TransformerConfig, legacy_swiglu_f
 from megapre.parallel import layout
 
 from . import rerun
+from .distill_args import DistillArgs, check_distill_layout
 
 # --attention-backend values (Megatron's, plus megapre's sdpa) -> TransformerConfig's backend.
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local", "sdpa")
@@ -280,7 +281,8 @@ class LogArgs:
 
 
 SECTIONS = {"model": ModelArgs, "parallel": ParallelArgs, "train": TrainArgs,
-            "optim": OptimArgs, "data": DataArgs, "checkpoint": CheckpointArgs, "log": LogArgs}
+            "optim": OptimArgs, "data": DataArgs, "checkpoint": CheckpointArgs, "log": LogArgs,
+            "distill": DistillArgs}
 
 
 @dataclass
@@ -292,6 +294,7 @@ class PretrainConfig:
     data: DataArgs = field(default_factory=DataArgs)
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     log: LogArgs = field(default_factory=LogArgs)
+    distill: DistillArgs = field(default_factory=DistillArgs)
     # Set only in a quantized checkpoint's config (megapre.compress.QuantConfig.record()): the
     # loaders build int8 layers before reading its weights. Not a flag: training cannot set it.
     quantization: dict | None = None
@@ -502,6 +505,7 @@ def validate(cfg: PretrainConfig, world_size: int, vocab_size: int | None = None
     if cfg.model.model == "bert" and cfg.model.untie_embeddings_and_output_weights:
         raise ConfigError("--untie-embeddings-and-output-weights is GPT-only; BERT ties its LM head")
     _check_fim(cfg)
+    check_distill_layout(cfg.distill, cp)
     if d.mock_data:
         _check_mock_data(cfg)
     elif not (d.data_path or d.train_data_path):

@@ -28,8 +28,9 @@ from megapre.data.tokenizers import build_tokenizer
 from megapre.errors import ConfigError
 from megapre.model.heads import HeadConfig
 
-from . import task_eval, task_weights
+from . import distill, task_eval, task_weights
 from .args import recompute_spec
+from .distill_args import DistillArgs
 from .finetune_args import FinetuneConfig, validate_finetune
 from .metrics import MetricsLogger, format_duration
 from .optim import ShardingArgs, build_optimizer, schedule_from_args, schedule_state, set_lr
@@ -37,7 +38,7 @@ from .runtime import build_runtime
 from .step import StepConfig, TrainStep
 from .stop_flag import StopFlag, agreed_stop
 from .task_report import format_report, metrics_record, write_predictions, write_report
-from .task_stages import Adaptation, TaskAdapter
+from .task_stages import Adaptation
 
 REPORT_FILE = "report.json"
 
@@ -93,8 +94,7 @@ def build_task_runtime(cfg: FinetuneConfig, labels: LabelSet, tokenizer=None):
     adaptation = Adaptation(freeze_backbone=cfg.task.freeze_backbone, lora=lora)
     rt = build_runtime(cfg, tokenizer=tokenizer,
                        recompute_granularity=recompute_spec(cfg.train),
-                       adapter=lambda mc, mesh: TaskAdapter(cfg.model.model, mc, mesh, head,
-                                                            adaptation))
+                       adapter=distill.task_adapter(cfg, labels, head, adaptation))
     return rt, head, lora
 
 
@@ -414,6 +414,7 @@ def open_finetuned(path: Path, adjust=None) -> Finetuned:
     from .finetune_args import finetune_from_dict
 
     cfg = finetune_from_dict(read_config(path) or {})
+    cfg.distill = DistillArgs()  # a teacher served the checkpoint's training only
     task_state = (read_meta(path).get("extra") or {}).get("task")
     if not task_state:
         raise ConfigError(f"{path} is not a fine-tuned checkpoint (no task head recorded); "

@@ -71,6 +71,8 @@ FLAGS = {
     "checkpoint": ("save", "load", "save_interval", "keep_last"),
     "log": ("log_interval", "metrics_path", "tensorboard_dir", "wandb_project", "wandb_exp_name"),
     "data": ("num_workers",),
+    "distill": ("teacher_checkpoint", "kd_alpha", "kd_temperature", "kd_hidden_weight",
+                "teacher_bf16"),
 }
 # The pretrained run's settings that describe the model and its tokenizer (kept from its config).
 BASE_SECTIONS = ("model",)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megapre.parallel.distributed_optimizer import DistributedOptimizer
 from megapre.parallel.param_stats import global_param_norm, global_zeros_in_grad
 
-from . import banner
+from . import banner, distill
 from .args import PretrainConfig, RunPlan, batch_schedule, decoupled_bounds, recompute_spec
 from .data import batches, build_splits
 from .gc_control import ManualGC
@@ -56,7 +56,7 @@ class Trainer:
         self.cfg = cfg = self.plan.config
         rt = build_runtime(cfg, tokenizer=tokenizer, virtual_pipeline=self.plan.virtual_pipeline,
                            recompute_granularity=recompute_spec(cfg.train),
-                           context_parallel=True)
+                           context_parallel=True, adapter=distill.lm_adapter(cfg))
         self.tokenizer, self.mesh, self.tracker = rt.tokenizer, rt.mesh, rt.tracker
         self.model_cfg, self.model, self.device = rt.model_cfg, rt.model, rt.device
         self._banner_model()

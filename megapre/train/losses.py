@@ -11,6 +11,10 @@ between calls; scaling (fp16) and logging belong to the caller (megapre/train/st
     task  sum(weight * CE(logits, label)) / (real samples in the global batch); regression
           (one output) uses the squared error instead. Filler samples (weight 0) that complete an
           evaluation's last batch count for nothing.
+    distillation  alpha x (the LM or task share) + (1 - alpha) x T^2 x (the KL share, same mask
+          and normalizer) [+ hidden weight x (the hidden-state MSE share)]; the parts are
+          reported unweighted ('lm loss' stays the cross entropy) and `KDWeights.total` mixes
+          them into the step's loss.
 """
 from __future__ import annotations
 
@@ -76,6 +80,51 @@ def task_loss(logits: torch.Tensor, target: tuple[torch.Tensor, torch.Tensor],
         per_sample = F.cross_entropy(logits, labels.long(), reduction="none")
     loss = (per_sample * weight.float()).sum() / max(norm.samples, 1.0)
     return loss, {"task loss": loss.detach()}
+
+
+@dataclass(frozen=True)
+class KDWeights:
+    """--kd-alpha, --kd-temperature, --kd-hidden-weight."""
+
+    alpha: float
+    temperature: float
+    hidden: float = 0.0
+
+    def mix(self, label_loss, kd, hidden=None):
+        """alpha x label loss + (1 - alpha) x kd [+ hidden weight x hidden]: tensors or floats
+        (alpha = 1 gives the label loss exactly)."""
+        out = self.alpha * label_loss + (1.0 - self.alpha) * kd
+        return out if hidden is None else out + self.hidden * hidden
+
+    def total(self, parts: dict[str, float], label_part: str) -> float:
+        """The step's loss from its reduced, unweighted parts."""
+        return self.mix(parts[label_part], parts["kd loss"], parts.get("hidden loss"))
+
+
+def distill_lm_loss(output: tuple[torch.Tensor, ...], loss_mask: torch.Tensor, norm: Normalizers,
+                    w: KDWeights) -> tuple[torch.Tensor, Parts]:
+    """Causal-LM distillation share: output = per-token (CE, KL[, hidden MSE]) [b, s]."""
+    ce, kl, *hidden = output
+    lm, parts = lm_loss(ce, loss_mask, norm)
+    kd = (kl.float() * loss_mask.float()).sum() / norm.tokens * w.temperature ** 2
+    parts["kd loss"] = kd.detach()
+    h = None
+    if hidden:
+        h = (hidden[0].float() * loss_mask.float()).sum() / norm.tokens
+        parts["hidden loss"] = h.detach()
+    return w.mix(lm, kd, h), parts
+
+
+def distill_task_loss(task: tuple[torch.Tensor, Parts], kl: torch.Tensor,
+                      target: tuple[torch.Tensor, ...], norm: Normalizers, w: KDWeights
+                      ) -> tuple[torch.Tensor, Parts]:
+    """Fine-tuning distillation share: `task` = task_loss's (loss, parts); kl [b] per sample,
+    weighted and normalized as the task loss."""
+    loss, parts = task
+    weight = target[1].float()
+    kd = (kl.float() * weight).sum() / max(norm.samples, 1.0) * w.temperature ** 2
+    parts["kd loss"] = kd.detach()
+    return w.mix(loss, kd), parts
 
 
 LossFn = Callable[[Any, Any, Normalizers], tuple[torch.Tensor, Parts]]

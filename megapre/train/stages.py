@@ -117,6 +117,10 @@ class ModelAdapter:
         """The loss parts the step reports (the same on every rank)."""
         return {"lm loss", "sop loss"} if self.add_binary_head else {"lm loss"}
 
+    def total(self, parts: dict[str, float]) -> float:
+        """The step's loss from its reduced parts (their sum; distillation weights them)."""
+        return sum(parts.values())
+
     @property
     def ties_embeddings(self) -> bool:
         """Whether an output layer on the last stage shares the first stage's word table."""

@@ -259,7 +259,7 @@ class TrainStep:
                 vec.zero_()
             dist.all_reduce(vec, group=self.mesh.pp_group)
         named = {n: float(v) for n, v in zip(names, vec.cpu())}
-        return sum(named.values()), named
+        return self.adapter.total(named), named
 
     def _expected_parts(self) -> set[str]:
         return self.adapter.part_names()

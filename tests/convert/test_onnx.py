@@ -2,8 +2,9 @@
 other than the traced ones (dynamic axes), and held to megapre's eager forward (fused kernels)
 within 1e-4 relative (max |diff| / max |logits|, fp32): GPT with learned positions and the
 Llama-style variant (RoPE, SwiGLU, RMSNorm, GQA), each also with a KV cache (prompt on an empty
-past, then one step on the returned present; and a left-padded batch); BERT's masked-LM + binary logits; fine-tuned
-BERT and GPT classifiers. Bad input is one line and exit 2."""
+past, then one step on the returned present; and a left-padded batch); BERT's masked-LM +
+binary logits (pre-LN, and post-LN with the exact GELU); fine-tuned BERT and GPT classifiers.
+Bad input is one line and exit 2."""
 from __future__ import annotations
 
 import sys
@@ -19,7 +20,8 @@ pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript
 ort = pytest.importorskip("onnxruntime", reason="the parity checks run in onnxruntime "
                                                 "(pip install megapre[onnx])")
 
-from conftest import tiny_gpt_flags, write_counting_corpus  # noqa: E402
+from conftest import (bert_args, tiny_gpt_flags, write_bert_corpus,  # noqa: E402
+                      write_counting_corpus)
 
 from megapre.cli import convert as convert_cli  # noqa: E402
 from megapre.convert import onnx as onnx_export  # noqa: E402
@@ -66,7 +68,10 @@ def bert_ckpts(tmp_path_factory) -> dict[str, Path]:
             "valid": write_task(work / "valid.tsv", 8, 2),
             "test": write_task(work / "test.tsv", 8, 3)}
     assert finetune_cli.main(flags(task, work / "ft", "--train-iters", "2")) == 0
-    return {"pre": task["pre"], "ft": work / "ft"}
+    post = work / "post"  # the original BERT's block: post-LN, exact GELU
+    _train(bert_args(write_bert_corpus(work), work / "cache") +
+           ["--save", str(post), "--post-layernorm", "--erf-gelu"])
+    return {"pre": task["pre"], "ft": work / "ft", "post": post}
 
 
 def _export(ckpt: Path, out: Path, *flags: str) -> ort.InferenceSession:
@@ -155,12 +160,13 @@ def _prompt_then_step(sess, ids: torch.Tensor, pads: torch.Tensor, groups: int
     return np.concatenate([first[0], step[0]], axis=1), step[1]
 
 
-def test_bert_masked_lm_and_binary_logits(bert_ckpts, tmp_path):
-    sess = _export(bert_ckpts["pre"], tmp_path / "bert.onnx")
+@pytest.mark.parametrize("variant", ["pre", "post"])
+def test_bert_masked_lm_and_binary_logits(bert_ckpts, tmp_path, variant):
+    sess = _export(bert_ckpts[variant], tmp_path / "bert.onnx")
     assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask",
                                                    "token_type_ids"]
     assert [o.name for o in sess.get_outputs()] == ["logits", "binary_logits"]
-    with onnx_export.loaded(checkpoint_io.resolve(str(bert_ckpts["pre"])), False) as (
+    with onnx_export.loaded(checkpoint_io.resolve(str(bert_ckpts[variant])), False) as (
             model, _, vocab, _):
         for seed, (b, s) in enumerate(SIZES):
             ids, types, mask = _bert_batch(vocab, b, s, seed)
