@@ -62,6 +62,14 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig, mesh: ParallelMesh,
     return len(names)
 
 
+def build_recorded(record: dict, models: list[nn.Module], mesh: ParallelMesh) -> None:
+    """Give freshly built model pieces the int8 layers of a quantized checkpoint's recorded
+    quantization (its config's `quantization`), empty, ready for the checkpoint load."""
+    qcfg = QuantConfig.from_record(record)
+    for piece in models:
+        quantize_model(piece, qcfg, mesh, quantize=False)
+
+
 def _quantize_head(model: nn.Module, mesh: ParallelMesh, quantize: bool) -> list[str]:
     if getattr(model, "task_head", None) is not None or not model.stage.is_last:
         return []

@@ -103,13 +103,9 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
 def _quantized_layers(record: dict, model: ParallelModel, mesh: ParallelMesh) -> None:
     """A quantized checkpoint's run: give the model its int8 layers (empty; the checkpoint load
     fills them) so the saved int8 weights and scales fit (megapre.compress)."""
-    from megapre.compress.config import QuantConfig
-    from megapre.compress.structure import quantize_model
+    from megapre.compress.structure import build_recorded
 
-    qcfg = QuantConfig.from_record(record)
-    for piece in model.models:
-        quantize_model(piece, qcfg, mesh, quantize=False)
-
+    build_recorded(record, model.models, mesh)
 
 def _deterministic(device) -> None:
     """--deterministic-mode: only deterministic kernels (torch raises where an op has none);
