@@ -256,6 +256,9 @@ def family_of(hf: dict, path: str) -> Family:
 def family_for_export(m: dict) -> Family:
     """GPT-2 for learned positions + LayerNorm, Llama for RoPE + RMSNorm + SwiGLU; BERT as
     MegatronBert (pre-LN) or Bert (--post-layernorm)."""
+    _refuse(m["share_layers_every"] != 1 or m["embedding_size"] is not None,
+            "hf-export: GPT-2, Llama and BERT have no --share-layers-every or --embedding-size "
+            "(ALBERT's sharing); export this model with megapre-convert onnx")
     if m["model"] == "bert":
         return bert_for_export(m)
     if m["position_embedding_type"] == "learned_absolute":

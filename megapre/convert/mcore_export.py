@@ -100,6 +100,10 @@ def _refuse_model(m: dict) -> None:
     if m["model"] != "gpt":
         raise ConfigError(f"mcore-export: --model {m['model']} checkpoints are not supported "
                           "(GPT checkpoints are)")
+    if m["share_layers_every"] != 1 or m["embedding_size"] is not None:
+        raise ConfigError("mcore-export: megatron-core has no --share-layers-every or "
+                          "--embedding-size (ALBERT's sharing); export this model with "
+                          "megapre-convert onnx")
     if m["post_layernorm"]:
         raise ConfigError("mcore-export: megatron-core has no --post-layernorm blocks; export "
                           "this model with hf-export")

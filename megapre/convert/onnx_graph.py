@@ -48,7 +48,7 @@ class GPTWithCache(nn.Module):
     def __init__(self, model: nn.Module, vocab: int) -> None:
         super().__init__()
         self.model, self.vocab = model, vocab
-        self.layer_ids = [int(i) for i in model.decoder.layers]
+        self.layer_ids = [i for i, _ in model.decoder.uses()]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:

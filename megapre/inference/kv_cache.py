@@ -33,15 +33,16 @@ class KVCache:
         return k, v
 
 
-def _layer_step(layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
+def _layer_step(number: int, layer: TransformerLayer, x: torch.Tensor, cache: KVCache,
                 rope: torch.Tensor | None, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """TransformerLayer.forward (eval) for the new positions x [s_new, b, h]; `mask` [b, 1, 1,
+    """TransformerLayer.forward (eval) of global layer `number` (its cache slot; a shared weight
+    set serves several numbers) for the new positions x [s_new, b, h]; `mask` [b, 1, 1,
     cached + s_new] bool, True = a padding key, adds to the causal mask."""
     att = layer.attention
 
     def attend(y: torch.Tensor) -> torch.Tensor:
         q, k, v = att.heads(y, rope)
-        k, v = cache.extend(layer.layer_number, k, v)
+        k, v = cache.extend(number, k, v)
         return att.proj(att.core(q, k, v, mask, causal=True))
 
     return layer.block(x, attend)
@@ -70,11 +71,11 @@ def stage_step(model: GPTModel, cache: KVCache, input_ids: torch.Tensor | None =
         x, s = hidden_states, hidden_states.shape[0]
     rope = None if model.rope_dim is None else _rope(model, start, s, positions, x.device)
     mask = None if padding is None else padding[:, None, None, :]
-    for layer in model.decoder.layers.values():
-        x = _layer_step(layer, x, cache, rope, mask)
+    for number, layer in model.decoder.uses():
+        x = _layer_step(number, layer, x, cache, rope, mask)
     if not model.stage.is_last:
         return x
-    return model.output_logits(model.final_norm(x))
+    return model.lm_logits(model.final_norm(x))
 
 
 def _rope(model: GPTModel, start: int, s: int, positions: torch.Tensor | None, device

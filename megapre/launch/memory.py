@@ -37,6 +37,12 @@ bias (added in fp32), else e)::
          silu out, fc1 out, product (autocast: the normed
          input is cast once per projection)                  + e * s*b*h
 
+Shared layers (--share-layers-every K) hold one weight set per K layers (weights, grads, AdamW
+state and autocast's cache counted once per set) but keep every layer's activations. A factorized
+embedding (--embedding-size E) has [*, E] tables and an E x h up-projection (its [s, b, E] input
+kept); the tied GPT head adds an h x E down-projection, and the logits (BERT: its LM head's
+dense, GELU and norm) are E wide.
+
 Outside the layers: the first stage keeps the embedding dropout mask; the last stage keeps the
 final norm's input and output and the cross-entropy's fp32 softmax of the logits
 (4 * s*b*V/t) while the logits themselves (e * s*b*V/t) are alive; BERT's LM head adds its
@@ -159,32 +165,47 @@ def layer_params(cfg: TransformerConfig, tp: int = 1) -> int:
 
 
 def embedding_params(cfg: TransformerConfig, kind: str, tp: int = 1) -> int:
-    h = cfg.hidden_size
-    n = cfg.padded_vocab_size(tp) // tp * h
+    """Word / position / token-type tables (width --embedding-size or hidden) and, when
+    factorized, the up-projection to hidden."""
+    e, h = cfg.embedding_dim, cfg.hidden_size
+    n = cfg.padded_vocab_size(tp) // tp * e
     if cfg.position_embedding_type == "learned_absolute":
-        n += cfg.max_position_embeddings * h
-    return n + (2 * h if kind == "bert" else 0)
+        n += cfg.max_position_embeddings * e
+    if cfg.factorized_embedding:
+        n += e * h + (h if cfg.add_bias_linear else 0)
+    return n + (2 * e if kind == "bert" else 0)
 
 
 def head_params(cfg: TransformerConfig, kind: str, tp: int, has_embedding: bool,
                 binary_head: bool) -> int:
     """Final norm, output layer (or the last stage's copy of a tied word table) and BERT heads."""
-    h = cfg.hidden_size
+    h, e = cfg.hidden_size, cfg.embedding_dim
     vocab_local = cfg.padded_vocab_size(tp) // tp
     n = (2 if cfg.normalization == "LayerNorm" else 1) * h
-    if cfg.untie_embeddings_and_output_weights or not has_embedding:
+    if cfg.untie_embeddings_and_output_weights:
         n += vocab_local * h
+    elif not has_embedding:
+        n += vocab_local * e
+    if kind == "gpt" and cfg.factorized_embedding and not cfg.untie_embeddings_and_output_weights:
+        n += h * e  # output_project: hidden -> E before the tied table
     if kind == "bert":
-        n += h * h + h + 2 * h + vocab_local
+        n += h * e + e + 2 * e + vocab_local
         if binary_head:
             n += h * h + h + 2 * h + 2
     return n
 
 
+def stage_weight_sets(cfg: TransformerConfig, pp: int, stage: int,
+                      split: StageSplit = EVEN) -> int:
+    """Distinct layer weight sets on a stage: its layers / --share-layers-every (sets never
+    straddle stages). Activations and FLOPs still count every layer."""
+    return stage_layers(cfg.num_layers, pp, split)[stage] // cfg.share_layers_every
+
+
 def stage_params(cfg: TransformerConfig, kind: str, tp: int, pp: int, stage: int,
                  binary_head: bool = True, split: StageSplit = EVEN) -> int:
     """Elements held by one rank of pipeline stage `stage` (all its virtual chunks)."""
-    n = stage_layers(cfg.num_layers, pp, split)[stage] * layer_params(cfg, tp)
+    n = stage_weight_sets(cfg, pp, stage, split) * layer_params(cfg, tp)
     first, last = stage == 0, stage == pp - 1
     if first:
         n += embedding_params(cfg, kind, tp)
@@ -209,9 +230,16 @@ def matrix_params(cfg: TransformerConfig, kind: str, tp: int, pp: int, stage: in
     a, g = cfg.num_attention_heads, cfg.num_query_groups
     per_layer = ((a + 2 * g) * d * h + h * a * d
                  + (3 if cfg.activation == "swiglu" else 2) * h * f) // tp
-    n = stage_layers(cfg.num_layers, pp, split)[stage] * per_layer
+    n = stage_weight_sets(cfg, pp, stage, split) * per_layer
+    e, untied = cfg.embedding_dim, cfg.untie_embeddings_and_output_weights
+    if stage == 0 and cfg.factorized_embedding:
+        n += e * h  # embedding.project
     if stage == pp - 1:
-        n += cfg.padded_vocab_size(tp) // tp * h + (2 * h * h if kind == "bert" else 0)
+        n += cfg.padded_vocab_size(tp) // tp * (h if untied else e)
+        if kind == "bert":
+            n += h * e + h * h  # LM-head dense, pooler
+        elif cfg.factorized_embedding and not untied:
+            n += h * e  # output_project
     return n
 
 
@@ -281,6 +309,8 @@ def layer_activation_bytes(cfg: TransformerConfig, sh: _Shape, selective: bool =
 
 def embedding_activation_bytes(cfg: TransformerConfig, sh: _Shape) -> int:
     ids = 8 * sh.b * sh.s * 2  # token and position ids
+    if cfg.factorized_embedding:  # the up-projection keeps its [s, b, E] input
+        ids += sh.e * sh.s * sh.b * cfg.embedding_dim
     return ids + (sh.mh * sh.s_n * sh.b * cfg.hidden_size if cfg.hidden_dropout > 0 else 0)
 
 
@@ -292,12 +322,15 @@ def logit_rows(kind: str, s: int, b: int, mask_prob: float) -> int:
 
 def head_activation_bytes(cfg: TransformerConfig, kind: str, sh: _Shape,
                           mask_prob: float = 0.15) -> int:
-    s, b, h = sh.s, sh.b, cfg.hidden_size
+    s, b, h, e = sh.s, sh.b, cfg.hidden_size, cfg.embedding_dim
     vocab_local = cfg.padded_vocab_size(sh.tp) // sh.tp
     n = 4 * sh.s_n * b * h + 8 * sh.s_n * b + sh.e * s * b * h  # final norm in, stats, out
     rows = logit_rows(kind, s, b, mask_prob)
     if kind == "bert":  # dense and GELU outputs + the predicted rows' gathered norm output
-        n += 2 * sh.e * s * b * h + sh.e * rows * h
+        n += 2 * sh.e * s * b * e + sh.e * rows * e
+    elif cfg.factorized_embedding and not cfg.untie_embeddings_and_output_weights:
+        # output_project keeps the norm output ungathered; the logits keep its [s, b, E] output
+        n += sh.e * (sh.s_n * b * h - s * b * h + s * b * e)
     return n + (4 + sh.e) * rows * vocab_local  # softmax kept by the loss + the live logits
 
 

@@ -28,33 +28,26 @@ from megapre.parallel.mesh import ParallelMesh
 from megapre.parallel.pipeline import ChunkSpec
 from megapre.parallel.random import RNGTracker
 
-from . import init
 from .config import TransformerConfig
-from .embedding import Embedding, word_embedding
+from .embedding import Embedding, replicated_linear, word_embedding
 from .heads import ClassificationHead, HeadConfig
 from .lm_head import parallel_logits, token_loss
 from .transformer import TransformerStack, final_norm
 
 
-def _replicated_linear(h_in: int, h_out: int, mesh: ParallelMesh, seed: int, name: str,
-                       std: float) -> nn.Linear:
-    lin = nn.Linear(h_in, h_out, device=mesh.device)
-    init.fill_normal_(lin.weight, seed, f"{name}.weight", std)
-    nn.init.zeros_(lin.bias)
-    return lin
-
-
 class BertHeads(nn.Module):
-    """Masked-LM head and the binary (sentence-order) head of the last stage."""
+    """Masked-LM head and the binary (sentence-order) head of the last stage. With
+    --embedding-size E the dense layer maps hidden -> E and the norm is over E, so the logits
+    are taken against the [vocab, E] word table (ALBERT's head)."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, seed: int,
                  add_binary_head: bool, prefix: str = "heads") -> None:
         super().__init__()
         std = cfg.init_method_std
         self.mesh = mesh
-        self.dense = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
-                                        f"{prefix}.dense", std)
-        self.norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layernorm_epsilon, device=mesh.device)
+        self.dense = replicated_linear(cfg.hidden_size, cfg.embedding_dim, mesh, seed,
+                                       f"{prefix}.dense", std)
+        self.norm = ops.LayerNorm(cfg.embedding_dim, eps=cfg.layernorm_epsilon, device=mesh.device)
         for p in (*self.dense.parameters(), *self.norm.parameters()):
             p.sequence_parallel = mesh.sequence_parallel  # they see this rank's tokens only
         vocab_local = cfg.padded_vocab_size(mesh.tp_size) // mesh.tp_size
@@ -62,10 +55,10 @@ class BertHeads(nn.Module):
         self.bias.tensor_parallel_dim = 0
         self.pooler = self.binary = None
         if add_binary_head:
-            self.pooler = _replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
-                                             f"{prefix}.pooler", std)
-            self.binary = _replicated_linear(cfg.hidden_size, 2, mesh, seed, f"{prefix}.binary",
-                                             std)
+            self.pooler = replicated_linear(cfg.hidden_size, cfg.hidden_size, mesh, seed,
+                                            f"{prefix}.pooler", std)
+            self.binary = replicated_linear(cfg.hidden_size, 2, mesh, seed, f"{prefix}.binary",
+                                            std)
 
     def forward(self, h: torch.Tensor, word: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [s(/tp), b, hidden] after the final norm -> (sharded LM logits, binary logits [b, 2])."""

@@ -51,6 +51,8 @@ class TransformerConfig:
     qk_layernorm: bool = False  # norm over head_dim on queries and keys (--qk-layernorm)
     layernorm_zero_centered_gamma: bool = False  # norm weights stored as gamma - 1 (--apply-layernorm-1p)
     post_layernorm: bool = False  # original BERT: norm after each residual add (--post-layernorm)
+    share_layers_every: int = 1  # ALBERT: layers [jK, (j+1)K) reuse one weight set (1 = none)
+    embedding_size: int | None = None  # ALBERT's factorized embedding width E; None = hidden
     activation: str = "gelu"
     position_embedding_type: str = "learned_absolute"
     rotary_base: float = 10000.0
@@ -85,6 +87,16 @@ class TransformerConfig:
         return 4 * self.hidden_size
 
     @property
+    def embedding_dim(self) -> int:
+        """Width of the word / position / token-type tables (--embedding-size, else hidden)."""
+        return self.embedding_size or self.hidden_size
+
+    @property
+    def factorized_embedding(self) -> bool:
+        """The tables are narrower than hidden and projected up (and the tied head down)."""
+        return self.embedding_size is not None
+
+    @property
     def head_dim(self) -> int:
         return int(self.kv_channels)
 
@@ -107,6 +119,10 @@ class TransformerConfig:
             raise ConfigError(
                 f"--hidden-size={self.hidden_size} is not divisible by --num-attention-heads="
                 f"{self.num_attention_heads}; change one of them or give --kv-channels explicitly")
+        e = self.embedding_size
+        if e is not None and not (isinstance(e, int) and 0 < e < self.hidden_size):
+            raise ConfigError(f"--embedding-size={self.embedding_size!r} must be a positive "
+                              f"integer below --hidden-size={self.hidden_size} (or unset)")
         _choice(self, "normalization", NORMS)
         _choice(self, "activation", ACTIVATIONS)
         _choice(self, "position_embedding_type", POSITIONS)
@@ -127,7 +143,12 @@ class TransformerConfig:
                           num_query_groups=self.num_query_groups,
                           ffn_hidden_size=self.ffn_hidden_size, seq_length=self.seq_length,
                           tp=tensor_parallel, pp=pipeline_parallel, virtual=virtual_stages,
-                          sequence_parallel=sequence_parallel, split=stage_split)
+                          sequence_parallel=sequence_parallel, split=stage_split,
+                          share_layers_every=self.share_layers_every)
+
+    def shared_owner(self, layer: int) -> int:
+        """The layer whose weights `layer` uses: the first of its --share-layers-every group."""
+        return layer - layer % self.share_layers_every
 
 
 def _positive(cfg: TransformerConfig, names: tuple[str, ...]) -> None:

@@ -9,7 +9,10 @@ output layer: final norm -> pooled hidden state -> logits [b, classes] (megapre/
 
 With tied embeddings (the default) the output layer multiplies by the word table; a last stage
 that is not also the first keeps its own copy of the table (built from the same generator) whose
-gradient the pipeline sums with the first stage's (`shared_embedding_weight`).
+gradient the pipeline sums with the first stage's (`shared_embedding_weight`). With a factorized
+embedding (--embedding-size E) the tied table is [vocab, E]: the last stage first projects the
+final hidden states down to E with its own replicated linear (`output_project`, as ALBERT's
+head maps hidden -> E); an untied output layer stays [vocab, hidden].
 
 Under context parallelism every tensor along the sequence holds this CP rank's zig-zag share
 (s/cp tokens, megapre.parallel.context); positions default to those tokens' true positions, so
@@ -29,7 +32,7 @@ from megapre.parallel.random import RNGTracker
 
 from . import init
 from .config import TransformerConfig
-from .embedding import Embedding, word_embedding
+from .embedding import Embedding, replicated_linear, word_embedding
 from .heads import ClassificationHead, HeadConfig
 from .lm_head import full_logits, parallel_logits, token_loss
 from .rope import rope_frequencies
@@ -52,6 +55,7 @@ class GPTModel(nn.Module):
         self.decoder = TransformerStack(cfg, mesh, self.stage.first_layer, self.stage.last_layer,
                                         seed, tracker, recompute_granularity, prefix="decoder")
         self.final_norm = self.output_layer = self.output_word = self.heads = None
+        self.output_project = None
         self.output_quant = None  # an int8 output layer (megapre.compress --quantize-lm-head)
         self.task_head = task_head
         if self.stage.is_last:
@@ -63,8 +67,11 @@ class GPTModel(nn.Module):
                 self.output_layer = ColumnParallelLinear(
                     cfg.hidden_size, cfg.padded_vocab_size(mesh.tp_size), mesh, bias=False,
                     init_method=init.normal(seed, "output_layer.weight", cfg.init_method_std))
-            elif not self.stage.is_first:
-                self.output_word = word_embedding(cfg, mesh, seed)
+            else:
+                if not self.stage.is_first:
+                    self.output_word = word_embedding(cfg, mesh, seed)
+                if cfg.factorized_embedding:
+                    self.output_project = _output_project(cfg, mesh, seed)
         self.rope_dim = None
         if cfg.position_embedding_type == "rope":
             self.rope_dim = int(cfg.head_dim * cfg.rotary_percent) // 2 * 2
@@ -126,19 +133,31 @@ class GPTModel(nn.Module):
         x = self.final_norm(x)
         if self.heads is not None:
             return self.heads(x, lengths)
-        logits = self.output_logits(x)
+        logits = self.lm_logits(x)
         if labels is None:
             return logits
         return token_loss(logits, labels, self.mesh, self.cfg.vocab_size, self.label_smoothing)
 
-    def output_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Sharded logits [s, b, vocab/tp] of the final-normed hidden states (last stage)."""
+    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Sharded logits [s, b, vocab/tp] of the final-norm output x [s(/tp), b, h]; through
+        the int8 head when megapre.compress quantized it (--quantize-lm-head)."""
+        if self.output_layer is not None:
+            return parallel_logits(x, self.output_layer.weight, self.mesh)
+        if self.output_project is not None:
+            x = self.output_project(x)
         if self.output_quant is not None:
             return self.output_quant(x)
-        weight = (self.output_layer.weight if self.output_layer is not None
-                  else self.shared_embedding_weight())
-        return parallel_logits(x, weight, self.mesh)
+        return parallel_logits(x, self.shared_embedding_weight(), self.mesh)
 
     def gathered_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """[b, s, vocab] logits without the padded columns (generation, evaluation)."""
         return full_logits(logits, self.mesh, self.cfg.vocab_size)
+
+
+def _output_project(cfg: TransformerConfig, mesh: ParallelMesh, seed: int) -> nn.Linear:
+    """hidden -> E before the tied [vocab, E] table. It sees this rank's tokens only under
+    sequence parallelism, so its grads are then summed over TP."""
+    lin = replicated_linear(cfg.hidden_size, cfg.embedding_dim, mesh, seed, "output_project",
+                            cfg.init_method_std, bias=False)
+    lin.weight.sequence_parallel = mesh.sequence_parallel
+    return lin

@@ -18,6 +18,13 @@ Names: a stack keeps its layers in a ModuleDict keyed by the *global* layer inde
 path is the same in every pipeline layout (`decoder.layers.7.mlp.fc1.weight` on whichever stage
 holds layer 7). Each module is told its path (`prefix`) when built and seeds its weights' init
 generators with it, so the init name, the module path and the checkpoint key are one name.
+
+Cross-layer sharing (ALBERT, --share-layers-every K): layers [jK, (j+1)K) run one weight set,
+the module built for layer jK; the ModuleDict holds only those owners, so each set has one name
+(`decoder.layers.{jK}...`), one checkpoint entry and one optimizer state, and autograd sums the
+K uses' gradients into it. `TransformerStack.uses` lists (global layer number, module) for
+every layer, the number being the KV cache's slot. A set never straddles pipeline stages
+(megapre.parallel.layout.check_shared_layers).
 """
 from __future__ import annotations
 
@@ -186,7 +193,7 @@ class TransformerLayer(nn.Module):
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, layer_number: int, seed: int,
                  tracker: RNGTracker | None, prefix: str) -> None:
         super().__init__()
-        self.layer_number = layer_number  # global index (the KV cache's slot)
+        self.layer_number = layer_number  # global index (its set's first layer when shared)
         self.norm1 = make_norm(cfg, mesh)
         self.attention = SelfAttention(cfg, mesh, f"{prefix}.attention", seed, tracker)
         self.norm2 = make_norm(cfg, mesh)
@@ -234,7 +241,7 @@ class TransformerStack(nn.Module):
     optional activation recomputation (`parse_recompute`): 'full' reruns layers in backward,
     in groups of N ('uniform': one saved input per group) or only the first N of this chunk
     ('block'); 'selective' only the attention core. `prefix` is the stack's path in the model
-    ('decoder', 'encoder')."""
+    ('decoder', 'encoder'). With --share-layers-every K only each set's first layer is built."""
 
     def __init__(self, cfg: TransformerConfig, mesh: ParallelMesh, first: int, last: int,
                  seed: int, tracker: RNGTracker | None, recompute_granularity: str | None = None,
@@ -242,17 +249,23 @@ class TransformerStack(nn.Module):
         super().__init__()
         granularity, self.recompute_method, self.recompute_layers = \
             parse_recompute(recompute_granularity)
+        self.first, self.last, self.owner = first, last, cfg.shared_owner
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, mesh, i, seed, tracker, prefix=f"{prefix}.layers.{i}")
-            for i in range(first, last)})
+            for i in range(first, last) if cfg.shared_owner(i) == i})
         self.full_recompute = granularity == "full"
         self.tracker = tracker
         for layer in self.layers.values():
             layer.attention.recompute_core = granularity == "selective"
 
+    def uses(self) -> list[tuple[int, TransformerLayer]]:
+        """(global layer number, the module it runs) for layers [first, last) in order; a shared
+        set's module appears once per layer that reuses it."""
+        return [(i, self.layers[str(self.owner(i))]) for i in range(self.first, self.last)]
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, causal: bool = False,
                 rope: torch.Tensor | None = None) -> torch.Tensor:
-        layers = list(self.layers.values())
+        layers = [layer for _, layer in self.uses()]
         if not (self.full_recompute and self.training):
             for layer in layers:
                 x = layer(x, mask, causal=causal, rope=rope)

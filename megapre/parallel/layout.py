@@ -238,7 +238,7 @@ def _virtual_remainder(num_layers: int, pp: int, v: int, split: StageSplit, shar
 def check_model_split(*, num_layers: int, num_attention_heads: int, num_query_groups: int,
                       ffn_hidden_size: int, seq_length: int, tp: int, pp: int,
                       virtual: int | None = None, sequence_parallel: bool = False,
-                      split: StageSplit = EVEN) -> None:
+                      split: StageSplit = EVEN, share_layers_every: int = 1) -> None:
     """Can this model be cut into TP shards and PP chunks (evenly, or as `split` says)?"""
     check_parallel_sizes(tp, pp, virtual)
     if num_attention_heads % num_query_groups:
@@ -257,9 +257,29 @@ def check_model_split(*, num_layers: int, num_attention_heads: int, num_query_gr
         raise ConfigError(f"--ffn-hidden-size {ffn_hidden_size} is not divisible by "
                           f"--tensor-model-parallel-size {tp}")
     chunk_layers(num_layers, pp, virtual, split)
+    check_shared_layers(num_layers, share_layers_every, pp, virtual, split)
     if sequence_parallel and seq_length % tp:
         raise ConfigError(f"--sequence-parallel needs --seq-length {seq_length} divisible by "
                           f"--tensor-model-parallel-size {tp}")
+
+
+def check_shared_layers(num_layers: int, every: int, pp: int = 1, virtual: int | None = None,
+                        split: StageSplit = EVEN) -> None:
+    """--share-layers-every K: layers [jK, (j+1)K) reuse one weight set, so K must divide the
+    layer count, and every pipeline chunk must hold whole sets: a set is then never split over
+    stages and its gradient needs no cross-stage sum (unlike the tied word table)."""
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"--share-layers-every={every!r} must be a positive integer")
+    if num_layers % every:
+        raise ConfigError(f"--share-layers-every {every} does not divide --num-layers "
+                          f"{num_layers}: each weight set serves {every} consecutive layers")
+    for rank, chunks in enumerate(chunk_ranges(num_layers, pp, virtual, split)):
+        for first, last in chunks:
+            if first % every or last % every:
+                raise ConfigError(
+                    f"--share-layers-every {every}: pipeline rank {rank} holds layers [{first}, "
+                    f"{last}), which splits a shared set; make every stage's (virtual chunk's) "
+                    f"layer count a multiple of {every}")
 
 
 def num_microbatches(micro_batch_size: int, global_batch_size: int, dp: int) -> int:

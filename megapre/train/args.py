@@ -59,6 +59,14 @@ class ModelArgs:
                               "residual add, a norm after the embeddings, no final norm "
                               "(Megatron's --apply-residual-connection-post-layernorm is another "
                               "ordering)")
+    share_layers_every: int = _f(1, "ALBERT cross-layer sharing: layers [jK, (j+1)K) reuse one "
+                                 "set of block weights (K divides --num-layers and every "
+                                 "pipeline stage's layer count; 1 = no sharing, --num-layers = "
+                                 "all layers share one set)")
+    embedding_size: int | None = _f(None, "ALBERT's factorized embedding: word / position / "
+                                    "token-type tables of this width (< --hidden-size), "
+                                    "projected up to hidden; a tied output layer projects "
+                                    "down first (default: hidden, no projection)")
     qk_layernorm: bool = _f(False, "norm (--normalization) over each head's channels of queries "
                             "and keys before RoPE")
     position_embedding_type: str = _f("learned_absolute", "position encoding",
@@ -331,6 +339,7 @@ class PretrainConfig:
             seq_length=m.seq_length, normalization=m.normalization,
             layernorm_epsilon=m.norm_epsilon, layernorm_zero_centered_gamma=m.apply_layernorm_1p,
             activation=activation_of(m), post_layernorm=m.post_layernorm,
+            share_layers_every=m.share_layers_every, embedding_size=m.embedding_size,
             rotary_interleaved=m.rotary_interleaved, qk_layernorm=m.qk_layernorm,
             position_embedding_type=m.position_embedding_type, rotary_base=m.rotary_base,
             rotary_percent=m.rotary_percent, add_bias_linear=not m.disable_bias_linear,

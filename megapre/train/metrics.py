@@ -29,14 +29,17 @@ GPU_PEAK_TFLOPS = (("H200", 989.0), ("H100", 989.0), ("H800", 989.0), ("A100", 3
 def flops_per_token(cfg: TransformerConfig, seq_length: int, training: bool = True,
                     predicted_fraction: float = 1.0) -> float:
     """Model FLOPs per token. `predicted_fraction`: the share of positions whose vocabulary
-    logits are computed (BERT training: the masked ones, --mask-prob)."""
+    logits are computed (BERT training: the masked ones, --mask-prob). Shared layers
+    (--share-layers-every) still run once per layer, so they cost the same FLOPs."""
     h, hd = cfg.hidden_size, cfg.head_dim
     nh, ng, f = cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size
     qkv = 2 * h * (nh + 2 * ng) * hd
     attn = 2 * 2 * seq_length * nh * hd
     proj = 2 * nh * hd * h
     mlp = 2 * h * f * (3 if cfg.activation == "swiglu" else 2)
-    logits = 2 * h * cfg.padded_vocab_size(1) * predicted_fraction
+    # a tied factorized table (--embedding-size E) takes the logits at width E
+    width = h if cfg.untie_embeddings_and_output_weights else cfg.embedding_dim
+    logits = 2 * width * cfg.padded_vocab_size(1) * predicted_fraction
     forward = cfg.num_layers * (qkv + attn + proj + mlp) + logits
     return 3.0 * forward if training else float(forward)
 

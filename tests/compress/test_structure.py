@@ -33,7 +33,8 @@ def _ids() -> torch.Tensor:
 
 @pytest.mark.parametrize("kw", [{}, dict(activation="swiglu", normalization="RMSNorm",
                                          add_bias_linear=False),
-                                dict(untie_embeddings_and_output_weights=True)])
+                                dict(untie_embeddings_and_output_weights=True),
+                                dict(share_layers_every=2, embedding_size=16)])
 @pytest.mark.parametrize("head", [False, True])
 def test_gpt_layers_swapped(kw, head):
     mesh = ParallelMesh.single(device="cpu")
@@ -41,7 +42,8 @@ def test_gpt_layers_swapped(kw, head):
     with torch.no_grad():
         want = model.gathered_logits(model(_ids()))
     expected = len(block_linears(model))
-    assert expected == 2 * (5 if kw.get("activation") == "swiglu" else 4)
+    sets = 2 // kw.get("share_layers_every", 1)  # ALBERT sharing: one weight set per K layers
+    assert expected == sets * (5 if kw.get("activation") == "swiglu" else 4)
     n = quantize_model(model, QuantConfig("weight-int8", quantize_lm_head=head), mesh)
     assert n == expected + head and not block_linears(model)
     assert sum(isinstance(m, INT8_LAYERS) for m in model.modules()) == expected

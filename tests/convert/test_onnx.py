@@ -1,7 +1,8 @@
 """megapre-convert onnx: tiny checkpoints exported, run in ONNX Runtime at batch/sequence sizes
 other than the traced ones (dynamic axes), and held to megapre's eager forward (fused kernels)
 within 1e-4 relative (max |diff| / max |logits|, fp32): GPT with learned positions and the
-Llama-style variant (RoPE, SwiGLU, RMSNorm, GQA), each also with a KV cache (prompt on an empty
+Llama-style variant (RoPE, SwiGLU, RMSNorm, GQA) and an ALBERT-style one (shared layers, a
+factorized embedding), each also with a KV cache (prompt on an empty
 past, then one step on the returned present; and a left-padded batch); BERT's masked-LM +
 binary logits (pre-LN, and post-LN with the exact GELU); fine-tuned BERT and GPT classifiers.
 Bad input is one line and exit 2."""
@@ -33,6 +34,7 @@ SIZES = ((3, 7), (1, 13))  # the graphs are traced at batch 2, sequence 5 (past 
 LLAMA = ("--position-embedding-type", "rope", "--swiglu", "--normalization", "RMSNorm",
          "--group-query-attention", "--num-query-groups", "2", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights")
+ALBERT = ("--share-layers-every", "2", "--embedding-size", "16")
 
 
 def _train(flags: list[str]) -> None:
@@ -51,7 +53,7 @@ def gpt_ckpts(tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("onnx_gpt")
     corpus = write_counting_corpus(str(work / "count_text_document"))
     out = {}
-    for name, extra in (("learned", ()), ("llama", LLAMA)):
+    for name, extra in (("learned", ()), ("llama", LLAMA), ("albert", ALBERT)):
         out[name] = work / name
         _train(tiny_gpt_flags(corpus, work, "--save", str(out[name]), *extra, train_iters=2))
     return out
@@ -96,7 +98,7 @@ def _ids(vocab: int, b: int, s: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant", ["learned", "llama"])
+@pytest.mark.parametrize("variant", ["learned", "llama", "albert"])
 def test_gpt_logits_match_eager(gpt_ckpts, tmp_path, variant):
     out = tmp_path / "gpt.onnx"
     out.write_bytes(b"an older file, replaced once the export is complete")
@@ -115,7 +117,7 @@ def test_gpt_logits_match_eager(gpt_ckpts, tmp_path, variant):
             assert _rel(got, ref) <= TOLERANCE
 
 
-@pytest.mark.parametrize("variant", ["learned", "llama"])
+@pytest.mark.parametrize("variant", ["learned", "llama", "albert"])
 def test_gpt_kv_cache_prompt_then_step(gpt_ckpts, tmp_path, variant):
     sess = _export(gpt_ckpts[variant], tmp_path / "kv.onnx", "--with-kv-cache")
     inputs, outputs = sess.get_inputs(), [o.name for o in sess.get_outputs()]

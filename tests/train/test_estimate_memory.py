@@ -30,6 +30,11 @@ VARIANTS = {
     "gpt-swiglu-gqa-nobias": ["--swiglu", "--num-query-groups", "2", "--disable-bias-linear"],
     "bert": ["--model", "bert"],
     "bert-nobinary": ["--model", "bert", "--no-bert-binary-head"],
+    "gpt-shared-factorized": ["--share-layers-every", "2", "--embedding-size", "16"],
+    "gpt-untied-factorized-all-shared": ["--untie-embeddings-and-output-weights",
+                                         "--embedding-size", "16", "--share-layers-every", "4"],
+    "bert-shared-factorized": ["--model", "bert", "--share-layers-every", "4",
+                               "--embedding-size", "16"],
 }
 
 
@@ -50,11 +55,12 @@ def test_parameter_counts_match_real_model(name):
     mc = cfg.transformer_config(1000)  # padded to 1024
     total, non_emb = total_params(mc, kind, binary)
     assert total == _real_params(kind, mc, binary)
-    emb = mc.padded_vocab_size(1) * mc.hidden_size * (
-        2 if mc.untie_embeddings_and_output_weights else 1)
-    emb += mc.max_position_embeddings * mc.hidden_size \
+    e, h = mc.embedding_dim, mc.hidden_size  # tables of width --embedding-size (else hidden)
+    emb = mc.padded_vocab_size(1) * (e + (h if mc.untie_embeddings_and_output_weights else 0))
+    emb += mc.max_position_embeddings * e \
         if mc.position_embedding_type == "learned_absolute" else 0
-    emb += 2 * mc.hidden_size if kind == "bert" else 0
+    emb += 2 * e if kind == "bert" else 0
+    emb += e * h + h if mc.factorized_embedding else 0  # the up-projection
     assert non_emb == total - emb
     est = estimate(cfg, 1, 1000)
     assert est.stages[0].params == total and est.stages[0].weights == 4 * total
@@ -62,7 +68,8 @@ def test_parameter_counts_match_real_model(name):
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
-@pytest.mark.parametrize("name", ["gpt", "gpt-swiglu-gqa-nobias", "bert"])
+@pytest.mark.parametrize("name", ["gpt", "gpt-swiglu-gqa-nobias", "bert", "gpt-shared-factorized",
+                                  "bert-shared-factorized"])
 def test_tp_shards_sum_to_the_full_model(name, tp):
     """Each TP rank's analytic share, summed over ranks, is the single-process model plus
     the replicated tensors counted tp times and the extra vocabulary padding of this TP."""
@@ -270,7 +277,9 @@ def test_context_parallel_divides_activations(cp, capsys):
 
 
 @pytest.mark.parametrize("extra", [[], ["--hidden-dropout", "0"], ["--model", "bert"],
-                                   ["--model", "bert", "--attention-dropout", "0"]])
+                                   ["--model", "bert", "--attention-dropout", "0"],
+                                   ["--share-layers-every", "2", "--embedding-size", "16"],
+                                   ["--model", "bert", "--embedding-size", "16"]])
 def test_whole_model_activations_match_autograd(extra):
     """Layers + embedding + head (final norm, logits' softmax, BERT's LM head) of one
     micro-batch against every storage autograd saves; only the ids/mask bookkeeping differs."""
