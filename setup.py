@@ -171,6 +171,7 @@ def main() -> None:
             "megapre-plot = megapre.cli.plot_metrics:main",
             "megapre-lm-eval = megapre.cli.lm_eval:main",
             "megapre-convert = megapre.cli.convert:main",
+            "megapre-compress = megapre.cli.compress:main",
         ]},
         ext_modules=extensions(with_cuda),
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -56,6 +56,7 @@ class GPTModel(nn.Module):
                                         seed, tracker, recompute_granularity, prefix="decoder")
         self.final_norm = self.output_layer = self.output_word = self.heads = None
         self.output_project = None
+        self.output_quant = None  # an int8 output layer (megapre.compress --quantize-lm-head)
         self.task_head = task_head
         if self.stage.is_last:
             self.final_norm = final_norm(cfg, mesh)
@@ -138,11 +139,14 @@ class GPTModel(nn.Module):
         return token_loss(logits, labels, self.mesh, self.cfg.vocab_size, self.label_smoothing)
 
     def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Sharded logits [s, b, vocab/tp] of the final-norm output x [s(/tp), b, h]."""
+        """Sharded logits [s, b, vocab/tp] of the final-norm output x [s(/tp), b, h]; through
+        the int8 head when megapre.compress quantized it (--quantize-lm-head)."""
         if self.output_layer is not None:
             return parallel_logits(x, self.output_layer.weight, self.mesh)
         if self.output_project is not None:
             x = self.output_project(x)
+        if self.output_quant is not None:
+            return self.output_quant(x)
         return parallel_logits(x, self.shared_embedding_weight(), self.mesh)
 
     def gathered_logits(self, logits: torch.Tensor) -> torch.Tensor:

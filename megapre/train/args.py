@@ -303,9 +303,15 @@ class PretrainConfig:
     checkpoint: CheckpointArgs = field(default_factory=CheckpointArgs)
     log: LogArgs = field(default_factory=LogArgs)
     distill: DistillArgs = field(default_factory=DistillArgs)
+    # Set only in a quantized checkpoint's config (megapre.compress.QuantConfig.record()): the
+    # loaders build int8 layers before reading its weights. Not a flag: training cannot set it.
+    quantization: dict | None = None
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "config_version": CONFIG_VERSION}
+        d = {**dataclasses.asdict(self), "config_version": CONFIG_VERSION}
+        if d["quantization"] is None:  # float runs' configs stay as they were
+            del d["quantization"]
+        return d
 
     def tokenizer_config(self) -> TokenizerConfig:
         """The tokenizer the data was preprocessed with (also saved with every checkpoint)."""
@@ -369,6 +375,10 @@ def apply_settings(cfg: PretrainConfig, data: dict, path: Path) -> None:
     `_upgrade`."""
     flat = _flatten(data, path)
     version = flat.pop("config_version", 1)
+    if flat.pop("quantization", None) is not None:
+        raise ConfigError(f"--config {path}: the config of a quantized checkpoint (int8 weights "
+                          "run in megapre.generate / megapre.evaluate, they do not train); use "
+                          "the float checkpoint's config")
     owners = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
     for key, value in (_upgrade(flat) if version < CONFIG_VERSION else flat).items():
         if key not in owners:
@@ -406,6 +416,8 @@ def _upgrade(flat: dict) -> dict:
 def from_dict(data: dict) -> PretrainConfig:
     """Inverse of to_dict (a config saved with a checkpoint)."""
     cfg = PretrainConfig()
+    data = dict(data)
+    cfg.quantization = data.pop("quantization", None)
     apply_settings(cfg, data, Path("<saved config>"))
     return cfg
 

@@ -684,6 +684,7 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     if meta.get("model_kind") != kind:
         raise CheckpointMismatchError(f"checkpoint {path} holds a {meta.get('model_kind')} "
                                       f"model; this run builds --model {kind}")
+    _refuse_quantized_into_float(path, models)
     reader = SafeFileSystemReader(path)
     metadata = reader.read_metadata()
     keys = list(metadata.state_dict_metadata)
@@ -715,6 +716,18 @@ def load_checkpoint(load_dir: str | os.PathLike, model, optimizer=None,
     return {"iteration": it, "consumed_samples": int(meta.get("consumed_samples", 0)),
             "extra": _decode_extra(meta.get("extra", {}), extra_tensors), "config": config,
             "path": path, "tokenizer": meta.get("tokenizer")}
+
+
+def _refuse_quantized_into_float(path: Path, models: list[torch.nn.Module]) -> None:
+    """An int8 checkpoint (megapre.compress) loads only into a model built with its int8 layers
+    (the inference programs read its config); a training run's float model cannot take it."""
+    quant = (read_config(path) or {}).get("quantization")
+    if quant is None or any(p.dtype == torch.int8 for m in models for p in m.parameters()):
+        return
+    raise CheckpointMismatchError(
+        f"checkpoint {path} is int8-quantized ({quant.get('method')}, megapre.compress): it runs "
+        "in megapre.generate / megapre.evaluate; train or fine-tune from the float checkpoint "
+        "it was made from")
 
 
 def _restore_rng(path: Path, meta: dict, mesh: ParallelMesh, tracker: RNGTracker | None,

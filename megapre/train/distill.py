@@ -125,6 +125,14 @@ def _whole(adapter: ModelAdapter, seed: int, flag_value: str) -> ParallelModel:
                           f"layout: {e}") from None
 
 
+def _int8_layers(tcfg: PretrainConfig, teacher: ParallelModel, mesh: ParallelMesh) -> None:
+    """An int8 teacher (a megapre.compress checkpoint) gets its int8 layers before the load."""
+    if tcfg.quantization is not None:
+        from megapre.compress.structure import build_recorded
+
+        build_recorded(tcfg.quantization, teacher.models, mesh)
+
+
 def _freeze(model: ParallelModel, mesh: ParallelMesh) -> nn.Module | None:
     """The teacher's one chunk, in eval mode and without gradients; None on a rank without the
     last pipeline stage (it only took part in the collective load)."""
@@ -152,6 +160,7 @@ def load_lm_teacher(cfg: PretrainConfig, student_vocab: int, mesh: ParallelMesh)
     mc = _teacher_model_config(tcfg, cfg, vocab)
     with _rng_untouched():
         teacher = _whole(ModelAdapter("gpt", mc, mesh), tcfg.train.seed, flag_value)
+        _int8_layers(tcfg, teacher, mesh)
         load_checkpoint(path, teacher, None, mesh, load_rng=False)
     return _freeze(teacher, mesh)
 
@@ -188,6 +197,7 @@ def load_task_teacher(cfg, labels, student_vocab: int, mesh: ParallelMesh) -> nn
                           Adaptation(lora=tcfg.lora))
     with _rng_untouched():
         teacher = _whole(adapter, tcfg.train.seed, flag_value)
+        _int8_layers(tcfg, teacher, mesh)
         load_task_weights(SimpleNamespace(model=teacher, mesh=mesh, tracker=None), tcfg, path,
                           task, None, lambda _: None)
     return _freeze(teacher, mesh)

@@ -123,8 +123,9 @@ def finetune_from_dict(data: dict) -> FinetuneConfig:
     if not isinstance(task, dict):
         raise ConfigError("the saved config has no 'task' section: this is not a fine-tuned "
                           "checkpoint (pass a pretraining checkpoint as --pretrained-checkpoint)")
-    rest = {k: v for k, v in data.items() if k != "task"}
+    rest = {k: v for k, v in data.items() if k not in ("task", "quantization")}
     apply_settings(cfg, rest, Path("<saved config>"))
+    cfg.quantization = data.get("quantization")  # an int8 checkpoint (megapre.compress)
     fields = {f.name for f in dataclasses.fields(TaskArgs)}
     for key, value in task.items():
         if key in fields:

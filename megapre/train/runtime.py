@@ -9,6 +9,7 @@ pretraining layout (the training step splits its micro-batches); other programs 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import torch
 
 from megapre.data.tokenizers import Tokenizer, build_tokenizer
 from megapre.errors import ConfigError
+from megapre.model import init
 from megapre.model.config import TransformerConfig
 from megapre.parallel import ParallelConfig, ParallelMesh, layout, set_random_seed
 from megapre.parallel.mesh import resolve_device
@@ -80,16 +82,30 @@ def build_runtime(cfg: PretrainConfig, *, tokenizer: Tokenizer | None = None,
     wrap = {"ddp": not p.use_distributed_optimizer}
     if p.ddp_bucket_size is not None:
         wrap["ddp_bucket_cap_mb"] = p.ddp_bucket_size * 4 / 2**20  # fp32 elements
-    if adapter is not None:
-        model = ParallelModel.from_adapter(adapter(model_cfg, mesh), seed=cfg.train.seed,
-                                           tracker=tracker,
-                                           recompute_granularity=recompute_granularity, **wrap)
-    else:
-        model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
-                                    tracker=tracker, recompute_granularity=recompute_granularity,
-                                    add_binary_head=cfg.model.bert_binary_head, **wrap)
+    if cfg.quantization is not None:
+        wrap["ddp"] = False  # int8 models only run forward: nothing for DDP to reduce
+    # a quantized checkpoint holds every weight: drawing the float init would be wasted
+    with init.skipped() if cfg.quantization is not None else contextlib.nullcontext():
+        if adapter is not None:
+            model = ParallelModel.from_adapter(adapter(model_cfg, mesh), seed=cfg.train.seed,
+                                               tracker=tracker,
+                                               recompute_granularity=recompute_granularity, **wrap)
+        else:
+            model = ParallelModel.build(cfg.model.model, model_cfg, mesh, seed=cfg.train.seed,
+                                        tracker=tracker,
+                                        recompute_granularity=recompute_granularity,
+                                        add_binary_head=cfg.model.bert_binary_head, **wrap)
+    if cfg.quantization is not None:
+        _quantized_layers(cfg.quantization, model, mesh)
     return Runtime(cfg, tokenizer, model_cfg, mesh, model, tracker)
 
+
+def _quantized_layers(record: dict, model: ParallelModel, mesh: ParallelMesh) -> None:
+    """A quantized checkpoint's run: give the model its int8 layers (empty; the checkpoint load
+    fills them) so the saved int8 weights and scales fit (megapre.compress)."""
+    from megapre.compress.structure import build_recorded
+
+    build_recorded(record, model.models, mesh)
 
 def _deterministic(device) -> None:
     """--deterministic-mode: only deterministic kernels (torch raises where an op has none);

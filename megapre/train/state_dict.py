@@ -40,7 +40,8 @@ from megapre.parallel.mesh import ParallelMesh
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 # Parameters whose dim 0 is the padded vocabulary (stored unpadded).
-VOCAB_TABLES = ("embedding.word.weight", "output_layer.weight", "output_word.weight", "heads.bias")
+VOCAB_TABLES = ("embedding.word.weight", "output_layer.weight", "output_word.weight", "heads.bias",
+                "output_quant.weight", "output_quant.weight_scale")  # the last two: int8 LM head
 TIED_COPY, TIED_SOURCE = "output_word.weight", "embedding.word.weight"
 
 

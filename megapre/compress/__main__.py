@@ -1,0 +1,5 @@
+import sys
+
+from megapre.cli.compress import main
+
+sys.exit(main())
