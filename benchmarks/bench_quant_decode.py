@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import megapre.ops as ops
-from megapre.compress import QuantConfig
-from megapre.compress.structure import quantize_model
-from megapre.inference.kv_cache import KVCache, stage_step
-from megapre.model.config import TransformerConfig
-from megapre.model.gpt import GPTModel
-from megapre.parallel import ParallelMesh
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import megapre.ops as ops  # noqa: E402
+from megapre.compress import QuantConfig  # noqa: E402
+from megapre.compress.structure import quantize_model  # noqa: E402
+from megapre.inference.kv_cache import KVCache, stage_step  # noqa: E402
+from megapre.model.config import TransformerConfig  # noqa: E402
+from megapre.model.gpt import GPTModel  # noqa: E402
+from megapre.parallel import ParallelMesh  # noqa: E402
 
 WARMUP = 4  # untimed decode steps
 VARIANTS = (("fp32", None), ("weight-int8", QuantConfig("weight-int8")),
