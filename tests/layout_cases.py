@@ -125,6 +125,28 @@ def train(kind: str, mesh: ParallelMesh, steps: int, micro: int, global_size: in
     return out
 
 
+
+def resume_losses(kind: str, cfg: TransformerConfig, mesh: ParallelMesh, root: str, seed: int,
+                  save: bool, micro: int, global_size: int) -> list[float]:
+    """Two steps from a fresh model then a save to root/kind (save=True), or a load of that save
+    (any layout); then the losses of two more steps. Equal lists across layouts show that a
+    checkpoint resumes exactly in another layout."""
+    from megapre.train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = ParallelModel.build(kind, cfg, mesh, seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    step = TrainStep(model, opt, StepConfig(micro, global_size))
+
+    def run(first: int) -> list[float]:
+        return [step(iter(micro_batches(kind, it, global_size, micro, mesh.dp_rank,
+                                        mesh.dp_size))).loss for it in (first, first + 1)]
+    if save:
+        run(0)
+        save_checkpoint(f"{root}/{kind}", 2, model, opt, mesh, consumed_samples=2 * global_size)
+    else:
+        assert load_checkpoint(f"{root}/{kind}", model, opt, mesh)["iteration"] == 2
+    return run(2)
+
 def layout_mesh(layout: Layout) -> ParallelMesh:
     return ParallelMesh.init(ParallelConfig(tensor_parallel=layout.tp, pipeline_parallel=layout.pp,
                                             virtual_pipeline=layout.vp,

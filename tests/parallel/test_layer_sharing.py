@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from layout_cases import Layout, layout_mesh, micro_batches, model_config, preload_worker_modules
-from layout_cases import train
+from layout_cases import resume_losses, train
 from megapre.cli.estimate_memory import main as estimate_main
 from megapre.cli.flags import parse_config
 from megapre.inference.kv_cache import KVCache, stage_step
@@ -23,9 +23,7 @@ from megapre.launch.memory import (embedding_params, layer_params, stage_params,
                                    total_params)
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
-from megapre.train.checkpoint import load_checkpoint, save_checkpoint
 from megapre.train.parallel_model import ParallelModel
-from megapre.train.step import StepConfig, TrainStep
 
 STEPS, MICRO, GLOBAL = 3, 2, 4
 # (config, lr) of the layout runs. Sharing alone trains at a large lr (a missing or doubled
@@ -209,23 +207,7 @@ def test_sharing_matches_single_process(layout):
 
 
 def _resume_steps(mesh: ParallelMesh, root: str, seed: int, save: bool) -> dict[str, list[float]]:
-    """Two steps then a save (save=True), or a load of that save; then two more steps' losses."""
-    out = {}
-    for kind in KINDS:
-        model = ParallelModel.build(kind, _config(), mesh, seed=seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        step = TrainStep(model, opt, StepConfig(MICRO, GLOBAL))
-
-        def run(first: int, kind=kind, step=step) -> list[float]:
-            return [step(iter(micro_batches(kind, it, GLOBAL, MICRO, mesh.dp_rank,
-                                            mesh.dp_size))).loss for it in (first, first + 1)]
-        if save:
-            run(0)
-            save_checkpoint(f"{root}/{kind}", 2, model, opt, mesh, consumed_samples=2 * GLOBAL)
-        else:
-            assert load_checkpoint(f"{root}/{kind}", model, opt, mesh)["iteration"] == 2
-        out[kind] = run(2)
-    return out
+    return {k: resume_losses(k, _config(), mesh, root, seed, save, MICRO, GLOBAL) for k in KINDS}
 
 
 def _resume_worker(rank: int, world: int, layout: Layout, root: str) -> dict[str, list[float]]:

@@ -8,15 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-import torch
-
-from layout_cases import Layout, layout_mesh, micro_batches, model_config, preload_worker_modules
-from layout_cases import train
+from layout_cases import Layout, layout_mesh, model_config, preload_worker_modules
+from layout_cases import resume_losses, train
 from megapre.parallel import ParallelMesh
 from megapre.parallel.testing import run_distributed
-from megapre.train.checkpoint import load_checkpoint, save_checkpoint
 from megapre.train.parallel_model import ParallelModel
-from megapre.train.step import StepConfig, TrainStep
 
 STEPS, MICRO, GLOBAL, LR = 3, 2, 4, 0.05  # a large lr: a wrong norm grad shows in the loss
 KINDS = ("bert", "gpt")
@@ -37,8 +33,6 @@ def _worker(rank: int, world: int, layout: Layout) -> dict[str, list[tuple[float
 
 
 def test_post_layernorm_model_has_embedding_norm_and_no_final_norm():
-    from megapre.train.parallel_model import ParallelModel
-
     names = set(dict(ParallelModel.build("bert", _config(), ParallelMesh.single(device="cpu"),
                                          seed=5).models[0].named_parameters()))
     assert "embedding.norm.weight" in names and "encoder.layers.0.norm1.bias" in names
@@ -59,24 +53,7 @@ def test_post_layernorm_matches_single_process(layout):
 
 
 def _resume_steps(mesh: ParallelMesh, root: str, seed: int, save: bool) -> dict[str, list[float]]:
-    """Two steps from a fresh model then a save (save=True), or a load of that save; then the
-    losses of two more steps."""
-    out = {}
-    for kind in KINDS:
-        model = ParallelModel.build(kind, _config(), mesh, seed=seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
-        step = TrainStep(model, opt, StepConfig(MICRO, GLOBAL))
-
-        def run(first: int, kind=kind, step=step) -> list[float]:
-            return [step(iter(micro_batches(kind, it, GLOBAL, MICRO, mesh.dp_rank,
-                                            mesh.dp_size))).loss for it in (first, first + 1)]
-        if save:
-            run(0)
-            save_checkpoint(f"{root}/{kind}", 2, model, opt, mesh, consumed_samples=2 * GLOBAL)
-        else:
-            assert load_checkpoint(f"{root}/{kind}", model, opt, mesh)["iteration"] == 2
-        out[kind] = run(2)
-    return out
+    return {k: resume_losses(k, _config(), mesh, root, seed, save, MICRO, GLOBAL) for k in KINDS}
 
 
 def _resume_worker(rank: int, world: int, layout: Layout, root: str) -> dict[str, list[float]]:
