@@ -66,6 +66,15 @@ def quantize_full_rows(x: torch.Tensor, group) -> tuple[torch.Tensor, torch.Tens
     return q[..., :-1].contiguous(), scale
 
 
+def _int8_rows(w: torch.Tensor, amax: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, per-row scale) of `w` given each row's absmax; None only allocates (a
+    checkpoint load fills the values)."""
+    if amax is None:
+        return (torch.zeros(w.shape, dtype=torch.int8, device=w.device),
+                torch.zeros(w.shape[0], dtype=torch.float32, device=w.device))
+    return quantize_with_amax(w, amax), amax / INT8_MAX
+
+
 def _frozen(t: torch.Tensor, tp_dim: int | None) -> nn.Parameter:
     p = nn.Parameter(t.contiguous(), requires_grad=False)
     if tp_dim is not None:
@@ -109,12 +118,8 @@ class Int8ColumnParallelLinear(_Int8Mixin, ColumnParallelLinear):
         layer = cls.__new__(cls)
         layer._adopt(base, mode)
         w = base.weight.detach()
-        if quantize:
-            amax = w.float().abs().amax(1)  # a row's scale needs only its own row
-            q, scale = quantize_with_amax(w, amax), amax / INT8_MAX
-        else:
-            q = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
-            scale = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        # a row's scale needs only its own row
+        q, scale = _int8_rows(w, w.float().abs().amax(1) if quantize else None)
         layer.weight, layer.weight_scale = _frozen(q, 0), _frozen(scale, 0)
         return layer
 
@@ -138,12 +143,8 @@ class Int8RowParallelLinear(_Int8Mixin, RowParallelLinear):
         layer = cls.__new__(cls)
         layer._adopt(base, mode)
         w = base.weight.detach()
-        if quantize:
-            amax = row_absmax(w, base.group)  # over the whole row, whatever the TP size
-            q, scale = quantize_with_amax(w, amax), amax / INT8_MAX
-        else:
-            q = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
-            scale = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        # over the whole row, whatever the TP size
+        q, scale = _int8_rows(w, row_absmax(w, base.group) if quantize else None)
         layer.weight, layer.weight_scale = _frozen(q, 1), _frozen(scale, None)
         return layer
 
@@ -175,12 +176,7 @@ class Int8VocabHead(nn.Module):
         super().__init__()
         self.mesh = mesh
         w = weight.detach()
-        if quantize:
-            amax = w.float().abs().amax(1)
-            q, scale = quantize_with_amax(w, amax), amax / INT8_MAX
-        else:
-            q = torch.zeros(w.shape, dtype=torch.int8, device=w.device)
-            scale = torch.zeros(w.shape[0], dtype=torch.float32, device=w.device)
+        q, scale = _int8_rows(w, w.float().abs().amax(1) if quantize else None)
         self.weight, self.weight_scale = _frozen(q, 0), _frozen(scale, 0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
