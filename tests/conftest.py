@@ -63,6 +63,19 @@ def tiny_gpt_flags(corpus: str, work, *extra: str, **settings) -> list[str]:
     return flags + list(extra)
 
 
+
+def train_in_process(flags: list[str]):
+    """Parse megapre.pretrain flags and train in this process; returns the (closed) Trainer."""
+    from megapre.cli.flags import parse_config
+    from megapre.train.loop import Trainer
+
+    trainer = Trainer(parse_config(flags))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

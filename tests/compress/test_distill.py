@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import tiny_gpt_flags, write_counting_corpus
+from conftest import train_in_process as _train
 from layout_cases import one_thread, preload_worker_modules
 from megapre.parallel.testing import run_distributed
 
@@ -26,19 +27,6 @@ def setup(tmp_path_factory) -> dict:
     _train(tiny_gpt_flags(corpus, work / "t", "--save", str(teacher), train_iters=15,
                           num_layers=4))
     return {"corpus": corpus, "teacher": str(teacher), "work": work}
-
-
-def _train(flags: list[str]):
-    """Run a Trainer in this process; returns it (closed) after training."""
-    from megapre.cli.flags import parse_config
-    from megapre.train.loop import Trainer
-
-    trainer = Trainer(parse_config(flags))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
 
 
 def _student(setup: dict, out: Path, *extra: str, **settings) -> list[str]:

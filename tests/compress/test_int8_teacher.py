@@ -9,21 +9,11 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_gpt_flags
+from conftest import train_in_process as _train
 from megapre.parallel.testing import run_distributed
 from quant_cases import counting_case, quantize
 
 KD = ("--kd-alpha", "0.3", "--kd-temperature", "2")
-
-
-def _train(flags: list[str]) -> None:
-    from megapre.cli.flags import parse_config
-    from megapre.train.loop import Trainer
-
-    trainer = Trainer(parse_config(flags))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
 
 
 def _worker(rank: int, world: int, flags: list[str]) -> None:

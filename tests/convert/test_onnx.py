@@ -23,6 +23,7 @@ ort = pytest.importorskip("onnxruntime", reason="the parity checks run in onnxru
 
 from conftest import (bert_args, tiny_gpt_flags, write_bert_corpus,  # noqa: E402
                       write_counting_corpus)
+from conftest import train_in_process as _train  # noqa: E402
 
 from megapre.cli import convert as convert_cli  # noqa: E402
 from megapre.convert import onnx as onnx_export  # noqa: E402
@@ -35,17 +36,6 @@ LLAMA = ("--position-embedding-type", "rope", "--swiglu", "--normalization", "RM
          "--group-query-attention", "--num-query-groups", "2", "--disable-bias-linear",
          "--untie-embeddings-and-output-weights")
 ALBERT = ("--share-layers-every", "2", "--embedding-size", "16")
-
-
-def _train(flags: list[str]) -> None:
-    from megapre.cli.flags import parse_config
-    from megapre.train.loop import Trainer
-
-    trainer = Trainer(parse_config(flags))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
 
 
 @pytest.fixture(scope="module")

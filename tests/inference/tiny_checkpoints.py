@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import COUNTING_VOCAB, SHARED_DATA, write_counting_corpus
+from conftest import train_in_process as _train
 
 GPT2_DIR = SHARED_DATA / "gpt2"
 WIKITEXT_TEST = SHARED_DATA / "wikitext-2" / "test.txt"
@@ -23,17 +24,6 @@ def _tiny_gpt_flags(seq: int, save: Path, cache: Path, iters: int, lr: float = 3
             "--eval-interval", str(iters), "--eval-iters", "1", "--log-interval", str(iters),
             "--split", "100,0,0", "--num-workers", "0", "--device", "cpu",
             "--data-cache-path", str(cache), "--save", str(save)]
-
-
-def _train(flags: list[str]) -> None:
-    from megapre.cli.flags import parse_config
-    from megapre.train.loop import Trainer
-
-    trainer = Trainer(parse_config(flags))
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
 
 
 def counting_checkpoint(work: Path, iters: int = 10) -> str:
