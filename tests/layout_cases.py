@@ -6,6 +6,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Iterator
 
+import pytest
 import torch
 
 from megapre.model.config import TransformerConfig
@@ -125,6 +126,15 @@ def train(kind: str, mesh: ParallelMesh, steps: int, micro: int, global_size: in
     return out
 
 
+
+
+def assert_same_runs(got: list[tuple[float, float]], ref: list[tuple[float, float]],
+                     what: object = None) -> None:
+    """Every step's (loss, grad norm) of a layout equals the single-process run's to 1e-5."""
+    assert len(got) == len(ref), what
+    for (loss, norm), (rl, rn) in zip(got, ref):
+        assert loss == pytest.approx(rl, rel=1e-5), what
+        assert norm == pytest.approx(rn, rel=1e-5, abs=1e-12), what
 
 def resume_losses(kind: str, cfg: TransformerConfig, mesh: ParallelMesh, root: str, seed: int,
                   save: bool, micro: int, global_size: int) -> list[float]:

@@ -124,10 +124,7 @@ class Int8ColumnParallelLinear(_Int8Mixin, ColumnParallelLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, self.sequence_dim)
-        else:
-            x = copy_to_tp(x, self.group)
+        x = self.local_input(x)
         bias = None if self.skip_bias_add else self.bias
         kernel = ops.int8_linear if self.mode == "w8a8" else ops.weight_only_int8_linear
         y = kernel(x, self.weight, self.weight_scale, _like(bias, x))

@@ -49,9 +49,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megapre.errors import ConfigError
-from megapre.parallel.comm import (copy_to_tp, gather_from_sp, gather_from_tp, group_rank,
-                                   group_size, reduce_from_tp, reduce_scatter_to_sp,
-                                   scatter_to_tp)
+from megapre.parallel.comm import (gather_from_tp, group_rank, group_size, reduce_from_tp,
+                                   reduce_scatter_to_sp, scatter_to_tp)
 from megapre.parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megapre.parallel.mesh import ParallelMesh
 
@@ -206,10 +205,7 @@ class LoRAColumnParallelLinear(_LoRAMixin, ColumnParallelLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, self.sequence_dim)
-        else:
-            x = copy_to_tp(x, self.group)
+        x = self.local_input(x)
         mask = _dropout_mask(x.shape, self.lora_dropout, x) if self._dropout_on() else None
         y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
         y = y + self._lora(x, mask)

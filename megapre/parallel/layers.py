@@ -133,12 +133,16 @@ class ColumnParallelLinear(nn.Module):
             self.bias = _shard_of_master((out_features,), 0, nn.init.zeros_, mesh, params_dtype,
                                          device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def local_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input every TP rank multiplies: the gathered sequence under sequence parallelism,
+        else x itself (its gradient summed over TP in backward). Shared by subclasses (LoRA,
+        int8) that change only the product."""
         if self.sequence_parallel:
-            x = gather_from_sp(x, self.group, self.sequence_dim)
-        else:
-            x = copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, None if self.skip_bias_add else self.bias)
+            return gather_from_sp(x, self.group, self.sequence_dim)
+        return copy_to_tp(x, self.group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self.local_input(x), self.weight, None if self.skip_bias_add else self.bias)
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from layout_cases import Layout, layout_mesh, micro_batches, model_config, preload_worker_modules
-from layout_cases import resume_losses, train
+from layout_cases import assert_same_runs, resume_losses, train
 from megapre.cli.estimate_memory import main as estimate_main
 from megapre.cli.flags import parse_config
 from megapre.inference.kv_cache import KVCache, stage_step
@@ -200,10 +200,7 @@ def test_sharing_matches_single_process(layout):
     ref = _runs(ParallelMesh.single(device="cpu"))
     for got in run_distributed(_worker, layout.world, layout, timeout_s=240):
         for kind in ref:
-            assert len(got[kind]) == len(ref[kind])
-            for (loss, norm), (rl, rn) in zip(got[kind], ref[kind]):
-                assert loss == pytest.approx(rl, rel=1e-5), kind
-                assert norm == pytest.approx(rn, rel=1e-5, abs=1e-12), kind
+            assert_same_runs(got[kind], ref[kind], kind)
 
 
 def _resume_steps(mesh: ParallelMesh, root: str, seed: int, save: bool) -> dict[str, list[float]]:
