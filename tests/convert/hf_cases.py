@@ -95,3 +95,17 @@ def bert_dir(kind: str, out: Path, tokenizer_dir: Path, masked_lm: bool = False,
     model = bert_model(kind, vocab, masked_lm=masked_lm, **overrides)
     model.save_pretrained(out)
     return model
+
+
+def open_checkpoint(ckpt: Path, tp: int = 1, pp: int = 1):
+    """The runtime of a converted checkpoint loaded in a (TP, PP) layout on the CPU."""
+    from megapre.inference import checkpoint_io
+    from megapre.train.runtime import build_runtime
+
+    path = checkpoint_io.resolve(str(ckpt))
+    cfg = checkpoint_io.saved_config(path)
+    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
+    cfg.train.device = "cpu"
+    rt = build_runtime(cfg)
+    checkpoint_io.load_weights(path, rt)
+    return rt

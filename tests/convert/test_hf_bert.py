@@ -18,6 +18,7 @@ pytest.importorskip("transformers", reason="the Hugging Face door needs transfor
 pytest.importorskip("safetensors")
 
 from conftest import SHARED_DATA  # noqa: E402
+from hf_cases import open_checkpoint as _open  # noqa: E402
 from hf_cases import BERT_KINDS, bert_dir, bert_model  # noqa: E402
 from megapre.cli.convert import main as convert  # noqa: E402
 from megapre.parallel.testing import run_distributed  # noqa: E402
@@ -58,19 +59,6 @@ def _reference(model, b: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.T
     if hasattr(out, "prediction_logits"):
         return out.prediction_logits, out.seq_relationship_logits
     return out.logits, None
-
-
-def _open(ckpt: Path, tp: int = 1, pp: int = 1):
-    from megapre.inference import checkpoint_io
-    from megapre.train.runtime import build_runtime
-
-    path = checkpoint_io.resolve(str(ckpt))
-    cfg = checkpoint_io.saved_config(path)
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    cfg.train.device = "cpu"
-    rt = build_runtime(cfg)
-    checkpoint_io.load_weights(path, rt)
-    return rt
 
 
 def _logits(rt, b: dict[str, torch.Tensor]):

@@ -18,6 +18,7 @@ pytest.importorskip("transformers", reason="the Hugging Face door needs transfor
 pytest.importorskip("safetensors")
 
 from conftest import SHARED_DATA  # noqa: E402
+from hf_cases import open_checkpoint as _open  # noqa: E402
 from hf_cases import bert_model, hf_dir, hf_model  # noqa: E402
 from megapre.cli.convert import main as convert  # noqa: E402
 from megapre.parallel.testing import run_distributed  # noqa: E402
@@ -42,19 +43,6 @@ def imported(request, tmp_path_factory):
 
 def _ids(vocab: int, batch: int = 2, seq: int = 24) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
-
-
-def _open(ckpt: Path, tp: int = 1, pp: int = 1):
-    from megapre.inference import checkpoint_io
-    from megapre.train.runtime import build_runtime
-
-    path = checkpoint_io.resolve(str(ckpt))
-    cfg = checkpoint_io.saved_config(path)
-    cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size = tp, pp
-    cfg.train.device = "cpu"
-    rt = build_runtime(cfg)
-    checkpoint_io.load_weights(path, rt)
-    return rt
 
 
 def _layout_logits(rank: int, world: int, ckpt: str, tp: int, pp: int, ids: torch.Tensor):
